@@ -1,0 +1,117 @@
+"""The aiohttp application: state, middlewares (errors, CORS), routes, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from ..config import Settings
+from ..errors import RelayError, too_large
+from ..media.webrtc import restrict_ice_host_addresses
+from ..sessions import SessionManager
+from ..worldmodel.base import WorldModel
+from . import broadcasts, connections, ops, pages
+from .common import API_KEYS, SESSIONS, SETTINGS
+
+log = logging.getLogger(__name__)
+
+WORLD_MODEL = web.AppKey("world_model", object)
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
+    "Access-Control-Expose-Headers": "Location, Retry-After, ETag, Link",
+    "Access-Control-Max-Age": "600",
+}
+
+_STATUS_CODES = {400: "INVALID_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND",
+                 405: "INVALID_REQUEST", 413: "INVALID_REQUEST", 415: "INVALID_REQUEST"}
+
+
+@web.middleware
+async def cors(request: web.Request, handler) -> web.StreamResponse:
+    # Players and host apps live on other origins; tokens travel in headers, never cookies,
+    # so allowing any origin grants nothing a token does not.
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        return web.Response(status=204, headers=CORS_HEADERS)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers.update(CORS_HEADERS)
+        raise
+    if not response.prepared:
+        response.headers.update(CORS_HEADERS)
+    return response
+
+
+@web.middleware
+async def errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every failure leaves as the one JSON error shape."""
+    try:
+        return await handler(request)
+    except RelayError as err:
+        return _render(err)
+    except web.HTTPRequestEntityTooLarge:
+        return _render(too_large(request.app[SETTINGS].server.max_body_bytes))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _STATUS_CODES.get(exc.status, "INVALID_REQUEST" if exc.status < 500 else "INTERNAL")
+        return _render(RelayError(code, exc.status, exc.reason or "Request failed."))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path})
+        return _render(RelayError("INTERNAL", 500, "Internal error.", action="Retry; report it if it persists."))
+
+
+def _render(err: RelayError) -> web.Response:
+    return web.json_response(err.to_dict(), status=err.status, headers={**err.headers(), **CORS_HEADERS})
+
+
+def create_app(settings: Settings, world_model: WorldModel | None = None, *, reaper_interval: float = 0.1) -> web.Application:
+    app = web.Application(middlewares=[cors, errors], client_max_size=settings.server.max_body_bytes)
+    app[SETTINGS] = settings
+    app[API_KEYS] = tuple(settings.auth.api_keys)
+    if world_model is None:
+        world_model = make_world_model(settings)
+    app[WORLD_MODEL] = world_model
+    app[SESSIONS] = SessionManager(settings, world_model)
+
+    for module in (connections, broadcasts, ops, pages):
+        app.router.add_routes(module.routes)
+    pages.add_static(app)
+    app.cleanup_ctx.append(_lifecycle(reaper_interval))
+    return app
+
+
+def make_world_model(settings: Settings) -> WorldModel:
+    wm = settings.world_model
+    if wm.kind == "synthetic":
+        from ..worldmodel.synthetic import SyntheticWorldModel
+
+        return SyntheticWorldModel(width=wm.width, height=wm.height, fps=wm.fps)
+    raise ValueError(f"world_model.kind {wm.kind!r} is not available")
+
+
+def _lifecycle(reaper_interval: float):
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        addresses = settings.webrtc.ice_host_addresses
+        if not addresses and settings.server.host in ("127.0.0.1", "localhost", "::1"):
+            # A relay bound to loopback serves this machine only: offer loopback candidates.
+            addresses = ("127.0.0.1",)
+        restrict_ice_host_addresses(tuple(addresses))
+        sessions = app[SESSIONS]
+        reaper = asyncio.create_task(sessions.run_reaper(reaper_interval), name="relay-reaper")
+        yield
+        reaper.cancel()
+        await asyncio.gather(reaper, return_exceptions=True)
+        await sessions.close()
+        await app[WORLD_MODEL].close()
+
+    return lifecycle

@@ -1,0 +1,127 @@
+"""Spectator API: WHEP sessions, broadcast state, the participants' events socket, /config."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import WSMsgType, web
+
+from ..auth import check_spectator
+from ..broadcast import Broadcast
+from ..errors import RelayError, unsupported_media_type
+from .common import SESSIONS, SETTINGS, json_response, token_of
+
+routes = web.RouteTableDef()
+
+
+def spectator_broadcast(request: web.Request) -> Broadcast:
+    broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
+    check_spectator(token_of(request), broadcast.spectator_token)
+    return broadcast
+
+
+def session_location(broadcast: Broadcast, spectator_id: str) -> str:
+    return f"/v1/broadcasts/{broadcast.broadcast_id}/whep/{spectator_id}"
+
+
+@routes.get("/config")
+async def client_config(request: web.Request) -> web.Response:
+    return json_response({"iceServers": list(request.app[SETTINGS].webrtc.ice_servers)})
+
+
+@routes.get("/v1/broadcasts/{broadcast_id}")
+async def get_broadcast(request: web.Request) -> web.Response:
+    return json_response(spectator_broadcast(request).state())
+
+
+@routes.post("/v1/broadcasts/{broadcast_id}/whep")
+async def whep_offer(request: web.Request) -> web.Response:
+    broadcast = spectator_broadcast(request)
+    if request.content_type != "application/sdp":
+        raise unsupported_media_type("application/sdp")
+    offer = (await request.read()).decode("utf-8", errors="replace")
+    spectator, answer = await broadcast.add_spectator(offer)
+    return web.Response(
+        status=201,
+        text=answer,
+        content_type="application/sdp",
+        headers={"Location": session_location(broadcast, spectator.spectator_id)},
+    )
+
+
+@routes.patch("/v1/broadcasts/{broadcast_id}/whep/{spectator_id}")
+async def whep_trickle(request: web.Request) -> web.Response:
+    broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
+    _check_optional_token(request, broadcast)
+    if request.content_type != "application/trickle-ice-sdpfrag":
+        raise unsupported_media_type("application/trickle-ice-sdpfrag")
+    fragment = (await request.read()).decode("utf-8", errors="replace")
+    await broadcast.add_candidates(request.match_info["spectator_id"], fragment)
+    return web.Response(status=204)
+
+
+@routes.delete("/v1/broadcasts/{broadcast_id}/whep/{spectator_id}")
+async def whep_leave(request: web.Request) -> web.Response:
+    broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
+    _check_optional_token(request, broadcast)
+    spectator_id = request.match_info["spectator_id"]
+    broadcast.spectator(spectator_id)  # 404 for an unknown session
+    await broadcast.remove_spectator(spectator_id)
+    return web.Response(status=200)
+
+
+def _check_optional_token(request: web.Request, broadcast: Broadcast) -> None:
+    # The session URL itself is unguessable (it is the capability, as WHEP intends); players
+    # that repeat their token must still repeat the right one.
+    if token_of(request) is not None:
+        check_spectator(token_of(request), broadcast.spectator_token)
+
+
+@routes.get("/v1/broadcasts/{broadcast_id}/events")
+async def events(request: web.Request) -> web.WebSocketResponse:
+    broadcast = spectator_broadcast(request)
+    ws = web.WebSocketResponse(heartbeat=20, max_msg_size=16 * 1024)
+    await ws.prepare(request)
+    channel = broadcast.open_channel()
+    participant_id = channel.participant_id
+    sender = asyncio.create_task(_pump(ws, channel), name="relay-events-send")
+    try:
+        await ws.send_json({
+            "type": "hello",
+            "participant_id": participant_id,
+            "orchestration": broadcast.orchestration,
+            "live": broadcast.live,
+            "stream_id": broadcast.stream_id,
+            "prompt": broadcast.prompt,
+            "viewers": len(broadcast.spectators),
+        })
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            try:
+                message = json.loads(msg.data)
+            except ValueError:
+                message = None
+            if not isinstance(message, dict):
+                await ws.send_json({"type": "error", "code": "INVALID_REQUEST",
+                                    "message": "Events messages are JSON objects.", "fatal": False})
+                continue
+            reply = broadcast.participant_message(channel, message)
+            if reply is not None:
+                await ws.send_json(reply)
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        broadcast.close_channel(channel)
+        await ws.close()
+    return ws
+
+
+async def _pump(ws: web.WebSocketResponse, channel) -> None:
+    while True:
+        event = await channel.queue.get()
+        if event is None or channel.overflowed:
+            await ws.close(code=1008 if channel.overflowed else 1000, message=b"closed")
+            return
+        await ws.send_json(event)

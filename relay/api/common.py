@@ -1,0 +1,63 @@
+"""What every handler shares: typed app state, token extraction, JSON in and out, URLs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from ..config import Settings
+from ..errors import invalid_request, unsupported_media_type
+from ..sessions import Connection, SessionManager
+
+SETTINGS = web.AppKey("settings", Settings)
+SESSIONS = web.AppKey("sessions", SessionManager)
+API_KEYS = web.AppKey("api_keys", tuple)
+
+
+def token_of(request: web.Request) -> str | None:
+    """Bearer header first; ``?token=`` for browsers (WebSockets, WHEP players) that cannot set one."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.query.get("token") or None
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    if request.content_type not in ("application/json", "") and not request.content_type.endswith("+json"):
+        raise unsupported_media_type("application/json")
+    raw = await request.read()  # bounded by the app's client_max_size (413 beyond)
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid_request(f"The body is not valid JSON: {exc}.") from exc
+    if not isinstance(body, dict):
+        raise invalid_request("The body must be a JSON object.")
+    return body
+
+
+def public_url(request: web.Request) -> str:
+    configured = request.app[SETTINGS].server.public_url
+    return configured or f"{request.scheme}://{request.host}"
+
+
+def broadcast_info(request: web.Request, conn: Connection) -> dict[str, Any]:
+    base = public_url(request)
+    b = conn.broadcast
+    webrtc_url = f"{base}/v1/broadcasts/{b.broadcast_id}"
+    return {
+        "broadcast_id": b.broadcast_id,
+        "watch_url": f"{base}/watch/{b.broadcast_id}?token={b.spectator_token}",
+        "webrtc_url": webrtc_url,
+        "whep_url": f"{webrtc_url}/whep",
+        "hls_url": None,
+        "spectator_token": b.spectator_token,
+    }
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers)

@@ -1,0 +1,234 @@
+"""Host API: connections, their streams, and the control WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from ..auth import check_owner, is_api_key, require_api_key
+from ..clock import iso
+from ..errors import RelayError, invalid_request, not_found, unauthorized
+from ..sessions import Connection, SessionManager, Stream
+from .common import API_KEYS, SESSIONS, SETTINGS, broadcast_info, json_response, public_url, read_json, token_of
+
+log = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+
+
+def authorize_connection(request: web.Request, connection_id: str) -> Connection:
+    """401 before 404, so an anonymous caller learns nothing about which ids exist."""
+    sessions = request.app[SESSIONS]
+    keys = request.app[API_KEYS]
+    token = token_of(request)
+    conn = sessions.connections.get(connection_id)
+    if conn is None:
+        if is_api_key(token, keys) or (token and sessions.connection_for_client_token(token)):
+            raise not_found("connection", connection_id)
+        raise unauthorized()
+    client_token = conn.client_token if sessions.connection_for_client_token(conn.client_token) else None
+    check_owner(token, conn.api_key, client_token, keys)
+    sessions.touch(conn)
+    return conn
+
+
+def authorize_stream(request: web.Request, stream_id: str) -> Stream:
+    sessions = request.app[SESSIONS]
+    token = token_of(request)
+    try:
+        stream = sessions.stream(stream_id)
+    except RelayError:
+        if is_api_key(token, request.app[API_KEYS]) or (token and sessions.connection_for_client_token(token)):
+            raise
+        raise unauthorized() from None
+    conn = stream.connection
+    check_owner(token, conn.api_key, conn.client_token if not conn.closed else None, request.app[API_KEYS])
+    if not conn.closed:
+        sessions.touch(conn)
+    return stream
+
+
+def connection_body(request: web.Request, conn: Connection, sessions: SessionManager) -> dict[str, Any]:
+    remaining = max(0.0, conn.client_token_deadline - sessions.clock.monotonic())
+    base = conn.to_dict(sessions.clock.time(), sessions.clock.monotonic())
+    return {
+        **base,
+        "idle_timeout_seconds": request.app[SETTINGS].limits.idle_timeout_seconds,
+        "client_token": conn.client_token,
+        "client_token_expires_in": int(remaining),
+        "control_url": control_url(request, conn),
+        "broadcast": broadcast_info(request, conn),
+    }
+
+
+def control_url(request: web.Request, conn: Connection) -> str:
+    base = public_url(request).replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+    return f"{base}/v1/connections/{conn.connection_id}/control"
+
+
+def parse_stream_request(body: dict[str, Any]) -> tuple[Any, bytes | None, bool]:
+    portrait = body.get("portrait", False)
+    if not isinstance(portrait, bool):
+        raise invalid_request("'portrait' must be true or false.", field="portrait")
+    image = body.get("image")
+    if image is not None:
+        if not isinstance(image, str):
+            raise invalid_request("'image' must be a base64 string.", field="image")
+        try:
+            image = base64.b64decode(image.split(",", 1)[-1], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise invalid_request("'image' is not valid base64.", field="image") from exc
+    return body.get("prompt"), image, portrait
+
+
+def stream_started_body(request: web.Request, stream: Stream) -> dict[str, Any]:
+    return {
+        "stream_id": stream.stream_id,
+        "started_at": iso(stream.started_at),
+        "max_duration_seconds": stream.max_duration_seconds,
+        "broadcast": broadcast_info(request, stream.connection),
+    }
+
+
+@routes.post("/v1/connections")
+async def open_connection(request: web.Request) -> web.Response:
+    key = require_api_key(token_of(request), request.app[API_KEYS])
+    sessions = request.app[SESSIONS]
+    conn = await sessions.open_connection(key)
+    return json_response(connection_body(request, conn, sessions), status=201)
+
+
+@routes.get("/v1/connections/{connection_id}")
+async def get_connection(request: web.Request) -> web.Response:
+    conn = authorize_connection(request, request.match_info["connection_id"])
+    sessions = request.app[SESSIONS]
+    return json_response(conn.to_dict(sessions.clock.time(), sessions.clock.monotonic()))
+
+
+@routes.post("/v1/connections/{connection_id}/keepalive")
+async def keepalive(request: web.Request) -> web.Response:
+    authorize_connection(request, request.match_info["connection_id"])  # touches the idle timer
+    return web.Response(status=204)
+
+
+@routes.delete("/v1/connections/{connection_id}")
+async def close_connection(request: web.Request) -> web.Response:
+    conn = authorize_connection(request, request.match_info["connection_id"])
+    await request.app[SESSIONS].close_connection(conn, "disconnected")
+    return web.Response(status=204)
+
+
+@routes.post("/v1/connections/{connection_id}/streams")
+async def start_stream(request: web.Request) -> web.Response:
+    conn = authorize_connection(request, request.match_info["connection_id"])
+    prompt, image, portrait = parse_stream_request(await read_json(request))
+    stream = await request.app[SESSIONS].start_stream(conn, prompt, image=image, portrait=portrait)
+    conn.publish({"type": "broadcast_ready", "broadcast": broadcast_info(request, conn)})
+    return json_response(stream_started_body(request, stream), status=201)
+
+
+@routes.get("/v1/streams/{stream_id}")
+async def get_stream(request: web.Request) -> web.Response:
+    return json_response(authorize_stream(request, request.match_info["stream_id"]).to_dict())
+
+
+@routes.post("/v1/streams/{stream_id}/interact")
+async def interact(request: web.Request) -> web.Response:
+    stream = authorize_stream(request, request.match_info["stream_id"])
+    body = await read_json(request)
+    acknowledged = await request.app[SESSIONS].interact(stream, body.get("prompt"))
+    return json_response({"acknowledged_prompt": acknowledged})
+
+
+@routes.delete("/v1/streams/{stream_id}")
+async def end_stream(request: web.Request) -> web.Response:
+    stream = authorize_stream(request, request.match_info["stream_id"])
+    if not stream.live:
+        raise RelayError(
+            "NO_ACTIVE_STREAM", 409, "The stream has already ended.", action="Start a new stream.",
+            details={"stream_id": stream.stream_id, "end_reason": stream.end_reason},
+        )
+    await request.app[SESSIONS].end_stream(stream, "ended")
+    return json_response({"stream_id": stream.stream_id, "ended_at": iso(stream.ended_at), "end_reason": "ended"})
+
+
+# -- the control socket ---------------------------------------------------------------------
+
+
+@routes.get("/v1/connections/{connection_id}/control")
+async def control(request: web.Request) -> web.WebSocketResponse:
+    conn = authorize_connection(request, request.match_info["connection_id"])
+    sessions = request.app[SESSIONS]
+    ws = web.WebSocketResponse(heartbeat=15, max_msg_size=64 * 1024)
+    await ws.prepare(request)
+    outbox = conn.listen()
+    sessions.control_opened(conn)
+    sender = asyncio.create_task(_send_events(ws, outbox), name="relay-control-send")
+    try:
+        await ws.send_json({"type": "connected", "connection_id": conn.connection_id,
+                            "broadcast": broadcast_info(request, conn)})
+        if conn.stream is not None and conn.stream.live:
+            await ws.send_json({"type": "stream_started", "stream_id": conn.stream.stream_id,
+                                "prompt": conn.stream.prompt,
+                                "max_duration_seconds": conn.stream.max_duration_seconds})
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            sessions.touch(conn)
+            await _handle_control_message(request, conn, msg.data, ws)
+            if conn.closed:
+                break
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        conn.unlisten(outbox)
+        sessions.control_closed(conn)
+        await ws.close()
+    return ws
+
+
+async def _send_events(ws: web.WebSocketResponse, outbox: asyncio.Queue) -> None:
+    while True:
+        event = await outbox.get()
+        await ws.send_json(event)
+        if event.get("type") == "disconnected":
+            await ws.close()
+            return
+
+
+async def _handle_control_message(request: web.Request, conn: Connection, data: str, ws) -> None:
+    sessions = request.app[SESSIONS]
+    try:
+        try:
+            message = json.loads(data)
+        except ValueError:
+            raise invalid_request("Control messages are JSON objects.") from None
+        if not isinstance(message, dict):
+            raise invalid_request("Control messages are JSON objects.")
+        kind = message.get("type")
+        if kind == "keepalive":
+            return
+        if kind == "start_stream":
+            prompt, image, portrait = parse_stream_request(message)
+            await sessions.start_stream(conn, prompt, image=image, portrait=portrait)
+            conn.publish({"type": "broadcast_ready", "broadcast": broadcast_info(request, conn)})
+        elif kind == "interact":
+            stream = conn.stream
+            if stream is None or not stream.live:
+                raise RelayError("NO_ACTIVE_STREAM", 409, "No stream is live.", action="Start a stream first.")
+            await sessions.interact(stream, message.get("prompt"))
+        elif kind == "end_stream":
+            if conn.stream is None or not conn.stream.live:
+                raise RelayError("NO_ACTIVE_STREAM", 409, "No stream is live.", action="Start a stream first.")
+            await sessions.end_stream(conn.stream, "ended")
+        else:
+            raise invalid_request(f"Unknown control message type {kind!r}.", type=kind)
+    except RelayError as err:
+        await ws.send_json({"type": "error", "code": err.code, "message": err.message, "fatal": False,
+                            "details": err.details})

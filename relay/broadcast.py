@@ -1,0 +1,272 @@
+"""A broadcast: one per connection, the watchable side of it.
+
+It owns the spectators (their peer connections and tracks), the fan-out hub they all read,
+the pipeline of whichever stream is live, and the event channels of participants.  It
+outlives streams: when the host ends one stream and starts the next, spectators keep their
+peer connections and simply receive the new stream's packets, keyframe first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiortc import RTCPeerConnection
+from aiortc.mediastreams import MediaStreamTrack
+
+from . import metrics
+from .clock import SYSTEM_CLOCK, Clock
+from .config import Settings
+from .errors import RelayError, not_found
+from .media.hub import FanoutHub, SpectatorTrack
+from .media.pipeline import StreamPipeline
+from .media.webrtc import add_trickled_candidates, answer_spectator
+
+log = logging.getLogger(__name__)
+
+EVENT_QUEUE_MAX = 256
+
+
+@dataclass
+class Spectator:
+    spectator_id: str
+    pc: RTCPeerConnection
+    track: SpectatorTrack
+    joined_at: float
+    last_heard: float
+    closed: bool = False
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.track.stop()
+        await self.pc.close()
+
+
+@dataclass(eq=False)
+class EventChannel:
+    """One participant's socket outbox: bounded, so a stalled reader cannot grow memory."""
+
+    participant_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    name: str | None = None
+    queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(EVENT_QUEUE_MAX))
+    overflowed: bool = False
+
+    def push(self, event: dict[str, Any]) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True  # the reader is too slow: its socket is closed, not waited on
+
+    def close(self) -> None:
+        try:
+            self.queue.put_nowait(None)  # tells the socket's sender to finish
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+
+class Broadcast:
+    def __init__(self, connection_id: str, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.broadcast_id = secrets.token_urlsafe(12)
+        self.spectator_token = secrets.token_urlsafe(24)
+        self.connection_id = connection_id
+        self._settings = settings
+        self._clock = clock
+        self.hub = FanoutHub(max_queue=settings.media.spectator_queue_packets if self.encode_once else 2)
+        self.spectators: dict[str, Spectator] = {}
+        self._channels: set[EventChannel] = set()
+        self._pipeline: StreamPipeline | None = None
+        self.stream_id: str | None = None
+        self.prompt: str | None = None
+        self.peak_spectators = 0
+        self._viewers_sent = -1
+        self.closed = False
+
+    @property
+    def encode_once(self) -> bool:
+        return self._settings.media.mode == "encode-once"
+
+    @property
+    def live(self) -> bool:
+        return self._pipeline is not None
+
+    @property
+    def orchestration(self) -> dict[str, Any]:
+        return {"mode": "host"}
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "broadcast_id": self.broadcast_id,
+            "live": self.live,
+            "stream_id": self.stream_id,
+            "spectators": len(self.spectators),
+            "prompt": self.prompt,
+            "orchestration": self.orchestration,
+        }
+
+    # -- the stream side -------------------------------------------------------------
+
+    def attach_stream(
+        self, stream_id: str, prompt: str, track: MediaStreamTrack, width: int, height: int, fps: int
+    ) -> StreamPipeline:
+        media = self._settings.media
+        pipeline = StreamPipeline(
+            track,
+            self.hub,
+            width=width,
+            height=height,
+            fps=fps,
+            mode=media.mode,
+            bitrate_kbps=media.bitrate_kbps,
+            keyframe_interval_seconds=media.keyframe_interval_seconds,
+            on_frame=metrics.FRAMES_GENERATED.inc,
+            on_keyframe_forced=metrics.KEYFRAMES_FORCED.inc,
+            clock=self._clock.monotonic,
+        )
+        self._pipeline = pipeline
+        self.stream_id = stream_id
+        self.prompt = prompt
+        pipeline.start()
+        self.emit({"type": "stream_started", "stream_id": stream_id, "prompt": prompt})
+        return pipeline
+
+    async def detach_stream(self, reason: str) -> None:
+        pipeline, self._pipeline = self._pipeline, None
+        if pipeline is None:
+            return
+        stream_id = self.stream_id
+        await pipeline.close()
+        self.emit({"type": "stream_ended", "stream_id": stream_id, "reason": reason})
+
+    @property
+    def upstream_failed(self) -> BaseException | None:
+        return self._pipeline.failed if self._pipeline is not None else None
+
+    def prompt_applied(self, prompt: str, source: str, participant_id: str | None = None) -> None:
+        self.prompt = prompt
+        event = {"type": "prompt_applied", "prompt": prompt, "source": source, "mode": self.orchestration["mode"]}
+        if participant_id is not None:
+            event["participant_id"] = participant_id
+        self.emit(event)
+
+    # -- spectators ------------------------------------------------------------------
+
+    async def add_spectator(self, offer_sdp: str) -> tuple[Spectator, str]:
+        if self.closed:
+            raise not_found("broadcast", self.broadcast_id)
+        limit = self._settings.limits.spectators_per_broadcast
+        if len(self.spectators) >= limit:
+            raise RelayError(
+                "SPECTATOR_LIMIT_REACHED",
+                503,
+                f"This broadcast already has its maximum of {limit} spectators.",
+                action="Retry later.",
+                details={"limit": limit},
+                retry_after=10,
+            )
+        spectator_id = uuid.uuid4().hex
+        track = self.hub.subscribe()
+        now = self._clock.monotonic()
+        try:
+            peer = await answer_spectator(
+                offer_sdp,
+                track,
+                on_keyframe_request=self.hub.request_keyframe if self.encode_once else None,
+                on_rtcp=lambda: self._heard(spectator_id),
+            )
+        except BaseException:
+            track.stop()
+            raise
+        spectator = Spectator(spectator_id, peer.pc, track, joined_at=now, last_heard=now)
+        self.spectators[spectator_id] = spectator
+
+        @peer.pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if peer.pc.connectionState in ("failed", "closed"):
+                await self.remove_spectator(spectator_id)
+
+        self.peak_spectators = max(self.peak_spectators, len(self.spectators))
+        metrics.SPECTATORS.inc()
+        log.info("spectator joined", extra={"broadcast_id": self.broadcast_id, "spectator_id": spectator_id})
+        return spectator, peer.answer_sdp
+
+    def _heard(self, spectator_id: str) -> None:
+        spectator = self.spectators.get(spectator_id)
+        if spectator is not None:
+            spectator.last_heard = self._clock.monotonic()
+
+    def spectator(self, spectator_id: str) -> Spectator:
+        spectator = self.spectators.get(spectator_id)
+        if spectator is None:
+            raise not_found("spectator", spectator_id)
+        return spectator
+
+    async def add_candidates(self, spectator_id: str, sdpfrag: str) -> None:
+        await add_trickled_candidates(self.spectator(spectator_id).pc, sdpfrag)
+
+    async def remove_spectator(self, spectator_id: str) -> bool:
+        spectator = self.spectators.pop(spectator_id, None)
+        if spectator is None:
+            return False
+        metrics.SPECTATORS.dec()
+        await spectator.close()
+        log.info("spectator left", extra={"broadcast_id": self.broadcast_id, "spectator_id": spectator_id})
+        return True
+
+    # -- participants' event channels ------------------------------------------------
+
+    def open_channel(self) -> EventChannel:
+        channel = EventChannel()
+        self._channels.add(channel)
+        return channel
+
+    def close_channel(self, channel: EventChannel) -> None:
+        self._channels.discard(channel)
+
+    def participant_message(self, channel: EventChannel, message: dict[str, Any]) -> dict[str, Any] | None:
+        """A message from a participant; returns the direct reply, if any."""
+        kind = message.get("type")
+        if kind == "hello":
+            name = message.get("name")
+            if isinstance(name, str):
+                channel.name = name.strip()[:40] or None
+            return None
+        if kind == "input":
+            # Only the host prompts until audience orchestration modes exist.
+            return {"type": "input_result", "status": "rejected", "reason": "host_only"}
+        return {"type": "error", "code": "INVALID_REQUEST", "fatal": False,
+                "message": f"{kind!r} is not accepted in orchestration mode 'host'."}
+
+    def emit(self, event: dict[str, Any]) -> None:
+        for channel in self._channels:
+            channel.push(event)
+
+    # -- housekeeping ----------------------------------------------------------------
+
+    async def tick(self) -> None:
+        """Drop spectators that went silent; publish the viewer count when it changed."""
+        timeout = self._settings.limits.spectator_timeout_seconds
+        now = self._clock.monotonic()
+        for spectator in list(self.spectators.values()):
+            if now - spectator.last_heard > timeout:
+                log.info("spectator timed out", extra={"spectator_id": spectator.spectator_id})
+                await self.remove_spectator(spectator.spectator_id)
+        if len(self.spectators) != self._viewers_sent:
+            self._viewers_sent = len(self.spectators)
+            self.emit({"type": "viewers", "count": self._viewers_sent})
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await self.detach_stream("disconnected")
+        await asyncio.gather(*(self.remove_spectator(s) for s in list(self.spectators)))
+        for channel in list(self._channels):
+            channel.close()
+        self._channels.clear()
+        self.hub.close()

@@ -1,0 +1,123 @@
+"""`relay serve [--config FILE] [--host H] [--port P] [--demo]` and `relay --version`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import secrets
+import signal
+import sys
+
+from aiohttp import web
+
+from . import __version__
+from .config import ConfigError, Settings, load_config
+
+LOG_FIELDS = ("connection_id", "stream_id", "broadcast_id", "spectator_id", "reason", "path")
+
+
+class KeyValueFormatter(logging.Formatter):
+    """One line per event, with the ids it concerns as key=value, so logs grep by id."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = [f"{k}={getattr(record, k)}" for k in LOG_FIELDS if hasattr(record, k)]
+        return f"{line} {' '.join(extras)}" if extras else line
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # aioice/aiortc log every ICE check at INFO; keep the relay's own events readable.
+    for noisy in ("aioice", "aiortc"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="relay", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the relay server")
+    serve.add_argument("--config", help="TOML config file (see config.example.toml)")
+    serve.add_argument("--host", help="listen address (overrides server.host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    serve.add_argument("--demo", action="store_true",
+                       help="open a demo broadcast that streams continuously, and print its watch URL")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = load_config(args.config, overrides={"server": {"host": args.host, "port": args.port}})
+    except ConfigError as err:
+        print(f"relay: bad config: {err}", file=sys.stderr)
+        return 2
+
+    generated = None
+    if not settings.auth.api_keys:
+        generated = "rk_" + secrets.token_urlsafe(24)
+        settings = dataclasses.replace(settings, auth=dataclasses.replace(settings.auth, api_keys=(generated,)))
+    setup_logging(settings.server.log_level)
+    run = _uvloop_run()
+    try:
+        run(serve_forever(settings, generated, args.demo))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _uvloop_run():
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
+
+
+async def serve_forever(settings: Settings, generated_key: str | None, demo: bool) -> None:
+    from .api.app import create_app
+
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.server.host, settings.server.port)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else settings.server.port
+    base = settings.server.public_url or f"http://{_display_host(settings.server.host)}:{port}"
+    print(f"relay {__version__} listening on {base}", flush=True)
+    print(f"  host console: {base}/host", flush=True)
+    if generated_key:
+        print(f"  API key (generated; set RELAY_API_KEY or [auth] api_keys to keep one): {generated_key}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except NotImplementedError:
+            pass
+    demo_task = None
+    if demo:
+        from .api.common import SESSIONS
+        from .demo import DemoHost
+
+        demo_host = DemoHost(app[SESSIONS], settings.auth.api_keys[0])
+        watch_path = await demo_host.open()
+        print(f"  demo watch URL: {base}{watch_path}", flush=True)
+        demo_task = asyncio.create_task(demo_host.run(), name="relay-demo")
+    try:
+        await stop.wait()
+    finally:
+        if demo_task is not None:
+            demo_task.cancel()
+            await asyncio.gather(demo_task, return_exceptions=True)
+        await runner.cleanup()
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+if __name__ == "__main__":
+    sys.exit(main())

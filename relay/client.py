@@ -1,0 +1,205 @@
+"""A small Python client for the relay: host a connection, and watch a broadcast by WHEP.
+
+    async with RelayClient("http://127.0.0.1:8080", api_key) as client:
+        async with client.connect() as conn:
+            stream = await conn.start_stream("a calm ocean at sunset")
+            print(conn.broadcast["watch_url"])
+            await conn.interact("night falls")
+            await conn.end_stream()
+
+    async with Spectator(conn.broadcast["whep_url"], conn.broadcast["spectator_token"]) as viewer:
+        frame = await viewer.track.recv()      # av.VideoFrame, decoded
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+from urllib.parse import urljoin
+
+import aiohttp
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+
+
+class RelayAPIError(Exception):
+    """An error answer from the relay, with its documented fields."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        self.status = status
+        self.code = error.get("code")
+        self.message = error.get("message", str(body))
+        self.details = error.get("details", {})
+        super().__init__(f"{status} {self.code}: {self.message}")
+
+
+async def _check(response: aiohttp.ClientResponse) -> Any:
+    if response.status >= 400:
+        try:
+            body = await response.json(content_type=None)
+        except (ValueError, aiohttp.ContentTypeError):
+            body = await response.text()
+        raise RelayAPIError(response.status, body)
+    text = await response.text()
+    return json.loads(text) if text else None
+
+
+class RelayClient:
+    def __init__(self, base_url: str, api_key: str, *, session: aiohttp.ClientSession | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self._session = session
+        self._owns_session = session is None
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def request(self, method: str, path: str, *, token: str | None = None, **kwargs: Any) -> Any:
+        headers = {"Authorization": f"Bearer {token or self.api_key}", **kwargs.pop("headers", {})}
+        async with self.http.request(method, self.base_url + path, headers=headers, **kwargs) as response:
+            return await _check(response)
+
+    @asynccontextmanager
+    async def connect(self) -> AsyncIterator["HostConnection"]:
+        """Open a connection (reserving a streamer); it is disconnected on exit."""
+        info = await self.request("POST", "/v1/connections")
+        conn = HostConnection(self, info)
+        try:
+            yield conn
+        finally:
+            await conn.disconnect()
+
+    async def get_stream(self, stream_id: str) -> dict[str, Any]:
+        return await self.request("GET", f"/v1/streams/{stream_id}")
+
+    async def close(self) -> None:
+        if self._session is not None and self._owns_session:
+            await self._session.close()
+        self._session = None
+
+    async def __aenter__(self) -> "RelayClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class HostConnection:
+    def __init__(self, client: RelayClient, info: dict[str, Any]) -> None:
+        self._client = client
+        self.info = info
+        self.connection_id: str = info["connection_id"]
+        self.broadcast: dict[str, Any] = info["broadcast"]
+        self.stream_id: str | None = None
+        self.closed = False
+
+    async def start_stream(self, prompt: str, *, portrait: bool = False, image: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"prompt": prompt, "portrait": portrait}
+        if image is not None:
+            body["image"] = image
+        started = await self._client.request("POST", f"/v1/connections/{self.connection_id}/streams", json=body)
+        self.stream_id = started["stream_id"]
+        return started
+
+    async def interact(self, prompt: str) -> str:
+        answer = await self._client.request("POST", f"/v1/streams/{self._stream()}/interact", json={"prompt": prompt})
+        return answer["acknowledged_prompt"]
+
+    async def end_stream(self) -> dict[str, Any]:
+        return await self._client.request("DELETE", f"/v1/streams/{self._stream()}")
+
+    async def keepalive(self) -> None:
+        await self._client.request("POST", f"/v1/connections/{self.connection_id}/keepalive")
+
+    async def state(self) -> dict[str, Any]:
+        return await self._client.request("GET", f"/v1/connections/{self.connection_id}")
+
+    async def disconnect(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            await self._client.request("DELETE", f"/v1/connections/{self.connection_id}")
+        except RelayAPIError as err:
+            if err.status != 404:  # already gone (reaped, or expired) is fine
+                raise
+
+    def _stream(self) -> str:
+        if self.stream_id is None:
+            raise RuntimeError("no stream started on this connection")
+        return self.stream_id
+
+
+class Spectator:
+    """Watch a broadcast over WHEP with aiortc: ``track`` yields decoded av.VideoFrames."""
+
+    def __init__(self, whep_url: str, token: str, *, session: aiohttp.ClientSession | None = None,
+                 audio: bool = True) -> None:
+        self.whep_url = whep_url
+        self.token = token
+        self.pc: RTCPeerConnection | None = None
+        self.location: str | None = None
+        self.track: MediaStreamTrack | None = None
+        self._session = session
+        self._owns_session = session is None
+        self._audio = audio
+        self._track_ready = asyncio.Event()
+
+    async def join(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("video", direction="recvonly")
+        if self._audio:
+            pc.addTransceiver("audio", direction="recvonly")
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "video":
+                self.track = track
+                self._track_ready.set()
+
+        await pc.setLocalDescription(await pc.createOffer())  # aiortc gathers before returning
+        async with self._session.post(
+            self.whep_url,
+            data=pc.localDescription.sdp,
+            headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {self.token}"},
+        ) as response:
+            if response.status != 201:
+                raise RelayAPIError(response.status, await response.json(content_type=None))
+            answer = await response.text()
+            self.location = urljoin(self.whep_url, response.headers["Location"])
+        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        await asyncio.wait_for(self._track_ready.wait(), 10)
+
+    async def leave(self) -> None:
+        if self.location is not None and self._session is not None:
+            try:
+                async with self._session.delete(self.location) as response:
+                    await response.read()
+            except aiohttp.ClientError:
+                pass
+            self.location = None
+        if self.pc is not None:
+            await self.pc.close()
+            self.pc = None
+        if self._session is not None and self._owns_session:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> "Spectator":
+        try:
+            await self.join()
+        except BaseException:
+            await self.leave()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.leave()

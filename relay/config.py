@@ -1,0 +1,261 @@
+"""Typed settings, read from TOML and validated once at start.
+
+Each `[section]` is a frozen dataclass and `Settings` holds one of each. One generic walker checks every
+value against its field's annotation (and the constraint in its `metadata`), so adding a section is
+just a dataclass with defaults plus a field on `Settings`. After loading, nothing re-validates:
+`dataclasses.replace` is free to set values the file could not (tests use that for short timeouts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from difflib import get_close_matches
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
+
+__all__ = ["ConfigError", "Settings", "load_config", "ServerSettings", "AuthSettings", "LimitsSettings",
+           "WorldModelSettings", "WebRTCSettings", "MediaSettings"]
+
+
+class ConfigError(Exception):
+    """A bad configuration; the message names the dotted key and what is wrong with it."""
+
+
+def option(default: Any, **rules: Any) -> Any:
+    """A setting with its default and its constraints: min, max, even, nonempty, or parse(key, raw)."""
+    return field(default=default, metadata=rules)
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"),
+          str: ("a string", "strings"), bool: ("true or false", "booleans")}
+
+
+def _show(value: Any) -> str:
+    # TOML spelling (true, "text", [1, 2]) so the reader recognises what they wrote.
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # inf, nan: as TOML spells them, where JSON would say Infinity
+    return "nothing" if value is None else json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _fail(key: str, expected: str, got: Any) -> None:
+    raise ConfigError(f"{key}: expected {expected}, got {_show(got)}")
+
+
+def _describe(tp: type, rules: Mapping[str, Any]) -> str:
+    text = ("an even integer" if rules.get("even") else
+            "a non-empty string" if rules.get("nonempty") else _NAMES[tp][0])
+    low, high = rules.get("min"), rules.get("max")
+    if low is not None and high is not None:
+        return f"{text} from {low} to {high}"
+    return text + (f" ≥ {low}" if low is not None else f" ≤ {high}" if high is not None else "")
+
+
+def _scalar(key: str, tp: type, value: Any, rules: Mapping[str, Any]) -> Any:
+    # bool is a subclass of int, but `port = true` is a mistake, not 1.
+    ok = isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if ok and tp is float:
+        ok = math.isfinite(value)  # TOML allows inf and nan; neither is a sensible limit
+    if ok and tp in (int, float):
+        low, high = rules.get("min"), rules.get("max")
+        ok = (low is None or low <= value) and (high is None or value <= high)
+        ok = ok and not (rules.get("even") and value % 2)
+    if ok and rules.get("nonempty"):
+        ok = value != ""
+    if not ok:
+        _fail(key, _describe(tp, rules), value)
+    return value
+
+
+def _join(prefix: str, name: Any) -> str:
+    return f"{prefix}.{name}" if prefix else str(name)
+
+
+def _reject_unknown(prefix: str, data: Mapping[str, Any], known: Any) -> None:
+    for name in data:
+        if name not in known:
+            what = "key" if prefix else "section"
+            close = get_close_matches(str(name), list(known), n=1)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            raise ConfigError(f"{_join(prefix, name)}: unknown {what}{hint}")
+
+
+def _check(key: str, tp: Any, value: Any, rules: Mapping[str, Any]) -> Any:
+    if "parse" in rules:  # a structured value validates (and normalizes) itself
+        return rules["parse"](key, value)
+    if is_dataclass(tp):
+        return _build(tp, value, key)
+    if get_origin(tp) is Literal:
+        if value not in get_args(tp):
+            _fail(key, "one of " + ", ".join(map(_show, get_args(tp))), value)
+        return value
+    if get_origin(tp) is tuple:  # a TOML array; tuples keep the frozen sections truly immutable
+        item = get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            _fail(key, f"an array of {_NAMES[item][1]}", value)
+        return tuple(_check(f"{key}[{i}]", item, v, rules) for i, v in enumerate(value))
+    return _scalar(key, tp, value, rules)
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if not isinstance(data, Mapping):
+        _fail(prefix or "config", "a table", data)
+    hints, known = get_type_hints(cls), {f.name: f for f in fields(cls)}
+    _reject_unknown(prefix, data, known)
+    return cls(**{name: _check(_join(prefix, name), hints[name], value, known[name].metadata)
+                  for name, value in data.items()})
+
+
+# --------------------------------------------------------------------------------- structured values
+
+def _public_url(key: str, value: Any) -> str:
+    url = _scalar(key, str, value, {}).rstrip("/")  # we append paths to it, so no trailing slash
+    parts = urlsplit(url)
+    ok = parts.scheme in ("http", "https") and parts.netloc and not (parts.query or parts.fragment)
+    if url and not ok:
+        _fail(key, 'an http:// or https:// URL (or "" to derive it from host and port)', value)
+    return url
+
+
+# RFC 7064/7065: "stun:host[:port]", "turns:host[:port][?transport=tcp]"; browsers reject "stun://host".
+_ICE_URL = re.compile(r"(stuns?|turns?):[^\s/?#]+(\?transport=(udp|tcp))?")
+
+
+def _ice_server(key: str, entry: Any) -> dict[str, Any]:
+    # A bare URL is shorthand for {urls = URL}; its errors then name the entry itself.
+    table, urls_key = ({"urls": entry}, key) if isinstance(entry, str) else (entry, f"{key}.urls")
+    if not isinstance(table, Mapping):
+        _fail(key, 'a URL like "stun:host:port" or a table {urls, username, credential}', entry)
+    _reject_unknown(key, table, ("urls", "username", "credential"))
+    urls = [table.get("urls")] if isinstance(table.get("urls"), str) else table.get("urls")
+    if not isinstance(urls, (list, tuple)) or not urls:
+        _fail(urls_key, "a URL or a non-empty array of URLs", table.get("urls"))
+    for url in urls:
+        if not (isinstance(url, str) and _ICE_URL.fullmatch(url)):
+            _fail(urls_key, 'a URL like "stun:host:port", "turn:host:port" or "turns:host:port"', url)
+    server = {"urls": list(urls)}
+    for name in ("username", "credential"):
+        if name in table:
+            server[name] = _scalar(f"{key}.{name}", str, table[name], {})
+    # Browsers throw when building the peer connection if a TURN server lacks credentials.
+    if any(u.startswith("turn") for u in urls) and not {"username", "credential"} <= server.keys():
+        _fail(key, "a username and credential for a TURN server", entry)
+    return server
+
+
+def _ice_servers(key: str, value: Any) -> tuple[dict[str, Any], ...]:
+    if not isinstance(value, (list, tuple)):
+        _fail(key, "an array of ICE servers", value)
+    return tuple(_ice_server(f"{key}[{i}]", entry) for i, entry in enumerate(value))
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = option("127.0.0.1", nonempty=True)
+    port: int = option(8080, min=0, max=65535)  # 0: the OS picks a free port (tests)
+    public_url: str = option("", parse=_public_url)  # "" = derived from host and port
+    data_dir: str = option("./data", nonempty=True)
+    max_body_bytes: int = option(1048576, min=1024)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    api_keys: tuple[str, ...] = option((), nonempty=True)
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    streamers: int = option(4, min=1)
+    concurrent_streams: int = option(5, min=1)
+    stream_max_seconds: float = option(150.0, min=0.5)
+    connection_max_seconds: float = option(3600.0, min=1)
+    idle_timeout_seconds: float = option(40.0, min=0.5)
+    spectators_per_broadcast: int = option(1000, min=0)
+    pending_simulations: int = option(10, min=1)
+    client_token_seconds: float = option(600.0, min=1)
+    spectator_timeout_seconds: float = option(15.0, min=1)
+
+
+@dataclass(frozen=True)
+class WorldModelSettings:
+    kind: Literal["synthetic"] = "synthetic"
+    width: int = option(1280, even=True, min=16, max=3840)  # even: H.264 4:2:0 halves both axes
+    height: int = option(704, even=True, min=16, max=3840)
+    fps: int = option(25, min=1, max=60)
+
+
+@dataclass(frozen=True)
+class WebRTCSettings:
+    # Normalized to the W3C RTCIceServer shape: {"urls": [...], "username"?: ..., "credential"?: ...}.
+    ice_servers: tuple[dict[str, Any], ...] = option((), parse=_ice_servers)
+    # Local addresses the relay offers as ICE host candidates; empty = every interface but
+    # loopback (aioice's default). ["127.0.0.1"] keeps a laptop demo or a test run on loopback.
+    ice_host_addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    mode: Literal["encode-once", "per-spectator"] = "encode-once"
+    bitrate_kbps: int = option(2000, min=100, max=50000)
+    keyframe_interval_seconds: float = option(2.0, min=0.1, max=60)
+    spectator_queue_packets: int = option(32, min=2)
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    world_model: WorldModelSettings = field(default_factory=WorldModelSettings)
+    webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
+    media: MediaSettings = field(default_factory=MediaSettings)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Settings:
+        """Settings from section -> key -> value, validated exactly as a file is."""
+        return _build(cls, data)
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"{os.fspath(path)}: config file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{os.fspath(path)}: invalid TOML: {error}") from None
+    except OSError as error:
+        raise ConfigError(f"{os.fspath(path)}: cannot read config file: {error.strerror}") from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *,
+                overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                environ: Mapping[str, str] | None = None) -> Settings:
+    """The file's settings (defaults without one), then `overrides`, then RELAY_API_KEY; all validated.
+
+    An override whose value is None is skipped, so the CLI can pass its unset flags through as they are.
+    """
+    data = _read(path) if path is not None else {}
+    for section, values in (overrides or {}).items():
+        base = data.get(section, {})
+        if isinstance(base, Mapping):  # otherwise leave it for the validator to name
+            data[section] = {**base, **{k: v for k, v in values.items() if v is not None}}
+    settings = Settings.from_dict(data)
+    api_key = (os.environ if environ is None else environ).get("RELAY_API_KEY", "").strip()
+    if api_key and api_key not in settings.auth.api_keys:
+        settings = replace(settings, auth=replace(settings.auth, api_keys=(*settings.auth.api_keys, api_key)))
+    return settings

@@ -1,0 +1,72 @@
+"""Demo mode: the relay hosts itself, so a watch URL is live the moment the server starts.
+
+It opens a connection like any host (through the same SessionManager, so every limit holds),
+starts a stream, steers it through a few prompts, and starts the next stream whenever the
+last one ends, for as long as the server runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+from .sessions import Connection, SessionManager
+
+log = logging.getLogger(__name__)
+
+SCENES = [
+    ["a calm ocean at sunset", "storm clouds roll in", "night falls over the sea"],
+    ["snowy mountains at dawn", "a blizzard sweeps the peaks", "clear sky, fly fast"],
+    ["a desert of red dunes", "a sandstorm rises", "neon night over the dunes"],
+    ["a green forest in spring", "rain falls on the forest", "golden autumn evening"],
+]
+PROMPT_EVERY_SECONDS = 12.0
+
+
+class DemoHost:
+    def __init__(self, sessions: SessionManager, api_key: str) -> None:
+        self._sessions = sessions
+        self._api_key = api_key
+        self._conn: Connection | None = None
+
+    async def open(self) -> str:
+        """Open the demo connection; returns the watch page's path (with its token)."""
+        conn = await self._sessions.open_connection(self._api_key)
+        self._sessions.control_opened(conn)  # the demo is always "there": never idle-reaped
+        self._conn = conn
+        b = conn.broadcast
+        return f"/watch/{b.broadcast_id}?token={b.spectator_token}"
+
+    async def run(self) -> None:
+        assert self._conn is not None
+        conn = self._conn
+        events = conn.listen()
+        try:
+            for scene in itertools.cycle(SCENES):
+                if conn.closed:
+                    return
+                stream = await self._sessions.start_stream(conn, scene[0])
+                for prompt in itertools.cycle(scene[1:] + scene[:1]):
+                    ended = await _wait_for_end(events, stream.stream_id, PROMPT_EVERY_SECONDS)
+                    if ended or not stream.live:
+                        break
+                    await self._sessions.interact(stream, prompt)
+        finally:
+            conn.unlisten(events)
+            await self._sessions.close_connection(conn, "disconnected")
+
+
+async def _wait_for_end(events: asyncio.Queue, stream_id: str, timeout: float) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (remaining := deadline - loop.time()) > 0:
+        try:
+            event = await asyncio.wait_for(events.get(), remaining)
+        except asyncio.TimeoutError:
+            return False
+        if event.get("type") == "stream_ended" and event.get("stream_id") == stream_id:
+            return True
+        if event.get("type") == "disconnected":
+            return True
+    return False

@@ -1,0 +1,155 @@
+"""WebRTC plumbing for WHEP spectators: offer checks, the answer, trickled candidates.
+
+aiortc keeps SDP, ICE, DTLS and SRTP; what we add is the codec choice (H.264 constrained
+baseline, so the shared encoder's packets suit every spectator) and the hook that routes a
+spectator's keyframe requests (PLI/FIR) to the shared encoder, which aiortc would otherwise
+drop for a track that yields packets.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import aioice.ice
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+from aiortc.sdp import SessionDescription, candidate_from_sdp
+
+from ..errors import RelayError, invalid_request, unprocessable
+
+H264_PROFILE = "42e01f"
+
+
+def restrict_ice_host_addresses(addresses: tuple[str, ...]) -> None:
+    """Offer ICE host candidates only on these local addresses (e.g. 127.0.0.1).
+
+    aioice gathers on every interface except loopback; a relay serving one machine (tests,
+    a laptop demo) wants loopback, and a multi-homed server may want one public address.
+    aioice has no option for it, so we replace its address lookup process-wide.
+    """
+    if not addresses:
+        return
+    chosen = list(addresses)
+
+    def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [a for a in chosen if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+
+    aioice.ice.get_host_addresses = host_addresses
+
+
+def parse_offer(sdp: str) -> SessionDescription:
+    """400 for text that is not SDP, 422 for SDP we cannot answer with H.264 video."""
+    if not sdp.lstrip().startswith("v=0"):
+        raise invalid_request("The body is not an SDP offer (it must start with 'v=0').")
+    try:
+        parsed = SessionDescription.parse(sdp)
+    except Exception as exc:  # aiortc's parser raises assorted errors on broken SDP
+        raise invalid_request(f"Malformed SDP offer: {exc or type(exc).__name__}.") from exc
+    video = [m for m in parsed.media if m.kind == "video"]
+    if not video:
+        raise unprocessable("The offer has no video m-line: a spectator must receive video.")
+    if not any(c.mimeType.lower() == "video/h264" for m in video for c in m.rtp.codecs):
+        raise unprocessable(
+            "No codec in common: the relay sends H.264 (constrained baseline), the offer has none.",
+            offered=sorted({c.mimeType for m in video for c in m.rtp.codecs}),
+        )
+    return parsed
+
+
+def _h264_preferences() -> list:
+    codecs = RTCRtpSender.getCapabilities("video").codecs
+    h264 = [
+        c for c in codecs
+        if c.mimeType == "video/H264" and (c.parameters or {}).get("profile-level-id") == H264_PROFILE
+    ]
+    rtx = [c for c in codecs if c.mimeType == "video/rtx"]
+    return h264 + rtx
+
+
+@dataclass
+class SpectatorPeer:
+    pc: RTCPeerConnection
+    sender: RTCRtpSender
+    answer_sdp: str
+
+
+async def answer_spectator(
+    offer_sdp: str,
+    track: MediaStreamTrack,
+    *,
+    on_keyframe_request: Callable[[], None] | None,
+    on_rtcp: Callable[[], None],
+) -> SpectatorPeer:
+    parse_offer(offer_sdp)
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        # aiortc picks the answer's codecs in setRemoteDescription: the transceiver and its
+        # preferences must exist before the offer is applied.
+        transceiver = pc.addTransceiver(track, direction="sendonly")
+        transceiver.setCodecPreferences(_h264_preferences())
+        sender = transceiver.sender
+        _hook_sender(sender, on_keyframe_request, on_rtcp)
+        await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        answer = await pc.createAnswer()
+        await pc.setLocalDescription(answer)
+    except RelayError:
+        await pc.close()
+        raise
+    except Exception as exc:
+        await pc.close()
+        raise unprocessable(f"Cannot answer this offer: {exc or type(exc).__name__}.") from exc
+    return SpectatorPeer(pc, sender, pc.localDescription.sdp)
+
+
+def _hook_sender(
+    sender: RTCRtpSender,
+    on_keyframe_request: Callable[[], None] | None,
+    on_rtcp: Callable[[], None],
+) -> None:
+    if on_keyframe_request is not None:
+        # RTCRtpSender answers PLI/FIR by flagging its own encoder, which a packet track
+        # never uses; send the request to the shared encoder instead.
+        sender._send_keyframe = on_keyframe_request  # type: ignore[method-assign]
+    handle = sender._handle_rtcp_packet
+
+    async def handle_rtcp(packet) -> None:
+        on_rtcp()  # a receiver that still reports is a spectator still there
+        await handle(packet)
+
+    sender._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
+
+
+_ICE_UFRAG = re.compile(r"^a=ice-ufrag:(\S+)", re.M)
+
+
+async def add_trickled_candidates(pc: RTCPeerConnection, sdpfrag: str) -> None:
+    """Apply a WHEP PATCH body (RFC 8840 SDP fragment) to the peer connection."""
+    remote = pc.remoteDescription
+    ufrag = _ICE_UFRAG.search(sdpfrag)
+    if ufrag and remote is not None:
+        current = _ICE_UFRAG.search(remote.sdp)
+        if current and current.group(1) != ufrag.group(1):
+            raise RelayError(
+                "INVALID_REQUEST",
+                422,
+                "ICE restart is not supported.",
+                action="Open a new WHEP session instead.",
+            )
+    mid: str | None = None
+    default_mid = pc.getTransceivers()[0].mid if pc.getTransceivers() else None
+    for raw in sdpfrag.splitlines():
+        line = raw.strip()
+        if line.startswith("a=mid:"):
+            mid = line[len("a=mid:"):]
+        elif line.startswith("a=candidate:"):
+            try:
+                candidate = candidate_from_sdp(line[len("a=candidate:"):])
+            except Exception as exc:
+                raise invalid_request(f"Malformed ICE candidate line: {line!r}.") from exc
+            candidate.sdpMid = mid or default_mid
+            await pc.addIceCandidate(candidate)
+        elif line == "a=end-of-candidates":
+            # aiortc treats a candidate-less call as end-of-candidates for that mid.
+            pass

@@ -1,0 +1,401 @@
+"""Connections and streams: the host side's state machines, the streamer pool and the limits.
+
+    Connection:  connected --start--> streaming --end--> connected ... --close--> closed
+    Stream:      live --end(reason)--> ended     (reason: ended | duration_limit | upstream_error | disconnected)
+
+A connection reserves a streamer from a fixed pool when it opens and gives it back when it
+closes: on DELETE, after ``idle_timeout_seconds`` without a sign of life from the host (no
+open control socket and no keepalive), or at ``connection_max_seconds``.  Every deadline is
+checked by :meth:`SessionManager.tick`, which the server calls a few times a second and tests
+call after moving a fake clock, so no timer lives outside this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import metrics
+from .broadcast import Broadcast
+from .clock import SYSTEM_CLOCK, Clock, iso
+from .config import Settings
+from .errors import RelayError, not_found, unprocessable
+from .worldmodel.base import Streamer, WorldModel
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 2000
+ENDED_STREAMS_KEPT = 1000  # GET /v1/streams/{id} keeps answering for recent streams
+
+
+@dataclass(eq=False)
+class Stream:
+    stream_id: str
+    connection: "Connection"
+    prompt: str
+    portrait: bool
+    width: int
+    height: int
+    started_at: float  # wall clock
+    deadline: float  # monotonic
+    max_duration_seconds: float
+    status: str = "live"
+    ended_at: float | None = None
+    end_reason: str | None = None
+    last_applied_prompt: str | None = None
+    peak_spectators: int = 0
+
+    @property
+    def live(self) -> bool:
+        return self.status == "live"
+
+    def to_dict(self) -> dict[str, Any]:
+        broadcast = self.connection.broadcast
+        return {
+            "stream_id": self.stream_id,
+            "connection_id": self.connection.connection_id,
+            "status": self.status,
+            "started_at": iso(self.started_at),
+            "ended_at": iso(self.ended_at),
+            "end_reason": self.end_reason,
+            "spectators": len(broadcast.spectators) if self.live else self.peak_spectators,
+            "last_applied_prompt": self.last_applied_prompt,
+            "width": self.width,
+            "height": self.height,
+            "max_duration_seconds": self.max_duration_seconds,
+        }
+
+
+@dataclass(eq=False)
+class Connection:
+    connection_id: str
+    api_key: str
+    streamer: Streamer
+    broadcast: Broadcast
+    client_token: str
+    created_at: float  # wall clock
+    opened: float  # monotonic
+    deadline: float  # monotonic: connection_max_seconds
+    client_token_deadline: float  # monotonic
+    last_seen: float  # monotonic
+    status: str = "connected"
+    stream: Stream | None = None
+    streams_started: int = 0
+    control_sockets: int = 0
+    close_reason: str | None = None
+    busy: bool = False  # a start is in flight: a second one must not race it
+    _listeners: set[asyncio.Queue] = field(default_factory=set)
+
+    @property
+    def closed(self) -> bool:
+        return self.status == "closed"
+
+    def listen(self) -> asyncio.Queue:
+        """An outbox for one control socket: every event for the host lands here."""
+        queue: asyncio.Queue = asyncio.Queue(256)
+        self._listeners.add(queue)
+        return queue
+
+    def unlisten(self, queue: asyncio.Queue) -> None:
+        self._listeners.discard(queue)
+
+    def publish(self, event: dict[str, Any]) -> None:
+        for queue in self._listeners:
+            if queue.full():
+                continue  # a host that stopped reading loses events, not the relay's memory
+            queue.put_nowait(event)
+
+    def to_dict(self, wall_now: float, mono_now: float) -> dict[str, Any]:
+        return {
+            "connection_id": self.connection_id,
+            "status": self.status,
+            "created_at": iso(self.created_at),
+            "expires_at": iso(wall_now + max(0.0, self.deadline - mono_now)),
+            "stream": self.stream.to_dict() if self.stream and self.stream.live else None,
+            "streams_started": self.streams_started,
+        }
+
+
+class SessionManager:
+    def __init__(self, settings: Settings, world_model: WorldModel, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._settings = settings
+        self._limits = settings.limits
+        self._world_model = world_model
+        self.clock = clock
+        self.connections: dict[str, Connection] = {}
+        self.broadcasts: dict[str, Broadcast] = {}
+        self._by_client_token: dict[str, Connection] = {}
+        self._streams: OrderedDict[str, Stream] = OrderedDict()
+        self._streamers_in_use = 0
+        self.closed = False
+
+    # -- queries -----------------------------------------------------------------------
+
+    @property
+    def streamers_free(self) -> int:
+        return self._limits.streamers - self._streamers_in_use
+
+    def connection(self, connection_id: str) -> Connection:
+        conn = self.connections.get(connection_id)
+        if conn is None:
+            raise not_found("connection", connection_id)
+        return conn
+
+    def connection_for_client_token(self, token: str) -> Connection | None:
+        conn = self._by_client_token.get(token)
+        if conn is None or self.clock.monotonic() > conn.client_token_deadline:
+            return None
+        return conn
+
+    def stream(self, stream_id: str) -> Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise not_found("stream", stream_id)
+        return stream
+
+    def broadcast(self, broadcast_id: str) -> Broadcast:
+        broadcast = self.broadcasts.get(broadcast_id)
+        if broadcast is None:
+            raise not_found("broadcast", broadcast_id)
+        return broadcast
+
+    def live_streams(self, api_key: str) -> list[Stream]:
+        return [
+            c.stream for c in self.connections.values()
+            if c.api_key == api_key and c.stream is not None and c.stream.live
+        ]
+
+    # -- connections ---------------------------------------------------------------------
+
+    async def open_connection(self, api_key: str) -> Connection:
+        if self.closed or self.streamers_free <= 0:
+            raise RelayError(
+                "STREAMER_NOT_AVAILABLE",
+                503,
+                "No streamer is free: every one is reserved by an open connection.",
+                action="Retry shortly, or disconnect a connection you no longer use.",
+                details={"streamers": self._limits.streamers},
+                retry_after=5,
+            )
+        self._streamers_in_use += 1  # reserve before awaiting, so concurrent opens cannot overbook
+        try:
+            streamer = await self._world_model.connect()
+        except BaseException:
+            self._streamers_in_use -= 1
+            raise
+        now, wall = self.clock.monotonic(), self.clock.time()
+        connection_id = uuid.uuid4().hex
+        conn = Connection(
+            connection_id=connection_id,
+            api_key=api_key,
+            streamer=streamer,
+            broadcast=Broadcast(connection_id, self._settings, self.clock),
+            client_token=secrets.token_urlsafe(32),
+            created_at=wall,
+            opened=now,
+            deadline=now + self._limits.connection_max_seconds,
+            client_token_deadline=now + self._limits.client_token_seconds,
+            last_seen=now,
+        )
+        self.connections[connection_id] = conn
+        self.broadcasts[conn.broadcast.broadcast_id] = conn.broadcast
+        self._by_client_token[conn.client_token] = conn
+        metrics.CONNECTIONS.inc()
+        log.info("connection opened", extra={"connection_id": connection_id})
+        return conn
+
+    def touch(self, conn: Connection) -> None:
+        """A sign of life from the host: resets the idle timer."""
+        conn.last_seen = self.clock.monotonic()
+
+    def control_opened(self, conn: Connection) -> None:
+        conn.control_sockets += 1
+        self.touch(conn)
+
+    def control_closed(self, conn: Connection) -> None:
+        conn.control_sockets = max(0, conn.control_sockets - 1)
+        self.touch(conn)  # the idle countdown starts when the last socket goes
+
+    async def close_connection(self, conn: Connection, reason: str = "disconnected") -> None:
+        if conn.closed:
+            return
+        conn.status = "closed"
+        conn.close_reason = reason
+        if conn.stream is not None and conn.stream.live:
+            await self.end_stream(conn.stream, "disconnected")
+        await conn.broadcast.close()
+        try:
+            await conn.streamer.disconnect()
+        except Exception:
+            log.exception("streamer disconnect failed", extra={"connection_id": conn.connection_id})
+        self._streamers_in_use -= 1
+        self.connections.pop(conn.connection_id, None)
+        self.broadcasts.pop(conn.broadcast.broadcast_id, None)
+        self._by_client_token.pop(conn.client_token, None)
+        metrics.CONNECTIONS.dec()
+        conn.publish({"type": "disconnected", "reason": reason})
+        log.info("connection closed", extra={"connection_id": conn.connection_id, "reason": reason})
+
+    # -- streams -------------------------------------------------------------------------
+
+    async def start_stream(
+        self, conn: Connection, prompt: Any, image: bytes | None = None, portrait: bool = False
+    ) -> Stream:
+        prompt = check_prompt(prompt)
+        if conn.closed:
+            raise not_found("connection", conn.connection_id)
+        if conn.busy or (conn.stream is not None and conn.stream.live):
+            raise RelayError(
+                "STREAM_ALREADY_ACTIVE",
+                409,
+                "This connection already has a live stream.",
+                action="End the current stream first.",
+                details={"stream_id": conn.stream.stream_id if conn.stream else None},
+            )
+        live = self.live_streams(conn.api_key)
+        limit = self._limits.concurrent_streams
+        if len(live) >= limit:
+            now = self.clock.monotonic()
+            raise RelayError(
+                "CONCURRENT_LIMIT_REACHED",
+                429,
+                f"This API key already has {len(live)} live streams (limit {limit}).",
+                action="End a stream, or wait for one to finish.",
+                details={"active_count": len(live), "limit": limit},
+                retry_after=max(1.0, min(s.deadline for s in live) - now),
+            )
+        conn.busy = True
+        try:
+            track = await conn.streamer.start_stream(prompt, image=image, portrait=portrait)
+        except RelayError:
+            raise
+        except Exception as exc:
+            log.exception("world model refused to start", extra={"connection_id": conn.connection_id})
+            raise RelayError(
+                "UPSTREAM_ERROR", 502, f"The world model could not start a stream: {exc}", action="Retry."
+            ) from exc
+        finally:
+            conn.busy = False
+        wm = self._settings.world_model
+        width, height = (wm.height, wm.width) if portrait else (wm.width, wm.height)
+        now = self.clock.monotonic()
+        stream = Stream(
+            stream_id=uuid.uuid4().hex,
+            connection=conn,
+            prompt=prompt,
+            portrait=portrait,
+            width=width,
+            height=height,
+            started_at=self.clock.time(),
+            deadline=now + self._limits.stream_max_seconds,
+            max_duration_seconds=self._limits.stream_max_seconds,
+            last_applied_prompt=prompt,
+        )
+        conn.stream = stream
+        conn.status = "streaming"
+        conn.streams_started += 1
+        self._remember(stream)
+        conn.broadcast.attach_stream(stream.stream_id, prompt, track, width, height, wm.fps)
+        metrics.STREAMS.inc()
+        metrics.STREAMS_STARTED.inc()
+        conn.publish({
+            "type": "stream_started",
+            "stream_id": stream.stream_id,
+            "prompt": prompt,
+            "max_duration_seconds": stream.max_duration_seconds,
+            "width": width,
+            "height": height,
+        })
+        log.info("stream started", extra={"connection_id": conn.connection_id, "stream_id": stream.stream_id})
+        return stream
+
+    async def interact(self, stream: Stream, prompt: Any) -> str:
+        prompt = check_prompt(prompt)
+        if not stream.live:
+            raise no_active_stream(stream.stream_id)
+        acknowledged = await stream.connection.streamer.interact(prompt)
+        stream.last_applied_prompt = acknowledged
+        stream.connection.broadcast.prompt_applied(acknowledged, "host")
+        stream.connection.publish({"type": "interact_acknowledged", "prompt": acknowledged})
+        return acknowledged
+
+    async def end_stream(self, stream: Stream, reason: str = "ended") -> None:
+        if not stream.live:
+            return
+        conn = stream.connection
+        stream.status = "ended"
+        stream.ended_at = self.clock.time()
+        stream.end_reason = reason
+        stream.peak_spectators = conn.broadcast.peak_spectators
+        if not conn.closed:
+            conn.status = "connected"
+        await conn.broadcast.detach_stream(reason)
+        try:
+            await conn.streamer.end_stream()
+        except Exception:
+            log.exception("world model end_stream failed", extra={"stream_id": stream.stream_id})
+        metrics.STREAMS.dec()
+        conn.publish({"type": "stream_ended", "stream_id": stream.stream_id, "reason": reason})
+        log.info("stream ended", extra={"stream_id": stream.stream_id, "reason": reason})
+
+    def _remember(self, stream: Stream) -> None:
+        self._streams[stream.stream_id] = stream
+        while len(self._streams) > ENDED_STREAMS_KEPT:
+            oldest_id, oldest = next(iter(self._streams.items()))
+            if oldest.live:
+                break
+            del self._streams[oldest_id]
+
+    # -- the reaper ------------------------------------------------------------------------
+
+    async def tick(self) -> None:
+        """Enforce every deadline once; cheap enough to call several times a second."""
+        now = self.clock.monotonic()
+        idle = self._limits.idle_timeout_seconds
+        for conn in list(self.connections.values()):
+            stream = conn.stream
+            if stream is not None and stream.live:
+                if conn.broadcast.upstream_failed is not None:
+                    await self.end_stream(stream, "upstream_error")
+                elif now >= stream.deadline:
+                    await self.end_stream(stream, "duration_limit")
+            if now >= conn.deadline:
+                await self.close_connection(conn, "expired")
+            elif conn.control_sockets == 0 and now - conn.last_seen >= idle:
+                await self.close_connection(conn, "idle_timeout")
+            else:
+                await conn.broadcast.tick()
+
+    async def run_reaper(self, interval: float = 0.1) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("reaper tick failed")
+            await asyncio.sleep(interval)
+
+    async def close(self) -> None:
+        self.closed = True
+        await asyncio.gather(*(self.close_connection(c, "shutdown") for c in list(self.connections.values())))
+
+
+def check_prompt(prompt: Any) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise unprocessable("'prompt' must be a non-empty string.", field="prompt")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise unprocessable(
+            f"'prompt' is longer than {MAX_PROMPT_CHARS} characters.", field="prompt", limit=MAX_PROMPT_CHARS
+        )
+    return prompt.strip()
+
+
+def no_active_stream(stream_id: str) -> RelayError:
+    return RelayError(
+        "NO_ACTIVE_STREAM", 409, "The stream is not live.", action="Start a stream first.",
+        details={"stream_id": stream_id},
+    )

@@ -1,0 +1,662 @@
+// host.js: the host console, /host.
+//
+// The API key is used only for the two calls that need it (open and close a
+// connection, plus a liveness check); everything else goes over the control
+// WebSocket with the connection's client_token, so this page behaves like any
+// browser host that was only handed a client_token.
+//
+// State lives in one object, `conn`; every change ends in render(), which is
+// the single place that enables/disables buttons.
+
+import { WhepPlayer, HttpError, fetchJson, wsUrl } from '/static/whep.js';
+
+const KEY_STORAGE = 'relay.apiKey';   // sessionStorage: gone when the tab closes
+const KEEPALIVE_MS = 10000;           // well inside the relay's idle_timeout_seconds (default 40)
+const SOCKET_BACKOFF_MAX_MS = 10000;
+const PENDING_TIMEOUT_MS = 20000;     // give up waiting for a reply to start/end
+const LOG_MAX = 300;
+
+const $ = (id) => document.getElementById(id);
+const els = {
+  form: $('connect-form'),
+  apiKey: $('api-key'),
+  connect: $('connect'),
+  disconnect: $('disconnect'),
+  connState: $('connection-state'),
+  info: $('connection-info'),
+  connId: $('connection-id'),
+  connExpires: $('connection-expires'),
+  broadcastId: $('broadcast-id'),
+  message: $('host-message'),
+  prompt: $('prompt'),
+  portrait: $('portrait'),
+  start: $('start'),
+  send: $('send'),
+  end: $('end'),
+  status: $('stream-status'),
+  watchUrl: $('watch-url'),
+  watchEmpty: $('watch-url-empty'),
+  copy: $('copy-watch-url'),
+  preview: $('preview'),
+  previewStage: $('preview-stage'),
+  previewState: $('preview-state'),
+  history: $('history'),
+  log: $('log'),
+};
+
+/**
+ * phase: "disconnected" | "connecting" (POST in flight) | "connected" (have a
+ * connection; the socket may be down, see `socketOpen`) | "lost" (socket cannot
+ * be reopened) | "disconnecting".
+ * stream: null | {id, prompt, endsAt} ; pending: null | "start" | "end".
+ */
+const conn = {
+  phase: 'disconnected',
+  apiKey: '',
+  id: null,
+  clientToken: null,
+  tokenExpiresAt: 0,
+  broadcast: null,
+  socket: null,
+  socketOpen: false,
+  socketAttempt: 0,
+  socketRetryTimer: null,
+  keepaliveTimer: null,
+  stream: null,
+  pending: null,
+  pendingTimer: null,
+  countdownTimer: null,
+  lastEnded: null,     // {id, reason} of the last stream, for the status line
+};
+
+let preview = null;
+const historyItems = new Map(); // stream_id -> <li>
+
+// ---------- small view helpers ----------
+
+function log(text, kind = '') {
+  const li = document.createElement('li');
+  if (kind) li.dataset.kind = kind;
+  const time = document.createElement('time');
+  const now = new Date();
+  time.dateTime = now.toISOString();
+  time.textContent = now.toLocaleTimeString();
+  li.append(time, document.createTextNode(text)); // textContent only: messages carry user prompts
+  const atBottom = els.log.scrollHeight - els.log.scrollTop - els.log.clientHeight < 24;
+  els.log.append(li);
+  while (els.log.childElementCount > LOG_MAX) els.log.firstElementChild.remove();
+  if (atBottom) els.log.scrollTop = els.log.scrollHeight;
+}
+
+function showMessage(text, kind = 'error') {
+  els.message.hidden = !text;
+  els.message.textContent = text || '';
+  els.message.dataset.kind = kind;
+}
+
+function errorText(err) {
+  if (err instanceof HttpError) return err.action ? `${err.message} ${err.action}` : err.message;
+  return 'Network error: could not reach the relay.';
+}
+
+function formatSeconds(total) {
+  const s = Math.max(0, Math.ceil(total));
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, '0')}`;
+}
+
+// ---------- render: the one place that decides what is enabled ----------
+
+function render() {
+  const connected = conn.phase === 'connected';
+  const canControl = connected && conn.socketOpen;
+  const busy = conn.phase === 'connecting' || conn.phase === 'disconnecting';
+  const streaming = Boolean(conn.stream);
+
+  els.apiKey.disabled = conn.phase !== 'disconnected';
+  els.connect.disabled = conn.phase !== 'disconnected';
+  els.disconnect.disabled = !(connected || conn.phase === 'lost');
+  els.start.disabled = !canControl || streaming || conn.pending !== null;
+  els.portrait.disabled = !canControl || streaming || conn.pending !== null;
+  els.send.disabled = !canControl || !streaming;
+  els.end.disabled = !canControl || !streaming || conn.pending === 'end';
+
+  const [badge, label] = {
+    disconnected: ['idle', 'Not connected'],
+    connecting: ['connecting', 'Connecting…'],
+    disconnecting: ['connecting', 'Disconnecting…'],
+    lost: ['error', 'Control channel lost'],
+    connected: conn.socketOpen ? ['live', 'Connected'] : ['reconnecting', 'Reconnecting…'],
+  }[conn.phase];
+  els.connState.dataset.state = badge === 'live' ? 'waiting' : badge; // "live" red is for streams only
+  els.connState.textContent = label;
+
+  renderStatus();
+}
+
+function renderStatus() {
+  const s = conn.stream;
+  if (s) {
+    const left = s.endsAt ? ` · ${formatSeconds((s.endsAt - Date.now()) / 1000)} left` : '';
+    els.status.dataset.state = 'live';
+    els.status.textContent = `live · ${s.id}${left}`;
+  } else if (conn.pending === 'start') {
+    els.status.dataset.state = 'starting';
+    els.status.textContent = 'starting…';
+  } else if (conn.lastEnded) {
+    els.status.dataset.state = 'ended';
+    els.status.textContent = `ended (${conn.lastEnded.reason}) · ${conn.lastEnded.id}`;
+  } else {
+    els.status.dataset.state = 'idle';
+    els.status.textContent = 'idle';
+  }
+}
+
+// ---------- watch link and preview ----------
+
+function setBroadcast(broadcast) {
+  if (!broadcast || !broadcast.broadcast_id) return;
+  const changed = conn.broadcast?.broadcast_id !== broadcast.broadcast_id
+    || conn.broadcast?.spectator_token !== broadcast.spectator_token;
+  conn.broadcast = { ...conn.broadcast, ...broadcast };
+  els.broadcastId.textContent = broadcast.broadcast_id;
+
+  // watch_url is absolute in the contract; resolve anyway, and add the spectator
+  // token if the relay left it out, so the link works when pasted as is.
+  const token = conn.broadcast.spectator_token;
+  const url = new URL(
+    conn.broadcast.watch_url || `/watch/${encodeURIComponent(broadcast.broadcast_id)}`,
+    window.location.href,
+  );
+  if (token && !url.searchParams.has('token')) url.searchParams.set('token', token);
+  els.watchUrl.href = url.href;
+  els.watchUrl.textContent = url.href;
+  els.watchUrl.hidden = false;
+  els.watchEmpty.hidden = true;
+  els.copy.disabled = false;
+
+  if (changed) startPreview();
+}
+
+function clearBroadcast() {
+  conn.broadcast = null;
+  els.watchUrl.hidden = true;
+  els.watchUrl.removeAttribute('href');
+  els.watchUrl.textContent = '';
+  els.watchEmpty.hidden = false;
+  els.copy.disabled = true;
+}
+
+const PREVIEW_LABELS = {
+  connecting: ['connecting', 'Connecting'],
+  connected: ['waiting', 'Connected'],
+  reconnecting: ['reconnecting', 'Reconnecting'],
+  failed: ['error', 'Unavailable'],
+  stopped: ['idle', 'Off'],
+};
+
+function startPreview() {
+  stopPreview();
+  const b = conn.broadcast;
+  // Same origin as this page: the relay that served it is the one to watch from.
+  preview = new WhepPlayer({
+    endpoint: `/v1/broadcasts/${encodeURIComponent(b.broadcast_id)}/whep`,
+    token: b.spectator_token,
+    video: els.preview,
+    onStatus: ({ state, message, retryInMs }) => {
+      let [badge, label] = PREVIEW_LABELS[state] ?? ['idle', state];
+      if (state === 'connected' && conn.stream) [badge, label] = ['live', 'Live'];
+      els.previewState.dataset.state = badge;
+      els.previewState.textContent = label;
+      if (message && (state === 'failed' || retryInMs)) log(`Preview: ${message}`, state === 'failed' ? 'error' : '');
+    },
+  });
+  preview.setLive(Boolean(conn.stream));
+  preview.start();
+}
+
+function stopPreview() {
+  if (preview) preview.stop();
+  preview = null;
+}
+
+function refreshPreviewBadge() {
+  if (!preview || preview.state !== 'connected') return;
+  els.previewState.dataset.state = conn.stream ? 'live' : 'waiting';
+  els.previewState.textContent = conn.stream ? 'Live' : 'Connected';
+}
+
+function fitPreview() {
+  const { videoWidth: w, videoHeight: h } = els.preview;
+  if (w && h) els.previewStage.style.setProperty('--ar', `${w} / ${h}`);
+}
+els.preview.addEventListener('loadedmetadata', fitPreview);
+els.preview.addEventListener('resize', fitPreview);
+
+els.copy.addEventListener('click', async () => {
+  const text = els.watchUrl.href;
+  let ok = false;
+  try {
+    await navigator.clipboard.writeText(text);
+    ok = true;
+  } catch {
+    // navigator.clipboard needs a secure context (https or localhost): fall back.
+    const ta = document.createElement('textarea');
+    ta.value = text;
+    ta.setAttribute('readonly', '');
+    ta.style.position = 'fixed';
+    ta.style.opacity = '0';
+    document.body.append(ta);
+    ta.select();
+    try {
+      ok = document.execCommand('copy');
+    } catch {
+      ok = false;
+    }
+    ta.remove();
+  }
+  els.copy.textContent = ok ? 'Copied' : 'Copy failed';
+  setTimeout(() => {
+    els.copy.textContent = 'Copy';
+  }, 1500);
+});
+
+// ---------- streams and history ----------
+
+function addHistory(id, prompt) {
+  if (historyItems.has(id)) return;
+  const li = document.createElement('li');
+  const idEl = document.createElement('span');
+  idEl.className = 'id';
+  idEl.textContent = id;
+  const reason = document.createElement('span');
+  reason.className = 'reason';
+  reason.dataset.live = '';
+  reason.textContent = 'live';
+  const p = document.createElement('span');
+  p.className = 'prompt';
+  p.textContent = prompt || '';
+  li.append(idEl, reason, p);
+  els.history.prepend(li); // newest first
+  historyItems.set(id, li);
+}
+
+function endHistory(id, reasonText) {
+  const reason = historyItems.get(id)?.querySelector('.reason');
+  if (!reason) return;
+  delete reason.dataset.live;
+  reason.textContent = reasonText;
+}
+
+function setPending(kind) {
+  clearTimeout(conn.pendingTimer);
+  conn.pending = kind;
+  if (kind) {
+    // If the relay never answers, don't leave the buttons dead forever.
+    conn.pendingTimer = setTimeout(() => {
+      log(`No reply to ${kind === 'start' ? 'start_stream' : 'end_stream'} yet; buttons re-enabled.`, 'error');
+      conn.pending = null;
+      render();
+    }, PENDING_TIMEOUT_MS);
+  }
+}
+
+function streamStarted(msg) {
+  setPending(null);
+  const max = Number(msg.max_duration_seconds);
+  conn.stream = {
+    id: msg.stream_id,
+    prompt: msg.prompt ?? '',
+    endsAt: Number.isFinite(max) && max > 0 ? Date.now() + max * 1000 : 0,
+  };
+  conn.lastEnded = null;
+  addHistory(msg.stream_id, msg.prompt);
+  clearInterval(conn.countdownTimer);
+  conn.countdownTimer = setInterval(renderStatus, 1000);
+  preview?.setLive(true);
+  refreshPreviewBadge();
+  render();
+}
+
+function streamEnded(msg) {
+  setPending(null);
+  const id = msg.stream_id ?? conn.stream?.id ?? '';
+  const reason = msg.reason || 'ended';
+  if (id) endHistory(id, reason);
+  conn.stream = null;
+  conn.lastEnded = { id, reason };
+  clearInterval(conn.countdownTimer);
+  conn.countdownTimer = null;
+  preview?.setLive(false);
+  refreshPreviewBadge();
+  render();
+}
+
+// ---------- control socket ----------
+
+function send(msg) {
+  if (!conn.socket || conn.socket.readyState !== WebSocket.OPEN) return false;
+  conn.socket.send(JSON.stringify(msg));
+  return true;
+}
+
+function openControl() {
+  const url = wsUrl(`/v1/connections/${encodeURIComponent(conn.id)}/control?token=${encodeURIComponent(conn.clientToken)}`);
+  const ws = new WebSocket(url);
+  conn.socket = ws;
+
+  ws.addEventListener('open', () => {
+    if (conn.socket !== ws) return;
+    conn.socketOpen = true;
+    conn.socketAttempt = 0;
+    log('Control channel open.');
+    clearInterval(conn.keepaliveTimer);
+    // The open socket already counts as life; explicit keepalives also cover
+    // proxies that don't surface socket-level activity.
+    conn.keepaliveTimer = setInterval(() => send({ type: 'keepalive' }), KEEPALIVE_MS);
+    render();
+  });
+
+  ws.addEventListener('message', (e) => {
+    if (conn.socket !== ws) return;
+    let msg;
+    try {
+      msg = JSON.parse(e.data);
+    } catch {
+      log('Unreadable message on the control channel.', 'error');
+      return;
+    }
+    if (msg && typeof msg.type === 'string') onControl(msg);
+  });
+
+  ws.addEventListener('close', (e) => {
+    if (conn.socket !== ws) return; // a socket we already replaced or closed on purpose
+    conn.socket = null;
+    conn.socketOpen = false;
+    clearInterval(conn.keepaliveTimer);
+    conn.keepaliveTimer = null;
+    render();
+    if (conn.phase !== 'connected') return;
+    log(`Control channel closed (${e.code}${e.reason ? `: ${e.reason}` : ''}).`, 'error');
+    recoverControl();
+  });
+}
+
+// The socket dropped: find out whether the connection itself is still there
+// before reopening, so a connection that ended (idle timeout, max age) doesn't
+// get retried forever.
+async function recoverControl() {
+  try {
+    const state = await fetchJson(`/v1/connections/${encodeURIComponent(conn.id)}`, {
+      headers: { Authorization: `Bearer ${conn.apiKey}` },
+    });
+    if (conn.phase !== 'connected') return;
+    if (state && ['closed', 'ended', 'expired', 'disconnected'].includes(state.status)) {
+      connectionGone(`The connection has ended (${state.status}).`);
+      return;
+    }
+    // Keep the relay's idle timer happy while the socket is down.
+    fetch(`/v1/connections/${encodeURIComponent(conn.id)}/keepalive`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${conn.apiKey}` },
+    }).catch(() => {});
+    // The stream may have ended (or started) while we weren't listening.
+    if (state && 'stream' in state) {
+      if (!state.stream && conn.stream) streamEnded({ stream_id: conn.stream.id, reason: 'ended' });
+    }
+  } catch (err) {
+    if (conn.phase !== 'connected') return;
+    if (err instanceof HttpError && err.status === 404) {
+      connectionGone('The connection has ended.');
+      return;
+    }
+    // Network trouble: fall through and retry the socket.
+  }
+  if (Date.now() > conn.tokenExpiresAt) {
+    // The client_token only opens sockets during its lifetime; after that we can't get back in.
+    conn.phase = 'lost';
+    log('The control channel cannot be reopened (its client token has expired). Disconnect, then connect again.', 'error');
+    showMessage('Lost the control channel. Disconnect, then connect again.');
+    render();
+    return;
+  }
+  const delay = Math.min(1000 * 2 ** conn.socketAttempt, SOCKET_BACKOFF_MAX_MS);
+  conn.socketAttempt += 1;
+  log(`Reopening the control channel in ${Math.round(delay / 1000)} s…`);
+  clearTimeout(conn.socketRetryTimer);
+  conn.socketRetryTimer = setTimeout(() => {
+    if (conn.phase === 'connected') openControl();
+  }, delay);
+}
+
+function onControl(msg) {
+  switch (msg.type) {
+    case 'connected':
+      log(`Connected: ${msg.connection_id ?? conn.id}.`);
+      setBroadcast(msg.broadcast);
+      break;
+    case 'broadcast_ready':
+      log('Broadcast ready.');
+      setBroadcast(msg.broadcast);
+      break;
+    case 'stream_started':
+      log(`Stream started: ${msg.stream_id} · "${msg.prompt ?? ''}"`);
+      streamStarted(msg);
+      break;
+    case 'stream_ended':
+      log(`Stream ended: ${msg.stream_id ?? ''} (${msg.reason ?? 'ended'}).`);
+      streamEnded(msg);
+      break;
+    case 'interact_acknowledged':
+      log(`Prompt applied: "${msg.prompt ?? ''}"`);
+      break;
+    case 'input_forwarded': {
+      const who = msg.participant_id ? ` from ${msg.participant_id}` : '';
+      log(`Audience input forwarded${who}: "${msg.prompt ?? ''}"`);
+      break;
+    }
+    case 'error':
+      onControlError(msg);
+      break;
+    default:
+      log(`Message: ${JSON.stringify(msg)}`);
+  }
+}
+
+function onControlError(msg) {
+  const text = msg.message || msg.code || 'Error';
+  log(`Error${msg.code ? ` ${msg.code}` : ''}: ${text}`, 'error');
+  showMessage(text);
+  // A failed start/end: whatever we were waiting for isn't coming.
+  setPending(null);
+  if (msg.code === 'NO_ACTIVE_STREAM' && conn.stream) streamEnded({ stream_id: conn.stream.id, reason: 'ended' });
+  if (msg.fatal) connectionGone(text);
+  else render();
+}
+
+// ---------- connect / disconnect ----------
+
+async function connect() {
+  const key = els.apiKey.value.trim();
+  if (!key) {
+    showMessage('Paste an API key first.');
+    els.apiKey.focus();
+    return;
+  }
+  sessionStorage.setItem(KEY_STORAGE, key);
+  conn.apiKey = key;
+  conn.phase = 'connecting';
+  showMessage('');
+  render();
+  log('Opening a connection…', 'out');
+
+  let res;
+  try {
+    res = await fetchJson('/v1/connections', {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' },
+      body: '{}',
+    });
+  } catch (err) {
+    conn.phase = 'disconnected';
+    const text = errorText(err);
+    log(`Connect failed: ${text}`, 'error');
+    showMessage(text);
+    render();
+    return;
+  }
+
+  conn.phase = 'connected';
+  conn.id = res.connection_id;
+  conn.clientToken = res.client_token;
+  const ttl = Number(res.client_token_expires_in);
+  conn.tokenExpiresAt = Date.now() + (Number.isFinite(ttl) ? ttl : 600) * 1000;
+  conn.socketAttempt = 0;
+  conn.stream = null;
+  conn.lastEnded = null;
+  els.connId.textContent = res.connection_id;
+  els.connExpires.textContent = res.expires_at ? new Date(res.expires_at).toLocaleString() : '—';
+  els.info.hidden = false;
+  log(`Connection ${res.connection_id} open (idle timeout ${res.idle_timeout_seconds ?? '?'} s).`);
+  setBroadcast(res.broadcast);
+  openControl();
+  render();
+}
+
+async function disconnect() {
+  if (!conn.id) return;
+  const id = conn.id;
+  conn.phase = 'disconnecting';
+  render();
+  log('Disconnecting…', 'out');
+  try {
+    await fetchJson(`/v1/connections/${encodeURIComponent(id)}`, {
+      method: 'DELETE',
+      headers: { Authorization: `Bearer ${conn.apiKey}` },
+    });
+    log('Disconnected.');
+  } catch (err) {
+    // 404: it was already gone. Either way this page is done with it.
+    log(`Disconnect: ${errorText(err)}`, err instanceof HttpError && err.status === 404 ? '' : 'error');
+  }
+  resetConnection();
+  showMessage('');
+}
+
+/** The relay ended the connection (fatal error, timeout): clean up locally. */
+function connectionGone(text) {
+  log(text, 'error');
+  showMessage(text);
+  resetConnection();
+}
+
+function resetConnection() {
+  const ws = conn.socket;
+  conn.socket = null; // first, so its close handler knows this was on purpose
+  if (ws) ws.close(1000, 'disconnect');
+  if (conn.stream) streamEnded({ stream_id: conn.stream.id, reason: 'disconnected' });
+  clearTimeout(conn.socketRetryTimer);
+  clearInterval(conn.keepaliveTimer);
+  clearInterval(conn.countdownTimer);
+  setPending(null);
+  stopPreview();
+  clearBroadcast();
+  Object.assign(conn, {
+    phase: 'disconnected',
+    id: null,
+    clientToken: null,
+    socketOpen: false,
+    stream: null,
+    keepaliveTimer: null,
+    countdownTimer: null,
+    socketRetryTimer: null,
+  });
+  els.info.hidden = true;
+  render();
+}
+
+// ---------- stream controls ----------
+
+function promptValue() {
+  const prompt = els.prompt.value.trim();
+  if (!prompt) {
+    showMessage('Type a prompt first.', 'warn');
+    els.prompt.focus();
+  }
+  return prompt;
+}
+
+function startStream() {
+  const prompt = promptValue();
+  if (!prompt) return;
+  const msg = { type: 'start_stream', prompt };
+  if (els.portrait.checked) msg.portrait = true;
+  if (!send(msg)) return;
+  showMessage('');
+  log(`start_stream: "${prompt}"${msg.portrait ? ' (portrait)' : ''}`, 'out');
+  setPending('start');
+  render();
+}
+
+function sendPrompt() {
+  const prompt = promptValue();
+  if (!prompt) return;
+  if (!send({ type: 'interact', prompt })) return;
+  showMessage('');
+  log(`interact: "${prompt}"`, 'out');
+  els.prompt.select(); // typing the next prompt replaces this one
+}
+
+function endStream() {
+  if (!send({ type: 'end_stream' })) return;
+  log('end_stream', 'out');
+  setPending('end');
+  render();
+}
+
+els.form.addEventListener('submit', (e) => {
+  e.preventDefault();
+  if (!els.connect.disabled) connect();
+});
+els.disconnect.addEventListener('click', disconnect);
+els.start.addEventListener('click', startStream);
+els.send.addEventListener('click', sendPrompt);
+els.end.addEventListener('click', endStream);
+els.prompt.addEventListener('keydown', (e) => {
+  if (e.key !== 'Enter' || e.isComposing || e.shiftKey) return;
+  e.preventDefault();
+  // Enter does whichever of the two is possible: steer a live stream, or start one.
+  if (!els.send.disabled) sendPrompt();
+  else if (!els.start.disabled) startStream();
+});
+els.apiKey.addEventListener('change', () => {
+  const key = els.apiKey.value.trim();
+  if (key) sessionStorage.setItem(KEY_STORAGE, key);
+  else sessionStorage.removeItem(KEY_STORAGE);
+});
+
+// Leaving the page would orphan the connection (its client_token lives only
+// here), holding one of the relay's few streamers until the idle timeout: free
+// it now. keepalive lets the DELETE outlive the page.
+window.addEventListener('pagehide', () => {
+  if (!conn.id || conn.phase === 'disconnected') return;
+  fetch(`/v1/connections/${encodeURIComponent(conn.id)}`, {
+    method: 'DELETE',
+    keepalive: true,
+    headers: { Authorization: `Bearer ${conn.apiKey}` },
+  }).catch(() => {});
+  stopPreview();
+  const ws = conn.socket;
+  conn.socket = null;
+  if (ws) ws.close(1000, 'page closed');
+  conn.phase = 'disconnected';
+});
+
+// Restored from the back/forward cache: the connection was released on pagehide.
+window.addEventListener('pageshow', (e) => {
+  if (e.persisted) resetConnection();
+});
+
+// ---------- init ----------
+
+els.apiKey.value = sessionStorage.getItem(KEY_STORAGE) ?? '';
+render();

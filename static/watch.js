@@ -1,0 +1,259 @@
+// watch.js: the spectator page, /watch/{broadcast_id}?token=...
+//
+// Two independent feeds drive the page:
+//   * media: a WhepPlayer keeps the <video> playing and reconnects on drops;
+//   * state: the broadcast's events WebSocket (live, prompt, viewers), with GET
+//     polling every 3 s whenever the socket is not open.
+// render() folds both into the badge; nothing user-supplied is ever set as HTML.
+
+import { WhepPlayer, HttpError, fetchJson, wsUrl } from '/static/whep.js';
+
+const POLL_MS = 3000;
+const SOCKET_BACKOFF_MAX_MS = 10000;
+
+const $ = (id) => document.getElementById(id);
+const els = {
+  stage: $('stage'),
+  video: $('video'),
+  state: $('state'),
+  unmute: $('unmute'),
+  viewers: $('viewer-count'),
+  prompt: $('current-prompt'),
+  message: $('message'),
+};
+
+const broadcastId = decodeURIComponent(window.location.pathname.split('/').filter(Boolean).pop() ?? '');
+const token = new URLSearchParams(window.location.search).get('token') ?? '';
+const base = `/v1/broadcasts/${encodeURIComponent(broadcastId)}`;
+
+// Everything the badge depends on. `live` is null until the relay has told us.
+const state = {
+  media: 'connecting',  // WhepPlayer state
+  mediaMessage: '',
+  live: null,
+  streamId: null,
+  endedSeen: false,     // a stream ended while we watched: "Stream ended" rather than "Waiting"
+  fatal: null,          // message of an unrecoverable error
+  fatalEnded: false,    // ...which means the broadcast we were watching is over (404 after it worked)
+  seen: false,          // the broadcast answered at least once (state or media)
+};
+
+const BADGES = {
+  connecting: 'Connecting',
+  live: 'Live',
+  waiting: 'Waiting for the host',
+  ended: 'Stream ended',
+  reconnecting: 'Reconnecting',
+  error: 'Unavailable',
+};
+
+function badgeState() {
+  if (state.fatal) return state.fatalEnded ? 'ended' : 'error';
+  if (state.media === 'reconnecting') return 'reconnecting';
+  if (state.media !== 'connected') return 'connecting';
+  // Connected. Trust the relay's live flag; before it has spoken, frames are the evidence.
+  const live = state.live ?? player.receiving;
+  if (live) return 'live';
+  return state.endedSeen ? 'ended' : 'waiting';
+}
+
+function render() {
+  const key = badgeState();
+  els.state.dataset.state = key;
+  els.state.textContent = BADGES[key];
+
+  const text = state.fatal || state.mediaMessage;
+  els.message.hidden = !text;
+  els.message.textContent = text;
+  els.message.dataset.kind = state.fatal ? 'error' : 'warn';
+}
+
+// ---------- broadcast state (events socket / polling) ----------
+
+function applyState({ live, streamId, prompt, viewers }) {
+  state.seen = true;
+  if (live !== undefined && live !== null) {
+    if (state.live && !live) state.endedSeen = true;
+    if (live) state.endedSeen = false;
+    state.live = Boolean(live);
+    player.setLive(state.live);
+  }
+  if (streamId !== undefined) state.streamId = streamId;
+  if (typeof prompt === 'string') els.prompt.textContent = prompt;
+  if (Number.isFinite(viewers)) els.viewers.textContent = String(viewers);
+  render();
+}
+
+function onEvent(msg) {
+  switch (msg.type) {
+    case 'hello':
+      applyState({ live: msg.live, streamId: msg.stream_id, prompt: msg.prompt ?? undefined, viewers: msg.viewers });
+      // The contract's hello only promises participant_id and orchestration: fill the rest once.
+      if (msg.live === undefined) poll();
+      break;
+    case 'stream_started':
+      applyState({ live: true, streamId: msg.stream_id, prompt: msg.prompt ?? '' });
+      break;
+    case 'stream_ended':
+      applyState({ live: false });
+      break;
+    case 'prompt_applied':
+      applyState({ prompt: msg.prompt });
+      break;
+    case 'viewers':
+      applyState({ viewers: msg.count });
+      break;
+    default:
+      // orchestration, input_result...: for the participation feature, later.
+      break;
+  }
+}
+
+async function poll() {
+  try {
+    const b = await fetchJson(`${base}?token=${encodeURIComponent(token)}`);
+    applyState({
+      live: b.live,
+      streamId: b.stream_id ?? null,
+      prompt: b.prompt ?? undefined,
+      viewers: b.spectators,
+    });
+  } catch (err) {
+    // A broadcast that is gone (host disconnected) or a bad token will not come back.
+    if (err instanceof HttpError && [401, 403, 404].includes(err.status)) fail(err.message, err.status);
+  }
+}
+
+const events = {
+  socket: null,
+  attempt: 0,
+  retryTimer: null,
+  pollTimer: null,
+  stopped: false,
+};
+
+function openEvents() {
+  if (events.stopped) return;
+  const ws = new WebSocket(wsUrl(`${base}/events?token=${encodeURIComponent(token)}`));
+  events.socket = ws;
+  ws.addEventListener('open', () => {
+    events.attempt = 0;
+    stopPolling(); // the socket pushes everything from here on
+  });
+  ws.addEventListener('message', (e) => {
+    let msg;
+    try {
+      msg = JSON.parse(e.data);
+    } catch {
+      return;
+    }
+    if (msg && typeof msg.type === 'string') onEvent(msg);
+  });
+  ws.addEventListener('close', () => {
+    if (events.socket !== ws) return;
+    events.socket = null;
+    if (events.stopped) return;
+    // Couldn't open, or dropped: keep the page current by polling while we retry.
+    startPolling();
+    const delay = Math.min(1000 * 2 ** events.attempt, SOCKET_BACKOFF_MAX_MS);
+    events.attempt += 1;
+    events.retryTimer = setTimeout(openEvents, delay);
+  });
+}
+
+function startPolling() {
+  if (events.pollTimer || events.stopped) return;
+  poll();
+  events.pollTimer = setInterval(poll, POLL_MS);
+}
+
+function stopPolling() {
+  clearInterval(events.pollTimer);
+  events.pollTimer = null;
+}
+
+function stopEvents() {
+  events.stopped = true;
+  clearTimeout(events.retryTimer);
+  stopPolling();
+  const ws = events.socket;
+  events.socket = null;
+  if (ws) ws.close();
+}
+
+function fail(message, status = 0) {
+  if (state.fatal) return;
+  state.fatal = message || 'This broadcast is not available.';
+  // A broadcast that worked and is now unknown has ended (the host disconnected).
+  state.fatalEnded = status === 404 && state.seen;
+  player.stop();
+  stopEvents();
+  render();
+}
+
+// ---------- media ----------
+
+const player = new WhepPlayer({
+  endpoint: `${base}/whep`,
+  token,
+  video: els.video,
+  onStatus: ({ state: media, message, retryInMs, error }) => {
+    if (media === 'stopped') return;
+    if (media === 'failed') {
+      fail(error?.message || message, error?.status ?? 0);
+      return;
+    }
+    if (media === 'connected') state.seen = true;
+    state.media = media;
+    state.mediaMessage = retryInMs ? `${message} Retrying in ${Math.ceil(retryInMs / 1000)} s…` : '';
+    render();
+  },
+  onAudio: (hasAudio) => {
+    // Only offer Unmute when sound is actually arriving; otherwise the button would lie.
+    els.unmute.hidden = !hasAudio;
+  },
+});
+
+els.unmute.addEventListener('click', () => {
+  els.video.muted = !els.video.muted;
+  els.unmute.textContent = els.video.muted ? 'Unmute' : 'Mute';
+  els.unmute.setAttribute('aria-pressed', String(!els.video.muted));
+  els.video.play().catch(() => {}); // the click is a user gesture: unmuted playback is allowed now
+});
+
+// The stage takes the stream's own shape (landscape or portrait).
+function fitStage() {
+  const { videoWidth: w, videoHeight: h } = els.video;
+  if (w && h) els.stage.style.setProperty('--ar', `${w} / ${h}`);
+}
+els.video.addEventListener('loadedmetadata', fitStage);
+els.video.addEventListener('resize', fitStage);
+els.video.addEventListener('playing', render);
+
+// ---------- lifecycle ----------
+
+function start() {
+  if (!broadcastId || !token) {
+    fail('This watch link is incomplete: it needs a broadcast id and a ?token=. Ask the host for the full link.');
+    return;
+  }
+  state.fatal = null;
+  state.fatalEnded = false;
+  events.stopped = false;
+  player.start();
+  openEvents();
+  poll(); // first paint of live/prompt/viewers without waiting for the socket's hello
+  render();
+}
+
+// Leave cleanly: the DELETE must outlive the page, hence keepalive. If the page is
+// restored from the back/forward cache, join again.
+window.addEventListener('pagehide', () => {
+  player.stop({ keepalive: true });
+  stopEvents();
+});
+window.addEventListener('pageshow', (e) => {
+  if (e.persisted) start();
+});
+
+start();

@@ -1,0 +1,84 @@
+"""End to end on loopback: a host streams, real aiortc spectators watch over WHEP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from relay.client import RelayClient, Spectator
+from tests.conftest import API_KEY, frames_for, mean_rgb
+
+
+async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(interval)
+
+
+async def test_three_spectators_watch_prompts_and_consecutive_streams(relay_factory):
+    relay = await relay_factory(limits={"stream_max_seconds": 4, "streamers": 1})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        started = await conn.start_stream("a calm ocean at sunset")
+        assert started["max_duration_seconds"] == 4
+        first_stream = started["stream_id"]
+        b = conn.broadcast
+        viewers = [Spectator(b["whep_url"], b["spectator_token"]) for _ in range(3)]
+        for v in viewers:
+            await v.join()
+        try:
+            # Every spectator gets the promised rate (25 fps; >= 20 allows for loopback jitter).
+            counts = await asyncio.gather(*(frames_for(v.track, 1.5) for v in viewers))
+            for frames in counts:
+                assert len(frames) / 1.5 >= 20, f"only {len(frames)} frames in 1.5 s"
+                assert (frames[-1].width, frames[-1].height) == (320, 176)
+
+            # A prompt changes the decoded picture, far beyond its natural motion.
+            before = mean_rgb(counts[0][-1])
+            drift = np.abs(mean_rgb(counts[0][0]) - before).sum()
+            assert await conn.interact("neon night over a lava desert") == "neon night over a lava desert"
+            changed = 0.0
+            for _ in range(75):  # up to 3 s of frames for the ~1 s transition
+                changed = np.abs(mean_rgb(await viewers[0].track.recv()) - before).sum()
+                if changed > max(30.0, 4 * drift):
+                    break
+            assert changed > max(30.0, 4 * drift), (changed, drift)
+            state = await client.get_stream(first_stream)
+            assert state["last_applied_prompt"] == "neon night over a lava desert"
+            assert state["spectators"] == 3
+
+            # The stream ends itself at the configured cap.
+            await wait_for(lambda: not relay.sessions.stream(first_stream).live, timeout=6)
+            state = await client.get_stream(first_stream)
+            assert state["status"] == "ended" and state["end_reason"] == "duration_limit"
+
+            # The next stream reaches the same spectators, same peer connections, no rejoin.
+            pcs = [v.pc for v in viewers]
+            second = await conn.start_stream("snowy mountains at dawn")
+            assert second["stream_id"] != first_stream
+            counts = await asyncio.gather(*(frames_for(v.track, 1.0) for v in viewers))
+            for v, pc, frames in zip(viewers, pcs, counts):
+                assert v.pc is pc and pc.connectionState == "connected"
+                assert len(frames) >= 15
+        finally:
+            for v in viewers:
+                await v.leave()
+        assert relay.sessions.streamers_free == 0
+    # Disconnect (leaving the context) frees the streamer at once.
+    assert relay.sessions.streamers_free == 1
+    assert relay.sessions.connections == {}
+
+
+async def test_spectator_leave_is_immediate(relay):
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        await conn.start_stream("forest")
+        broadcast = relay.sessions.broadcast(conn.broadcast["broadcast_id"])
+        async with Spectator(conn.broadcast["whep_url"], conn.broadcast["spectator_token"]) as viewer:
+            await viewer.track.recv()
+            assert len(broadcast.spectators) == 1
+        assert len(broadcast.spectators) == 0
+        assert broadcast.hub.subscribers == 0
