@@ -177,7 +177,7 @@ class Broadcast:
                 offer_sdp,
                 track,
                 on_keyframe_request=self.hub.request_keyframe if self.encode_once else None,
-                on_rtcp=lambda: self._heard(spectator_id),
+                on_heard=lambda: self._heard(spectator_id),
             )
         except BaseException:
             track.stop()

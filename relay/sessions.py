@@ -18,7 +18,7 @@ import secrets
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from . import metrics
 from .broadcast import Broadcast
@@ -88,7 +88,9 @@ class Connection:
     streams_started: int = 0
     control_sockets: int = 0
     close_reason: str | None = None
-    busy: bool = False  # a start is in flight: a second one must not race it
+    # "starting" or "ending" while a stream changes state across awaits: a second start must
+    # neither race it nor slip into the gap (and a start counts toward the key's limit).
+    pending: str | None = None
     _listeners: set[asyncio.Queue] = field(default_factory=set)
 
     @property
@@ -148,7 +150,7 @@ class SessionManager:
 
     def connection_for_client_token(self, token: str) -> Connection | None:
         conn = self._by_client_token.get(token)
-        if conn is None or self.clock.monotonic() > conn.client_token_deadline:
+        if conn is None or self.clock.monotonic() >= conn.client_token_deadline:
             return None
         return conn
 
@@ -170,6 +172,13 @@ class SessionManager:
             if c.api_key == api_key and c.stream is not None and c.stream.live
         ]
 
+    def _streams_counted(self, api_key: str) -> int:
+        """Live streams plus starts in flight: what concurrent_streams limits."""
+        return sum(
+            1 for c in self.connections.values()
+            if c.api_key == api_key and (c.pending == "starting" or (c.stream is not None and c.stream.live))
+        )
+
     # -- connections ---------------------------------------------------------------------
 
     async def open_connection(self, api_key: str) -> Connection:
@@ -188,6 +197,11 @@ class SessionManager:
         except BaseException:
             self._streamers_in_use -= 1
             raise
+        if self.closed:  # shut down while the upstream was connecting: give it straight back
+            self._streamers_in_use -= 1
+            await streamer.disconnect()
+            raise RelayError("STREAMER_NOT_AVAILABLE", 503, "The relay is shutting down.",
+                             action="Retry shortly.", retry_after=5)
         now, wall = self.clock.monotonic(), self.clock.time()
         connection_id = uuid.uuid4().hex
         conn = Connection(
@@ -249,27 +263,28 @@ class SessionManager:
         prompt = check_prompt(prompt)
         if conn.closed:
             raise not_found("connection", conn.connection_id)
-        if conn.busy or (conn.stream is not None and conn.stream.live):
+        if conn.pending is not None or (conn.stream is not None and conn.stream.live):
             raise RelayError(
                 "STREAM_ALREADY_ACTIVE",
                 409,
-                "This connection already has a live stream.",
+                "This connection already has a live stream (or one is starting or ending).",
                 action="End the current stream first.",
                 details={"stream_id": conn.stream.stream_id if conn.stream else None},
             )
-        live = self.live_streams(conn.api_key)
+        counted = self._streams_counted(conn.api_key)
         limit = self._limits.concurrent_streams
-        if len(live) >= limit:
+        if counted >= limit:
+            live = self.live_streams(conn.api_key)
             now = self.clock.monotonic()
             raise RelayError(
                 "CONCURRENT_LIMIT_REACHED",
                 429,
-                f"This API key already has {len(live)} live streams (limit {limit}).",
+                f"This API key already has {counted} live streams (limit {limit}).",
                 action="End a stream, or wait for one to finish.",
-                details={"active_count": len(live), "limit": limit},
-                retry_after=max(1.0, min(s.deadline for s in live) - now),
+                details={"active_count": counted, "limit": limit},
+                retry_after=max(1.0, min((s.deadline for s in live), default=now + 1) - now),
             )
-        conn.busy = True
+        conn.pending = "starting"  # reserves this key's slot across the await below
         try:
             track = await conn.streamer.start_stream(prompt, image=image, portrait=portrait)
         except RelayError:
@@ -280,7 +295,11 @@ class SessionManager:
                 "UPSTREAM_ERROR", 502, f"The world model could not start a stream: {exc}", action="Retry."
             ) from exc
         finally:
-            conn.busy = False
+            conn.pending = None
+        if conn.closed:  # disconnected while the upstream was starting: nothing may outlive it
+            track.stop()
+            await conn.streamer.end_stream()
+            raise not_found("connection", conn.connection_id)
         wm = self._settings.world_model
         width, height = (wm.height, wm.width) if portrait else (wm.width, wm.height)
         now = self.clock.monotonic()
@@ -318,7 +337,13 @@ class SessionManager:
         prompt = check_prompt(prompt)
         if not stream.live:
             raise no_active_stream(stream.stream_id)
-        acknowledged = await stream.connection.streamer.interact(prompt)
+        try:
+            acknowledged = await stream.connection.streamer.interact(prompt)
+        except RelayError:
+            raise
+        except Exception as exc:  # the upstream died under us; the reaper ends the stream
+            raise RelayError("UPSTREAM_ERROR", 502, f"The world model did not take the prompt: {exc}",
+                             action="Retry, or start a new stream.") from exc
         stream.last_applied_prompt = acknowledged
         stream.connection.broadcast.prompt_applied(acknowledged, "host")
         stream.connection.publish({"type": "interact_acknowledged", "prompt": acknowledged})
@@ -334,11 +359,14 @@ class SessionManager:
         stream.peak_spectators = conn.broadcast.peak_spectators
         if not conn.closed:
             conn.status = "connected"
-        await conn.broadcast.detach_stream(reason)
+        conn.pending = "ending"  # until the upstream has really stopped, no new start (409)
         try:
+            await conn.broadcast.detach_stream(reason)
             await conn.streamer.end_stream()
         except Exception:
             log.exception("world model end_stream failed", extra={"stream_id": stream.stream_id})
+        finally:
+            conn.pending = None
         metrics.STREAMS.dec()
         conn.publish({"type": "stream_ended", "stream_id": stream.stream_id, "reason": reason})
         log.info("stream ended", extra={"stream_id": stream.stream_id, "reason": reason})

@@ -110,8 +110,11 @@ function onEvent(msg) {
 }
 
 async function poll() {
+  const seq = events.seq;
   try {
     const b = await fetchJson(`${base}?token=${encodeURIComponent(token)}`);
+    // A socket message that arrived while this request was in flight is newer: keep it.
+    if (events.seq !== seq) return;
     applyState({
       live: b.live,
       streamId: b.stream_id ?? null,
@@ -126,6 +129,7 @@ async function poll() {
 
 const events = {
   socket: null,
+  seq: 0,            // bumped per socket message, so a slower poll can't overwrite fresher news
   attempt: 0,
   retryTimer: null,
   pollTimer: null,
@@ -147,7 +151,10 @@ function openEvents() {
     } catch {
       return;
     }
-    if (msg && typeof msg.type === 'string') onEvent(msg);
+    if (msg && typeof msg.type === 'string') {
+      events.seq += 1;
+      onEvent(msg);
+    }
   });
   ws.addEventListener('close', () => {
     if (events.socket !== ws) return;
@@ -228,7 +235,7 @@ function fitStage() {
 }
 els.video.addEventListener('loadedmetadata', fitStage);
 els.video.addEventListener('resize', fitStage);
-els.video.addEventListener('playing', render);
+els.video.addEventListener('playing', render); // before the relay says whether it is live, frames decide
 
 // ---------- lifecycle ----------
 

@@ -23,7 +23,7 @@ OTHER_KEY = "test-key-2"
 BASE: dict[str, Any] = {
     "server": {"host": "127.0.0.1", "port": 0, "max_body_bytes": 64 * 1024},
     "auth": {"api_keys": [API_KEY, OTHER_KEY]},
-    "limits": {"stream_max_seconds": 3, "idle_timeout_seconds": 10, "spectator_timeout_seconds": 2},
+    "limits": {"stream_max_seconds": 3, "idle_timeout_seconds": 10, "spectator_timeout_seconds": 8},
     # Small frames keep three decoding test spectators and the encoder well inside 2 cores.
     "world_model": {"width": 320, "height": 176, "fps": 25},
     "webrtc": {"ice_host_addresses": ["127.0.0.1"]},

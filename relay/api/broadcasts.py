@@ -111,9 +111,9 @@ async def events(request: web.Request) -> web.WebSocketResponse:
             if reply is not None:
                 await ws.send_json(reply)
     finally:
+        broadcast.close_channel(channel)  # before any await: this handler may be cancelled
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
-        broadcast.close_channel(channel)
         await ws.close()
     return ws
 

@@ -61,7 +61,7 @@ def connection_body(request: web.Request, conn: Connection, sessions: SessionMan
         **base,
         "idle_timeout_seconds": request.app[SETTINGS].limits.idle_timeout_seconds,
         "client_token": conn.client_token,
-        "client_token_expires_in": int(remaining),
+        "client_token_expires_in": round(remaining),
         "control_url": control_url(request, conn),
         "broadcast": broadcast_info(request, conn),
     }
@@ -185,10 +185,12 @@ async def control(request: web.Request) -> web.WebSocketResponse:
             if conn.closed:
                 break
     finally:
-        sender.cancel()
-        await asyncio.gather(sender, return_exceptions=True)
+        # Bookkeeping first, before any await: aiohttp may cancel this handler once the
+        # peer is gone, and a socket that is not counted closed would keep the host alive.
         conn.unlisten(outbox)
         sessions.control_closed(conn)
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
         await ws.close()
     return ws
 

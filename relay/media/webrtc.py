@@ -80,7 +80,7 @@ async def answer_spectator(
     track: MediaStreamTrack,
     *,
     on_keyframe_request: Callable[[], None] | None,
-    on_rtcp: Callable[[], None],
+    on_heard: Callable[[], None],
 ) -> SpectatorPeer:
     parse_offer(offer_sdp)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -90,7 +90,7 @@ async def answer_spectator(
         transceiver = pc.addTransceiver(track, direction="sendonly")
         transceiver.setCodecPreferences(_h264_preferences())
         sender = transceiver.sender
-        _hook_sender(sender, on_keyframe_request, on_rtcp)
+        _hook_sender(sender, on_keyframe_request, on_heard)
         await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         answer = await pc.createAnswer()
         await pc.setLocalDescription(answer)
@@ -106,19 +106,30 @@ async def answer_spectator(
 def _hook_sender(
     sender: RTCRtpSender,
     on_keyframe_request: Callable[[], None] | None,
-    on_rtcp: Callable[[], None],
+    on_heard: Callable[[], None],
 ) -> None:
     if on_keyframe_request is not None:
         # RTCRtpSender answers PLI/FIR by flagging its own encoder, which a packet track
         # never uses; send the request to the shared encoder instead.
         sender._send_keyframe = on_keyframe_request  # type: ignore[method-assign]
+    # Signs of life from the spectator: RTCP receiver reports (about every second while media
+    # flows) and ICE consent checks (about every 5 s, even between streams). A tab that closed
+    # or lost its network sends neither; aiortc alone would notice only after ~30 s.
     handle = sender._handle_rtcp_packet
 
     async def handle_rtcp(packet) -> None:
-        on_rtcp()  # a receiver that still reports is a spectator still there
+        on_heard()
         await handle(packet)
 
     sender._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
+    ice = sender.transport.transport._connection
+    stun_request = ice.request_received
+
+    def request_received(*args):
+        on_heard()
+        return stun_request(*args)
+
+    ice.request_received = request_received
 
 
 _ICE_UFRAG = re.compile(r"^a=ice-ufrag:(\S+)", re.M)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import fractions
+import functools
 import hashlib
 import math
 import re
@@ -118,14 +119,14 @@ class _Look:
         object.__setattr__(self, "v", np.zeros(_LOOK_SIZE) if v is None else v)
 
     def __getattr__(self, name: str):
-        s = _SLICES[name]
+        try:
+            s = _SLICES[name]
+        except KeyError:
+            raise AttributeError(name) from None
         return self.v[s.start] if s.stop - s.start == 1 else self.v[s]
 
     def __setattr__(self, name: str, value) -> None:
         self.v[_SLICES[name]] = value
-
-    def copy(self) -> _Look:
-        return _Look(self.v.copy())
 
 
 def _rgb(r: float, g: float, b: float) -> np.ndarray:
@@ -163,8 +164,8 @@ def _dawn(l: _Look) -> None:
 
 
 def _night(l: _Look) -> None:
-    l.sky_top, l.sky_horizon = _rgb(0.005, 0.01, 0.05), _rgb(0.04, 0.07, 0.18)
-    l.light, l.sun = _rgb(0.16, 0.20, 0.34), 0.0
+    l.sky_top, l.sky_horizon = _rgb(0.01, 0.02, 0.08), _rgb(0.08, 0.12, 0.28)
+    l.light, l.sun = _rgb(0.24, 0.30, 0.48), 0.0
     l.moon, l.stars = 1.0, 1.0
     l.cloud_rgb, l.fog_rgb = _rgb(0.12, 0.14, 0.20), _rgb(0.10, 0.12, 0.18)
 
@@ -213,7 +214,7 @@ def _cloudy(l: _Look) -> None:
 def _rain(l: _Look) -> None:
     l.rain, l.clouds, l.fog = 0.8, max(l.clouds, 0.9), max(l.fog, 0.25)
     l.cloud_rgb = l.cloud_rgb * 0.55
-    l.light = l.light * 0.7
+    l.light, l.sun, l.moon = l.light * 0.7, l.sun * 0.3, l.moon * 0.3  # behind the overcast
     grey = _rgb(0.45, 0.47, 0.50) * l.light
     l.sky_top, l.sky_horizon = _mix(l.sky_top, grey, 0.6), _mix(l.sky_horizon, grey, 0.5)
 
@@ -240,6 +241,7 @@ def _lava(l: _Look) -> None:
     l.sky_top, l.sky_horizon = _rgb(0.10, 0.02, 0.02), _rgb(0.70, 0.22, 0.05)
     l.fog, l.fog_rgb = max(l.fog, 0.3), _rgb(0.40, 0.15, 0.08)
     l.cloud_rgb, l.light = _rgb(0.25, 0.12, 0.10), _rgb(0.9, 0.5, 0.35)
+    l.sun, l.sun_rgb, l.moon = 0.7, _rgb(1.0, 0.45, 0.15), 0.0  # a sun seen through smoke
     l.peaks, l.snowcap, l.trees, l.stars = max(l.peaks, 1.0), 0.0, 0.0, 0.0
 
 
@@ -432,8 +434,13 @@ def _smoothstep_integral(u: float) -> float:
     return u * u * u - 0.5 * u**4
 
 
-def _periodic_noise(rng: np.random.Generator, h: int, w: int, scale_y: float, scale_x: float, beta: float) -> np.ndarray:
+def _periodic_noise(
+    rng: np.random.Generator, h: int, w: int, scale_y: float, scale_x: float, beta: float, lowcut: float = 0.0
+) -> np.ndarray:
     """Tileable fractal noise via spectral synthesis; values are rank-normalised to [0, 1).
+
+    Amplitude falls as f**-beta (higher beta = smoother); frequencies below ``lowcut``
+    (cycles per texel) are removed, which caps the feature size.
 
     Filtering white noise in the Fourier domain makes it periodic in both axes for free, and
     rank-normalising makes "cover" thresholds mean what they say (cover 0.3 = 30 % of texels).
@@ -443,7 +450,7 @@ def _periodic_noise(rng: np.random.Generator, h: int, w: int, scale_y: float, sc
     f = np.sqrt(fx * fx + fy * fy)
     f[0, 0] = 1.0
     amp = f ** (-beta)
-    amp[0, 0] = 0.0
+    amp[f < max(lowcut, 1e-9)] = 0.0
     spec = np.fft.rfft2(rng.standard_normal((h, w))) * amp
     n = np.fft.irfft2(spec, s=(h, w))
     ranks = np.empty(n.size)
@@ -466,6 +473,67 @@ def _hash01(x: np.ndarray) -> np.ndarray:
     """Cheap deterministic per-cell pseudo-random numbers in [0, 1)."""
     s = np.sin(x * 12.9898 + 78.233) * 43758.5453
     return s - np.floor(s)
+
+
+def _rain_tile(rng: np.random.Generator, t: int) -> np.ndarray:
+    """Slanted streaks: sparse drops smeared along the fall direction."""
+    drops = (rng.random((t, t)) < 0.004).astype(np.float32) * rng.random((t, t), dtype=np.float32)
+    out = np.zeros_like(drops)
+    for i in range(10):  # a 10-px streak, leaning one column every four rows
+        out += np.roll(drops, (i, -(i // 4)), axis=(0, 1)) * (1.0 - i / 12.0)
+    return np.clip(out, 0.0, 1.0)
+
+
+def _snow_tile(rng: np.random.Generator, t: int, per_flake: int, big: bool) -> np.ndarray:
+    flakes = (rng.random((t, t)) < 1.0 / per_flake).astype(np.float32)
+    flakes *= 0.5 + 0.5 * rng.random((t, t), dtype=np.float32)
+    if big:  # 2x2 flakes for the near layer
+        flakes = np.maximum(flakes, np.roll(flakes, 1, 0))
+        flakes = np.maximum(flakes, np.roll(flakes, 1, 1))
+    return flakes
+
+
+class _Textures:
+    """Noise tiles and star positions for one internal size (tens of ms to build)."""
+
+    def __init__(self, wi: int, hi: int) -> None:
+        rng = np.random.default_rng(20240613)  # fixed: every renderer draws the same world
+        s = min(wi, hi)
+        self.period = period = max(256, int(round(3.0 * s / 64.0)) * 64)
+        self.cloud_h = ch = max(8, int(hi * 0.62))
+        # Clouds: x frequencies are damped harder, so masses are wider than tall.
+        self.clouds = _wrap_x(_periodic_noise(rng, ch, period, 1.0, 2.5, 1.45), wi + 1)
+        # Cloud envelope: denser high up, thinning towards the horizon.
+        self.cloud_env = np.linspace(1.0, 0.6, ch, dtype=np.float32)
+        # Ground detail in [-1, 1], flattened like a floor seen at a low angle.  Smooth
+        # (beta 2.2) so its zero crossings make clean lava veins; low cut bounds blob size.
+        self.detail = _wrap_x((_periodic_noise(rng, hi, period, 1.0, 3.0, 2.2, lowcut=0.02) - 0.5) * 2.0, wi + 1)
+
+        self.precip_t = t = 128
+        self.rain = _wrap_xy(_rain_tile(rng, t), hi, wi)
+        self.snow_near = _wrap_xy(_snow_tile(rng, t, 90, big=True), hi, wi)
+        self.snow_far = _wrap_xy(_snow_tile(rng, t, 260, big=False), hi, wi)
+
+        n_stars = max(32, wi * hi // 900)
+        self.star_y = rng.integers(0, max(1, int(hi * 0.7)), n_stars)
+        self.star_x = rng.integers(0, wi, n_stars)
+        self.star_b = (rng.random(n_stars) ** 3 * 70 + 15).astype(np.float32)
+        self.star_w = rng.random(n_stars) * 3 + 1
+        self.star_p = rng.random(n_stars) * 2 * math.pi
+
+        for value in vars(self).values():  # shared between renderers: never write
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False
+
+
+@functools.lru_cache(maxsize=4)
+def _textures(wi: int, hi: int) -> _Textures:
+    return _Textures(wi, hi)
+
+
+def prepare(width: int, height: int) -> None:
+    """Build the textures for a frame size ahead of time (call it off the event loop)."""
+    _textures(width // 2, height // 2)
 
 
 class SceneRenderer:
@@ -494,28 +562,13 @@ class SceneRenderer:
         self._x_world = (np.arange(wi) - wi / 2.0) / self._s
         self._x_centered = (np.arange(wi, dtype=np.float32) - wi / 2.0)[None, :]
 
-        # Textures: fixed seed, so every renderer of a given size draws the same world.
-        rng = np.random.default_rng(20240613)
-        s = self._s
-        self._period = period = max(256, int(round(3.0 * s / 64.0)) * 64)
-        self._cloud_h = ch = max(8, int(hi * 0.62))
-        self._clouds = _wrap_x(_periodic_noise(rng, ch, period, 2.5, 1.0, 1.1), wi + 1)
-        self._detail = _wrap_x((_periodic_noise(rng, hi, period, 3.0, 1.0, 0.8) - 0.5) * 2.0, wi + 1)
-        # Cloud envelope: denser high up, fading out towards the horizon.
-        self._cloud_env_base = np.linspace(1.0, 0.6, ch, dtype=np.float32)
-
-        t = 128
-        self._precip_t = t
-        self._rain = _wrap_xy(self._rain_tile(rng, t), hi, wi)
-        self._snow_near = _wrap_xy(self._snow_tile(rng, t, 90, big=True), hi, wi)
-        self._snow_far = _wrap_xy(self._snow_tile(rng, t, 260, big=False), hi, wi)
-
-        n_stars = max(32, wi * hi // 900)
-        self._star_y = rng.integers(0, max(1, int(hi * 0.7)), n_stars)
-        self._star_x = rng.integers(0, wi, n_stars)
-        self._star_b = (rng.random(n_stars) ** 3 * 70 + 15).astype(np.float32)
-        self._star_w = rng.random(n_stars) * 3 + 1
-        self._star_p = rng.random(n_stars) * 2 * math.pi
+        # Textures: built once per size and shared (read-only) by every renderer of that size.
+        tex = _textures(wi, hi)
+        self._period, self._cloud_h, self._precip_t = tex.period, tex.cloud_h, tex.precip_t
+        self._clouds, self._detail, self._cloud_env_base = tex.clouds, tex.detail, tex.cloud_env
+        self._rain, self._snow_near, self._snow_far = tex.rain, tex.snow_near, tex.snow_far
+        self._star_y, self._star_x, self._star_b = tex.star_y, tex.star_x, tex.star_b
+        self._star_w, self._star_p = tex.star_w, tex.star_p
 
         # Transition state: look(t) = lerp(from, to, smoothstep((t - t0) / TRANSITION_S)).
         self._from = self._to = _default_look().v
@@ -524,25 +577,6 @@ class SceneRenderer:
         self._pending: str | None = None
         self._rendered = False
         self.prompt = ""
-
-    # -- textures ------------------------------------------------------------------------
-
-    @staticmethod
-    def _rain_tile(rng: np.random.Generator, t: int) -> np.ndarray:
-        """Slanted streaks: sparse drops smeared along the fall direction."""
-        drops = (rng.random((t, t)) < 0.004).astype(np.float32) * rng.random((t, t), dtype=np.float32)
-        out = np.zeros_like(drops)
-        for i in range(10):  # a 10-px streak, leaning one column every four rows
-            out += np.roll(drops, (i, -(i // 4)), axis=(0, 1)) * (1.0 - i / 12.0)
-        return np.clip(out, 0.0, 1.0)
-
-    @staticmethod
-    def _snow_tile(rng: np.random.Generator, t: int, per_flake: int, big: bool) -> np.ndarray:
-        flakes = (rng.random((t, t)) < 1.0 / per_flake).astype(np.float32) * (0.5 + 0.5 * rng.random((t, t), dtype=np.float32))
-        if big:  # 2x2 flakes for the near layer
-            flakes = np.maximum(flakes, np.roll(flakes, 1, 0))
-            flakes = np.maximum(flakes, np.roll(flakes, 1, 1))
-        return flakes
 
     # -- prompt and time -----------------------------------------------------------------
 
@@ -655,8 +689,8 @@ class SceneRenderer:
         # Far range: hazy, with snow caps above the snow line.
         far_base = horizon + _BASE[_FAR] * hi
         cap_line = far_base - 0.1 * s
-        cap = np.clip((cap_line - y) / (0.02 * hi), 0.0, 1.0) * np.clip(l.snowcap, 0.0, 1.0)
-        col = _mix(l.land_far * light, white * 0.95, cap)
+        cap = np.clip((cap_line - y) / (0.08 * hi), 0.0, 1.0) * np.clip(l.snowcap, 0.0, 1.0)
+        col = _mix(l.land_far * light, white * 0.9, cap)
         col = _mix(col, l.sky_horizon, 0.55 + 0.35 * fog)
         rgb[1] = col
 
@@ -679,7 +713,12 @@ class SceneRenderer:
             phase = depth / 0.25 - t * 1.5
             dist = np.abs(phase - np.round(phase)) * 0.25  # world units to the nearest line
             px = dist / (0.5 * s / dz**2)  # ... in pixels
-            lines = np.clip(1.2 - px, 0.0, 1.0) * np.clip(dz / (0.05 * hi), 0.0, 1.0) * grid
+            lines = np.clip(1.2 - px, 0.0, 1.0)
+            # Near the horizon the lines get closer than a pixel: fade to their average
+            # coverage instead of a solid band (a cheap anti-aliasing).
+            density = np.clip(1.5 / (0.5 * dz * dz / s), 0.0, 1.0)  # line width / spacing, px
+            lines += (0.4 - lines) * density
+            lines *= np.clip(dz / (0.05 * hi), 0.0, 1.0) * grid
         for i, k in enumerate(_LAND):
             base_row = horizon + (_BASE[k] + l.lift * _LIFT[k]) * hi
             col = _mix(l.land_far, l.land_near, _NEAR[k]) * light
@@ -688,7 +727,7 @@ class SceneRenderer:
             )
             col = col * shade
             if i < 2 and l.snowcap > 1e-3:
-                cap = np.clip((base_row - 0.06 * s - y) / (0.02 * hi), 0.0, 1.0) * min(l.snowcap, 1.0)
+                cap = np.clip((base_row - 0.06 * s - y) / (0.06 * hi), 0.0, 1.0) * min(l.snowcap, 1.0)
                 col = _mix(col, white * 0.95, cap)
             col = _mix(col, l.sky_horizon, _HAZE[k])
             col = _mix(col, fog_rgb, min(fog * _FOG[k], 0.95))
@@ -716,7 +755,7 @@ class SceneRenderer:
         label = np.zeros((hi, wi), dtype=np.uint8)
         for k in range(_N_LAYERS):
             if starts[k].min() >= hi:
-                continue  # this layer (and its occluders' extent) is below the frame
+                break  # starts only grow with k: this layer and all nearer ones are off-frame
             label += self._rows_i16 >= starts[k][None, :]
         sky_rows = int(min(starts[0].max(), hi))  # no sky below this row
 
@@ -787,7 +826,7 @@ class SceneRenderer:
         if glow > 0.01:
             # Veins along the noise's zero crossings, pulsing slowly.
             veins = np.abs(tex)
-            veins *= -6.0
+            veins *= -7.0
             veins += 1.0
             np.clip(veins, 0.0, 1.0, out=veins)
             veins *= veins
@@ -905,9 +944,13 @@ class SyntheticTrack(MediaStreamTrack):
         super().__init__()
         if fps <= 0:
             raise ValueError("fps must be positive")
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise ValueError(f"width and height must be positive and even, got {width}x{height}")
         self.width, self.height, self.fps = width, height, fps
-        self._renderer = SceneRenderer(width, height)
-        self._renderer.set_prompt(prompt)
+        # Built lazily on the render thread: the first renderer of a size builds its noise
+        # textures (tens of ms), which must not stall the event loop.
+        self._renderer: SceneRenderer | None = None
+        self._initial_prompt = prompt
         self.prompt = prompt
         self._pending: str | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthetic-render")
@@ -922,6 +965,9 @@ class SyntheticTrack(MediaStreamTrack):
         self.prompt = prompt
 
     def _render(self, t: float, prompt: str | None) -> av.VideoFrame:
+        if self._renderer is None:
+            self._renderer = SceneRenderer(self.width, self.height)
+            self._renderer.set_prompt(self._initial_prompt)
         if prompt is not None:
             self._renderer.set_prompt(prompt)
         return self._renderer.render(t)
