@@ -22,8 +22,9 @@ from . import metrics
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
 from .errors import RelayError, not_found
-from .media.hub import FanoutHub, SpectatorTrack
+from .media.hub import FanoutHub
 from .media.pipeline import StreamPipeline
+from .media.rtp_fanout import IdleVideoTrack, RtpFanout, RtpOutput, hook_output
 from .media.webrtc import add_trickled_candidates, answer_spectator
 
 log = logging.getLogger(__name__)
@@ -35,15 +36,18 @@ EVENT_QUEUE_MAX = 256
 class Spectator:
     spectator_id: str
     pc: RTCPeerConnection
-    track: SpectatorTrack
+    track: MediaStreamTrack
     joined_at: float
     last_heard: float
+    output: RtpOutput | None = None
     closed: bool = False
 
     async def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.output is not None:
+            self.output.close()
         self.track.stop()
         await self.pc.close()
 
@@ -77,7 +81,14 @@ class Broadcast:
         self.connection_id = connection_id
         self._settings = settings
         self._clock = clock
-        self.hub = FanoutHub(max_queue=settings.media.spectator_queue_packets if self.encode_once else 2)
+        mode = settings.media.mode
+        self.hub = FanoutHub(max_queue=settings.media.spectator_queue_packets if mode != "per-spectator" else 2)
+        # Default path: packetize once, write headers per spectator. The other modes hand
+        # each spectator's aiortc sender a track from the hub instead (for comparison).
+        self.fanout: RtpFanout | None = None
+        if mode == "encode-once":
+            self.fanout = RtpFanout(self.hub.request_keyframe)
+            self.hub.add_sink(self.fanout.publish)
         self.spectators: dict[str, Spectator] = {}
         self._channels: set[EventChannel] = set()
         self._pipeline: StreamPipeline | None = None
@@ -89,7 +100,7 @@ class Broadcast:
 
     @property
     def encode_once(self) -> bool:
-        return self._settings.media.mode == "encode-once"
+        return self._settings.media.mode != "per-spectator"
 
     @property
     def live(self) -> bool:
@@ -170,7 +181,18 @@ class Broadcast:
                 retry_after=10,
             )
         spectator_id = uuid.uuid4().hex
-        track = self.hub.subscribe()
+        outputs: list[RtpOutput] = []
+        track: MediaStreamTrack
+        if self.fanout is not None:
+            fanout = self.fanout
+            track = IdleVideoTrack()
+
+            def attach(sender) -> None:
+                output = fanout.add(sender)
+                hook_output(sender, output)
+                outputs.append(output)
+        else:
+            track, attach = self.hub.subscribe(), None
         now = self._clock.monotonic()
         try:
             peer = await answer_spectator(
@@ -178,11 +200,15 @@ class Broadcast:
                 track,
                 on_keyframe_request=self.hub.request_keyframe if self.encode_once else None,
                 on_heard=lambda: self._heard(spectator_id),
+                on_sender=attach,
             )
         except BaseException:
+            for output in outputs:
+                output.close()
             track.stop()
             raise
-        spectator = Spectator(spectator_id, peer.pc, track, joined_at=now, last_heard=now)
+        spectator = Spectator(spectator_id, peer.pc, track, joined_at=now, last_heard=now,
+                              output=outputs[0] if outputs else None)
         self.spectators[spectator_id] = spectator
 
         @peer.pc.on("connectionstatechange")

@@ -20,7 +20,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 __all__ = ["ConfigError", "Settings", "load_config", "ServerSettings", "AuthSettings", "LimitsSettings",
-           "WorldModelSettings", "WebRTCSettings", "MediaSettings"]
+           "WorldModelSettings", "WebRTCSettings", "MediaSettings", "OrchestrationSettings"]
 
 
 class ConfigError(Exception):
@@ -207,10 +207,41 @@ class WebRTCSettings:
 
 @dataclass(frozen=True)
 class MediaSettings:
-    mode: Literal["encode-once", "per-spectator"] = "encode-once"
+    # encode-once: one encode per stream, packetized once, per spectator only header+SRTP+send.
+    # encode-once-sender / per-spectator: aiortc's RTCRtpSender per spectator (packetizing the
+    # shared packets, or encoding for itself) - kept so the benchmark compares designs in one run.
+    mode: Literal["encode-once", "encode-once-sender", "per-spectator"] = "encode-once"
     bitrate_kbps: int = option(2000, min=100, max=50000)
     keyframe_interval_seconds: float = option(2.0, min=0.1, max=60)
     spectator_queue_packets: int = option(32, min=2)
+
+
+def _blocked_words(key: str, value: Any) -> tuple[str, ...]:
+    # Matched as whole words (or phrases) against the prompt, so each needs a letter or digit to anchor on.
+    if not isinstance(value, (list, tuple)):
+        _fail(key, "an array of words", value)
+    words = []
+    for i, word in enumerate(value):
+        if not (isinstance(word, str) and any(c.isalnum() for c in word)):
+            _fail(f"{key}[{i}]", "a word with at least one letter or digit", word)
+        words.append(" ".join(word.split()))
+    return tuple(words)
+
+
+@dataclass(frozen=True)
+class OrchestrationSettings:
+    """Audience participation: the default mode and its knobs; the host changes them live per broadcast."""
+
+    mode: Literal["host", "queue", "vote", "turns"] = "host"
+    queue_interval_seconds: float = option(5.0, min=0.5, max=3600)
+    queue_max: int = option(50, min=1, max=1000)
+    vote_window_seconds: float = option(15.0, min=1, max=3600)
+    max_candidates: int = option(10, min=1, max=100)
+    turn_seconds: float = option(30.0, min=1, max=3600)
+    max_prompt_chars: int = option(200, min=1, max=2000)  # 2000: what the host's own interact accepts
+    blocked_words: tuple[str, ...] = option((), parse=_blocked_words)
+    cooldown_seconds: float = option(3.0, min=0, max=3600)  # 0: no cooldown
+    duplicate_window_seconds: float = option(30.0, min=0, max=86400)  # 0: duplicates allowed
 
 
 @dataclass(frozen=True)
@@ -221,6 +252,7 @@ class Settings:
     world_model: WorldModelSettings = field(default_factory=WorldModelSettings)
     webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
     media: MediaSettings = field(default_factory=MediaSettings)
+    orchestration: OrchestrationSettings = field(default_factory=OrchestrationSettings)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Settings:

@@ -102,6 +102,7 @@ class FanoutHub:
         self._last_out_pts = -1
         self._frame_duration = 3600
         self._need_rebase = True
+        self._sinks: list[Callable[[Media, bool], None]] = []
         self.published = 0
 
     @property
@@ -116,6 +117,14 @@ class FanoutHub:
 
     def unsubscribe(self, track: SpectatorTrack) -> None:
         self._tracks.discard(track)
+
+    def add_sink(self, sink: Callable[[Media, bool], None]) -> None:
+        """A reader that takes every published item synchronously (RTP fan-out, recorder)."""
+        self._sinks.append(sink)
+
+    def remove_sink(self, sink: Callable[[Media, bool], None]) -> None:
+        if sink in self._sinks:
+            self._sinks.remove(sink)
 
     def attach_source(self, keyframe_requester: Callable[[], None] | None, fps: int) -> None:
         """A new stream feeds the hub from now on; its first item must be a keyframe."""
@@ -147,6 +156,8 @@ class FanoutHub:
         item.time_base = VIDEO_TIME_BASE
         self._last_out_pts = item.pts
         self.published += 1
+        for sink in self._sinks:
+            sink(item, keyframe)
         for track in self._tracks:
             track.offer(item, keyframe)
 
@@ -154,4 +165,5 @@ class FanoutHub:
         for track in list(self._tracks):
             track.stop()
         self._tracks.clear()
+        self._sinks.clear()
         self._keyframe_requester = None

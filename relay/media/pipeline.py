@@ -49,7 +49,7 @@ class StreamPipeline:
         self._on_keyframe_forced = on_keyframe_forced
         self._encoder: H264Encoder | None = None
         self._executor: ThreadPoolExecutor | None = None
-        if mode == "encode-once":
+        if mode != "per-spectator":
             self._encoder = H264Encoder(width, height, fps, bitrate_kbps, keyframe_interval_seconds)
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="relay-encoder")
         self._force_keyframe = False

@@ -81,6 +81,7 @@ async def answer_spectator(
     *,
     on_keyframe_request: Callable[[], None] | None,
     on_heard: Callable[[], None],
+    on_sender: Callable[[RTCRtpSender], None] | None = None,
 ) -> SpectatorPeer:
     parse_offer(offer_sdp)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -91,6 +92,8 @@ async def answer_spectator(
         transceiver.setCodecPreferences(_h264_preferences())
         sender = transceiver.sender
         _hook_sender(sender, on_keyframe_request, on_heard)
+        if on_sender is not None:
+            on_sender(sender)
         await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         answer = await pc.createAnswer()
         await pc.setLocalDescription(answer)

@@ -80,5 +80,22 @@ async def test_spectator_leave_is_immediate(relay):
         async with Spectator(conn.broadcast["whep_url"], conn.broadcast["spectator_token"]) as viewer:
             await viewer.track.recv()
             assert len(broadcast.spectators) == 1
+            assert broadcast.fanout.outputs == 1  # the default path: packetized once, sent by the fan-out
+            assert broadcast.spectators[next(iter(broadcast.spectators))].output.packets_sent > 0
         assert len(broadcast.spectators) == 0
-        assert broadcast.hub.subscribers == 0
+        assert broadcast.hub.subscribers == 0 and broadcast.fanout.outputs == 0
+
+
+@pytest.mark.parametrize("mode", ["encode-once", "encode-once-sender", "per-spectator"])
+async def test_every_media_mode_delivers_across_streams(relay_factory, mode):
+    relay = await relay_factory(media={"mode": mode}, limits={"stream_max_seconds": 30})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        await conn.start_stream("a green forest")
+        b = conn.broadcast
+        async with Spectator(b["whep_url"], b["spectator_token"]) as viewer:
+            frames = await frames_for(viewer.track, 1.0)
+            assert len(frames) >= 18, f"{mode}: {len(frames)} frames in 1 s"
+            await conn.end_stream()
+            await conn.start_stream("a red desert")
+            frames = await frames_for(viewer.track, 1.5)
+            assert len(frames) >= 18, f"{mode}: {len(frames)} frames after the next stream began"

@@ -1,0 +1,205 @@
+"""Packetize once, send to many: the relay's default per-spectator media path.
+
+aiortc's RTCRtpSender, even when handed a ready-made packet, repacketizes it, builds RTP
+objects, stamps an NTP clock per packet and awaits three coroutines per datagram: about
+1.5% of a core per spectator (DESIGN.md). Here each encoded frame is split into RTP payloads
+once per stream; then, per spectator, only the 12-byte header (its SSRC, sequence, timestamp,
+marker) is written, SRTP-protected and sent, in one synchronous loop over spectators.
+
+aiortc still owns everything else for each spectator: SDP, ICE, DTLS, the SRTP keys, and
+RTCP. We hook its sender so that NACKs are served from the shared packet history, PLI/FIR
+reach the shared encoder, and its sender reports carry our counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+from typing import Callable
+
+import av
+from aiortc.clock import current_ntp_time
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.codecs.h264 import H264Encoder as AiortcH264
+from aiortc.rtcdtlstransport import State as DtlsState
+from aiortc.rtcrtpsender import RTCRtpSender
+
+log = logging.getLogger(__name__)
+
+HISTORY = 1024  # packets kept for NACKs (~4 s at 2 Mbps); divides 2**16 so slots map cleanly
+WRITE_BUFFER_LIMIT = 256 * 1024  # a spectator whose socket backs up this far restarts at a keyframe
+_HEADER = struct.Struct("!BBHII")
+
+
+class RtpOutput:
+    """One spectator's sending state: SSRC, payload type, sequence continuity, SRTP session."""
+
+    def __init__(self, fanout: "RtpFanout", sender: RTCRtpSender) -> None:
+        self._fanout = fanout
+        self._sender = sender
+        self._dtls = sender.transport
+        self._ice = sender.transport.transport._connection
+        self.ssrc = sender._ssrc
+        self.payload_type: int | None = None  # known once the answer is applied
+        self._seq_offset = int.from_bytes(os.urandom(2), "big")
+        self._ts_origin = int.from_bytes(os.urandom(4), "big")
+        self._next_seq_index: int | None = None
+        self._waiting_for_keyframe = True
+        self._was_ready = False
+        self.packets_sent = 0
+        self.bytes_sent = 0
+        self.closed = False
+
+    def configure(self, payload_type: int) -> None:
+        self.payload_type = payload_type
+
+    def _path(self):
+        """(srtp, udp transport, address) when this spectator can receive, else None."""
+        if self.payload_type is None or self._dtls._state != DtlsState.CONNECTED:
+            return None
+        pair = self._ice._nominated.get(1)
+        if pair is None or pair.protocol.transport is None:
+            return None
+        return self._dtls._tx_srtp, pair.protocol.transport, pair.remote_addr
+
+    def send_frame(self, first_index: int, payloads: list[bytes], timestamp: int, keyframe: bool, ntp: int) -> None:
+        path = self._path()
+        if path is None:
+            return
+        if not self._was_ready:
+            self._was_ready = True
+            self._fanout.request_keyframe()  # DTLS just came up: start this spectator cleanly
+        srtp, transport, addr = path
+        if self._waiting_for_keyframe:
+            if not keyframe:
+                return
+            self._waiting_for_keyframe = False
+            if self._next_seq_index is not None:
+                # Frames were skipped for this spectator: keep its sequence numbers gapless so
+                # it does not NACK packets it was never meant to get.
+                self._seq_offset = self._next_seq_index - first_index
+        elif transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            self._waiting_for_keyframe = True  # the kernel cannot take more: skip to a keyframe
+            self._next_seq_index = first_index + self._seq_offset
+            self._fanout.request_keyframe()
+            return
+        pt = self.payload_type
+        ssrc = self.ssrc
+        rtp_ts = (timestamp + self._ts_origin) & 0xFFFFFFFF
+        seq = first_index + self._seq_offset
+        last = len(payloads) - 1
+        protect = srtp.protect
+        sendto = transport.sendto
+        size = 0
+        for i, payload in enumerate(payloads):
+            header = _HEADER.pack(0x80, pt | 0x80 if i == last else pt, (seq + i) & 0xFFFF, rtp_ts, ssrc)
+            sendto(protect(header + payload), addr)
+            size += len(payload)
+        self._next_seq_index = seq + len(payloads)
+        self.packets_sent += len(payloads)
+        self.bytes_sent += size
+        # aiortc's own RTCP loop sends the sender reports; give it our clock and counters.
+        sender = self._sender
+        sender._RTCRtpSender__ntp_timestamp = ntp
+        sender._RTCRtpSender__rtp_timestamp = rtp_ts
+        sender._RTCRtpSender__packet_count = self.packets_sent
+        sender._RTCRtpSender__octet_count = self.bytes_sent
+
+    async def retransmit(self, sequence_number: int) -> None:
+        """A NACK: resend that packet from the shared history, if it is still there."""
+        path = self._path()
+        entry = self._fanout.lookup((sequence_number - self._seq_offset) & 0xFFFF)
+        if path is None or entry is None or self.payload_type is None:
+            return
+        srtp, transport, addr = path
+        marker, timestamp, payload = entry
+        pt = self.payload_type | 0x80 if marker else self.payload_type
+        header = _HEADER.pack(0x80, pt, sequence_number, (timestamp + self._ts_origin) & 0xFFFFFFFF, self.ssrc)
+        transport.sendto(srtp.protect(header + payload), addr)
+
+    def close(self) -> None:
+        self.closed = True
+        self._fanout.remove(self)
+
+
+class RtpFanout:
+    """One per broadcast: the shared packetizer, packet history and the set of outputs."""
+
+    def __init__(self, request_keyframe: Callable[[], None]) -> None:
+        self._packer = AiortcH264()  # only its pack(): Annex B split + FU-A/STAP-A, no encoder
+        self._outputs: set[RtpOutput] = set()
+        self._history: list[tuple[int, bool, int, bytes] | None] = [None] * HISTORY
+        self._index = 0
+        self.request_keyframe = request_keyframe
+        self.frames = 0
+
+    def add(self, sender: RTCRtpSender) -> RtpOutput:
+        output = RtpOutput(self, sender)
+        self._outputs.add(output)
+        return output
+
+    def remove(self, output: RtpOutput) -> None:
+        self._outputs.discard(output)
+
+    @property
+    def outputs(self) -> int:
+        return len(self._outputs)
+
+    def lookup(self, index16: int) -> tuple[bool, int, bytes] | None:
+        entry = self._history[index16 % HISTORY]
+        if entry is None or entry[0] & 0xFFFF != index16:
+            return None
+        return entry[1], entry[2], entry[3]
+
+    def publish(self, packet: av.Packet, keyframe: bool) -> None:
+        payloads, timestamp = self._packer.pack(packet)
+        if not payloads:
+            return
+        first = self._index
+        last = len(payloads) - 1
+        history = self._history
+        for i, payload in enumerate(payloads):
+            history[(first + i) % HISTORY] = (first + i, i == last, timestamp, payload)
+        self._index += len(payloads)
+        self.frames += 1
+        if not self._outputs:
+            return
+        ntp = current_ntp_time()  # once per frame, not once per packet per spectator
+        for output in self._outputs:
+            try:
+                output.send_frame(first, payloads, timestamp, keyframe, ntp)
+            except Exception:  # one broken spectator must not stop the others
+                log.exception("sending to a spectator failed")
+
+
+def hook_output(sender: RTCRtpSender, output: RtpOutput) -> None:
+    """Route the sender's negotiated payload type and its NACKs to our output."""
+    start = sender.send
+
+    async def send(parameters) -> None:
+        output.configure(parameters.codecs[0].payloadType)
+        await start(parameters)
+
+    sender.send = send  # type: ignore[method-assign]
+    sender._retransmit = output.retransmit  # type: ignore[method-assign]
+
+
+class IdleVideoTrack(MediaStreamTrack):
+    """The track aiortc's sender holds while RtpFanout does the sending: it never yields, so
+    the sender's own RTP loop sleeps (and aiortc still signals a video source in the SDP)."""
+
+    kind = "video"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stopped = asyncio.Event()
+
+    async def recv(self):
+        await self._stopped.wait()
+        raise MediaStreamError
+
+    def stop(self) -> None:
+        super().stop()
+        self._stopped.set()
