@@ -87,7 +87,7 @@ class Broadcast:
         # each spectator's aiortc sender a track from the hub instead (for comparison).
         self.fanout: RtpFanout | None = None
         if mode == "encode-once":
-            self.fanout = RtpFanout(self.hub.request_keyframe)
+            self.fanout = RtpFanout(self.hub.request_keyframe, on_sent=metrics.count_sent)
             self.hub.add_sink(self.fanout.publish)
         self.spectators: dict[str, Spectator] = {}
         self._channels: set[EventChannel] = set()
@@ -137,6 +137,7 @@ class Broadcast:
             keyframe_interval_seconds=media.keyframe_interval_seconds,
             on_frame=metrics.FRAMES_GENERATED.inc,
             on_keyframe_forced=metrics.KEYFRAMES_FORCED.inc,
+            on_latency=metrics.RELAY_LATENCY.observe,
             clock=self._clock.monotonic,
         )
         self._pipeline = pipeline

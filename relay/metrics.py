@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 REGISTRY = CollectorRegistry()
 
@@ -14,8 +14,19 @@ FRAMES_GENERATED = Counter("relay_frames_generated", "Frames received from world
 KEYFRAMES_FORCED = Counter(
     "relay_keyframes_forced", "Keyframes forced by joins and PLI/FIR (after coalescing)", registry=REGISTRY
 )
-PACKETS_SENT = Counter("relay_media_packets_sent", "Encoded frames handed to spectators", registry=REGISTRY)
-BYTES_SENT = Counter("relay_media_bytes_sent", "Encoded bytes handed to spectators", registry=REGISTRY)
+RELAY_LATENCY = Histogram(
+    "relay_frame_latency_seconds",
+    "From a frame leaving the world model to its last RTP packet sent to the last spectator",
+    buckets=(0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.2, 0.5),
+    registry=REGISTRY,
+)
+PACKETS_SENT = Counter("relay_rtp_packets_sent", "RTP packets sent to spectators (encode-once mode)", registry=REGISTRY)
+BYTES_SENT = Counter("relay_rtp_bytes_sent", "RTP payload bytes sent to spectators (encode-once mode)", registry=REGISTRY)
+
+
+def count_sent(packets: int, size: int) -> None:
+    PACKETS_SENT.inc(packets)
+    BYTES_SENT.inc(size)
 
 
 def render() -> bytes:

@@ -38,6 +38,7 @@ class StreamPipeline:
         keyframe_interval_seconds: float = 2.0,
         on_frame: Callable[[], None] | None = None,
         on_keyframe_forced: Callable[[], None] | None = None,
+        on_latency: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._source = source
@@ -47,6 +48,7 @@ class StreamPipeline:
         self._clock = clock
         self._on_frame = on_frame
         self._on_keyframe_forced = on_keyframe_forced
+        self._on_latency = on_latency
         self._encoder: H264Encoder | None = None
         self._executor: ThreadPoolExecutor | None = None
         if mode != "per-spectator":
@@ -84,6 +86,7 @@ class StreamPipeline:
         try:
             while True:
                 frame = await self._source.recv()
+                received = time.perf_counter()
                 self.frames += 1
                 if self._on_frame:
                     self._on_frame()
@@ -95,6 +98,9 @@ class StreamPipeline:
                 )
                 for packet in packets:
                     self._hub.publish(packet, keyframe=packet.is_keyframe)
+                if self._on_latency is not None and packets:
+                    # Encode plus the synchronous fan-out: what the relay adds to each frame.
+                    self._on_latency(time.perf_counter() - received)
         except MediaStreamError:
             # The source ended by itself: if we did not ask for it, the upstream failed.
             self.failed = self.failed or MediaStreamError("world-model track ended")

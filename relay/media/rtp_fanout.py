@@ -127,7 +127,10 @@ class RtpOutput:
 class RtpFanout:
     """One per broadcast: the shared packetizer, packet history and the set of outputs."""
 
-    def __init__(self, request_keyframe: Callable[[], None]) -> None:
+    def __init__(
+        self, request_keyframe: Callable[[], None], on_sent: Callable[[int, int], None] | None = None
+    ) -> None:
+        self._on_sent = on_sent
         self._packer = AiortcH264()  # only its pack(): Annex B split + FU-A/STAP-A, no encoder
         self._outputs: set[RtpOutput] = set()
         self._history: list[tuple[int, bool, int, bytes] | None] = [None] * HISTORY
@@ -167,11 +170,16 @@ class RtpFanout:
         if not self._outputs:
             return
         ntp = current_ntp_time()  # once per frame, not once per packet per spectator
+        sent = 0
         for output in self._outputs:
+            before = output.packets_sent
             try:
                 output.send_frame(first, payloads, timestamp, keyframe, ntp)
             except Exception:  # one broken spectator must not stop the others
                 log.exception("sending to a spectator failed")
+            sent += output.packets_sent - before
+        if self._on_sent is not None and sent:
+            self._on_sent(sent, sent * sum(map(len, payloads)) // len(payloads))
 
 
 def hook_output(sender: RTCRtpSender, output: RtpOutput) -> None:
