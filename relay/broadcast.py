@@ -13,7 +13,8 @@ import logging
 import secrets
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+import time
+from typing import Any, Awaitable, Callable
 
 from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamTrack
@@ -21,15 +22,17 @@ from aiortc.mediastreams import MediaStreamTrack
 from . import metrics
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
-from .errors import RelayError, not_found
+from .errors import RelayError, invalid_request, not_found
 from .media.hub import FanoutHub
 from .media.pipeline import StreamPipeline
 from .media.rtp_fanout import IdleVideoTrack, RtpFanout, RtpOutput, hook_output
 from .media.webrtc import add_trickled_candidates, answer_spectator
+from .orchestration import Forward, Orchestrator
 
 log = logging.getLogger(__name__)
 
 EVENT_QUEUE_MAX = 256
+STATE_PUSH_INTERVAL = 0.25  # orchestration state reaches participants a few times a second at most
 
 
 @dataclass
@@ -96,6 +99,14 @@ class Broadcast:
         self.prompt: str | None = None
         self.peak_spectators = 0
         self._viewers_sent = -1
+        self.orchestrator = Orchestrator(settings.orchestration, clock)
+        # Joiners get the state in their hello; pushes carry changes only.
+        self._state_sent = (self.orchestrator.version, self.orchestrator.host_version)
+        self._state_pushed_at = -1e9
+        # Set by the session that owns this broadcast: where accepted audience inputs go
+        # (the stream's interact) and where host-only events go (the control socket).
+        self.forward_input: Callable[[Forward], Awaitable[None]] | None = None
+        self.host_event: Callable[[dict[str, Any]], None] | None = None
         self.closed = False
 
     @property
@@ -108,7 +119,7 @@ class Broadcast:
 
     @property
     def orchestration(self) -> dict[str, Any]:
-        return {"mode": "host"}
+        return self.orchestrator.state()
 
     def state(self) -> dict[str, Any]:
         return {
@@ -161,7 +172,7 @@ class Broadcast:
 
     def prompt_applied(self, prompt: str, source: str, participant_id: str | None = None) -> None:
         self.prompt = prompt
-        event = {"type": "prompt_applied", "prompt": prompt, "source": source, "mode": self.orchestration["mode"]}
+        event = {"type": "prompt_applied", "prompt": prompt, "source": source, "mode": self.orchestrator.mode}
         if participant_id is not None:
             event["participant_id"] = participant_id
         self.emit(event)
@@ -250,24 +261,53 @@ class Broadcast:
     def open_channel(self) -> EventChannel:
         channel = EventChannel()
         self._channels.add(channel)
+        self.orchestrator.participant_joined(channel.participant_id)
         return channel
 
     def close_channel(self, channel: EventChannel) -> None:
-        self._channels.discard(channel)
+        if channel in self._channels:
+            self._channels.discard(channel)
+            self.orchestrator.participant_left(channel.participant_id)
 
-    def participant_message(self, channel: EventChannel, message: dict[str, Any]) -> dict[str, Any] | None:
+    async def participant_message(self, channel: EventChannel, message: dict[str, Any]) -> dict[str, Any] | None:
         """A message from a participant; returns the direct reply, if any."""
+        pid = channel.participant_id
         kind = message.get("type")
+        orchestrator = self.orchestrator
         if kind == "hello":
             name = message.get("name")
-            if isinstance(name, str):
-                channel.name = name.strip()[:40] or None
+            orchestrator.participant_joined(pid, name if isinstance(name, str) else None)
             return None
         if kind == "input":
-            # Only the host prompts until audience orchestration modes exist.
-            return {"type": "input_result", "status": "rejected", "reason": "host_only"}
+            result = orchestrator.submit(pid, message.get("prompt"))
+            if result.forward is not None:  # turns: the holder's input goes straight through
+                await self._forward(result.forward)
+            return result.as_event()
+        if kind == "vote":
+            return orchestrator.vote(pid, message.get("candidate_id")).as_event("vote_result")
+        if kind == "raise_hand":
+            return orchestrator.raise_hand(pid).as_event("turn_result")
+        if kind == "release_turn":
+            return orchestrator.release_turn(pid).as_event("turn_result")
         return {"type": "error", "code": "INVALID_REQUEST", "fatal": False,
-                "message": f"{kind!r} is not accepted in orchestration mode 'host'."}
+                "message": f"Unknown message type {kind!r}."}
+
+    def configure_orchestration(self, body: dict[str, Any]) -> None:
+        """The host's `{mode?, ...settings}` (REST body or control message), validated by the orchestrator."""
+        settings = {k: v for k, v in body.items() if k != "type"}
+        mode = settings.pop("mode", None)
+        if mode is not None and not isinstance(mode, str):
+            raise invalid_request("'mode' must be a string.", field="mode")
+        self.orchestrator.configure(mode, **settings)
+
+    async def _forward(self, forward: Forward) -> None:
+        if self.forward_input is None or not self.live:
+            log.info("audience input dropped: no live stream", extra={"broadcast_id": self.broadcast_id})
+            return
+        try:
+            await self.forward_input(forward)
+        except Exception:
+            log.exception("forwarding an audience input failed", extra={"broadcast_id": self.broadcast_id})
 
     def emit(self, event: dict[str, Any]) -> None:
         for channel in self._channels:
@@ -286,6 +326,23 @@ class Broadcast:
         if len(self.spectators) != self._viewers_sent:
             self._viewers_sent = len(self.spectators)
             self.emit({"type": "viewers", "count": self._viewers_sent})
+        if self.live:  # while nothing is live, inputs wait (a queue holds, a window's winner keeps)
+            for forward in self.orchestrator.tick():
+                await self._forward(forward)
+        self._push_orchestration_state()
+
+    def _push_orchestration_state(self) -> None:
+        """Coalesced: at most one push per STATE_PUSH_INTERVAL, only when something changed."""
+        versions = (self.orchestrator.version, self.orchestrator.host_version)
+        now = time.monotonic()
+        if versions == self._state_sent or now - self._state_pushed_at < STATE_PUSH_INTERVAL:
+            return
+        public_changed = versions[0] != self._state_sent[0]
+        self._state_sent, self._state_pushed_at = versions, now
+        if public_changed:
+            self.emit({"type": "orchestration", **self.orchestrator.state()})
+        if self.host_event is not None:
+            self.host_event({"type": "orchestration", **self.orchestrator.state(host=True)})
 
     async def close(self) -> None:
         if self.closed:

@@ -216,6 +216,8 @@ class SessionManager:
             client_token_deadline=now + self._limits.client_token_seconds,
             last_seen=now,
         )
+        conn.broadcast.forward_input = lambda forward: self._forward_input(conn, forward)
+        conn.broadcast.host_event = conn.publish
         self.connections[connection_id] = conn
         self.broadcasts[conn.broadcast.broadcast_id] = conn.broadcast
         self._by_client_token[conn.client_token] = conn
@@ -333,7 +335,8 @@ class SessionManager:
         log.info("stream started", extra={"connection_id": conn.connection_id, "stream_id": stream.stream_id})
         return stream
 
-    async def interact(self, stream: Stream, prompt: Any) -> str:
+    async def interact(self, stream: Stream, prompt: Any, participant_id: str | None = None) -> str:
+        """Send a prompt to the model: the host's own, or an audience input the orchestrator let through."""
         prompt = check_prompt(prompt)
         if not stream.live:
             raise no_active_stream(stream.stream_id)
@@ -345,9 +348,20 @@ class SessionManager:
             raise RelayError("UPSTREAM_ERROR", 502, f"The world model did not take the prompt: {exc}",
                              action="Retry, or start a new stream.") from exc
         stream.last_applied_prompt = acknowledged
-        stream.connection.broadcast.prompt_applied(acknowledged, "host")
-        stream.connection.publish({"type": "interact_acknowledged", "prompt": acknowledged})
+        broadcast = stream.connection.broadcast
+        if participant_id is None:
+            broadcast.prompt_applied(acknowledged, "host")
+            stream.connection.publish({"type": "interact_acknowledged", "prompt": acknowledged})
+        else:
+            broadcast.prompt_applied(acknowledged, "participant", participant_id)
+            stream.connection.publish({"type": "input_forwarded", "prompt": acknowledged,
+                                       "participant_id": participant_id, "mode": broadcast.orchestrator.mode})
         return acknowledged
+
+    async def _forward_input(self, conn: Connection, forward) -> None:
+        stream = conn.stream
+        if stream is not None and stream.live:
+            await self.interact(stream, forward.prompt, participant_id=forward.participant_id)
 
     async def end_stream(self, stream: Stream, reason: str = "ended") -> None:
         if not stream.live:

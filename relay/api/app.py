@@ -13,7 +13,7 @@ from ..errors import RelayError, too_large
 from ..media.webrtc import restrict_ice_host_addresses
 from ..sessions import SessionManager
 from ..worldmodel.base import WorldModel
-from . import broadcasts, connections, ops, pages
+from . import broadcasts, connections, ops, orchestration, pages
 from .common import API_KEYS, SESSIONS, SETTINGS
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def create_app(settings: Settings, world_model: WorldModel | None = None, *, rea
     app[WORLD_MODEL] = world_model
     app[SESSIONS] = SessionManager(settings, world_model)
 
-    for module in (connections, broadcasts, ops, pages):
+    for module in (connections, broadcasts, orchestration, ops, pages):
         app.router.add_routes(module.routes)
     pages.add_static(app)
     app.cleanup_ctx.append(_lifecycle(reaper_interval))

@@ -107,7 +107,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
                 await ws.send_json({"type": "error", "code": "INVALID_REQUEST",
                                     "message": "Events messages are JSON objects.", "fatal": False})
                 continue
-            reply = broadcast.participant_message(channel, message)
+            reply = await broadcast.participant_message(channel, message)
             if reply is not None:
                 await ws.send_json(reply)
     finally:

@@ -160,6 +160,22 @@ async def end_stream(request: web.Request) -> web.Response:
 
 # -- the control socket ---------------------------------------------------------------------
 
+def _participant(message: dict[str, Any]) -> str:
+    pid = message.get("participant_id")
+    if not isinstance(pid, str):
+        raise invalid_request("'participant_id' is required.", field="participant_id")
+    return pid
+
+
+# The host's orchestration actions, as control-socket messages (same rules as the REST calls).
+HOST_ORCHESTRATION = {
+    "orchestration": lambda b, m: b.configure_orchestration(m),
+    "block": lambda b, m: b.orchestrator.block(_participant(m)),
+    "unblock": lambda b, m: b.orchestrator.unblock(_participant(m)),
+    "grant_turn": lambda b, m: b.orchestrator.grant_turn(_participant(m)),
+    "revoke_turn": lambda b, m: b.orchestrator.revoke_turn(),
+}
+
 
 @routes.get("/v1/connections/{connection_id}/control")
 async def control(request: web.Request) -> web.WebSocketResponse:
@@ -172,7 +188,8 @@ async def control(request: web.Request) -> web.WebSocketResponse:
     sender = asyncio.create_task(_send_events(ws, outbox), name="relay-control-send")
     try:
         await ws.send_json({"type": "connected", "connection_id": conn.connection_id,
-                            "broadcast": broadcast_info(request, conn)})
+                            "broadcast": broadcast_info(request, conn),
+                            "orchestration": conn.broadcast.orchestrator.state(host=True)})
         if conn.stream is not None and conn.stream.live:
             await ws.send_json({"type": "stream_started", "stream_id": conn.stream.stream_id,
                                 "prompt": conn.stream.prompt,
@@ -229,6 +246,9 @@ async def _handle_control_message(request: web.Request, conn: Connection, data: 
             if conn.stream is None or not conn.stream.live:
                 raise RelayError("NO_ACTIVE_STREAM", 409, "No stream is live.", action="Start a stream first.")
             await sessions.end_stream(conn.stream, "ended")
+        elif kind in HOST_ORCHESTRATION:
+            HOST_ORCHESTRATION[kind](conn.broadcast, message)
+            conn.publish({"type": "orchestration", **conn.broadcast.orchestrator.state(host=True)})
         else:
             raise invalid_request(f"Unknown control message type {kind!r}.", type=kind)
     except RelayError as err:

@@ -126,7 +126,7 @@ def test_odd_width():
 
 def test_bad_enum():
     assert error_for({"media": {"mode": "sfu"}}) == \
-        'media.mode: expected one of "encode-once", "per-spectator", got "sfu"'
+        'media.mode: expected one of "encode-once", "encode-once-sender", "per-spectator", got "sfu"'
     assert error_for({"world_model": {"kind": "magic"}}).startswith('world_model.kind: expected one of "synthetic"')
     assert error_for({"server": {"log_level": "loud"}}).startswith("server.log_level: expected one of")
 
@@ -218,3 +218,37 @@ def test_relay_api_key_is_appended_once():
 def test_environ_defaults_to_os_environ(monkeypatch):
     monkeypatch.setenv("RELAY_API_KEY", "from-os")
     assert load_config().auth.api_keys == ("from-os",)
+
+
+# ------------------------------------------------------------------------------------- orchestration
+
+def test_orchestration_defaults():
+    o = Settings().orchestration
+    assert dataclasses.asdict(o) == {
+        "mode": "host", "queue_interval_seconds": 5.0, "queue_max": 50, "vote_window_seconds": 15.0,
+        "max_candidates": 10, "turn_seconds": 30.0, "max_prompt_chars": 200, "blocked_words": (),
+        "cooldown_seconds": 3.0, "duplicate_window_seconds": 30.0,
+    }
+
+
+def test_orchestration_blocked_words_are_trimmed_to_single_spaces():
+    s = Settings.from_dict({"orchestration": {"mode": "vote", "blocked_words": ["  darn ", "big\t bad"]}})
+    assert (s.orchestration.mode, s.orchestration.blocked_words) == ("vote", ("darn", "big bad"))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("mode", "chaos", 'expected one of "host", "queue", "vote", "turns", got "chaos"'),
+    ("queue_max", 0, "expected an integer from 1 to 1000, got 0"),
+    ("queue_interval_seconds", 0.1, "expected a number from 0.5 to 3600, got 0.1"),
+    ("max_prompt_chars", 2001, "expected an integer from 1 to 2000, got 2001"),
+    ("cooldown_seconds", -1.5, "expected a number from 0 to 3600, got -1.5"),
+    ("blocked_words", "darn", 'expected an array of words, got "darn"'),
+])
+def test_orchestration_out_of_range(key, value, message):
+    assert error_for({"orchestration": {key: value}}) == f"orchestration.{key}: {message}"
+
+
+def test_orchestration_blocked_word_needs_a_letter_or_digit():
+    assert error_for({"orchestration": {"blocked_words": ["ok", " * "]}}) == \
+        'orchestration.blocked_words[1]: expected a word with at least one letter or digit, got " * "'
+    assert error_for({"orchestration": {"blocked_words": [3]}}).startswith("orchestration.blocked_words[0]: ")

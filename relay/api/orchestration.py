@@ -1,0 +1,76 @@
+"""Orchestration API: the host switches audience modes live, blocks participants, hands turns."""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+
+from ..broadcast import Broadcast
+from ..errors import forbidden, invalid_request
+from .common import SESSIONS, json_response, read_json, token_of
+from .connections import authorize_connection
+
+routes = web.RouteTableDef()
+
+
+def _is_spectator(request: web.Request, broadcast: Broadcast) -> bool:
+    token = token_of(request)
+    return bool(token) and hmac.compare_digest(token.encode(), broadcast.spectator_token.encode())
+
+
+def host_broadcast(request: web.Request) -> Broadcast:
+    broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
+    if _is_spectator(request, broadcast):
+        raise forbidden("Only the host can change how the audience takes part.")
+    authorize_connection(request, broadcast.connection_id)
+    return broadcast
+
+
+@routes.get("/v1/broadcasts/{broadcast_id}/orchestration")
+async def get_orchestration(request: web.Request) -> web.Response:
+    broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
+    if _is_spectator(request, broadcast):
+        return json_response(broadcast.orchestrator.state())
+    authorize_connection(request, broadcast.connection_id)
+    return json_response(broadcast.orchestrator.state(host=True))
+
+
+@routes.put("/v1/broadcasts/{broadcast_id}/orchestration")
+async def put_orchestration(request: web.Request) -> web.Response:
+    broadcast = host_broadcast(request)
+    broadcast.configure_orchestration(await read_json(request))
+    return json_response(broadcast.orchestrator.state(host=True))
+
+
+@routes.post("/v1/broadcasts/{broadcast_id}/participants/{participant_id}/block")
+async def block(request: web.Request) -> web.Response:
+    broadcast = host_broadcast(request)
+    participant_id = request.match_info["participant_id"]
+    broadcast.orchestrator.block(participant_id)
+    return json_response({"participant_id": participant_id, "blocked": True})
+
+
+@routes.delete("/v1/broadcasts/{broadcast_id}/participants/{participant_id}/block")
+async def unblock(request: web.Request) -> web.Response:
+    broadcast = host_broadcast(request)
+    participant_id = request.match_info["participant_id"]
+    broadcast.orchestrator.unblock(participant_id)
+    return json_response({"participant_id": participant_id, "blocked": False})
+
+
+@routes.post("/v1/broadcasts/{broadcast_id}/turn")
+async def grant_turn(request: web.Request) -> web.Response:
+    broadcast = host_broadcast(request)
+    participant_id = (await read_json(request)).get("participant_id")
+    if not isinstance(participant_id, str):
+        raise invalid_request("'participant_id' is required.", field="participant_id")
+    broadcast.orchestrator.grant_turn(participant_id)
+    return json_response(broadcast.orchestrator.state(host=True)["turn"])
+
+
+@routes.delete("/v1/broadcasts/{broadcast_id}/turn")
+async def revoke_turn(request: web.Request) -> web.Response:
+    broadcast = host_broadcast(request)
+    broadcast.orchestrator.revoke_turn()
+    return json_response(broadcast.orchestrator.state(host=True)["turn"])

@@ -1,0 +1,108 @@
+"""Moderation: the checks every participant input passes before any policy sees it.
+
+Content checks (empty, too long, blocked words) cost nothing to the participant; only an accepted input
+starts their cooldown. Duplicates are judged on a normalized key (Unicode NFKC, case-folded, invisible
+format characters dropped, whitespace collapsed), the same key the vote policy merges candidates on.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from ..clock import Clock
+from ..config import OrchestrationSettings
+
+# Forwarded prompts remembered for duplicate suppression; a few per second at most are forwarded, so
+# this only bites if the window is very long, and then forgets the oldest first.
+RECENT_MAX = 1000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
+
+
+def clean(prompt: str) -> str:
+    """The prompt as forwarded: control characters and runs of whitespace become one space, ends trimmed."""
+    return " ".join(_CONTROL.sub(" ", prompt).split())
+
+
+def normalize(text: str) -> str:
+    """The key two prompts are 'the same' on: 'Add a  DRAGON' == 'add a dragon'; zero-width tricks undone."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = "".join(c for c in text if unicodedata.category(c) != "Cf")
+    return " ".join(text.split())
+
+
+def blocked_words_pattern(words: Iterable[str]) -> re.Pattern[str] | None:
+    """One regex matching any of the words or phrases as whole words in a normalized text.
+
+    `\\w` is Unicode-aware, so 'ass' does not match inside 'class' nor 'été' inside 'étés'.
+    """
+    keys = sorted({normalize(w) for w in words} - {""}, key=len, reverse=True)
+    if not keys:
+        return None
+    return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(k) for k in keys) + r")(?!\w)")
+
+
+class Moderator:
+    """Per-broadcast moderation state: cooldowns and recently forwarded prompts; blocking is the facade's."""
+
+    def __init__(self, clock: Clock, settings: OrchestrationSettings) -> None:
+        self._clock = clock
+        self._last_accepted: dict[str, float] = {}
+        self._recent: OrderedDict[str, float] = OrderedDict()  # normalized prompt -> forwarded at
+        self.settings = settings
+
+    @property
+    def settings(self) -> OrchestrationSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: OrchestrationSettings) -> None:
+        self._settings = settings
+        self._blocked = blocked_words_pattern(settings.blocked_words)
+
+    def too_long_raw(self, prompt: str) -> bool:
+        """Far too long even before cleaning: refused without looking (a megabyte of spaces costs nothing)."""
+        return len(prompt) > 4 * self._settings.max_prompt_chars + 64
+
+    def check_content(self, prompt: str) -> str | None:
+        """The rejection reason for this (cleaned) prompt's content, or None."""
+        if not prompt:
+            return "empty"
+        if len(prompt) > self._settings.max_prompt_chars:
+            return "too_long"
+        if self._blocked is not None and self._blocked.search(normalize(prompt)):
+            return "blocked_word"
+        return None
+
+    def cooldown_left(self, participant_id: str) -> float:
+        last = self._last_accepted.get(participant_id)
+        if last is None:
+            return 0.0
+        return max(0.0, last + self._settings.cooldown_seconds - self._clock.monotonic())
+
+    def is_duplicate(self, key: str) -> bool:
+        """Whether a prompt with this normalized key was forwarded within the duplicate window."""
+        self._forget_old()
+        return key in self._recent
+
+    def accepted(self, participant_id: str) -> None:
+        self._last_accepted[participant_id] = self._clock.monotonic()
+
+    def forwarded(self, key: str) -> None:
+        self._recent.pop(key, None)
+        self._recent[key] = self._clock.monotonic()
+        while len(self._recent) > RECENT_MAX:
+            self._recent.popitem(last=False)
+
+    def forget(self, participant_id: str) -> None:
+        self._last_accepted.pop(participant_id, None)
+
+    def _forget_old(self) -> None:
+        horizon = self._clock.monotonic() - self._settings.duplicate_window_seconds
+        while self._recent:
+            key, at = next(iter(self._recent.items()))
+            if at > horizon:
+                break
+            del self._recent[key]

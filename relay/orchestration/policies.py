@@ -1,0 +1,119 @@
+"""What the policies share, and the simplest of them (host).
+
+A policy is a plain object driven by method calls and an injected clock; it owns no timer. The facade
+(`Orchestrator`) runs moderation first, then hands the policy an input that is clean, short enough,
+free of blocked words, out of cooldown and not a recent duplicate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..clock import Clock
+from ..config import OrchestrationSettings
+
+
+@dataclass(frozen=True)
+class Forward:
+    """An input to send to the world model now (through the stream's interact)."""
+
+    prompt: str
+    participant_id: str
+    mode: str
+
+
+@dataclass(frozen=True)
+class InputResult:
+    """The answer to a participant's action.
+
+    status: for `input`: "queued" | "candidate" | "forwarded" | "rejected"; for the other actions
+    "voted", "raised", "released" or "rejected". `reason` is set exactly when rejected.
+    `forward` is set when the input went straight through (turns): send it to the model at once.
+    """
+
+    status: str
+    reason: str | None = None
+    candidate_id: str | None = None
+    retry_after: float | None = None  # seconds, for "cooldown"
+    forward: Forward | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "rejected"
+
+    def as_event(self, type: str = "input_result") -> dict[str, Any]:
+        event: dict[str, Any] = {"type": type, "status": self.status}
+        if self.reason is not None:
+            event["reason"] = self.reason
+        if self.candidate_id is not None:
+            event["candidate_id"] = self.candidate_id
+        if self.retry_after is not None:
+            event["retry_after"] = round(self.retry_after, 1)
+        return event
+
+
+def rejected(reason: str, **extra: Any) -> InputResult:
+    return InputResult("rejected", reason, **extra)
+
+
+NameOf = Callable[[str], "str | None"]
+
+
+def person(participant_id: str, name_of: NameOf) -> dict[str, Any]:
+    return {"participant_id": participant_id, "name": name_of(participant_id)}
+
+
+class Policy:
+    """The base: accepts nothing, forwards nothing, shows nothing."""
+
+    mode: ClassVar[str]
+
+    def __init__(self, clock: Clock, settings: OrchestrationSettings, changed: Callable[[], None]) -> None:
+        self.clock = clock
+        self.settings = settings  # replaced by the facade when the host changes settings
+        self._changed = changed  # call whenever state() would change
+
+    def gate(self, participant_id: str) -> str | None:
+        """A rejection reason that does not depend on the prompt (checked before moderation)."""
+        return None
+
+    def submit(self, participant_id: str, prompt: str, key: str) -> InputResult:
+        """A moderated input (`key` is its normalized form)."""
+        return rejected("host_only")
+
+    def mentions(self, participant_id: str) -> bool:
+        """Whether state() shows this participant (so a new display name changes it)."""
+        return False
+
+    def is_pending(self, key: str) -> bool:
+        """Whether an identical input already waits here (duplicate suppression)."""
+        return False
+
+    def settle(self) -> list[Forward]:
+        """Act on deadlines that have passed (a window or a turn ending); run before every action."""
+        return []
+
+    def tick(self) -> list[Forward]:
+        """What is due now; only the periodic tick calls it (a queue forwards on its own rhythm)."""
+        return self.settle()
+
+    def reset(self) -> None:
+        """Drop all pending state, forwarding nothing: the host switched to another mode."""
+
+    def remove(self, participant_id: str, *, purge: bool = False) -> None:
+        """The participant left (or, with `purge`, was blocked): drop what they hold here."""
+
+    def state(self, name_of: NameOf) -> dict[str, Any]:
+        """This policy's part of the orchestration state (keys of API.md's `orchestration` event)."""
+        return {}
+
+
+class HostPolicy(Policy):
+    """Only the host prompts (through interact); participants watch."""
+
+    mode = "host"
+
+    def gate(self, participant_id: str) -> str | None:
+        return "host_only"

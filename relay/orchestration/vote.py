@@ -1,0 +1,132 @@
+"""vote: inputs become candidates during a window; when it closes, the most voted one is forwarded.
+
+- The window opens with the first accepted input while none is open, and lasts `vote_window_seconds`
+  (a changed setting applies from the next window).
+- Proposing is supporting: the author's vote moves to their new candidate. One candidate per
+  participant per window ("already_proposed"), at most `max_candidates` ("too_many_candidates").
+- An input identical (normalized) to a candidate is a vote for that candidate, not a new one.
+- Each participant has one vote and may move it. Votes of participants who leave are dropped (a
+  reconnecting spectator gets a new participant id and could otherwise vote twice); their candidates stay.
+- At the close: most votes wins, ties go to the earliest candidate; a window with no candidate, or
+  whose candidates all lost their votes, forwards nothing. The next window opens on the next input.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from ..clock import iso
+from .policies import Forward, InputResult, NameOf, Policy, rejected
+
+_ID = re.compile(r"c([0-9]+)")
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    candidate_id: str
+    prompt: str
+    key: str
+    author: str
+
+
+class VotePolicy(Policy):
+    mode = "vote"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._candidates: dict[str, _Candidate] = {}  # insertion order = age, which breaks ties
+        self._votes: dict[str, str] = {}  # participant -> candidate_id
+        self._tally: Counter[str] = Counter()
+        self._ends: float | None = None  # monotonic; None: no window open
+        self._ends_wall: float | None = None
+        self._issued = 0
+        self._window_first = 1  # the first candidate number of the current (or next) window
+
+    @property
+    def window_open(self) -> bool:
+        return self._ends is not None
+
+    def is_pending(self, key: str) -> bool:
+        return False  # an identical input merges into a vote instead
+
+    def submit(self, participant_id: str, prompt: str, key: str) -> InputResult:
+        same = next((c for c in self._candidates.values() if c.key == key), None)
+        if same is not None:
+            self._cast(participant_id, same.candidate_id)
+            return InputResult("candidate", candidate_id=same.candidate_id)
+        if any(c.author == participant_id for c in self._candidates.values()):
+            return rejected("already_proposed")
+        if len(self._candidates) >= self.settings.max_candidates:
+            return rejected("too_many_candidates")
+        if not self.window_open:
+            seconds = self.settings.vote_window_seconds
+            self._ends = self.clock.monotonic() + seconds
+            self._ends_wall = self.clock.time() + seconds
+        self._issued += 1
+        candidate = _Candidate(f"c{self._issued}", prompt, key, participant_id)
+        self._candidates[candidate.candidate_id] = candidate
+        self._cast(participant_id, candidate.candidate_id)
+        self._changed()
+        return InputResult("candidate", candidate_id=candidate.candidate_id)
+
+    def vote(self, participant_id: str, candidate_id: Any) -> InputResult:
+        if isinstance(candidate_id, str) and candidate_id in self._candidates:
+            self._cast(participant_id, candidate_id)
+            return InputResult("voted", candidate_id=candidate_id)
+        match = _ID.fullmatch(candidate_id) if isinstance(candidate_id, str) else None
+        if not self.window_open or (match and int(match[1]) < self._window_first):
+            return rejected("window_closed")
+        return rejected("unknown_candidate")
+
+    def _cast(self, participant_id: str, candidate_id: str) -> None:
+        previous = self._votes.get(participant_id)
+        if previous == candidate_id:
+            return
+        if previous is not None:
+            self._tally[previous] -= 1
+        self._votes[participant_id] = candidate_id
+        self._tally[candidate_id] += 1
+        self._changed()
+
+    def settle(self) -> list[Forward]:
+        if self._ends is None or self.clock.monotonic() < self._ends:
+            return []
+        winner = None
+        for candidate in self._candidates.values():  # oldest first: a later one must beat, not tie
+            if self._tally[candidate.candidate_id] > (self._tally[winner.candidate_id] if winner else 0):
+                winner = candidate
+        self.reset()
+        return [Forward(winner.prompt, winner.author, self.mode)] if winner else []
+
+    def reset(self) -> None:
+        """Close the window without forwarding anything; candidate ids keep counting, so a stale one
+        never votes for a later window's candidate."""
+        self._candidates.clear()
+        self._votes.clear()
+        self._tally.clear()
+        self._ends = self._ends_wall = None
+        self._window_first = self._issued + 1
+        self._changed()
+
+    def remove(self, participant_id: str, *, purge: bool = False) -> None:
+        voted = self._votes.pop(participant_id, None)
+        if voted is not None:
+            self._tally[voted] -= 1
+            self._changed()
+        if purge:  # blocked: their candidates go too, and whoever voted for them may vote again
+            for candidate in [c for c in self._candidates.values() if c.author == participant_id]:
+                del self._candidates[candidate.candidate_id]
+                del self._tally[candidate.candidate_id]
+                for voter in [p for p, c in self._votes.items() if c == candidate.candidate_id]:
+                    del self._votes[voter]
+                self._changed()
+
+    def state(self, name_of: NameOf) -> dict[str, Any]:
+        return {
+            "candidates": [{"candidate_id": c.candidate_id, "prompt": c.prompt, "votes": self._tally[c.candidate_id]}
+                           for c in self._candidates.values()],
+            "window_ends_at": iso(self._ends_wall),
+        }
