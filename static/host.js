@@ -457,6 +457,18 @@ function onControl(msg) {
     case 'error':
       onControlError(msg);
       break;
+    case 'disconnected': {
+      if (conn.phase === 'disconnecting') break; // our own DELETE: disconnect() finishes up
+      // The relay closed the connection (idle timeout, connection_max_seconds...): the
+      // streamer is gone, so don't try to reopen the socket.
+      const why = {
+        expired: 'it reached its maximum age',
+        idle_timeout: 'the host was idle too long',
+        disconnected: 'it was disconnected',
+      }[msg.reason] ?? (msg.reason ? `reason: ${msg.reason}` : 'no reason given');
+      connectionGone(`The relay closed the connection (${why}). Connect again to continue.`);
+      break;
+    }
     default:
       log(`Message: ${JSON.stringify(msg)}`);
   }

@@ -18,6 +18,9 @@ const els = {
   state: $('state'),
   unmute: $('unmute'),
   viewers: $('viewer-count'),
+  viewersStat: $('viewers'),
+  stageNote: $('stage-note'),
+  nowPlaying: $('now-playing'),
   prompt: $('current-prompt'),
   message: $('message'),
 };
@@ -36,6 +39,7 @@ const state = {
   fatal: null,          // message of an unrecoverable error
   fatalEnded: false,    // ...which means the broadcast we were watching is over (404 after it worked)
   seen: false,          // the broadcast answered at least once (state or media)
+  viewersKnown: false,  // the relay has told us the count at least once
 };
 
 const BADGES = {
@@ -57,15 +61,32 @@ function badgeState() {
   return state.endedSeen ? 'ended' : 'waiting';
 }
 
+// What the stage says while it has no picture (before the first frame, or after a fatal error).
+const STAGE_NOTES = {
+  connecting: 'Connecting…',
+  live: 'Connecting…',
+  waiting: 'The host has not started the stream yet. It will appear here.',
+  ended: 'The stream has ended.',
+  reconnecting: 'Reconnecting…',
+  error: 'This broadcast cannot be played.',
+};
+
 function render() {
   const key = badgeState();
   els.state.dataset.state = key;
   els.state.textContent = BADGES[key];
+  const picture = Boolean(els.video.srcObject) && els.video.videoWidth > 0;
+  els.stageNote.hidden = picture;
+  els.stageNote.textContent = STAGE_NOTES[key];
+  // A broken link has no audience or prompt to show; "0 watching" would be a guess.
+  els.viewersStat.hidden = Boolean(state.fatal) || !state.viewersKnown;
+  els.nowPlaying.hidden = Boolean(state.fatal) && !state.fatalEnded;
 
   const text = state.fatal || state.mediaMessage;
   els.message.hidden = !text;
   els.message.textContent = text;
-  els.message.dataset.kind = state.fatal ? 'error' : 'warn';
+  // A broadcast that ended is news, not a fault: no red frame for it.
+  els.message.dataset.kind = state.fatalEnded ? 'info' : state.fatal ? 'error' : 'warn';
 }
 
 // ---------- broadcast state (events socket / polling) ----------
@@ -80,7 +101,10 @@ function applyState({ live, streamId, prompt, viewers }) {
   }
   if (streamId !== undefined) state.streamId = streamId;
   if (typeof prompt === 'string') els.prompt.textContent = prompt;
-  if (Number.isFinite(viewers)) els.viewers.textContent = String(viewers);
+  if (Number.isFinite(viewers)) {
+    els.viewers.textContent = String(viewers);
+    state.viewersKnown = true;
+  }
   render();
 }
 
@@ -188,11 +212,23 @@ function stopEvents() {
   if (ws) ws.close();
 }
 
+// The relay's error messages are written for developers ("Authorization: Bearer..."); a
+// spectator gets one that says what happened and what to do.
+function spectatorMessage(status, message, ended) {
+  if (ended) return 'The host has ended this broadcast. Thanks for watching!';
+  if (status === 401 || status === 403) {
+    return 'This watch link is not valid: its token is wrong or incomplete. Ask the host for the link again.';
+  }
+  if (status === 404) return 'There is no broadcast at this link: it may have ended already. Check the link with the host.';
+  if (status === 422) return `Your browser cannot play this stream${message ? ` (${message})` : ''}.`;
+  return message || 'This broadcast is not available.';
+}
+
 function fail(message, status = 0) {
   if (state.fatal) return;
-  state.fatal = message || 'This broadcast is not available.';
   // A broadcast that worked and is now unknown has ended (the host disconnected).
   state.fatalEnded = status === 404 && state.seen;
+  state.fatal = spectatorMessage(status, message, state.fatalEnded);
   player.stop();
   stopEvents();
   render();
@@ -233,8 +269,12 @@ function fitStage() {
   const { videoWidth: w, videoHeight: h } = els.video;
   if (w && h) els.stage.style.setProperty('--ar', `${w} / ${h}`);
 }
-els.video.addEventListener('loadedmetadata', fitStage);
+els.video.addEventListener('loadedmetadata', () => {
+  fitStage();
+  render(); // the stage note gives way to the picture
+});
 els.video.addEventListener('resize', fitStage);
+els.video.addEventListener('emptied', render);
 els.video.addEventListener('playing', render); // before the relay says whether it is live, frames decide
 
 // ---------- lifecycle ----------

@@ -31,7 +31,9 @@ async def test_three_spectators_watch_prompts_and_consecutive_streams(relay_fact
         for v in viewers:
             await v.join()
         try:
-            # Every spectator gets the promised rate (25 fps; >= 20 allows for loopback jitter).
+            # Every spectator gets the promised rate (25 fps; >= 20 allows for loopback jitter),
+            # measured from its first decoded frame so joining is not counted against it.
+            await asyncio.gather(*(v.track.recv() for v in viewers))
             counts = await asyncio.gather(*(frames_for(v.track, 1.5) for v in viewers))
             for frames in counts:
                 assert len(frames) / 1.5 >= 20, f"only {len(frames)} frames in 1.5 s"
