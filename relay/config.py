@@ -20,7 +20,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 __all__ = ["ConfigError", "Settings", "load_config", "ServerSettings", "AuthSettings", "LimitsSettings",
-           "WorldModelSettings", "WebRTCSettings", "MediaSettings", "OrchestrationSettings"]
+           "WorldModelSettings", "WebRTCSettings", "MediaSettings", "OrchestrationSettings",
+           "RecordingsSettings"]
 
 
 class ConfigError(Exception):
@@ -245,6 +246,18 @@ class OrchestrationSettings:
 
 
 @dataclass(frozen=True)
+class RecordingsSettings:
+    """Every stream leaves one recording in data_dir/recordings/<stream_id>/ (see relay/recordings.py)."""
+
+    enabled: bool = True
+    retention_days: float = option(30.0, min=0)  # 0 = keep forever
+    preview_seconds: float = option(5.0, min=1, max=60)
+    preview_width: int = option(320, even=True, min=16, max=1920)
+    # Items waiting for a recorder's writer thread: past this the recording stops (failed), never the stream.
+    writer_queue_packets: int = option(512, min=16)
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
@@ -252,6 +265,7 @@ class Settings:
     world_model: WorldModelSettings = field(default_factory=WorldModelSettings)
     webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
     media: MediaSettings = field(default_factory=MediaSettings)
+    recordings: RecordingsSettings = field(default_factory=RecordingsSettings)
     orchestration: OrchestrationSettings = field(default_factory=OrchestrationSettings)
 
     @classmethod
