@@ -25,13 +25,18 @@ from .config import Settings
 from .errors import RelayError, invalid_request, not_found
 from .media.hub import FanoutHub
 from .media.pipeline import StreamPipeline
+from .media.recorder import StreamRecorder
 from .media.rtp_fanout import IdleVideoTrack, RtpFanout, RtpOutput, hook_output
 from .media.webrtc import add_trickled_candidates, answer_spectator
 from .orchestration import Forward, Orchestrator
+from .recordings import RecordingStore
 
 log = logging.getLogger(__name__)
 
 EVENT_QUEUE_MAX = 256
+# What the recording's events log keeps (stream_ended is the recorder's own; viewers are logged
+# exactly on each join and leave, not from the coalesced pushes).
+RECORDED_EVENTS = frozenset({"stream_started", "prompt_applied"})
 STATE_PUSH_INTERVAL = 0.25  # orchestration state reaches participants a few times a second at most
 
 
@@ -78,7 +83,15 @@ class EventChannel:
 
 
 class Broadcast:
-    def __init__(self, connection_id: str, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        connection_id: str,
+        settings: Settings,
+        clock: Clock = SYSTEM_CLOCK,
+        *,
+        recordings: RecordingStore | None = None,
+        owner: str = "",
+    ) -> None:
         self.broadcast_id = secrets.token_urlsafe(12)
         self.spectator_token = secrets.token_urlsafe(24)
         self.connection_id = connection_id
@@ -95,6 +108,11 @@ class Broadcast:
         self.spectators: dict[str, Spectator] = {}
         self._channels: set[EventChannel] = set()
         self._pipeline: StreamPipeline | None = None
+        # Recording is one more reader of the stream's packets (a hub sink), never a second encode.
+        self._recordings = recordings if settings.recordings.enabled and settings.media.mode != "per-spectator" else None
+        self._owner = owner
+        self._recorder: StreamRecorder | None = None
+        self._finishing: set[StreamRecorder] = set()
         self.stream_id: str | None = None
         self.prompt: str | None = None
         self.peak_spectators = 0
@@ -154,6 +172,12 @@ class Broadcast:
         self._pipeline = pipeline
         self.stream_id = stream_id
         self.prompt = prompt
+        if self._recordings is not None:
+            self._recorder = self._recordings.recorder(
+                stream_id, width=width, height=height, fps=fps, owner=self._owner,
+                connection_id=self.connection_id, broadcast_id=self.broadcast_id,
+            )
+            self.hub.add_sink(self._recorder.write)
         pipeline.start()
         self.emit({"type": "stream_started", "stream_id": stream_id, "prompt": prompt})
         return pipeline
@@ -165,6 +189,12 @@ class Broadcast:
         stream_id = self.stream_id
         await pipeline.close()
         self.emit({"type": "stream_ended", "stream_id": stream_id, "reason": reason})
+        recorder, self._recorder = self._recorder, None
+        if recorder is not None:
+            self.hub.remove_sink(recorder.write)
+            recorder.stop(reason)  # finishes (trailer, thumbnail, preview) on its own thread
+            self._finishing.add(recorder)
+            recorder.done.add_done_callback(lambda _: self._finishing.discard(recorder))
 
     @property
     def upstream_failed(self) -> BaseException | None:
@@ -229,9 +259,14 @@ class Broadcast:
                 await self.remove_spectator(spectator_id)
 
         self.peak_spectators = max(self.peak_spectators, len(self.spectators))
+        self._record_viewers()
         metrics.SPECTATORS.inc()
         log.info("spectator joined", extra={"broadcast_id": self.broadcast_id, "spectator_id": spectator_id})
         return spectator, peer.answer_sdp
+
+    def _record_viewers(self) -> None:
+        if self._recorder is not None:
+            self._recorder.log_event({"type": "viewers", "count": len(self.spectators)})
 
     def _heard(self, spectator_id: str) -> None:
         spectator = self.spectators.get(spectator_id)
@@ -252,6 +287,7 @@ class Broadcast:
         if spectator is None:
             return False
         metrics.SPECTATORS.dec()
+        self._record_viewers()
         await spectator.close()
         log.info("spectator left", extra={"broadcast_id": self.broadcast_id, "spectator_id": spectator_id})
         return True
@@ -312,6 +348,8 @@ class Broadcast:
     def emit(self, event: dict[str, Any]) -> None:
         for channel in self._channels:
             channel.push(event)
+        if self._recorder is not None and event["type"] in RECORDED_EVENTS:
+            self._recorder.log_event(event)
 
     # -- housekeeping ----------------------------------------------------------------
 
@@ -354,3 +392,5 @@ class Broadcast:
             channel.close()
         self._channels.clear()
         self.hub.close()
+        # A recording finishes even when its connection goes: wait for its files.
+        await asyncio.gather(*(r.aclose() for r in list(self._finishing)), return_exceptions=True)

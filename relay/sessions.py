@@ -25,6 +25,7 @@ from .broadcast import Broadcast
 from .clock import SYSTEM_CLOCK, Clock, iso
 from .config import Settings
 from .errors import RelayError, not_found, unprocessable
+from .recordings import RecordingStore, owner_id
 from .worldmodel.base import Streamer, WorldModel
 
 log = logging.getLogger(__name__)
@@ -124,10 +125,18 @@ class Connection:
 
 
 class SessionManager:
-    def __init__(self, settings: Settings, world_model: WorldModel, *, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        world_model: WorldModel,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        recordings: RecordingStore | None = None,
+    ) -> None:
         self._settings = settings
         self._limits = settings.limits
         self._world_model = world_model
+        self.recordings = recordings
         self.clock = clock
         self.connections: dict[str, Connection] = {}
         self.broadcasts: dict[str, Broadcast] = {}
@@ -208,7 +217,8 @@ class SessionManager:
             connection_id=connection_id,
             api_key=api_key,
             streamer=streamer,
-            broadcast=Broadcast(connection_id, self._settings, self.clock),
+            broadcast=Broadcast(connection_id, self._settings, self.clock,
+                                recordings=self.recordings, owner=owner_id(api_key)),
             client_token=secrets.token_urlsafe(32),
             created_at=wall,
             opened=now,

@@ -11,10 +11,11 @@ from aiohttp import web
 from ..config import Settings
 from ..errors import RelayError, too_large
 from ..media.webrtc import restrict_ice_host_addresses
+from ..recordings import RecordingStore
 from ..sessions import SessionManager
 from ..worldmodel.base import WorldModel
-from . import broadcasts, connections, ops, orchestration, pages
-from .common import API_KEYS, SESSIONS, SETTINGS
+from . import broadcasts, connections, ops, orchestration, pages, recordings
+from .common import API_KEYS, RECORDINGS, SESSIONS, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,10 @@ def create_app(settings: Settings, world_model: WorldModel | None = None, *, rea
     if world_model is None:
         world_model = make_world_model(settings)
     app[WORLD_MODEL] = world_model
-    app[SESSIONS] = SessionManager(settings, world_model)
+    app[RECORDINGS] = RecordingStore.from_settings(settings)
+    app[SESSIONS] = SessionManager(settings, world_model, recordings=app[RECORDINGS])
 
-    for module in (connections, broadcasts, orchestration, ops, pages):
+    for module in (connections, broadcasts, orchestration, recordings, ops, pages):
         app.router.add_routes(module.routes)
     pages.add_static(app)
     app.cleanup_ctx.append(_lifecycle(reaper_interval))
@@ -98,6 +100,18 @@ def make_world_model(settings: Settings) -> WorldModel:
     raise ValueError(f"world_model.kind {wm.kind!r} is not available")
 
 
+async def _sweep_recordings(store: RecordingStore, interval: float = 3600.0) -> None:
+    """Retention: delete recordings older than retention_days, hourly, off the event loop."""
+    while True:
+        try:
+            removed = await asyncio.to_thread(store.sweep)
+            if removed:
+                log.info("retention removed %d recordings", len(removed))
+        except Exception:
+            log.exception("recordings sweep failed")
+        await asyncio.sleep(interval)
+
+
 def _lifecycle(reaper_interval: float):
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
@@ -106,11 +120,19 @@ def _lifecycle(reaper_interval: float):
             # A relay bound to loopback serves this machine only: offer loopback candidates.
             addresses = ("127.0.0.1",)
         restrict_ice_host_addresses(tuple(addresses))
+        store = app[RECORDINGS]
+        # Before any stream starts: finish what a crash left, and read the signing secret once.
+        recovered = await asyncio.to_thread(store.recover)
+        if recovered:
+            log.info("recovered %d recordings left by a previous run", len(recovered))
+        await asyncio.to_thread(lambda: store.secret)
         sessions = app[SESSIONS]
         reaper = asyncio.create_task(sessions.run_reaper(reaper_interval), name="relay-reaper")
+        sweeper = asyncio.create_task(_sweep_recordings(store), name="relay-recordings-sweeper")
         yield
-        reaper.cancel()
-        await asyncio.gather(reaper, return_exceptions=True)
+        for task in (reaper, sweeper):
+            task.cancel()
+        await asyncio.gather(reaper, sweeper, return_exceptions=True)
         await sessions.close()
         await app[WORLD_MODEL].close()
 

@@ -8,12 +8,14 @@ from typing import Any
 from aiohttp import web
 
 from ..config import Settings
+from ..recordings import RecordingStore
 from ..errors import invalid_request, unsupported_media_type
 from ..sessions import Connection, SessionManager
 
 SETTINGS = web.AppKey("settings", Settings)
 SESSIONS = web.AppKey("sessions", SessionManager)
 API_KEYS = web.AppKey("api_keys", tuple)
+RECORDINGS = web.AppKey("recordings", RecordingStore)
 
 
 def token_of(request: web.Request) -> str | None:

@@ -11,7 +11,7 @@ STATIC_DIR = Path(__file__).resolve().parent.parent.parent / "static"
 routes = web.RouteTableDef()
 
 
-def _page(name: str) -> web.FileResponse:
+def page(name: str) -> web.FileResponse:
     # No caching of the HTML shell: a redeployed relay must not serve a stale page.
     return web.FileResponse(STATIC_DIR / name, headers={"Cache-Control": "no-cache"})
 
@@ -23,13 +23,13 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/host")
 async def host_console(request: web.Request) -> web.FileResponse:
-    return _page("host.html")
+    return page("host.html")
 
 
 @routes.get("/watch/{broadcast_id}")
 async def watch_page(request: web.Request) -> web.FileResponse:
     # The page itself is public; the spectator token in its URL is what grants watching.
-    return _page("watch.html")
+    return page("watch.html")
 
 
 def add_static(app: web.Application) -> None:
