@@ -43,7 +43,7 @@ sys.path.insert(0, ROOT)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-MODES = ("encode-once", "per-spectator")
+MODES = ("encode-once", "encode-once-sender", "per-spectator")
 
 
 # ------------------------------------------------------------------------------------ /proc
@@ -185,10 +185,25 @@ class Server:
             if not line or line.startswith("#"):
                 continue
             name, _, value = line.rpartition(" ")
+            if name.startswith("relay_frame_latency_seconds_bucket"):
+                name = "latency_le_" + name.split('le="', 1)[1].split('"', 1)[0]  # one series per bucket
             name = name.split("{", 1)[0]
             with contextlib.suppress(ValueError):
                 values[name] = values.get(name, 0.0) + float(value)
         return values
+
+
+def latency_quantile(m0: dict[str, float], m1: dict[str, float], q: float) -> float | None:
+    """Upper bound (s) of the histogram bucket holding quantile q of the frames in the window."""
+    buckets = sorted((float(k[len("latency_le_"):]), m1[k] - m0.get(k, 0.0))
+                     for k in m1 if k.startswith("latency_le_"))
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return None
+    for bound, count in buckets:  # cumulative counts
+        if count >= q * total:
+            return bound
+    return None
 
 
 # ------------------------------------------------------------------------------------ workers
@@ -295,6 +310,8 @@ class Row:
     server_spectators: int | None
     rtcp_ok: int              # receivers that sent RTCP during the window
     srtp_failed: int
+    latency_p50: float | None = None  # s, relay-added (world model out -> last RTP sent), bucket bound
+    latency_p95: float | None = None
     profile: list[str] = field(default_factory=list)
 
     @property
@@ -370,6 +387,7 @@ async def measure(server: Server, workers: Workers | None, http, broadcast: dict
         join_errors=join_errors, rss=rss, gen_cpu=100 * (g1 - g0) / elapsed,
         server_spectators=await broadcast_spectators(http, server.base_url, broadcast),
         rtcp_ok=rtcp_ok, srtp_failed=srtp_failed,
+        latency_p50=latency_quantile(m0, m1, 0.5), latency_p95=latency_quantile(m0, m1, 0.95),
     )
     if spy is not None:
         row.profile = finish_profile(*spy)
@@ -534,7 +552,7 @@ def print_mode(result: ModeResult, args: argparse.Namespace) -> None:
           f"{args.workers} load-generator processes (receiver depth {args.depth})")
     head = (f"{'N':>4} {'srvCPU%':>8} {'loop%':>6} {'+/spec%':>8} {'tot/spec%':>9} {'wm fps':>6} {'fps min':>7} "
             f"{'fps med':>7} {'pkt/s':>5} {'kbps':>5} {'loss%':>6} {'answer':>6} {'TTFF p50':>8} {'p95 ms':>7} "
-            f"{'RSS MB':>7} {'+MB/spec':>8} {'genCPU%':>7} {'srv N':>5}")
+            f"{'RSS MB':>7} {'+MB/spec':>8} {'genCPU%':>7} {'srv N':>5} {'lat p50':>7} {'p95 ms':>6}")
     print(head)
     rows = ([base] if base else []) + result.rows
     for row in rows:
@@ -546,7 +564,8 @@ def print_mode(result: ModeResult, args: argparse.Namespace) -> None:
             f"{_ms(percentile(row.answer, 0.5)):>6} {_ms(percentile(row.ttff, 0.5)):>8} "
             f"{_ms(percentile(row.ttff, 0.95)):>7} "
             f"{row.rss / 2**20:>7.0f} {_f(extra, '{:.2f}'):>8} {row.gen_cpu:>7.0f} "
-            f"{'-' if row.server_spectators is None else row.server_spectators:>5}"
+            f"{'-' if row.server_spectators is None else row.server_spectators:>5} "
+            f"{_ms(row.latency_p50):>7} {_ms(row.latency_p95):>6}"
         )
     notes = []
     for row in result.rows:
@@ -611,13 +630,19 @@ def print_capacity(result: ModeResult) -> None:
 
 
 def print_comparison(results: dict[str, ModeResult]) -> None:
-    once, per = results.get("encode-once"), results.get("per-spectator")
-    if not once or not per:
-        return
+    once = results.get("encode-once")
+    for name, other in results.items():
+        if once is not None and name != "encode-once":
+            compare(once, other)
+
+
+def compare(once: ModeResult, per: ModeResult) -> None:
+    """The default design against another, side by side, as ratios."""
+    label = per.mode
     print()
-    print("== encode-once vs per-spectator")
-    print(f"{'N':>4} {'srvCPU% once':>12} {'per-spec':>9} {'ratio':>6}   {'+/spec% once':>12} {'per-spec':>9} "
-          f"{'ratio':>6}   {'fps med once':>12} {'per-spec':>9}")
+    print(f"== encode-once vs {label}")
+    print(f"{'N':>4} {'srvCPU% once':>12} {'other':>9} {'ratio':>6}   {'+/spec% once':>12} {'other':>9} "
+          f"{'ratio':>6}   {'fps med once':>12} {'other':>9}")
     by_n_once = {r.n: r for r in once.rows}
     by_n_per = {r.n: r for r in per.rows}
     for n in sorted(set(by_n_once) | set(by_n_per)):
@@ -632,8 +657,9 @@ def print_comparison(results: dict[str, ModeResult]) -> None:
     sa, _ = slope(once)
     sb, _ = slope(per)
     if sa and sb and sa > 0.05:
-        print(f"CPU per extra spectator, per-spectator / encode-once = {sb:.2f}% / {sa:.2f}% = {sb / sa:.0f}x"
-              f" (per-spectator runs aiortc's own encoder at its own bitrate: compare the kbps columns)")
+        note = " (per-spectator runs aiortc's own encoder at its own bitrate: compare the kbps columns)" \
+            if label == "per-spectator" else ""
+        print(f"CPU per extra spectator, {label} / encode-once = {sb:.2f}% / {sa:.2f}% = {sb / sa:.0f}x{note}")
 
 
 # ------------------------------------------------------------------------------------ main
@@ -650,7 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--counts", type=parse_counts, help="spectator counts for encode-once (default 1,10,50,100,150)")
     ap.add_argument("--per-spectator-counts", type=parse_counts,
                     help="spectator counts for per-spectator (default 1,2,4: each costs ~45%% of a core)")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated: encode-once,per-spectator")
+    ap.add_argument("--sender-counts", type=parse_counts,
+                    help="spectator counts for encode-once-sender (aiortc packetizes per spectator; default 1,10,50)")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ",".join(MODES))
     ap.add_argument("--window", type=float, help="measurement window per count, seconds (default 10)")
     ap.add_argument("--settle", type=float, help="wait after the joins before measuring, seconds (default 3)")
     ap.add_argument("--storm", type=int, default=50, help="spectators in the join storm (0: skip; default 50)")
@@ -674,10 +702,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.counts = args.counts or [1, 5, 10]
         args.per_spectator_counts = args.per_spectator_counts or [1, 5, 10]
+        args.sender_counts = args.sender_counts or [1, 5, 10]
         args.window = args.window or 5.0
         args.settle = args.settle if args.settle is not None else 2.0
     args.counts = args.counts or [1, 10, 50, 100, 150]
     args.per_spectator_counts = args.per_spectator_counts or [1, 2, 4]
+    args.sender_counts = args.sender_counts or [1, 10, 50]
     args.window = args.window or 10.0
     args.settle = 3.0 if args.settle is None else args.settle
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -697,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, ModeResult] = {}
     try:
         for mode in modes:
-            counts = args.counts if mode == "encode-once" else args.per_spectator_counts
+            counts = {"encode-once": args.counts, "encode-once-sender": args.sender_counts}.get(
+                mode, args.per_spectator_counts)
             results[mode] = asyncio.run(run_mode(mode, counts, args, workdir))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -708,8 +739,9 @@ def main(argv: list[str] | None = None) -> int:
         print_comparison(results)
         if results:
             print()
-            print("relay-added latency (world-model frame out -> RTP sent): not measured (the server exposes no "
-                  "per-frame timestamps; RTP timestamps are rebased media time, not wall clock)")
+            print("lat p50/p95: relay-added latency, a frame out of the world model to its last RTP packet sent "
+                  "(encode + fan-out), from the server's relay_frame_latency_seconds histogram (bucket upper "
+                  "bounds: <=)")
             print(f"total {time.monotonic() - started:.0f} s")
         if args.keep or args.profile:
             print(f"kept {workdir}")

@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .encoder import H264Encoder
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 # A crowd joining at once must cost one keyframe, not one each: requests arriving within
 # this long after a forced keyframe are served by the next one scheduled at the window's end.
-KEYFRAME_MIN_INTERVAL = 0.5
+KEYFRAME_MIN_INTERVAL = 0.6  # at most two forced keyframes in any second
 
 
 class StreamPipeline:
@@ -82,33 +83,46 @@ class StreamPipeline:
         return True
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        # Two stages joined by a short queue: while the loop fans frame N out to every
+        # spectator, the source renders and the encoder encodes frame N+1 on their threads.
+        queue: asyncio.Queue = asyncio.Queue(maxsize=2)
         try:
-            while True:
-                frame = await self._source.recv()
-                received = time.perf_counter()
-                self.frames += 1
-                if self._on_frame:
-                    self._on_frame()
-                if self._encoder is None:
-                    self._hub.publish(frame, keyframe=True)
-                    continue
-                packets = await loop.run_in_executor(
-                    self._executor, self._encoder.encode, frame, self._take_keyframe_request()
-                )
-                for packet in packets:
-                    self._hub.publish(packet, keyframe=packet.is_keyframe)
-                if self._on_latency is not None and packets:
-                    # Encode plus the synchronous fan-out: what the relay adds to each frame.
-                    self._on_latency(time.perf_counter() - received)
-        except MediaStreamError:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._produce(queue), name="relay-pipeline-produce")
+                group.create_task(self._publish(queue), name="relay-pipeline-publish")
+        except* MediaStreamError:
             # The source ended by itself: if we did not ask for it, the upstream failed.
             self.failed = self.failed or MediaStreamError("world-model track ended")
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # an encoder or source bug must end this stream, not the relay
-            log.exception("pipeline failed")
-            self.failed = exc
+        except* Exception as group:  # an encoder or source bug must end this stream, not the relay
+            log.error("pipeline failed", exc_info=group.exceptions[0])
+            self.failed = group.exceptions[0]
+
+    async def _produce(self, queue: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            frame = await self._source.recv()
+            received = time.perf_counter()
+            self.frames += 1
+            if self._on_frame:
+                self._on_frame()
+            if self._encoder is None:
+                await queue.put(([frame], received))
+                continue
+            packets = await loop.run_in_executor(
+                self._executor, self._encoder.encode, frame, self._take_keyframe_request()
+            )
+            if packets:
+                await queue.put((packets, received))
+
+    async def _publish(self, queue: asyncio.Queue) -> None:
+        while True:
+            items, received = await queue.get()
+            for item in items:
+                # A decoded frame (per-spectator mode) is always a valid place to start.
+                self._hub.publish(item, keyframe=item.is_keyframe if isinstance(item, av.Packet) else True)
+            if self._on_latency is not None:
+                # Encode plus the synchronous fan-out: what the relay adds to each frame.
+                self._on_latency(time.perf_counter() - received)
 
     @property
     def done(self) -> bool:

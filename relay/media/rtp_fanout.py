@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import struct
+import time
 from typing import Callable
 
 import av
@@ -29,6 +30,11 @@ from aiortc.rtcrtpsender import RTCRtpSender
 log = logging.getLogger(__name__)
 
 HISTORY = 1024  # packets kept for NACKs (~4 s at 2 Mbps); divides 2**16 so slots map cleanly
+# A spectator that becomes ready shortly after a keyframe starts at once from a replay of that
+# keyframe and the few frames since (a burst this short costs no noticeable latency); later
+# than this it asks for a keyframe, which the encoder coalesces across a joining crowd.
+JOIN_REPLAY_MAX_AGE = 0.4  # seconds: with forced keyframes >= 0.6 s apart, a joiner waits <= 0.2 s
+JOIN_REPLAY_MAX_FRAMES = 12
 WRITE_BUFFER_LIMIT = 256 * 1024  # a spectator whose socket backs up this far restarts at a keyframe
 _HEADER = struct.Struct("!BBHII")
 
@@ -69,8 +75,9 @@ class RtpOutput:
         if path is None:
             return
         if not self._was_ready:
-            self._was_ready = True
-            self._fanout.request_keyframe()  # DTLS just came up: start this spectator cleanly
+            self._was_ready = True  # DTLS just came up: start this spectator on a keyframe
+            if not keyframe and not self._fanout.replay_to(self):
+                self._fanout.request_keyframe()
         srtp, transport, addr = path
         if self._waiting_for_keyframe:
             if not keyframe:
@@ -135,8 +142,13 @@ class RtpFanout:
         self._outputs: set[RtpOutput] = set()
         self._history: list[tuple[int, bool, int, bytes] | None] = [None] * HISTORY
         self._index = 0
+        # The frames since the latest keyframe (keyframe first), while few and recent enough to replay.
+        self._recent: list[tuple[int, list[bytes], int]] = []
+        self._recent_keyframe_at = -1e9
+        self._replaying = False
         self.request_keyframe = request_keyframe
         self.frames = 0
+        self.replays = 0
 
     def add(self, sender: RTCRtpSender) -> RtpOutput:
         output = RtpOutput(self, sender)
@@ -156,6 +168,21 @@ class RtpFanout:
             return None
         return entry[1], entry[2], entry[3]
 
+    def replay_to(self, output: RtpOutput) -> bool:
+        """Send the latest keyframe and the frames since (not the current one) to a new spectator."""
+        recent = self._recent[:-1]  # the last entry is the frame being published right now
+        if not recent or time.monotonic() - self._recent_keyframe_at > JOIN_REPLAY_MAX_AGE or self._replaying:
+            return False
+        self._replaying = True
+        try:
+            ntp = current_ntp_time()
+            for i, (first, payloads, timestamp) in enumerate(recent):
+                output.send_frame(first, payloads, timestamp, i == 0, ntp)
+        finally:
+            self._replaying = False
+        self.replays += 1
+        return True
+
     def publish(self, packet: av.Packet, keyframe: bool) -> None:
         payloads, timestamp = self._packer.pack(packet)
         if not payloads:
@@ -167,6 +194,14 @@ class RtpFanout:
             history[(first + i) % HISTORY] = (first + i, i == last, timestamp, payload)
         self._index += len(payloads)
         self.frames += 1
+        now = time.monotonic()
+        if keyframe:
+            self._recent = [(first, payloads, timestamp)]
+            self._recent_keyframe_at = now
+        elif self._recent and len(self._recent) < JOIN_REPLAY_MAX_FRAMES:
+            self._recent.append((first, payloads, timestamp))
+        else:
+            self._recent = []
         if not self._outputs:
             return
         ntp = current_ntp_time()  # once per frame, not once per packet per spectator
