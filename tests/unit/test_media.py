@@ -1,0 +1,98 @@
+"""The media path's rules, tested on real packets from the real encoder (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+
+import av
+import numpy as np
+import pytest
+
+from relay.media.encoder import H264Encoder
+from relay.media.hub import FanoutHub
+from relay.media.pipeline import KEYFRAME_MIN_INTERVAL, StreamPipeline
+from relay.media.rtp_fanout import HISTORY, RtpFanout
+from relay.clock import FakeClock
+from relay.worldmodel.synthetic import SyntheticTrack
+
+
+def encoded_packets(n: int, keyframes_at: set[int] = frozenset()) -> list[av.Packet]:
+    encoder = H264Encoder(64, 48, 25, 300, keyframe_interval_seconds=2.0)
+    packets = []
+    for i in range(n):
+        frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), (i * 7) % 255, np.uint8), format="rgb24")
+        frame.pts, frame.time_base = i * 3600, fractions.Fraction(1, 90000)
+        packets += encoder.encode(frame, force_keyframe=i in keyframes_at)
+    encoder.close()
+    return packets
+
+
+async def test_spectator_starts_on_a_keyframe_and_a_slow_one_skips_to_the_next():
+    requests = []
+    hub = FanoutHub(max_queue=4)
+    hub.attach_source(lambda: requests.append(1), fps=25)
+    packets = encoded_packets(60, keyframes_at={20, 40})
+    for p in packets[:5]:
+        hub.publish(p, p.is_keyframe)
+    track = hub.subscribe()  # joins mid-GOP
+    for p in packets[5:12]:
+        hub.publish(p, p.is_keyframe)
+    assert requests, "a join asks for a keyframe"
+    assert track.dropped == 7 and not track._queue  # nothing until a keyframe
+    hub.publish(packets[20], True)
+    assert (await track.recv()).is_keyframe
+    # Never read: the queue fills, then everything up to the next keyframe is dropped.
+    requests.clear()
+    for p in packets[21:30]:
+        hub.publish(p, p.is_keyframe)
+    assert len(track._queue) <= 4 and requests, "overflow asks for a keyframe"
+    hub.publish(packets[40], True)
+    first = await track.recv()
+    assert first.is_keyframe, "after overflow the spectator restarts on a keyframe"
+    track.stop()
+    assert hub.subscribers == 0
+
+
+def test_timestamps_continue_across_streams():
+    hub = FanoutHub()
+    seen = []
+    hub.add_sink(lambda item, keyframe: seen.append(item.pts))
+    for _stream in range(2):
+        hub.attach_source(None, fps=25)
+        for p in encoded_packets(10):
+            hub.publish(p, p.is_keyframe)
+    assert seen == sorted(seen) and len(set(seen)) == 20
+    assert seen[10] - seen[9] == 3600  # the next stream starts one frame after the last
+
+
+async def test_a_joining_crowd_costs_at_most_two_keyframes_a_second():
+    clock = FakeClock()
+    source = SyntheticTrack(64, 48, 25)
+    hub = FanoutHub()
+    pipeline = StreamPipeline(source, hub, width=64, height=48, fps=25, clock=clock.monotonic)
+    pipeline.start()
+    try:
+        forced = 0
+        for _ in range(50):  # 50 joins spread over one second
+            pipeline.request_keyframe()
+            forced += pipeline._take_keyframe_request()
+            clock.advance(0.02)
+        assert forced == 2  # at 0 s and 0.6 s
+        assert KEYFRAME_MIN_INTERVAL >= 0.5
+    finally:
+        await pipeline.close()
+
+
+def test_rtp_history_serves_nacks_by_sequence_number():
+    fanout = RtpFanout(lambda: None)
+    packets = encoded_packets(30)
+    for p in packets:
+        fanout.publish(p, p.is_keyframe)
+    total = fanout._index
+    assert fanout.lookup((total - 1) & 0xFFFF) is not None
+    marker, _, payload = fanout.lookup((total - 1) & 0xFFFF)
+    assert marker and payload
+    assert fanout.lookup((total + 5) & 0xFFFF) is None  # not sent yet
+    if total > HISTORY:
+        assert fanout.lookup(0) is None  # fell out of the history
