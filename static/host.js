@@ -9,12 +9,15 @@
 // the single place that enables/disables buttons.
 
 import { WhepPlayer, HttpError, fetchJson, wsUrl } from '/static/whep.js';
+import { Deadline, clock, el, seconds, syncList } from '/static/ui.js';
 
 const KEY_STORAGE = 'relay.apiKey';   // sessionStorage: gone when the tab closes
 const KEEPALIVE_MS = 10000;           // well inside the relay's idle_timeout_seconds (default 40)
 const SOCKET_BACKOFF_MAX_MS = 10000;
 const PENDING_TIMEOUT_MS = 20000;     // give up waiting for a reply to start/end
 const LOG_MAX = 300;
+const ORCH_REPLY_MS = 5000;           // an orchestration change not confirmed by then: say so
+const RECORDING_WAIT_MS = 15000;      // a recording finishes about a second after its stream
 
 const $ = (id) => document.getElementById(id);
 const els = {
@@ -42,6 +45,26 @@ const els = {
   previewState: $('preview-state'),
   history: $('history'),
   log: $('log'),
+  orch: $('orchestration'),
+  orchLiveMode: $('orch-live-mode'),
+  orchForm: $('orch-form'),
+  orchHelp: $('orch-mode-help'),
+  orchApply: $('orch-apply'),
+  orchReset: $('orch-reset'),
+  orchStatus: $('orch-status'),
+  orchQueueBox: $('orch-queue-box'),
+  orchQueue: $('orch-queue'),
+  orchQueueCount: $('orch-queue-count'),
+  orchVoteBox: $('orch-vote-box'),
+  orchCandidates: $('orch-candidates'),
+  orchVoteCountdown: $('orch-vote-countdown'),
+  orchTurnBox: $('orch-turn-box'),
+  orchTurnHolder: $('orch-turn-holder'),
+  orchTurnCountdown: $('orch-turn-countdown'),
+  orchHands: $('orch-hands'),
+  orchHandsCount: $('orch-hands-count'),
+  participants: $('participants'),
+  participantsCount: $('participants-count'),
 };
 
 /**
@@ -131,6 +154,7 @@ function render() {
   els.connState.textContent = label;
 
   renderStatus();
+  renderOrchestration();
 }
 
 function renderStatus() {
@@ -275,7 +299,14 @@ function addHistory(id, prompt) {
   const p = document.createElement('span');
   p.className = 'prompt';
   p.textContent = prompt || '';
-  li.append(idEl, reason, p);
+  const rec = document.createElement('button');
+  rec.type = 'button';
+  rec.className = 'recording small-btn';
+  rec.textContent = 'Recording';
+  rec.hidden = true; // until the stream has ended
+  rec.title = 'Open the replay of this stream in a new tab';
+  rec.addEventListener('click', () => openRecording(id, rec));
+  li.append(idEl, reason, p, rec);
   els.history.prepend(li); // newest first
   historyItems.set(id, li);
 }
@@ -285,6 +316,8 @@ function endHistory(id, reasonText) {
   if (!reason) return;
   delete reason.dataset.live;
   reason.textContent = reasonText;
+  const rec = historyItems.get(id)?.querySelector('.recording');
+  if (rec) rec.hidden = false;
 }
 
 function setPending(kind) {
@@ -329,6 +362,407 @@ function streamEnded(msg) {
   preview?.setLive(false);
   refreshPreviewBadge();
   render();
+}
+
+// ---------- audience orchestration ----------
+//
+// The relay's host state ({mode, settings, queue, candidates, window_ends_at, turn,
+// participants}) arrives in `connected` and in `orchestration` pushes. The form shows the
+// live settings until the host edits it; Apply sends {type: "orchestration", mode, ...settings}.
+
+const MODES = {
+  host: { label: 'Host', help: 'Only you prompt. Spectators watch; their inputs are refused.' },
+  queue: { label: 'Queue', help: 'Spectators\u2019 prompts wait in line; one is applied every interval.' },
+  vote: { label: 'Vote', help: 'Spectators propose and vote; when the window closes the winner is applied.' },
+  turns: { label: 'Turns', help: 'Spectators raise hands; the one holding the turn steers the world directly.' },
+};
+// The settings each mode uses (moderation applies to all three audience modes).
+const MODERATION = ['max_prompt_chars', 'cooldown_seconds', 'blocked_words'];
+const MODE_SETTINGS = {
+  host: [],
+  queue: ['queue_interval_seconds', ...MODERATION],
+  vote: ['vote_window_seconds', ...MODERATION],
+  turns: ['turn_seconds', ...MODERATION],
+};
+
+const orch = {
+  state: null,       // the relay's last host state
+  selected: null,    // the mode picked in the switcher
+  dirty: false,      // the form differs from what the relay has (the host is editing)
+  pending: null,     // {timer} while a change waits for the relay's confirmation
+  pendingAction: null, // block/unblock/grant_turn/revoke_turn sent, not yet answered
+  timer: null,       // countdowns
+  voteDeadline: new Deadline(),
+  turnDeadline: new Deadline(),
+  participantRows: new Map(),
+  candidateRows: new Map(),
+};
+
+function settingInput(name) {
+  return els.orchForm.elements.namedItem(name);
+}
+
+function fillSettings(settings = {}) {
+  for (const name of ['queue_interval_seconds', 'vote_window_seconds', 'turn_seconds', ...MODERATION]) {
+    const input = settingInput(name);
+    if (!input || !(name in settings)) continue;
+    const v = settings[name];
+    input.value = Array.isArray(v) ? v.join(', ') : String(v ?? '');
+  }
+}
+
+function selectMode(mode) {
+  orch.selected = mode;
+  for (const radio of els.orchForm.querySelectorAll('input[name="mode"]')) radio.checked = radio.value === mode;
+}
+
+function setOrchestration(state) {
+  if (!state || typeof state !== 'object' || !state.mode) return;
+  orch.state = state;
+  if (orch.pending) {
+    clearTimeout(orch.pending.timer);
+    orch.pending = null;
+    orch.dirty = false;
+    setOrchStatus(`Applied: ${MODES[state.mode]?.label ?? state.mode} mode.`, 'ok');
+  }
+  if (!orch.dirty) {
+    selectMode(state.mode);
+    fillSettings(state.settings);
+  }
+  const s = state.settings ?? {};
+  orch.voteDeadline.update(state.window_ends_at, s.vote_window_seconds);
+  orch.turnDeadline.update(state.turn?.ends_at, s.turn_seconds);
+  renderOrchestration();
+}
+
+function clearOrchestration() {
+  orch.state = null;
+  orch.dirty = false;
+  if (orch.pending) clearTimeout(orch.pending.timer);
+  orch.pending = null;
+  orch.participantRows.clear();
+  orch.candidateRows.clear();
+  els.participants.replaceChildren();
+  els.orchCandidates.replaceChildren();
+  setOrchStatus('');
+}
+
+function setOrchStatus(text, kind = '') {
+  els.orchStatus.textContent = text;
+  els.orchStatus.dataset.kind = kind;
+}
+
+function participantName(id, fallback = 'Anonymous') {
+  const p = (orch.state?.participants ?? []).find((x) => x.participant_id === id);
+  return p?.name || fallback;
+}
+
+function renderOrchestration() {
+  const state = orch.state;
+  const canControl = conn.phase === 'connected' && conn.socketOpen;
+  els.orch.hidden = !state || conn.phase === 'disconnected';
+  if (els.orch.hidden) {
+    stopOrchTimer();
+    return;
+  }
+  const live = state.mode;
+  const selected = orch.selected ?? live;
+  els.orchLiveMode.textContent = `Now: ${MODES[live]?.label ?? live}`;
+  els.orchHelp.textContent = MODES[selected]?.help ?? '';
+  const fields = MODE_SETTINGS[selected] ?? [];
+  for (const label of els.orchForm.querySelectorAll('.setting')) {
+    label.hidden = !label.dataset.modes.split(' ').includes(selected);
+  }
+  els.orchForm.querySelector('#orch-settings').hidden = fields.length === 0;
+  for (const radio of els.orchForm.querySelectorAll('input')) radio.disabled = !canControl;
+  els.orchApply.disabled = !canControl || !orch.dirty || Boolean(orch.pending);
+  els.orchApply.textContent = selected !== live ? `Switch to ${MODES[selected]?.label ?? selected}` : 'Apply';
+  els.orchReset.hidden = !orch.dirty;
+
+  els.orchQueueBox.hidden = live !== 'queue';
+  els.orchVoteBox.hidden = live !== 'vote';
+  els.orchTurnBox.hidden = live !== 'turns';
+  if (live === 'queue') renderOrchQueue(state.queue ?? []);
+  if (live === 'vote') renderOrchCandidates(state.candidates ?? []);
+  if (live === 'turns') renderOrchTurn(state.turn ?? {});
+  renderParticipants(state.participants ?? [], live, state.turn ?? {});
+  tickOrchestration();
+  if (live === 'vote' || live === 'turns') startOrchTimer();
+  else stopOrchTimer();
+}
+
+function renderOrchQueue(queue) {
+  els.orchQueueCount.textContent = queue.length ? `(${queue.length})` : '';
+  els.orchQueue.replaceChildren(...queue.map((q, i) => el('li', { className: 'entry' },
+    el('span', { className: 'pos', text: `${i + 1}` }),
+    el('span', { className: 'prompt wrap', text: q.prompt ?? '' }),
+    el('span', { className: 'who', text: q.name || participantName(q.participant_id) }))));
+}
+
+function renderOrchCandidates(candidates) {
+  const total = candidates.reduce((n, c) => n + (Number(c.votes) || 0), 0);
+  const top = Math.max(0, ...candidates.map((c) => Number(c.votes) || 0));
+  syncList(els.orchCandidates, candidates, (c) => c.candidate_id, (c) => {
+    const row = el('li', { className: 'entry candidate', dataset: { candidateId: c.candidate_id } },
+      el('span', { className: 'prompt wrap' }),
+      el('span', { className: 'votes' }),
+      el('span', { className: 'meter', attrs: { 'aria-hidden': 'true' } }, el('span', { className: 'bar' })));
+    return row;
+  }, (row, c) => {
+    const n = Number(c.votes) || 0;
+    row.querySelector('.prompt').textContent = c.prompt ?? '';
+    row.querySelector('.votes').textContent = `${n} ${n === 1 ? 'vote' : 'votes'}`;
+    row.querySelector('.bar').style.width = `${total ? Math.round((100 * n) / total) : 0}%`;
+    row.classList.toggle('leading', n > 0 && n === top);
+  }, orch.candidateRows);
+}
+
+function renderOrchTurn(turn) {
+  const holder = turn.holder;
+  els.orchTurnHolder.textContent = holder ? (holder.name || participantName(holder.participant_id)) : 'Nobody';
+  const hands = turn.hands ?? [];
+  els.orchHandsCount.textContent = hands.length ? `(${hands.length})` : '';
+  els.orchHands.replaceChildren(...hands.map((h, i) => el('li', { className: 'entry' },
+    el('span', { className: 'pos', text: `${i + 1}` }),
+    el('span', { className: 'prompt wrap', text: h.name || participantName(h.participant_id) }))));
+}
+
+function renderParticipants(participants, mode, turn) {
+  const canControl = conn.phase === 'connected' && conn.socketOpen;
+  els.participantsCount.textContent = participants.length ? `(${participants.length})` : '';
+  const holder = turn.holder?.participant_id ?? null;
+  const hands = new Set((turn.hands ?? []).map((h) => h.participant_id));
+  const queued = new Set((orch.state?.queue ?? []).map((q) => q.participant_id));
+  syncList(els.participants, participants, (p) => p.participant_id, (p) => {
+    const id = p.participant_id;
+    const block = el('button', { className: 'small-btn', attrs: { type: 'button' }, dataset: { action: 'block' } });
+    block.addEventListener('click', () => {
+      const blocked = block.dataset.blocked === 'true';
+      hostAction({ type: blocked ? 'unblock' : 'block', participant_id: id },
+        `${blocked ? 'Unblocked' : 'Blocked'} ${participantName(id)} (${id}).`);
+    });
+    const give = el('button', { className: 'small-btn', text: 'Give turn', attrs: { type: 'button' }, dataset: { action: 'grant' } });
+    give.addEventListener('click', () => hostAction({ type: 'grant_turn', participant_id: id },
+      `Gave the turn to ${participantName(id)} (${id}).`));
+    const revoke = el('button', { className: 'small-btn', text: 'Revoke turn', attrs: { type: 'button' }, dataset: { action: 'revoke' } });
+    revoke.addEventListener('click', () => hostAction({ type: 'revoke_turn' },
+      `Revoked ${participantName(id)}\u2019s turn.`));
+    return el('li', { className: 'entry participant', dataset: { participantId: id } },
+      el('span', { className: 'pname wrap' }),
+      el('span', { className: 'pid', text: id }),
+      el('span', { className: 'tags' }),
+      el('span', { className: 'actions' }, give, revoke, block));
+  }, (row, p) => {
+    const id = p.participant_id;
+    row.querySelector('.pname').textContent = p.name || 'Anonymous';
+    row.querySelector('.pname').classList.toggle('muted', !p.name);
+    row.classList.toggle('blocked', Boolean(p.blocked));
+    const tags = [];
+    if (p.blocked) tags.push(['blocked', 'Blocked']);
+    if (mode === 'turns' && id === holder) tags.push(['turn', 'Has the turn']);
+    else if (mode === 'turns' && hands.has(id)) tags.push(['hand', 'Hand raised']);
+    if (mode === 'queue' && queued.has(id)) tags.push(['queued', 'Queued']);
+    row.querySelector('.tags').replaceChildren(...tags.map(([k, t]) => el('span', { className: 'tag', text: t, dataset: { tag: k } })));
+    const block = row.querySelector('[data-action="block"]');
+    block.dataset.blocked = String(Boolean(p.blocked));
+    block.textContent = p.blocked ? 'Unblock' : 'Block';
+    block.classList.toggle('danger', !p.blocked);
+    block.disabled = !canControl;
+    const give = row.querySelector('[data-action="grant"]');
+    const revoke = row.querySelector('[data-action="revoke"]');
+    give.hidden = mode !== 'turns' || id === holder || Boolean(p.blocked);
+    revoke.hidden = mode !== 'turns' || id !== holder;
+    give.disabled = !canControl;
+    revoke.disabled = !canControl;
+  }, orch.participantRows);
+}
+
+function tickOrchestration() {
+  const state = orch.state;
+  if (!state) return;
+  const voting = state.mode === 'vote' && orch.voteDeadline.active && (state.candidates ?? []).length > 0;
+  els.orchVoteCountdown.hidden = !voting;
+  if (voting) {
+    const left = orch.voteDeadline.left;
+    els.orchVoteCountdown.textContent = left > 0 ? `${clock(left)} left` : 'Counting…';
+    els.orchVoteCountdown.dataset.urgent = String(left <= 5000);
+  }
+  const turning = state.mode === 'turns' && orch.turnDeadline.active && Boolean(state.turn?.holder);
+  els.orchTurnCountdown.hidden = !turning;
+  if (turning) {
+    const left = orch.turnDeadline.left;
+    els.orchTurnCountdown.textContent = `${clock(left)} left`;
+    els.orchTurnCountdown.dataset.urgent = String(left <= 5000);
+  }
+}
+
+function startOrchTimer() {
+  if (!orch.timer) orch.timer = setInterval(tickOrchestration, 250);
+}
+
+function stopOrchTimer() {
+  clearInterval(orch.timer);
+  orch.timer = null;
+}
+
+/** Sends one orchestration message; the relay answers with the new state, or an error. */
+function hostAction(msg, text) {
+  if (!send(msg)) {
+    setOrchStatus('The control channel is not open.', 'error');
+    return false;
+  }
+  log(`${msg.type}${msg.participant_id ? ` ${msg.participant_id}` : ''}`, 'out');
+  if (text) setOrchStatus(text);
+  orch.pendingAction = msg.type;
+  return true;
+}
+
+function readSettings(mode) {
+  const body = {};
+  for (const name of MODE_SETTINGS[mode] ?? []) {
+    const input = settingInput(name);
+    if (name === 'blocked_words') {
+      body[name] = input.value.split(/[,\n]/).map((w) => w.trim()).filter(Boolean);
+      continue;
+    }
+    const raw = input.value.trim();
+    if (raw === '') continue; // unchanged: the relay keeps its value
+    const value = Number(raw);
+    if (!Number.isFinite(value)) throw new Error(`${input.closest('label').querySelector('span').textContent} must be a number.`);
+    body[name] = value;
+  }
+  return body;
+}
+
+function applyOrchestration() {
+  const mode = orch.selected ?? orch.state?.mode ?? 'host';
+  if (!els.orchForm.reportValidity()) return;
+  let settings;
+  try {
+    settings = readSettings(mode);
+  } catch (err) {
+    setOrchStatus(err.message, 'error');
+    return;
+  }
+  const msg = { type: 'orchestration', mode, ...settings };
+  if (!send(msg)) {
+    setOrchStatus('The control channel is not open.', 'error');
+    return;
+  }
+  log(`orchestration: ${JSON.stringify({ mode, ...settings })}`, 'out');
+  setOrchStatus('Applying…');
+  orch.pending = {
+    timer: setTimeout(() => {
+      orch.pending = null;
+      setOrchStatus('The relay has not confirmed the change.', 'error');
+      renderOrchestration();
+    }, ORCH_REPLY_MS),
+  };
+  renderOrchestration();
+}
+
+/** An error on the control channel while an orchestration change was pending: it was refused. */
+function orchestrationRefused(msg) {
+  if (!['INVALID_REQUEST', 'NOT_FOUND'].includes(msg.code)) return false; // a stream error, not ours
+  const field = msg.details?.field;
+  const detail = field && !String(msg.message ?? '').includes(field) ? ` (${field})` : '';
+  if (orch.pending) {
+    clearTimeout(orch.pending.timer);
+    orch.pending = null;
+    setOrchStatus(`Not applied: ${msg.message || msg.code}${detail}`, 'error');
+    renderOrchestration();
+    return true;
+  }
+  if (orch.pendingAction) {
+    orch.pendingAction = null;
+    setOrchStatus(`Refused: ${msg.message || msg.code}`, 'error');
+    return true;
+  }
+  return false;
+}
+
+els.orchForm.addEventListener('change', (e) => {
+  if (e.target.name === 'mode') selectMode(e.target.value);
+  orch.dirty = true;
+  setOrchStatus('');
+  renderOrchestration();
+});
+els.orchForm.addEventListener('input', () => {
+  if (!orch.dirty) {
+    orch.dirty = true;
+    renderOrchestration();
+  }
+});
+els.orchForm.addEventListener('submit', (e) => {
+  e.preventDefault();
+  if (!els.orchApply.disabled) applyOrchestration();
+});
+els.orchReset.addEventListener('click', () => {
+  orch.dirty = false;
+  setOrchStatus('');
+  if (orch.state) {
+    selectMode(orch.state.mode);
+    fillSettings(orch.state.settings);
+  }
+  renderOrchestration();
+});
+
+// ---------- recordings ----------
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * Opens a stream's replay page. Its link is signed by the relay (GET /v1/recordings/{id}
+ * with the API key) and expires, so it is asked for on each click. The tab is opened
+ * synchronously, inside the click, so no popup blocker stops it; it is pointed at the
+ * replay page once the link is known. A recording takes a moment to finish after its
+ * stream ends ("recording"): retried briefly.
+ */
+async function openRecording(id, button) {
+  const key = conn.apiKey || els.apiKey.value.trim();
+  const tab = window.open('', '_blank');
+  if (tab) {
+    tab.opener = null;
+    try {
+      tab.document.title = 'Loading the recording…';
+      tab.document.body.style.cssText = 'background:#0d0f14;color:#9aa3b2;font:16px system-ui;padding:24px';
+      tab.document.body.textContent = 'Loading the recording…';
+    } catch {
+      // Not ours to write to: it will simply be blank for a moment.
+    }
+  }
+  button.disabled = true;
+  button.textContent = 'Loading…';
+  const deadline = Date.now() + RECORDING_WAIT_MS;
+  try {
+    let rec;
+    for (;;) {
+      try {
+        rec = await fetchJson(`/v1/recordings/${encodeURIComponent(id)}`, {
+          headers: { Authorization: `Bearer ${key}` },
+        });
+      } catch (err) {
+        // Right after the stream, the recording may not be listed yet.
+        if (!(err instanceof HttpError && err.status === 404) || Date.now() > deadline) throw err;
+        rec = null;
+      }
+      if (rec && rec.status !== 'recording') break;
+      if (Date.now() > deadline) break;
+      await sleep(400);
+    }
+    if (!rec?.replay_url) throw new Error('The relay gave no replay link.');
+    if (tab && !tab.closed) tab.location.replace(rec.replay_url);
+    else window.open(rec.replay_url, '_blank', 'noopener');
+    log(`Opened the recording of ${id}${rec.status && rec.status !== 'complete' ? ` (${rec.status})` : ''}.`);
+    button.textContent = 'Recording';
+  } catch (err) {
+    if (tab && !tab.closed) tab.close();
+    const text = err instanceof HttpError ? errorText(err) : err.message || 'Network error: could not reach the relay.';
+    log(`Recording of ${id}: ${text}`, 'error');
+    button.textContent = err instanceof HttpError && err.status === 404 ? 'No recording' : 'Retry recording';
+  } finally {
+    button.disabled = false;
+  }
 }
 
 // ---------- control socket ----------
@@ -433,6 +867,11 @@ function onControl(msg) {
     case 'connected':
       log(`Connected: ${msg.connection_id ?? conn.id}.`);
       setBroadcast(msg.broadcast);
+      setOrchestration(msg.orchestration);
+      break;
+    case 'orchestration':
+      orch.pendingAction = null;
+      setOrchestration(msg);
       break;
     case 'broadcast_ready':
       log('Broadcast ready.');
@@ -450,8 +889,11 @@ function onControl(msg) {
       log(`Prompt applied: "${msg.prompt ?? ''}"`);
       break;
     case 'input_forwarded': {
-      const who = msg.participant_id ? ` from ${msg.participant_id}` : '';
-      log(`Audience input forwarded${who}: "${msg.prompt ?? ''}"`);
+      const pid = msg.participant_id;
+      const name = pid ? participantName(pid, '') : '';
+      const who = pid ? ` from ${name ? `${name} (${pid})` : pid}` : '';
+      const via = msg.mode ? ` [${msg.mode}]` : '';
+      log(`Audience input forwarded${who}${via}: "${msg.prompt ?? ''}"`, 'audience');
       break;
     }
     case 'error':
@@ -477,7 +919,8 @@ function onControl(msg) {
 function onControlError(msg) {
   const text = msg.message || msg.code || 'Error';
   log(`Error${msg.code ? ` ${msg.code}` : ''}: ${text}`, 'error');
-  showMessage(text);
+  // A refused orchestration change is said in its panel, next to what was refused.
+  if (!orchestrationRefused(msg)) showMessage(text);
   // A failed start/end: whatever we were waiting for isn't coming.
   setPending(null);
   if (msg.code === 'NO_ACTIVE_STREAM' && conn.stream) streamEnded({ stream_id: conn.stream.id, reason: 'ended' });
@@ -572,6 +1015,7 @@ function resetConnection() {
   setPending(null);
   stopPreview();
   clearBroadcast();
+  clearOrchestration();
   Object.assign(conn, {
     phase: 'disconnected',
     id: null,

@@ -5,8 +5,11 @@
 //   * state: the broadcast's events WebSocket (live, prompt, viewers), with GET
 //     polling every 3 s whenever the socket is not open.
 // render() folds both into the badge; nothing user-supplied is ever set as HTML.
+// The same socket makes the spectator a participant: participate.js shows the
+// orchestration (queue, vote, turns) and sends inputs when the host's mode allows.
 
 import { WhepPlayer, HttpError, fetchJson, wsUrl } from '/static/whep.js';
+import { Participation } from '/static/participate.js';
 
 const POLL_MS = 3000;
 const SOCKET_BACKOFF_MAX_MS = 10000;
@@ -81,6 +84,7 @@ function render() {
   // A broken link has no audience or prompt to show; "0 watching" would be a guess.
   els.viewersStat.hidden = Boolean(state.fatal) || !state.viewersKnown;
   els.nowPlaying.hidden = Boolean(state.fatal) && !state.fatalEnded;
+  participation.setFatal(state.fatal);
 
   const text = state.fatal || state.mediaMessage;
   els.message.hidden = !text;
@@ -128,10 +132,20 @@ function onEvent(msg) {
       applyState({ viewers: msg.count });
       break;
     default:
-      // orchestration, input_result...: for the participation feature, later.
       break;
   }
+  // hello, orchestration, *_result, prompt_applied, stream_started: participation's too.
+  participation.onEvent(msg);
 }
+
+const participation = new Participation({
+  send: (msg) => {
+    const ws = events.socket;
+    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+    ws.send(JSON.stringify(msg));
+    return true;
+  },
+});
 
 async function poll() {
   const seq = events.seq;
@@ -145,6 +159,7 @@ async function poll() {
       prompt: b.prompt ?? undefined,
       viewers: b.spectators,
     });
+    participation.applyState(b.orchestration);
   } catch (err) {
     // A broadcast that is gone (host disconnected) or a bad token will not come back.
     if (err instanceof HttpError && [401, 403, 404].includes(err.status)) fail(err.message, err.status);
@@ -167,6 +182,7 @@ function openEvents() {
   ws.addEventListener('open', () => {
     events.attempt = 0;
     stopPolling(); // the socket pushes everything from here on
+    participation.setConnected(true);
   });
   ws.addEventListener('message', (e) => {
     let msg;
@@ -183,6 +199,7 @@ function openEvents() {
   ws.addEventListener('close', () => {
     if (events.socket !== ws) return;
     events.socket = null;
+    participation.setConnected(false);
     if (events.stopped) return;
     // Couldn't open, or dropped: keep the page current by polling while we retry.
     startPolling();
@@ -210,6 +227,7 @@ function stopEvents() {
   const ws = events.socket;
   events.socket = null;
   if (ws) ws.close();
+  participation.setConnected(false);
 }
 
 // The relay's error messages are written for developers ("Authorization: Bearer..."); a

@@ -227,6 +227,18 @@ async def test_host_console_follows_the_relays_limits(relay_factory, open_page):
     await expect(status).to_contain_text("duration_limit")
     await expect(page.locator("#history .reason")).to_have_text("duration_limit")
 
+    # The ended stream's "Recording" opens its replay page (signed link fetched with the API key,
+    # retried while the recording is still being finished).
+    recording = page.locator("#history .recording")
+    await expect(recording).to_be_visible()
+    async with page.context.expect_page(timeout=UI_MS) as popup_info:
+        await recording.click()
+    replay = await popup_info.value
+    await expect(replay.locator("#timeline .tl-prompt")).to_have_text(["a short one"], timeout=UI_MS)
+    assert "/recordings/" in replay.url and "signature=" in replay.url
+    await replay.wait_for_function("document.getElementById('replay-video').duration > 1", timeout=UI_MS)
+    await replay.close()
+
     await expect(page.locator("#connection-state")).to_have_text("Not connected", timeout=UI_MS)
     await expect(page.locator("#host-message")).to_contain_text("maximum age")
     await expect(page.locator("#watch-url")).to_be_hidden()
