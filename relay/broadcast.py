@@ -13,7 +13,6 @@ import logging
 import secrets
 import uuid
 from dataclasses import dataclass, field
-import time
 from typing import Any, Awaitable, Callable
 
 from aiortc import RTCPeerConnection
@@ -205,6 +204,7 @@ class Broadcast:
         event = {"type": "prompt_applied", "prompt": prompt, "source": source, "mode": self.orchestrator.mode}
         if participant_id is not None:
             event["participant_id"] = participant_id
+            event["name"] = self.orchestrator.participants.get(participant_id)
         self.emit(event)
 
     # -- spectators ------------------------------------------------------------------
@@ -328,6 +328,10 @@ class Broadcast:
         return {"type": "error", "code": "INVALID_REQUEST", "fatal": False,
                 "message": f"Unknown message type {kind!r}."}
 
+    def host_changed_orchestration(self) -> None:
+        """The host acted: show everyone the result now rather than at the next tick."""
+        self._push_orchestration_state(at_once=True)
+
     def configure_orchestration(self, body: dict[str, Any]) -> None:
         """The host's `{mode?, ...settings}` (REST body or control message), validated by the orchestrator."""
         settings = {k: v for k, v in body.items() if k != "type"}
@@ -369,11 +373,11 @@ class Broadcast:
                 await self._forward(forward)
         self._push_orchestration_state()
 
-    def _push_orchestration_state(self) -> None:
+    def _push_orchestration_state(self, *, at_once: bool = False) -> None:
         """Coalesced: at most one push per STATE_PUSH_INTERVAL, only when something changed."""
         versions = (self.orchestrator.version, self.orchestrator.host_version)
-        now = time.monotonic()
-        if versions == self._state_sent or now - self._state_pushed_at < STATE_PUSH_INTERVAL:
+        now = self._clock.monotonic()
+        if versions == self._state_sent or (now - self._state_pushed_at < STATE_PUSH_INTERVAL and not at_once):
             return
         public_changed = versions[0] != self._state_sent[0]
         self._state_sent, self._state_pushed_at = versions, now

@@ -248,7 +248,7 @@ async def _handle_control_message(request: web.Request, conn: Connection, data: 
             await sessions.end_stream(conn.stream, "ended")
         elif kind in HOST_ORCHESTRATION:
             HOST_ORCHESTRATION[kind](conn.broadcast, message)
-            conn.publish({"type": "orchestration", **conn.broadcast.orchestrator.state(host=True)})
+            conn.broadcast.host_changed_orchestration()
         else:
             raise invalid_request(f"Unknown control message type {kind!r}.", type=kind)
     except RelayError as err:

@@ -40,23 +40,26 @@ async def get_orchestration(request: web.Request) -> web.Response:
 async def put_orchestration(request: web.Request) -> web.Response:
     broadcast = host_broadcast(request)
     broadcast.configure_orchestration(await read_json(request))
+    broadcast.host_changed_orchestration()
     return json_response(broadcast.orchestrator.state(host=True))
+
+
+async def _set_blocked(request: web.Request, blocked: bool) -> web.Response:
+    broadcast = host_broadcast(request)
+    participant_id = request.match_info["participant_id"]
+    (broadcast.orchestrator.block if blocked else broadcast.orchestrator.unblock)(participant_id)
+    broadcast.host_changed_orchestration()
+    return json_response({"participant_id": participant_id, "blocked": blocked})
 
 
 @routes.post("/v1/broadcasts/{broadcast_id}/participants/{participant_id}/block")
 async def block(request: web.Request) -> web.Response:
-    broadcast = host_broadcast(request)
-    participant_id = request.match_info["participant_id"]
-    broadcast.orchestrator.block(participant_id)
-    return json_response({"participant_id": participant_id, "blocked": True})
+    return await _set_blocked(request, True)
 
 
 @routes.delete("/v1/broadcasts/{broadcast_id}/participants/{participant_id}/block")
 async def unblock(request: web.Request) -> web.Response:
-    broadcast = host_broadcast(request)
-    participant_id = request.match_info["participant_id"]
-    broadcast.orchestrator.unblock(participant_id)
-    return json_response({"participant_id": participant_id, "blocked": False})
+    return await _set_blocked(request, False)
 
 
 @routes.post("/v1/broadcasts/{broadcast_id}/turn")
@@ -66,6 +69,7 @@ async def grant_turn(request: web.Request) -> web.Response:
     if not isinstance(participant_id, str):
         raise invalid_request("'participant_id' is required.", field="participant_id")
     broadcast.orchestrator.grant_turn(participant_id)
+    broadcast.host_changed_orchestration()
     return json_response(broadcast.orchestrator.state(host=True)["turn"])
 
 
@@ -73,4 +77,5 @@ async def grant_turn(request: web.Request) -> web.Response:
 async def revoke_turn(request: web.Request) -> web.Response:
     broadcast = host_broadcast(request)
     broadcast.orchestrator.revoke_turn()
+    broadcast.host_changed_orchestration()
     return json_response(broadcast.orchestrator.state(host=True)["turn"])
