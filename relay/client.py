@@ -78,6 +78,43 @@ class RelayClient:
     async def get_stream(self, stream_id: str) -> dict[str, Any]:
         return await self.request("GET", f"/v1/streams/{stream_id}")
 
+    # -- simulations: scripts run offline as jobs, each script producing one recording ----------
+
+    async def simulate(self, script: list[dict[str, Any]], portrait: bool = False) -> dict[str, Any]:
+        """Queue one script; returns {job_id, status: "pending", created_at, estimated_wait_seconds}."""
+        return await self.request("POST", "/v1/simulations", json={"script": script, "portrait": portrait})
+
+    async def simulate_batch(self, scripts: list[list[dict[str, Any]]], portrait: bool = False) -> dict[str, Any]:
+        """Queue several scripts as one job (one recording each)."""
+        return await self.request("POST", "/v1/simulations", json={"scripts": scripts, "portrait": portrait})
+
+    async def get_simulation(self, job_id: str) -> dict[str, Any]:
+        return await self.request("GET", f"/v1/simulations/{job_id}")
+
+    async def list_simulations(self, status: str | None = None, active: bool | None = None, limit: int = 20,
+                               offset: int = 0) -> dict[str, Any]:
+        params: dict[str, str] = {"limit": str(limit), "offset": str(offset)}
+        if status is not None:
+            params["status"] = status
+        if active is not None:
+            params["active"] = "true" if active else "false"
+        return await self.request("GET", "/v1/simulations", params=params)
+
+    async def cancel_simulation(self, job_id: str) -> dict[str, Any]:
+        return await self.request("DELETE", f"/v1/simulations/{job_id}")
+
+    async def wait_simulation(self, job_id: str, timeout: float = 600, interval: float = 0.5) -> dict[str, Any]:
+        """Poll until the job is completed, failed or cancelled; returns it (TimeoutError past ``timeout``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            job = await self.get_simulation(job_id)
+            if job["status"] in ("completed", "failed", "cancelled"):
+                return job
+            if loop.time() >= deadline:
+                raise TimeoutError(f"simulation {job_id} still {job['status']} after {timeout} s")
+            await asyncio.sleep(interval)
+
     async def close(self) -> None:
         if self._session is not None and self._owns_session:
             await self._session.close()

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 __all__ = ["ConfigError", "Settings", "load_config", "ServerSettings", "AuthSettings", "LimitsSettings",
            "WorldModelSettings", "WebRTCSettings", "MediaSettings", "OrchestrationSettings",
-           "RecordingsSettings"]
+           "RecordingsSettings", "SimulationsSettings"]
 
 
 class ConfigError(Exception):
@@ -257,6 +257,18 @@ class RecordingsSettings:
     writer_queue_packets: int = option(512, min=16)
 
 
+# [simulations] (relay/simulations.py) ------------------------------------------------------------
+@dataclass(frozen=True)
+class SimulationsSettings:
+    """Offline script jobs: durable in data_dir/simulations.db, rendered by worker processes."""
+
+    workers: int = option(1, min=1, max=64)  # worker processes, each renders and encodes one job at a time
+    max_seconds: float = option(150.0, min=1, max=3600)  # longest script (its end entry's timestamp)
+    max_retries: int = option(2, min=0, max=100)  # an interrupted job is retried this often, then failed
+    poll_interval_seconds: float = option(0.5, min=0.01, max=60)
+# [simulations] end -----------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -267,6 +279,7 @@ class Settings:
     media: MediaSettings = field(default_factory=MediaSettings)
     recordings: RecordingsSettings = field(default_factory=RecordingsSettings)
     orchestration: OrchestrationSettings = field(default_factory=OrchestrationSettings)
+    simulations: SimulationsSettings = field(default_factory=SimulationsSettings)  # [simulations]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Settings:

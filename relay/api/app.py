@@ -16,6 +16,9 @@ from ..sessions import SessionManager
 from ..worldmodel.base import WorldModel
 from . import broadcasts, connections, ops, orchestration, pages, recordings
 from .common import API_KEYS, RECORDINGS, SESSIONS, SETTINGS
+from ..simulations import Simulations  # simulations
+from . import simulations as simulations_api  # simulations
+from .common import SIMULATIONS  # simulations
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +86,11 @@ def create_app(settings: Settings, world_model: WorldModel | None = None, *, rea
     app[WORLD_MODEL] = world_model
     app[RECORDINGS] = RecordingStore.from_settings(settings)
     app[SESSIONS] = SessionManager(settings, world_model, recordings=app[RECORDINGS])
+    app[SIMULATIONS] = Simulations(settings, app[RECORDINGS])  # simulations
 
     for module in (connections, broadcasts, orchestration, recordings, ops, pages):
         app.router.add_routes(module.routes)
+    app.router.add_routes(simulations_api.routes)  # simulations
     pages.add_static(app)
     app.cleanup_ctx.append(_lifecycle(reaper_interval))
     return app
@@ -126,6 +131,10 @@ def _lifecycle(reaper_interval: float):
         if recovered:
             log.info("recovered %d recordings left by a previous run", len(recovered))
         await asyncio.to_thread(lambda: store.secret)
+        # simulations: after recordings' recovery (it finalizes what a killed worker left; the runner then
+        # deletes those cut attempts and puts their jobs back to pending).
+        simulations = app[SIMULATIONS]
+        await simulations.start()
         sessions = app[SESSIONS]
         reaper = asyncio.create_task(sessions.run_reaper(reaper_interval), name="relay-reaper")
         sweeper = asyncio.create_task(_sweep_recordings(store), name="relay-recordings-sweeper")
@@ -133,6 +142,7 @@ def _lifecycle(reaper_interval: float):
         for task in (reaper, sweeper):
             task.cancel()
         await asyncio.gather(reaper, sweeper, return_exceptions=True)
+        await simulations.close()  # simulations: workers stopped now; their jobs go back to pending
         await sessions.close()
         await app[WORLD_MODEL].close()
 

@@ -11,11 +11,13 @@ from ..config import Settings
 from ..recordings import RecordingStore
 from ..errors import invalid_request, unsupported_media_type
 from ..sessions import Connection, SessionManager
+from ..simulations import Simulations  # simulations
 
 SETTINGS = web.AppKey("settings", Settings)
 SESSIONS = web.AppKey("sessions", SessionManager)
 API_KEYS = web.AppKey("api_keys", tuple)
 RECORDINGS = web.AppKey("recordings", RecordingStore)
+SIMULATIONS = web.AppKey("simulations", Simulations)  # simulations
 
 
 def token_of(request: web.Request) -> str | None:

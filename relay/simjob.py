@@ -1,0 +1,163 @@
+"""What a simulation worker process runs: each script of a job rendered against a virtual clock, encoded
+once, recorded as a standard recording.
+
+No real-time waiting: frame i is rendered for t = i / fps as fast as the core allows. A prompt is applied
+before the first frame at or after its timestamp (the start prompt before frame 0), and the stream ends at
+the end entry's timestamp: a script of T ms has ceil(T * fps / 1000) frames. The recorder is handed a
+FakeClock that the loop moves to each frame's time, so the events' ``offset_ms`` and the recording's
+``started_at``/``ended_at`` follow the video, not the wall clock.
+
+Runs in a worker process (``relay.simulations`` hands ``run_job`` to a spawn-context process pool); also
+callable in-process (tests, bench/simulations.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .clock import FakeClock
+from .media.encoder import VIDEO_TIME_BASE, H264Encoder
+from .media.recorder import STATUS_COMPLETE, RecordingResult
+from .recordings import RecordingStore
+from .worldmodel.synthetic import SceneRenderer
+
+__all__ = ["init_worker", "run_job", "record_script", "frame_count"]
+
+_PARENT_CHECK_SECONDS = 0.2
+
+
+WORKER_NICENESS = 10
+
+
+def init_worker() -> None:
+    """Pool initializer: yield the CPU to the live relay, leave Ctrl-C to it, and die with it.
+
+    Offline jobs have no deadline and live streams do: at a lower priority, a busy worker takes only
+    the CPU the relay's event loop, encoders and render threads leave. A relay killed with -9 cannot
+    stop its workers; one left running would go on writing a recording the next run has already taken
+    back. So each worker watches its parent and exits when it is gone.
+    """
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:  # not permitted here: run at the relay's priority
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(_PARENT_CHECK_SECONDS)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="relay-sim-parent-watch", daemon=True).start()
+
+
+def frame_count(duration_ms: int, fps: int) -> int:
+    """Frames of a stream of ``duration_ms``: those with i / fps < duration."""
+    return -(-duration_ms * fps // 1000)
+
+
+def _first_frame(timestamp_ms: int, fps: int) -> int:
+    """The first frame at or after ``timestamp_ms``."""
+    return -(-timestamp_ms * fps // 1000)
+
+
+def record_script(
+    script: Sequence[Mapping[str, Any]],
+    *,
+    store_dir: str,
+    stream_id: str,
+    owner: str,
+    width: int,
+    height: int,
+    fps: int,
+    bitrate_kbps: int,
+    keyframe_interval_seconds: float,
+    preview_seconds: float = 5.0,
+    preview_width: int = 320,
+    writer_queue_packets: int = 512,
+    extra: Mapping[str, Any] | None = None,
+) -> RecordingResult:
+    """Render one validated script into the recording ``stream_id`` under ``store_dir``; blocks until written."""
+    frames = frame_count(script[-1]["timestamp_ms"], fps)
+    start = script[0]["start"]
+    interacts = [(_first_frame(e["timestamp_ms"], fps), e["timestamp_ms"], e["interact"]["prompt"])
+                 for e in script if "interact" in e]
+    clock = FakeClock(start=0.0, wall=time.time())
+    # Offline, the writer only ever falls behind by what this loop produces: let it hold the whole script
+    # (bounded by max_seconds) rather than fail the recording for a slow disk.
+    queue = max(writer_queue_packets, frames + len(script) + 64)
+    store = RecordingStore(store_dir, preview_seconds=preview_seconds, preview_width=preview_width,
+                           writer_queue_packets=queue, clock=clock)
+    recorder = store.recorder(stream_id, width=width, height=height, fps=fps, owner=owner,
+                              extra={"source": "simulation", **(extra or {})})
+    encoder = None
+    reason = "upstream_error"  # the world model or the encoder failed under us
+    try:
+        renderer = SceneRenderer(width, height)
+        encoder = H264Encoder(width, height, fps, bitrate_kbps, keyframe_interval_seconds)
+        renderer.set_prompt(start["prompt"])
+        recorder.log_event({"type": "stream_started", "stream_id": stream_id, "prompt": start["prompt"],
+                            "source": "simulation"})
+        k = 0
+        for i in range(frames):
+            t = i / fps
+            clock.advance(t - clock.monotonic())
+            while k < len(interacts) and interacts[k][0] <= i:
+                _, ts, prompt = interacts[k]
+                renderer.set_prompt(prompt)
+                recorder.log_event({"type": "prompt_applied", "prompt": prompt, "source": "simulation",
+                                    "timestamp_ms": ts})
+                k += 1
+            frame = renderer.render(t)
+            frame.pts = round(i * 90000 / fps)
+            frame.time_base = VIDEO_TIME_BASE
+            for packet in encoder.encode(frame, force_keyframe=i == 0):
+                recorder.write(packet, packet.is_keyframe)
+        clock.advance(frames / fps - clock.monotonic())
+        for _, ts, prompt in interacts[k:]:  # after the last frame: taken, with nothing left to show it
+            recorder.log_event({"type": "prompt_applied", "prompt": prompt, "source": "simulation",
+                                "timestamp_ms": ts})
+        reason = "ended"
+    finally:
+        if encoder is not None:
+            encoder.close()
+        result = recorder.close(reason)  # blocks until video, events, thumbnail, preview and metadata are written
+    return result
+
+
+def run_job(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """One attempt at a job (``Simulations._spec`` builds ``spec``): {"status": "completed" | "cancelled", ...}.
+
+    Marks the job processing first, atomically and only if it is still dispatched, so a job cancelled
+    while it waited for this worker is never run. Raises if any recording fails (the supervisor then
+    deletes this attempt's recordings and retries or fails the job).
+    """
+    from .simulations import JobStore
+
+    store = JobStore(spec["db_path"])
+    try:
+        if not store.mark_processing(spec["job_id"]):
+            return {"status": "cancelled"}
+    finally:
+        store.close()
+    results = []
+    for index, (script, stream_id) in enumerate(zip(spec["scripts"], spec["stream_ids"], strict=True)):
+        result = record_script(
+            script, store_dir=spec["data_dir"], stream_id=stream_id, owner=spec["owner"],
+            width=spec["width"], height=spec["height"], fps=spec["fps"], bitrate_kbps=spec["bitrate_kbps"],
+            keyframe_interval_seconds=spec["keyframe_interval_seconds"], preview_seconds=spec["preview_seconds"],
+            preview_width=spec["preview_width"], writer_queue_packets=spec["writer_queue_packets"],
+            extra={"simulation_job_id": spec["job_id"], "script_index": index},
+        )
+        if result.status != STATUS_COMPLETE:
+            raise RuntimeError(f"recording script {index} failed: {result.error}")
+        results.append({"stream_id": stream_id, "frame_count": result.frame_count,
+                        "duration_seconds": result.duration_seconds})
+    return {"status": "completed", "stream_ids": list(spec["stream_ids"]), "recordings": results}
