@@ -3,7 +3,7 @@ rate of a stream while simulations run.
 
     python bench/simulations.py                       # a 10 s script at 1280x704, 3 runs, on one core
     python bench/simulations.py --seconds 30 --width 704 --height 1280
-    python bench/simulations.py --preset superfast    # what-if: another x264 preset (the relay uses veryfast)
+    python bench/simulations.py --preset veryfast     # another x264 preset (simulations default: superfast)
     python bench/simulations.py --live --simulations 2   # live fps: idle, then while 2 simulations run
 
 Render speed: the worker's own code (relay.simjob.record_script: SceneRenderer against a virtual clock,
@@ -50,22 +50,7 @@ def make_script(seconds: float) -> list[dict]:
     return validate_script(entries, max(150, seconds))
 
 
-def _use_preset(preset: str) -> None:
-    """What-if only: H264Encoder has no preset parameter; patch its options before the codec opens."""
-    import relay.media.encoder as encoder
-
-    original = encoder.H264Encoder.__init__
-
-    def init(self, *a, **k):
-        original(self, *a, **k)
-        self._ctx.options = {**self._ctx.options, "preset": preset}
-
-    encoder.H264Encoder.__init__ = init
-
-
 def render_speed(args: argparse.Namespace) -> None:
-    if args.preset:
-        _use_preset(args.preset)
     if args.cores == "one" and hasattr(os, "sched_setaffinity"):
         core = min(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {core})
@@ -75,7 +60,7 @@ def render_speed(args: argparse.Namespace) -> None:
     script = make_script(args.seconds)
     frames = frame_count(script[-1]["timestamp_ms"], args.fps)
     print(f"simulation render speed: {args.seconds:g} s script ({frames} frames, {len(script) - 2} prompt changes) "
-          f"at {args.width}x{args.height}, {args.fps} fps, {args.bitrate} kbps, x264 {args.preset or 'veryfast'}; "
+          f"at {args.width}x{args.height}, {args.fps} fps, {args.bitrate} kbps, x264 {args.preset}; "
           f"one worker, {where}")
     print(f"{'run':>4} {'wall s':>8} {'cpu s':>8} {'x real time (wall)':>19} {'x real time (cpu)':>18} {'frames':>7}")
     walls, cpus = [], []
@@ -84,7 +69,7 @@ def render_speed(args: argparse.Namespace) -> None:
             wall0, cpu0 = time.perf_counter(), time.process_time()
             result = record_script(script, store_dir=tmp, stream_id=f"bench{run}", owner="bench",
                                    width=args.width, height=args.height, fps=args.fps, bitrate_kbps=args.bitrate,
-                                   keyframe_interval_seconds=2.0)
+                                   keyframe_interval_seconds=2.0, preset=args.preset)
             wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
             if run == 0:
                 continue
@@ -190,7 +175,8 @@ def main() -> None:
     parser.add_argument("--fps", type=int, default=25)
     parser.add_argument("--bitrate", type=int, default=2000, help="kbps, as [media] bitrate_kbps")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--preset", help="what-if: x264 preset instead of H264Encoder's veryfast")
+    parser.add_argument("--preset", default="superfast",
+                        help="x264 preset (default superfast, as [simulations] encoder_preset)")
     parser.add_argument("--cores", choices=("one", "all"), default="one")
     parser.add_argument("--live", action="store_true", help="measure a live stream's fps while simulations run")
     parser.add_argument("--simulations", type=int, default=2, help="with --live: simulations running at once")

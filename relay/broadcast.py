@@ -163,6 +163,7 @@ class Broadcast:
             mode=media.mode,
             bitrate_kbps=media.bitrate_kbps,
             keyframe_interval_seconds=media.keyframe_interval_seconds,
+            preset=media.preset,
             on_frame=metrics.FRAMES_GENERATED.inc,
             on_keyframe_forced=metrics.KEYFRAMES_FORCED.inc,
             on_latency=metrics.RELAY_LATENCY.observe,

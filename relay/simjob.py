@@ -79,6 +79,7 @@ def record_script(
     fps: int,
     bitrate_kbps: int,
     keyframe_interval_seconds: float,
+    preset: str = "superfast",
     preview_seconds: float = 5.0,
     preview_width: int = 320,
     writer_queue_packets: int = 512,
@@ -101,7 +102,7 @@ def record_script(
     reason = "upstream_error"  # the world model or the encoder failed under us
     try:
         renderer = SceneRenderer(width, height)
-        encoder = H264Encoder(width, height, fps, bitrate_kbps, keyframe_interval_seconds)
+        encoder = H264Encoder(width, height, fps, bitrate_kbps, keyframe_interval_seconds, preset=preset)
         renderer.set_prompt(start["prompt"])
         recorder.log_event({"type": "stream_started", "stream_id": stream_id, "prompt": start["prompt"],
                             "source": "simulation"})
@@ -152,7 +153,8 @@ def run_job(spec: Mapping[str, Any]) -> dict[str, Any]:
         result = record_script(
             script, store_dir=spec["data_dir"], stream_id=stream_id, owner=spec["owner"],
             width=spec["width"], height=spec["height"], fps=spec["fps"], bitrate_kbps=spec["bitrate_kbps"],
-            keyframe_interval_seconds=spec["keyframe_interval_seconds"], preview_seconds=spec["preview_seconds"],
+            keyframe_interval_seconds=spec["keyframe_interval_seconds"], preset=spec["encoder_preset"],
+            preview_seconds=spec["preview_seconds"],
             preview_width=spec["preview_width"], writer_queue_packets=spec["writer_queue_packets"],
             extra={"simulation_job_id": spec["job_id"], "script_index": index},
         )

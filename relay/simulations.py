@@ -697,6 +697,7 @@ class Simulations:
             "owner": job.owner, "scripts": job.scripts, "stream_ids": job.stream_ids,
             "width": width, "height": height, "fps": wm.fps, "bitrate_kbps": media.bitrate_kbps,
             "keyframe_interval_seconds": media.keyframe_interval_seconds,
+            "encoder_preset": self._settings.simulations.encoder_preset,
             "preview_seconds": rec.preview_seconds, "preview_width": rec.preview_width,
             "writer_queue_packets": rec.writer_queue_packets,
         }

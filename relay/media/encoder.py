@@ -26,6 +26,7 @@ class H264Encoder:
         fps: int,
         bitrate_kbps: int,
         keyframe_interval_seconds: float,
+        preset: str = "veryfast",
     ) -> None:
         self.width = width
         self.height = height
@@ -40,7 +41,7 @@ class H264Encoder:
         ctx.bit_rate = bitrate_kbps * 1000
         ctx.profile = "Baseline"
         ctx.options = {
-            "preset": "veryfast",
+            "preset": preset,
             "tune": "zerolatency",
             "level": "31",
             "forced-idr": "1",

@@ -37,6 +37,7 @@ class StreamPipeline:
         mode: str = "encode-once",
         bitrate_kbps: int = 2000,
         keyframe_interval_seconds: float = 2.0,
+        preset: str = "veryfast",
         on_frame: Callable[[], None] | None = None,
         on_keyframe_forced: Callable[[], None] | None = None,
         on_latency: Callable[[float], None] | None = None,
@@ -53,7 +54,7 @@ class StreamPipeline:
         self._encoder: H264Encoder | None = None
         self._executor: ThreadPoolExecutor | None = None
         if mode != "per-spectator":
-            self._encoder = H264Encoder(width, height, fps, bitrate_kbps, keyframe_interval_seconds)
+            self._encoder = H264Encoder(width, height, fps, bitrate_kbps, keyframe_interval_seconds, preset=preset)
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="relay-encoder")
         self._force_keyframe = False
         self._last_forced = -1e9
