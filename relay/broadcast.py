@@ -47,6 +47,7 @@ class Spectator:
     joined_at: float
     last_heard: float
     output: RtpOutput | None = None
+    counted: bool = True  # False for the host's own preview: the host is not its audience
     closed: bool = False
 
     async def close(self) -> None:
@@ -143,7 +144,7 @@ class Broadcast:
             "broadcast_id": self.broadcast_id,
             "live": self.live,
             "stream_id": self.stream_id,
-            "spectators": len(self.spectators),
+            "spectators": self.viewers,
             "prompt": self.prompt,
             "orchestration": self.orchestration,
         }
@@ -210,11 +211,16 @@ class Broadcast:
 
     # -- spectators ------------------------------------------------------------------
 
-    async def add_spectator(self, offer_sdp: str) -> tuple[Spectator, str]:
+    @property
+    def viewers(self) -> int:
+        """Spectators who count: everyone watching but the host's own preview."""
+        return sum(1 for s in self.spectators.values() if s.counted)
+
+    async def add_spectator(self, offer_sdp: str, *, counted: bool = True) -> tuple[Spectator, str]:
         if self.closed:
             raise not_found("broadcast", self.broadcast_id)
         limit = self._settings.limits.spectators_per_broadcast
-        if len(self.spectators) >= limit:
+        if counted and self.viewers >= limit:
             raise RelayError(
                 "SPECTATOR_LIMIT_REACHED",
                 503,
@@ -251,7 +257,7 @@ class Broadcast:
             track.stop()
             raise
         spectator = Spectator(spectator_id, peer.pc, track, joined_at=now, last_heard=now,
-                              output=outputs[0] if outputs else None)
+                              output=outputs[0] if outputs else None, counted=counted)
         self.spectators[spectator_id] = spectator
 
         @peer.pc.on("connectionstatechange")
@@ -259,7 +265,7 @@ class Broadcast:
             if peer.pc.connectionState in ("failed", "closed"):
                 await self.remove_spectator(spectator_id)
 
-        self.peak_spectators = max(self.peak_spectators, len(self.spectators))
+        self.peak_spectators = max(self.peak_spectators, self.viewers)
         self._record_viewers()
         metrics.SPECTATORS.inc()
         log.info("spectator joined", extra={"broadcast_id": self.broadcast_id, "spectator_id": spectator_id})
@@ -267,7 +273,7 @@ class Broadcast:
 
     def _record_viewers(self) -> None:
         if self._recorder is not None:
-            self._recorder.log_event({"type": "viewers", "count": len(self.spectators)})
+            self._recorder.log_event({"type": "viewers", "count": self.viewers})
 
     def _heard(self, spectator_id: str) -> None:
         spectator = self.spectators.get(spectator_id)
@@ -366,8 +372,8 @@ class Broadcast:
             if now - spectator.last_heard > timeout:
                 log.info("spectator timed out", extra={"spectator_id": spectator.spectator_id})
                 await self.remove_spectator(spectator.spectator_id)
-        if len(self.spectators) != self._viewers_sent:
-            self._viewers_sent = len(self.spectators)
+        if self.viewers != self._viewers_sent:
+            self._viewers_sent = self.viewers
             self.emit({"type": "viewers", "count": self._viewers_sent})
         if self.live:  # while nothing is live, inputs wait (a queue holds, a window's winner keeps)
             for forward in self.orchestrator.tick():

@@ -64,7 +64,7 @@ class Stream:
             "started_at": iso(self.started_at),
             "ended_at": iso(self.ended_at),
             "end_reason": self.end_reason,
-            "spectators": len(broadcast.spectators) if self.live else self.peak_spectators,
+            "spectators": broadcast.viewers if self.live else self.peak_spectators,
             "last_applied_prompt": self.last_applied_prompt,
             "width": self.width,
             "height": self.height,

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 
 from aiohttp import WSMsgType, web
 
-from ..auth import check_spectator
+from ..auth import check_spectator, is_api_key
 from ..broadcast import Broadcast
 from ..errors import RelayError, unsupported_media_type
-from .common import SESSIONS, SETTINGS, json_response, token_of
+from .common import API_KEYS, SESSIONS, SETTINGS, json_response, token_of
 
 routes = web.RouteTableDef()
 
@@ -35,13 +36,27 @@ async def get_broadcast(request: web.Request) -> web.Response:
     return json_response(spectator_broadcast(request).state())
 
 
+def _host_preview(request: web.Request, broadcast: Broadcast) -> bool:
+    """The host watching its own broadcast (its client_token or API key): not counted as a viewer."""
+    sessions = request.app[SESSIONS]
+    token = token_of(request)
+    conn = sessions.connections.get(broadcast.connection_id)
+    if not token or conn is None:
+        return False
+    return sessions.connection_for_client_token(token) is conn or (
+        is_api_key(token, request.app[API_KEYS]) and hmac.compare_digest(token.encode(), conn.api_key.encode()))
+
+
 @routes.post("/v1/broadcasts/{broadcast_id}/whep")
 async def whep_offer(request: web.Request) -> web.Response:
-    broadcast = spectator_broadcast(request)
+    broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
+    host = _host_preview(request, broadcast)
+    if not host:
+        check_spectator(token_of(request), broadcast.spectator_token)
     if request.content_type != "application/sdp":
         raise unsupported_media_type("application/sdp")
     offer = (await request.read()).decode("utf-8", errors="replace")
-    spectator, answer = await broadcast.add_spectator(offer)
+    spectator, answer = await broadcast.add_spectator(offer, counted=not host)
     return web.Response(
         status=201,
         text=answer,
@@ -94,7 +109,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
             "live": broadcast.live,
             "stream_id": broadcast.stream_id,
             "prompt": broadcast.prompt,
-            "viewers": len(broadcast.spectators),
+            "viewers": broadcast.viewers,
         })
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:

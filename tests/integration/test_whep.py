@@ -230,3 +230,16 @@ async def test_fifty_join_leave_cycles_leave_nothing_behind(live, http):
     assert [o for o in gc.get_objects() if isinstance(o, RTCPeerConnection)] == []
     assert len(asyncio.all_tasks()) <= tasks, [t.get_name() for t in asyncio.all_tasks()]
     assert threading.active_count() <= threads
+
+
+async def test_host_preview_is_not_counted_as_a_viewer(live, http):
+    relay, b = live
+    conn = next(iter(relay.sessions.connections.values()))
+    broadcast = relay.sessions.broadcast(b["broadcast_id"])
+    async with Spectator(b["whep_url"], conn.client_token, session=http) as preview:
+        await asyncio.wait_for(preview.track.recv(), 10)
+        async with Spectator(b["whep_url"], b["spectator_token"], session=http) as viewer:
+            await asyncio.wait_for(viewer.track.recv(), 10)
+            assert len(broadcast.spectators) == 2 and broadcast.viewers == 1
+            async with http.get(b["webrtc_url"], headers={"Authorization": f"Bearer {b['spectator_token']}"}) as r:
+                assert (await r.json())["spectators"] == 1
