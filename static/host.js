@@ -65,6 +65,17 @@ const els = {
   orchHandsCount: $('orch-hands-count'),
   participants: $('participants'),
   participantsCount: $('participants-count'),
+  simForm: $('sim-form'),
+  simScript: $('sim-script'),
+  simPortrait: $('sim-portrait'),
+  simSubmit: $('sim-submit'),
+  simExample: $('sim-example'),
+  simRefresh: $('sim-refresh'),
+  simMessage: $('sim-message'),
+  simActive: $('sim-active'),
+  simCount: $('sim-count'),
+  simListStatus: $('sim-list-status'),
+  simJobs: $('sim-jobs'),
 };
 
 /**
@@ -218,13 +229,29 @@ const PREVIEW_LABELS = {
   stopped: ['idle', 'Off'],
 };
 
+const TOKEN_MARGIN_MS = 5000;         // stop using the client_token this long before it expires
+
+/**
+ * The token the preview joins with, asked for on every (re)connect. The connection's
+ * client_token makes it the host's own preview, which the relay does not count among the
+ * viewers. That token only opens things for its first minutes, though: a preview that has to
+ * reconnect after that joins with the spectator token instead (counted, but still a picture).
+ */
+function previewToken() {
+  if (conn.clientToken && Date.now() < conn.tokenExpiresAt - TOKEN_MARGIN_MS) return conn.clientToken;
+  return conn.broadcast?.spectator_token ?? '';
+}
+
 function startPreview() {
   stopPreview();
   const b = conn.broadcast;
   // Same origin as this page: the relay that served it is the one to watch from.
   preview = new WhepPlayer({
     endpoint: `/v1/broadcasts/${encodeURIComponent(b.broadcast_id)}/whep`,
-    token: b.spectator_token,
+    token: previewToken,
+    // The relay takes the client_token on the offer only: its session's PATCH/DELETE would
+    // refuse it (401) and the preview would linger. The Location is the capability anyway.
+    sessionAuth: false,
     video: els.preview,
     onStatus: ({ state, message, retryInMs }) => {
       let [badge, label] = PREVIEW_LABELS[state] ?? ['idle', state];
@@ -1112,7 +1139,327 @@ window.addEventListener('pageshow', (e) => {
   if (e.persisted) resetConnection();
 });
 
+// ---------- simulations ----------
+//
+// Timed scripts run offline into recordings: POST/GET/DELETE /v1/simulations with the API key
+// from the field above (a connection is not needed). The jobs list is polled every 2 s while
+// any job is pending or running, and not at all otherwise.
+
+const SIM_POLL_MS = 2000;
+const SIM_LIST_LIMIT = 20;
+const SIM_EXAMPLE = `[
+  {"timestamp_ms": 0, "start": {"prompt": "a calm ocean at sunset"}},
+  {"timestamp_ms": 1500, "interact": {"prompt": "a storm rolls in"}},
+  {"timestamp_ms": 3000, "end": {}}
+]`;
+const SIM_LABELS = {
+  pending: 'Pending',
+  dispatched: 'Starting',
+  processing: 'Running',
+  completed: 'Completed',
+  failed: 'Failed',
+  cancelled: 'Cancelled',
+};
+const SIM_ACTIVE = new Set(['pending', 'dispatched', 'processing']);
+const SIM_CANCELLABLE = new Set(['pending', 'dispatched']);
+
+const sim = {
+  key: '',             // the key the list shows the jobs of
+  jobs: [],
+  total: 0,
+  rows: new Map(),     // job_id -> <li>
+  timer: null,         // the next poll
+  loading: false,
+  again: false,        // a refresh was asked for while one was in flight
+  submitting: false,
+  cancelling: new Set(),
+};
+
+const simKey = () => els.apiKey.value.trim() || conn.apiKey;
+const simAuth = (key) => ({ Authorization: `Bearer ${key}` });
+
+function setSimMessage(kind = '', ...content) {
+  els.simMessage.hidden = content.length === 0;
+  els.simMessage.dataset.kind = kind;
+  els.simMessage.replaceChildren(...content);
+}
+
+function whenText(iso) {
+  const t = Date.parse(iso ?? '');
+  if (!Number.isFinite(t)) return '—';
+  const d = new Date(t);
+  return d.toDateString() === new Date().toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
+}
+
+/** The submitted entry a 422 names, to show next to the reason (as text). */
+function simEntryOf(body, details) {
+  const script = details.script_index != null ? body.scripts?.[details.script_index] : body.script;
+  return Array.isArray(script) && details.index != null ? script[details.index] : undefined;
+}
+
+function showSimError(err, body) {
+  if (!(err instanceof HttpError)) {
+    setSimMessage('error', errorText(err));
+    return;
+  }
+  if (err.status === 422) {
+    const d = err.details && typeof err.details === 'object' ? err.details : {};
+    const where = [];
+    if (d.script_index != null) where.push(`Script ${d.script_index}`);
+    if (d.index != null) where.push(`entry ${d.index}`);
+    let title = where.length ? where.join(', ') : 'The request';
+    title = title[0].toUpperCase() + title.slice(1);
+    if (d.field) title += ` (${d.field})`;
+    // The relay's message already says "entry N: ...": keep only what follows.
+    const text = String(err.message).replace(/^scripts\[\d+\]: /, '').replace(/^entry \d+: /, '');
+    const content = [el('strong', { text: `${title}: ` }), text];
+    if (d.reason) content.push(' ', el('span', { className: 'tag', text: String(d.reason) }));
+    const entry = simEntryOf(body, d);
+    if (entry !== undefined) content.push(el('code', { className: 'sim-entry wrap', text: JSON.stringify(entry) }));
+    setSimMessage('error', ...content);
+    els.simScript.setAttribute('aria-invalid', 'true');
+    return;
+  }
+  if (err.status === 429) {
+    const content = [el('strong', { text: 'Queue full: ' }), err.message];
+    if (err.action) content.push(` ${err.action}`);
+    if (err.retryAfterSeconds != null) {
+      const at = new Date(Date.now() + err.retryAfterSeconds * 1000).toLocaleTimeString();
+      content.push(el('span', { className: 'sim-retry', text: ` Retry in ${err.retryAfterSeconds} s (about ${at}).` }));
+    }
+    setSimMessage('warn', ...content);
+    return;
+  }
+  setSimMessage('error', errorText(err));
+}
+
+async function submitSimulation() {
+  if (sim.submitting) return;
+  const key = simKey();
+  if (!key) {
+    setSimMessage('warn', 'Paste your API key above first.');
+    els.apiKey.focus();
+    return;
+  }
+  let parsed;
+  try {
+    parsed = JSON.parse(els.simScript.value);
+  } catch (err) {
+    setSimMessage('error', el('strong', { text: 'Not valid JSON: ' }), String(err.message));
+    els.simScript.setAttribute('aria-invalid', 'true');
+    return;
+  }
+  let body;
+  if (Array.isArray(parsed)) body = { script: parsed };
+  else if (parsed && typeof parsed === 'object' && ('script' in parsed || 'scripts' in parsed)) body = { ...parsed };
+  else {
+    setSimMessage('error', 'The script is a JSON array of entries (or an object with "script" or "scripts").');
+    els.simScript.setAttribute('aria-invalid', 'true');
+    return;
+  }
+  if (els.simPortrait.checked) body.portrait = true;
+
+  sim.submitting = true;
+  renderSimControls();
+  try {
+    const res = await fetchJson('/v1/simulations', {
+      method: 'POST',
+      headers: { ...simAuth(key), 'Content-Type': 'application/json' },
+      body: JSON.stringify(body),
+    });
+    els.simScript.removeAttribute('aria-invalid');
+    const wait = Number(res?.estimated_wait_seconds);
+    setSimMessage('info', `Submitted ${res?.job_id ?? ''}${Number.isFinite(wait) ? ` (about ${wait} s)` : ''}.`);
+    log(`Simulation ${res?.job_id ?? ''} submitted.`, 'out');
+    await refreshJobs();
+  } catch (err) {
+    showSimError(err, body);
+  } finally {
+    sim.submitting = false;
+    renderSimControls();
+  }
+}
+
+async function cancelSimulation(id) {
+  const key = simKey();
+  if (!key || sim.cancelling.has(id)) return;
+  sim.cancelling.add(id);
+  renderJobs();
+  try {
+    await fetchJson(`/v1/simulations/${encodeURIComponent(id)}`, { method: 'DELETE', headers: simAuth(key) });
+    log(`Simulation ${id} cancelled.`, 'out');
+  } catch (err) {
+    // 409 NOT_CANCELLABLE: it started (or finished) meanwhile; the list will say which.
+    setSimMessage(err instanceof HttpError && err.status === 409 ? 'warn' : 'error', `${id}: ${errorText(err)}`);
+  } finally {
+    sim.cancelling.delete(id);
+  }
+  await refreshJobs();
+}
+
+/** Fetches the key's jobs and renders them; polls again in 2 s while any is still active. */
+async function refreshJobs() {
+  clearTimeout(sim.timer);
+  sim.timer = null;
+  if (sim.loading) {
+    sim.again = true;
+    return;
+  }
+  const key = simKey();
+  if (key !== sim.key) {
+    sim.key = key;
+    sim.jobs = [];
+    renderJobs();
+  }
+  if (!key) {
+    els.simListStatus.textContent = '';
+    return;
+  }
+  sim.loading = true;
+  let poll = false;
+  try {
+    const res = await fetchJson(`/v1/simulations?limit=${SIM_LIST_LIMIT}`, { headers: simAuth(key) });
+    if (key === simKey()) {
+      sim.jobs = Array.isArray(res?.jobs) ? res.jobs : [];
+      sim.total = Number(res?.total) || sim.jobs.length;
+      els.simListStatus.textContent = '';
+      renderJobs();
+      poll = sim.jobs.some((j) => SIM_ACTIVE.has(j.status));
+    }
+  } catch (err) {
+    const refused = err instanceof HttpError && (err.status === 401 || err.status === 403);
+    els.simListStatus.textContent = refused ? 'The API key was refused.' : `Could not load the jobs: ${errorText(err)}`;
+    // A refused key won't get better by asking again; anything else is retried while jobs run.
+    poll = !refused && sim.jobs.some((j) => SIM_ACTIVE.has(j.status));
+  } finally {
+    sim.loading = false;
+  }
+  if (sim.again) {
+    sim.again = false;
+    return refreshJobs();
+  }
+  if (poll && !document.hidden) sim.timer = setTimeout(refreshJobs, SIM_POLL_MS);
+}
+
+function renderSimControls() {
+  els.simSubmit.disabled = sim.submitting;
+  els.simSubmit.textContent = sim.submitting ? 'Submitting…' : 'Submit';
+}
+
+function renderJobs() {
+  const jobs = sim.jobs;
+  const active = jobs.filter((j) => SIM_ACTIVE.has(j.status)).length;
+  els.simActive.textContent = active ? `${active} active` : '';
+  els.simCount.textContent = jobs.length ? `(${sim.total > jobs.length ? `${jobs.length} of ${sim.total}` : jobs.length})` : '';
+  els.simJobs.dataset.empty = simKey() ? 'No simulations yet.' : 'Paste your API key above to see your simulations.';
+  syncList(els.simJobs, jobs, (j) => j.job_id, createJobRow, updateJobRow, sim.rows);
+}
+
+function createJobRow(job) {
+  const cancel = el('button', { className: 'small-btn danger sim-cancel', text: 'Cancel', attrs: { type: 'button' } });
+  cancel.addEventListener('click', () => cancelSimulation(job.job_id));
+  return el('li', { className: 'entry sim-job', dataset: { jobId: job.job_id } },
+    el('div', { className: 'sim-head' },
+      el('span', { className: 'chip sim-status' }),
+      el('time', { className: 'sim-created small' }),
+      el('span', { className: 'sim-id', text: job.job_id })),
+    el('p', { className: 'sim-meta small muted' }),
+    el('p', { className: 'sim-error small wrap' }),
+    el('div', { className: 'sim-results' }),
+    el('div', { className: 'sim-row-actions' }, cancel));
+}
+
+function updateJobRow(row, job) {
+  const status = String(job.status ?? '');
+  row.dataset.status = status;
+  const chip = row.querySelector('.sim-status');
+  chip.textContent = SIM_LABELS[status] ?? status;
+  chip.dataset.status = status;
+  const created = row.querySelector('.sim-created');
+  created.textContent = whenText(job.created_at);
+  if (job.created_at) created.dateTime = job.created_at;
+
+  const meta = [];
+  if (Number.isFinite(Number(job.video_seconds))) meta.push(`${seconds(job.video_seconds)} s of video`);
+  if (Number(job.script_count) > 1) meta.push(`${job.script_count} scripts`);
+  if (job.portrait) meta.push('portrait');
+  meta.push(`retries: ${Number(job.retry_count) || 0}`);
+  const took = Date.parse(job.completed_at ?? '') - Date.parse(job.started_at ?? '');
+  if (status === 'completed' && Number.isFinite(took)) meta.push(`took ${seconds(Math.max(0, took) / 1000)} s`);
+  row.querySelector('.sim-meta').textContent = meta.join(' · ');
+
+  const error = row.querySelector('.sim-error');
+  error.textContent = job.error_message ?? '';
+  error.hidden = !job.error_message;
+
+  const cancel = row.querySelector('.sim-cancel');
+  const cancelling = sim.cancelling.has(job.job_id);
+  cancel.hidden = !SIM_CANCELLABLE.has(status);
+  cancel.disabled = cancelling;
+  cancel.textContent = cancelling ? 'Cancelling…' : 'Cancel';
+  row.querySelector('.sim-row-actions').hidden = cancel.hidden;
+
+  updateResults(row.querySelector('.sim-results'), status === 'completed' ? job.streams ?? [] : []);
+}
+
+/** One block per recording: its thumbnail (a link to the replay), "Replay" and "Video". */
+function updateResults(box, streams) {
+  box.hidden = streams.length === 0;
+  const byId = new Map([...box.children].map((node) => [node.dataset.streamId, node]));
+  const blocks = streams.filter((s) => s && s.stream_id).map((s) => {
+    let block = byId.get(s.stream_id);
+    if (!block) {
+      const img = el('img', { className: 'sim-thumb-img', attrs: { alt: `Thumbnail of ${s.stream_id}`, decoding: 'async' } });
+      img.addEventListener('error', () => {
+        img.hidden = true;
+        img.parentElement.dataset.broken = 'true';
+      });
+      block = el('div', { className: 'sim-result', dataset: { streamId: s.stream_id } },
+        el('a', { className: 'sim-thumb', attrs: { target: '_blank', rel: 'noopener noreferrer' } }, img),
+        el('div', { className: 'sim-links' },
+          el('a', { className: 'sim-replay', text: 'Replay', attrs: { target: '_blank', rel: 'noopener noreferrer' } }),
+          el('a', { className: 'sim-video', text: 'Video', attrs: { target: '_blank', rel: 'noopener noreferrer' } }),
+          el('span', { className: 'sim-duration small muted' })));
+      // Signed and valid for an hour: the first one is kept, so each poll doesn't reload it.
+      if (s.thumbnail_url) img.src = s.thumbnail_url;
+      else img.hidden = true;
+    }
+    // Links take the freshest signature of each refresh.
+    const setLink = (sel, url) => {
+      const a = block.querySelector(sel);
+      if (url) a.href = url;
+      else a.removeAttribute('href');
+    };
+    setLink('.sim-thumb', s.replay_url);
+    setLink('.sim-replay', s.replay_url);
+    setLink('.sim-video', s.video_url);
+    const d = Number(s.duration_seconds);
+    block.querySelector('.sim-duration').textContent = Number.isFinite(d) && d > 0 ? `${seconds(d)} s` : '';
+    return block;
+  });
+  if (box.children.length !== blocks.length || blocks.some((b, i) => box.children[i] !== b)) box.replaceChildren(...blocks);
+}
+
+els.simForm.addEventListener('submit', (e) => {
+  e.preventDefault();
+  submitSimulation();
+});
+els.simScript.addEventListener('input', () => els.simScript.removeAttribute('aria-invalid'));
+els.simExample.addEventListener('click', () => {
+  els.simScript.value = SIM_EXAMPLE;
+  els.simScript.removeAttribute('aria-invalid');
+  setSimMessage('');
+});
+els.simRefresh.addEventListener('click', () => refreshJobs());
+els.apiKey.addEventListener('change', () => refreshJobs());
+document.addEventListener('visibilitychange', () => {
+  if (!document.hidden && sim.jobs.some((j) => SIM_ACTIVE.has(j.status))) refreshJobs();
+});
+
 // ---------- init ----------
 
 els.apiKey.value = sessionStorage.getItem(KEY_STORAGE) ?? '';
+els.simScript.value = SIM_EXAMPLE;
 render();
+renderSimControls();
+refreshJobs();

@@ -136,9 +136,10 @@ export class WhepSession {
   #late = [];           // candidates found after the offer was posted, waiting for the Location
   #flushTimer = null;
 
-  constructor(pc, token) {
+  constructor(pc, token, sessionAuth = true) {
     this.pc = pc;
     this.token = token;
+    this.sessionAuth = sessionAuth;
     this.location = null;
   }
 
@@ -146,10 +147,14 @@ export class WhepSession {
    * Runs the WHEP handshake. `onTrack` is attached before the answer is applied,
    * because that is when the browser fires `track`. On any failure the session
    * is closed before the error is rethrown.
+   *
+   * `sessionAuth: false` keeps the token off the session's PATCH and DELETE (the Location is
+   * the capability): for a token the relay accepts on the offer only, such as the host
+   * preview's client_token.
    */
-  static async open({ endpoint, token, iceServers = [], onTrack }) {
+  static async open({ endpoint, token, iceServers = [], onTrack, sessionAuth = true }) {
     const pc = new RTCPeerConnection({ iceServers });
-    const session = new WhepSession(pc, token);
+    const session = new WhepSession(pc, token, sessionAuth);
     try {
       // Both lines, video then audio: the relay's contract (and the hosted SDKs) expect
       // exactly this shape; the answer may leave audio inactive.
@@ -206,7 +211,7 @@ export class WhepSession {
   #authHeaders() {
     // The Location is a capability URL already; the token is sent too in case the
     // relay checks it, and a header keeps it out of access logs.
-    return this.token ? { Authorization: `Bearer ${this.token}` } : {};
+    return this.token && this.sessionAuth ? { Authorization: `Bearer ${this.token}` } : {};
   }
 
   // Candidates gathered before the POST are inside the offer. Those found later
@@ -255,6 +260,8 @@ export class WhepSession {
  *   "failed"       a fatal error (bad token, unknown broadcast): no more retries
  *   "stopped"      stop() was called
  * onAudio(hasAudio): whether audible audio is arriving (decides the Unmute button).
+ * token: a string, or a function giving the token for each attempt (it may change over time).
+ * sessionAuth: see WhepSession.open.
  */
 export class WhepPlayer {
   #endpoint;
@@ -262,6 +269,7 @@ export class WhepPlayer {
   #video;
   #onStatus;
   #onAudio;
+  #sessionAuth;
 
   #running = false;
   #gen = 0;              // bumped on every teardown; callbacks of older attempts check it and bail
@@ -283,9 +291,10 @@ export class WhepPlayer {
   #hasAudio = false;
   #statsBusy = false;
 
-  constructor({ endpoint, token, video, onStatus = () => {}, onAudio = () => {} }) {
+  constructor({ endpoint, token, video, onStatus = () => {}, onAudio = () => {}, sessionAuth = true }) {
     this.#endpoint = endpoint;
     this.#token = token;
+    this.#sessionAuth = sessionAuth;
     this.#video = video;
     this.#onStatus = onStatus;
     this.#onAudio = onAudio;
@@ -352,7 +361,8 @@ export class WhepPlayer {
     try {
       session = await WhepSession.open({
         endpoint: this.#endpoint,
-        token: this.#token,
+        token: typeof this.#token === 'function' ? this.#token() : this.#token,
+        sessionAuth: this.#sessionAuth,
         iceServers,
         onTrack: (e) => {
           if (gen === this.#gen) this.#onTrack(e.track, stream);

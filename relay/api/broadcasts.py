@@ -88,8 +88,8 @@ async def whep_leave(request: web.Request) -> web.Response:
 
 def _check_optional_token(request: web.Request, broadcast: Broadcast) -> None:
     # The session URL itself is unguessable (it is the capability, as WHEP intends); players
-    # that repeat their token must still repeat the right one.
-    if token_of(request) is not None:
+    # that repeat their token must still repeat a right one (a spectator's or the host's).
+    if token_of(request) is not None and not _host_preview(request, broadcast):
         check_spectator(token_of(request), broadcast.spectator_token)
 
 

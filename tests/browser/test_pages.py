@@ -381,7 +381,10 @@ async def test_screenshots_desktop_and_phone(relay_factory, open_page):
     await host.click("#start")
     await assert_playing(host, "#preview")
     await assert_playing(watch)
-    await expect(watch.locator("#viewer-count")).to_have_text("2", timeout=5_000)  # the preview watches too
+    # The host's preview joins with the connection's client_token: it watches, uncounted.
+    await expect(watch.locator("#viewer-count")).to_have_text("1", timeout=5_000)
+    broadcast = conn_broadcast(relay)
+    assert len(broadcast.spectators) == 2 and broadcast.viewers == 1
     await shoot("host-live", host)
     await shoot("watch-live", watch)
 

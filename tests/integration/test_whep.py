@@ -243,3 +243,9 @@ async def test_host_preview_is_not_counted_as_a_viewer(live, http):
             assert len(broadcast.spectators) == 2 and broadcast.viewers == 1
             async with http.get(b["webrtc_url"], headers={"Authorization": f"Bearer {b['spectator_token']}"}) as r:
                 assert (await r.json())["spectators"] == 1
+            # The host repeats its own token on its session URL: accepted (a wrong one is not).
+            async with http.delete(preview.location, headers={"Authorization": "Bearer wrong"}) as r:
+                assert r.status == 401
+            async with http.delete(preview.location, headers={"Authorization": f"Bearer {conn.client_token}"}) as r:
+                assert r.status == 200
+            preview.location = None
