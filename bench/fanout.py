@@ -3,6 +3,8 @@
     python bench/fanout.py                 # counts 1,10,50,100,150 (encode-once), 1,2,4 (per-spectator)
     python bench/fanout.py --quick         # counts 1,5,10 in both modes, 5 s windows, under ~2 minutes
     python bench/fanout.py --modes encode-once --counts 1,50,100 --window 20 --profile
+    python bench/fanout.py --modes encode-once --recording both   # server CPU with recording on vs off
+    python bench/fanout.py --modes encode-once --soak 300 --soak-only   # RSS/fds/threads under churn
 
 For each mode it starts the real server (``python -m relay.cli serve`` with a temporary
 config: loopback only, a free port, large limits), opens a connection and starts a stream over
@@ -12,8 +14,11 @@ step up to each count.  After every step settles it measures, over a fixed windo
 server process's CPU (utime+stime from /proc, all its threads, as % of one core), the frames
 each spectator received, losses, and the server's RSS.  Then it drops everyone and lets
 ``--storm`` spectators join within one second, reading ``relay_keyframes_forced_total`` from
-/metrics before and after.  Everything runs on 127.0.0.1 and every process it starts is
-ended in a ``finally``.
+/metrics before and after.  ``--recording off|both`` runs with ``[recordings] enabled = false``
+(``both``: encode-once twice, then server CPU per N compared).  ``--soak SECONDS`` then keeps
+``--soak-spectators`` connected while ``--churn-per-second`` leave and as many join, sampling the
+server's RSS, open fds and threads every 10 s.  Everything runs on 127.0.0.1 and every
+process it starts is ended in a ``finally``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ sys.path.insert(0, ROOT)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MODES = ("encode-once", "encode-once-sender", "per-spectator")
+OFF_KEY = "encode-once/recording-off"  # --recording both: the second encode-once run
 
 
 # ------------------------------------------------------------------------------------ /proc
@@ -63,6 +69,43 @@ def loop_thread_cpu_seconds(pid: int) -> float:
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * PAGE
+
+
+def status_rss_threads(pid: int) -> tuple[int, int]:
+    """VmRSS (bytes) and Threads from /proc/<pid>/status."""
+    rss = threads = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024  # kB
+            elif line.startswith("Threads:"):
+                threads = int(line.split()[1])
+    return rss, threads
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def dir_usage(path: str) -> tuple[int, int]:
+    """Files and bytes under a directory (the recordings a run left)."""
+    files = size = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                size += os.path.getsize(os.path.join(root, name))
+                files += 1
+    return files, size
+
+
+def least_squares(points: list[tuple[float, float]]) -> float | None:
+    """Slope of y over x."""
+    if len(points) < 2:
+        return None
+    mx = statistics.fmean(p[0] for p in points)
+    my = statistics.fmean(p[1] for p in points)
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else None
 
 
 def _die_with_parent() -> None:
@@ -113,27 +156,31 @@ ice_host_addresses = ["127.0.0.1"]
 
 [media]
 mode = "{mode}"
-{media_extra}
-"""
+{media_extra}{recordings}"""
+
+RECORDINGS_OFF = "\n[recordings]\nenabled = false\n"
 
 
 class Server:
     """The relay as a subprocess, with its log in the temporary directory."""
 
-    def __init__(self, workdir: str, mode: str, args: argparse.Namespace) -> None:
+    def __init__(self, workdir: str, mode: str, args: argparse.Namespace, recording: bool = True) -> None:
         self.workdir = workdir
         self.mode = mode
+        self.recording = recording
+        tag = mode if recording else f"{mode}-recording-off"  # --recording both runs a mode twice
         self.port = free_port()
         self.api_key = "bench-" + secrets.token_hex(8)
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = os.path.join(workdir, f"server-{mode}.log")
-        self.config_path = os.path.join(workdir, f"relay-{mode}.toml")
+        self.log_path = os.path.join(workdir, f"server-{tag}.log")
+        self.config_path = os.path.join(workdir, f"relay-{tag}.toml")
+        self.data_dir = os.path.join(workdir, f"data-{tag}")
         media_extra = f"bitrate_kbps = {args.bitrate}\n" if args.bitrate else ""
         with open(self.config_path, "w") as f:
             f.write(CONFIG.format(
-                port=self.port, data_dir=os.path.join(workdir, f"data-{mode}"), api_key=self.api_key,
+                port=self.port, data_dir=self.data_dir, api_key=self.api_key,
                 stream_max=args.stream_max_seconds, width=args.width, height=args.height, fps=args.fps,
-                mode=mode, media_extra=media_extra,
+                mode=mode, media_extra=media_extra, recordings="" if recording else RECORDINGS_OFF,
             ))
         self.proc: subprocess.Popen | None = None
 
@@ -266,6 +313,24 @@ class Workers:
         await asyncio.gather(*(self._recv(p, 60) for p in self.pipes))
         self.size = [0] * len(self.pipes)
 
+    async def churn(self, rate: float, seconds: float) -> list[dict]:
+        """For `seconds`, `rate` per second of the receivers leave (oldest first) and as many join.
+
+        Each worker churns its own receivers at its share of the rate; the answer comes once
+        its last join and leave have finished (failed joins are left and dropped).
+        """
+        total = sum(self.size)
+        if not total:
+            await asyncio.sleep(seconds)
+            return []
+        busy = [(w, p, rate * self.size[w] / total) for w, p in enumerate(self.pipes) if self.size[w]]
+        for _, pipe, share in busy:
+            pipe.send(("churn", share, seconds))
+        results = await asyncio.gather(*(self._recv(p, seconds + 120) for _, p, _ in busy))
+        for (w, _, _), r in zip(busy, results):
+            self.size[w] = r["connected"]
+        return results
+
     def cpu_seconds(self) -> float:
         total = 0.0
         for proc in self.procs:
@@ -335,11 +400,48 @@ class Storm:
 
 
 @dataclass
+class SoakSample:
+    t: float                  # seconds since the churn started
+    rss: int                  # server VmRSS, bytes
+    fds: int                  # server open file descriptors
+    threads: int
+    spectators: int | None    # what the server reports
+    cpu: float                # server CPU since the previous sample, % of one core
+    gen_fps: float            # world-model frames per second since the previous sample
+    gen_cpu: float            # load generator CPU since the previous sample, % of one core
+
+
+@dataclass
+class Soak:
+    target: int               # spectators kept connected
+    rate: float               # leaves (and joins) per second
+    seconds: float
+    samples: list[SoakSample] = field(default_factory=list)
+    initial_errors: list[str] = field(default_factory=list)
+    joins: int = 0
+    left: int = 0
+    errors: list[str] = field(default_factory=list)
+    ttff: list[float] = field(default_factory=list)
+    answer: list[float] = field(default_factory=list)
+    connected: int = 0        # receivers the workers hold at the end
+    final_spectators: int | None = None
+
+
+@dataclass
 class ModeResult:
     mode: str
+    recording: bool = True
     rows: list[Row] = field(default_factory=list)
     storm: Storm | None = None
     base: Row | None = None
+    soak: Soak | None = None
+    recorded: tuple[int, int] | None = None  # files, bytes under data_dir/recordings after the run
+
+    @property
+    def recording_label(self) -> str:
+        if self.mode == "per-spectator":
+            return "recording n/a (per-spectator never records)"
+        return "recording on" if self.recording else "recording off"
 
 
 async def broadcast_spectators(http, base_url: str, broadcast: dict) -> int | None:
@@ -445,6 +547,82 @@ def finish_profile(proc: subprocess.Popen, out: str, top: int = 15) -> list[str]
     return report
 
 
+# ------------------------------------------------------------------------------------ soak
+
+SOAK_SAMPLE_SECONDS = 10.0
+SOAK_MAX_SLOPE = 0.5  # MB/min over the second half: above this the verdict says GROWING
+
+
+async def run_soak(server: Server, workers: Workers, http, broadcast: dict, args: argparse.Namespace) -> Soak:
+    """Keep --soak-spectators connected while --churn-per-second leave and join; sample the server."""
+    mode = server.mode
+    soak = Soak(target=args.soak_spectators, rate=args.churn_per_second, seconds=args.soak)
+    joined = await workers.join(soak.target, spread=soak.target / args.join_rate)
+    soak.initial_errors = [r["error"] for r in joined if r["error"]]
+    for e in sorted(set(soak.initial_errors))[:3]:
+        print(f"[{mode}]   soak join error: {e}", flush=True)
+    pid = server.pid
+    last = [cpu_seconds(pid), workers.cpu_seconds(),  # the first sample's CPU and fps: over the settle
+            (await server.metrics(http)).get("relay_frames_generated_total", 0.0), time.monotonic()]
+    await asyncio.sleep(max(args.settle, 1.0))
+    t0 = time.monotonic()
+
+    async def sample() -> SoakSample:
+        c, g = cpu_seconds(pid), workers.cpu_seconds()
+        frames = (await server.metrics(http)).get("relay_frames_generated_total", 0.0)
+        now = time.monotonic()
+        rss, threads = status_rss_threads(pid)
+        dt = max(now - last[3], 1e-6)
+        s = SoakSample(t=now - t0, rss=rss, fds=open_fds(pid), threads=threads,
+                       spectators=await broadcast_spectators(http, server.base_url, broadcast),
+                       cpu=100 * (c - last[0]) / dt, gen_cpu=100 * (g - last[1]) / dt,
+                       gen_fps=(frames - last[2]) / dt)
+        last[:] = [c, g, frames, now]
+        soak.samples.append(s)
+        return s
+
+    first = await sample()
+    print(f"[{mode}] soak: {soak.target} spectators, {soak.rate:g}/s leave and {soak.rate:g}/s join for "
+          f"{soak.seconds:g} s; RSS {first.rss / 2**20:.1f} MB, {first.fds} fds, {first.threads} threads, "
+          f"server reports {first.spectators}", flush=True)
+
+    async def sampler() -> None:
+        k = 1
+        while True:
+            await asyncio.sleep(max(0.0, t0 + k * SOAK_SAMPLE_SECONDS - time.monotonic()))
+            k += 1
+            s = await sample()
+            print(f"[{mode}] soak t={s.t:.0f} s: RSS {s.rss / 2**20:.1f} MB, {s.fds} fds, {s.threads} threads, "
+                  f"server reports {s.spectators}, server {s.cpu:.0f}% CPU", flush=True)
+
+    task = asyncio.create_task(sampler())
+    try:
+        results = await workers.churn(soak.rate, soak.seconds)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    for r in results:
+        soak.joins += r["joins"]
+        soak.left += r["left"]
+        soak.errors += r["errors"]
+        soak.ttff += r["ttff"]
+        soak.answer += r["answer"]
+        soak.connected += r["connected"]
+    for e in sorted(set(soak.errors))[:3]:
+        print(f"[{mode}]   churn join error: {e}", flush=True)
+    # The last sample: once the server has dropped the sessions that left (DELETE is synchronous,
+    # a session whose DELETE got lost would take spectator_timeout_seconds).
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        if await broadcast_spectators(http, server.base_url, broadcast) == soak.connected:
+            break
+        await asyncio.sleep(1.0)
+    await asyncio.sleep(max(0.0, 2.0 - (time.monotonic() - t0 - soak.seconds)))  # closes settle
+    last_sample = await sample()
+    soak.final_spectators = last_sample.spectators
+    return soak
+
+
 # ------------------------------------------------------------------------------------ a mode
 
 async def keep_alive(conn) -> None:
@@ -454,13 +632,14 @@ async def keep_alive(conn) -> None:
             await conn.keepalive()
 
 
-async def run_mode(mode: str, counts: list[int], args: argparse.Namespace, workdir: str) -> ModeResult:
+async def run_mode(mode: str, counts: list[int], args: argparse.Namespace, workdir: str,
+                   recording: bool = True) -> ModeResult:
     import aiohttp
 
     from relay.client import RelayClient
 
-    result = ModeResult(mode)
-    server = Server(workdir, mode, args)
+    result = ModeResult(mode, recording)
+    server = Server(workdir, mode, args, recording)
     workers: Workers | None = None
     keeper: asyncio.Task | None = None
     profile_dir = workdir if args.profile else None
@@ -472,13 +651,16 @@ async def run_mode(mode: str, counts: list[int], args: argparse.Namespace, workd
                 keeper = asyncio.create_task(keep_alive(conn))
                 await conn.start_stream("a calm ocean at sunset")
                 broadcast = conn.broadcast
-                print(f"[{mode}] server pid {server.pid} on {server.base_url}, "
+                print(f"[{mode}] server pid {server.pid} on {server.base_url}, {result.recording_label}, "
                       f"stream started; {args.workers} worker processes", flush=True)
                 workers = Workers(args.workers, broadcast["whep_url"], broadcast["spectator_token"], args.depth)
                 await asyncio.sleep(args.settle)
-                result.base = await measure(server, workers, http, broadcast, 0, args.window, [], [], 0)
-                rss0 = result.base.rss
-                print(f"[{mode}] N=0: server {result.base.cpu:.1f}% CPU, RSS {rss0 / 2**20:.0f} MB", flush=True)
+                if args.soak_only:
+                    counts = []
+                else:
+                    result.base = await measure(server, workers, http, broadcast, 0, args.window, [], [], 0)
+                    print(f"[{mode}] N=0: server {result.base.cpu:.1f}% CPU, RSS {result.base.rss / 2**20:.0f} MB",
+                          flush=True)
                 current = 0
                 for n in counts:
                     if n <= current:
@@ -499,7 +681,7 @@ async def run_mode(mode: str, counts: list[int], args: argparse.Namespace, workd
                     print(f"[{mode}] N={n}: server {row.cpu:.1f}% CPU, fps median "
                           f"{_f(row.fps_median)} min {_f(row.fps_min)} (world model {row.gen_fps:.1f}), "
                           f"load generator {row.gen_cpu:.0f}% CPU", flush=True)
-                if args.storm and (mode == "encode-once" or args.storm_all_modes):
+                if args.storm and not args.soak_only and (mode == "encode-once" or args.storm_all_modes):
                     await workers.leave_all()
                     await asyncio.sleep(2.0)
                     k0 = (await server.metrics(http)).get("relay_keyframes_forced_total", 0.0)
@@ -516,6 +698,10 @@ async def run_mode(mode: str, counts: list[int], args: argparse.Namespace, workd
                     print(f"[{mode}] storm: {args.storm} joins in {args.storm_spread:g} s -> "
                           f"{k1 - k0:g} keyframes forced", flush=True)
                 await workers.leave_all()
+                if args.soak:
+                    await asyncio.sleep(2.0)
+                    result.soak = await run_soak(server, workers, http, broadcast, args)
+                    await workers.leave_all()
         except Exception:
             print(f"[{mode}] server log tail:\n{server.log_tail()}", file=sys.stderr, flush=True)
             raise
@@ -526,6 +712,7 @@ async def run_mode(mode: str, counts: list[int], args: argparse.Namespace, workd
             if workers is not None:
                 await asyncio.get_running_loop().run_in_executor(None, workers.stop)
             server.stop()
+            result.recorded = dir_usage(os.path.join(server.data_dir, "recordings"))
     return result
 
 
@@ -548,8 +735,14 @@ def per_spectator_cpu(result: ModeResult, row: Row) -> float | None:
 def print_mode(result: ModeResult, args: argparse.Namespace) -> None:
     base = result.base
     print()
-    print(f"== {result.mode}: {args.width}x{args.height} @ {args.fps} fps, window {args.window:g} s, "
-          f"{args.workers} load-generator processes (receiver depth {args.depth})")
+    print(f"== {result.mode}, {result.recording_label}: {args.width}x{args.height} @ {args.fps} fps, "
+          f"window {args.window:g} s, {args.workers} load-generator processes (receiver depth {args.depth})")
+    if result.recorded is not None and result.mode != "per-spectator":
+        files, size = result.recorded
+        print(f"recordings left in data_dir: {files} files, {size / 2**20:.1f} MB")
+    if base is None and not result.rows:
+        print_soak(result)
+        return
     head = (f"{'N':>4} {'srvCPU%':>8} {'loop%':>6} {'+/spec%':>8} {'tot/spec%':>9} {'wm fps':>6} {'fps min':>7} "
             f"{'fps med':>7} {'pkt/s':>5} {'kbps':>5} {'loss%':>6} {'answer':>6} {'TTFF p50':>8} {'p95 ms':>7} "
             f"{'RSS MB':>7} {'+MB/spec':>8} {'genCPU%':>7} {'srv N':>5} {'lat p50':>7} {'p95 ms':>6}")
@@ -595,6 +788,48 @@ def print_mode(result: ModeResult, args: argparse.Namespace) -> None:
             print(f"server profile at N={row.n} (py-spy, own time by function, all threads):")
             for line in row.profile:
                 print(f"  {line}")
+    print_soak(result)
+
+
+def print_soak(result: ModeResult) -> None:
+    soak = result.soak
+    if soak is None:
+        return
+    print()
+    print(f"-- soak ({result.mode}, {result.recording_label}): {soak.target} spectators, {soak.rate:g}/s leave "
+          f"(WHEP DELETE + pc.close) and {soak.rate:g}/s join for {soak.seconds:g} s; server sampled every "
+          f"{SOAK_SAMPLE_SECONDS:g} s, the last sample after the churn settled")
+    print(f"{'t s':>5} {'RSS MB':>7} {'fds':>5} {'threads':>7} {'srv N':>5} {'srvCPU%':>7} {'wm fps':>6} "
+          f"{'genCPU%':>7}")
+    for s in soak.samples:
+        print(f"{s.t:>5.0f} {s.rss / 2**20:>7.1f} {s.fds:>5} {s.threads:>7} "
+              f"{'-' if s.spectators is None else s.spectators:>5} {s.cpu:>7.1f} {s.gen_fps:>6.1f} {s.gen_cpu:>7.0f}")
+    ok = soak.joins - len(soak.errors)
+    print(f"churn: {soak.left} left, {ok}/{soak.joins} joined (TTFF p50 {_ms(percentile(soak.ttff, 0.5))} ms, "
+          f"p95 {_ms(percentile(soak.ttff, 0.95))} ms, max {_ms(max(soak.ttff) if soak.ttff else None)} ms; "
+          f"WHEP answer p50 {_ms(percentile(soak.answer, 0.5))} ms)"
+          + (f"; {len(soak.initial_errors)} of the first {soak.target} joins failed" if soak.initial_errors else ""))
+    for e in sorted(set(soak.errors + soak.initial_errors))[:3]:
+        print(f"  join error: {e}")
+    if len(soak.samples) < 2:
+        return
+    first, last = soak.samples[0], soak.samples[-1]
+    half = [(s.t / 60, s.rss / 2**20) for s in soak.samples if s.t >= soak.seconds / 2]
+    rss_slope = least_squares(half)
+    fd_slope = least_squares([(s.t / 60, s.fds) for s in soak.samples if s.t >= soak.seconds / 2])
+    grew = rss_slope is not None and rss_slope > SOAK_MAX_SLOPE
+    per_join = f", {1024 * rss_slope / (soak.rate * 60):+.1f} kB per churned spectator" \
+        if rss_slope is not None and soak.rate > 0 else ""
+    print(f"verdict: RSS {first.rss / 2**20:.1f} -> {last.rss / 2**20:.1f} MB "
+          f"({(last.rss - first.rss) / 2**20:+.1f} MB first to last sample); slope over the second half "
+          f"{_f(rss_slope, '{:+.2f}')} MB/min ({len(half)} samples{per_join}): "
+          + ("GROWING" if grew else f"flat (<= {SOAK_MAX_SLOPE:g} MB/min)" if rss_slope is not None
+             else "too few samples (a longer --soak)"))
+    print(f"         fds {first.fds} -> {last.fds} ({last.fds - first.fds:+d}; second-half slope "
+          f"{_f(fd_slope, '{:+.1f}')}/min), threads {first.threads} -> {last.threads} "
+          f"({last.threads - first.threads:+d}); server spectators at the end {soak.final_spectators}, "
+          f"expected {soak.target}: " + ("OK" if soak.final_spectators == soak.target else
+                                          f"MISMATCH (the workers hold {soak.connected})"))
 
 
 def slope(result: ModeResult, attr: str = "cpu") -> tuple[float | None, int]:
@@ -605,10 +840,7 @@ def slope(result: ModeResult, attr: str = "cpu") -> tuple[float | None, int]:
     points = [(0, getattr(result.base, attr))] + [(r.n, getattr(r, attr)) for r in kept]
     if len(points) < 2:
         return None, 0
-    mx = statistics.fmean(p[0] for p in points)
-    my = statistics.fmean(p[1] for p in points)
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    return sum((x - mx) * (y - my) for x, y in points) / sxx, len(kept)
+    return least_squares(points), len(kept)
 
 
 def print_capacity(result: ModeResult) -> None:
@@ -632,8 +864,38 @@ def print_capacity(result: ModeResult) -> None:
 def print_comparison(results: dict[str, ModeResult]) -> None:
     once = results.get("encode-once")
     for name, other in results.items():
-        if once is not None and name != "encode-once":
+        if once is not None and name != "encode-once" and name != OFF_KEY and other.rows:
             compare(once, other)
+    if once is not None and OFF_KEY in results:
+        compare_recording(once, results[OFF_KEY])
+
+
+def compare_recording(on: ModeResult, off: ModeResult) -> None:
+    """The same mode with recording on and off: what the recorder costs the server, per N."""
+    if not (on.rows or off.rows):
+        return
+    print()
+    print(f"== {on.mode}: recording on vs off (server CPU: ratio on/off, difference on - off)")
+    print(f"{'N':>4} {'srvCPU% on':>10} {'off':>6} {'on/off':>6} {'on-off':>6}   {'loop% on':>8} {'off':>6}   "
+          f"{'wm fps on':>9} {'off':>5}   {'fps med on':>10} {'off':>5}   {'fps min on':>10} {'off':>5}")
+    by_on = {r.n: r for r in ([on.base] if on.base else []) + on.rows}
+    by_off = {r.n: r for r in ([off.base] if off.base else []) + off.rows}
+    diffs = []
+    for n in sorted(set(by_on) | set(by_off)):
+        a, b = by_on.get(n), by_off.get(n)
+        ratio = f"{a.cpu / b.cpu:.2f}x" if a and b and b.cpu > 0 else "-"
+        diff = a.cpu - b.cpu if a and b else None
+        if diff is not None:
+            diffs.append(diff)
+        print(f"{n:>4} {_f(a.cpu if a else None):>10} {_f(b.cpu if b else None):>6} {ratio:>6} "
+              f"{_f(diff, '{:+.1f}'):>6}   {_f(a.loop_cpu if a else None):>8} {_f(b.loop_cpu if b else None):>6}   "
+              f"{_f(a.gen_fps if a else None):>9} {_f(b.gen_fps if b else None):>5}   "
+              f"{_f(a.fps_median if a else None):>10} {_f(b.fps_median if b else None):>5}   "
+              f"{_f(a.fps_min if a else None):>10} {_f(b.fps_min if b else None):>5}")
+    if diffs:
+        print(f"recording costs {statistics.fmean(diffs):+.1f}% of a core on average over {len(diffs)} counts "
+              f"(min {min(diffs):+.1f}, max {max(diffs):+.1f}; each row is one window of each run, so the "
+              f"difference carries both runs' noise)")
 
 
 def compare(once: ModeResult, per: ModeResult) -> None:
@@ -697,6 +959,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="py-spy the server during the largest count's window, print where its time goes")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs, profiles)")
     ap.add_argument("--quick", action="store_true", help="counts 1,5,10 in both modes, 5 s windows (< ~2 min)")
+    ap.add_argument("--recording", choices=("on", "off", "both"), default="on",
+                    help="[recordings] enabled: on (the server default), off, or both (encode-once runs twice, "
+                         "then compares server CPU per N)")
+    ap.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
+                    help="after the steps, keep --soak-spectators connected with churn for SECONDS (e.g. 300) "
+                         "and sample the server's RSS, fds and threads every 10 s")
+    ap.add_argument("--soak-spectators", type=int, default=50, help="spectators kept connected in the soak (50)")
+    ap.add_argument("--churn-per-second", type=float, default=2.0,
+                    help="spectators leaving (and as many joining) per second in the soak (2)")
+    ap.add_argument("--soak-only", action="store_true", help="skip the N=0 window, the steps and the storm")
     args = ap.parse_args(argv)
 
     if args.quick:
@@ -714,6 +986,21 @@ def main(argv: list[str] | None = None) -> int:
     for m in modes:
         if m not in MODES:
             ap.error(f"unknown mode {m!r} (encode-once, per-spectator)")
+    if args.recording == "both" and "encode-once" not in modes:
+        ap.error("--recording both runs encode-once twice: include it in --modes")
+    if args.soak_only and args.soak <= 0:
+        ap.error("--soak-only needs --soak SECONDS")
+    if args.soak < 0 or args.soak_spectators < 1 or args.churn_per_second < 0:
+        ap.error("--soak, --soak-spectators and --churn-per-second must be positive")
+    if args.soak and args.churn_per_second > args.soak_spectators:
+        ap.error("--churn-per-second above --soak-spectators would churn a spectator before its first frame")
+    # The stream and the connection must outlive the steps plus the soak.
+    args.stream_max_seconds = max(args.stream_max_seconds, int(args.soak) + 3600)
+    runs = []  # (key in results, mode, recording)
+    for m in modes:
+        runs.append((m, m, args.recording != "off"))
+        if m == "encode-once" and args.recording == "both":
+            runs.append((OFF_KEY, m, False))
 
     # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the finally blocks end the server and workers.
     def interrupted(*_: object) -> None:
@@ -722,14 +1009,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     workdir = tempfile.mkdtemp(prefix="relay-fanout-")
     started = time.monotonic()
-    print(f"fan-out benchmark: modes {', '.join(modes)}; {os.cpu_count()} CPUs; temp dir {workdir}", flush=True)
+    print(f"fan-out benchmark: modes {', '.join(modes)}; recording {args.recording}; {os.cpu_count()} CPUs; "
+          f"temp dir {workdir}", flush=True)
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}", flush=True)
     results: dict[str, ModeResult] = {}
     try:
-        for mode in modes:
+        for key, mode, recording in runs:
             counts = {"encode-once": args.counts, "encode-once-sender": args.sender_counts}.get(
                 mode, args.per_spectator_counts)
-            results[mode] = asyncio.run(run_mode(mode, counts, args, workdir))
+            results[key] = asyncio.run(run_mode(mode, counts, args, workdir, recording))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -737,11 +1025,12 @@ def main(argv: list[str] | None = None) -> int:
         for result in results.values():
             print_mode(result, args)
         print_comparison(results)
-        if results:
+        if any(r.rows for r in results.values()):
             print()
             print("lat p50/p95: relay-added latency, a frame out of the world model to its last RTP packet sent "
                   "(encode + fan-out), from the server's relay_frame_latency_seconds histogram (bucket upper "
                   "bounds: <=)")
+        if results:
             print(f"total {time.monotonic() - started:.0f} s")
         if args.keep or args.profile:
             print(f"kept {workdir}")

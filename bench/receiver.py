@@ -303,6 +303,60 @@ async def _worker(conn, worker_id: int, whep_url: str, token: str, depth: str) -
         except Exception as exc:
             receiver.error = f"{type(exc).__name__}: {exc}"[:300]
 
+    async def churn(rate: float, seconds: float) -> dict[str, Any]:
+        """Every 1/rate s the oldest receiver with a first frame leaves and a new one joins.
+
+        Any other command (the parent's "exit" on Ctrl-C) ends the churn early.
+        """
+        nonlocal next_index
+        tasks: set[asyncio.Task] = set()
+        new: list[LightReceiver] = []
+        left = 0
+
+        async def pause(until: float) -> bool:
+            while loop.time() < until and commands.empty():
+                await asyncio.sleep(min(0.2, until - loop.time()))
+            return commands.empty()
+
+        def spawn(coro) -> None:
+            task = loop.create_task(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        start = loop.time()
+        ticks = int(seconds * rate) if rate > 0 else 0
+        for k in range(ticks):
+            if not await pause(start + k / rate):
+                break
+            old = next((r for r in receivers if r.error is None and r.first_frame_at is not None), None)
+            if old is not None:
+                receivers.remove(old)
+                spawn(old.leave(session))  # DELETE the WHEP session, close the pc
+                left += 1
+            receiver = LightReceiver(next_index, whep_url, token, depth)
+            next_index += 1
+            receivers.append(receiver)
+            new.append(receiver)
+            spawn(join_one(receiver, 0.0))
+        stopped = not await pause(start + seconds)
+        if tasks:  # joins wait up to FIRST_FRAME_TIMEOUT for a first frame; leaves up to 10 s for pc.close()
+            _, late = await asyncio.wait(set(tasks), timeout=1.0 if stopped else FIRST_FRAME_TIMEOUT + 15)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        failed = [r for r in receivers if r.error is not None]
+        for r in failed:
+            receivers.remove(r)
+        await asyncio.gather(*(r.leave(session) for r in failed), return_exceptions=True)
+        gc.collect()
+        ok = [r.snapshot() for r in new if r.error is None]
+        return {
+            "joins": len(new), "left": left, "connected": len(receivers),
+            "errors": [r.error for r in new if r.error is not None],
+            "ttff": [r["ttff"] for r in ok if r["ttff"] is not None],
+            "answer": [r["answer"] for r in ok if r["answer"] is not None],
+        }
+
     try:
         while True:
             command = await commands.get()
@@ -324,6 +378,9 @@ async def _worker(conn, worker_id: int, whep_url: str, token: str, depth: str) -
                 await asyncio.gather(*(r.leave(session) for r in gone), return_exceptions=True)
                 gc.collect()
                 conn.send(("left", len(gone)))
+            elif op == "churn":
+                _, rate, seconds = command
+                conn.send(("churned", await churn(rate, seconds)))
             elif op == "exit":
                 break
     finally:
