@@ -19,6 +19,7 @@ from .common import API_KEYS, RECORDINGS, SESSIONS, SETTINGS
 from ..simulations import Simulations  # simulations
 from . import simulations as simulations_api  # simulations
 from .common import SIMULATIONS  # simulations
+from ..odyssey.server import PREFIX as ODYSSEY_PREFIX, create_odyssey_app  # odyssey
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def create_app(settings: Settings, world_model: WorldModel | None = None, *, rea
     for module in (connections, broadcasts, orchestration, recordings, ops, pages):
         app.router.add_routes(module.routes)
     app.router.add_routes(simulations_api.routes)  # simulations
+    # odyssey: the hosted world-model API's protocol (its SDK runs unchanged), over the same core
+    app.add_subapp(ODYSSEY_PREFIX, create_odyssey_app(app))
     pages.add_static(app)
     app.cleanup_ctx.append(_lifecycle(reaper_interval))
     return app
