@@ -26,7 +26,7 @@ from .media.hub import FanoutHub
 from .media.pipeline import StreamPipeline
 from .media.recorder import StreamRecorder
 from .media.rtp_fanout import IdleVideoTrack, RtpFanout, RtpOutput, hook_output
-from .media.webrtc import add_trickled_candidates, answer_spectator
+from .media.webrtc import add_trickled_candidates, answer_spectator, hook_sender
 from .orchestration import Forward, Orchestrator
 from .recordings import RecordingStore
 
@@ -39,14 +39,37 @@ RECORDED_EVENTS = frozenset({"stream_started", "prompt_applied"})
 STATE_PUSH_INTERVAL = 0.25  # orchestration state reaches participants a few times a second at most
 
 
+@dataclass(eq=False)
+class MediaFeed:
+    """One peer's share of the broadcast's media: the track its transceiver holds and the hooks
+    that make its RTCRtpSender part of the fan-out (spectators, and the hosted-API owner peer)."""
+
+    broadcast: "Broadcast"
+    track: MediaStreamTrack
+    output: RtpOutput | None = None
+
+    def attach(self, sender, on_heard: Callable[[], None] | None = None) -> None:
+        """Hook the sender before its description is applied: keyframes, liveness, the fan-out."""
+        broadcast = self.broadcast
+        hook_sender(sender, broadcast.hub.request_keyframe if broadcast.encode_once else None,
+                    on_heard or (lambda: None))
+        if broadcast.fanout is not None:
+            self.output = broadcast.fanout.add(sender)
+            hook_output(sender, self.output)
+
+    def close(self) -> None:
+        if self.output is not None:
+            self.output.close()
+        self.track.stop()
+
+
 @dataclass
 class Spectator:
     spectator_id: str
     pc: RTCPeerConnection
-    track: MediaStreamTrack
+    feed: MediaFeed
     joined_at: float
     last_heard: float
-    output: RtpOutput | None = None
     counted: bool = True  # False for the host's own preview: the host is not its audience
     closed: bool = False
 
@@ -54,10 +77,12 @@ class Spectator:
         if self.closed:
             return
         self.closed = True
-        if self.output is not None:
-            self.output.close()
-        self.track.stop()
+        self.feed.close()
         await self.pc.close()
+
+    @property
+    def output(self) -> RtpOutput | None:
+        return self.feed.output
 
 
 @dataclass(eq=False)
@@ -211,6 +236,11 @@ class Broadcast:
 
     # -- spectators ------------------------------------------------------------------
 
+    def media_feed(self) -> MediaFeed:
+        """A new receiver of this broadcast's media. Default path: an idle track on the transceiver
+        (the fan-out sends for it); the comparison modes: a track from the hub."""
+        return MediaFeed(self, IdleVideoTrack() if self.fanout is not None else self.hub.subscribe())
+
     @property
     def viewers(self) -> int:
         """Spectators who count: everyone watching but the host's own preview."""
@@ -230,34 +260,16 @@ class Broadcast:
                 retry_after=10,
             )
         spectator_id = uuid.uuid4().hex
-        outputs: list[RtpOutput] = []
-        track: MediaStreamTrack
-        if self.fanout is not None:
-            fanout = self.fanout
-            track = IdleVideoTrack()
-
-            def attach(sender) -> None:
-                output = fanout.add(sender)
-                hook_output(sender, output)
-                outputs.append(output)
-        else:
-            track, attach = self.hub.subscribe(), None
+        feed = self.media_feed()
         now = self._clock.monotonic()
         try:
             peer = await answer_spectator(
-                offer_sdp,
-                track,
-                on_keyframe_request=self.hub.request_keyframe if self.encode_once else None,
-                on_heard=lambda: self._heard(spectator_id),
-                on_sender=attach,
+                offer_sdp, feed.track, on_sender=lambda sender: feed.attach(sender, lambda: self._heard(spectator_id))
             )
         except BaseException:
-            for output in outputs:
-                output.close()
-            track.stop()
+            feed.close()
             raise
-        spectator = Spectator(spectator_id, peer.pc, track, joined_at=now, last_heard=now,
-                              output=outputs[0] if outputs else None, counted=counted)
+        spectator = Spectator(spectator_id, peer.pc, feed, joined_at=now, last_heard=now, counted=counted)
         self.spectators[spectator_id] = spectator
 
         @peer.pc.on("connectionstatechange")

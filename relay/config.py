@@ -259,7 +259,6 @@ class RecordingsSettings:
     writer_queue_packets: int = option(512, min=16)
 
 
-# [simulations] (relay/simulations.py) ------------------------------------------------------------
 @dataclass(frozen=True)
 class SimulationsSettings:
     """Offline script jobs: durable in data_dir/simulations.db, rendered by worker processes."""
@@ -270,7 +269,6 @@ class SimulationsSettings:
     poll_interval_seconds: float = option(0.5, min=0.01, max=60)
     # Offline renders favour speed: superfast is ~1.4x faster than veryfast at a small quality cost.
     encoder_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"] = "superfast"
-# [simulations] end -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -283,7 +281,7 @@ class Settings:
     media: MediaSettings = field(default_factory=MediaSettings)
     recordings: RecordingsSettings = field(default_factory=RecordingsSettings)
     orchestration: OrchestrationSettings = field(default_factory=OrchestrationSettings)
-    simulations: SimulationsSettings = field(default_factory=SimulationsSettings)  # [simulations]
+    simulations: SimulationsSettings = field(default_factory=SimulationsSettings)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Settings:

@@ -181,6 +181,22 @@ class SessionManager:
             if c.api_key == api_key and c.stream is not None and c.stream.live
         ]
 
+    def check_stream_quota(self, api_key: str) -> None:
+        """429 CONCURRENT_LIMIT_REACHED when this key cannot start one more stream now."""
+        counted = self._streams_counted(api_key)
+        limit = self._limits.concurrent_streams
+        if counted >= limit:
+            live = self.live_streams(api_key)
+            now = self.clock.monotonic()
+            raise RelayError(
+                "CONCURRENT_LIMIT_REACHED",
+                429,
+                f"This API key already has {counted} live streams (limit {limit}).",
+                action="End a stream, or wait for one to finish.",
+                details={"active_count": counted, "limit": limit},
+                retry_after=max(1.0, min((s.deadline for s in live), default=now + 1) - now),
+            )
+
     def _streams_counted(self, api_key: str) -> int:
         """Live streams plus starts in flight: what concurrent_streams limits."""
         return sum(
@@ -283,19 +299,7 @@ class SessionManager:
                 action="End the current stream first.",
                 details={"stream_id": conn.stream.stream_id if conn.stream else None},
             )
-        counted = self._streams_counted(conn.api_key)
-        limit = self._limits.concurrent_streams
-        if counted >= limit:
-            live = self.live_streams(conn.api_key)
-            now = self.clock.monotonic()
-            raise RelayError(
-                "CONCURRENT_LIMIT_REACHED",
-                429,
-                f"This API key already has {counted} live streams (limit {limit}).",
-                action="End a stream, or wait for one to finish.",
-                details={"active_count": counted, "limit": limit},
-                retry_after=max(1.0, min((s.deadline for s in live), default=now + 1) - now),
-            )
+        self.check_stream_quota(conn.api_key)
         conn.pending = "starting"  # reserves this key's slot across the await below
         try:
             track = await conn.streamer.start_stream(prompt, image=image, portrait=portrait)

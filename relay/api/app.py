@@ -11,15 +11,13 @@ from aiohttp import web
 from ..config import Settings
 from ..errors import RelayError, too_large
 from ..media.webrtc import restrict_ice_host_addresses
+from ..odyssey.server import PREFIX as ODYSSEY_PREFIX, create_odyssey_app
 from ..recordings import RecordingStore
 from ..sessions import SessionManager
+from ..simulations import Simulations
 from ..worldmodel.base import WorldModel
-from . import broadcasts, connections, ops, orchestration, pages, recordings
-from .common import API_KEYS, RECORDINGS, SESSIONS, SETTINGS
-from ..simulations import Simulations  # simulations
-from . import simulations as simulations_api  # simulations
-from .common import SIMULATIONS  # simulations
-from ..odyssey.server import PREFIX as ODYSSEY_PREFIX, create_odyssey_app  # odyssey
+from . import broadcasts, connections, ops, orchestration, pages, recordings, simulations
+from .common import API_KEYS, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +85,11 @@ def create_app(settings: Settings, world_model: WorldModel | None = None, *, rea
     app[WORLD_MODEL] = world_model
     app[RECORDINGS] = RecordingStore.from_settings(settings)
     app[SESSIONS] = SessionManager(settings, world_model, recordings=app[RECORDINGS])
-    app[SIMULATIONS] = Simulations(settings, app[RECORDINGS])  # simulations
+    app[SIMULATIONS] = Simulations(settings, app[RECORDINGS])
 
-    for module in (connections, broadcasts, orchestration, recordings, ops, pages):
+    for module in (connections, broadcasts, orchestration, recordings, simulations, ops, pages):
         app.router.add_routes(module.routes)
-    app.router.add_routes(simulations_api.routes)  # simulations
-    # odyssey: the hosted world-model API's protocol (its SDK runs unchanged), over the same core
+    # The hosted world-model API's own protocol (its SDK runs unchanged), over the same core.
     app.add_subapp(ODYSSEY_PREFIX, create_odyssey_app(app))
     pages.add_static(app)
     app.cleanup_ctx.append(_lifecycle(reaper_interval))
@@ -134,10 +131,10 @@ def _lifecycle(reaper_interval: float):
         if recovered:
             log.info("recovered %d recordings left by a previous run", len(recovered))
         await asyncio.to_thread(lambda: store.secret)
-        # simulations: after recordings' recovery (it finalizes what a killed worker left; the runner then
+        # Simulations after recordings' recovery (it finalizes what a killed worker left; the runner then
         # deletes those cut attempts and puts their jobs back to pending).
-        simulations = app[SIMULATIONS]
-        await simulations.start()
+        jobs = app[SIMULATIONS]
+        await jobs.start()
         sessions = app[SESSIONS]
         reaper = asyncio.create_task(sessions.run_reaper(reaper_interval), name="relay-reaper")
         sweeper = asyncio.create_task(_sweep_recordings(store), name="relay-recordings-sweeper")
@@ -145,7 +142,7 @@ def _lifecycle(reaper_interval: float):
         for task in (reaper, sweeper):
             task.cancel()
         await asyncio.gather(reaper, sweeper, return_exceptions=True)
-        await simulations.close()  # simulations: workers stopped now; their jobs go back to pending
+        await jobs.close()  # workers stopped now; their jobs go back to pending
         await sessions.close()
         await app[WORLD_MODEL].close()
 

@@ -11,13 +11,13 @@ from ..config import Settings
 from ..recordings import RecordingStore
 from ..errors import invalid_request, unsupported_media_type
 from ..sessions import Connection, SessionManager
-from ..simulations import Simulations  # simulations
+from ..simulations import Simulations
 
 SETTINGS = web.AppKey("settings", Settings)
 SESSIONS = web.AppKey("sessions", SessionManager)
 API_KEYS = web.AppKey("api_keys", tuple)
 RECORDINGS = web.AppKey("recordings", RecordingStore)
-SIMULATIONS = web.AppKey("simulations", Simulations)  # simulations
+SIMULATIONS = web.AppKey("simulations", Simulations)
 
 
 def token_of(request: web.Request) -> str | None:
@@ -42,6 +42,20 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise invalid_request("The body must be a JSON object.")
     return body
+
+
+def query_int(request: web.Request, name: str, default: int, maximum: int) -> int:
+    """An integer query parameter (limit, offset) within [0, maximum]; 400 otherwise."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise invalid_request(f"'{name}' must be an integer.", field=name) from None
+    if not 0 <= value <= maximum:
+        raise invalid_request(f"'{name}' must be between 0 and {maximum}.", field=name)
+    return value
 
 
 def public_url(request: web.Request) -> str:

@@ -10,26 +10,13 @@ from aiohttp import web
 from ..auth import require_api_key
 from ..errors import RelayError, invalid_request, not_found
 from ..recordings import FILES, RecordingStore, owner_id
-from .common import API_KEYS, RECORDINGS, json_response, public_url, token_of
+from .common import API_KEYS, RECORDINGS, json_response, public_url, query_int, token_of
 from .pages import page
 
 routes = web.RouteTableDef()
 
 FILE_FIELDS = {"video_url": "video.mp4", "events_url": "events.jsonl",
                "thumbnail_url": "thumbnail.jpg", "preview_url": "preview.mp4"}
-
-
-def _int(request: web.Request, name: str, default: int, maximum: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise invalid_request(f"'{name}' must be an integer.", field=name) from None
-    if not 0 <= value <= maximum:
-        raise invalid_request(f"'{name}' must be between 0 and {maximum}.", field=name)
-    return value
 
 
 def recording_body(request: web.Request, store: RecordingStore, meta: dict[str, Any]) -> dict[str, Any]:
@@ -52,8 +39,8 @@ def recording_body(request: web.Request, store: RecordingStore, meta: dict[str, 
 @routes.get("/v1/recordings")
 async def list_recordings(request: web.Request) -> web.Response:
     key = require_api_key(token_of(request), request.app[API_KEYS])
-    limit = _int(request, "limit", 20, 100)
-    offset = _int(request, "offset", 0, 10**9)
+    limit = query_int(request, "limit", 20, 100)
+    offset = query_int(request, "offset", 0, 10**9)
     store = request.app[RECORDINGS]
     page_, total = await asyncio.to_thread(store.list, owner_id(key), limit, offset)
     return json_response({"recordings": [RecordingStore.summary(m) for m in page_],

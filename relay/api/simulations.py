@@ -11,8 +11,8 @@ from ..auth import require_api_key
 from ..errors import invalid_request
 from ..recordings import RecordingStore
 from ..simulations import ACTIVE, STATUSES, Job
-from .common import API_KEYS, RECORDINGS, SIMULATIONS, json_response, read_json, token_of
-from .recordings import _int, recording_body
+from .common import API_KEYS, RECORDINGS, SIMULATIONS, json_response, query_int, read_json, token_of
+from .recordings import recording_body
 
 routes = web.RouteTableDef()
 
@@ -24,7 +24,7 @@ def job_body(request: web.Request, job: Job, metas: list[dict[str, Any]]) -> dic
     return {**job.public(), "streams": [recording_body(request, store, m) for m in metas]}
 
 
-def _recordings_of(store: RecordingStore, job: Job) -> list[dict[str, Any]]:
+def recordings_of(store: RecordingStore, job: Job) -> list[dict[str, Any]]:
     """The job's recordings once it has completed (an attempt's files are no result until then)."""
     if job.status != "completed":
         return []
@@ -34,11 +34,11 @@ def _recordings_of(store: RecordingStore, job: Job) -> list[dict[str, Any]]:
 
 async def _bodies(request: web.Request, jobs: list[Job]) -> list[dict[str, Any]]:
     store = request.app[RECORDINGS]
-    metas = await asyncio.to_thread(lambda: [_recordings_of(store, j) for j in jobs])
+    metas = await asyncio.to_thread(lambda: [recordings_of(store, j) for j in jobs])
     return [job_body(request, j, m) for j, m in zip(jobs, metas)]
 
 
-def _statuses(request: web.Request) -> tuple[str, ...] | None:
+def statuses_of(request: web.Request) -> tuple[str, ...] | None:
     """?status=pending,processing and/or ?active=true|false; None means every status."""
     chosen: set[str] | None = None
     raw = request.query.get("status")
@@ -67,9 +67,9 @@ async def submit(request: web.Request) -> web.Response:
 @routes.get("/v1/simulations")
 async def list_jobs(request: web.Request) -> web.Response:
     key = require_api_key(token_of(request), request.app[API_KEYS])
-    statuses = _statuses(request)
-    limit = _int(request, "limit", 20, 100)
-    offset = _int(request, "offset", 0, 10**9)
+    statuses = statuses_of(request)
+    limit = query_int(request, "limit", 20, 100)
+    offset = query_int(request, "offset", 0, 10**9)
     jobs, total = await request.app[SIMULATIONS].list(key, statuses, limit, offset)
     return json_response({"jobs": await _bodies(request, jobs), "total": total, "limit": limit, "offset": offset})
 

@@ -58,7 +58,7 @@ def parse_offer(sdp: str) -> SessionDescription:
     return parsed
 
 
-def _h264_preferences() -> list:
+def h264_preferences() -> list:
     codecs = RTCRtpSender.getCapabilities("video").codecs
     h264 = [
         c for c in codecs
@@ -79,9 +79,7 @@ async def answer_spectator(
     offer_sdp: str,
     track: MediaStreamTrack,
     *,
-    on_keyframe_request: Callable[[], None] | None,
-    on_heard: Callable[[], None],
-    on_sender: Callable[[RTCRtpSender], None] | None = None,
+    on_sender: Callable[[RTCRtpSender], None],
 ) -> SpectatorPeer:
     parse_offer(offer_sdp)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -89,11 +87,9 @@ async def answer_spectator(
         # aiortc picks the answer's codecs in setRemoteDescription: the transceiver and its
         # preferences must exist before the offer is applied.
         transceiver = pc.addTransceiver(track, direction="sendonly")
-        transceiver.setCodecPreferences(_h264_preferences())
+        transceiver.setCodecPreferences(h264_preferences())
         sender = transceiver.sender
-        _hook_sender(sender, on_keyframe_request, on_heard)
-        if on_sender is not None:
-            on_sender(sender)
+        on_sender(sender)  # hooks go in before the offer is applied (see MediaFeed.attach)
         await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         answer = await pc.createAnswer()
         await pc.setLocalDescription(answer)
@@ -106,7 +102,7 @@ async def answer_spectator(
     return SpectatorPeer(pc, sender, pc.localDescription.sdp)
 
 
-def _hook_sender(
+def hook_sender(
     sender: RTCRtpSender,
     on_keyframe_request: Callable[[], None] | None,
     on_heard: Callable[[], None],

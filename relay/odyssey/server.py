@@ -42,8 +42,9 @@ from ..api.common import (
     read_json,
     token_of,
 )
-from ..api.recordings import _int, recording_body
-from ..api.simulations import _recordings_of, _statuses
+from ..api.common import query_int
+from ..api.recordings import recording_body
+from ..api.simulations import recordings_of, statuses_of
 from ..auth import is_api_key
 from ..clock import iso
 from ..errors import RelayError, not_found, unauthorized, unprocessable
@@ -130,24 +131,6 @@ async def regions(request: web.Request) -> web.Response:
     return json_response({"regions": []})  # one relay, one place: the SDK then skips its pings
 
 
-def _check_stream_quota(sessions: SessionManager, key: str, limit: int) -> None:
-    """A session is only good for streaming: at the key's concurrent_streams, refuse it up front.
-
-    The hosted API refuses here, and it is the only place the SDK turns a 429 into its
-    ConcurrentLimitReachedError. The count is the core's (live streams; spectators never count).
-    """
-    live = sessions.live_streams(key)
-    if len(live) >= limit:
-        now = sessions.clock.monotonic()
-        raise RelayError(
-            "CONCURRENT_LIMIT_REACHED", 429,
-            f"This API key already has {len(live)} live streams (limit {limit}).",
-            action="End a stream, or wait for one to finish.",
-            details={"active_count": len(live), "limit": limit},
-            retry_after=max(1.0, min(s.deadline for s in live) - now),
-        )
-
-
 def signalling_url(request: web.Request) -> str:
     # http(s), absolute, no trailing slash: the SDK derives {…}/config and ws(s)://…/client/{id} from it.
     return f"{public_url(request)}{PREFIX}/signalling"
@@ -158,7 +141,9 @@ async def request_session(request: web.Request) -> web.Response:
     key = _api_key(request)
     await read_json(request)  # {} or {region_latencies}: one relay, nothing to choose
     sessions = request.app[SESSIONS]
-    _check_stream_quota(sessions, key, request.app[SETTINGS].limits.concurrent_streams)
+    # The hosted API refuses a session here when the key is at its stream limit: it is the only
+    # place the SDK turns a 429 into its ConcurrentLimitReachedError. The rule is the core's.
+    sessions.check_stream_quota(key)
     conn = await sessions.open_connection(key)  # 503 STREAMER_NOT_AVAILABLE: the SDK polls every second
     return json_response({
         "session_id": conn.connection_id,
@@ -437,7 +422,7 @@ def _job_summary(job) -> dict[str, Any]:
 
 async def _job_detail(request: web.Request, job) -> dict[str, Any]:
     store: RecordingStore = request.app[RECORDINGS]
-    metas = await asyncio.to_thread(_recordings_of, store, job)
+    metas = await asyncio.to_thread(recordings_of, store, job)
     streams = []
     for meta in metas:
         body = recording_body(request, store, meta)
@@ -472,9 +457,9 @@ async def submit_simulation(request: web.Request) -> web.Response:
 @routes.get("/simulation-jobs")
 async def list_simulations(request: web.Request) -> web.Response:
     key = _api_key(request)
-    statuses = _statuses(request)
-    limit = _int(request, "limit", 20, 100)
-    offset = _int(request, "offset", 0, 10**9)
+    statuses = statuses_of(request)
+    limit = query_int(request, "limit", 20, 100)
+    offset = query_int(request, "offset", 0, 10**9)
     jobs, total = await request.app[SIMULATIONS].list(key, statuses, limit, offset)
     return json_response({"jobs": [_job_summary(j) for j in jobs], "total": total, "limit": limit,
                           "offset": offset})
@@ -516,8 +501,8 @@ async def get_recording(request: web.Request) -> web.Response:
 @routes.get("/stream-recordings")
 async def list_stream_recordings(request: web.Request) -> web.Response:
     key = _api_key(request)
-    limit = _int(request, "limit", 20, 100)
-    offset = _int(request, "offset", 0, 10**9)
+    limit = query_int(request, "limit", 20, 100)
+    offset = query_int(request, "offset", 0, 10**9)
     page, total = await asyncio.to_thread(request.app[RECORDINGS].list, owner_id(key), limit, offset)
     return json_response({"recordings": [RecordingStore.summary(m) for m in page], "total": total,
                           "limit": limit, "offset": offset})

@@ -20,13 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcconfiguration import RTCBundlePolicy
 from aiortc.rtcdatachannel import RTCDataChannel
 
-from ..broadcast import Broadcast
-from ..media.rtp_fanout import IdleVideoTrack, RtpOutput, hook_output
-from ..media.webrtc import _h264_preferences, _hook_sender
+from ..broadcast import Broadcast, MediaFeed
+from ..media.webrtc import h264_preferences
 from . import protocol
 
 log = logging.getLogger(__name__)
@@ -48,8 +46,7 @@ class OwnerPeer:
         self._on_message = on_message
         # max-bundle: one ICE transport for video and data, and one gathering for the offer.
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
-        self._output: RtpOutput | None = None
-        self._track: MediaStreamTrack | None = None
+        self._feed: MediaFeed | None = None
         self._pending: list[str] = []
         self.answered = False
         self.closed = False
@@ -62,20 +59,11 @@ class OwnerPeer:
 
     async def create_offer(self) -> str:
         """Video first (its m-line carries the bundle), then both channels; returns the offer's SDP."""
-        broadcast = self._broadcast
-        if broadcast.fanout is not None:
-            track: MediaStreamTrack = IdleVideoTrack()
-        else:
-            track = broadcast.hub.subscribe()
-        self._track = track
-        transceiver = self.pc.addTransceiver(track, direction="sendonly")
-        transceiver.setCodecPreferences(_h264_preferences())  # the shared encoder's H.264, nothing else
-        sender = transceiver.sender
+        feed = self._feed = self._broadcast.media_feed()
+        transceiver = self.pc.addTransceiver(feed.track, direction="sendonly")
+        transceiver.setCodecPreferences(h264_preferences())  # the shared encoder's H.264, nothing else
         # PLI/FIR from the SDK's browser reach the shared encoder, as a spectator's do.
-        _hook_sender(sender, broadcast.hub.request_keyframe if broadcast.encode_once else None, lambda: None)
-        if broadcast.fanout is not None:
-            self._output = broadcast.fanout.add(sender)
-            hook_output(sender, self._output)
+        feed.attach(transceiver.sender)
 
         self.from_client = self.pc.createDataChannel(protocol.CLIENT_TO_STREAMER)
         self.to_client = self.pc.createDataChannel(protocol.STREAMER_TO_CLIENT)
@@ -135,8 +123,6 @@ class OwnerPeer:
             return
         self.closed = True
         self._pending.clear()
-        if self._output is not None:
-            self._output.close()
-        if self._track is not None:
-            self._track.stop()
+        if self._feed is not None:
+            self._feed.close()
         await self.pc.close()
