@@ -140,17 +140,21 @@ async def run(args: argparse.Namespace, url: str, pid: int) -> None:
             await asyncio.sleep(0.01)
         fanout = [t - sent for t in update_arrivals]
 
-        # Inputs at a steady rate from random participants.
-        interval = 1.0 / args.rate
-        end = time.perf_counter() + args.seconds
-        n = 0
-        while time.perf_counter() < end:
-            i = random.randrange(args.participants)
-            if i not in pending:
-                pending[i] = time.perf_counter()
-                await sockets[i].send_json({"type": "input", "prompt": f"idea number {n}"})
-                n += 1
-            await asyncio.sleep(interval)
+        # Inputs at a steady rate from random participants: each tick sends what is due by then,
+        # so the rate holds even when this process's event loop is busy reading state pushes.
+        start = time.perf_counter()
+        end = start + args.seconds
+        n = due_count = 0
+        while (now := time.perf_counter()) < end:
+            due = int((now - start) * args.rate)
+            while due_count < due:
+                due_count += 1
+                i = random.randrange(args.participants)
+                if i not in pending:  # one input in flight per participant
+                    pending[i] = time.perf_counter()
+                    await sockets[i].send_json({"type": "input", "prompt": f"idea number {due_count}"})
+                    n += 1
+            await asyncio.sleep(0.002)
         await asyncio.sleep(1.0)
 
         for ws in sockets:

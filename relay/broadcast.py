@@ -9,6 +9,7 @@ peer connections and simply receive the new stream's packets, keyframe first.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import uuid
@@ -94,7 +95,7 @@ class EventChannel:
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(EVENT_QUEUE_MAX))
     overflowed: bool = False
 
-    def push(self, event: dict[str, Any]) -> None:
+    def push(self, event: str) -> None:
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
@@ -369,8 +370,10 @@ class Broadcast:
             log.exception("forwarding an audience input failed", extra={"broadcast_id": self.broadcast_id})
 
     def emit(self, event: dict[str, Any]) -> None:
-        for channel in self._channels:
-            channel.push(event)
+        if self._channels:
+            text = json.dumps(event)  # once, however many participants: the sockets send the same text
+            for channel in self._channels:
+                channel.push(text)
         if self._recorder is not None and event["type"] in RECORDED_EVENTS:
             self._recorder.log_event(event)
 

@@ -139,4 +139,4 @@ async def _pump(ws: web.WebSocketResponse, channel) -> None:
         if event is None or channel.overflowed:
             await ws.close(code=1008 if channel.overflowed else 1000, message=b"closed")
             return
-        await ws.send_json(event)
+        await ws.send_str(event)  # serialized once by the broadcast

@@ -80,9 +80,10 @@ class Orchestrator:
             "mode": self.mode,
             "settings": settings,
             "queue": [],
+            "queue_length": 0,
             "candidates": [],
             "window_ends_at": None,
-            "turn": {"holder": None, "ends_at": None, "hands": []},
+            "turn": {"holder": None, "ends_at": None, "hands": [], "hands_count": 0},
         }
         state.update(self._policy.state(self._participants.get))
         if host:

