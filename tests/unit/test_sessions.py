@@ -9,6 +9,7 @@ pipeline (render thread + encoder thread) and every test can check that those th
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from typing import Any
 
@@ -84,9 +85,11 @@ def manager(make_manager) -> SessionManager:
 
 
 def drain(queue: asyncio.Queue) -> list[dict[str, Any]]:
+    """Everything queued; participants' channels hold events already serialized to JSON text."""
     events = []
     while not queue.empty():
-        events.append(queue.get_nowait())
+        event = queue.get_nowait()
+        events.append(json.loads(event) if isinstance(event, str) else event)
     return events
 
 
