@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,3 +85,31 @@ async def frames_for(track, seconds: float) -> list:
         except asyncio.TimeoutError:
             break
     return frames
+
+
+async def eventually(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+    """Polls a condition (sync or async) until true, or fails after `timeout` s: waits on the event
+    meant, not on a sleep that hopes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        await asyncio.sleep(0.05)
+
+
+async def start_relay_process(config, stderr=asyncio.subprocess.DEVNULL) -> tuple[asyncio.subprocess.Process, str]:
+    """`relay serve --config FILE` as a real subprocess; returns it and its base URL once listening."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay.cli", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=stderr)
+    while True:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert line, "serve exited before listening"
+        if m := re.search(r"listening on (\S+)", line):
+            return proc, m.group(1)

@@ -10,7 +10,7 @@ from aiohttp import WSMsgType, web
 
 from ..auth import check_spectator, is_api_key
 from ..broadcast import Broadcast
-from ..errors import RelayError, unsupported_media_type
+from ..errors import unsupported_media_type
 from .common import API_KEYS, SESSIONS, SETTINGS, json_response, token_of
 
 routes = web.RouteTableDef()

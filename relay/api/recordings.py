@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from ..auth import require_api_key
-from ..errors import RelayError, invalid_request, not_found
+from ..errors import RelayError, not_found
 from ..recordings import FILES, RecordingStore, owner_id
 from .common import API_KEYS, RECORDINGS, json_response, public_url, query_int, token_of
 from .pages import page

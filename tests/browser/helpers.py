@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Callable
 
 from playwright.async_api import Page
 
 from tests.browser.conftest import DESKTOP, PHONE, SHOTS_DIR
-
-
-async def eventually(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
-    """Polls a server-side condition (sync or async) until true, or fails after `timeout` s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        await asyncio.sleep(0.05)
 
 
 async def assert_no_horizontal_overflow(page: Page) -> None:

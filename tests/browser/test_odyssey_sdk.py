@@ -26,7 +26,7 @@ from aiohttp import web
 
 from relay.odyssey import protocol
 from tests.browser.conftest import CHROMIUM, HAVE_CHROMIUM
-from tests.browser.helpers import eventually
+from tests.conftest import eventually
 from tests.conftest import API_KEY
 
 pytestmark = [

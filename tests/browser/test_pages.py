@@ -7,16 +7,14 @@ server-side condition with a deadline); the generous first-frame timeout is for 
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Callable
 
 import pytest
 from playwright.async_api import Page, expect
 
 from relay.client import RelayClient
 from tests.browser.conftest import CHROMIUM, DESKTOP, HAVE_CHROMIUM, PHONE, SHOTS_DIR
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, eventually
 
 pytestmark = [
     pytest.mark.browser,
@@ -38,21 +36,6 @@ XSS = "<img src=x onerror=window.__xss=1>"
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-async def eventually(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
-    """Polls a server-side condition (sync or async) until true, or fails after `timeout` s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        await asyncio.sleep(0.05)
-
 
 async def video_reading(page: Page, selector: str) -> dict:
     return await page.evaluate(

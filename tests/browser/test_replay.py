@@ -13,7 +13,8 @@ from playwright.async_api import expect
 
 from relay.client import RelayClient
 from tests.browser.conftest import CHROMIUM, DESKTOP, HAVE_CHROMIUM
-from tests.browser.helpers import eventually, shoot
+from tests.browser.helpers import shoot
+from tests.conftest import eventually
 from tests.conftest import API_KEY
 
 pytestmark = [

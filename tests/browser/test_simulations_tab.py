@@ -15,7 +15,8 @@ from playwright.async_api import expect
 from relay.api.common import SIMULATIONS
 from relay.recordings import owner_id
 from tests.browser.conftest import CHROMIUM, DESKTOP, HAVE_CHROMIUM, PHONE
-from tests.browser.helpers import eventually, shoot
+from tests.browser.helpers import shoot
+from tests.conftest import eventually
 from tests.conftest import API_KEY
 
 pytestmark = [

@@ -8,16 +8,7 @@ import numpy as np
 import pytest
 
 from relay.client import RelayClient, Spectator
-from tests.conftest import API_KEY, frames_for, mean_rgb
-
-
-async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(interval)
+from tests.conftest import API_KEY, eventually, frames_for, mean_rgb
 
 
 async def test_three_spectators_watch_prompts_and_consecutive_streams(relay_factory):
@@ -54,7 +45,7 @@ async def test_three_spectators_watch_prompts_and_consecutive_streams(relay_fact
             assert state["spectators"] == 3
 
             # The stream ends itself at the configured cap.
-            await wait_for(lambda: not relay.sessions.stream(first_stream).live, timeout=6)
+            await eventually(lambda: not relay.sessions.stream(first_stream).live, timeout=6, what="the stream's end")
             state = await client.get_stream(first_stream)
             assert state["status"] == "ended" and state["end_reason"] == "duration_limit"
 

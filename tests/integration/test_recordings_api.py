@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
-import sys
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -15,7 +13,7 @@ import av
 import pytest
 
 from relay.client import RelayClient, Spectator
-from tests.conftest import API_KEY, OTHER_KEY
+from tests.conftest import API_KEY, OTHER_KEY, start_relay_process
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -199,17 +197,7 @@ async def test_kill_9_mid_stream_then_restart_lists_a_playable_partial_recording
         "[world_model]\nwidth = 320\nheight = 176\n[limits]\nstream_max_seconds = 60\n"
     )
 
-    async def start():
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay.cli", "serve", "--config", str(config),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-        while True:
-            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-            assert line, "serve exited"
-            if m := re.search(r"listening on (\S+)", line):
-                return proc, m.group(1)
-
-    proc, base = await start()
+    proc, base = await start_relay_process(config)
     try:
         async with RelayClient(base, API_KEY) as client:
             info = await client.request("POST", "/v1/connections")
@@ -221,7 +209,7 @@ async def test_kill_9_mid_stream_then_restart_lists_a_playable_partial_recording
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
 
-    proc, base = await start()
+    proc, base = await start_relay_process(config)
     try:
         rec = await finished_recording(http, base, stream_id)
         assert rec["status"] == "partial", rec

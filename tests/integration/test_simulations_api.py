@@ -6,16 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
-import sys
 
 import aiohttp
 import av
 import pytest
 
 from relay.client import RelayAPIError, RelayClient
-from tests.conftest import API_KEY, OTHER_KEY
+from tests.conftest import API_KEY, OTHER_KEY, start_relay_process
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 OTHER = {"Authorization": f"Bearer {OTHER_KEY}"}
@@ -277,17 +275,7 @@ async def test_kill_9_during_processing_then_restart_every_job_completes(tmp_pat
     )
     log = open(tmp_path / "relay.log", "ab")
 
-    async def start():
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay.cli", "serve", "--config", str(config),
-            stdout=asyncio.subprocess.PIPE, stderr=log)
-        while True:
-            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-            assert line, "serve exited"
-            if m := re.search(r"listening on (\S+)", line):
-                return proc, m.group(1)
-
-    proc, base = await start()
+    proc, base = await start_relay_process(config, stderr=log)
     workers: list[int] = []
     try:
         async with RelayClient(base, API_KEY) as client:
@@ -312,7 +300,7 @@ async def test_kill_9_during_processing_then_restart_every_job_completes(tmp_pat
         await asyncio.sleep(0.05)
     assert not any(alive(pid) for pid in workers)
 
-    proc, base = await start()
+    proc, base = await start_relay_process(config, stderr=log)
     try:
         async with RelayClient(base, API_KEY) as client:
             jobs = [await client.wait_simulation(job_id, timeout=40, interval=0.1) for job_id in ids]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import fractions
 
 import av
 import numpy as np
-import pytest
 
 from relay.media.encoder import H264Encoder
 from relay.media.hub import FanoutHub
