@@ -19,8 +19,8 @@ from difflib import get_close_matches
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
-__all__ = ["ConfigError", "Settings", "load_config", "ServerSettings", "AuthSettings", "LimitsSettings",
-           "WorldModelSettings", "WebRTCSettings", "MediaSettings", "OrchestrationSettings",
+__all__ = ["ConfigError", "Settings", "load_config", "hosted_api_key", "ServerSettings", "AuthSettings",
+           "LimitsSettings", "WorldModelSettings", "WebRTCSettings", "MediaSettings", "OrchestrationSettings",
            "RecordingsSettings", "SimulationsSettings"]
 
 
@@ -127,6 +127,21 @@ def _public_url(key: str, value: Any) -> str:
     return url
 
 
+def _api_url(key: str, value: Any) -> str:
+    url = _scalar(key, str, value, {}).rstrip("/")  # the SDK appends paths to it, so no trailing slash
+    parts = urlsplit(url)
+    if not (parts.scheme in ("http", "https") and parts.netloc and not (parts.query or parts.fragment)):
+        _fail(key, 'an http:// or https:// URL, e.g. "https://api.odyssey.ml"', value)
+    return url
+
+
+def _env_name(key: str, value: Any) -> str:
+    name = _scalar(key, str, value, {})
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        _fail(key, 'the name of an environment variable, e.g. "ODYSSEY_API_KEY"', value)
+    return name
+
+
 # RFC 7064/7065: "stun:host[:port]", "turns:host[:port][?transport=tcp]"; browsers reject "stun://host".
 _ICE_URL = re.compile(r"(stuns?|turns?):[^\s/?#]+(\?transport=(udp|tcp))?")
 
@@ -191,10 +206,14 @@ class LimitsSettings:
 
 @dataclass(frozen=True)
 class WorldModelSettings:
-    kind: Literal["synthetic"] = "synthetic"
+    kind: Literal["synthetic", "hosted"] = "synthetic"
     width: int = option(1280, even=True, min=16, max=3840)  # even: H.264 4:2:0 halves both axes
     height: int = option(704, even=True, min=16, max=3840)
     fps: int = option(25, min=1, max=60)
+    # kind = "hosted" (relay/worldmodel/hosted.py): the hosted API's base URL (the SDK's default), and the
+    # environment variable that holds its API key; the key itself never sits in a config file.
+    url: str = option("https://api.odyssey.ml", parse=_api_url)
+    api_key_env: str = option("ODYSSEY_API_KEY", parse=_env_name)
 
 
 @dataclass(frozen=True)
@@ -316,7 +335,19 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
         if isinstance(base, Mapping):  # otherwise leave it for the validator to name
             data[section] = {**base, **{k: v for k, v in values.items() if v is not None}}
     settings = Settings.from_dict(data)
+    if settings.world_model.kind == "hosted":
+        hosted_api_key(settings, environ)  # missing: stop at start, naming the variable
     api_key = (os.environ if environ is None else environ).get("RELAY_API_KEY", "").strip()
     if api_key and api_key not in settings.auth.api_keys:
         settings = replace(settings, auth=replace(settings.auth, api_keys=(*settings.auth.api_keys, api_key)))
     return settings
+
+
+def hosted_api_key(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
+    """The hosted API's key for `[world_model] kind = "hosted"`, from the variable `api_key_env` names."""
+    name = settings.world_model.api_key_env
+    key = (os.environ if environ is None else environ).get(name, "").strip()
+    if not key:
+        raise ConfigError(f'world_model.api_key_env: the environment variable {name} is not set; '
+                          f'world_model.kind = "hosted" needs the hosted API key in it')
+    return key

@@ -93,6 +93,7 @@ class Connection:
     # neither race it nor slip into the gap (and a start counts toward the key's limit).
     pending: str | None = None
     _listeners: set[asyncio.Queue] = field(default_factory=set)
+    _closing: asyncio.Task | None = None
 
     @property
     def closed(self) -> bool:
@@ -264,8 +265,14 @@ class SessionManager:
         self.touch(conn)  # the idle countdown starts when the last socket goes
 
     async def close_connection(self, conn: Connection, reason: str = "disconnected") -> None:
-        if conn.closed:
-            return
+        """Close once, completely: the work runs in its own task, so a caller that is cancelled
+        halfway (a handler whose client went away) cannot leave a streamer reserved."""
+        if conn._closing is None:
+            conn._closing = asyncio.get_running_loop().create_task(
+                self._close_connection(conn, reason), name="relay-close-connection")
+        await asyncio.shield(conn._closing)
+
+    async def _close_connection(self, conn: Connection, reason: str) -> None:
         conn.status = "closed"
         conn.close_reason = reason
         if conn.stream is not None and conn.stream.live:

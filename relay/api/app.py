@@ -102,6 +102,12 @@ def make_world_model(settings: Settings) -> WorldModel:
         from ..worldmodel.synthetic import SyntheticWorldModel
 
         return SyntheticWorldModel(width=wm.width, height=wm.height, fps=wm.fps)
+    if wm.kind == "hosted":  # the relay as a client of the hosted API (its key from the environment)
+        from ..config import hosted_api_key
+        from ..worldmodel.hosted import HostedWorldModel
+
+        return HostedWorldModel(wm.url, hosted_api_key(settings), width=wm.width, height=wm.height, fps=wm.fps,
+                                api_key_env=wm.api_key_env)
     raise ValueError(f"world_model.kind {wm.kind!r} is not available")
 
 
