@@ -319,3 +319,23 @@ async def test_kill_9_during_processing_then_restart_every_job_completes(tmp_pat
         proc.terminate()
         await proc.wait()
         log.close()
+
+
+async def test_live_spectators_keep_their_frame_rate_while_two_simulations_run(relay_factory):
+    from relay.client import Spectator
+    from tests.conftest import frames_for
+
+    relay = await relay_factory(simulations={"workers": 2},
+                                limits={"stream_max_seconds": 60, "idle_timeout_seconds": 60})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        await conn.start_stream("a calm ocean at sunset")
+        b = conn.broadcast
+        async with Spectator(b["whep_url"], b["spectator_token"]) as viewer:
+            await viewer.track.recv()
+            jobs = [(await client.simulate(LONG))["job_id"] for _ in range(2)]
+            for job_id in jobs:
+                await until_status(client, job_id, {"processing"})
+            frames = await frames_for(viewer.track, 2.0)
+            still = [(await client.get_simulation(j))["status"] for j in jobs]
+        assert still == ["processing", "processing"], "the measurement must overlap both simulations"
+        assert len(frames) / 2.0 >= 22, f"{len(frames) / 2.0:.1f} fps while two simulations ran"
