@@ -662,8 +662,10 @@ class Simulations:
             except Exception:  # a full disk, a locked database: retry on the next round
                 log.exception("simulations supervisor round failed")
             try:
-                await asyncio.wait_for(self._wake.wait(), self._sim.poll_interval_seconds)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: no helper task is created twice a second.
+                async with asyncio.timeout(self._sim.poll_interval_seconds):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
             self._wake.clear()
 

@@ -92,3 +92,41 @@ async def test_every_media_mode_delivers_across_streams(relay_factory, mode):
             await conn.start_stream("a red desert")
             frames = await frames_for(viewer.track, 1.5)
             assert len(frames) >= 18, f"{mode}: {len(frames)} frames after the next stream began"
+
+
+async def test_consecutive_streams_and_a_vanished_host_leave_nothing_running(relay_factory):
+    """Encoder, render and recorder threads, pipeline tasks, peer connections: all owned and closed."""
+    import gc
+    import threading
+
+    from aiortc import RTCPeerConnection
+
+    relay = await relay_factory(limits={"stream_max_seconds": 30, "idle_timeout_seconds": 1})
+    threads, tasks = threading.active_count(), len(asyncio.all_tasks())
+    client = RelayClient(relay.url, API_KEY)
+    conn_info = await client.request("POST", "/v1/connections")
+    conn_id = conn_info["connection_id"]
+    b = conn_info["broadcast"]
+    async with Spectator(b["whep_url"], b["spectator_token"]) as viewer:
+        for i in range(4):
+            started = await client.request("POST", f"/v1/connections/{conn_id}/streams", json={"prompt": f"scene {i}"})
+            await asyncio.wait_for(viewer.track.recv(), 10)
+            await client.request("DELETE", f"/v1/streams/{started['stream_id']}")
+        await client.request("POST", f"/v1/connections/{conn_id}/streams", json={"prompt": "left running"})
+        await asyncio.wait_for(viewer.track.recv(), 10)
+        # The host vanishes without ending the stream or disconnecting: the reaper cleans up.
+        await eventually(lambda: conn_id not in relay.sessions.connections, timeout=10, what="the idle reaper")
+    await client.close()
+
+    def leftovers() -> dict:
+        gc.collect()
+        return {"threads": [t.name for t in threading.enumerate()][threads:],
+                "tasks": max(0, len(asyncio.all_tasks()) - tasks),
+                "peer connections": sum(isinstance(o, RTCPeerConnection) for o in gc.get_objects())}
+
+    nothing = {"threads": [], "tasks": 0, "peer connections": 0}
+    try:
+        await eventually(lambda: leftovers() == nothing, timeout=10)
+    except AssertionError:
+        raise AssertionError(f"left behind: {leftovers()}") from None
+    assert relay.sessions.streamers_free == 4
