@@ -39,8 +39,18 @@ class DemoHost:
         return f"/watch/{b.broadcast_id}?token={b.spectator_token}"
 
     async def run(self) -> None:
+        """Stream for as long as the server runs; a connection that reaches connection_max_seconds
+        is replaced by a new one (with a new watch URL, logged)."""
         assert self._conn is not None
-        conn = self._conn
+        try:
+            while True:
+                if self._conn.closed:
+                    log.info("demo connection ended; new demo watch URL: %s", await self.open())
+                await self._stream_scenes(self._conn)
+        finally:
+            await self._sessions.close_connection(self._conn, "disconnected")
+
+    async def _stream_scenes(self, conn: Connection) -> None:
         events = conn.listen()
         try:
             for scene in itertools.cycle(SCENES):
@@ -54,7 +64,6 @@ class DemoHost:
                     await self._sessions.interact(stream, prompt)
         finally:
             conn.unlisten(events)
-            await self._sessions.close_connection(conn, "disconnected")
 
 
 async def _wait_for_end(events: asyncio.Queue, stream_id: str, timeout: float) -> bool:

@@ -1,0 +1,36 @@
+"""Demo mode keeps a broadcast live for as long as the server runs."""
+
+from __future__ import annotations
+
+import asyncio
+
+from relay.config import Settings
+from relay.demo import DemoHost
+from relay.sessions import SessionManager
+from relay.worldmodel.synthetic import SyntheticWorldModel
+from tests.conftest import eventually
+
+
+async def test_demo_streams_one_scene_after_another_and_outlives_its_connection():
+    settings = Settings.from_dict({
+        "auth": {"api_keys": ["k"]},
+        "limits": {"connection_max_seconds": 2, "stream_max_seconds": 1},
+        "world_model": {"width": 64, "height": 48},
+    })
+    sessions = SessionManager(settings, SyntheticWorldModel(64, 48, 25))
+    demo = DemoHost(sessions, "k")
+    first_path = await demo.open()
+    first = next(iter(sessions.connections.values()))
+    tasks = [asyncio.create_task(demo.run()), asyncio.create_task(sessions.run_reaper())]
+    try:
+        await eventually(lambda: first.streams_started >= 2, timeout=5, what="a second stream")
+        await eventually(lambda: first.closed, timeout=5, what="the connection's end")
+        # A new connection takes over (with a new watch URL) and streams again.
+        await eventually(lambda: any(c.stream and c.stream.live for c in sessions.connections.values()),
+                         timeout=5, what="a live stream on the next connection")
+        assert first_path not in [f"/watch/{b}" for b in sessions.broadcasts]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await sessions.close()
