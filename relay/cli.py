@@ -15,6 +15,10 @@ from aiohttp import web
 from . import __version__
 from .config import ConfigError, Settings, load_config
 
+class StartupError(Exception):
+    """serve cannot start (the port is taken, ...): one line for the operator, no traceback."""
+
+
 LOG_FIELDS = ("connection_id", "stream_id", "broadcast_id", "spectator_id", "reason", "path")
 
 
@@ -62,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     run = _uvloop_run()
     try:
         run(serve_forever(settings, generated, args.demo))
+    except StartupError as err:
+        print(f"relay: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         pass
     return 0
@@ -82,7 +89,13 @@ async def serve_forever(settings: Settings, generated_key: str | None, demo: boo
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(
+            f"cannot listen on {settings.server.host}:{settings.server.port}: {exc.strerror or exc}"
+        ) from exc
     port = runner.addresses[0][1] if runner.addresses else settings.server.port
     base = settings.server.public_url or f"http://{_display_host(settings.server.host)}:{port}"
     print(f"relay {__version__} listening on {base}", flush=True)

@@ -71,3 +71,18 @@ async def test_demo_serves_a_live_watch_url(tmp_path):
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 15)
     assert proc.returncode == 0
+
+
+async def test_a_taken_port_stops_serve_with_one_clear_line(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "relay.toml"
+        config.write_text(f'[server]\nport = {port}\ndata_dir = "{tmp_path / "data"}"\n')
+        proc = await run_relay("serve", "--config", str(config))
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in err.decode() and "Traceback" not in err.decode()
