@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from relay.worldmodel.synthetic import SceneRenderer  # noqa: E402
+from relay.worldmodel.scene import SceneRenderer  # noqa: E402
 
 # A tour of looks: every layer of the renderer gets exercised (clouds, sea, trees, dunes,
 # snow, rain, lava veins, neon grid, sun and moon) plus hashed unknown words.

@@ -24,7 +24,7 @@ from .clock import FakeClock
 from .media.encoder import VIDEO_TIME_BASE, H264Encoder
 from .media.recorder import STATUS_COMPLETE, RecordingResult
 from .recordings import RecordingStore
-from .worldmodel.synthetic import SceneRenderer
+from .worldmodel.scene import SceneRenderer
 
 __all__ = ["init_worker", "run_job", "record_script", "frame_count"]
 

@@ -16,7 +16,7 @@ import pytest
 from relay.clock import FakeClock
 from relay.media.encoder import H264Encoder
 from relay.media.recorder import StreamRecorder, probe_video, repair_video
-from relay.worldmodel.synthetic import SceneRenderer
+from relay.worldmodel.scene import SceneRenderer
 
 W, H, FPS = 320, 176, 25
 TB = fractions.Fraction(1, 90000)

@@ -166,7 +166,7 @@ CHILD = textwrap.dedent("""
     import fractions, sys, time
     from relay.media.encoder import H264Encoder
     from relay.recordings import RecordingStore
-    from relay.worldmodel.synthetic import SceneRenderer
+    from relay.worldmodel.scene import SceneRenderer
 
     W, H, FPS = 320, 176, 25
     store = RecordingStore(sys.argv[1])
