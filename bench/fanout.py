@@ -4,6 +4,7 @@
     python bench/fanout.py --quick         # counts 1,5,10 in both modes, 5 s windows, under ~2 minutes
     python bench/fanout.py --modes encode-once --counts 1,50,100 --window 20 --profile
     python bench/fanout.py --modes encode-once --recording both   # server CPU with recording on vs off
+    python bench/fanout.py --modes encode-once --counts 10 --low-layer   # with the half-size layer
     python bench/fanout.py --modes encode-once --soak 300 --soak-only   # RSS/fds/threads under churn
 
 For each mode it starts the real server (``python -m relay.cli serve`` with a temporary
@@ -176,6 +177,8 @@ class Server:
         self.config_path = os.path.join(workdir, f"relay-{tag}.toml")
         self.data_dir = os.path.join(workdir, f"data-{tag}")
         media_extra = f"bitrate_kbps = {args.bitrate}\n" if args.bitrate else ""
+        if args.low_layer:  # the half-size layer, encoded once per stream (its cost is server CPU at N=0)
+            media_extra += "low_layer = true\n"
         with open(self.config_path, "w") as f:
             f.write(CONFIG.format(
                 port=self.port, data_dir=self.data_dir, api_key=self.api_key,
@@ -962,6 +965,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recording", choices=("on", "off", "both"), default="on",
                     help="[recordings] enabled: on (the server default), off, or both (encode-once runs twice, "
                          "then compares server CPU per N)")
+    ap.add_argument("--low-layer", action="store_true",
+                    help="[media] low_layer = true: a second, half-size layer encoded once (compare with a run without)")
     ap.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
                     help="after the steps, keep --soak-spectators connected with churn for SECONDS (e.g. 300) "
                          "and sample the server's RSS, fds and threads every 10 s")
@@ -1009,7 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     workdir = tempfile.mkdtemp(prefix="relay-fanout-")
     started = time.monotonic()
-    print(f"fan-out benchmark: modes {', '.join(modes)}; recording {args.recording}; {os.cpu_count()} CPUs; "
+    print(f"fan-out benchmark: modes {', '.join(modes)}; recording {args.recording}; "
+          f"low layer {'on' if args.low_layer else 'off'}; {os.cpu_count()} CPUs; "
           f"temp dir {workdir}", flush=True)
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}", flush=True)
     results: dict[str, ModeResult] = {}

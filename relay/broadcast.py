@@ -128,8 +128,16 @@ class Broadcast:
         # Default path: packetize once, write headers per spectator. The other modes hand
         # each spectator's aiortc sender a track from the hub instead (for comparison).
         self.fanout: RtpFanout | None = None
+        # The optional lower layer (half size): its own hub, on the main hub's clock, and its own
+        # packetizer; spectators' outputs move between the two by their bandwidth estimates.
+        self.low_hub: FanoutHub | None = None
+        self.low_fanout: RtpFanout | None = None
         if mode == "encode-once":
-            self.fanout = RtpFanout(self.hub.request_keyframe, on_sent=metrics.count_sent)
+            if settings.media.low_layer:
+                self.low_hub = FanoutHub(clock_of=self.hub)
+                self.low_fanout = RtpFanout(self.low_hub.request_keyframe, on_sent=metrics.count_sent)
+                self.low_hub.add_sink(self.low_fanout.publish)
+            self.fanout = RtpFanout(self.hub.request_keyframe, on_sent=metrics.count_sent, lower=self.low_fanout)
             self.hub.add_sink(self.fanout.publish)
         self.spectators: dict[str, Spectator] = {}
         self._channels: set[EventChannel] = set()
@@ -195,6 +203,8 @@ class Broadcast:
             on_keyframe_forced=metrics.KEYFRAMES_FORCED.inc,
             on_latency=metrics.RELAY_LATENCY.observe,
             clock=self._clock.monotonic,
+            low_hub=self.low_hub,
+            low_bitrate_kbps=media.low_layer_bitrate_kbps,
         )
         self._pipeline = pipeline
         self.stream_id = stream_id
@@ -418,5 +428,7 @@ class Broadcast:
             channel.close()
         self._channels.clear()
         self.hub.close()
+        if self.low_hub is not None:
+            self.low_hub.close()
         # A recording finishes even when its connection goes: wait for its files.
         await asyncio.gather(*(r.aclose() for r in list(self._finishing)), return_exceptions=True)

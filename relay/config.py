@@ -236,6 +236,11 @@ class MediaSettings:
     spectator_queue_packets: int = option(32, min=2)
     # x264 speed/quality trade-off for live streams (one encode per stream, so a slower preset is affordable).
     preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"] = "veryfast"
+    # encode-once only: a second layer at half width and height, encoded once per stream too; each
+    # spectator gets the layer its receiver's bandwidth estimate (REMB) can take, so a weak phone
+    # does not force a low bitrate on everyone.
+    low_layer: bool = False
+    low_layer_bitrate_kbps: int = option(500, min=50, max=50000)
 
 
 def _blocked_words(key: str, value: Any) -> tuple[str, ...]:

@@ -93,7 +93,11 @@ class SpectatorTrack(MediaStreamTrack):
 class FanoutHub:
     """Hands every published packet (or frame) to each subscribed spectator track."""
 
-    def __init__(self, max_queue: int = 32) -> None:
+    def __init__(self, max_queue: int = 32, clock_of: "FanoutHub | None" = None) -> None:
+        # A lower layer's hub takes the main hub's clock offset rather than rebasing by itself:
+        # both layers then stamp a frame identically, so a spectator moved between them sees
+        # time run on. (The pipeline publishes each frame to the main hub first.)
+        self._leader = clock_of
         self._tracks: set[SpectatorTrack] = set()
         self._max_queue = max_queue
         self._keyframe_requester: Callable[[], None] | None = None
@@ -144,7 +148,9 @@ class FanoutHub:
     def publish(self, item: Media, keyframe: bool) -> None:
         if item.pts is None:
             return
-        if self._need_rebase:
+        if self._leader is not None:
+            self._offset = self._leader._offset
+        elif self._need_rebase:
             # Continue the broadcast clock one frame after the previous stream's last frame.
             self._offset = self._last_out_pts + self._frame_duration - item.pts
             if self._last_out_pts < 0:

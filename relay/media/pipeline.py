@@ -25,6 +25,26 @@ log = logging.getLogger(__name__)
 KEYFRAME_MIN_INTERVAL = 0.6  # at most two forced keyframes in any second
 
 
+class _KeyframeGate:
+    """One layer's forced-keyframe requests, coalesced (see KEYFRAME_MIN_INTERVAL)."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.last_forced = -1e9
+
+    def take(self, now: float) -> bool:
+        if not self.pending or now - self.last_forced < KEYFRAME_MIN_INTERVAL:
+            return False  # stays pending: served once the window has passed
+        self.pending = False
+        self.last_forced = now
+        return True
+
+
+def low_layer_size(width: int, height: int) -> tuple[int, int]:
+    """Half size, rounded down to even (4:2:0 needs even dimensions)."""
+    return max(2, width // 2 & ~1), max(2, height // 2 & ~1)
+
+
 class StreamPipeline:
     def __init__(
         self,
@@ -42,6 +62,8 @@ class StreamPipeline:
         on_keyframe_forced: Callable[[], None] | None = None,
         on_latency: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        low_hub: FanoutHub | None = None,
+        low_bitrate_kbps: int = 500,
     ) -> None:
         self._source = source
         self._hub = hub
@@ -53,11 +75,23 @@ class StreamPipeline:
         self._on_latency = on_latency
         self._encoder: H264Encoder | None = None
         self._executor: ThreadPoolExecutor | None = None
+        # The optional lower layer: same frames, same pts, half size, its own keyframes.
+        self._low_hub = low_hub if mode != "per-spectator" else None
+        self._low_encoder: H264Encoder | None = None
         if mode != "per-spectator":
             self._encoder = H264Encoder(width, height, fps, bitrate_kbps, keyframe_interval_seconds, preset=preset)
+            if self._low_hub is not None:
+                low_w, low_h = low_layer_size(width, height)
+                self._low_encoder = H264Encoder(
+                    low_w, low_h, fps, low_bitrate_kbps, keyframe_interval_seconds, preset=preset
+                )
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="relay-encoder")
-        self._force_keyframe = False
-        self._last_forced = -1e9
+        # The lower layer's own thread: both layers encode side by side, so it adds CPU, not latency.
+        self._low_executor = (
+            ThreadPoolExecutor(1, thread_name_prefix="relay-encoder-low") if self._low_encoder is not None else None
+        )
+        self._keyframes = _KeyframeGate()
+        self._low_keyframes = _KeyframeGate()
         self._task: asyncio.Task | None = None
         self.failed: BaseException | None = None
         self.frames = 0
@@ -65,23 +99,29 @@ class StreamPipeline:
 
     def start(self) -> None:
         self._hub.attach_source(self.request_keyframe, self._fps)
+        if self._low_hub is not None:
+            self._low_hub.attach_source(self.request_low_keyframe, self._fps)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="relay-pipeline")
 
     def request_keyframe(self) -> None:
-        self._force_keyframe = True
+        self._keyframes.pending = True
 
-    def _take_keyframe_request(self) -> bool:
-        if not self._force_keyframe:
+    def request_low_keyframe(self) -> None:
+        self._low_keyframes.pending = True
+
+    def _take_keyframe_request(self, gate: _KeyframeGate | None = None) -> bool:
+        if not (gate or self._keyframes).take(self._clock()):
             return False
-        now = self._clock()
-        if now - self._last_forced < KEYFRAME_MIN_INTERVAL:
-            return False  # stays pending: served once the window has passed
-        self._force_keyframe = False
-        self._last_forced = now
         self.keyframes_forced += 1
         if self._on_keyframe_forced:
             self._on_keyframe_forced()
         return True
+
+    def _encode_low(self, frame: av.VideoFrame, keyframe: bool) -> list[av.Packet]:
+        """On an encoder thread: the lower layer from the same frame (scaled once, here, so the
+        event loop never touches pixels)."""
+        low = self._low_encoder
+        return low.encode(frame.reformat(width=low.width, height=low.height, format="yuv420p"), keyframe)
 
     async def _run(self) -> None:
         # Two stages joined by a short queue: while the loop fans frame N out to every
@@ -107,20 +147,29 @@ class StreamPipeline:
             if self._on_frame:
                 self._on_frame()
             if self._encoder is None:
-                await queue.put(([frame], received))
+                await queue.put(([frame], received, []))
                 continue
-            packets = await loop.run_in_executor(
+            encoding = loop.run_in_executor(
                 self._executor, self._encoder.encode, frame, self._take_keyframe_request()
             )
-            if packets:
-                await queue.put((packets, received))
+            if self._low_encoder is None:
+                packets, low_packets = await encoding, []
+            else:
+                packets, low_packets = await asyncio.gather(encoding, loop.run_in_executor(
+                    self._low_executor, self._encode_low, frame, self._take_keyframe_request(self._low_keyframes)
+                ))
+            if packets or low_packets:
+                await queue.put((packets, received, low_packets))
 
     async def _publish(self, queue: asyncio.Queue) -> None:
         while True:
-            items, received = await queue.get()
+            items, received, *low = await queue.get()
             for item in items:
                 # A decoded frame (per-spectator mode) is always a valid place to start.
                 self._hub.publish(item, keyframe=item.is_keyframe if isinstance(item, av.Packet) else True)
+            # After the main layer: the lower hub takes the main hub's clock offset for this stream.
+            for item in low[0] if low else ():
+                self._low_hub.publish(item, keyframe=item.is_keyframe)
             if self._on_latency is not None:
                 # Encode plus the synchronous fan-out: what the relay adds to each frame.
                 self._on_latency(time.perf_counter() - received)
@@ -132,6 +181,8 @@ class StreamPipeline:
     async def close(self) -> None:
         """Stop the source and the encoder; safe to call twice."""
         self._hub.detach_source()
+        if self._low_hub is not None:
+            self._low_hub.detach_source()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -140,9 +191,12 @@ class StreamPipeline:
             except asyncio.CancelledError:
                 pass
         self._source.stop()
-        if self._executor is not None:
-            executor, self._executor = self._executor, None
-            encoder, self._encoder = self._encoder, None
+        layers = [(self._executor, self._encoder), (self._low_executor, self._low_encoder)]
+        self._executor = self._low_executor = None
+        self._encoder = self._low_encoder = None
+        for executor, encoder in layers:
+            if executor is None:
+                continue
             # Flush on the encoder's own thread (it may be mid-encode), then end that thread.
             await asyncio.get_running_loop().run_in_executor(executor, encoder.close)
             executor.shutdown(wait=True)  # the thread is idle now: this only joins it

@@ -9,6 +9,10 @@ marker) is written, SRTP-protected and sent, in one synchronous loop over specta
 aiortc still owns everything else for each spectator: SDP, ICE, DTLS, the SRTP keys, and
 RTCP. We hook its sender so that NACKs are served from the shared packet history, PLI/FIR
 reach the shared encoder, and its sender reports carry our counters.
+
+With ``[media] low_layer`` the broadcast has a second RtpFanout for the half-size layer; each
+output then writes the abs-send-time extension (so the receiver estimates its bandwidth and
+sends REMB) and moves between the two fan-outs as its estimate dictates (see layers.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.codecs.h264 import H264Encoder as AiortcH264
 from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpsender import RTCRtpSender
+from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
+
+from .layers import LayerPolicy
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,11 @@ JOIN_REPLAY_MAX_AGE = 0.4  # seconds: with forced keyframes >= 0.6 s apart, a jo
 JOIN_REPLAY_MAX_FRAMES = 12
 WRITE_BUFFER_LIMIT = 256 * 1024  # a spectator whose socket backs up this far restarts at a keyframe
 _HEADER = struct.Struct("!BBHII")
+# The same header with one RFC 8285 one-byte extension element: abs-send-time (3 bytes), which
+# lets the receiver estimate its bandwidth and send REMB. Packed in one call: no extra copy.
+_HEADER_AST = struct.Struct("!BBHIIHHI")
+ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+RATE_WINDOW = 2.0  # seconds over which a layer's sending rate is measured (spans a keyframe)
 
 
 class RtpOutput:
@@ -57,9 +69,50 @@ class RtpOutput:
         self.packets_sent = 0
         self.bytes_sent = 0
         self.closed = False
+        # Layers (only when the broadcast has a lower one): the policy picks, REMB feeds it.
+        self._layers = (fanout, fanout.lower) if fanout.lower is not None else None
+        self.policy = LayerPolicy() if self._layers else None
+        self.estimated_bitrate: int | None = None  # bits/s, from the receiver's latest REMB
+        self._abs_send_time_word: int | None = None  # the extension's id byte, shifted into place
+        # NACKs after a switch may name packets of the previous layer: (its fanout, its seq offset),
+        # used for sequence numbers before the current layer's first packet (_layer_start).
+        self._previous: tuple[RtpFanout, int] | None = None
+        self._layer_started = False
+        self._layer_start = 0
 
-    def configure(self, payload_type: int) -> None:
+    def configure(self, payload_type: int, abs_send_time_id: int | None = None) -> None:
         self.payload_type = payload_type
+        # abs-send-time only where an estimate is used: without layers the header stays 12 bytes.
+        if self.policy is not None and abs_send_time_id is not None:
+            self._abs_send_time_word = ((abs_send_time_id << 4) | 2) << 24
+
+    @property
+    def layer(self) -> int:
+        return self.policy.layer if self.policy is not None else 0
+
+    def update_estimate(self, bitrate: int) -> None:
+        """The receiver's estimate of what it can take (a REMB): may move it to another layer."""
+        self.estimated_bitrate = bitrate
+        if self.policy is None or self.closed:
+            return
+        main, low = self._layers
+        target = self._layers[self.policy.update(bitrate, main.bitrate, low.bitrate, time.monotonic())]
+        if target is not self._fanout:
+            self._switch(target)
+
+    def _switch(self, target: "RtpFanout") -> None:
+        # Leave the old layer at once and start the new one at its next keyframe (asked for, and
+        # coalesced by the encoder); no replay of older frames, whose timestamps would run back.
+        # Sequence numbers stay gapless (the _next_seq_index logic in send_frame); timestamps
+        # continue because both layers stamp a frame identically.
+        if self._layer_started:
+            self._previous = (self._fanout, self._seq_offset)
+        self._layer_started = False
+        self._fanout.remove(self)
+        self._fanout = target
+        target.adopt(self)
+        self._waiting_for_keyframe = True
+        target.request_keyframe()
 
     def _path(self):
         """(srtp, udp transport, address) when this spectator can receive, else None."""
@@ -87,6 +140,9 @@ class RtpOutput:
                 # Frames were skipped for this spectator: keep its sequence numbers gapless so
                 # it does not NACK packets it was never meant to get.
                 self._seq_offset = self._next_seq_index - first_index
+            if not self._layer_started:
+                self._layer_started = True
+                self._layer_start = (first_index + self._seq_offset) & 0xFFFF
         elif transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
             self._waiting_for_keyframe = True  # the kernel cannot take more: skip to a keyframe
             self._next_seq_index = first_index + self._seq_offset
@@ -100,10 +156,19 @@ class RtpOutput:
         protect = srtp.protect
         sendto = transport.sendto
         size = 0
-        for i, payload in enumerate(payloads):
-            header = _HEADER.pack(0x80, pt | 0x80 if i == last else pt, (seq + i) & 0xFFFF, rtp_ts, ssrc)
-            sendto(protect(header + payload), addr)
-            size += len(payload)
+        ast = self._abs_send_time_word
+        if ast is None:
+            for i, payload in enumerate(payloads):
+                header = _HEADER.pack(0x80, pt | 0x80 if i == last else pt, (seq + i) & 0xFFFF, rtp_ts, ssrc)
+                sendto(protect(header + payload), addr)
+                size += len(payload)
+        else:
+            ast |= (ntp >> 14) & 0xFFFFFF  # 6.18 fixed-point seconds, once per frame
+            pack = _HEADER_AST.pack
+            for i, payload in enumerate(payloads):
+                header = pack(0x90, pt | 0x80 if i == last else pt, (seq + i) & 0xFFFF, rtp_ts, ssrc, 0xBEDE, 1, ast)
+                sendto(protect(header + payload), addr)
+                size += len(payload)
         self._next_seq_index = seq + len(payloads)
         self.packets_sent += len(payloads)
         self.bytes_sent += size
@@ -117,7 +182,12 @@ class RtpOutput:
     async def retransmit(self, sequence_number: int) -> None:
         """A NACK: resend that packet from the shared history, if it is still there."""
         path = self._path()
-        entry = self._fanout.lookup((sequence_number - self._seq_offset) & 0xFFFF)
+        fanout, offset = self._fanout, self._seq_offset
+        if self._previous is not None and (
+            not self._layer_started or 0 < (self._layer_start - sequence_number) & 0xFFFF < 0x8000
+        ):
+            fanout, offset = self._previous  # sent before the last layer switch
+        entry = fanout.lookup((sequence_number - offset) & 0xFFFF)
         if path is None or entry is None or self.payload_type is None:
             return
         srtp, transport, addr = path
@@ -135,8 +205,12 @@ class RtpFanout:
     """One per broadcast: the shared packetizer, packet history and the set of outputs."""
 
     def __init__(
-        self, request_keyframe: Callable[[], None], on_sent: Callable[[int, int], None] | None = None
+        self,
+        request_keyframe: Callable[[], None],
+        on_sent: Callable[[int, int], None] | None = None,
+        lower: "RtpFanout | None" = None,
     ) -> None:
+        self.lower = lower  # the broadcast's lower layer, if any: outputs may move there and back
         self._on_sent = on_sent
         self._packer = AiortcH264()  # only its pack(): Annex B split + FU-A/STAP-A, no encoder
         self._outputs: set[RtpOutput] = set()
@@ -149,11 +223,17 @@ class RtpFanout:
         self.request_keyframe = request_keyframe
         self.frames = 0
         self.replays = 0
+        self.bitrate: float | None = None  # what this layer sends, bits/s over RATE_WINDOW
+        self._rate_bytes = 0
+        self._rate_since = time.monotonic()
 
     def add(self, sender: RTCRtpSender) -> RtpOutput:
         output = RtpOutput(self, sender)
         self._outputs.add(output)
         return output
+
+    def adopt(self, output: RtpOutput) -> None:
+        self._outputs.add(output)
 
     def remove(self, output: RtpOutput) -> None:
         self._outputs.discard(output)
@@ -195,6 +275,11 @@ class RtpFanout:
         self._index += len(payloads)
         self.frames += 1
         now = time.monotonic()
+        size = sum(map(len, payloads))
+        self._rate_bytes += size
+        if now - self._rate_since >= RATE_WINDOW:
+            self.bitrate = self._rate_bytes * 8 / (now - self._rate_since)
+            self._rate_bytes, self._rate_since = 0, now
         if keyframe:
             self._recent = [(first, payloads, timestamp)]
             self._recent_keyframe_at = now
@@ -214,19 +299,36 @@ class RtpFanout:
                 log.exception("sending to a spectator failed")
             sent += output.packets_sent - before
         if self._on_sent is not None and sent:
-            self._on_sent(sent, sent * sum(map(len, payloads)) // len(payloads))
+            self._on_sent(sent, sent * size // len(payloads))
 
 
 def hook_output(sender: RTCRtpSender, output: RtpOutput) -> None:
-    """Route the sender's negotiated payload type and its NACKs to our output."""
+    """Route the sender's negotiated payload type and extensions, its NACKs and its receiver's
+    bandwidth estimates (REMB) to our output."""
     start = sender.send
 
     async def send(parameters) -> None:
-        output.configure(parameters.codecs[0].payloadType)
+        ast = [e.id for e in parameters.headerExtensions if e.uri == ABS_SEND_TIME_URI]
+        output.configure(parameters.codecs[0].payloadType, ast[0] if ast else None)
         await start(parameters)
 
     sender.send = send  # type: ignore[method-assign]
     sender._retransmit = output.retransmit  # type: ignore[method-assign]
+    handle = sender._handle_rtcp_packet
+
+    async def handle_rtcp(packet) -> None:
+        # aiortc reads REMB only to retune its own encoder, which this path never uses.
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, ssrcs = unpack_remb_fci(packet.fci)
+            except ValueError:
+                pass
+            else:
+                if output.ssrc in ssrcs:
+                    output.update_estimate(bitrate)
+        await handle(packet)
+
+    sender._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
 
 
 class IdleVideoTrack(MediaStreamTrack):

@@ -1,0 +1,86 @@
+"""The optional lower layer: a spectator moves between layers by its bandwidth estimate, on the
+same peer connection, and a real receiver's REMB reaches the server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from relay.client import RelayClient, Spectator
+from relay.media.layers import LOW, MAIN
+from tests.conftest import API_KEY, eventually
+
+
+async def frames_until(viewer: Spectator, output, estimate: int, size: tuple[int, int], timeout: float) -> list:
+    """Report `estimate` as the REMB hook would, a few times a second, until a decoded frame
+    of `size` arrives; returns every frame received meanwhile."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    frames = []
+    while loop.time() < deadline:
+        output.update_estimate(estimate)
+        try:
+            frame = await asyncio.wait_for(viewer.track.recv(), 0.25)
+        except asyncio.TimeoutError:
+            continue
+        frames.append(frame)
+        if (frame.width, frame.height) == size:
+            return frames
+    raise AssertionError(f"no {size} frame within {timeout} s (got {frames[-1:] and (frames[-1].width, frames[-1].height)})")
+
+
+async def test_a_weak_spectator_moves_to_the_low_layer_and_back_without_rejoining(relay_factory):
+    relay = await relay_factory(media={"low_layer": True}, limits={"stream_max_seconds": 60})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        await conn.start_stream("a calm ocean")
+        b = conn.broadcast
+        broadcast = relay.sessions.broadcast(b["broadcast_id"])
+        async with Spectator(b["whep_url"], b["spectator_token"]) as viewer:
+            # This test plays the receiver's estimator itself: silence the real one's REMBs.
+            for receiver in viewer.pc.getReceivers():
+                receiver._RTCRtpReceiver__remote_bitrate_estimator = None
+            pc = viewer.pc
+            first = await viewer.track.recv()
+            assert (first.width, first.height) == (320, 176)
+            output = next(iter(broadcast.spectators.values())).output
+            await eventually(lambda: broadcast.fanout.bitrate and broadcast.low_fanout.bitrate, 5,
+                             "both layers' measured rates")
+            down = await frames_until(viewer, output, 1000, (160, 88), timeout=6)
+            assert output.layer == LOW and broadcast.low_fanout.outputs == 1 and broadcast.fanout.outputs == 0
+            up = await frames_until(viewer, output, 50_000_000, (320, 176), timeout=9)
+            assert output.layer == MAIN and broadcast.fanout.outputs == 1
+            assert viewer.pc is pc and len(broadcast.spectators) == 1  # the same peer connection
+            # One clock across both layers: time only moves forward.
+            pts = [f.pts for f in [first, *down, *up]]
+            assert pts == sorted(pts) and len(set(pts)) == len(pts)
+            assert output.policy.switches == 2
+            # Sequence numbers stayed gapless across both switches: the receiver saw no loss.
+            stats = await viewer.pc.getStats()
+            inbound = [s for s in stats.values() if s.type == "inbound-rtp" and s.kind == "video"]
+            assert inbound and inbound[0].packetsLost == 0
+    # Both layers' encoder threads end with the stream.
+    await eventually(lambda: not [t for t in threading.enumerate() if t.name.startswith("relay-encoder")], 5,
+                     "the encoder threads to end")
+
+
+async def test_a_real_receiver_sends_remb_when_the_layers_are_on(relay_factory):
+    relay = await relay_factory(media={"low_layer": True}, limits={"stream_max_seconds": 60})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        await conn.start_stream("a calm ocean")
+        b = conn.broadcast
+        broadcast = relay.sessions.broadcast(b["broadcast_id"])
+        async with Spectator(b["whep_url"], b["spectator_token"]) as viewer:
+            await viewer.track.recv()
+            output = next(iter(broadcast.spectators.values())).output
+            assert output._abs_send_time_word is not None  # negotiated, so written
+            reading = asyncio.create_task(drain(viewer))
+            try:
+                await eventually(lambda: output.estimated_bitrate is not None, 10, "a REMB from the receiver")
+            finally:
+                reading.cancel()
+            assert output.estimated_bitrate > 0
+
+
+async def drain(viewer: Spectator) -> None:
+    while True:
+        await viewer.track.recv()
