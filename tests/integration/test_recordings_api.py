@@ -13,7 +13,7 @@ import av
 import pytest
 
 from relay.client import RelayClient, Spectator
-from tests.conftest import API_KEY, OTHER_KEY, start_relay_process
+from tests.conftest import API_KEY, OTHER_KEY, eventually, start_relay_process
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -204,7 +204,10 @@ async def test_kill_9_mid_stream_then_restart_lists_a_playable_partial_recording
             conn_id = info["connection_id"]
             stream_id = (await client.request("POST", f"/v1/connections/{conn_id}/streams",
                                               json={"prompt": "a volcano"}))["stream_id"]
-            await asyncio.sleep(2.5)  # let at least two fragments reach the disk
+            video = data / "recordings" / stream_id / "video.mp4"
+            # Kill only once at least two whole fragments are on disk.
+            await eventually(lambda: video.exists() and video.read_bytes().count(b"moof") >= 3, timeout=15,
+                             what="two fragments on disk")
     finally:
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
