@@ -113,3 +113,11 @@ async def start_relay_process(config, stderr=asyncio.subprocess.DEVNULL) -> tupl
         assert line, "serve exited before listening"
         if m := re.search(r"listening on (\S+)", line):
             return proc, m.group(1)
+
+
+async def frames_pass(relay: Relay, broadcast_id: str, frames: int) -> None:
+    """Wait until the broadcast's live stream has produced `frames` more encoded frames: a point
+    later in the stream's own time, e.g. to give two prompts distinct offsets."""
+    hub = relay.sessions.broadcast(broadcast_id).hub
+    target = hub.published + frames
+    await eventually(lambda: hub.published >= target, timeout=10, what=f"{frames} more frames")

@@ -4,7 +4,6 @@ from the signed replay_url of GET /v1/recordings/{stream_id}; and what a bad lin
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import aiohttp
@@ -14,7 +13,7 @@ from playwright.async_api import expect
 from relay.client import RelayClient
 from tests.browser.conftest import CHROMIUM, DESKTOP, HAVE_CHROMIUM
 from tests.browser.helpers import shoot
-from tests.conftest import eventually
+from tests.conftest import eventually, frames_pass
 from tests.conftest import API_KEY
 
 pytestmark = [
@@ -28,12 +27,12 @@ expect.set_options(timeout=UI_MS)
 PROMPTS = ["a calm ocean at sunset", "a storm rolls in", "neon night over a lava desert <b>bold</b>"]
 
 
-async def record_a_stream(client: RelayClient, conn) -> dict:
+async def record_a_stream(relay, client: RelayClient, conn) -> dict:
     """A ~2.5 s stream with two prompts after the first; returns its complete recording."""
     await conn.start_stream(PROMPTS[0])
-    await asyncio.sleep(0.8)
+    await frames_pass(relay, conn.broadcast["broadcast_id"], 20)
     await conn.interact(PROMPTS[1])
-    await asyncio.sleep(0.8)
+    await frames_pass(relay, conn.broadcast["broadcast_id"], 20)
     await conn.interact(PROMPTS[2])
     # stream_max_seconds ends it (duration_limit); then the recorder finishes off the loop.
     await eventually(lambda: _ended(client, conn.stream_id), timeout=10, what="the stream ended")
@@ -60,7 +59,7 @@ async def events_of(recording: dict) -> list[dict]:
 async def test_replay_page_plays_and_seeks_to_prompts(relay_factory, open_page):
     relay = await relay_factory(limits={"stream_max_seconds": 2.5, "idle_timeout_seconds": 60})
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
-        recording = await record_a_stream(client, conn)
+        recording = await record_a_stream(relay, client, conn)
     assert recording["replay_url"].startswith(f"{relay.url}/recordings/{recording['stream_id']}?")
     events = await events_of(recording)
     offsets = [e["offset_ms"] for e in events if e["type"] in ("stream_started", "prompt_applied")]

@@ -17,9 +17,10 @@ import pytest
 
 from relay.api.app import WORLD_MODEL
 from relay.client import RelayAPIError, RelayClient, Spectator
+from relay.errors import RelayError
 from relay.odyssey.server import TWIN
 from relay.worldmodel.hosted import HostedWorldModel
-from tests.conftest import API_KEY, OTHER_KEY, Relay, frames_for, mean_rgb
+from tests.conftest import API_KEY, OTHER_KEY, Relay, eventually, frames_for, mean_rgb
 
 LONG = {"stream_max_seconds": 30, "idle_timeout_seconds": 30}
 
@@ -33,14 +34,6 @@ async def start_pair(relay_factory, tmp_path, monkeypatch, *, upstream_key: str 
                             world_model={"kind": "hosted", "url": b.url + "/odyssey"})
     assert isinstance(a.app[WORLD_MODEL], HostedWorldModel)
     return a, b
-
-
-async def eventually(predicate, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 def hosted_tasks() -> list[asyncio.Task]:
@@ -206,25 +199,28 @@ async def test_a_silent_upstream_times_out_cleanly(relay_factory, tmp_path, monk
     model: HostedWorldModel = a.app[WORLD_MODEL]
     patient, impatient = model.timeouts, dataclasses.replace(model.timeouts, command=0.5)
 
-    def slow_down(name: str) -> None:  # B's core takes 1 s for this call, for now
-        method = getattr(b.sessions, name)
+    def hold(name: str) -> asyncio.Event:
+        """B's core holds this call until the returned gate opens: an upstream that is late."""
+        method, gate = getattr(b.sessions, name), asyncio.Event()
 
-        async def slow(*args, **kwargs):
-            await asyncio.sleep(1.0)
+        async def held(*args, **kwargs):
+            await gate.wait()
             return await method(*args, **kwargs)
-        setattr(b.sessions, name, slow)
+        setattr(b.sessions, name, held)
+        return gate
 
     async with RelayClient(a.url, API_KEY) as client:
         async with client.connect() as conn:
             (b_conn,) = b.sessions.connections.values()
             # A start the upstream does not confirm in time: 502, and the session is given up (whatever
             # it may start late cannot outlive it); the next start gets a new session.
-            slow_down("start_stream")
+            gate = hold("start_stream")
             model.timeouts = impatient
             with pytest.raises(RelayAPIError) as caught:
                 await conn.start_stream("a green forest")
             assert caught.value.status == 502 and "did not answer interactive_stream_start" in caught.value.message
             await eventually(lambda: b_conn.closed)
+            gate.set()  # the late start now reaches a session that is already gone
             del b.sessions.start_stream
             model.timeouts = patient
             await conn.start_stream("a green forest")
@@ -233,11 +229,13 @@ async def test_a_silent_upstream_times_out_cleanly(relay_factory, tmp_path, monk
 
             # An update acknowledged late: 502, the stream goes on, and the late acknowledgement does not
             # answer the next update.
-            slow_down("interact")
+            gate = hold("interact")
             model.timeouts = impatient
             with pytest.raises(RelayAPIError) as caught:
                 await conn.interact("night falls")
             assert caught.value.status == 502 and "did not answer update" in caught.value.message
+            gate.set()  # the late update is applied upstream; its acknowledgement arrives late
+            await eventually(lambda: b_conn2.stream.last_applied_prompt == "night falls")
             del b.sessions.interact
             model.timeouts = patient
             assert await conn.interact("snow begins to fall") == "snow begins to fall"
@@ -314,11 +312,23 @@ async def test_no_free_upstream_streamer_is_polled_then_503(relay_factory, tmp_p
 
         # A streamer freed while A polls: the next poll gets it.
         model.timeouts = dataclasses.replace(model.timeouts, queue=10)
+        refused = 0
+        open_on_b = b.sessions.open_connection
+
+        async def counted(*args, **kwargs):
+            nonlocal refused
+            try:
+                return await open_on_b(*args, **kwargs)
+            except RelayError:
+                refused += 1
+                raise
+        b.sessions.open_connection = counted
         opening = asyncio.create_task(client.request("POST", "/v1/connections"))
-        await asyncio.sleep(1.2)
+        await eventually(lambda: refused >= 2, what="A polling B's full pool")  # A keeps asking
         assert not opening.done()
         await client.request("DELETE", f"/v1/connections/{first['connection_id']}")
         second = await asyncio.wait_for(opening, 8)
+        del b.sessions.open_connection
         assert list(a.sessions.connections) == [second["connection_id"]] and len(b.sessions.connections) == 1
         await client.request("DELETE", f"/v1/connections/{second['connection_id']}")
     await eventually(lambda: b.sessions.connections == {} and model._background == set())

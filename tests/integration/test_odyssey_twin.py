@@ -21,7 +21,7 @@ from relay.api.common import SETTINGS
 from relay.client import Spectator
 from relay.odyssey import protocol
 from relay.odyssey.server import TWIN
-from tests.conftest import API_KEY, OTHER_KEY, frames_for, mean_rgb
+from tests.conftest import API_KEY, OTHER_KEY, eventually, frames_for, mean_rgb
 
 LONG = {"stream_max_seconds": 30, "idle_timeout_seconds": 30}
 
@@ -159,14 +159,6 @@ class SdkLikeClient:
 async def http():
     async with aiohttp.ClientSession() as session:
         yield session
-
-
-async def eventually(predicate, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 async def test_the_sdk_sequence_streams_interacts_broadcasts_and_ends(relay_factory, http):

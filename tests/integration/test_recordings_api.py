@@ -13,7 +13,7 @@ import av
 import pytest
 
 from relay.client import RelayClient, Spectator
-from tests.conftest import API_KEY, OTHER_KEY, eventually, start_relay_process
+from tests.conftest import API_KEY, OTHER_KEY, eventually, frames_pass, start_relay_process
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -42,9 +42,9 @@ async def test_a_four_second_stream_leaves_one_playable_recording(relay_factory,
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
         started = await conn.start_stream("a calm ocean at sunset")
         stream_id = started["stream_id"]
-        await asyncio.sleep(0.8)
+        await frames_pass(relay, conn.broadcast["broadcast_id"], 20)
         await conn.interact("storm clouds roll in")
-        await asyncio.sleep(0.8)
+        await frames_pass(relay, conn.broadcast["broadcast_id"], 20)
         await conn.interact("night falls over the sea")
         rec = await finished_recording(http, relay.url, stream_id, timeout=20)
     assert rec["status"] == "complete", rec

@@ -163,7 +163,7 @@ def test_sweep_deletes_only_what_is_past_retention(tmp_path):
 # ------------------------------------------------------------------------------ crash recovery
 
 CHILD = textwrap.dedent("""
-    import fractions, sys, time
+    import fractions, signal, sys, time
     from relay.media.encoder import H264Encoder
     from relay.recordings import RecordingStore
     from relay.worldmodel.scene import SceneRenderer
@@ -181,7 +181,7 @@ CHILD = textwrap.dedent("""
     while rec.frame_count < 90:  # everything handed to the writer; its last fragment is still open
         time.sleep(0.005)
     print("ready", flush=True)
-    time.sleep(60)
+    signal.pause()  # the test kill -9s this process here
 """)
 
 
