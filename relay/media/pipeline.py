@@ -163,12 +163,12 @@ class StreamPipeline:
 
     async def _publish(self, queue: asyncio.Queue) -> None:
         while True:
-            items, received, *low = await queue.get()
+            items, received, low_items = await queue.get()
             for item in items:
                 # A decoded frame (per-spectator mode) is always a valid place to start.
                 self._hub.publish(item, keyframe=item.is_keyframe if isinstance(item, av.Packet) else True)
             # After the main layer: the lower hub takes the main hub's clock offset for this stream.
-            for item in low[0] if low else ():
+            for item in low_items:
                 self._low_hub.publish(item, keyframe=item.is_keyframe)
             if self._on_latency is not None:
                 # Encode plus the synchronous fan-out: what the relay adds to each frame.
