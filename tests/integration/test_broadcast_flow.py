@@ -98,6 +98,7 @@ async def test_consecutive_streams_and_a_vanished_host_leave_nothing_running(rel
     """Encoder, render and recorder threads, pipeline tasks, peer connections: all owned and closed."""
     import gc
     import threading
+    import weakref
 
     from aiortc import RTCPeerConnection
 
@@ -107,22 +108,30 @@ async def test_consecutive_streams_and_a_vanished_host_leave_nothing_running(rel
     conn_info = await client.request("POST", "/v1/connections")
     conn_id = conn_info["connection_id"]
     b = conn_info["broadcast"]
+    # The relay's own peer connection is watched by weak reference; the viewer's is aiortc's
+    # client, which only has to end up closed (see test_whep's join/leave cycles).
+    server_pcs: weakref.WeakSet[RTCPeerConnection] = weakref.WeakSet()
     async with Spectator(b["whep_url"], b["spectator_token"]) as viewer:
+        client_pc = viewer.pc
         for i in range(4):
             started = await client.request("POST", f"/v1/connections/{conn_id}/streams", json={"prompt": f"scene {i}"})
             await asyncio.wait_for(viewer.track.recv(), 10)
             await client.request("DELETE", f"/v1/streams/{started['stream_id']}")
         await client.request("POST", f"/v1/connections/{conn_id}/streams", json={"prompt": "left running"})
         await asyncio.wait_for(viewer.track.recv(), 10)
+        server_pcs.update(s.pc for s in relay.sessions.broadcast(b["broadcast_id"]).spectators.values())
+        assert len(server_pcs) == 1
         # The host vanishes without ending the stream or disconnecting: the reaper cleans up.
         await eventually(lambda: conn_id not in relay.sessions.connections, timeout=10, what="the idle reaper")
     await client.close()
+    assert client_pc.connectionState == "closed"
+    del client_pc
 
     def leftovers() -> dict:
         gc.collect()
         return {"threads": [t.name for t in threading.enumerate()][threads:],
                 "tasks": max(0, len(asyncio.all_tasks()) - tasks),
-                "peer connections": sum(isinstance(o, RTCPeerConnection) for o in gc.get_objects())}
+                "peer connections": len(server_pcs)}
 
     nothing = {"threads": [], "tasks": 0, "peer connections": 0}
     try:
