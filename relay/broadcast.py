@@ -9,6 +9,8 @@ peer connections and simply receive the new stream's packets, keyframe first.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -92,8 +94,10 @@ class EventChannel:
 
     participant_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     name: str | None = None
+    resumed: bool = False  # the socket presented a valid resume token and took its identity back
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(EVENT_QUEUE_MAX))
     overflowed: bool = False
+    replaced: bool = False  # a newer socket resumed this participant: this one is closed
 
     def push(self, event: str) -> None:
         try:
@@ -101,7 +105,8 @@ class EventChannel:
         except asyncio.QueueFull:
             self.overflowed = True  # the reader is too slow: its socket is closed, not waited on
 
-    def close(self) -> None:
+    def close(self, *, replaced: bool = False) -> None:
+        self.replaced = replaced
         try:
             self.queue.put_nowait(None)  # tells the socket's sender to finish
         except asyncio.QueueFull:
@@ -140,7 +145,8 @@ class Broadcast:
             self.fanout = RtpFanout(self.hub.request_keyframe, on_sent=metrics.count_sent, lower=self.low_fanout)
             self.hub.add_sink(self.fanout.publish)
         self.spectators: dict[str, Spectator] = {}
-        self._channels: set[EventChannel] = set()
+        self._channels: dict[str, EventChannel] = {}  # participant_id -> its one open socket
+        self._participant_secret = secrets.token_bytes(16)  # signs resume tokens
         self._pipeline: StreamPipeline | None = None
         # Recording is one more reader of the stream's packets (a hub sink), never a second encode.
         self._recordings = recordings if settings.recordings.enabled and settings.media.mode != "per-spectator" else None
@@ -324,15 +330,39 @@ class Broadcast:
 
     # -- participants' event channels ------------------------------------------------
 
-    def open_channel(self) -> EventChannel:
-        channel = EventChannel()
-        self._channels.add(channel)
-        self.orchestrator.participant_joined(channel.participant_id)
+    # A participant is an identity, not a socket: hello hands out a resume token (the id,
+    # signed with this broadcast's secret), and a socket that presents it takes the identity
+    # back after a dropped network or a reload, with its block and cooldown. One socket per
+    # identity: a newer one replaces the older, which is closed as "replaced".
+
+    def resume_token(self, participant_id: str) -> str:
+        mac = hmac.new(self._participant_secret, participant_id.encode(), hashlib.sha256).hexdigest()[:32]
+        return f"{participant_id}.{mac}"
+
+    def _resumed_id(self, token: str | None) -> str | None:
+        if not token:
+            return None
+        participant_id = token.partition(".")[0]
+        return participant_id if hmac.compare_digest(token.encode(), self.resume_token(participant_id).encode()) else None
+
+    def open_channel(self, resume: str | None = None) -> EventChannel:
+        """A participant's socket opened; ``resume`` (a token from an earlier hello) keeps its
+        identity. An unknown or forged token is not an error: the socket gets a new identity
+        and its hello says ``resumed: false``."""
+        participant_id = self._resumed_id(resume)
+        channel = EventChannel(participant_id=participant_id, resumed=True) if participant_id else EventChannel()
+        previous = self._channels.pop(channel.participant_id, None)
+        if previous is not None:
+            previous.close(replaced=True)
+        self._channels[channel.participant_id] = channel
+        if not self.orchestrator.is_present(channel.participant_id):
+            self.orchestrator.participant_joined(channel.participant_id)
         return channel
 
     def close_channel(self, channel: EventChannel) -> None:
-        if channel in self._channels:
-            self._channels.discard(channel)
+        # A replaced socket no longer speaks for its participant: the newer one does.
+        if self._channels.get(channel.participant_id) is channel:
+            del self._channels[channel.participant_id]
             self.orchestrator.participant_left(channel.participant_id)
 
     async def participant_message(self, channel: EventChannel, message: dict[str, Any]) -> dict[str, Any] | None:
@@ -382,7 +412,7 @@ class Broadcast:
     def emit(self, event: dict[str, Any]) -> None:
         if self._channels:
             text = json.dumps(event)  # once, however many participants: the sockets send the same text
-            for channel in self._channels:
+            for channel in self._channels.values():
                 channel.push(text)
         if self._recorder is not None and event["type"] in RECORDED_EVENTS:
             self._recorder.log_event(event)
@@ -424,7 +454,7 @@ class Broadcast:
         self.closed = True
         await self.detach_stream("disconnected")
         await asyncio.gather(*(self.remove_spectator(s) for s in list(self.spectators)))
-        for channel in list(self._channels):
+        for channel in list(self._channels.values()):
             channel.close()
         self._channels.clear()
         self.hub.close()

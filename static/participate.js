@@ -102,7 +102,8 @@ export class Participation {
 
   // ---------- from watch.js ----------
 
-  /** The events socket opened (true) or closed (false). A new socket is a new participant. */
+  /** The events socket opened (true) or closed (false). A socket that resumed (watch.js keeps the
+   *  resume token) is the same participant again; its hello says who we are either way. */
   setConnected(open) {
     this.#open = open;
     if (!open) {

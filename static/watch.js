@@ -115,6 +115,7 @@ function applyState({ live, streamId, prompt, viewers }) {
 function onEvent(msg) {
   switch (msg.type) {
     case 'hello':
+      if (typeof msg.resume_token === 'string') keepResumeToken(msg.resume_token);
       applyState({ live: msg.live, streamId: msg.stream_id, prompt: msg.prompt ?? undefined, viewers: msg.viewers });
       // The contract's hello only promises participant_id and orchestration: fill the rest once.
       if (msg.live === undefined) poll();
@@ -166,6 +167,28 @@ async function poll() {
   }
 }
 
+// Our participant identity survives a dropped socket and a reload: hello hands out a resume
+// token, kept per tab (sessionStorage) and per broadcast, and presented on every reconnect.
+const RESUME_STORAGE = `relay.resume.${broadcastId}`;
+const REPLACED_CLOSE_CODE = 4001;  // the relay: this identity resumed on a newer socket
+
+function resumeToken() {
+  try {
+    return sessionStorage.getItem(RESUME_STORAGE) ?? '';
+  } catch {
+    return '';
+  }
+}
+
+function keepResumeToken(value) {
+  try {
+    if (value) sessionStorage.setItem(RESUME_STORAGE, value);
+    else sessionStorage.removeItem(RESUME_STORAGE);
+  } catch {
+    // storage disabled: each socket is a new participant, as before
+  }
+}
+
 const events = {
   socket: null,
   seq: 0,            // bumped per socket message, so a slower poll can't overwrite fresher news
@@ -177,7 +200,9 @@ const events = {
 
 function openEvents() {
   if (events.stopped) return;
-  const ws = new WebSocket(wsUrl(`${base}/events?token=${encodeURIComponent(token)}`));
+  const resume = resumeToken();
+  const query = `token=${encodeURIComponent(token)}${resume ? `&resume=${encodeURIComponent(resume)}` : ''}`;
+  const ws = new WebSocket(wsUrl(`${base}/events?${query}`));
   events.socket = ws;
   ws.addEventListener('open', () => {
     events.attempt = 0;
@@ -196,9 +221,12 @@ function openEvents() {
       onEvent(msg);
     }
   });
-  ws.addEventListener('close', () => {
+  ws.addEventListener('close', (e) => {
     if (events.socket !== ws) return;
     events.socket = null;
+    // Another tab (a duplicated one shares our token) took this identity: become someone new
+    // rather than take it back, or the two would replace each other for ever.
+    if (e.code === REPLACED_CLOSE_CODE) keepResumeToken('');
     participation.setConnected(false);
     if (events.stopped) return;
     // Couldn't open, or dropped: keep the page current by polling while we retry.

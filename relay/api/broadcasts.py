@@ -13,6 +13,10 @@ from ..broadcast import Broadcast
 from ..errors import unsupported_media_type
 from .common import API_KEYS, SESSIONS, SETTINGS, json_response, token_of
 
+# The events socket's close code when the same participant resumed on a newer socket: the
+# page that gets it should not resume again (two tabs would take turns replacing each other).
+REPLACED_CLOSE_CODE = 4001
+
 routes = web.RouteTableDef()
 
 
@@ -98,13 +102,15 @@ async def events(request: web.Request) -> web.WebSocketResponse:
     broadcast = spectator_broadcast(request)
     ws = web.WebSocketResponse(heartbeat=20, max_msg_size=16 * 1024)
     await ws.prepare(request)
-    channel = broadcast.open_channel()
+    channel = broadcast.open_channel(request.query.get("resume"))
     participant_id = channel.participant_id
     sender = asyncio.create_task(_pump(ws, channel), name="relay-events-send")
     try:
         await ws.send_json({
             "type": "hello",
             "participant_id": participant_id,
+            "resume_token": broadcast.resume_token(participant_id),
+            "resumed": channel.resumed,
             "orchestration": broadcast.orchestration,
             "live": broadcast.live,
             "stream_id": broadcast.stream_id,
@@ -137,6 +143,11 @@ async def _pump(ws: web.WebSocketResponse, channel) -> None:
     while True:
         event = await channel.queue.get()
         if event is None or channel.overflowed:
-            await ws.close(code=1008 if channel.overflowed else 1000, message=b"closed")
+            if channel.overflowed:
+                await ws.close(code=1008, message=b"too slow")
+            elif channel.replaced:  # the same participant opened a newer socket
+                await ws.close(code=REPLACED_CLOSE_CODE, message=b"replaced")
+            else:
+                await ws.close(code=1000, message=b"closed")
             return
         await ws.send_str(event)  # serialized once by the broadcast

@@ -18,6 +18,7 @@ from ..config import OrchestrationSettings
 # Forwarded prompts remembered for duplicate suppression; a few per second at most are forwarded, so
 # this only bites if the window is very long, and then forgets the oldest first.
 RECENT_MAX = 1000
+COOLDOWNS_PRUNE_AT = 1000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
 
 
@@ -50,6 +51,7 @@ class Moderator:
     def __init__(self, clock: Clock, settings: OrchestrationSettings) -> None:
         self._clock = clock
         self._last_accepted: dict[str, float] = {}
+        self._prune_at = COOLDOWNS_PRUNE_AT
         self._recent: OrderedDict[str, float] = OrderedDict()  # normalized prompt -> forwarded at
         self.settings = settings
 
@@ -88,16 +90,21 @@ class Moderator:
         return key in self._recent
 
     def accepted(self, participant_id: str) -> None:
-        self._last_accepted[participant_id] = self._clock.monotonic()
+        now = self._clock.monotonic()
+        self._last_accepted[participant_id] = now
+        # Cooldowns outlive sockets (a participant may come back with its resume token), so
+        # they are forgotten when they run out, not when someone leaves: bounded by the
+        # number of people who prompted within one cooldown.
+        if len(self._last_accepted) > self._prune_at:
+            horizon = now - self._settings.cooldown_seconds
+            self._last_accepted = {p: at for p, at in self._last_accepted.items() if at > horizon}
+            self._prune_at = max(COOLDOWNS_PRUNE_AT, 2 * len(self._last_accepted))  # amortized O(1)
 
     def forwarded(self, key: str) -> None:
         self._recent.pop(key, None)
         self._recent[key] = self._clock.monotonic()
         while len(self._recent) > RECENT_MAX:
             self._recent.popitem(last=False)
-
-    def forget(self, participant_id: str) -> None:
-        self._last_accepted.pop(participant_id, None)
 
     def _forget_old(self) -> None:
         horizon = self._clock.monotonic() - self._settings.duplicate_window_seconds

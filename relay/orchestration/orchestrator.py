@@ -18,6 +18,7 @@ memory and blocked participants carry over: moderation is the same in every mode
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from typing import Any
 
 from ..clock import SYSTEM_CLOCK, Clock
@@ -31,6 +32,7 @@ from .vote import VotePolicy
 
 POLICIES: dict[str, type[Policy]] = {p.mode: p for p in (HostPolicy, QueuePolicy, VotePolicy, TurnsPolicy)}
 NAME_MAX_CHARS = 40
+DEPARTED_MAX = 10_000
 # Shown to participants; blocked_words is not, so nobody learns what to spell around.
 PUBLIC_SETTINGS = tuple(f.name for f in dataclasses.fields(OrchestrationSettings)
                         if f.name not in ("mode", "blocked_words"))
@@ -48,6 +50,9 @@ class Orchestrator:
         self._settings = settings or OrchestrationSettings()
         self._moderator = Moderator(clock, self._settings)
         self._participants: dict[str, str | None] = {}  # id -> display name
+        # Who left recently, with their names: they may come back with a resume token, and the
+        # host may still block someone who just dropped off. Oldest forgotten first.
+        self._departed: OrderedDict[str, str | None] = OrderedDict()
         self._blocked: set[str] = set()
         self._outbox: list[Forward] = []  # decided while catching up, delivered by the next tick
         self.version = 0  # moves whenever state() would change
@@ -73,6 +78,9 @@ class Orchestrator:
     def is_blocked(self, participant_id: str) -> bool:
         return participant_id in self._blocked
 
+    def is_present(self, participant_id: str) -> bool:
+        return participant_id in self._participants
+
     def state(self, *, host: bool = False) -> dict[str, Any]:
         """API.md's `orchestration` object; with `host`, also blocked_words and the participants."""
         settings = {name: getattr(self._settings, name) for name in PUBLIC_SETTINGS}
@@ -95,8 +103,12 @@ class Orchestrator:
     # -- participants --------------------------------------------------------------------
 
     def participant_joined(self, participant_id: str, name: str | None = None) -> None:
-        """A participant opened the events socket; calling it again (their hello) renames them."""
+        """A participant opened the events socket; calling it again (their hello) renames them.
+        One who left and comes back (resumed) gets their old name unless they send a new one."""
         name = _display_name(name)
+        if participant_id in self._departed:
+            departed_name = self._departed.pop(participant_id)
+            name = name or departed_name
         if participant_id in self._participants and self._participants[participant_id] == name:
             return
         self._participants[participant_id] = name
@@ -108,10 +120,11 @@ class Orchestrator:
     def participant_left(self, participant_id: str) -> None:
         if participant_id not in self._participants:
             return
-        del self._participants[participant_id]
+        self._departed[participant_id] = self._participants.pop(participant_id)
+        while len(self._departed) > DEPARTED_MAX:
+            self._departed.popitem(last=False)
         self._catch_up()
         self._policy.remove(participant_id)
-        self._moderator.forget(participant_id)
         self.host_version += 1
 
     def submit(self, participant_id: str, prompt: Any) -> InputResult:
@@ -191,7 +204,7 @@ class Orchestrator:
 
     def block(self, participant_id: str) -> None:
         """Remove a participant's voice: their inputs, votes, raised hand, turn and candidates go."""
-        if participant_id not in self._participants and participant_id not in self._blocked:
+        if not self._known(participant_id):
             raise not_found("participant", participant_id)
         if participant_id in self._blocked:
             return
@@ -201,11 +214,15 @@ class Orchestrator:
         self.host_version += 1
 
     def unblock(self, participant_id: str) -> None:
-        if participant_id not in self._participants and participant_id not in self._blocked:
+        if not self._known(participant_id):
             raise not_found("participant", participant_id)
         if participant_id in self._blocked:
             self._blocked.discard(participant_id)
             self.host_version += 1
+
+    def _known(self, participant_id: str) -> bool:
+        return (participant_id in self._participants or participant_id in self._blocked
+                or participant_id in self._departed)
 
     def configure(self, mode: str | None = None, **settings: Any) -> OrchestrationSettings:
         """Switch mode and/or change settings live; settings not named keep their value.

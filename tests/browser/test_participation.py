@@ -242,3 +242,31 @@ async def test_host_console_switches_mode_and_moderates(relay_factory, open_page
     await expect(watch.locator("#participate")).to_be_hidden()
     await host.click("#disconnect")
     await eventually(lambda: not relay.sessions.connections, what="the connection closed")
+
+
+async def test_a_reloaded_watch_page_is_the_same_participant(relay_factory, open_page):
+    relay = await relay_factory(limits=LONG)
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        bid = conn.broadcast["broadcast_id"]
+        await set_mode(client, bid, "queue", queue_interval_seconds=1, cooldown_seconds=120)
+        page = await open_page(conn.broadcast["watch_url"])
+        await joined(page)
+        await set_name(page, "Rosa")
+        await page.fill("#input-prompt", "a lighthouse in fog")
+        await page.click("#input-send")
+        await expect(page.locator("#input-result")).to_contain_text("Queued")
+        state = await client.request("GET", f"/v1/broadcasts/{bid}/orchestration")
+        (rosa,) = state["participants"]
+
+        # A reload (or a dropped network) comes back as the same participant: the host sees one
+        # Rosa, not two, and her cooldown was not reset by reconnecting.
+        await page.reload()
+        await joined(page)
+        await eventually(lambda: rosa["participant_id"] in relay.sessions.broadcast(bid).orchestrator.participants,
+                         timeout=5, what="Rosa back")
+        state = await client.request("GET", f"/v1/broadcasts/{bid}/orchestration")
+        assert [(p["participant_id"], p["name"]) for p in state["participants"]] == [(rosa["participant_id"], "Rosa")]
+        await page.fill("#input-prompt", "a windmill at dawn")
+        await page.click("#input-send")
+        await expect(page.locator("#input-result")).to_contain_text("Not so fast")
+        await expect(page.locator("#input-send")).to_be_disabled()

@@ -6,6 +6,7 @@ import asyncio
 
 import aiohttp
 import pytest
+from aiohttp import WSMsgType
 
 from relay.client import RelayClient
 from tests.conftest import API_KEY
@@ -47,9 +48,11 @@ class Participant:
         await self.ws.send_json(message)
 
 
-async def join(http, conn, name: str | None = None) -> Participant:
+async def join(http, conn, name: str | None = None, resume: str | None = None) -> Participant:
     b = conn.broadcast
     url = b["webrtc_url"].replace("http://", "ws://") + f"/events?token={b['spectator_token']}"
+    if resume is not None:
+        url += f"&resume={resume}"
     p = Participant(await http.ws_connect(url))
     p.hello = await p.next("hello")
     if name:
@@ -151,6 +154,51 @@ async def test_moderation(host, http):
         assert r.status == 200
     await p.send(type="input", prompt="a fine tree")
     assert (await p.next("input_result"))["reason"] == "blocked"
+
+
+async def test_a_participant_who_comes_back_with_its_resume_token_is_the_same_participant(host, http):
+    relay, conn = host
+    await set_mode(http, conn, mode="queue", cooldown_seconds=60)
+    ann = await join(http, conn, "ann")
+    pid, token = ann.hello["participant_id"], ann.hello["resume_token"]
+    assert ann.hello["resumed"] is False
+    await ann.send(type="input", prompt="a red kite")
+    assert (await ann.next("input_result"))["status"] in ("queued", "forwarded")
+    await ann.ws.close()
+
+    # Her network drops and the page reconnects: same participant, still cooling down.
+    ann = await join(http, conn, resume=token)
+    assert (ann.hello["participant_id"], ann.hello["resumed"]) == (pid, True)
+    await ann.send(type="input", prompt="a blue kite")
+    assert (await ann.next("input_result"))["reason"] == "cooldown"
+
+    # Blocked while away, still blocked when back.
+    await ann.ws.close()
+    async with http.post(f"{conn.broadcast['webrtc_url']}/participants/{pid}/block",
+                         headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        assert r.status == 200
+    ann = await join(http, conn, resume=token)
+    await ann.send(type="input", prompt="a green kite")
+    assert (await ann.next("input_result"))["reason"] == "blocked"
+
+    # A forged token, or one from another broadcast, is simply a new participant.
+    for forged in (pid + ".0123456789abcdef0123456789abcdef", pid, "nonsense"):
+        other = await join(http, conn, resume=forged)
+        assert other.hello["resumed"] is False and other.hello["participant_id"] != pid
+        await other.ws.close()
+
+    # One socket per participant: a second one with the same token takes over and the first
+    # is closed as replaced; its closing does not make the participant leave.
+    twin = await join(http, conn, resume=token)
+    while (msg := await ann.ws.receive()).type not in (WSMsgType.CLOSE, WSMsgType.CLOSED):
+        pass
+    assert (msg.data, msg.extra) == (4001, "replaced")
+    assert twin.hello["participant_id"] == pid
+    state = await (await http.get(f"{conn.broadcast['webrtc_url']}/orchestration",
+                                  headers={"Authorization": f"Bearer {API_KEY}"})).json()
+    assert pid in {p["participant_id"] for p in state["participants"]}
+    await twin.send(type="input", prompt="a kite")
+    assert (await twin.next("input_result"))["reason"] == "blocked"
 
 
 async def test_spectator_token_cannot_switch_modes_and_wrong_token_is_refused(host, http):

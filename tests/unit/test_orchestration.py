@@ -77,6 +77,42 @@ def test_cooldown_counts_only_accepted_inputs():
     assert status(orch.submit("ann", "two")) == "queued"
 
 
+def test_cooldown_and_block_outlive_a_dropped_socket():
+    # A participant who comes back with its resume token is the same participant_id: leaving
+    # must not wipe what moderation knows about it.
+    orch, clock = make("queue", cooldown_seconds=10, queue_interval_seconds=0.5)
+    assert status(orch.submit("ann", "one")) == "queued"
+    orch.block("bob")
+    orch.participant_left("ann")
+    orch.participant_left("bob")
+    orch.participant_joined("ann")
+    orch.participant_joined("bob")
+    assert status(orch.submit("ann", "two")) == "cooldown"
+    assert status(orch.submit("bob", "hello")) == "blocked"
+    clock.advance(10)
+    assert status(orch.submit("ann", "two")) == "queued"
+    assert orch.participants["ann"] == "Ann"  # her name came back with her
+    # The host can still block someone who just dropped off; a stranger is still unknown.
+    orch.participant_left("cy")
+    orch.block("cy")
+    orch.participant_joined("cy")
+    assert status(orch.submit("cy", "hi")) == "blocked"
+    with pytest.raises(RelayError):
+        orch.block("zed")
+
+
+def test_cooldowns_are_forgotten_when_they_run_out_not_kept_forever():
+    from relay.orchestration import moderation
+
+    orch, clock = make("host", people=(), cooldown_seconds=5)
+    moderator = orch._moderator
+    for i in range(5 * moderation.COOLDOWNS_PRUNE_AT):
+        moderator.accepted(f"p{i}")
+        clock.advance(0.01)  # 100 a second: about 500 are inside one cooldown at any time
+    assert len(moderator._last_accepted) <= 2 * moderation.COOLDOWNS_PRUNE_AT
+    assert moderator.cooldown_left(f"p{5 * moderation.COOLDOWNS_PRUNE_AT - 1}") > 4.9
+
+
 def test_duplicates_of_recent_forwards_and_of_waiting_entries():
     orch, clock = make("queue", queue_interval_seconds=1, duplicate_window_seconds=30, cooldown_seconds=0)
     assert status(orch.submit("ann", "Add a dragon")) == "queued"
