@@ -78,11 +78,11 @@ class Connection:
     api_key: str
     streamer: Streamer
     broadcast: Broadcast
-    client_token: str
+    client_token: str  # the newest; client_tokens holds every one still valid
     created_at: float  # wall clock
     opened: float  # monotonic
     deadline: float  # monotonic: connection_max_seconds
-    client_token_deadline: float  # monotonic
+    client_token_deadline: float  # monotonic, of the newest
     last_seen: float  # monotonic
     status: str = "connected"
     stream: Stream | None = None
@@ -92,6 +92,9 @@ class Connection:
     # "starting" or "ending" while a stream changes state across awaits: a second start must
     # neither race it nor slip into the gap (and a start counts toward the key's limit).
     pending: str | None = None
+    # token -> monotonic deadline. A host page asks for a fresh token over its control socket
+    # while the old one still works, so an hour-long connection never locks its host out.
+    client_tokens: dict[str, float] = field(default_factory=dict)
     _listeners: set[asyncio.Queue] = field(default_factory=set)
     _closing: asyncio.Task | None = None
 
@@ -160,9 +163,29 @@ class SessionManager:
 
     def connection_for_client_token(self, token: str) -> Connection | None:
         conn = self._by_client_token.get(token)
-        if conn is None or self.clock.monotonic() >= conn.client_token_deadline:
+        if conn is None or self.clock.monotonic() >= conn.client_tokens.get(token, 0.0):
             return None
         return conn
+
+    def refresh_client_token(self, conn: Connection) -> None:
+        """Give the connection a fresh client_token once the newest has used half its life
+        (sooner, the newest stays: asking often costs nothing and mints nothing); the older
+        ones stay valid until their own deadlines, then are forgotten."""
+        now = self.clock.monotonic()
+        ttl = self._limits.client_token_seconds
+        if conn.closed or conn.client_token_deadline - now > ttl / 2:
+            return
+        for token, deadline in list(conn.client_tokens.items()):
+            if deadline <= now:
+                del conn.client_tokens[token]
+                self._by_client_token.pop(token, None)
+        self._issue_client_token(conn, now)
+
+    def _issue_client_token(self, conn: Connection, now: float) -> None:
+        conn.client_token = secrets.token_urlsafe(32)
+        conn.client_token_deadline = now + self._limits.client_token_seconds
+        conn.client_tokens[conn.client_token] = conn.client_token_deadline
+        self._by_client_token[conn.client_token] = conn
 
     def stream(self, stream_id: str) -> Stream:
         stream = self._streams.get(stream_id)
@@ -236,18 +259,18 @@ class SessionManager:
             streamer=streamer,
             broadcast=Broadcast(connection_id, self._settings, self.clock,
                                 recordings=self.recordings, owner=owner_id(api_key)),
-            client_token=secrets.token_urlsafe(32),
+            client_token="",
             created_at=wall,
             opened=now,
             deadline=now + self._limits.connection_max_seconds,
-            client_token_deadline=now + self._limits.client_token_seconds,
+            client_token_deadline=now,
             last_seen=now,
         )
+        self._issue_client_token(conn, now)
         conn.broadcast.forward_input = lambda forward: self._forward_input(conn, forward)
         conn.broadcast.host_event = conn.publish
         self.connections[connection_id] = conn
         self.broadcasts[conn.broadcast.broadcast_id] = conn.broadcast
-        self._by_client_token[conn.client_token] = conn
         metrics.CONNECTIONS.inc()
         log.info("connection opened", extra={"connection_id": connection_id})
         return conn
@@ -285,7 +308,8 @@ class SessionManager:
         self._streamers_in_use -= 1
         self.connections.pop(conn.connection_id, None)
         self.broadcasts.pop(conn.broadcast.broadcast_id, None)
-        self._by_client_token.pop(conn.client_token, None)
+        for token in conn.client_tokens:
+            self._by_client_token.pop(token, None)
         metrics.CONNECTIONS.dec()
         conn.publish({"type": "disconnected", "reason": reason})
         log.info("connection closed", extra={"connection_id": conn.connection_id, "reason": reason})

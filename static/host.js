@@ -3,7 +3,10 @@
 // The API key is used only for the two calls that need it (open and close a
 // connection, plus a liveness check); everything else goes over the control
 // WebSocket with the connection's client_token, so this page behaves like any
-// browser host that was only handed a client_token.
+// browser host that was only handed a client_token. That token opens things for
+// a limited time (client_token_expires_in), so the page asks the control socket
+// for a fresh one (refresh_token) as each passes half its life: a dropped socket
+// or preview can reconnect at any point of an hour-long connection.
 //
 // State lives in one object, `conn`; every change ends in render(), which is
 // the single place that enables/disables buttons.
@@ -90,6 +93,7 @@ const conn = {
   id: null,
   clientToken: null,
   tokenExpiresAt: 0,
+  tokenLifeMs: 0,
   broadcast: null,
   socket: null,
   socketOpen: false,
@@ -234,8 +238,9 @@ const TOKEN_MARGIN_MS = 5000;         // stop using the client_token this long b
 /**
  * The token the preview joins with, asked for on every (re)connect. The connection's
  * client_token makes it the host's own preview, which the relay does not count among the
- * viewers. That token only opens things for its first minutes, though: a preview that has to
- * reconnect after that joins with the spectator token instead (counted, but still a picture).
+ * viewers; the control socket keeps it fresh. Only if that failed (the control channel was
+ * away for a whole token life) does the preview join with the spectator token (counted, but
+ * still a picture).
  */
 function previewToken() {
   if (conn.clientToken && Date.now() < conn.tokenExpiresAt - TOKEN_MARGIN_MS) return conn.clientToken;
@@ -812,8 +817,13 @@ function openControl() {
     log('Control channel open.');
     clearInterval(conn.keepaliveTimer);
     // The open socket already counts as life; explicit keepalives also cover
-    // proxies that don't surface socket-level activity.
-    conn.keepaliveTimer = setInterval(() => send({ type: 'keepalive' }), KEEPALIVE_MS);
+    // proxies that don't surface socket-level activity. The same beat keeps the
+    // client_token fresh (often enough for however short a life the relay gives it).
+    keepTokenFresh();
+    conn.keepaliveTimer = setInterval(() => {
+      send({ type: 'keepalive' });
+      keepTokenFresh();
+    }, Math.min(KEEPALIVE_MS, conn.tokenLifeMs / 4));
     render();
   });
 
@@ -889,8 +899,21 @@ async function recoverControl() {
   }, delay);
 }
 
+/** Past half its life, ask for a new client_token (the relay mints one only then). */
+function keepTokenFresh() {
+  if (conn.tokenLifeMs && conn.tokenExpiresAt - Date.now() < conn.tokenLifeMs / 2) send({ type: 'refresh_token' });
+}
+
 function onControl(msg) {
   switch (msg.type) {
+    case 'client_token': {
+      const ttl = Number(msg.client_token_expires_in);
+      if (typeof msg.client_token === 'string' && Number.isFinite(ttl)) {
+        conn.clientToken = msg.client_token;
+        conn.tokenExpiresAt = Date.now() + ttl * 1000;
+      }
+      break;
+    }
     case 'connected':
       log(`Connected: ${msg.connection_id ?? conn.id}.`);
       setBroadcast(msg.broadcast);
@@ -991,7 +1014,8 @@ async function connect() {
   conn.id = res.connection_id;
   conn.clientToken = res.client_token;
   const ttl = Number(res.client_token_expires_in);
-  conn.tokenExpiresAt = Date.now() + (Number.isFinite(ttl) ? ttl : 600) * 1000;
+  conn.tokenLifeMs = (Number.isFinite(ttl) && ttl > 0 ? ttl : 600) * 1000;
+  conn.tokenExpiresAt = Date.now() + conn.tokenLifeMs;
   conn.socketAttempt = 0;
   conn.stream = null;
   conn.lastEnded = null;

@@ -32,7 +32,7 @@ def authorize_connection(request: web.Request, connection_id: str) -> Connection
         if is_api_key(token, keys) or (token and sessions.connection_for_client_token(token)):
             raise not_found("connection", connection_id)
         raise unauthorized()
-    client_token = conn.client_token if sessions.connection_for_client_token(conn.client_token) else None
+    client_token = token if token and sessions.connection_for_client_token(token) is conn else None
     check_owner(token, conn.api_key, client_token, keys)
     sessions.touch(conn)
     return conn
@@ -48,10 +48,18 @@ def authorize_stream(request: web.Request, stream_id: str) -> Stream:
             raise
         raise unauthorized() from None
     conn = stream.connection
-    check_owner(token, conn.api_key, conn.client_token if not conn.closed else None, request.app[API_KEYS])
+    # Any of the connection's client tokens, as long as the connection is open.
+    client_token = token if token in conn.client_tokens and not conn.closed else None
+    check_owner(token, conn.api_key, client_token, request.app[API_KEYS])
     if not conn.closed:
         sessions.touch(conn)
     return stream
+
+
+def client_token_message(conn: Connection, sessions: SessionManager) -> dict[str, Any]:
+    """The answer to the control socket's refresh_token: the newest token and its life left."""
+    remaining = max(0.0, conn.client_token_deadline - sessions.clock.monotonic())
+    return {"type": "client_token", "client_token": conn.client_token, "client_token_expires_in": round(remaining)}
 
 
 def connection_body(request: web.Request, conn: Connection, sessions: SessionManager) -> dict[str, Any]:
@@ -232,6 +240,10 @@ async def _handle_control_message(request: web.Request, conn: Connection, data: 
             raise invalid_request("Control messages are JSON objects.")
         kind = message.get("type")
         if kind == "keepalive":
+            return
+        if kind == "refresh_token":
+            sessions.refresh_client_token(conn)
+            await ws.send_json(client_token_message(conn, sessions))
             return
         if kind == "start_stream":
             prompt, image, portrait = parse_stream_request(message)

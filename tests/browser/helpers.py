@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from playwright.async_api import Page
@@ -25,3 +26,50 @@ async def shoot(label: str, page: Page, *, restore: dict[str, int] | None = None
         await page.screenshot(path=os.path.join(SHOTS_DIR, f"{label}-{name}-{size}.png"), full_page=True)
     if restore is not None:
         await page.set_viewport_size(restore)
+
+
+class CuttableLink:
+    """A loopback TCP proxy in front of the relay: `cut()` drops every connection through it
+    at once (as a lost Wi-Fi would), while new ones still get through. Real sockets, real close.
+    Chromium's offline emulation does not close open WebSockets, so it cannot stand in."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._carry, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    def cut(self) -> None:
+        for writer in list(self._open):
+            writer.transport.abort()
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _carry(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        except OSError:
+            client_writer.transport.abort()
+            return
+        pair = {client_writer, server_writer}
+        self._open |= pair
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.transport.abort()
+
+        await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer))
+        self._open -= pair

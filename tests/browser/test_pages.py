@@ -14,6 +14,7 @@ from playwright.async_api import Page, expect
 
 from relay.client import RelayClient
 from tests.browser.conftest import CHROMIUM, DESKTOP, HAVE_CHROMIUM, PHONE, SHOTS_DIR
+from tests.browser.helpers import CuttableLink
 from tests.conftest import API_KEY, eventually
 
 pytestmark = [
@@ -379,3 +380,32 @@ async def test_screenshots_desktop_and_phone(relay_factory, open_page):
     await eventually(lambda: not relay.sessions.connections, what="the connection closed")
     await expect_badge(watch, "ended")
     await shoot("watch-ended", watch)
+
+
+async def test_host_console_reconnects_its_control_channel_after_the_first_token_expired(relay_factory, open_page):
+    # The client_token opens things for 4 s here (600 s by default): the console keeps asking the
+    # control socket for fresh ones, so a network drop after that still finds its way back.
+    relay = await relay_factory(limits={**LONG, "client_token_seconds": 4})
+    link = CuttableLink(relay.server.port)
+    try:
+        page = await open_page(f"{await link.start()}/host")
+        await page.fill("#api-key", API_KEY)
+        await page.click("#connect")
+        await expect(page.locator("#connection-state")).to_have_text("Connected", timeout=UI_MS)
+        conn = only_connection(relay)
+        first = conn.client_token
+        await eventually(lambda: conn.control_sockets == 1, what="the control socket open")
+        await eventually(lambda: relay.sessions.connection_for_client_token(first) is None, timeout=8,
+                         what="the first client_token's end")
+        assert conn.client_token != first  # the page asked for a new one before the first ran out
+
+        link.cut()  # the network drops
+        await eventually(lambda: conn.control_sockets == 0, what="the relay seeing the control socket gone")
+        await eventually(lambda: conn.control_sockets == 1, timeout=15, what="the control socket reopened")
+        await expect(page.locator("#connection-state")).to_have_text("Connected")
+        await page.fill("#prompt", "a harbour at night")
+        await page.click("#start")
+        await eventually(lambda: conn.stream is not None and conn.stream.prompt == "a harbour at night",
+                         what="a stream started over the reopened channel")
+    finally:
+        await link.close()

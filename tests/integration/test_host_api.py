@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from tests.conftest import API_KEY, OTHER_KEY
+from tests.conftest import API_KEY, OTHER_KEY, eventually
 
 
 def auth(key: str = API_KEY) -> dict[str, str]:
@@ -183,6 +183,39 @@ async def test_control_socket_rejects_wrong_token(relay, http):
     conn = await open_connection(http, relay)
     with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
         async with http.ws_connect(f"{conn['control_url']}?token=wrong"):
+            pass
+    assert exc.value.status == 401
+
+
+async def test_control_socket_refreshes_the_client_token_before_it_runs_out(relay_factory, http):
+    # A browser host that holds only a client_token must be able to reopen its control socket
+    # (and its preview) long after the first token's life: it asks for fresh ones as it goes.
+    relay = await relay_factory(limits={"client_token_seconds": 4})
+    conn = await open_connection(http, relay)
+    first = conn["client_token"]
+    async with http.ws_connect(f"{conn['control_url']}?token={first}") as ws:
+        assert (await ws.receive_json(timeout=5))["type"] == "connected"
+        await ws.send_json({"type": "refresh_token"})
+        fresh = await ws.receive_json(timeout=5)
+        assert fresh["type"] == "client_token" and fresh["client_token"] == first  # still young
+        assert 0 < fresh["client_token_expires_in"] <= 4
+
+        async def refreshed() -> bool:
+            await ws.send_json({"type": "refresh_token"})
+            return (await ws.receive_json(timeout=5))["client_token"] != first
+        await eventually(refreshed, timeout=5, what="a new client_token past half the first one's life")
+        second = relay.sessions.connections[conn["connection_id"]].client_token
+    await eventually(lambda: relay.sessions.connection_for_client_token(first) is None, timeout=5,
+                     what="the first token's end")
+    state_url = f"{relay.url}/v1/connections/{conn['connection_id']}"
+    async with http.get(state_url, headers=auth(first)) as r:
+        assert r.status == 401
+    async with http.get(state_url, headers=auth(second)) as r:
+        assert r.status == 200
+    async with http.ws_connect(f"{conn['control_url']}?token={second}") as ws:
+        assert (await ws.receive_json(timeout=5))["type"] == "connected"
+    with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
+        async with http.ws_connect(f"{conn['control_url']}?token={first}"):
             pass
     assert exc.value.status == 401
 

@@ -144,6 +144,30 @@ async def test_open_connection_reserves_a_streamer(manager):
     assert manager.streamers_free == 0
 
 
+async def test_client_token_refresh_keeps_a_long_connection_reachable(manager):
+    clock = manager.clock
+    conn = await manager.open_connection(KEY)
+    first = conn.client_token
+    manager.refresh_client_token(conn)  # fresh still: nothing is minted
+    assert conn.client_token == first and len(conn.client_tokens) == 1
+    clock.advance(31)  # past half of the 60 s life
+    manager.refresh_client_token(conn)
+    second = conn.client_token
+    assert second != first and conn.client_token_deadline == pytest.approx(clock.monotonic() + 60)
+    assert manager.connection_for_client_token(first) is conn  # the old one until its own end
+    clock.advance(30)
+    assert manager.connection_for_client_token(first) is None
+    assert manager.connection_for_client_token(second) is conn
+    for _ in range(20):  # a host asking every second for an hour keeps about two alive, not 3600
+        clock.advance(15)
+        manager.refresh_client_token(conn)
+        assert len(conn.client_tokens) <= 3
+    latest = conn.client_token
+    await manager.close_connection(conn)
+    assert manager.connection_for_client_token(latest) is None
+    assert manager._by_client_token == {}
+
+
 async def test_pool_exhausted_is_503_with_retry_after(manager):
     await manager.open_connection(KEY)
     await manager.open_connection(OTHER_KEY)
