@@ -27,6 +27,11 @@ class RelayError(Exception):
         self.details = details or {}
         self.retry_after = retry_after
 
+    def __reduce__(self):
+        # Picklable, so a simulation worker's error crosses the process pool intact (the default
+        # reduce passes only the message and would break the pool on the way back).
+        return _rebuild, (self.code, self.status, self.message, self.action, self.details, self.retry_after)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "error": {
@@ -91,3 +96,8 @@ def unsupported_media_type(expected: str) -> RelayError:
         action=f"Send the body as {expected}.",
         details={"expected": expected},
     )
+
+
+def _rebuild(code: str, status: int, message: str, action: str, details: dict[str, Any],
+             retry_after: float | None) -> RelayError:
+    return RelayError(code, status, message, action=action, details=details, retry_after=retry_after)

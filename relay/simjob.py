@@ -7,18 +7,28 @@ the end entry's timestamp: a script of T ms has ceil(T * fps / 1000) frames. The
 FakeClock that the loop moves to each frame's time, so the events' ``offset_ms`` and the recording's
 ``started_at``/``ended_at`` follow the video, not the wall clock.
 
+With ``[world_model] kind = "hosted"`` a job is the hosted model's to render: the worker submits its
+scripts to the hosted API's /simulation-jobs, waits for the result, and imports each video as a standard
+recording (its H.264 packets copied, not re-encoded; the script's prompts logged at their timestamps), so
+the output is the real model's, never the synthetic one's.
+
 Runs in a worker process (``relay.simulations`` hands ``run_job`` to a spawn-context process pool); also
 callable in-process (tests, bench/simulations.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+
+import av
+from av.bitstream import BitStreamFilterContext
 
 from .clock import FakeClock
 from .media.encoder import VIDEO_TIME_BASE, H264Encoder
@@ -26,7 +36,7 @@ from .media.recorder import STATUS_COMPLETE, RecordingResult
 from .recordings import RecordingStore
 from .worldmodel.scene import SceneRenderer
 
-__all__ = ["init_worker", "run_job", "record_script", "frame_count"]
+__all__ = ["init_worker", "run_job", "record_script", "import_video", "frame_count"]
 
 _PARENT_CHECK_SECONDS = 0.2
 
@@ -133,6 +143,90 @@ def record_script(
     return result
 
 
+def import_video(
+    video_path: str,
+    script: Sequence[Mapping[str, Any]],
+    *,
+    store_dir: str,
+    stream_id: str,
+    owner: str,
+    bitrate_kbps: int,
+    keyframe_interval_seconds: float,
+    preset: str = "superfast",
+    preview_seconds: float = 5.0,
+    preview_width: int = 320,
+    writer_queue_packets: int = 512,
+    extra: Mapping[str, Any] | None = None,
+) -> RecordingResult:
+    """A video rendered elsewhere (a hosted simulation's output) as the recording ``stream_id``.
+
+    H.264 is copied packet for packet (MP4's length-prefixed NAL units turned back into the Annex B
+    the recorder takes, as the live path's encoder emits); anything else is decoded and encoded once.
+    The events log is the script's, on the video's own clock, as a local simulation's would be.
+    """
+    interacts = [(e["timestamp_ms"], e["interact"]["prompt"]) for e in script if "interact" in e]
+    with av.open(video_path) as container:
+        stream = container.streams.video[0]
+        codec = stream.codec_context
+        fps = round(float(stream.average_rate)) if stream.average_rate else 25
+        clock = FakeClock(start=0.0, wall=time.time())
+        frames = stream.frames or fps * 3600
+        store = RecordingStore(store_dir, preview_seconds=preview_seconds, preview_width=preview_width,
+                               writer_queue_packets=max(writer_queue_packets, frames + len(script) + 64), clock=clock)
+        recorder = store.recorder(stream_id, width=codec.width, height=codec.height, fps=fps, owner=owner,
+                                  extra={"source": "simulation", **(extra or {})})
+        recorder.log_event({"type": "stream_started", "stream_id": stream_id, "prompt": script[0]["start"]["prompt"],
+                            "source": "simulation"})
+        reason = "upstream_error"
+        encoder = None
+        try:
+            if codec.name == "h264":
+                packets = _annex_b(container, stream)
+            else:
+                encoder = H264Encoder(codec.width, codec.height, fps, bitrate_kbps, keyframe_interval_seconds,
+                                      preset=preset)
+                packets = _encoded(container, stream, encoder, fps)
+            start: float | None = None
+            end = 0.0
+            for packet, seconds in packets:
+                start = seconds if start is None else start
+                t = max(0.0, seconds - start)
+                clock.advance(max(0.0, t - clock.monotonic()))
+                while interacts and interacts[0][0] <= t * 1000:
+                    ts, prompt = interacts.pop(0)
+                    recorder.log_event({"type": "prompt_applied", "prompt": prompt, "source": "simulation",
+                                        "timestamp_ms": ts})
+                recorder.write(packet, packet.is_keyframe)
+                end = t + 1 / fps
+            clock.advance(max(0.0, end - clock.monotonic()))
+            for ts, prompt in interacts:  # after the last frame: taken, with nothing left to show it
+                recorder.log_event({"type": "prompt_applied", "prompt": prompt, "source": "simulation",
+                                    "timestamp_ms": ts})
+            reason = "ended"
+        finally:
+            if encoder is not None:
+                encoder.close()
+            result = recorder.close(reason)
+    return result
+
+
+def _annex_b(container: Any, stream: Any) -> Iterator[tuple[av.Packet, float]]:
+    """The stream's packets in Annex B with SPS/PPS before each keyframe, with their time in seconds."""
+    bsf = BitStreamFilterContext("h264_mp4toannexb", stream)
+    for packet in container.demux(stream):
+        for out in bsf.filter(packet if packet.size else None):
+            if out.pts is not None:
+                yield out, float(out.pts * stream.time_base)
+
+
+def _encoded(container: Any, stream: Any, encoder: H264Encoder, fps: int) -> Iterator[tuple[av.Packet, float]]:
+    """Any other codec, decoded and encoded once (zerolatency: a frame in is a packet out)."""
+    for i, frame in enumerate(container.decode(stream)):
+        frame.pts, frame.time_base = round(i * 90000 / fps), VIDEO_TIME_BASE
+        for packet in encoder.encode(frame, force_keyframe=i == 0):
+            yield packet, float(packet.pts * packet.time_base)
+
+
 def run_job(spec: Mapping[str, Any]) -> dict[str, Any]:
     """One attempt at a job (``Simulations._spec`` builds ``spec``): {"status": "completed" | "cancelled", ...}.
 
@@ -148,6 +242,8 @@ def run_job(spec: Mapping[str, Any]) -> dict[str, Any]:
             return {"status": "cancelled"}
     finally:
         store.close()
+    if spec.get("hosted"):
+        return asyncio.run(_run_hosted(spec))
     results = []
     for index, (script, stream_id) in enumerate(zip(spec["scripts"], spec["stream_ids"], strict=True)):
         result = record_script(
@@ -162,4 +258,42 @@ def run_job(spec: Mapping[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"recording script {index} failed: {result.error}")
         results.append({"stream_id": stream_id, "frame_count": result.frame_count,
                         "duration_seconds": result.duration_seconds})
+    return {"status": "completed", "stream_ids": list(spec["stream_ids"]), "recordings": results}
+
+
+async def _run_hosted(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The hosted model renders the job; its videos become this job's recordings (same stream ids as a
+    local run, so nothing above this function knows the difference)."""
+    from .worldmodel.hosted import HostedWorldModel
+
+    hosted = spec["hosted"]
+    model = HostedWorldModel(hosted["url"], hosted["api_key"], api_key_env=hosted["api_key_env"])
+    try:
+        upstream_id = await model.simulate(list(spec["scripts"]), bool(spec.get("portrait")))
+        job = await model.finished_simulation(upstream_id)
+        if job.get("status") != "completed":
+            raise RuntimeError(f"the hosted simulation {upstream_id} {job.get('status')}: "
+                               f"{job.get('error_message') or 'no reason given'}")
+        streams = {s.get("script_index", i): s for i, s in enumerate(job.get("streams") or [])}
+        results = []
+        with tempfile.TemporaryDirectory(prefix="relay-hosted-sim-") as tmp:
+            for index, (script, stream_id) in enumerate(zip(spec["scripts"], spec["stream_ids"], strict=True)):
+                upstream = streams.get(index)
+                if not upstream or not upstream.get("video_url"):
+                    raise RuntimeError(f"the hosted simulation {upstream_id} has no video for script {index}")
+                path = os.path.join(tmp, f"{index}.mp4")
+                await model.download(upstream["video_url"], path)
+                result = await asyncio.to_thread(
+                    import_video, path, script, store_dir=spec["data_dir"], stream_id=stream_id, owner=spec["owner"],
+                    bitrate_kbps=spec["bitrate_kbps"], keyframe_interval_seconds=spec["keyframe_interval_seconds"],
+                    preset=spec["encoder_preset"], preview_seconds=spec["preview_seconds"],
+                    preview_width=spec["preview_width"], writer_queue_packets=spec["writer_queue_packets"],
+                    extra={"simulation_job_id": spec["job_id"], "script_index": index, "world_model": "hosted",
+                           "upstream_job_id": upstream_id, "upstream_stream_id": upstream.get("stream_id")})
+                if result.status != STATUS_COMPLETE:
+                    raise RuntimeError(f"recording script {index} failed: {result.error}")
+                results.append({"stream_id": stream_id, "frame_count": result.frame_count,
+                                "duration_seconds": result.duration_seconds})
+    finally:
+        await model.close()
     return {"status": "completed", "stream_ids": list(spec["stream_ids"]), "recordings": results}

@@ -694,9 +694,15 @@ class Simulations:
         wm, media, rec = self._settings.world_model, self._settings.media, self._settings.recordings
         long_side, short_side = max(wm.width, wm.height), min(wm.width, wm.height)
         width, height = (short_side, long_side) if job.portrait else (long_side, short_side)  # as live streams
+        hosted = None
+        if wm.kind == "hosted":  # the hosted model renders it: the worker submits and imports the result
+            from .config import hosted_api_key
+
+            hosted = {"url": wm.url, "api_key": hosted_api_key(self._settings), "api_key_env": wm.api_key_env}
         return {
             "job_id": job.job_id, "db_path": str(self.db_path), "data_dir": str(self._settings.server.data_dir),
-            "owner": job.owner, "scripts": job.scripts, "stream_ids": job.stream_ids,
+            "owner": job.owner, "scripts": job.scripts, "stream_ids": job.stream_ids, "portrait": job.portrait,
+            "hosted": hosted,
             "width": width, "height": height, "fps": wm.fps, "bitrate_kbps": media.bitrate_kbps,
             "keyframe_interval_seconds": media.keyframe_interval_seconds,
             "encoder_preset": self._settings.simulations.encoder_preset,

@@ -104,6 +104,9 @@ class HostedTimeouts:
     command: float = 15.0  # stream_started / update_acknowledged / stream_ended
     stall: float = 10.0  # a live stream without a frame for this long has failed
     close: float = 3.0  # sending client_disconnecting (the close handshake then has aiohttp's 10 s)
+    simulation: float = 3600.0  # a submitted simulation job reaching completed, failed or cancelled
+    simulation_poll: float = 1.0  # how often its status is read meanwhile
+    download: float = 600.0  # fetching one of its videos
 
 
 def upstream_error(message: str, *, status: int = 502, code: str = "UPSTREAM_ERROR",
@@ -922,6 +925,66 @@ class HostedWorldModel:
                 continue
             raise upstream_error(f"The hosted world model refused a session: {status} {_detail_text(data)}".rstrip()
                                  + ".", details={"upstream_status": status})
+
+    # -- simulations (relay/simjob.py runs them in a worker process) -------------------------------
+
+    async def simulate(self, scripts: list[list[dict[str, Any]]], portrait: bool) -> str:
+        """``POST /simulation-jobs``: the hosted job's id. One script goes as ``script``, more as
+        ``scripts`` (the SDK's two shapes); its usage 429 stays the hosted usage error."""
+        body: dict[str, Any] = {"portrait": portrait, "output_video": True}
+        if len(scripts) == 1:
+            body["script"] = scripts[0]
+        else:
+            body["scripts"] = scripts
+        status, data, headers = await self._authorized("POST", self.url + "/simulation-jobs", body)
+        if status == 429:
+            raise usage_error(data, headers)
+        job_id = data.get("job_id") if isinstance(data, dict) else None
+        if status not in (200, 201, 202) or not isinstance(job_id, str) or not job_id:
+            raise upstream_error(f"The hosted world model refused the simulation: {status} {_detail_text(data)}"
+                                 .rstrip() + ".", details={"upstream_status": status})
+        return job_id
+
+    async def finished_simulation(self, job_id: str) -> dict[str, Any]:
+        """Polls ``GET /simulation-jobs/{id}`` until it is completed, failed or cancelled (bounded by
+        ``timeouts.simulation``); returns that job."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeouts.simulation
+        url = f"{self.url}/simulation-jobs/{quote(job_id, safe='')}"
+        while True:
+            status, data, _ = await self._authorized("GET", url)
+            if status != 200 or not isinstance(data, dict):
+                raise upstream_error(f"The hosted world model lost simulation {job_id}: {status} "
+                                     f"{_detail_text(data)}".rstrip() + ".", details={"upstream_status": status})
+            if data.get("status") in ("completed", "failed", "cancelled"):
+                return data
+            if loop.time() + self.timeouts.simulation_poll > deadline:
+                raise upstream_error(f"The hosted simulation {job_id} did not finish within "
+                                     f"{self.timeouts.simulation:g} s (still {data.get('status')}).")
+            await asyncio.sleep(self.timeouts.simulation_poll)
+
+    async def download(self, url: str, path: str) -> None:
+        """One of a finished job's files, by its presigned URL (no Authorization: the URL is the
+        capability), streamed to ``path``."""
+        try:
+            async with self._session().get(url, timeout=aiohttp.ClientTimeout(total=self.timeouts.download)) as r:
+                if r.status != 200:
+                    raise upstream_error(f"The hosted world model's video could not be fetched: {r.status}.",
+                                         details={"upstream_status": r.status})
+                with open(path, "wb") as out:
+                    async for chunk in r.content.iter_chunked(256 * 1024):
+                        out.write(chunk)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise upstream_error(f"The hosted world model's video could not be fetched: "
+                                 f"{exc or type(exc).__name__}.") from exc
+
+    async def _authorized(self, method: str, url: str, body: Any = None) -> tuple[int, Any, Any]:
+        """An authorized call; a 401 (a token revoked early) exchanges the key once more and retries."""
+        status, data, headers = await self._call(method, url, body)
+        if status == 401:
+            self._token = None
+            status, data, headers = await self._call(method, url, body)
+        return status, data, headers
 
     async def session_token(self, session_id: str) -> str:
         status, data, _ = await self._call("POST", self.url + "/sessions/token", {"session_id": session_id})

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 
 import aiohttp
+import av
 import numpy as np
 import pytest
 
 from relay.api.app import WORLD_MODEL
+from relay.api.common import RECORDINGS
 from relay.client import RelayAPIError, RelayClient, Spectator
 from relay.errors import RelayError
 from relay.odyssey.server import TWIN
@@ -26,12 +29,14 @@ LONG = {"stream_max_seconds": 30, "idle_timeout_seconds": 30}
 
 
 async def start_pair(relay_factory, tmp_path, monkeypatch, *, upstream_key: str = API_KEY,
-                     b_limits: dict | None = None, a_limits: dict | None = None) -> tuple[Relay, Relay]:
+                     b_limits: dict | None = None, a_limits: dict | None = None,
+                     a_simulations: dict | None = None) -> tuple[Relay, Relay]:
     """Relay B (the hosted API's stand-in) and relay A, whose source is B's /odyssey."""
     b = await relay_factory(server={"data_dir": str(tmp_path / "b")}, limits={**LONG, **(b_limits or {})})
     monkeypatch.setenv("ODYSSEY_API_KEY", upstream_key)
     a = await relay_factory(server={"data_dir": str(tmp_path / "a")}, limits={**LONG, **(a_limits or {})},
-                            world_model={"kind": "hosted", "url": b.url + "/odyssey"})
+                            world_model={"kind": "hosted", "url": b.url + "/odyssey"},
+                            simulations=a_simulations or {})
     assert isinstance(a.app[WORLD_MODEL], HostedWorldModel)
     return a, b
 
@@ -333,6 +338,68 @@ async def test_no_free_upstream_streamer_is_polled_then_503(relay_factory, tmp_p
         await client.request("DELETE", f"/v1/connections/{second['connection_id']}")
     await eventually(lambda: b.sessions.connections == {} and model._background == set())
     assert model.streamers == set() and hosted_tasks() == []
+
+
+async def test_a_simulation_on_a_hosted_relay_is_rendered_by_the_hosted_model(relay_factory, tmp_path, monkeypatch):
+    # A's simulation goes to B's /simulation-jobs; B renders it, A imports B's video (copied, not
+    # re-encoded) as A's own recording. Nothing of A's synthetic model is involved.
+    a, b = await start_pair(relay_factory, tmp_path, monkeypatch)
+    script = [{"timestamp_ms": 0, "start": {"prompt": "a calm ocean at sunset"}},
+              {"timestamp_ms": 1000, "interact": {"prompt": "night falls over the sea"}},
+              {"timestamp_ms": 2000, "end": {}}]
+    async with RelayClient(a.url, API_KEY) as client_a, RelayClient(b.url, API_KEY) as client_b:
+        accepted = await client_a.simulate(script)
+
+        async def finished() -> dict | None:
+            job = await client_a.get_simulation(accepted["job_id"])
+            return job if job["status"] in ("completed", "failed") else None
+        await eventually(finished, timeout=60, what="A's simulation finished")
+        job = await client_a.get_simulation(accepted["job_id"])
+        assert job["status"] == "completed", job
+        (rec,) = job["streams"]
+
+        # B ran exactly one simulation, of that script; its video is what A recorded.
+        b_jobs = (await client_b.list_simulations())["jobs"]
+        assert len(b_jobs) == 1 and b_jobs[0]["status"] == "completed"
+        (b_rec,) = (await client_b.get_simulation(b_jobs[0]["job_id"]))["streams"]
+        assert rec["stream_id"] != b_rec["stream_id"] and rec["frame_count"] == b_rec["frame_count"] == 50
+        meta = a.app[RECORDINGS].get(rec["stream_id"])
+        assert (meta["world_model"], meta["upstream_stream_id"]) == ("hosted", b_rec["stream_id"])
+
+        async with aiohttp.ClientSession() as http:
+            async with http.get(rec["video_url"]) as r:
+                (tmp_path / "a.mp4").write_bytes(await r.read())
+            async with http.get(b_rec["video_url"]) as r:
+                (tmp_path / "b.mp4").write_bytes(await r.read())
+            async with http.get(rec["events_url"]) as r:
+                events = [json.loads(line) for line in (await r.text()).splitlines()]
+        packets = []
+        for name in ("a.mp4", "b.mp4"):
+            with av.open(str(tmp_path / name)) as container:
+                stream = container.streams.video[0]
+                assert stream.codec_context.name == "h264"
+                packets.append([bytes(p) for p in container.demux(stream) if p.size])
+        assert packets[0] == packets[1]  # the same encoded pictures: a copy, no second encode
+        assert [(e["type"], e.get("prompt"), e["offset_ms"]) for e in events] == [
+            ("stream_started", "a calm ocean at sunset", 0),
+            ("prompt_applied", "night falls over the sea", 1000),
+            ("stream_ended", None, 2000)]
+
+
+async def test_a_hosted_simulation_the_upstream_refuses_fails_with_its_reason(relay_factory, tmp_path, monkeypatch):
+    a, b = await start_pair(relay_factory, tmp_path, monkeypatch, upstream_key="not-a-key-of-b",
+                            a_simulations={"max_retries": 0})
+    async with RelayClient(a.url, API_KEY) as client:
+        accepted = await client.simulate([{"timestamp_ms": 0, "start": {"prompt": "a quiet field"}},
+                                          {"timestamp_ms": 1000, "end": {}}])
+
+        async def failed() -> bool:
+            return (await client.get_simulation(accepted["job_id"]))["status"] in ("failed", "completed")
+        await eventually(failed, timeout=30, what="A's simulation settled")
+        job = await client.get_simulation(accepted["job_id"])
+    assert job["status"] == "failed" and job["streams"] == []
+    assert "refused the relay's API key" in job["error_message"], job["error_message"]
+    assert a.app[RECORDINGS].list(None)[1] == 0  # nothing half-made is left listed
 
 
 async def test_a_hosted_relay_needs_its_key_variable_and_an_http_url(tmp_path, monkeypatch):

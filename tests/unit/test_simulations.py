@@ -250,6 +250,43 @@ def test_the_worker_renders_against_a_virtual_clock(tmp_path):
     assert simjob.frame_count(3000, 25) == 75 and simjob.frame_count(3001, 25) == 76
 
 
+def test_a_video_made_elsewhere_becomes_a_recording_in_any_codec(tmp_path):
+    # A hosted simulation's output: H.264 is copied packet for packet; another codec (VP8 here) is
+    # decoded and encoded once. Either way the recording is H.264 with the script's prompts.
+    import av
+    import numpy as np
+
+    script = validate_script([{"timestamp_ms": 0, "start": {"prompt": "forest"}},
+                              {"timestamp_ms": 1000, "interact": {"prompt": "snow"}},
+                              {"timestamp_ms": 2000, "end": {}}], 150)
+    simjob.record_script(script, store_dir=str(tmp_path / "h264"), stream_id="h", owner="o", width=64, height=48,
+                         fps=25, bitrate_kbps=300, keyframe_interval_seconds=1)
+    vp8 = tmp_path / "vp8.webm"
+    with av.open(str(vp8), "w") as container:
+        stream = container.add_stream("libvpx", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for i in range(50):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 96, 3), i * 5, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    sources = {"copied": tmp_path / "h264" / "recordings" / "h" / "video.mp4", "encoded": vp8}
+    for stream_id, source in sources.items():
+        result = simjob.import_video(str(source), script, store_dir=str(tmp_path), stream_id=stream_id, owner="o",
+                                     bitrate_kbps=300, keyframe_interval_seconds=1)
+        assert (result.status, result.frame_count, result.duration_seconds) == ("complete", 50, 2.0), stream_id
+        with av.open(str(tmp_path / "recordings" / stream_id / "video.mp4")) as container:
+            video = container.streams.video[0]
+            assert video.codec_context.name == "h264"
+            assert sum(1 for _ in container.decode(video)) == 50
+        events = [json.loads(x) for x in (tmp_path / "recordings" / stream_id / "events.jsonl").read_text().splitlines()]
+        assert [(e["type"], e["offset_ms"]) for e in events] == [
+            ("stream_started", 0), ("prompt_applied", 1000), ("stream_ended", 2000)]
+    assert RecordingStore(tmp_path).get("encoded")["width"] == 96
+    with av.open(str(sources["copied"])) as a, av.open(str(tmp_path / "recordings" / "copied" / "video.mp4")) as b:
+        assert [bytes(p) for p in a.demux(a.streams.video[0]) if p.size] == \
+            [bytes(p) for p in b.demux(b.streams.video[0]) if p.size]
+
+
 # ------------------------------------------------------------------------------ service on threads
 
 def _service(tmp_path, **simulations) -> Simulations:
