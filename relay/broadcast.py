@@ -25,6 +25,7 @@ from . import metrics
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
 from .errors import RelayError, invalid_request, not_found
+from .media.hls import HlsPublisher
 from .media.hub import FanoutHub
 from .media.pipeline import StreamPipeline
 from .media.recorder import StreamRecorder
@@ -144,6 +145,12 @@ class Broadcast:
                 self.low_hub.add_sink(self.low_fanout.publish)
             self.fanout = RtpFanout(self.hub.request_keyframe, on_sent=metrics.count_sent, lower=self.low_fanout)
             self.hub.add_sink(self.fanout.publish)
+        # Live HLS: one more reader of the hub's packets, for players and CDNs (nothing per viewer).
+        self.hls: HlsPublisher | None = None
+        if settings.media.hls and mode != "per-spectator":
+            self.hls = HlsPublisher(target_seconds=settings.media.keyframe_interval_seconds,
+                                    window=settings.media.hls_window_segments, fps=settings.world_model.fps)
+            self.hub.add_sink(self.hls.write)
         self.spectators: dict[str, Spectator] = {}
         self._channels: dict[str, EventChannel] = {}  # participant_id -> its one open socket
         self._participant_secret = secrets.token_bytes(16)  # signs resume tokens
@@ -221,6 +228,8 @@ class Broadcast:
                 connection_id=self.connection_id, broadcast_id=self.broadcast_id,
             )
             self.hub.add_sink(self._recorder.write)
+        if self.hls is not None:
+            self.hls.new_stream(width, height, fps)
         pipeline.start()
         self.emit({"type": "stream_started", "stream_id": stream_id, "prompt": prompt})
         return pipeline
@@ -458,6 +467,8 @@ class Broadcast:
             channel.close()
         self._channels.clear()
         self.hub.close()
+        if self.hls is not None:
+            self.hls.close()
         if self.low_hub is not None:
             self.low_hub.close()
         # A recording finishes even when its connection goes: wait for its files.

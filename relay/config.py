@@ -241,6 +241,10 @@ class MediaSettings:
     # does not force a low bitrate on everyone.
     low_layer: bool = False
     low_layer_bitrate_kbps: int = option(500, min=50, max=50000)
+    # A live HLS rendition of each broadcast (hls_url): the same packets cut into MPEG-TS segments
+    # at keyframes, for players and CDNs; no encode, nothing per viewer. Not in per-spectator mode.
+    hls: bool = True
+    hls_window_segments: int = option(6, min=2, max=60)
 
 
 def _blocked_words(key: str, value: Any) -> tuple[str, ...]:

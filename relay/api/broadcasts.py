@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+from urllib.parse import quote
 
 from aiohttp import WSMsgType, web
 
 from ..auth import check_spectator, is_api_key
 from ..broadcast import Broadcast
-from ..errors import unsupported_media_type
+from ..errors import RelayError, unsupported_media_type
 from .common import API_KEYS, SESSIONS, SETTINGS, json_response, token_of
 
 # The events socket's close code when the same participant resumed on a newer socket: the
@@ -95,6 +96,36 @@ def _check_optional_token(request: web.Request, broadcast: Broadcast) -> None:
     # that repeat their token must still repeat a right one (a spectator's or the host's).
     if token_of(request) is not None and not _host_preview(request, broadcast):
         check_spectator(token_of(request), broadcast.spectator_token)
+
+
+# -- live HLS ----------------------------------------------------------------------------------
+
+def _hls(request: web.Request):
+    broadcast = spectator_broadcast(request)
+    if broadcast.hls is None:
+        raise RelayError("NOT_FOUND", 404, "This relay offers no HLS rendition ([media] hls is off, or the "
+                         "mode is per-spectator).", action="Watch over WebRTC (whep_url).")
+    return broadcast.hls
+
+
+@routes.get("/v1/broadcasts/{broadcast_id}/hls/index.m3u8")
+async def hls_playlist(request: web.Request) -> web.Response:
+    hls = _hls(request)
+    token = request.query.get("token")
+    query = f"?token={quote(token, safe='')}" if token else ""  # players carry only the URL they were given
+    return web.Response(text=hls.playlist(query), content_type="application/vnd.apple.mpegurl",
+                        headers={"Cache-Control": "no-cache"})
+
+
+@routes.get(r"/v1/broadcasts/{broadcast_id}/hls/{sequence:\d{1,12}}.ts")
+async def hls_segment(request: web.Request) -> web.Response:
+    segment = _hls(request).segment(int(request.match_info["sequence"]))
+    if segment is None:
+        raise RelayError("NOT_FOUND", 404, f"No HLS segment {request.match_info['sequence']}: it is not "
+                         "made yet or has left the live window.", action="Read the playlist again.")
+    # A segment never changes once listed: caches (a CDN in front of the relay) may keep it.
+    return web.Response(body=segment.data, content_type="video/mp2t",
+                        headers={"Cache-Control": "public, max-age=60, immutable"})
 
 
 @routes.get("/v1/broadcasts/{broadcast_id}/events")

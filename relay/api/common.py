@@ -72,7 +72,8 @@ def broadcast_info(request: web.Request, conn: Connection) -> dict[str, Any]:
         "watch_url": f"{base}/watch/{b.broadcast_id}?token={b.spectator_token}",
         "webrtc_url": webrtc_url,
         "whep_url": f"{webrtc_url}/whep",
-        "hls_url": None,
+        # Like watch_url, ready to paste into any player: the token rides along (and on to the segments).
+        "hls_url": f"{webrtc_url}/hls/index.m3u8?token={b.spectator_token}" if b.hls is not None else None,
         "spectator_token": b.spectator_token,
     }
 

@@ -41,7 +41,7 @@ async def test_connection_shape_and_state(relay, http):
     assert b["webrtc_url"] == f"{relay.url}/v1/broadcasts/{b['broadcast_id']}"
     assert b["whep_url"] == b["webrtc_url"] + "/whep"
     assert b["watch_url"] == f"{relay.url}/watch/{b['broadcast_id']}?token={b['spectator_token']}"
-    assert b["hls_url"] is None
+    assert b["hls_url"] == f"{b['webrtc_url']}/hls/index.m3u8?token={b['spectator_token']}"
     assert conn["control_url"].startswith("ws://")
     async with http.get(f"{relay.url}/v1/connections/{conn['connection_id']}", headers=auth()) as r:
         state = await r.json()

@@ -172,7 +172,8 @@ async def test_the_sdk_sequence_streams_interacts_broadcasts_and_ends(relay_fact
     stream_id = await client.start_stream("a calm ocean at sunset", broadcast=True)
     ready = await client.expect(protocol.BROADCAST_READY)
     assert ready["webrtc_url"] == f"{relay.url}/v1/broadcasts/{conn.broadcast.broadcast_id}"
-    assert ready["spectator_token"] == conn.broadcast.spectator_token and ready["broadcast_url"] is None
+    assert ready["spectator_token"] == conn.broadcast.spectator_token
+    assert ready["broadcast_url"] == f"{ready['webrtc_url']}/hls/index.m3u8?token={ready['spectator_token']}"  # hlsUrl
     stream = relay.sessions.stream(stream_id)
     assert stream.live and stream.prompt == "a calm ocean at sunset"
 

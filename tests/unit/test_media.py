@@ -7,7 +7,7 @@ import fractions
 import av
 import numpy as np
 
-from relay.media.encoder import H264Encoder
+from relay.media.encoder import VIDEO_TIME_BASE, H264Encoder
 from relay.media.hub import FanoutHub
 from relay.media.pipeline import KEYFRAME_MIN_INTERVAL, StreamPipeline
 from relay.media.rtp_fanout import HISTORY, RtpFanout
@@ -94,3 +94,36 @@ def test_rtp_history_serves_nacks_by_sequence_number():
     assert fanout.lookup((total + 5) & 0xFFFF) is None  # not sent yet
     if total > HISTORY:
         assert fanout.lookup(0) is None  # fell out of the history
+
+
+def test_hls_segments_start_on_keyframes_and_count_discontinuities_that_leave():
+    from relay.media.hls import HlsPublisher
+
+    encoder = H264Encoder(64, 48, 25, 300, 1.0, preset="ultrafast")
+    hls = HlsPublisher(target_seconds=1.0, window=2, fps=25)
+    hls.new_stream(64, 48, 25)
+    pts = 0
+
+    def feed(frames: int, first_keyframe: bool = True) -> None:
+        nonlocal pts
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, VIDEO_TIME_BASE
+            for packet in encoder.encode(frame, force_keyframe=first_keyframe and i == 0):
+                hls.write(packet, packet.is_keyframe)
+            pts += 3600
+
+    feed(60)  # keyframes at 0, 25, 50: two whole segments, a third open
+    assert [hls.segment(n).duration for n in (0, 1)] == [1.0, 1.0] and hls.segment(2) is None
+    hls.new_stream(64, 48, 25)  # cuts the open one; the next stream's first segment is marked
+    feed(50)
+    assert hls.segment(3).discontinuity and not hls.segment(2).discontinuity
+    playlist = hls.playlist()
+    assert "#EXT-X-MEDIA-SEQUENCE:2" in playlist and "#EXT-X-DISCONTINUITY-SEQUENCE:0" in playlist
+    assert playlist.count("#EXT-X-DISCONTINUITY\n") == 1
+    feed(100)  # the marked segment leaves the window: the sequence counts it
+    playlist = hls.playlist()
+    assert "#EXT-X-DISCONTINUITY\n" not in playlist and "#EXT-X-DISCONTINUITY-SEQUENCE:1" in playlist
+    assert hls.segments <= 2 + 3
+    hls.close()
+    assert hls.segments == 0
