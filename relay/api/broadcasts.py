@@ -17,6 +17,7 @@ from .common import API_KEYS, SESSIONS, SETTINGS, json_response, token_of
 # The events socket's close code when the same participant resumed on a newer socket: the
 # page that gets it should not resume again (two tabs would take turns replacing each other).
 REPLACED_CLOSE_CODE = 4001
+HLS_FIRST_WAIT_SEGMENTS = 4  # segment durations an early playlist request may be held
 
 routes = web.RouteTableDef()
 
@@ -111,6 +112,9 @@ def _hls(request: web.Request):
 @routes.get("/v1/broadcasts/{broadcast_id}/hls/index.m3u8")
 async def hls_playlist(request: web.Request) -> web.Response:
     hls = _hls(request)
+    # Early in the broadcast's first stream, hold the request (bounded) until the playlist lists
+    # enough segments for a player to start, rather than answer an (almost) empty one.
+    await hls.wait_for_segments(HLS_FIRST_WAIT_SEGMENTS * hls.target_ticks / 90000 + 1.0)
     token = request.query.get("token")
     query = f"?token={quote(token, safe='')}" if token else ""  # players carry only the URL they were given
     return web.Response(text=hls.playlist(query), content_type="application/vnd.apple.mpegurl",

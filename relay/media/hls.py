@@ -2,8 +2,8 @@
 
 WebRTC costs the relay a little per spectator; HLS costs it nothing per viewer: the same
 H.264 packets, already encoded once, are muxed into MPEG-TS segments cut at keyframes, and a
-sliding playlist names the last few: plain HLS v3 that ffmpeg's player follows (the tests use it),
-which a CDN in front of the relay can serve to an audience of any size. The price is latency:
+sliding playlist names the last few: plain HLS v3 that Chromium's <video> and ffmpeg's player
+follow (the tests use both), which a CDN in front of the relay can serve to any audience. The price is latency:
 about three segments (a few seconds) behind the WebRTC spectators.
 
 - A segment starts on a keyframe (every keyframe carries SPS/PPS) and is cut at the first
@@ -20,6 +20,7 @@ it runs on the event loop like the RTP fan-out.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
 from collections import deque
@@ -32,6 +33,9 @@ from .encoder import VIDEO_TIME_BASE
 
 CLOCK_RATE = 90000
 KEEP_AFTER_WINDOW = 3  # segments that left the playlist but may still be fetched
+# The first playlist is held until it lists this many: a live client starts about three target
+# durations from the end (RFC 8216 6.3.3), and Chromium's built-in HLS gives up on fewer.
+MIN_SEGMENTS = 3
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class HlsPublisher:
         self._first_pts = 0
         self._last_pts = 0
         self._size: tuple[int, int] = (0, 0)
+        self._startable = asyncio.Event()
         self.closed = False
 
     # -- hub side ------------------------------------------------------------------------
@@ -97,6 +102,7 @@ class HlsPublisher:
         self.closed = True
         self._drop_segment()
         self._segments.clear()
+        self._startable.set()  # nobody waits on a broadcast that is gone
 
     # -- HTTP side -----------------------------------------------------------------------
 
@@ -119,6 +125,16 @@ class HlsPublisher:
             lines.append(f"#EXTINF:{segment.duration:.3f},")
             lines.append(f"{segment.sequence}.ts{segment_query}")
         return "\n".join(lines) + "\n"
+
+    async def wait_for_segments(self, timeout: float) -> None:
+        """Until the first MIN_SEGMENTS segments exist (at most ``timeout`` s): a playlist with fewer
+        is valid HLS, but players (Chromium's built-in one) give up on it instead of reloading."""
+        if not self._startable.is_set() and not self.closed:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._startable.wait()
+            except TimeoutError:
+                pass
 
     def segment(self, sequence: int) -> Segment | None:
         for segment in self._segments:
@@ -154,6 +170,8 @@ class HlsPublisher:
         self._segments.append(Segment(self._next_sequence, duration, buffer.getvalue(), self._discontinuity_pending))
         self._next_sequence += 1
         self._discontinuity_pending = False
+        if len(self._segments) >= MIN_SEGMENTS:
+            self._startable.set()
         while len(self._segments) > self.window + KEEP_AFTER_WINDOW:
             if self._segments.popleft().discontinuity:
                 self._discontinuities += 1

@@ -409,3 +409,14 @@ async def test_host_console_reconnects_its_control_channel_after_the_first_token
                          what="a stream started over the reopened channel")
     finally:
         await link.close()
+
+
+async def test_chromium_plays_the_hls_url_in_a_plain_video_element(relay_factory, open_page):
+    # Asked for the moment the stream starts: the relay holds the first playlist until it lists
+    # three segments (with fewer, Chromium's built-in HLS gives up: DEMUXER_ERROR_COULD_NOT_PARSE).
+    relay = await relay_factory(limits=LONG, media={"keyframe_interval_seconds": 0.5})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        await conn.start_stream("a calm ocean at sunset")
+        page = await open_page(f"{relay.url}/healthz")  # any page of the relay's origin
+        await page.set_content(f'<video id="video" muted autoplay playsinline src="{conn.broadcast["hls_url"]}"></video>')
+        await assert_playing(page)
