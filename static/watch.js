@@ -1,7 +1,9 @@
 // watch.js: the spectator page, /watch/{broadcast_id}?token=...
 //
 // Two independent feeds drive the page:
-//   * media: a WhepPlayer keeps the <video> playing and reconnects on drops;
+//   * media: a WhepPlayer keeps the <video> playing and reconnects on drops; if
+//     WebRTC never gets through (a network that blocks UDP: the relay offers no
+//     TURN), the page falls back to the broadcast's HLS rendition;
 //   * state: the broadcast's events WebSocket (live, prompt, viewers), with GET
 //     polling every 3 s whenever the socket is not open.
 // render() folds both into the badge; nothing user-supplied is ever set as HTML.
@@ -34,7 +36,8 @@ const base = `/v1/broadcasts/${encodeURIComponent(broadcastId)}`;
 
 // Everything the badge depends on. `live` is null until the relay has told us.
 const state = {
-  media: 'connecting',  // WhepPlayer state
+  media: 'connecting',  // WhepPlayer state, or 'hls' once the page fell back to HLS
+  webrtcWorked: false,  // WebRTC connected at least once: its own reconnects handle drops
   mediaMessage: '',
   live: null,
   streamId: null,
@@ -56,6 +59,7 @@ const BADGES = {
 
 function badgeState() {
   if (state.fatal) return state.fatalEnded ? 'ended' : 'error';
+  if (state.media === 'hls') return state.live ? 'live' : state.endedSeen ? 'ended' : 'waiting';
   if (state.media === 'reconnecting') return 'reconnecting';
   if (state.media !== 'connected') return 'connecting';
   // Connected. Trust the relay's live flag; before it has spoken, frames are the evidence.
@@ -78,7 +82,7 @@ function render() {
   const key = badgeState();
   els.state.dataset.state = key;
   els.state.textContent = BADGES[key];
-  const picture = Boolean(els.video.srcObject) && els.video.videoWidth > 0;
+  const picture = Boolean(els.video.srcObject || state.media === 'hls') && els.video.videoWidth > 0;
   els.stageNote.hidden = picture;
   els.stageNote.textContent = STAGE_NOTES[key];
   // A broken link has no audience or prompt to show; "0 watching" would be a guess.
@@ -276,6 +280,7 @@ function fail(message, status = 0) {
   state.fatalEnded = status === 404 && state.seen;
   state.fatal = spectatorMessage(status, message, state.fatalEnded);
   player.stop();
+  stopHls();
   stopEvents();
   render();
 }
@@ -292,7 +297,11 @@ const player = new WhepPlayer({
       fail(error?.message || message, error?.status ?? 0);
       return;
     }
-    if (media === 'connected') state.seen = true;
+    if (state.media === 'hls') return;
+    if (media === 'connected') {
+      state.seen = true;
+      state.webrtcWorked = true;
+    }
     state.media = media;
     state.mediaMessage = retryInMs ? `${message} Retrying in ${Math.ceil(retryInMs / 1000)} s…` : '';
     render();
@@ -323,6 +332,60 @@ els.video.addEventListener('resize', fitStage);
 els.video.addEventListener('emptied', render);
 els.video.addEventListener('playing', render); // before the relay says whether it is live, frames decide
 
+// ---------- HLS fallback ----------
+// WebRTC needs UDP between the browser and the relay, and some networks (offices, hotels) block
+// it. When no WebRTC connection has come up HLS_FALLBACK_MS after joining while the host is live,
+// and the browser plays HLS itself, the page switches to the broadcast's HLS rendition (the same
+// stream, a few seconds behind) and says so. A reload tries WebRTC again.
+const HLS_FALLBACK_MS = 8000;
+const HLS_RETRY_MS = 3000;
+const hlsUrl = `${base}/hls/index.m3u8?token=${encodeURIComponent(token)}`;
+const canPlayHls = els.video.canPlayType('application/vnd.apple.mpegurl') !== '';
+let fallbackTimer = null;
+let hlsRetryTimer = null;
+
+function armFallback() {
+  clearTimeout(fallbackTimer);
+  if (canPlayHls) fallbackTimer = setTimeout(maybeFallBack, HLS_FALLBACK_MS);
+}
+
+function maybeFallBack() {
+  if (state.fatal || state.media === 'hls' || state.webrtcWorked || events.stopped) return;
+  if (state.live !== true) {
+    armFallback(); // nothing to play over either path yet: look again later
+    return;
+  }
+  player.stop();
+  state.media = 'hls';
+  state.mediaMessage = 'This network does not let the live (WebRTC) connection through: playing over HLS, a few seconds behind.';
+  playHls();
+  render();
+}
+
+function playHls() {
+  clearTimeout(hlsRetryTimer);
+  els.video.srcObject = null;
+  els.video.src = hlsUrl;
+  els.video.play().catch(() => {});
+}
+
+function stopHls() {
+  clearTimeout(fallbackTimer);
+  clearTimeout(hlsRetryTimer);
+  if (state.media === 'hls') {
+    els.video.pause();
+    els.video.removeAttribute('src');
+    els.video.load();
+  }
+}
+
+// The HLS player gives up on a gap (a long pause between streams); start it again.
+els.video.addEventListener('error', () => {
+  if (state.media !== 'hls' || state.fatal) return;
+  clearTimeout(hlsRetryTimer);
+  hlsRetryTimer = setTimeout(playHls, HLS_RETRY_MS);
+});
+
 // ---------- lifecycle ----------
 
 function start() {
@@ -333,7 +396,12 @@ function start() {
   state.fatal = null;
   state.fatalEnded = false;
   events.stopped = false;
-  player.start();
+  if (state.media === 'hls') {
+    playHls();
+  } else {
+    player.start();
+    armFallback();
+  }
   openEvents();
   poll(); // first paint of live/prompt/viewers without waiting for the socket's hello
   render();
@@ -343,6 +411,8 @@ function start() {
 // restored from the back/forward cache, join again.
 window.addEventListener('pagehide', () => {
   player.stop({ keepalive: true });
+  clearTimeout(fallbackTimer);
+  clearTimeout(hlsRetryTimer);
   stopEvents();
 });
 window.addEventListener('pageshow', (e) => {

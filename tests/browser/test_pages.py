@@ -420,3 +420,35 @@ async def test_chromium_plays_the_hls_url_in_a_plain_video_element(relay_factory
         page = await open_page(f"{relay.url}/healthz")  # any page of the relay's origin
         await page.set_content(f'<video id="video" muted autoplay playsinline src="{conn.broadcast["hls_url"]}"></video>')
         await assert_playing(page)
+
+
+async def test_watch_page_falls_back_to_hls_where_udp_is_blocked(relay_factory):
+    # Chromium told to use no UDP for WebRTC (and there is no proxy to use instead): as on a
+    # network that blocks UDP, WHEP answers but ICE never connects. The page switches to HLS
+    # after 8 s and says so.
+    from playwright.async_api import async_playwright
+
+    from tests.browser.conftest import CHROMIUM_ARGS
+
+    relay = await relay_factory(limits=LONG, media={"keyframe_interval_seconds": 0.5})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        await conn.start_stream("a calm ocean at sunset")
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(
+                executable_path=CHROMIUM, headless=True,
+                args=[a for a in CHROMIUM_ARGS if a != "--allow-loopback-in-peer-connection"]
+                + ["--webrtc-ip-handling-policy=disable_non_proxied_udp"])
+            try:
+                page = await browser.new_page(viewport=DESKTOP)
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                await page.goto(conn.broadcast["watch_url"])
+                await expect(page.locator("#message")).to_contain_text("playing over HLS", timeout=20_000)
+                await assert_playing(page)
+                await expect_badge(page, "live", "Live")
+                assert await page.evaluate("document.getElementById('video').src.includes('/hls/index.m3u8')")
+                broadcast = relay.sessions.broadcast(conn.broadcast["broadcast_id"])
+                await eventually(lambda: broadcast.spectators == {}, what="the failed WebRTC attempt gone")
+                assert not errors, errors
+            finally:
+                await browser.close()
