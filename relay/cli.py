@@ -118,6 +118,8 @@ async def serve_forever(settings: Settings, generated_key: str | None, demo: boo
         demo_host = DemoHost(app[SESSIONS], settings.auth.api_keys[0])
         watch_path = await demo_host.open()
         print(f"  demo watch URL: {base}{watch_path}", flush=True)
+        if demo_host.hls_path is not None:
+            print(f"  demo HLS URL:   {base}{demo_host.hls_path}", flush=True)
         demo_task = asyncio.create_task(demo_host.run(), name="relay-demo")
     try:
         await stop.wait()

@@ -38,6 +38,14 @@ class DemoHost:
         b = conn.broadcast
         return f"/watch/{b.broadcast_id}?token={b.spectator_token}"
 
+    @property
+    def hls_path(self) -> str | None:
+        """The demo broadcast's live HLS playlist path (with its token), if HLS is on."""
+        b = self._conn.broadcast if self._conn is not None else None
+        if b is None or b.hls is None:
+            return None
+        return f"/v1/broadcasts/{b.broadcast_id}/hls/index.m3u8?token={b.spectator_token}"
+
     async def run(self) -> None:
         """Stream for as long as the server runs; a connection that reaches connection_max_seconds
         is replaced by a new one (with a new watch URL, logged)."""

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 
+import aiohttp
 import pytest
 
 from relay.client import Spectator
@@ -53,8 +54,8 @@ async def test_demo_serves_a_live_watch_url(tmp_path):
     proc = await run_relay("serve", "--demo", "--config", str(config), env={"RELAY_API_KEY": ""})
     try:
         lines = []
-        watch = key = None
-        while watch is None:
+        watch = key = hls = None
+        while hls is None:
             line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
             assert line, "serve exited early: " + (await proc.stderr.read()).decode()
             lines.append(line)
@@ -62,11 +63,15 @@ async def test_demo_serves_a_live_watch_url(tmp_path):
                 key = m.group(1)
             if m := re.search(r"demo watch URL: (\S+)", line):
                 watch = m.group(1)
-        assert key, lines  # no key configured: serve made one and printed it
+            if m := re.search(r"demo HLS URL: +(\S+)", line):
+                hls = m.group(1)
+        assert key and watch, lines  # no key configured: serve made one and printed it
         base, broadcast_id, token = re.match(r"(http://[^/]+)/watch/([^?]+)\?token=(.+)", watch).groups()
         async with Spectator(f"{base}/v1/broadcasts/{broadcast_id}/whep", token) as viewer:
             frame = await asyncio.wait_for(viewer.track.recv(), 15)
             assert (frame.width, frame.height) == (320, 176)
+        async with aiohttp.ClientSession() as http, http.get(hls) as r:  # held until 3 segments exist
+            assert r.status == 200 and (await r.text()).count("#EXTINF") >= 3
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 15)
