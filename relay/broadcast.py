@@ -240,6 +240,8 @@ class Broadcast:
             return
         stream_id = self.stream_id
         await pipeline.close()
+        if self.hls is not None:
+            self.hls.end_stream()
         self.emit({"type": "stream_ended", "stream_id": stream_id, "reason": reason})
         recorder, self._recorder = self._recorder, None
         if recorder is not None:

@@ -74,6 +74,10 @@ class HlsPublisher:
         self._frame_ticks = CLOCK_RATE // max(1, fps)
         self._discontinuity_pending = self._next_sequence > 0
 
+    def end_stream(self) -> None:
+        """The stream ended: publish its last (short) segment now rather than when the next starts."""
+        self._finish_segment()
+
     def write(self, packet: Any, keyframe: bool) -> None:
         """A hub sink: takes each published packet; never blocks, never raises into the hub."""
         if self.closed or not isinstance(packet, av.Packet) or packet.pts is None:

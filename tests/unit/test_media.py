@@ -115,6 +115,8 @@ def test_hls_segments_start_on_keyframes_and_count_discontinuities_that_leave():
 
     feed(60)  # keyframes at 0, 25, 50: two whole segments, a third open
     assert [hls.segment(n).duration for n in (0, 1)] == [1.0, 1.0] and hls.segment(2) is None
+    hls.end_stream()  # the stream's tail is published at once, not when the next one starts
+    assert hls.segment(2).duration == 0.4
     hls.new_stream(64, 48, 25)  # cuts the open one; the next stream's first segment is marked
     feed(50)
     assert hls.segment(3).discontinuity and not hls.segment(2).discontinuity
