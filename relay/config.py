@@ -244,7 +244,7 @@ class MediaSettings:
     # A live HLS rendition of each broadcast (hls_url): the same packets cut into MPEG-TS segments
     # at keyframes, for players and CDNs; no encode, nothing per viewer. Not in per-spectator mode.
     hls: bool = True
-    hls_window_segments: int = option(6, min=2, max=60)
+    hls_window_segments: int = option(6, min=3, max=60)
 
 
 def _blocked_words(key: str, value: Any) -> tuple[str, ...]:

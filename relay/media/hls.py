@@ -7,12 +7,16 @@ follow (the tests use both), which a CDN in front of the relay can serve to any 
 about three segments (a few seconds) behind the WebRTC spectators.
 
 - A segment starts on a keyframe (every keyframe carries SPS/PPS) and is cut at the first
-  keyframe at least ``target_seconds`` after its start; forced keyframes in between (a WebRTC
-  spectator joining) do not make short segments.
+  keyframe at least half of ``target_seconds`` (the keyframe interval) after its start. The
+  periodic keyframes cut every interval; a forced one (a WebRTC spectator joining) cuts only
+  if the segment is already half long, else the next periodic one (an interval after the
+  forced keyframe: x264 restarts its count) does. So a segment never exceeds 1.5 intervals,
+  and ``#EXT-X-TARGETDURATION`` is that bound, fixed, as RFC 8216 requires.
 - Timestamps are the hub's broadcast clock, continuous across streams; a new stream is still
   marked ``#EXT-X-DISCONTINUITY`` (its size may differ: portrait, another source).
-- Memory is bounded: the playlist lists ``window`` segments and a few older ones stay
-  fetchable for players that read the playlist just before it moved on.
+- Memory is bounded: the playlist lists at least ``window`` segments and at least three target
+  durations of them (RFC 8216 6.2.2), and a few older ones stay fetchable for players that read
+  the playlist just before it moved on.
 
 Muxing is a per-packet append into an in-memory MPEG-TS container (microseconds; no encode), so
 it runs on the event loop like the RTP fan-out.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -31,8 +36,11 @@ import av
 
 from .encoder import VIDEO_TIME_BASE
 
+log = logging.getLogger(__name__)
+
 CLOCK_RATE = 90000
 KEEP_AFTER_WINDOW = 3  # segments that left the playlist but may still be fetched
+MAX_LISTED = 60  # however short forced keyframes make segments, the playlist stops here
 # The first playlist is held until it lists this many: a live client starts about three target
 # durations from the end (RFC 8216 6.3.3), and Chromium's built-in HLS gives up on fewer.
 MIN_SEGMENTS = 3
@@ -49,6 +57,8 @@ class Segment:
 class HlsPublisher:
     def __init__(self, *, target_seconds: float, window: int = 6, fps: int = 25) -> None:
         self.target_ticks = round(max(0.5, target_seconds) * CLOCK_RATE)
+        # Fixed for the playlist's life: the longest a segment can be (see the module notes).
+        self.target_duration = max(1, math.ceil(1.5 * self.target_ticks / CLOCK_RATE))
         self.window = window
         self._frame_ticks = CLOCK_RATE // max(1, fps)
         self._segments: deque[Segment] = deque()
@@ -79,12 +89,18 @@ class HlsPublisher:
         self._finish_segment()
 
     def write(self, packet: Any, keyframe: bool) -> None:
-        """A hub sink: takes each published packet; never blocks, never raises into the hub."""
+        """A hub sink: takes each published packet; never blocks, never raises into the hub (which
+        feeds every spectator): anything wrong loses this segment, never the broadcast."""
         if self.closed or not isinstance(packet, av.Packet) or packet.pts is None:
             return
-        pts = int(packet.pts)
-        # A keyframe up to one frame early still cuts: the encoder's GOP is a whole number of frames.
-        if self._container is not None and keyframe and pts - self._first_pts >= self.target_ticks - self._frame_ticks:
+        try:
+            self._write(packet, int(packet.pts), keyframe)
+        except Exception:
+            log.exception("HLS: a segment was dropped")
+            self._drop_segment()
+
+    def _write(self, packet: av.Packet, pts: int, keyframe: bool) -> None:
+        if self._container is not None and keyframe and 2 * (pts - self._first_pts) >= self.target_ticks:
             self._finish_segment()
         if self._container is None:
             if not keyframe:
@@ -95,11 +111,7 @@ class HlsPublisher:
         out.time_base = VIDEO_TIME_BASE
         out.is_keyframe = keyframe
         out.stream = self._stream
-        try:
-            self._container.mux(out)
-        except av.error.FFmpegError:
-            self._drop_segment()  # an odd packet loses this segment, never the broadcast
-            return
+        self._container.mux(out)
         self._last_pts = pts
 
     def close(self) -> None:
@@ -112,14 +124,15 @@ class HlsPublisher:
 
     def playlist(self, segment_query: str = "") -> str:
         """The live media playlist; each segment URI carries ``segment_query`` (the token)."""
-        listed = list(self._segments)[-self.window:]
-        skipped = list(self._segments)[: len(self._segments) - len(listed)]
+        stored = list(self._segments)
+        count = self._listed()
+        listed = stored[len(stored) - count:]
+        skipped = stored[: len(stored) - count]
         discontinuity_sequence = self._discontinuities + sum(s.discontinuity for s in skipped)
-        target = max([math.ceil(s.duration) for s in listed] or [math.ceil(self.target_ticks / CLOCK_RATE)])
         lines = [
             "#EXTM3U",
             "#EXT-X-VERSION:3",
-            f"#EXT-X-TARGETDURATION:{target}",
+            f"#EXT-X-TARGETDURATION:{self.target_duration}",
             f"#EXT-X-MEDIA-SEQUENCE:{listed[0].sequence if listed else self._next_sequence}",
             f"#EXT-X-DISCONTINUITY-SEQUENCE:{discontinuity_sequence}",
         ]
@@ -176,9 +189,23 @@ class HlsPublisher:
         self._discontinuity_pending = False
         if len(self._segments) >= MIN_SEGMENTS:
             self._startable.set()
-        while len(self._segments) > self.window + KEEP_AFTER_WINDOW:
+        while len(self._segments) > self._keep():
             if self._segments.popleft().discontinuity:
                 self._discontinuities += 1
+
+    def _listed(self) -> int:
+        """How many of the newest segments the playlist lists: at least ``window`` of them and at
+        least three target durations' worth (RFC 8216 6.2.2), at most MAX_LISTED."""
+        count, seconds = 0, 0.0
+        for segment in reversed(self._segments):
+            if count >= MAX_LISTED or (count >= self.window and seconds >= 3 * self.target_duration):
+                break
+            count += 1
+            seconds += segment.duration
+        return count
+
+    def _keep(self) -> int:
+        return self._listed() + KEEP_AFTER_WINDOW
 
     def _drop_segment(self) -> None:
         container, self._container, self._stream, self._buffer = self._container, None, None, None

@@ -130,7 +130,7 @@ async def test_ffmpegs_hls_player_follows_the_live_playlist(relay_factory, http)
 
 
 async def test_hls_refuses_bad_tokens_unknown_ids_and_old_segments(relay_factory, http):
-    relay = await relay_factory(limits=LONG, media={**FAST, "hls_window_segments": 2})
+    relay = await relay_factory(limits=LONG, media={**FAST, "hls_window_segments": 3})
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
         b = conn.broadcast
         base = f"{b['webrtc_url']}/hls"
@@ -144,13 +144,15 @@ async def test_hls_refuses_bad_tokens_unknown_ids_and_old_segments(relay_factory
             error = (await r.json())["error"]
             assert r.status == 404 and "Read the playlist again" in error["action"]
 
-        # Memory stays bounded: the window (2) and a few older segments, however long it runs.
+        # Memory stays bounded: what the playlist lists (3 target durations of 1 s: about seven
+        # half-second segments) and three older ones, however long it runs.
         hls = relay.sessions.broadcast(b["broadcast_id"]).hls
-        await eventually(lambda: hls.segment(6) is not None, timeout=20, what="seven segments made")
-        assert hls.segments <= 2 + 3 and hls.segment(0) is None
+        await eventually(lambda: hls.segment(12) is not None, timeout=20, what="thirteen segments made")
+        segments = listed(await text(http, b["hls_url"]))
+        assert 3 <= sum(d for d, _ in segments) < 3 + 1 and hls.segments <= len(segments) + 3 + 1
+        assert hls.segment(0) is None
         async with http.get(f"{base}/0.ts?token={b['spectator_token']}") as r:
             assert r.status == 404
-        assert len(listed(await text(http, b["hls_url"]))) == 2
 
 
 async def test_without_hls_there_is_no_hls_url(relay_factory, http):

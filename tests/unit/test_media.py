@@ -96,36 +96,40 @@ def test_rtp_history_serves_nacks_by_sequence_number():
         assert fanout.lookup(0) is None  # fell out of the history
 
 
-def test_hls_segments_start_on_keyframes_and_count_discontinuities_that_leave():
+def test_hls_segments_cut_at_keyframes_within_a_fixed_target_and_count_discontinuities():
     from relay.media.hls import HlsPublisher
 
-    encoder = H264Encoder(64, 48, 25, 300, 1.0, preset="ultrafast")
-    hls = HlsPublisher(target_seconds=1.0, window=2, fps=25)
+    encoder = H264Encoder(64, 48, 25, 300, 1.0, preset="ultrafast")  # a keyframe every 25 frames
+    hls = HlsPublisher(target_seconds=1.0, window=3, fps=25)
+    assert hls.target_duration == 2  # 1.5 intervals, rounded up: the longest a segment can be
     hls.new_stream(64, 48, 25)
     pts = 0
 
-    def feed(frames: int, first_keyframe: bool = True) -> None:
+    def feed(frames: int, forced: set[int]) -> None:
         nonlocal pts
         for i in range(frames):
             frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i, np.uint8), format="rgb24")
             frame.pts, frame.time_base = pts, VIDEO_TIME_BASE
-            for packet in encoder.encode(frame, force_keyframe=first_keyframe and i == 0):
+            for packet in encoder.encode(frame, force_keyframe=i in forced):
                 hls.write(packet, packet.is_keyframe)
             pts += 3600
 
-    feed(60)  # keyframes at 0, 25, 50: two whole segments, a third open
-    assert [hls.segment(n).duration for n in (0, 1)] == [1.0, 1.0] and hls.segment(2) is None
+    # Keyframes at 0, 25, 30 (forced: under half a segment in, no cut), 40 (forced: cuts),
+    # then x264 counts from there: 65, 90.
+    feed(100, forced={0, 30, 40})
+    assert [hls.segment(n).duration for n in range(4)] == [1.0, 0.6, 1.0, 1.0] and hls.segment(4) is None
     hls.end_stream()  # the stream's tail is published at once, not when the next one starts
-    assert hls.segment(2).duration == 0.4
-    hls.new_stream(64, 48, 25)  # cuts the open one; the next stream's first segment is marked
-    feed(50)
-    assert hls.segment(3).discontinuity and not hls.segment(2).discontinuity
+    assert hls.segment(4).duration == 0.4
+    hls.new_stream(64, 48, 25)  # the next stream's first segment is marked
+    feed(50, forced={0})
+    assert hls.segment(5).discontinuity and not hls.segment(4).discontinuity
+    playlist = hls.playlist("?token=t")
+    assert "#EXT-X-TARGETDURATION:2\n" in playlist and "#EXT-X-MEDIA-SEQUENCE:0\n" in playlist
+    assert playlist.count("#EXT-X-DISCONTINUITY\n") == 1 and "\n5.ts?token=t\n" in playlist
+    feed(200, forced=set())  # 8 s more: the marked segment leaves; 6 s (3 targets) stay listed
     playlist = hls.playlist()
-    assert "#EXT-X-MEDIA-SEQUENCE:2" in playlist and "#EXT-X-DISCONTINUITY-SEQUENCE:0" in playlist
-    assert playlist.count("#EXT-X-DISCONTINUITY\n") == 1
-    feed(100)  # the marked segment leaves the window: the sequence counts it
-    playlist = hls.playlist()
-    assert "#EXT-X-DISCONTINUITY\n" not in playlist and "#EXT-X-DISCONTINUITY-SEQUENCE:1" in playlist
-    assert hls.segments <= 2 + 3
+    assert "#EXT-X-DISCONTINUITY\n" not in playlist and "#EXT-X-DISCONTINUITY-SEQUENCE:1\n" in playlist
+    assert "#EXT-X-TARGETDURATION:2\n" in playlist and playlist.count("#EXTINF:1.000,") == 6
+    assert hls.segments == 6 + 3
     hls.close()
     assert hls.segments == 0
