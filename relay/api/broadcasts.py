@@ -178,10 +178,12 @@ async def _pump(ws: web.WebSocketResponse, channel) -> None:
     while True:
         event = await channel.queue.get()
         if event is None or channel.overflowed:
-            if channel.overflowed:
-                await ws.close(code=1008, message=b"too slow")
-            elif channel.replaced:  # the same participant opened a newer socket
+            # Replaced first: a replaced socket that was also behind must still say "replaced",
+            # or its page would resume the same identity and the two would take turns.
+            if channel.replaced:  # the same participant opened a newer socket
                 await ws.close(code=REPLACED_CLOSE_CODE, message=b"replaced")
+            elif channel.overflowed:
+                await ws.close(code=1008, message=b"too slow")
             else:
                 await ws.close(code=1000, message=b"closed")
             return

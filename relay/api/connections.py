@@ -48,8 +48,8 @@ def authorize_stream(request: web.Request, stream_id: str) -> Stream:
             raise
         raise unauthorized() from None
     conn = stream.connection
-    # Any of the connection's client tokens, as long as the connection is open.
-    client_token = token if token in conn.client_tokens and not conn.closed else None
+    # The connection's client tokens while they are valid (the control socket keeps one fresh).
+    client_token = token if token and sessions.connection_for_client_token(token) is conn else None
     check_owner(token, conn.api_key, client_token, request.app[API_KEYS])
     if not conn.closed:
         sessions.touch(conn)

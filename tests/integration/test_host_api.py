@@ -208,10 +208,14 @@ async def test_control_socket_refreshes_the_client_token_before_it_runs_out(rela
     await eventually(lambda: relay.sessions.connection_for_client_token(first) is None, timeout=5,
                      what="the first token's end")
     state_url = f"{relay.url}/v1/connections/{conn['connection_id']}"
-    async with http.get(state_url, headers=auth(first)) as r:
-        assert r.status == 401
-    async with http.get(state_url, headers=auth(second)) as r:
-        assert r.status == 200
+    async with http.post(f"{state_url}/streams", json={"prompt": "a quiet lake"}, headers=auth(second)) as r:
+        assert r.status == 201
+        stream_url = f"{relay.url}/v1/streams/{(await r.json())['stream_id']}"
+    for url in (state_url, stream_url):  # an expired token opens nothing, a fresh one does
+        async with http.get(url, headers=auth(first)) as r:
+            assert r.status == 401, url
+        async with http.get(url, headers=auth(second)) as r:
+            assert r.status == 200, url
     async with http.ws_connect(f"{conn['control_url']}?token={second}") as ws:
         assert (await ws.receive_json(timeout=5))["type"] == "connected"
     with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
