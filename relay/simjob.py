@@ -39,6 +39,7 @@ from .worldmodel.scene import SceneRenderer
 __all__ = ["init_worker", "run_job", "record_script", "import_video", "frame_count"]
 
 _PARENT_CHECK_SECONDS = 0.2
+HOSTED_SCRATCH_DIR = "simulations-downloads"  # under data_dir: hosted videos while they are imported
 
 
 WORKER_NICENESS = 10
@@ -160,8 +161,9 @@ def import_video(
 ) -> RecordingResult:
     """A video rendered elsewhere (a hosted simulation's output) as the recording ``stream_id``.
 
-    H.264 is copied packet for packet (MP4's length-prefixed NAL units turned back into the Annex B
-    the recorder takes, as the live path's encoder emits); anything else is decoded and encoded once.
+    H.264 without B-frames is copied packet for packet (MP4's length-prefixed NAL units turned back
+    into the Annex B the recorder takes, as the live path's encoder emits); anything else (another
+    codec, or B-frames, whose decode order is not presentation order) is decoded and encoded once.
     The events log is the script's, on the video's own clock, as a local simulation's would be.
     """
     interacts = [(e["timestamp_ms"], e["interact"]["prompt"]) for e in script if "interact" in e]
@@ -180,7 +182,9 @@ def import_video(
         reason = "upstream_error"
         encoder = None
         try:
-            if codec.name == "h264":
+            # Copied only when it is what the recorder (and every spectator path) takes: H.264
+            # without B-frames, so decode order is presentation order. Else encoded once more.
+            if codec.name == "h264" and not codec.has_b_frames:
                 packets = _annex_b(container, stream)
             else:
                 encoder = H264Encoder(codec.width, codec.height, fps, bitrate_kbps, keyframe_interval_seconds,
@@ -268,15 +272,22 @@ async def _run_hosted(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     hosted = spec["hosted"]
     model = HostedWorldModel(hosted["url"], hosted["api_key"], api_key_env=hosted["api_key_env"])
+    upstream_id = None
+    finished = False
+    # Under data_dir, not /tmp: a worker killed mid-download (a relay restart) leaves its partial
+    # file where the next start sweeps it (Simulations.open).
+    scratch = os.path.join(spec["data_dir"], HOSTED_SCRATCH_DIR)
+    os.makedirs(scratch, exist_ok=True)
     try:
         upstream_id = await model.simulate(list(spec["scripts"]), bool(spec.get("portrait")))
         job = await model.finished_simulation(upstream_id)
+        finished = True
         if job.get("status") != "completed":
             raise RuntimeError(f"the hosted simulation {upstream_id} {job.get('status')}: "
                                f"{job.get('error_message') or 'no reason given'}")
         streams = {s.get("script_index", i): s for i, s in enumerate(job.get("streams") or [])}
         results = []
-        with tempfile.TemporaryDirectory(prefix="relay-hosted-sim-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"{spec['job_id']}-", dir=scratch) as tmp:
             for index, (script, stream_id) in enumerate(zip(spec["scripts"], spec["stream_ids"], strict=True)):
                 upstream = streams.get(index)
                 if not upstream or not upstream.get("video_url"):
@@ -295,5 +306,7 @@ async def _run_hosted(spec: Mapping[str, Any]) -> dict[str, Any]:
                 results.append({"stream_id": stream_id, "frame_count": result.frame_count,
                                 "duration_seconds": result.duration_seconds})
     finally:
+        if upstream_id is not None and not finished:  # gave up waiting: stop it costing upstream
+            await model.cancel_simulation(upstream_id)
         await model.close()
     return {"status": "completed", "stream_ids": list(spec["stream_ids"]), "recordings": results}

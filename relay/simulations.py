@@ -561,6 +561,10 @@ class Simulations:
 
     def _recover(self) -> None:
         assert self.store is not None
+        from .simjob import HOSTED_SCRATCH_DIR
+
+        # No worker runs yet: what a killed one was downloading is garbage.
+        shutil.rmtree(Path(self._settings.server.data_dir) / HOSTED_SCRATCH_DIR, ignore_errors=True)
         stale = self.store.interrupted()
         for job in stale:  # first delete what the cut attempt recorded, so a crash here only repeats this
             self._delete_recordings(job.stream_ids)

@@ -74,6 +74,7 @@ SOCKET_RETRY_DELAYS = (1.0, 2.0, 2.0, 2.0, 2.0)  # the SDK's signalling retries 
 CHANNEL_MAX_MESSAGE = 16 * 1024  # the SDK's fallback data-channel limit; larger starts go over the socket
 FALLBACK_ICE_SERVERS = [{"urls": "stun:stun.l.google.com:19302"}]  # the SDK's, when /config fails (L817)
 TRACK_QUEUE_FRAMES = 4  # frames a slow consumer may fall behind before the oldest are dropped
+DOWNLOAD_MAX_BYTES = 2 * 2**30  # a simulation video: 150 s even at 100 Mbit/s is under 2 GiB
 
 # The SDK's wording for the signalling socket's `error` reasons (getErrorMessage, L1793-1801).
 SOCKET_ERRORS = {
@@ -947,32 +948,59 @@ class HostedWorldModel:
 
     async def finished_simulation(self, job_id: str) -> dict[str, Any]:
         """Polls ``GET /simulation-jobs/{id}`` until it is completed, failed or cancelled (bounded by
-        ``timeouts.simulation``); returns that job."""
+        ``timeouts.simulation``); returns that job. A network error or a 5xx on the way is waited
+        out (backing off to 30 s) rather than failing an hour-long job; a 4xx is final."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeouts.simulation
-        url = f"{self.url}/simulation-jobs/{quote(job_id, safe='')}"
+        url = self._job_url(job_id)
+        delay = self.timeouts.simulation_poll
         while True:
-            status, data, _ = await self._authorized("GET", url)
-            if status != 200 or not isinstance(data, dict):
+            try:
+                status, data, _ = await self._authorized("GET", url)
+            except RelayError as exc:  # unreachable for a moment
+                status, data = 0, str(exc)
+            if status == 200 and isinstance(data, dict):
+                if data.get("status") in ("completed", "failed", "cancelled"):
+                    return data
+                delay = self.timeouts.simulation_poll
+            elif 400 <= status < 500:
                 raise upstream_error(f"The hosted world model lost simulation {job_id}: {status} "
                                      f"{_detail_text(data)}".rstrip() + ".", details={"upstream_status": status})
-            if data.get("status") in ("completed", "failed", "cancelled"):
-                return data
-            if loop.time() + self.timeouts.simulation_poll > deadline:
+            else:
+                delay = min(30.0, delay * 2)
+                log.warning("hosted simulation %s: status read failed (%s), retrying in %g s", job_id,
+                            status or data, delay)
+            if loop.time() + delay > deadline:
                 raise upstream_error(f"The hosted simulation {job_id} did not finish within "
-                                     f"{self.timeouts.simulation:g} s (still {data.get('status')}).")
-            await asyncio.sleep(self.timeouts.simulation_poll)
+                                     f"{self.timeouts.simulation:g} s.")
+            await asyncio.sleep(delay)
 
-    async def download(self, url: str, path: str) -> None:
+    async def cancel_simulation(self, job_id: str) -> None:
+        """Best effort: a job this relay gave up on should not go on costing (only pending or
+        dispatched ones can be cancelled upstream; anything else is ignored)."""
+        try:
+            await self._authorized("DELETE", self._job_url(job_id))
+        except RelayError:
+            pass
+
+    def _job_url(self, job_id: str) -> str:
+        return f"{self.url}/simulation-jobs/{quote(job_id, safe='')}"
+
+    async def download(self, url: str, path: str, max_bytes: int = DOWNLOAD_MAX_BYTES) -> None:
         """One of a finished job's files, by its presigned URL (no Authorization: the URL is the
-        capability), streamed to ``path``."""
+        capability), streamed to ``path``, at most ``max_bytes``."""
         try:
             async with self._session().get(url, timeout=aiohttp.ClientTimeout(total=self.timeouts.download)) as r:
                 if r.status != 200:
                     raise upstream_error(f"The hosted world model's video could not be fetched: {r.status}.",
                                          details={"upstream_status": r.status})
+                size = 0
                 with open(path, "wb") as out:
                     async for chunk in r.content.iter_chunked(256 * 1024):
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise upstream_error(f"The hosted world model's video is larger than "
+                                                 f"{max_bytes // 2**20} MiB.")
                         out.write(chunk)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise upstream_error(f"The hosted world model's video could not be fetched: "

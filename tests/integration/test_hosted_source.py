@@ -454,3 +454,49 @@ def test_the_hosted_shapes():
     err = stream_error({"type": "interactive_stream_error", "reason": "moderation", "message": "Not allowed."})
     assert (err.code, err.status, err.details) == ("UPSTREAM_ERROR", 502, {"upstream_reason": "moderation"})
     assert stream_error({}).message == "Hosted world model: Stream error occurred"  # the SDK's defaults
+
+
+async def test_polling_a_hosted_simulation_waits_out_hiccups_and_stops_on_a_4xx(aiohttp_server):
+    # A stand-in for the hosted service's job endpoint (the twin never hiccups): 503, a dropped
+    # connection, then the job's end; and a job it does not know.
+    from aiohttp import web
+
+    from relay.worldmodel.hosted import HostedTimeouts
+
+    answers = {"j1": [503, "drop", 200]}
+    deleted = []
+
+    async def token(request):
+        return web.json_response({"access_token": "t", "expires_in": 3600})
+
+    async def job(request):
+        job_id = request.match_info["job_id"]
+        if request.method == "DELETE":
+            deleted.append(job_id)
+            return web.json_response({"job_id": job_id, "status": "cancelled"})
+        if job_id not in answers:
+            return web.json_response({"detail": "Simulation job not found"}, status=404)
+        answer = answers[job_id].pop(0)
+        if answer == "drop":
+            request.transport.close()
+            return web.Response()
+        if answer != 200:
+            return web.json_response({"detail": "busy"}, status=answer)
+        return web.json_response({"job_id": job_id, "status": "completed", "streams": []})
+
+    app = web.Application()
+    app.router.add_post("/auth/token", token)
+    app.router.add_route("*", "/simulation-jobs/{job_id}", job)
+    server = await aiohttp_server(app)
+    model = HostedWorldModel(str(server.make_url("")).rstrip("/"), "key",
+                             timeouts=HostedTimeouts(simulation_poll=0.01, simulation=5))
+    try:
+        assert (await model.finished_simulation("j1"))["status"] == "completed"
+        assert answers["j1"] == []  # it read through the 503 and the dropped connection
+        with pytest.raises(RelayError) as err:
+            await model.finished_simulation("gone")
+        assert "lost simulation gone: 404" in err.value.message
+        await model.cancel_simulation("j2")
+        assert deleted == ["j2"]
+    finally:
+        await model.close()

@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -269,7 +270,16 @@ def test_a_video_made_elsewhere_becomes_a_recording_in_any_codec(tmp_path):
             frame = av.VideoFrame.from_ndarray(np.full((64, 96, 3), i * 5, np.uint8), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
-    sources = {"copied": tmp_path / "h264" / "recordings" / "h" / "video.mp4", "encoded": vp8}
+    bframes = tmp_path / "bframes.mp4"  # High profile with B-frames: decode order is not display order
+    with av.open(str(bframes), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"bf": "3", "profile": "high"}
+        for i in range(50):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 5, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    sources = {"copied": tmp_path / "h264" / "recordings" / "h" / "video.mp4", "encoded": vp8, "reordered": bframes}
     for stream_id, source in sources.items():
         result = simjob.import_video(str(source), script, store_dir=str(tmp_path), stream_id=stream_id, owner="o",
                                      bitrate_kbps=300, keyframe_interval_seconds=1)
@@ -277,7 +287,9 @@ def test_a_video_made_elsewhere_becomes_a_recording_in_any_codec(tmp_path):
         with av.open(str(tmp_path / "recordings" / stream_id / "video.mp4")) as container:
             video = container.streams.video[0]
             assert video.codec_context.name == "h264"
-            assert sum(1 for _ in container.decode(video)) == 50
+            frames = list(container.decode(video))
+            assert len(frames) == 50
+            assert [f.pts for f in frames] == sorted(f.pts for f in frames)  # shown in order
         events = [json.loads(x) for x in (tmp_path / "recordings" / stream_id / "events.jsonl").read_text().splitlines()]
         assert [(e["type"], e["offset_ms"]) for e in events] == [
             ("stream_started", 0), ("prompt_applied", 1000), ("stream_ended", 2000)]
@@ -357,5 +369,17 @@ async def test_quota_error_carries_details_and_retry_after(tmp_path):
         e = err.value
         assert (e.status, e.code, e.details) == (429, "SIMULATION_QUEUE_FULL", {"pending": 10, "limit": 10})
         assert int(e.headers()["Retry-After"]) >= 1
+    finally:
+        await service.close()
+
+
+async def test_opening_sweeps_what_a_killed_hosted_download_left(tmp_path):
+    service = _service(tmp_path)
+    scratch = Path(service._settings.server.data_dir) / simjob.HOSTED_SCRATCH_DIR / "job-1"
+    scratch.mkdir(parents=True)
+    (scratch / "0.mp4").write_bytes(b"half a video")
+    await service.open()
+    try:
+        assert not scratch.parent.exists()
     finally:
         await service.close()
