@@ -43,6 +43,8 @@ const els = {
   watchUrl: $('watch-url'),
   watchEmpty: $('watch-url-empty'),
   copy: $('copy-watch-url'),
+  hlsRow: $('hls-row'),
+  hlsUrl: $('hls-url'),
   preview: $('preview'),
   previewStage: $('preview-stage'),
   previewState: $('preview-state'),
@@ -212,6 +214,11 @@ function setBroadcast(broadcast) {
   els.watchUrl.hidden = false;
   els.watchEmpty.hidden = true;
   els.copy.disabled = false;
+  // The same broadcast as live HLS (null when the relay has it off): for OBS, VLC or a CDN origin.
+  const hls = conn.broadcast.hls_url ? new URL(conn.broadcast.hls_url, window.location.href).href : '';
+  els.hlsUrl.href = hls || '#';
+  els.hlsUrl.textContent = hls;
+  els.hlsRow.hidden = !hls;
 
   if (changed) startPreview();
 }
@@ -223,6 +230,8 @@ function clearBroadcast() {
   els.watchUrl.textContent = '';
   els.watchEmpty.hidden = false;
   els.copy.disabled = true;
+  els.hlsRow.hidden = true;
+  els.hlsUrl.textContent = '';
 }
 
 const PREVIEW_LABELS = {

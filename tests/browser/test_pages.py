@@ -149,6 +149,9 @@ async def test_host_console_runs_a_stream(relay_factory, open_page):
     await expect(link).to_have_attribute("href", watch_url)
     await expect(link).to_have_text(watch_url)
     await expect(page.locator("#copy-watch-url")).to_be_enabled()
+    hls_url = f"{relay.url}/v1/broadcasts/{b.broadcast_id}/hls/index.m3u8?token={b.spectator_token}"
+    await expect(page.locator("#hls-url")).to_have_attribute("href", hls_url)
+    await expect(page.locator("#hls-url")).to_be_visible()
 
     await page.fill("#prompt", "a calm ocean at sunset")
     await page.click("#start")
@@ -193,6 +196,7 @@ async def test_host_console_runs_a_stream(relay_factory, open_page):
     await eventually(lambda: relay.sessions.streamers_free == streamers, what="the streamer freed")
     assert relay.sessions.connections == {}
     await expect(link).to_be_hidden()
+    await expect(page.locator("#hls-url")).to_be_hidden()
     await expect(page.locator("#connect")).to_be_enabled()
 
 
