@@ -270,19 +270,25 @@ async def _run_hosted(spec: Mapping[str, Any]) -> dict[str, Any]:
     local run, so nothing above this function knows the difference)."""
     from .worldmodel.hosted import HostedWorldModel
 
+    from .simulations import JobStore
+
     hosted = spec["hosted"]
     model = HostedWorldModel(hosted["url"], hosted["api_key"], api_key_env=hosted["api_key_env"])
-    upstream_id = None
+    store = JobStore(spec["db_path"])
+    upstream_id = store.upstream_job(spec["job_id"])  # an earlier attempt's, still worth waiting for
     finished = False
     # Under data_dir, not /tmp: a worker killed mid-download (a relay restart) leaves its partial
     # file where the next start sweeps it (Simulations.open).
     scratch = os.path.join(spec["data_dir"], HOSTED_SCRATCH_DIR)
     os.makedirs(scratch, exist_ok=True)
     try:
-        upstream_id = await model.simulate(list(spec["scripts"]), bool(spec.get("portrait")))
+        if upstream_id is None:
+            upstream_id = await model.simulate(list(spec["scripts"]), bool(spec.get("portrait")))
+            store.set_upstream_job(spec["job_id"], upstream_id)
         job = await model.finished_simulation(upstream_id)
         finished = True
         if job.get("status") != "completed":
+            store.set_upstream_job(spec["job_id"], None)  # a retry submits it afresh
             raise RuntimeError(f"the hosted simulation {upstream_id} {job.get('status')}: "
                                f"{job.get('error_message') or 'no reason given'}")
         streams = {s.get("script_index", i): s for i, s in enumerate(job.get("streams") or [])}
@@ -308,5 +314,7 @@ async def _run_hosted(spec: Mapping[str, Any]) -> dict[str, Any]:
     finally:
         if upstream_id is not None and not finished:  # gave up waiting: stop it costing upstream
             await model.cancel_simulation(upstream_id)
+            store.set_upstream_job(spec["job_id"], None)
+        store.close()
         await model.close()
     return {"status": "completed", "stream_ids": list(spec["stream_ids"]), "recordings": results}

@@ -300,6 +300,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     retry_count INTEGER NOT NULL DEFAULT 0,
     stream_ids TEXT NOT NULL DEFAULT '[]'
 );
+-- With a hosted source: the hosted job an attempt submitted, so the next attempt (after a
+-- restart or a worker's death) waits for that one instead of paying for a second.
+CREATE TABLE IF NOT EXISTS upstream_jobs (
+    job_id TEXT PRIMARY KEY,
+    upstream_job_id TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, status);
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 """
@@ -461,6 +467,19 @@ class JobStore:
             cur = db.execute("UPDATE jobs SET status = 'processing', started_at = ? "
                              "WHERE job_id = ? AND status = 'dispatched'", (now, job_id))
             return cur.rowcount == 1
+
+    def upstream_job(self, job_id: str) -> str | None:
+        rows = self._read("SELECT upstream_job_id FROM upstream_jobs WHERE job_id = ?", (job_id,))
+        return rows[0][0] if rows else None
+
+    def set_upstream_job(self, job_id: str, upstream_job_id: str | None) -> None:
+        """Remember (or, with None, forget) the hosted job behind this one."""
+        with self._write() as db:
+            if upstream_job_id is None:
+                db.execute("DELETE FROM upstream_jobs WHERE job_id = ?", (job_id,))
+            else:
+                db.execute("INSERT OR REPLACE INTO upstream_jobs (job_id, upstream_job_id) VALUES (?, ?)",
+                           (job_id, upstream_job_id))
 
     def complete(self, job_id: str) -> bool:
         now = self._clock.time()

@@ -500,3 +500,36 @@ async def test_polling_a_hosted_simulation_waits_out_hiccups_and_stops_on_a_4xx(
         assert deleted == ["j2"]
     finally:
         await model.close()
+
+
+async def test_a_hosted_simulation_whose_worker_dies_waits_for_the_same_upstream_job(relay_factory, tmp_path,
+                                                                                   monkeypatch):
+    # A's worker submits to B, then dies (the OOM killer, a restart). The retry must wait for the
+    # job B already has, not pay for a second one.
+    import os
+    import signal
+
+    from relay.api.common import SIMULATIONS
+
+    a, b = await start_pair(relay_factory, tmp_path, monkeypatch, a_simulations={"poll_interval_seconds": 0.05})
+    script = [{"timestamp_ms": 0, "start": {"prompt": "a quiet harbour"}}, {"timestamp_ms": 2000, "end": {}}]
+    async with RelayClient(a.url, API_KEY) as client_a, RelayClient(b.url, API_KEY) as client_b:
+        # B's one worker is busy with a longer job first, so A's waits upstream for a while.
+        blocker = await client_b.simulate([{"timestamp_ms": 0, "start": {"prompt": "a long desert road"}},
+                                           {"timestamp_ms": 90_000, "end": {}}])
+        job_id = (await client_a.simulate(script))["job_id"]
+        store = a.app[SIMULATIONS].store
+        await eventually(lambda: store.upstream_job(job_id) is not None, timeout=20, what="A's job submitted to B")
+        upstream = store.upstream_job(job_id)
+        assert (await client_b.get_simulation(upstream))["status"] in ("pending", "dispatched")
+        (worker,) = a.app[SIMULATIONS]._pool._processes.values()
+        os.kill(worker.pid, signal.SIGKILL)
+
+        async def settled() -> bool:
+            return (await client_a.get_simulation(job_id))["status"] in ("completed", "failed")
+        await eventually(settled, timeout=60, what="A's job settled")
+        job = await client_a.get_simulation(job_id)
+        assert job["status"] == "completed" and job["retry_count"] == 1, job
+        b_jobs = (await client_b.list_simulations())["jobs"]
+        assert sorted(j["job_id"] for j in b_jobs) == sorted([blocker["job_id"], upstream])  # no second job
+        assert a.app[RECORDINGS].get(job["streams"][0]["stream_id"])["upstream_job_id"] == upstream
