@@ -149,7 +149,8 @@ class Broadcast:
         self.hls: HlsPublisher | None = None
         if settings.media.hls and mode != "per-spectator":
             self.hls = HlsPublisher(target_seconds=settings.media.keyframe_interval_seconds,
-                                    window=settings.media.hls_window_segments, fps=settings.world_model.fps)
+                                    window=settings.media.hls_window_segments, fps=settings.world_model.fps,
+                                    on_segment=metrics.HLS_SEGMENTS.inc)
             self.hub.add_sink(self.hls.write)
         self.spectators: dict[str, Spectator] = {}
         self._channels: dict[str, EventChannel] = {}  # participant_id -> its one open socket

@@ -22,6 +22,9 @@ RELAY_LATENCY = Histogram(
 )
 PACKETS_SENT = Counter("relay_rtp_packets_sent", "RTP packets sent to spectators (encode-once mode)", registry=REGISTRY)
 BYTES_SENT = Counter("relay_rtp_bytes_sent", "RTP payload bytes sent to spectators (encode-once mode)", registry=REGISTRY)
+HLS_SEGMENTS = Counter("relay_hls_segments", "HLS segments cut from broadcasts' packets", registry=REGISTRY)
+HLS_BYTES_SERVED = Counter("relay_hls_bytes_served", "HLS segment bytes served (what a CDN in front would take over)",
+                           registry=REGISTRY)
 
 
 def count_sent(packets: int, size: int) -> None:

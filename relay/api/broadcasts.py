@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 from aiohttp import WSMsgType, web
 
+from .. import metrics
 from ..auth import check_spectator, is_api_key
 from ..broadcast import Broadcast
 from ..errors import RelayError, unsupported_media_type
@@ -127,6 +128,7 @@ async def hls_segment(request: web.Request) -> web.Response:
     if segment is None:
         raise RelayError("NOT_FOUND", 404, f"No HLS segment {request.match_info['sequence']}: it is not "
                          "made yet or has left the live window.", action="Read the playlist again.")
+    metrics.HLS_BYTES_SERVED.inc(len(segment.data))
     # A segment never changes once listed: caches (a CDN in front of the relay) may keep it.
     return web.Response(body=segment.data, content_type="video/mp2t",
                         headers={"Cache-Control": "public, max-age=60, immutable"})

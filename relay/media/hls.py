@@ -30,7 +30,7 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import av
 
@@ -55,7 +55,8 @@ class Segment:
 
 
 class HlsPublisher:
-    def __init__(self, *, target_seconds: float, window: int = 6, fps: int = 25) -> None:
+    def __init__(self, *, target_seconds: float, window: int = 6, fps: int = 25,
+                 on_segment: Callable[[], None] = lambda: None) -> None:
         self.target_ticks = round(max(0.5, target_seconds) * CLOCK_RATE)
         # Fixed for the playlist's life: the longest a segment can be (see the module notes).
         self.target_duration = max(1, math.ceil(1.5 * self.target_ticks / CLOCK_RATE))
@@ -73,6 +74,7 @@ class HlsPublisher:
         self._last_pts = 0
         self._size: tuple[int, int] = (0, 0)
         self._startable = asyncio.Event()
+        self._on_segment = on_segment
         self.closed = False
 
     # -- hub side ------------------------------------------------------------------------
@@ -187,6 +189,7 @@ class HlsPublisher:
         self._segments.append(Segment(self._next_sequence, duration, buffer.getvalue(), self._discontinuity_pending))
         self._next_sequence += 1
         self._discontinuity_pending = False
+        self._on_segment()
         if len(self._segments) >= MIN_SEGMENTS:
             self._startable.set()
         while len(self._segments) > self._keep():

@@ -81,6 +81,9 @@ async def test_a_live_stream_is_offered_as_hls(relay_factory, http):
                 data += await r.read()
         frames = decode(data)
         assert abs(len(frames) - 25 * sum(d for d, _ in segments)) <= 1, (len(frames), segments)
+        metrics = await text(http, f"{relay.url}/metrics")
+        served = float(re.search(r"^relay_hls_bytes_served_total (\S+)$", metrics, re.M).group(1))
+        assert served >= len(data) and float(re.search(r"^relay_hls_segments_total (\S+)$", metrics, re.M).group(1)) >= 3
         assert (frames[0].width, frames[0].height) == (320, 176)
         steps = {b.pts - a.pts for a, b in zip(frames, frames[1:])}
         assert steps == {3600}, steps  # 90 kHz / 25 fps, no gaps between segments
