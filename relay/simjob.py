@@ -32,7 +32,7 @@ from av.bitstream import BitStreamFilterContext
 
 from .clock import FakeClock
 from .media.encoder import VIDEO_TIME_BASE, H264Encoder
-from .media.recorder import STATUS_COMPLETE, RecordingResult
+from .media.recorder import STATUS_COMPLETE, RecordingResult, StreamRecorder
 from .recordings import RecordingStore
 from .worldmodel.scene import SceneRenderer
 
@@ -102,13 +102,8 @@ def record_script(
     interacts = [(_first_frame(e["timestamp_ms"], fps), e["timestamp_ms"], e["interact"]["prompt"])
                  for e in script if "interact" in e]
     clock = FakeClock(start=0.0, wall=time.time())
-    # Offline, the writer only ever falls behind by what this loop produces: let it hold the whole script
-    # (bounded by max_seconds) rather than fail the recording for a slow disk.
-    queue = max(writer_queue_packets, frames + len(script) + 64)
-    store = RecordingStore(store_dir, preview_seconds=preview_seconds, preview_width=preview_width,
-                           writer_queue_packets=queue, clock=clock)
-    recorder = store.recorder(stream_id, width=width, height=height, fps=fps, owner=owner,
-                              extra={"source": "simulation", **(extra or {})})
+    recorder = _script_recorder(store_dir, stream_id, owner, width, height, fps, frames + len(script), clock,
+                                preview_seconds, preview_width, writer_queue_packets, extra)
     encoder = None
     reason = "upstream_error"  # the world model or the encoder failed under us
     try:
@@ -124,8 +119,7 @@ def record_script(
             while k < len(interacts) and interacts[k][0] <= i:
                 _, ts, prompt = interacts[k]
                 renderer.set_prompt(prompt)
-                recorder.log_event({"type": "prompt_applied", "prompt": prompt, "source": "simulation",
-                                    "timestamp_ms": ts})
+                _log_prompt(recorder, ts, prompt)
                 k += 1
             frame = renderer.render(t)
             frame.pts = round(i * 90000 / fps)
@@ -134,14 +128,30 @@ def record_script(
                 recorder.write(packet, packet.is_keyframe)
         clock.advance(frames / fps - clock.monotonic())
         for _, ts, prompt in interacts[k:]:  # after the last frame: taken, with nothing left to show it
-            recorder.log_event({"type": "prompt_applied", "prompt": prompt, "source": "simulation",
-                                "timestamp_ms": ts})
+            _log_prompt(recorder, ts, prompt)
         reason = "ended"
     finally:
         if encoder is not None:
             encoder.close()
         result = recorder.close(reason)  # blocks until video, events, thumbnail, preview and metadata are written
     return result
+
+
+def _script_recorder(store_dir: str, stream_id: str, owner: str, width: int, height: int, fps: int,
+                     items: int, clock: FakeClock, preview_seconds: float, preview_width: int,
+                     writer_queue_packets: int, extra: Mapping[str, Any] | None) -> StreamRecorder:
+    """The recording a script writes, on the script's virtual clock. Offline, the writer only ever
+    falls behind by what the caller produces: let it hold all ``items`` (packets and events, bounded by
+    max_seconds) rather than fail the recording for a slow disk."""
+    store = RecordingStore(store_dir, preview_seconds=preview_seconds, preview_width=preview_width,
+                           writer_queue_packets=max(writer_queue_packets, items + 64), clock=clock)
+    return store.recorder(stream_id, width=width, height=height, fps=fps, owner=owner,
+                          extra={"source": "simulation", **(extra or {})})
+
+
+def _log_prompt(recorder: StreamRecorder, timestamp_ms: int, prompt: str) -> None:
+    recorder.log_event({"type": "prompt_applied", "prompt": prompt, "source": "simulation",
+                        "timestamp_ms": timestamp_ms})
 
 
 def import_video(
@@ -172,11 +182,9 @@ def import_video(
         codec = stream.codec_context
         fps = round(float(stream.average_rate)) if stream.average_rate else 25
         clock = FakeClock(start=0.0, wall=time.time())
-        frames = stream.frames or fps * 3600
-        store = RecordingStore(store_dir, preview_seconds=preview_seconds, preview_width=preview_width,
-                               writer_queue_packets=max(writer_queue_packets, frames + len(script) + 64), clock=clock)
-        recorder = store.recorder(stream_id, width=codec.width, height=codec.height, fps=fps, owner=owner,
-                                  extra={"source": "simulation", **(extra or {})})
+        recorder = _script_recorder(store_dir, stream_id, owner, codec.width, codec.height, fps,
+                                    (stream.frames or fps * 3600) + len(script), clock,
+                                    preview_seconds, preview_width, writer_queue_packets, extra)
         recorder.log_event({"type": "stream_started", "stream_id": stream_id, "prompt": script[0]["start"]["prompt"],
                             "source": "simulation"})
         reason = "upstream_error"
@@ -197,15 +205,12 @@ def import_video(
                 t = max(0.0, seconds - start)
                 clock.advance(max(0.0, t - clock.monotonic()))
                 while interacts and interacts[0][0] <= t * 1000:
-                    ts, prompt = interacts.pop(0)
-                    recorder.log_event({"type": "prompt_applied", "prompt": prompt, "source": "simulation",
-                                        "timestamp_ms": ts})
+                    _log_prompt(recorder, *interacts.pop(0))
                 recorder.write(packet, packet.is_keyframe)
                 end = t + 1 / fps
             clock.advance(max(0.0, end - clock.monotonic()))
             for ts, prompt in interacts:  # after the last frame: taken, with nothing left to show it
-                recorder.log_event({"type": "prompt_applied", "prompt": prompt, "source": "simulation",
-                                    "timestamp_ms": ts})
+                _log_prompt(recorder, ts, prompt)
             reason = "ended"
         finally:
             if encoder is not None:

@@ -901,9 +901,8 @@ class HostedWorldModel:
         """``POST /sessions/request``: (session_id, signalling_url, capabilities); 503 is polled."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeouts.queue
-        retried_auth = False
         while True:
-            status, data, headers = await self._call("POST", self.url + "/sessions/request", {})
+            status, data, headers = await self._authorized("POST", self.url + "/sessions/request", {})
             if status == 200 and isinstance(data, dict):
                 session_id, signalling = data.get("session_id"), data.get("signalling_url")
                 if not (isinstance(session_id, str) and session_id and isinstance(signalling, str) and signalling):
@@ -920,10 +919,6 @@ class HostedWorldModel:
                 continue
             if status == 429:
                 raise usage_error(data, headers)
-            if status == 401 and not retried_auth:  # a stale access token: exchange the key once more
-                retried_auth = True
-                self._token = None
-                continue
             raise upstream_error(f"The hosted world model refused a session: {status} {_detail_text(data)}".rstrip()
                                  + ".", details={"upstream_status": status})
 
