@@ -305,8 +305,11 @@ class RecordingStore:
 
     def signed_url(self, path: str, now: float | None = None, ttl: float = URL_TTL_SECONDS) -> str:
         """``path?expires=…&signature=…``, valid for ``ttl`` seconds (an hour)."""
-        expires_at = int((self._clock.time() if now is None else now) + ttl)
-        return f"{path}?expires={expires_at}&signature={self.sign(path, expires_at)}"
+        return self.signed_until(path, int((self._clock.time() if now is None else now) + ttl))
+
+    def signed_until(self, path: str, expires_at: int) -> str:
+        """``path?expires=…&signature=…``, valid until ``expires_at`` (seconds since the epoch)."""
+        return f"{path}?expires={int(expires_at)}&signature={self.sign(path, int(expires_at))}"
 
     # -- start-up and upkeep ----------------------------------------------------------------
 
