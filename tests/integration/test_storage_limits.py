@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import time
 from urllib.parse import parse_qs, urlsplit
 
@@ -10,8 +12,10 @@ import aiohttp
 import pytest
 
 from relay.api.common import RECORDINGS
+from relay.clock import FakeClock
 from relay.recordings import owner_id
-from tests.conftest import API_KEY
+from relay.simulations import JobStore
+from tests.conftest import API_KEY, eventually
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 VIDEO = bytes(range(256)) * 40  # 10,240 bytes: what is served is what is on disk, whatever it holds
@@ -110,3 +114,128 @@ async def test_an_unsatisfiable_or_malformed_range_is_416_in_the_error_shape(rel
     assert body["error"]["code"] == "RANGE_NOT_SATISFIABLE"
     assert body["error"]["details"] == {"size": len(VIDEO)}
     assert set(body["error"]) == {"code", "message", "action", "details"}
+
+
+# ------------------------------------------------------------------------------ the job store
+
+
+def big_script(entries: int = 450) -> list[dict]:
+    """~0.9 MB: as many 2,000-character prompts as the issue's script had."""
+    script = [{"timestamp_ms": 0, "start": {"prompt": "s" * 2000}}]
+    script += [{"timestamp_ms": i, "interact": {"prompt": chr(97 + i % 26) * 2000}} for i in range(1, entries)]
+    return script + [{"timestamp_ms": entries, "end": {}}]
+
+
+def on_disk(path) -> int:
+    return sum(os.path.getsize(f) for f in (str(path), f"{path}-wal") if os.path.exists(f))
+
+
+def test_finished_jobs_past_keep_are_swept_and_active_ones_never(tmp_path):
+    clock = FakeClock()
+    store = JobStore(tmp_path / "sim.db", clock=clock, max_finished=100)
+    try:
+        script = [big_script(3)]
+        cancelled, _ = store.submit("k", script, False, 10)
+        store.cancel("k", cancelled.job_id)
+        completed, _ = store.submit("k", script, False, 10)
+        failed, _ = store.submit("k", script, False, 10)
+        store.claim(2)
+        for job in (completed, failed):
+            assert store.mark_processing(job.job_id)
+        store.complete(completed.job_id)
+        assert store.attempt_failed(failed.job_id, "boom", max_retries=0) == "failed"
+        pending, _ = store.submit("k", script, False, 10)  # as old as the others by the end
+        clock.advance(3600)
+        late, _ = store.submit("k", script, False, 10)
+        store.cancel("k", late.job_id)  # finished an hour after the others
+
+        assert store.sweep(keep_seconds=3600 + 1) == 0  # none is older than that yet
+        clock.advance(2)
+        assert store.sweep(keep_seconds=3600 + 1) == 3
+        assert [store.get(j.job_id) for j in (cancelled, completed, failed)] == [None, None, None]
+        assert store.get(pending.job_id).status == "pending"
+        assert store.get(late.job_id).status == "cancelled"
+        # A finished job keeps how many scripts it had, not the scripts themselves.
+        assert store.get(late.job_id).scripts == [[]] and store.get(pending.job_id).scripts == script
+    finally:
+        store.close()
+
+
+def test_each_key_keeps_its_newest_finished_jobs_and_every_active_one(tmp_path):
+    store = JobStore(tmp_path / "sim.db", clock=FakeClock(), max_finished=3)
+    try:
+        script = [big_script(3)]
+        active = [store.submit("k", script, False, 100)[0] for _ in range(5)]
+        finished = []
+        for _ in range(6):
+            job, _ = store.submit("k", script, False, 100)
+            finished.append(store.cancel("k", job.job_id))
+        other, _ = store.submit("other", script, False, 100)
+        store.cancel("other", other.job_id)
+        jobs, total = store.list("k", limit=100)
+        assert total == 8
+        assert {j.job_id for j in jobs} == {j.job_id for j in active + finished[-3:]}
+        assert store.get(other.job_id) is not None  # one key's jobs never push out another's
+    finally:
+        store.close()
+
+
+def test_the_store_file_stays_small_through_twenty_submit_and_cancel_cycles(tmp_path):
+    """The issue's measurement (20 cycles of a 0.94 MB script: 1.5 MB -> 24.6 MB), now bounded."""
+    path = tmp_path / "sim.db"
+    store = JobStore(path, max_finished=1000)  # retention by age is not what keeps this small
+    try:
+        script = [big_script()]
+        assert len(json.dumps(script)) > 900_000
+        sizes = []
+        for _ in range(20):
+            job, _ = store.submit("k", script, False, 10)
+            store.cancel("k", job.job_id)
+            sizes.append(on_disk(path))
+        store.sweep(keep_seconds=0)
+        after_sweep = on_disk(path)
+    finally:
+        store.close()
+    print(f"job store on disk (db + wal): after 1 cycle {sizes[0]} B, at most {max(sizes)} B, after 20 {sizes[-1]} B, "
+          f"after a sweep {after_sweep} B")
+    assert max(sizes) < 5_000_000, sizes  # one script's pages, reused cycle after cycle (was 24.6 MB and growing)
+    assert after_sweep < 200_000  # the freed pages given back: the file holds 20 small rows
+
+
+TINY = [{"timestamp_ms": 0, "start": {"prompt": "desert dunes at noon"}}, {"timestamp_ms": 40, "end": {}}]
+
+
+async def finish(http, base: str, job_id: str) -> dict:
+    """Cancel the job, or, if the worker has already started it, wait for it to complete."""
+    async with http.delete(f"{base}/v1/simulations/{job_id}", headers=AUTH) as r:
+        if r.status == 200:
+            return await r.json()
+        assert r.status == 409, await r.text()
+    for _ in range(300):
+        async with http.get(f"{base}/v1/simulations/{job_id}", headers=AUTH) as r:
+            job = await r.json()
+        if job["status"] not in ("pending", "dispatched", "processing"):
+            return job
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} still {job['status']}")
+
+
+async def test_finished_jobs_past_keep_days_answer_404_and_a_key_keeps_max_finished_jobs(relay_factory, http):
+    relay = await relay_factory(simulations={"workers": 1, "keep_days": 2 / 86400, "max_finished_jobs": 2,
+                                             "sweep_interval_seconds": 0.1, "poll_interval_seconds": 0.05})
+    ids = []
+    for _ in range(4):
+        async with http.post(f"{relay.url}/v1/simulations", json={"script": TINY}, headers=AUTH) as r:
+            assert r.status == 202
+            ids.append((await r.json())["job_id"])
+        assert (await finish(http, relay.url, ids[-1]))["status"] in ("cancelled", "completed")
+    async with http.get(f"{relay.url}/v1/simulations", headers=AUTH) as r:
+        listed = await r.json()
+    assert listed["total"] == 2 and {j["job_id"] for j in listed["jobs"]} == set(ids[2:])  # the oldest went first
+    async with http.get(f"{relay.url}/v1/simulations/{ids[0]}", headers=AUTH) as r:
+        assert r.status == 404 and (await r.json())["error"]["code"] == "NOT_FOUND"
+
+    async def swept() -> bool:
+        async with http.get(f"{relay.url}/v1/simulations/{ids[-1]}", headers=AUTH) as r:
+            return r.status == 404
+    await eventually(swept, timeout=10, what="the finished job swept after keep_days")
