@@ -25,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import errno
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .clock import SYSTEM_CLOCK, Clock, iso
-from .errors import RelayError, not_found, unprocessable
+from .errors import RelayError, insufficient_storage, not_found, unprocessable
 from .recordings import RecordingStore, owner_id, valid_stream_id
 
 __all__ = [
@@ -347,9 +348,12 @@ class JobStore:
             if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL:
                 # Pages freed by swept jobs can then be given back to the disk (sweep). A new file takes
                 # the setting as is; one made before it needs one full VACUUM, once.
-                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-                if self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
-                    self._db.execute("VACUUM")
+                try:
+                    self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                    if self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+                        self._db.execute("VACUUM")
+                except sqlite3.OperationalError as exc:  # no room for VACUUM's copy: next start
+                    log.warning("simulations: the job store stays without incremental vacuum for now: %s", exc)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a committed job survives power loss, not only kill -9
             # The WAL is checkpointed at about a megabyte and cut back to it, instead of keeping its
@@ -631,33 +635,52 @@ class Simulations:
         self._wake = asyncio.Event()
         self._rate = DEFAULT_SECONDS_PER_VIDEO_SECOND
         self._next_sweep = 0.0
+        self._unavailable: BaseException | None = None  # why the store could not be opened (a full disk)
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
         """Open the store and put back what a previous run left in flight (no worker yet)."""
-        if self.store is None:
-            self.store = await asyncio.to_thread(JobStore, self.db_path, clock=self._clock,
-                                                 max_finished=self._sim.max_finished_jobs)
-            await asyncio.to_thread(self._recover)
-            try:
-                await self._sweep()
-            except Exception:  # a full disk or a locked file: the supervisor sweeps again later
-                log.exception("simulations: retention sweep failed")
-            self._rate = await asyncio.to_thread(self.store.rate) or self._rate
+        if self.store is not None:
+            return
+        try:
+            store = await asyncio.to_thread(JobStore, self.db_path, clock=self._clock,
+                                            max_finished=self._sim.max_finished_jobs)
+        except (OSError, sqlite3.Error) as exc:
+            if not disk_full(exc):
+                raise
+            # The relay still starts (streams need no room to go on); simulations answer 507 and the
+            # supervisor opens the store once the disk has room.
+            self._unavailable = exc
+            log.warning("simulations: the job store cannot be opened (%s); retrying", exc)
+            return
+        try:
+            await asyncio.to_thread(self._recover, store)
+            self._rate = await asyncio.to_thread(store.rate) or self._rate
+        except BaseException as exc:
+            await asyncio.to_thread(store.close)
+            if isinstance(exc, (OSError, sqlite3.Error)) and disk_full(exc):
+                self._unavailable = exc
+                log.warning("simulations: recovery needs room on the disk (%s); retrying", exc)
+                return
+            raise
+        self.store, self._unavailable = store, None
+        try:
+            await self._sweep()
+        except Exception:  # a full disk or a locked file: the supervisor sweeps again later
+            log.exception("simulations: retention sweep failed")
 
-    def _recover(self) -> None:
-        assert self.store is not None
+    def _recover(self, store: JobStore) -> None:
         from .simjob import HOSTED_SCRATCH_DIR
 
         # No worker runs yet: what a killed one was downloading is garbage.
         shutil.rmtree(Path(self._settings.server.data_dir) / HOSTED_SCRATCH_DIR, ignore_errors=True)
-        stale = self.store.interrupted()
+        stale = store.interrupted()
         for job in stale:  # first delete what the cut attempt recorded, so a crash here only repeats this
             self._delete_recordings(job.stream_ids)
         if stale:
-            outcome = self.store.recover(self._sim.max_retries)
+            outcome = store.recover(self._sim.max_retries)
             log.info("simulations: %d interrupted jobs back to pending, %d failed",
                      sum(s == "pending" for s in outcome.values()), sum(s == "failed" for s in outcome.values()))
 
@@ -698,6 +721,8 @@ class Simulations:
     # -- the API's calls ----------------------------------------------------------------------
 
     def _require(self) -> JobStore:
+        if self.store is None and self._unavailable is not None:
+            raise insufficient_storage("the job store cannot be opened")
         if self.store is None:
             raise RelayError("SERVICE_UNAVAILABLE", 503, "Simulations are not available yet.", action="Retry shortly.",
                              retry_after=1)
@@ -709,7 +734,8 @@ class Simulations:
         store = self._require()
         limit = self._settings.limits.pending_simulations
         try:
-            job, ahead = await asyncio.to_thread(store.submit, owner_id(api_key), scripts, portrait, limit)
+            with _disk_full_as_507("the job could not be queued"):
+                job, ahead = await asyncio.to_thread(store.submit, owner_id(api_key), scripts, portrait, limit)
         except QueueFull as full:
             raise RelayError(
                 "SIMULATION_QUEUE_FULL", 429,
@@ -738,7 +764,8 @@ class Simulations:
         return await asyncio.to_thread(self._require().list, owner_id(api_key), statuses, limit, offset)
 
     async def cancel(self, api_key: str, job_id: str) -> Job:
-        job = await asyncio.to_thread(self._require().cancel, owner_id(api_key), job_id)
+        with _disk_full_as_507("the job could not be cancelled"):
+            job = await asyncio.to_thread(self._require().cancel, owner_id(api_key), job_id)
         log.info("simulation %s cancelled", job_id)
         return job
 
@@ -755,10 +782,13 @@ class Simulations:
     async def _supervise(self) -> None:
         while True:
             try:
-                await self._settle_finished()
-                await self._dispatch()
-                if self._clock.monotonic() >= self._next_sweep:
-                    await self._sweep()
+                if self.store is None:
+                    await self.open()  # it could not be, for want of room: maybe there is some now
+                if self.store is not None:
+                    await self._settle_finished()
+                    await self._dispatch()
+                    if self._clock.monotonic() >= self._next_sweep:
+                        await self._sweep()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a full disk, a locked database: retry on the next round
@@ -851,6 +881,31 @@ class Simulations:
         for stream_id in stream_ids:
             if valid_stream_id(stream_id):
                 shutil.rmtree(self._recordings.directory(stream_id), ignore_errors=True)
+
+
+# SQLITE_IOERR_SHMSIZE: the WAL index (simulations.db-shm) could not grow, which on a full disk is
+# what opening the store meets first.
+_SQLITE_NO_ROOM = ("SQLITE_FULL", "SQLITE_IOERR_SHMSIZE")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A write refused for want of space: ENOSPC/EDQUOT, or SQLite's SQLITE_FULL."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorname", None) in _SQLITE_NO_ROOM or "disk is full" in str(exc)
+    return False
+
+
+@contextmanager
+def _disk_full_as_507(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, sqlite3.Error) as exc:
+        if disk_full(exc):
+            log.warning("simulations: %s: %s", what, exc)
+            raise insufficient_storage(what) from None
+        raise
 
 
 def _stop_pool(pool: concurrent.futures.Executor) -> None:

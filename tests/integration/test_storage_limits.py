@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
+import shutil
+import subprocess
 import time
 from urllib.parse import parse_qs, urlsplit
 
@@ -12,8 +15,10 @@ import aiohttp
 import pytest
 
 from relay.api.common import RECORDINGS
+from relay.client import RelayClient
 from relay.clock import FakeClock
-from relay.recordings import owner_id
+from relay.recordings import load_or_create_secret, owner_id
+from relay.simjob import record_script
 from relay.simulations import JobStore
 from tests.conftest import API_KEY, eventually
 
@@ -239,3 +244,142 @@ async def test_finished_jobs_past_keep_days_answer_404_and_a_key_keeps_max_finis
         async with http.get(f"{relay.url}/v1/simulations/{ids[-1]}", headers=AUTH) as r:
             return r.status == 404
     await eventually(swept, timeout=10, what="the finished job swept after keep_days")
+
+
+# ------------------------------------------------------------------------------- a full disk
+
+
+class Disk:
+    """data_dir on its own small tmpfs, so the disk can really be filled."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self.filler = path / "filler"
+
+    def fill(self) -> None:
+        """Take every free byte (a tmpfs hands out whole pages: nothing is left)."""
+        with open(self.filler, "ab", buffering=0) as file:
+            chunk = b"\0" * 65536
+            while True:
+                try:
+                    file.write(chunk)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+                    chunk = chunk[:len(chunk) // 2]
+                    if not chunk:
+                        return
+
+    def free(self) -> None:
+        self.filler.unlink()
+
+    def leftovers(self) -> list[str]:
+        """Temporary files on the disk, and this process's fds on anything in it but the job store."""
+        tmp = [str(p) for p in self.path.rglob("*.tmp")]
+        fds = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(str(self.path)) and "simulations.db" not in target:
+                fds.append(target)
+        return tmp + fds
+
+
+@pytest.fixture
+def disk(tmp_path):
+    path = tmp_path / "data"
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield Disk(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def error_of(body: dict) -> dict:
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "action", "details"}, body
+    return body["error"]
+
+
+async def test_a_full_disk_refuses_a_simulation_with_507_and_leaves_nothing_behind(relay_factory, disk, http):
+    relay = await relay_factory(simulations={"workers": 1})
+    disk.fill()
+    big = [{"timestamp_ms": 0, "start": {"prompt": "p" * 2000}}]
+    big += [{"timestamp_ms": i, "interact": {"prompt": "q" * 2000}} for i in range(1, 25)] + [
+        {"timestamp_ms": 25, "end": {}}]
+    for body in ({"script": big}, {"script": TINY}):
+        async with http.post(f"{relay.url}/v1/simulations", json=body, headers=AUTH) as r:
+            assert r.status == 507, await r.text()
+            assert error_of(await r.json())["code"] == "INSUFFICIENT_STORAGE"
+    assert disk.leftovers() == []
+    async with http.get(f"{relay.url}/v1/simulations", headers=AUTH) as r:
+        assert r.status == 200 and (await r.json())["total"] == 0  # nothing half-stored
+    disk.free()
+    async with http.post(f"{relay.url}/v1/simulations", json={"script": TINY}, headers=AUTH) as r:
+        assert r.status == 202  # the same relay, once there is room again
+
+
+async def test_a_recording_cut_by_a_full_disk_is_finalized_failed_with_its_reason(relay_factory, disk, http):
+    relay = await relay_factory(limits={"stream_max_seconds": 3})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        stream_id = (await conn.start_stream("a calm ocean at sunset"))["stream_id"]
+        video = disk.path / "recordings" / stream_id / "video.mp4"
+        await eventually(lambda: video.exists() and video.stat().st_size > 0, what="the recording under way")
+        disk.fill()
+        rec = await finished(http, relay.url, stream_id)
+    print("recording's error:", rec["error"])
+    assert rec["status"] == "failed", rec
+    assert "No space left on device" in rec["error"], rec
+    on_disk = json.loads((disk.path / "recordings" / stream_id / "metadata.json").read_text())
+    assert on_disk["status"] == "failed" and "No space left on device" in on_disk["error"]  # not "recording"
+    assert disk.leftovers() == []
+
+
+async def test_recovery_on_a_full_disk_finalizes_what_a_crash_left(relay_factory, disk, tmp_path, http):
+    # A crash mid-recording, as kill -9 leaves it: metadata still "recording", video cut mid-fragment.
+    source = record_script([{"timestamp_ms": 0, "start": {"prompt": "forest"}}, {"timestamp_ms": 2000, "end": {}}],
+                           store_dir=str(tmp_path / "elsewhere"), stream_id="b" * 32, owner=owner_id(API_KEY),
+                           width=160, height=96, fps=25, bitrate_kbps=300, keyframe_interval_seconds=0.5)
+    assert source.status == "complete"
+    directory = disk.path / "recordings" / source.stream_id
+    shutil.copytree(tmp_path / "elsewhere" / "recordings" / source.stream_id, directory)
+    for name in ("preview.mp4", "thumbnail.jpg"):
+        (directory / name).unlink()
+    meta = json.loads((directory / "metadata.json").read_text())
+    (directory / "metadata.json").write_text(json.dumps({**meta, "status": "recording", "ended_at": None}, indent=1))
+    with open(directory / "video.mp4", "r+b") as file:
+        file.truncate(os.fstat(file.fileno()).st_size - 1000)
+    JobStore(disk.path / "simulations.db").close()  # what that previous run left too
+    load_or_create_secret(disk.path / "url-signing.key")
+    disk.fill()
+
+    # It starts on the full disk: recovery finalizes the recording, and simulations wait for room.
+    relay = await relay_factory(simulations={"workers": 1, "poll_interval_seconds": 0.05})
+    async with http.get(f"{relay.url}/v1/recordings/{source.stream_id}", headers=AUTH) as r:
+        rec = await r.json()
+    assert rec["status"] == "partial" and rec["frame_count"] > 0, rec
+    assert json.loads((directory / "metadata.json").read_text())["status"] == "partial"
+    assert disk.leftovers() == []  # the preview it could not make left no temporary file
+    async with http.post(f"{relay.url}/v1/simulations", json={"script": TINY}, headers=AUTH) as r:
+        assert r.status == 507 and error_of(await r.json())["code"] == "INSUFFICIENT_STORAGE"
+    disk.free()
+
+    async def accepted() -> bool:
+        async with http.post(f"{relay.url}/v1/simulations", json={"script": TINY}, headers=AUTH) as r:
+            return r.status == 202
+    await eventually(accepted, timeout=5, what="simulations back once the disk has room")
+
+
+async def finished(http, base: str, stream_id: str, timeout: float = 20) -> dict:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        async with http.get(f"{base}/v1/recordings/{stream_id}", headers=AUTH) as r:
+            body = await r.json()
+            if r.status == 200 and body["status"] != "recording":
+                return body
+        assert loop.time() < end, f"recording not finished: {body}"
+        await asyncio.sleep(0.1)
