@@ -17,7 +17,7 @@ import pytest
 from relay.api.common import RECORDINGS
 from relay.client import RelayClient
 from relay.clock import FakeClock
-from relay.recordings import load_or_create_secret, owner_id
+from relay.recordings import RecordingStore, load_or_create_secret, owner_id
 from relay.simjob import record_script
 from relay.simulations import JobStore
 from tests.conftest import API_KEY, eventually
@@ -58,7 +58,7 @@ async def test_a_replay_link_hands_on_links_that_expire_with_it(relay_factory, t
     store = relay.app[RECORDINGS]
     # A link minted 50 minutes ago: ten minutes left.
     leaked = store.signed_url(f"/recordings/{stream_id}", now=time.time() - 3000)
-    async with http.get(f"{relay.url}{leaked.replace(f'/recordings/{stream_id}', f'/recordings/{stream_id}/info')}") as r:
+    async with http.get(f"{relay.url}/recordings/{stream_id}/info?{urlsplit(leaked).query}") as r:
         assert r.status == 200
         info = await r.json()
     for field in ("replay_url", "video_url", "events_url", "thumbnail_url", "preview_url"):
@@ -306,6 +306,9 @@ def error_of(body: dict) -> dict:
 
 async def test_a_full_disk_refuses_a_simulation_with_507_and_leaves_nothing_behind(relay_factory, disk, http):
     relay = await relay_factory(simulations={"workers": 1})
+    async with http.get(f"{relay.url}/v1/simulations", headers=AUTH) as r:
+        assert r.status == 200  # the client's connection open before counting
+    fds = len(os.listdir("/proc/self/fd"))
     disk.fill()
     big = [{"timestamp_ms": 0, "start": {"prompt": "p" * 2000}}]
     big += [{"timestamp_ms": i, "interact": {"prompt": "q" * 2000}} for i in range(1, 25)] + [
@@ -315,6 +318,7 @@ async def test_a_full_disk_refuses_a_simulation_with_507_and_leaves_nothing_behi
             assert r.status == 507, await r.text()
             assert error_of(await r.json())["code"] == "INSUFFICIENT_STORAGE"
     assert disk.leftovers() == []
+    assert len(os.listdir("/proc/self/fd")) == fds  # not one fd more for the refused writes
     async with http.get(f"{relay.url}/v1/simulations", headers=AUTH) as r:
         assert r.status == 200 and (await r.json())["total"] == 0  # nothing half-stored
     disk.free()
@@ -383,3 +387,20 @@ async def finished(http, base: str, stream_id: str, timeout: float = 20) -> dict
                 return body
         assert loop.time() < end, f"recording not finished: {body}"
         await asyncio.sleep(0.1)
+
+
+def test_metadata_the_disk_refused_is_written_by_the_next_sweep_once_there_is_room(disk):
+    store = RecordingStore(disk.path, retention_days=0)
+    stream_id = "c" * 32
+    store.directory(stream_id).mkdir(parents=True)
+    disk.fill()
+    result = store.recorder(stream_id, width=160, height=96, fps=25, owner="o").close("ended", timeout=10)
+    assert result.status == "failed" and "No space left on device" in result.error
+    assert not (store.directory(stream_id) / "metadata.json").exists()  # not even a file to rewrite in place
+    assert store.get(stream_id)["status"] == "failed"  # shown from memory meanwhile
+    assert store.sweep() == [] and not (store.directory(stream_id) / "metadata.json").exists()  # still full
+    disk.free()
+    store.sweep()
+    on_disk = json.loads((store.directory(stream_id) / "metadata.json").read_text())
+    assert on_disk["status"] == "failed" and "No space left on device" in on_disk["error"]
+    assert disk.leftovers() == []
