@@ -297,6 +297,11 @@ class SimulationsSettings:
     poll_interval_seconds: float = option(0.5, min=0.01, max=60)
     # Offline renders favour speed: superfast is ~1.4x faster than veryfast at a small quality cost.
     encoder_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"] = "superfast"
+    # Retention: finished jobs (completed, failed, cancelled) are deleted this long after they finished
+    # (0 = kept until max_finished_jobs pushes them out); active jobs never are.
+    keep_days: float = option(7.0, min=0, max=3650)
+    max_finished_jobs: int = option(1000, min=1, max=1_000_000)  # per API key: the oldest finished go first
+    sweep_interval_seconds: float = option(3600.0, min=0.05, max=86400)  # how often retention runs (and at start)
 
 
 @dataclass(frozen=True)

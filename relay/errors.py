@@ -98,6 +98,16 @@ def unsupported_media_type(expected: str) -> RelayError:
     )
 
 
+def insufficient_storage(what: str) -> RelayError:
+    """The relay's disk (or its database) is full: 507, nothing was stored."""
+    return RelayError(
+        "INSUFFICIENT_STORAGE",
+        507,
+        f"The relay's storage is full: {what}.",
+        action="Nothing was stored. Retry later; the operator needs to free disk space.",
+    )
+
+
 def _rebuild(code: str, status: int, message: str, action: str, details: dict[str, Any],
              retry_after: float | None) -> RelayError:
     return RelayError(code, status, message, action=action, details=details, retry_after=retry_after)

@@ -44,7 +44,7 @@ from .media.recorder import (
     make_previews,
     probe_video,
     repair_video,
-    write_json_atomic,
+    save_metadata,
 )
 
 __all__ = ["RecordingStore", "owner_id", "load_or_create_secret", "FILES", "URL_TTL_SECONDS", "STREAM_ID"]
@@ -305,8 +305,11 @@ class RecordingStore:
 
     def signed_url(self, path: str, now: float | None = None, ttl: float = URL_TTL_SECONDS) -> str:
         """``path?expires=…&signature=…``, valid for ``ttl`` seconds (an hour)."""
-        expires_at = int((self._clock.time() if now is None else now) + ttl)
-        return f"{path}?expires={expires_at}&signature={self.sign(path, expires_at)}"
+        return self.signed_until(path, int((self._clock.time() if now is None else now) + ttl))
+
+    def signed_until(self, path: str, expires_at: int) -> str:
+        """``path?expires=…&signature=…``, valid until ``expires_at`` (seconds since the epoch)."""
+        return f"{path}?expires={int(expires_at)}&signature={self.sign(path, int(expires_at))}"
 
     # -- start-up and upkeep ----------------------------------------------------------------
 
@@ -376,10 +379,24 @@ class RecordingStore:
         meta["status"] = status
         meta.setdefault("end_reason", None)
         meta["end_reason"] = meta["end_reason"] or "relay_stopped"
-        write_json_atomic(directory / METADATA_FILE, meta)
+        save_metadata(directory / METADATA_FILE, meta)  # refused even in place: the next start tries again
+
+    def save_unsaved(self) -> list[str]:
+        """Write again the metadata of finished recordings the disk refused (it may have room now).
+        Returns the ids now saved; those stay shown from memory until then."""
+        saved = [r for r in self._in_memory().values() if r.done.done() and not r.saved and r.save()]
+        with self._lock:
+            for recorder in saved:
+                if self._recorders.get(recorder.stream_id) is recorder:
+                    del self._recorders[recorder.stream_id]
+        return [r.stream_id for r in saved]
 
     def sweep(self, now: float | None = None) -> list[str]:
-        """Delete recordings that ended more than ``retention_days`` ago (0: keep forever). Returns their ids."""
+        """Delete recordings that ended more than ``retention_days`` ago (0: keep forever). Returns their ids.
+
+        First retries the metadata the disk refused (``save_unsaved``): upkeep that runs hourly anyway.
+        """
+        self.save_unsaved()
         if self.retention_days <= 0:
             return []
         now = self._clock.time() if now is None else now

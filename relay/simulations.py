@@ -25,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import errno
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .clock import SYSTEM_CLOCK, Clock, iso
-from .errors import RelayError, not_found, unprocessable
+from .errors import RelayError, insufficient_storage, not_found, unprocessable
 from .recordings import RecordingStore, owner_id, valid_stream_id
 
 __all__ = [
@@ -308,11 +309,15 @@ CREATE TABLE IF NOT EXISTS upstream_jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, status);
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_completion ON jobs (status, completed_at);
 """
 
 _COLUMNS = ("seq, job_id, owner, status, scripts, portrait, video_seconds, created_at, dispatched_at, started_at, "
             "completed_at, error_message, retry_count, stream_ids")
 _ACTIVE_SQL = "('pending', 'dispatched', 'processing')"
+_FINISHED_SQL = "('completed', 'failed', 'cancelled')"
+_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
+_WAL_LIMIT_BYTES = 1 << 20
 
 
 def _job(row: tuple[Any, ...]) -> Job:
@@ -327,17 +332,34 @@ def _job(row: tuple[Any, ...]) -> Job:
 class JobStore:
     """The jobs, in one SQLite file. Thread-safe (one connection behind a lock); every call blocks."""
 
-    def __init__(self, path: str | os.PathLike[str], *, clock: Clock = SYSTEM_CLOCK, timeout: float = 30.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, clock: Clock = SYSTEM_CLOCK, timeout: float = 30.0,
+                 max_finished: int | None = None) -> None:
+        """``max_finished``: finished jobs kept per owner (None: no bound; the relay's store has one,
+        a worker's handle only marks its job processing)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
+        self._max_finished = max_finished
         self._lock = threading.Lock()
         # Autocommit: every write below opens its own BEGIN IMMEDIATE (the write lock up front, so two
         # writers never both read a count and then both insert).
         self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
         try:
+            if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL:
+                # Pages freed by swept jobs can then be given back to the disk (sweep). A new file takes
+                # the setting as is; one made before it needs one full VACUUM, once.
+                try:
+                    self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                    if self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+                        self._db.execute("VACUUM")
+                except sqlite3.OperationalError as exc:  # no room for VACUUM's copy: next start
+                    log.warning("simulations: the job store stays without incremental vacuum for now: %s", exc)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a committed job survives power loss, not only kill -9
+            # The WAL is checkpointed at about a megabyte and cut back to it, instead of keeping its
+            # largest size (a job's script can be most of a megabyte, written twice per job).
+            self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_LIMIT_BYTES // 4096}")
+            self._db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT_BYTES}")
             self._db.executescript(_SCHEMA)
         except BaseException:
             self._db.close()
@@ -431,6 +453,7 @@ class JobStore:
             job.status, job.completed_at = "cancelled", self._clock.time()
             db.execute("UPDATE jobs SET status = 'cancelled', completed_at = ? WHERE seq = ?",
                        (job.completed_at, job.seq))
+            self._finished(db, job.job_id)
         return job
 
     def rate(self, recent: int = 20) -> float | None:
@@ -486,7 +509,10 @@ class JobStore:
         with self._write() as db:
             cur = db.execute("UPDATE jobs SET status = 'completed', completed_at = ?, error_message = NULL "
                              "WHERE job_id = ? AND status = 'processing'", (now, job_id))
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            self._finished(db, job_id)
+            return True
 
     def attempt_failed(self, job_id: str, error: str, max_retries: int, *, count: bool = True) -> str | None:
         """An attempt did not finish: back to pending (retry_count + 1), or failed after ``max_retries``.
@@ -501,17 +527,58 @@ class JobStore:
                 return None
             return self._settle(db, job_id, row[1], error, max_retries, count, now)
 
-    @staticmethod
-    def _settle(db: sqlite3.Connection, job_id: str, retries: int, error: str, max_retries: int,
+    def _settle(self, db: sqlite3.Connection, job_id: str, retries: int, error: str, max_retries: int,
                 count: bool, now: float) -> str:
         if count and retries >= max_retries:
             db.execute("UPDATE jobs SET status = 'failed', completed_at = ?, stream_ids = '[]', error_message = ? "
                        "WHERE job_id = ?", (now, f"{error} (gave up after {retries + 1} attempts)", job_id))
+            self._finished(db, job_id)
             return "failed"
         db.execute("UPDATE jobs SET status = 'pending', retry_count = ?, dispatched_at = NULL, started_at = NULL, "
                    "stream_ids = '[]', error_message = ? WHERE job_id = ?",
                    (retries + (1 if count else 0), error, job_id))
         return "pending"
+
+    # -- retention ----------------------------------------------------------------------------
+
+    def _finished(self, db: sqlite3.Connection, job_id: str) -> None:
+        """A job has just finished (in the caller's transaction): its scripts will never run again, so
+        only their number is kept (a script may be most of a megabyte), and its owner's oldest
+        finished jobs beyond ``max_finished`` go."""
+        row = db.execute("SELECT owner, scripts FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            return
+        owner, scripts = row
+        db.execute("UPDATE jobs SET scripts = ? WHERE job_id = ?",
+                   (json.dumps([[] for _ in json.loads(scripts)]), job_id))
+        db.execute("DELETE FROM upstream_jobs WHERE job_id = ?", (job_id,))
+        if self._max_finished is not None:
+            db.execute(f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE owner = ? AND status IN "
+                       f"{_FINISHED_SQL} ORDER BY completed_at DESC, seq DESC LIMIT -1 OFFSET ?)",
+                       (owner, self._max_finished))
+
+    def sweep(self, keep_seconds: float) -> int:
+        """Delete finished jobs that finished more than ``keep_seconds`` ago (0: keep them) and every
+        owner's finished jobs beyond ``max_finished``, then give the freed pages back to the disk.
+        Active jobs are never touched. Returns how many jobs went."""
+        now = self._clock.time()
+        with self._write() as db:
+            deleted = 0
+            if keep_seconds > 0:
+                deleted += db.execute(f"DELETE FROM jobs WHERE status IN {_FINISHED_SQL} AND completed_at < ?",
+                                      (now - keep_seconds,)).rowcount
+            if self._max_finished is not None:
+                deleted += db.execute(
+                    f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM (SELECT seq, ROW_NUMBER() OVER ("
+                    f"PARTITION BY owner ORDER BY completed_at DESC, seq DESC) AS n FROM jobs WHERE status IN "
+                    f"{_FINISHED_SQL}) WHERE n > ?)", (self._max_finished,)).rowcount
+            db.execute("DELETE FROM upstream_jobs WHERE job_id NOT IN (SELECT job_id FROM jobs)")
+        with self._lock:
+            # Outside any transaction: the free pages go back to the file system, then the WAL is
+            # checkpointed and cut back, so the files on disk shrink, not only the rows.
+            self._db.executescript("PRAGMA incremental_vacuum;")  # executescript: run to the end, not one step
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return deleted
 
     def interrupted(self) -> list[Job]:
         """Jobs a previous run left dispatched or processing (call at start, before any worker runs)."""
@@ -567,28 +634,53 @@ class Simulations:
         self._inflight: dict[str, tuple[Job, asyncio.Future[Any]]] = {}
         self._wake = asyncio.Event()
         self._rate = DEFAULT_SECONDS_PER_VIDEO_SECOND
+        self._next_sweep = 0.0
+        self._unavailable: BaseException | None = None  # why the store could not be opened (a full disk)
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
         """Open the store and put back what a previous run left in flight (no worker yet)."""
-        if self.store is None:
-            self.store = await asyncio.to_thread(JobStore, self.db_path, clock=self._clock)
-            await asyncio.to_thread(self._recover)
-            self._rate = await asyncio.to_thread(self.store.rate) or self._rate
+        if self.store is not None:
+            return
+        try:
+            store = await asyncio.to_thread(JobStore, self.db_path, clock=self._clock,
+                                            max_finished=self._sim.max_finished_jobs)
+        except (OSError, sqlite3.Error) as exc:
+            if not disk_full(exc):
+                raise
+            # The relay still starts (streams need no room to go on); simulations answer 507 and the
+            # supervisor opens the store once the disk has room.
+            self._unavailable = exc
+            log.warning("simulations: the job store cannot be opened (%s); retrying", exc)
+            return
+        try:
+            await asyncio.to_thread(self._recover, store)
+            self._rate = await asyncio.to_thread(store.rate) or self._rate
+        except BaseException as exc:
+            await asyncio.to_thread(store.close)
+            if isinstance(exc, (OSError, sqlite3.Error)) and disk_full(exc):
+                self._unavailable = exc
+                log.warning("simulations: recovery needs room on the disk (%s); retrying", exc)
+                return
+            raise
+        self.store, self._unavailable = store, None
+        try:
+            await self._sweep()
+        except Exception:  # a full disk or a locked file: the supervisor sweeps again later
+            log.exception("simulations: retention sweep failed")
 
-    def _recover(self) -> None:
-        assert self.store is not None
+    def _recover(self, store: JobStore) -> None:
         from .simjob import HOSTED_SCRATCH_DIR
 
         # No worker runs yet: what a killed one was downloading is garbage.
         shutil.rmtree(Path(self._settings.server.data_dir) / HOSTED_SCRATCH_DIR, ignore_errors=True)
-        stale = self.store.interrupted()
+        stale = store.interrupted()
         for job in stale:  # first delete what the cut attempt recorded, so a crash here only repeats this
             self._delete_recordings(job.stream_ids)
         if stale:
-            outcome = self.store.recover(self._sim.max_retries)
+            outcome = store.recover(self._sim.max_retries)
             log.info("simulations: %d interrupted jobs back to pending, %d failed",
                      sum(s == "pending" for s in outcome.values()), sum(s == "failed" for s in outcome.values()))
 
@@ -629,6 +721,8 @@ class Simulations:
     # -- the API's calls ----------------------------------------------------------------------
 
     def _require(self) -> JobStore:
+        if self.store is None and self._unavailable is not None:
+            raise insufficient_storage("the job store cannot be opened")
         if self.store is None:
             raise RelayError("SERVICE_UNAVAILABLE", 503, "Simulations are not available yet.", action="Retry shortly.",
                              retry_after=1)
@@ -640,7 +734,8 @@ class Simulations:
         store = self._require()
         limit = self._settings.limits.pending_simulations
         try:
-            job, ahead = await asyncio.to_thread(store.submit, owner_id(api_key), scripts, portrait, limit)
+            with _disk_full_as_507("the job could not be queued"):
+                job, ahead = await asyncio.to_thread(store.submit, owner_id(api_key), scripts, portrait, limit)
         except QueueFull as full:
             raise RelayError(
                 "SIMULATION_QUEUE_FULL", 429,
@@ -669,17 +764,31 @@ class Simulations:
         return await asyncio.to_thread(self._require().list, owner_id(api_key), statuses, limit, offset)
 
     async def cancel(self, api_key: str, job_id: str) -> Job:
-        job = await asyncio.to_thread(self._require().cancel, owner_id(api_key), job_id)
+        with _disk_full_as_507("the job could not be cancelled"):
+            job = await asyncio.to_thread(self._require().cancel, owner_id(api_key), job_id)
         log.info("simulation %s cancelled", job_id)
         return job
 
     # -- the supervisor -----------------------------------------------------------------------
 
+    async def _sweep(self) -> None:
+        """Retention: finished jobs past keep_days (and beyond max_finished_jobs a key) are deleted."""
+        assert self.store is not None
+        self._next_sweep = self._clock.monotonic() + self._sim.sweep_interval_seconds
+        deleted = await asyncio.to_thread(self.store.sweep, self._sim.keep_days * 86400)
+        if deleted:
+            log.info("simulations: retention removed %d finished jobs", deleted)
+
     async def _supervise(self) -> None:
         while True:
             try:
-                await self._settle_finished()
-                await self._dispatch()
+                if self.store is None:
+                    await self.open()  # it could not be, for want of room: maybe there is some now
+                if self.store is not None:
+                    await self._settle_finished()
+                    await self._dispatch()
+                    if self._clock.monotonic() >= self._next_sweep:
+                        await self._sweep()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a full disk, a locked database: retry on the next round
@@ -772,6 +881,31 @@ class Simulations:
         for stream_id in stream_ids:
             if valid_stream_id(stream_id):
                 shutil.rmtree(self._recordings.directory(stream_id), ignore_errors=True)
+
+
+# SQLITE_IOERR_SHMSIZE: the WAL index (simulations.db-shm) could not grow, which on a full disk is
+# what opening the store meets first.
+_SQLITE_NO_ROOM = ("SQLITE_FULL", "SQLITE_IOERR_SHMSIZE")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A write refused for want of space: ENOSPC/EDQUOT, or SQLite's SQLITE_FULL."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorname", None) in _SQLITE_NO_ROOM or "disk is full" in str(exc)
+    return False
+
+
+@contextmanager
+def _disk_full_as_507(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, sqlite3.Error) as exc:
+        if disk_full(exc):
+            log.warning("simulations: %s: %s", what, exc)
+            raise insufficient_storage(what) from None
+        raise
 
 
 def _stop_pool(pool: concurrent.futures.Executor) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from aiohttp import web
@@ -19,18 +20,25 @@ FILE_FIELDS = {"video_url": "video.mp4", "events_url": "events.jsonl",
                "thumbnail_url": "thumbnail.jpg", "preview_url": "preview.mp4"}
 
 
-def recording_body(request: web.Request, store: RecordingStore, meta: dict[str, Any]) -> dict[str, Any]:
+def recording_body(request: web.Request, store: RecordingStore, meta: dict[str, Any],
+                   expires_at: int | None = None) -> dict[str, Any]:
+    """The recording with signed links: fresh ones (an hour) for the owner's authenticated calls, or
+    ones expiring at ``expires_at``, the expiry of the link that asked (a link never renews itself)."""
     base = public_url(request)
     stream_id = meta["stream_id"]
+
+    def signed(path: str) -> str:
+        return base + (store.signed_url(path) if expires_at is None else store.signed_until(path, expires_at))
+
     body: dict[str, Any] = {"stream_id": stream_id}
     for field, name in FILE_FIELDS.items():
-        body[field] = base + store.signed_url(f"/v1/recordings/{stream_id}/{name}")
+        body[field] = signed(f"/v1/recordings/{stream_id}/{name}")
     body.update({
         "frame_count": meta.get("frame_count"),
         "duration_seconds": meta.get("duration_seconds"),
         "status": meta.get("status"),
         "error": meta.get("error"),
-        "replay_url": base + store.signed_url(f"/recordings/{stream_id}"),
+        "replay_url": signed(f"/recordings/{stream_id}"),
         **RecordingStore.summary(meta),
     })
     return body
@@ -58,11 +66,54 @@ async def get_recording(request: web.Request) -> web.Response:
     return json_response(recording_body(request, store, meta))
 
 
-def _check_signature(request: web.Request, path: str) -> None:
+def _check_signature(request: web.Request, path: str) -> int:
+    """The link's expiry (seconds since the epoch) once its signature holds; 403 otherwise."""
     store = request.app[RECORDINGS]
-    if not store.verify(path, request.query.get("expires"), request.query.get("signature")):
+    expires = request.query.get("expires")
+    if not store.verify(path, expires, request.query.get("signature")):
         raise RelayError("FORBIDDEN", 403, "This link is invalid or has expired.",
                          action="Ask for a fresh link (GET /v1/recordings/{stream_id}).")
+    return int(expires)  # verify accepted it: one plain integer
+
+
+def _unsatisfiable(size: int, message: str) -> web.Response:
+    # Rendered here rather than raised: a 416 carries Content-Range with the file's size (RFC 9110 15.5.17).
+    err = RelayError("RANGE_NOT_SATISFIABLE", 416, message,
+                     action="Ask for one range 'bytes=first-last', 'bytes=first-' or 'bytes=-suffix' "
+                            "(suffix > 0) within the file, or for the whole file without Range.",
+                     details={"size": size})
+    return web.json_response(err.to_dict(), status=416, headers={"Content-Range": f"bytes */{size}"})
+
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)", re.ASCII)
+
+
+def _range_refusal(header: str | None, size: int) -> web.Response | None:
+    """None when ``header`` is absent or names one satisfiable range (FileResponse serves it as 206).
+
+    Everything else is 416 in the error shape: a malformed header, several ranges (a recording is
+    served one range at a time; a player asks for one), a first byte past the end, or an empty suffix
+    ("bytes=-0" asks for no bytes, which no 206 can carry).
+    """
+    if header is None:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if match is None:
+        if "," in header:
+            return _unsatisfiable(size, "Only one byte range per request is served.")
+        return _unsatisfiable(size, "The Range header is malformed.")
+    first, last = match.groups()
+    if not first and not last:
+        return _unsatisfiable(size, "The Range header is malformed.")
+    if not first:  # a suffix: the last N bytes
+        if int(last) == 0 or size == 0:
+            return _unsatisfiable(size, "The range asks for no bytes.")
+        return None
+    if last and int(last) < int(first):
+        return _unsatisfiable(size, "The range ends before it starts.")
+    if int(first) >= size:
+        return _unsatisfiable(size, f"The range starts past the end of the file ({size} bytes).")
+    return None
 
 
 @routes.get("/v1/recordings/{stream_id}/{name}")
@@ -74,6 +125,9 @@ async def recording_file(request: web.Request) -> web.StreamResponse:
     path = request.app[RECORDINGS].path(stream_id, name)
     if path is None:
         raise not_found("file", f"{stream_id}/{name}")
+    refusal = _range_refusal(request.headers.get("Range"), path.stat().st_size)
+    if refusal is not None:
+        return refusal
     # FileResponse answers Range requests (206, Content-Range): video seeks without a full download.
     return web.FileResponse(path, headers={"Content-Type": FILES[name], "Cache-Control": "private, max-age=3600"})
 
@@ -89,9 +143,10 @@ async def replay_page(request: web.Request) -> web.StreamResponse:
 async def replay_info(request: web.Request) -> web.Response:
     """What the replay page needs, authorized by the page's own signed link."""
     stream_id = request.match_info["stream_id"]
-    _check_signature(request, f"/recordings/{stream_id}")
+    expires_at = _check_signature(request, f"/recordings/{stream_id}")
     store = request.app[RECORDINGS]
     meta = await asyncio.to_thread(store.get, stream_id)
     if meta is None:
         raise not_found("recording", stream_id)
-    return json_response(recording_body(request, store, meta))
+    # The links it hands on expire with this one: a leaked replay link is not a key that renews itself.
+    return json_response(recording_body(request, store, meta, expires_at))

@@ -51,6 +51,7 @@ __all__ = [
     "probe_video",
     "repair_video",
     "write_json_atomic",
+    "save_metadata",
     "MP4_OPTIONS",
     "VIDEO_FILE",
     "EVENTS_FILE",
@@ -155,6 +156,7 @@ class StreamRecorder:
         # Writer side.
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._container: Any = None
+        self._video: Any = None  # video.mp4, the container's file
         self._stream: Any = None
         self._events: Any = None
         self._frame_ticks = round(90000 / self.fps)
@@ -304,7 +306,10 @@ class StreamRecorder:
 
     def _mux(self, data: bytes, pts: int, keyframe: bool) -> None:
         if self._container is None:
-            self._container = av.open(str(self.directory / VIDEO_FILE), "w", format="mp4", options=MP4_OPTIONS)
+            # Opened here, not by FFmpeg: a muxer that fails before its header (a full disk) never
+            # closes a file it opened itself. Unbuffered, so each flushed fragment reaches the OS at once.
+            self._video = open(self.directory / VIDEO_FILE, "wb", buffering=0)
+            self._container = av.open(self._video, "w", format="mp4", options=MP4_OPTIONS)
             self._stream = self._container.add_mux_stream("h264", rate=self.fps, width=self.width, height=self.height)
             self._stream.time_base = VIDEO_TIME_BASE
         if self._base_pts is None:
@@ -329,6 +334,9 @@ class StreamRecorder:
                 container.close()  # the trailer; every fragment is already on disk
             except Exception as exc:
                 self._fail(f"finishing video.mp4 failed: {_describe(exc)}")
+        if self._video is not None:
+            video, self._video = self._video, None
+            video.close()  # FileIO, unbuffered: closing cannot fail to write
         if self._events is not None:
             events, self._events = self._events, None
             try:
@@ -381,8 +389,19 @@ class StreamRecorder:
 
     def _write_metadata(self, status: str) -> None:
         self.saved = False
-        write_json_atomic(self.directory / METADATA_FILE, self._snapshot(status))
+        save_metadata(self.directory / METADATA_FILE, self._snapshot(status))
         self.saved = True
+
+    def save(self) -> bool:
+        """Try again to write a finished recording's metadata the disk refused; True once it is on disk."""
+        if not self._done.done():
+            return False
+        if not self.saved:
+            try:
+                self._write_metadata(self._done.result().status)
+            except OSError:
+                return False
+        return True
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -395,14 +414,59 @@ def _describe(exc: BaseException) -> str:
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Replace ``path`` with ``data`` all at once: readers see the old file or the new one, never half."""
+    """Replace ``path`` with ``data`` all at once: readers see the old file or the new one, never half.
+
+    On failure (a full disk) the temporary file is closed and removed and the old file is untouched.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as file:
-        json.dump(data, file, ensure_ascii=False, indent=1, default=str)
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as file:
+            json.dump(data, file, ensure_ascii=False, indent=1, default=str)
+            file.write("\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def save_metadata(path: Path, data: Mapping[str, Any]) -> None:
+    """``write_json_atomic``, or, when the disk refuses a new file, ``data`` written over the old one.
+
+    A full disk still lets a file be rewritten within the blocks it already holds: a recording's
+    metadata.json (written at its start) can then say "failed" instead of "recording" forever. One
+    pwrite of a few hundred bytes, padded with spaces to the old length (JSON ignores them), so even a
+    kill -9 leaves the old text or the new. Raises the first error if even that is refused.
+    """
+    try:
+        write_json_atomic(path, data)
+    except OSError as first:
+        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8") + b"\n"
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except OSError:
+            raise first from None
+        try:
+            st = os.fstat(fd)
+            if len(text) > max(st.st_size, st.st_blocks * 512):
+                raise first  # it would need a block the disk no longer has
+            text = text.ljust(st.st_size, b" ")
+            if os.pwrite(fd, text, 0) != len(text):
+                raise first
+            os.fsync(fd)
+        except OSError:
+            raise first from None
+        finally:
+            os.close(fd)
+        log.warning("%s: the disk refused a new file; rewritten in place", path)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _even(value: float) -> int:
@@ -416,43 +480,56 @@ def make_previews(directory: str | os.PathLike[str], *, preview_seconds: float =
     renamed into place. preview.mp4 is H.264 constrained baseline, yuv420p, moov first (+faststart).
     """
     directory = Path(directory)
+    preview_tmp = directory / f".{PREVIEW_FILE}.tmp"
+    try:
+        last, thumb = _write_preview(directory / VIDEO_FILE, preview_tmp, preview_seconds, width)
+        if last is None:
+            raise ValueError("video.mp4 has no decodable frame")
+        os.replace(preview_tmp, directory / PREVIEW_FILE)
+    except BaseException:
+        _remove(preview_tmp)  # a full disk leaves no half preview behind
+        raise
+    _write_jpeg(thumb if thumb is not None else last, directory / THUMBNAIL_FILE)
+
+
+def _write_preview(source_path: Path, preview_tmp: Path, preview_seconds: float,
+                   width: int) -> tuple[av.VideoFrame | None, av.VideoFrame | None]:
+    """Encode preview.mp4 into ``preview_tmp``; (last frame, thumbnail frame) of those taken."""
     thumb = None
     last = None
-    preview_tmp = directory / f".{PREVIEW_FILE}.tmp"
-    with av.open(str(directory / VIDEO_FILE)) as source:
+    with av.open(str(source_path)) as source:
         video = source.streams.video[0]
         video.codec_context.thread_count = 1  # a background job: leave the cores to live streams
         src_w, src_h = video.codec_context.width, video.codec_context.height
         out_w = _even(min(width, src_w))
         out_h = _even(out_w * src_h / src_w)
         fps = video.average_rate or video.guessed_rate or 25
-        out = av.open(str(preview_tmp), "w", format="mp4", options={"movflags": "+faststart"})
-        try:
-            encoder = out.add_stream("libx264", rate=fps)
-            encoder.width, encoder.height, encoder.pix_fmt = out_w, out_h, "yuv420p"
-            encoder.codec_context.profile = "Baseline"
-            encoder.codec_context.options = {"preset": "veryfast", "crf": "30", "threads": "1", "level": "30"}
-            time_base = 1 / fractions.Fraction(fps)
-            count = 0
-            for frame in _decoded(source, video):
-                t = frame.time if frame.time is not None else count / float(fps)
-                if t >= preview_seconds:
-                    break
-                small = frame.reformat(width=out_w, height=out_h, format="yuv420p")
-                if thumb is None and t >= THUMBNAIL_AT_SECONDS:
-                    thumb = small
-                last = small
-                small.pts, small.time_base = count, time_base
-                count += 1
-                out.mux(encoder.encode(small))
-            out.mux(encoder.encode(None))
-        finally:
-            out.close()
-    if last is None:
-        preview_tmp.unlink(missing_ok=True)
-        raise ValueError("video.mp4 has no decodable frame")
-    os.replace(preview_tmp, directory / PREVIEW_FILE)
-    _write_jpeg(thumb if thumb is not None else last, directory / THUMBNAIL_FILE)
+        # The file is opened here, not by FFmpeg: a muxer that fails before its header is written
+        # never closes a file it opened, and the fd would outlive the failure.
+        with open(preview_tmp, "w+b", buffering=0) as file:
+            out = av.open(file, "w", format="mp4", options={"movflags": "+faststart"})
+            try:
+                encoder = out.add_stream("libx264", rate=fps)
+                encoder.width, encoder.height, encoder.pix_fmt = out_w, out_h, "yuv420p"
+                encoder.codec_context.profile = "Baseline"
+                encoder.codec_context.options = {"preset": "veryfast", "crf": "30", "threads": "1", "level": "30"}
+                time_base = 1 / fractions.Fraction(fps)
+                count = 0
+                for frame in _decoded(source, video):
+                    t = frame.time if frame.time is not None else count / float(fps)
+                    if t >= preview_seconds:
+                        break
+                    small = frame.reformat(width=out_w, height=out_h, format="yuv420p")
+                    if thumb is None and t >= THUMBNAIL_AT_SECONDS:
+                        thumb = small
+                    last = small
+                    small.pts, small.time_base = count, time_base
+                    count += 1
+                    out.mux(encoder.encode(small))
+                out.mux(encoder.encode(None))
+            finally:
+                out.close()
+    return last, thumb
 
 
 def _decoded(container: Any, video: Any):
@@ -474,8 +551,12 @@ def _write_jpeg(frame: av.VideoFrame, path: Path) -> None:
     image.pts = 0
     data = b"".join(bytes(p) for p in ctx.encode(image) + ctx.encode(None))
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 # -------------------------------------------------------------------- the file after a crash
