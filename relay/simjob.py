@@ -273,12 +273,11 @@ def run_job(spec: Mapping[str, Any]) -> dict[str, Any]:
 async def _run_hosted(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The hosted model renders the job; its videos become this job's recordings (same stream ids as a
     local run, so nothing above this function knows the difference)."""
-    from .worldmodel.hosted import HostedWorldModel
-
     from .simulations import JobStore
+    from .worldmodel.hosted import HostedClient
 
     hosted = spec["hosted"]
-    model = HostedWorldModel(hosted["url"], hosted["api_key"], api_key_env=hosted["api_key_env"])
+    client = HostedClient(hosted["url"], hosted["api_key"], api_key_env=hosted["api_key_env"])
     store = JobStore(spec["db_path"])
     upstream_id = store.upstream_job(spec["job_id"])  # an earlier attempt's, still worth waiting for
     finished = False
@@ -288,9 +287,9 @@ async def _run_hosted(spec: Mapping[str, Any]) -> dict[str, Any]:
     os.makedirs(scratch, exist_ok=True)
     try:
         if upstream_id is None:
-            upstream_id = await model.simulate(list(spec["scripts"]), bool(spec.get("portrait")))
+            upstream_id = await client.simulate(list(spec["scripts"]), bool(spec.get("portrait")))
             store.set_upstream_job(spec["job_id"], upstream_id)
-        job = await model.finished_simulation(upstream_id)
+        job = await client.finished_simulation(upstream_id)
         finished = True
         if job.get("status") != "completed":
             store.set_upstream_job(spec["job_id"], None)  # a retry submits it afresh
@@ -304,7 +303,7 @@ async def _run_hosted(spec: Mapping[str, Any]) -> dict[str, Any]:
                 if not upstream or not upstream.get("video_url"):
                     raise RuntimeError(f"the hosted simulation {upstream_id} has no video for script {index}")
                 path = os.path.join(tmp, f"{index}.mp4")
-                await model.download(upstream["video_url"], path)
+                await client.download(upstream["video_url"], path)
                 result = await asyncio.to_thread(
                     import_video, path, script, store_dir=spec["data_dir"], stream_id=stream_id, owner=spec["owner"],
                     bitrate_kbps=spec["bitrate_kbps"], keyframe_interval_seconds=spec["keyframe_interval_seconds"],
@@ -318,8 +317,8 @@ async def _run_hosted(spec: Mapping[str, Any]) -> dict[str, Any]:
                                 "duration_seconds": result.duration_seconds})
     finally:
         if upstream_id is not None and not finished:  # gave up waiting: stop it costing upstream
-            await model.cancel_simulation(upstream_id)
+            await client.cancel_simulation(upstream_id)
             store.set_upstream_job(spec["job_id"], None)
         store.close()
-        await model.close()
+        await client.close()
     return {"status": "completed", "stream_ids": list(spec["stream_ids"]), "recordings": results}

@@ -13,7 +13,7 @@ import fractions
 import av
 from av.video.frame import PictureType
 
-VIDEO_TIME_BASE = fractions.Fraction(1, 90000)
+from ..worldmodel.base import VIDEO_TIME_BASE
 
 
 class H264Encoder:

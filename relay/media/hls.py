@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import av
 
-from .encoder import VIDEO_TIME_BASE
+from ..worldmodel.base import VIDEO_TIME_BASE
 
 log = logging.getLogger(__name__)
 

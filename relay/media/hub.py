@@ -19,7 +19,6 @@ each RTCRtpSender encodes for itself.  A frame is always a valid starting point,
 from __future__ import annotations
 
 import asyncio
-import fractions
 import logging
 from collections import deque
 from typing import Callable, Union
@@ -27,11 +26,11 @@ from typing import Callable, Union
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from ..worldmodel.base import VIDEO_TIME_BASE
+
 log = logging.getLogger(__name__)
 
 Media = Union[av.Packet, av.VideoFrame]
-
-VIDEO_TIME_BASE = fractions.Fraction(1, 90000)
 
 
 class SpectatorTrack(MediaStreamTrack):

@@ -5,27 +5,20 @@ A streamer runs one *stream* at a time: ``start_stream`` returns a video track t
 yields ``av.VideoFrame``s at the source's own pace; ``interact`` steers it;
 ``end_stream`` stops the track; ``disconnect`` gives the streamer back.
 
-Sources: ``synthetic`` (built in, numpy), and later remote/hosted ones.  The rest of
-the relay only ever sees this protocol, so a new source is one new module.
+Sources: ``synthetic`` (built in, numpy) and ``hosted`` (the hosted API, as its client).  The rest
+of the relay only ever sees this protocol, so a new source is one new module or package.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fractions
 from typing import Protocol, runtime_checkable
 
 from aiortc.mediastreams import MediaStreamTrack
 
-
-class WorldModelError(Exception):
-    """The upstream failed: the stream ends with reason ``upstream_error``."""
-
-
-@dataclass(frozen=True)
-class StreamFormat:
-    width: int
-    height: int
-    fps: int
+# Every frame and packet on the media path is timed on the RTP video clock.
+VIDEO_CLOCK_RATE = 90000
+VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
 
 
 @runtime_checkable

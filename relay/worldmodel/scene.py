@@ -30,7 +30,6 @@ How it stays inside ~10 ms per 1280x704 frame on one core
 
 from __future__ import annotations
 
-import fractions
 import functools
 import hashlib
 import math
@@ -40,10 +39,9 @@ from typing import Callable
 import av
 import numpy as np
 
-__all__ = ["SceneRenderer", "TRANSITION_S", "VIDEO_CLOCK_RATE", "VIDEO_TIME_BASE", "prepare"]
 
-VIDEO_CLOCK_RATE = 90000
-VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+__all__ = ["SceneRenderer", "TRANSITION_S", "prepare"]
+
 
 #: How long a prompt change takes to blend from the old look to the new one.
 TRANSITION_S = 1.0

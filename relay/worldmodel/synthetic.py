@@ -13,7 +13,8 @@ import concurrent.futures
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from .scene import TRANSITION_S, VIDEO_CLOCK_RATE, VIDEO_TIME_BASE, SceneRenderer, prepare
+from .base import VIDEO_CLOCK_RATE, VIDEO_TIME_BASE
+from .scene import TRANSITION_S, SceneRenderer, prepare
 
 __all__ = ["SceneRenderer", "SyntheticTrack", "SyntheticStreamer", "SyntheticWorldModel", "TRANSITION_S", "prepare"]
 

@@ -461,7 +461,7 @@ async def test_polling_a_hosted_simulation_waits_out_hiccups_and_stops_on_a_4xx(
     # connection, then the job's end; and a job it does not know.
     from aiohttp import web
 
-    from relay.worldmodel.hosted import HostedTimeouts
+    from relay.worldmodel.hosted import HostedClient, HostedTimeouts
 
     answers = {"j1": [503, "drop", 200]}
     deleted = []
@@ -488,18 +488,18 @@ async def test_polling_a_hosted_simulation_waits_out_hiccups_and_stops_on_a_4xx(
     app.router.add_post("/auth/token", token)
     app.router.add_route("*", "/simulation-jobs/{job_id}", job)
     server = await aiohttp_server(app)
-    model = HostedWorldModel(str(server.make_url("")).rstrip("/"), "key",
-                             timeouts=HostedTimeouts(simulation_poll=0.01, simulation=5))
+    client = HostedClient(str(server.make_url("")).rstrip("/"), "key",
+                          timeouts=HostedTimeouts(simulation_poll=0.01, simulation=5))
     try:
-        assert (await model.finished_simulation("j1"))["status"] == "completed"
+        assert (await client.finished_simulation("j1"))["status"] == "completed"
         assert answers["j1"] == []  # it read through the 503 and the dropped connection
         with pytest.raises(RelayError) as err:
-            await model.finished_simulation("gone")
+            await client.finished_simulation("gone")
         assert "lost simulation gone: 404" in err.value.message
-        await model.cancel_simulation("j2")
+        await client.cancel_simulation("j2")
         assert deleted == ["j2"]
     finally:
-        await model.close()
+        await client.close()
 
 
 async def test_a_hosted_simulation_whose_worker_dies_waits_for_the_same_upstream_job(relay_factory, tmp_path,
