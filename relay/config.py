@@ -184,6 +184,9 @@ class ServerSettings:
     data_dir: str = option("./data", nonempty=True)
     max_body_bytes: int = option(1048576, min=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Deadlines for peers that stall (a stranger's connection must not hold an fd or a task for long).
+    shutdown_seconds: float = option(5.0, min=0.5, max=120)  # SIGTERM to exit, sockets told and recordings final
+    send_timeout_seconds: float = option(5.0, min=0.1, max=300)  # a socket's reader must take each message by then
 
 
 @dataclass(frozen=True)

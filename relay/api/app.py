@@ -89,6 +89,7 @@ def create_app(settings: Settings, world_model: WorldModel | None = None, *, rea
 
     for module in (connections, broadcasts, orchestration, recordings, simulations, ops, pages):
         app.router.add_routes(module.routes)
+    app.on_shutdown.append(_shut_down)
     # The hosted world-model API's own protocol (its SDK runs unchanged), over the same core.
     app.add_subapp(ODYSSEY_PREFIX, create_odyssey_app(app))
     pages.add_static(app)
@@ -121,6 +122,19 @@ async def _sweep_recordings(store: RecordingStore, interval: float = 3600.0) -> 
         except Exception:
             log.exception("recordings sweep failed")
         await asyncio.sleep(interval)
+
+
+async def _shut_down(app: web.Application) -> None:
+    """SIGTERM/SIGINT, after the listener stopped and before aiohttp waits on open handlers: close
+    every connection as "shutdown" so nothing is left for it to wait out. Each stream ends and its
+    recording is finalized, each control socket hears `disconnected {reason: "shutdown"}`, and every
+    control, events and signalling socket closes 1001 "shutdown" (their send paths do that)."""
+    seconds = app[SETTINGS].server.shutdown_seconds
+    try:
+        # Most of the budget: the rest goes to requests in flight and the lifecycle's own cleanup.
+        await asyncio.wait_for(app[SESSIONS].close(), seconds * 0.7)
+    except asyncio.TimeoutError:
+        log.warning("shutdown: connections still closing after %.1f s", seconds * 0.7)
 
 
 def _lifecycle(reaper_interval: float):
