@@ -83,12 +83,12 @@ def _uvloop_run():
 
 
 async def serve_forever(settings: Settings, generated_key: str | None, demo: bool) -> None:
-    from .api.app import create_app
+    from .api.app import Runner, create_app
 
     app = create_app(settings)
     # The app's shutdown hook closes every socket first; what aiohttp then still waits on (a request
     # in flight) gets a fifth of the budget.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.server.shutdown_seconds / 5)
+    runner = Runner(app, access_log=None, shutdown_timeout=settings.server.shutdown_seconds / 5)
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
     try:

@@ -109,5 +109,6 @@ async def close_within(request: web.Request, ws: web.WebSocketResponse, code: in
         await asyncio.wait_for(ws.close(code=code, message=message, drain=False), seconds)
     except asyncio.TimeoutError:
         pass
-    if transport is not None:  # a no-op for a transport that has flushed and closed by then
-        asyncio.get_running_loop().call_later(seconds, transport.abort)
+    finally:  # also when cancelled (the socket's handler ends first): the fd must go all the same
+        if transport is not None:  # a no-op for a transport that has flushed and closed by then
+            asyncio.get_running_loop().call_later(seconds, transport.abort)
