@@ -83,10 +83,12 @@ def _uvloop_run():
 
 
 async def serve_forever(settings: Settings, generated_key: str | None, demo: bool) -> None:
-    from .api.app import create_app
+    from .api.app import Runner, create_app
 
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None)
+    # The app's shutdown hook closes every socket first; what aiohttp then still waits on (a request
+    # in flight) gets a fifth of the budget.
+    runner = Runner(app, access_log=None, shutdown_timeout=settings.server.shutdown_seconds / 5)
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
     try:
@@ -127,7 +129,17 @@ async def serve_forever(settings: Settings, generated_key: str | None, demo: boo
         if demo_task is not None:
             demo_task.cancel()
             await asyncio.gather(demo_task, return_exceptions=True)
-        await runner.cleanup()
+        await _stop(runner, settings.server.shutdown_seconds)
+
+
+async def _stop(runner: web.AppRunner, seconds: float) -> None:
+    """Stop listening, tell every socket, end streams, finalize recordings (the app's shutdown and
+    cleanup), and exit within `seconds` regardless: what is cut short then (a recording that could
+    not finish) is recovered as partial at the next start."""
+    try:
+        await asyncio.wait_for(runner.cleanup(), seconds)
+    except asyncio.TimeoutError:
+        logging.getLogger("relay").warning("shutdown took over %g s; exiting anyway", seconds)
 
 
 def _display_host(host: str) -> str:

@@ -184,6 +184,11 @@ class ServerSettings:
     data_dir: str = option("./data", nonempty=True)
     max_body_bytes: int = option(1048576, min=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Deadlines for peers that stall (a stranger's connection must not hold an fd or a task for long).
+    shutdown_seconds: float = option(5.0, min=0.5, max=120)  # SIGTERM to exit, sockets told and recordings final
+    send_timeout_seconds: float = option(5.0, min=0.1, max=300)  # a socket's reader must take each message by then
+    header_timeout_seconds: float = option(10.0, min=0.1, max=300)  # a request's headers, from connect or last reply
+    body_timeout_seconds: float = option(30.0, min=0.1, max=600)  # a request's whole body, from its headers
 
 
 @dataclass(frozen=True)

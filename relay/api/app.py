@@ -7,6 +7,8 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
 
 from ..config import Settings
 from ..errors import RelayError, too_large
@@ -33,6 +35,10 @@ CORS_HEADERS = {
 
 _STATUS_CODES = {400: "INVALID_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND",
                  405: "INVALID_REQUEST", 413: "INVALID_REQUEST", 415: "INVALID_REQUEST"}
+
+# A refused request's unread body is read and dropped this long at most before the socket closes
+# (so the client sees the answer, not a reset); aiohttp's 10 s would let a declared body hold it.
+LINGER_SECONDS = 2.0
 
 
 @web.middleware
@@ -72,12 +78,75 @@ async def errors(request: web.Request, handler) -> web.StreamResponse:
         return _render(RelayError("INTERNAL", 500, "Internal error.", action="Retry; report it if it persists."))
 
 
+@web.middleware
+async def body_deadline(request: web.Request, handler) -> web.StreamResponse:
+    """A body is refused on its declared length before a byte of it is read, and must arrive whole
+    within body_timeout_seconds of the headers: a peer that trickles it cannot hold a handler."""
+    server = request.app[SETTINGS].server
+    if request.content_length is not None and request.content_length > server.max_body_bytes:
+        raise too_large(server.max_body_bytes)
+    if request.body_exists:
+        try:  # read once here; the handler's read()/json() get the same bytes back
+            await asyncio.wait_for(request.read(), server.body_timeout_seconds)
+        except asyncio.TimeoutError:
+            raise RelayError("INVALID_REQUEST", 408, f"The request body did not arrive within "
+                             f"{server.body_timeout_seconds:g} s.", action="Send the body at once.",
+                             details={"limit_seconds": server.body_timeout_seconds}) from None
+    return await handler(request)
+
+
 def _render(err: RelayError) -> web.Response:
-    return web.json_response(err.to_dict(), status=err.status, headers={**err.headers(), **CORS_HEADERS})
+    response = web.json_response(err.to_dict(), status=err.status, headers={**err.headers(), **CORS_HEADERS})
+    if err.status in (408, 413):
+        response.force_close()  # the rest of that body is not wanted on this socket
+    return response
+
+
+class _Protocol(RequestHandler):
+    """aiohttp's connection handler, answering what its parser refuses (a header over 8 KB, too many
+    headers, a malformed request) in the error shape too: that answer is made before any middleware."""
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500:
+            return super().handle_error(request, status, exc, message)  # logs the traceback, as it should
+        if request.writer.output_size > 0:  # an answer is under way: nothing more can be said on it
+            raise ConnectionError("Response is sent already")
+        # A stranger's malformed request is not the relay's error: debug, not a logged traceback.
+        log.debug("refused a malformed request from %s: %s", request.remote, exc)
+        text = message or str(exc) or "bad request"  # aiohttp passes its parser's own message
+        too_large = isinstance(exc, LineTooLong) or "Too many headers" in text
+        response = _render(RelayError(
+            "INVALID_REQUEST", 431 if too_large else 400,
+            "Request headers too large (8 KB a line, 128 headers at most)." if too_large
+            else f"Malformed HTTP request: {text}", action="Fix the request and retry."))
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _Protocol(self, loop=asyncio.get_running_loop(), **self._kwargs)
+
+
+class Runner(web.AppRunner):
+    """The app's runner for `relay serve`: aiohttp's, with the relay's connection handler (the tests'
+    TestServer keeps aiohttp's own, so they check the parser's answers through `relay serve`)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return _Server(server.request_handler, request_factory=server.request_factory,
+                       handler_cancellation=server.handler_cancellation, **server._kwargs)
 
 
 def create_app(settings: Settings, world_model: WorldModel | None = None, *, reaper_interval: float = 0.1) -> web.Application:
-    app = web.Application(middlewares=[cors, errors], client_max_size=settings.server.max_body_bytes)
+    server = settings.server
+    app = web.Application(
+        middlewares=[cors, errors, body_deadline], client_max_size=server.max_body_bytes,
+        # aiohttp's keep-alive timer also runs from the connect until a request's headers are complete:
+        # a silent connection, or one that trickles its headers, is closed at header_timeout_seconds.
+        handler_args={"keepalive_timeout": server.header_timeout_seconds, "lingering_time": LINGER_SECONDS},
+    )
     app[SETTINGS] = settings
     app[API_KEYS] = tuple(settings.auth.api_keys)
     if world_model is None:
@@ -89,6 +158,7 @@ def create_app(settings: Settings, world_model: WorldModel | None = None, *, rea
 
     for module in (connections, broadcasts, orchestration, recordings, simulations, ops, pages):
         app.router.add_routes(module.routes)
+    app.on_shutdown.append(_shut_down)
     # The hosted world-model API's own protocol (its SDK runs unchanged), over the same core.
     app.add_subapp(ODYSSEY_PREFIX, create_odyssey_app(app))
     pages.add_static(app)
@@ -121,6 +191,19 @@ async def _sweep_recordings(store: RecordingStore, interval: float = 3600.0) -> 
         except Exception:
             log.exception("recordings sweep failed")
         await asyncio.sleep(interval)
+
+
+async def _shut_down(app: web.Application) -> None:
+    """SIGTERM/SIGINT, after the listener stopped and before aiohttp waits on open handlers: close
+    every connection as "shutdown" so nothing is left for it to wait out. Each stream ends and its
+    recording is finalized, each control socket hears `disconnected {reason: "shutdown"}`, and every
+    control, events and signalling socket closes 1001 "shutdown" (their send paths do that)."""
+    seconds = app[SETTINGS].server.shutdown_seconds
+    try:
+        # Most of the budget: the rest goes to requests in flight and the lifecycle's own cleanup.
+        await asyncio.wait_for(app[SESSIONS].close(), seconds * 0.7)
+    except asyncio.TimeoutError:
+        log.warning("shutdown: connections still closing after %.1f s", seconds * 0.7)
 
 
 def _lifecycle(reaper_interval: float):

@@ -13,7 +13,8 @@ from .. import metrics
 from ..auth import check_spectator, is_api_key
 from ..broadcast import Broadcast
 from ..errors import RelayError, unsupported_media_type
-from .common import API_KEYS, SESSIONS, SETTINGS, json_response, token_of
+from .common import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, TOO_SLOW, close_within, json_response,
+                     send_within, token_of)
 
 # The events socket's close code when the same participant resumed on a newer socket: the
 # page that gets it should not resume again (two tabs would take turns replacing each other).
@@ -141,7 +142,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     channel = broadcast.open_channel(request.query.get("resume"))
     participant_id = channel.participant_id
-    sender = asyncio.create_task(_pump(ws, channel), name="relay-events-send")
+    sender = asyncio.create_task(_pump(request, ws, channel), name="relay-events-send")
     try:
         await ws.send_json({
             "type": "hello",
@@ -176,17 +177,21 @@ async def events(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _pump(ws: web.WebSocketResponse, channel) -> None:
+async def _pump(request: web.Request, ws: web.WebSocketResponse, channel) -> None:
+    sessions, seconds = request.app[SESSIONS], request.app[SETTINGS].server.send_timeout_seconds
     while True:
         event = await channel.queue.get()
         if event is None or channel.overflowed:
             # Replaced first: a replaced socket that was also behind must still say "replaced",
             # or its page would resume the same identity and the two would take turns.
             if channel.replaced:  # the same participant opened a newer socket
-                await ws.close(code=REPLACED_CLOSE_CODE, message=b"replaced")
+                await close_within(request, ws, REPLACED_CLOSE_CODE, b"replaced", seconds)
             elif channel.overflowed:
-                await ws.close(code=1008, message=b"too slow")
+                await close_within(request, ws, TOO_SLOW, b"too slow", seconds)
+            elif sessions.closed:  # the relay is stopping (stream_ended, if one was live, went first)
+                await close_within(request, ws, GOING_AWAY, b"shutdown", seconds)
             else:
-                await ws.close(code=1000, message=b"closed")
+                await close_within(request, ws, 1000, b"closed", seconds)
             return
-        await ws.send_str(event)  # serialized once by the broadcast
+        if not await send_within(request, ws, event, seconds):  # serialized once by the broadcast
+            return

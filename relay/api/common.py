@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -18,6 +19,10 @@ SESSIONS = web.AppKey("sessions", SessionManager)
 API_KEYS = web.AppKey("api_keys", tuple)
 RECORDINGS = web.AppKey("recordings", RecordingStore)
 SIMULATIONS = web.AppKey("simulations", Simulations)
+
+# WebSocket close codes the relay's sockets end with (beside 1000 and the events socket's 4001).
+GOING_AWAY = 1001  # "shutdown": the relay is stopping
+TOO_SLOW = 1008  # "too slow": the reader did not take its messages in time (a policy, as an overflowed outbox)
 
 
 def token_of(request: web.Request) -> str | None:
@@ -80,3 +85,30 @@ def broadcast_info(request: web.Request, conn: Connection) -> dict[str, Any]:
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(data, status=status, headers=headers)
+
+
+async def send_within(request: web.Request, ws: web.WebSocketResponse, text: str, seconds: float) -> bool:
+    """Send one message, or cut the socket off (1008 "too slow") when its reader has not taken it
+    within `seconds`: a peer that stops reading must hold neither the sender nor a descriptor.
+    False when the socket was cut off."""
+    try:
+        await asyncio.wait_for(ws.send_str(text), seconds)
+        return True
+    except asyncio.TimeoutError:
+        await close_within(request, ws, TOO_SLOW, b"too slow", seconds)
+        return False
+
+
+async def close_within(request: web.Request, ws: web.WebSocketResponse, code: int, message: bytes,
+                       seconds: float) -> None:
+    """Close with a code, waiting `seconds` at most for the peer's reply. The close frame queues
+    behind whatever the peer has not read yet (a reader that catches up still learns why), and the
+    descriptor goes `seconds` later whether or not that backlog ever drained."""
+    transport = request.transport
+    try:
+        await asyncio.wait_for(ws.close(code=code, message=message, drain=False), seconds)
+    except asyncio.TimeoutError:
+        pass
+    finally:  # also when cancelled (the socket's handler ends first): the fd must go all the same
+        if transport is not None:  # a no-op for a transport that has flushed and closed by then
+            asyncio.get_running_loop().call_later(seconds, transport.abort)

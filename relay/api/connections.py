@@ -15,7 +15,8 @@ from ..auth import check_owner, is_api_key, require_api_key
 from ..clock import iso
 from ..errors import RelayError, invalid_request, not_found, unauthorized
 from ..sessions import Connection, SessionManager, Stream
-from .common import API_KEYS, SESSIONS, SETTINGS, broadcast_info, json_response, public_url, read_json, token_of
+from .common import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, broadcast_info, close_within, json_response,
+                     public_url, read_json, send_within, token_of)
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ async def control(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     outbox = conn.listen()
     sessions.control_opened(conn)
-    sender = asyncio.create_task(_send_events(ws, outbox), name="relay-control-send")
+    sender = asyncio.create_task(_send_events(request, ws, outbox), name="relay-control-send")
     try:
         await ws.send_json({"type": "connected", "connection_id": conn.connection_id,
                             "broadcast": broadcast_info(request, conn),
@@ -220,12 +221,17 @@ async def control(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _send_events(ws: web.WebSocketResponse, outbox: asyncio.Queue) -> None:
+async def _send_events(request: web.Request, ws: web.WebSocketResponse, outbox: asyncio.Queue) -> None:
+    seconds = request.app[SETTINGS].server.send_timeout_seconds
     while True:
         event = await outbox.get()
-        await ws.send_json(event)
+        if not await send_within(request, ws, json.dumps(event), seconds):
+            return
         if event.get("type") == "disconnected":
-            await ws.close()
+            if event.get("reason") == "shutdown":
+                await close_within(request, ws, GOING_AWAY, b"shutdown", seconds)
+            else:
+                await close_within(request, ws, 1000, event.get("reason", "").encode(), seconds)
             return
 
 

@@ -42,7 +42,7 @@ from ..api.common import (
     read_json,
     token_of,
 )
-from ..api.common import query_int
+from ..api.common import GOING_AWAY, close_within, query_int, send_within
 from ..api.recordings import recording_body
 from ..api.simulations import recordings_of, statuses_of
 from ..auth import is_api_key
@@ -344,14 +344,22 @@ class SignallingSession:
             await self.end("connection_timeout")
 
     async def end(self, reason: str) -> None:
-        """Tell the SDK (its only server-side end: `error`, then the close) and close the socket."""
+        """Tell the SDK (its only server-side end: `error`, then the close) and close the socket:
+        1001 "shutdown" when the relay is stopping. Each bounded by send_timeout_seconds, so an SDK
+        that stopped reading cannot hold the socket (it is cut off with 1008 "too slow")."""
         if self.ws.closed:
             return
+        seconds = self.request.app[SETTINGS].server.send_timeout_seconds
         try:
-            await self.ws.send_json({"type": protocol.ERROR, "reason": reason})
+            if not await send_within(self.request, self.ws, json.dumps({"type": protocol.ERROR, "reason": reason}),
+                                     seconds):
+                return
         except (ConnectionError, RuntimeError):
             pass
-        await self.ws.close()
+        if self.sessions.closed:
+            await close_within(self.request, self.ws, GOING_AWAY, b"shutdown", seconds)
+        else:
+            await close_within(self.request, self.ws, 1000, b"", seconds)
 
     async def close(self) -> None:
         """Everything this session holds; safe to call twice and from any task.
