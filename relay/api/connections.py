@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
 from typing import Any
 
@@ -14,6 +13,7 @@ from aiohttp import WSMsgType, web
 from ..auth import check_owner, is_api_key, require_api_key
 from ..clock import iso
 from ..errors import RelayError, invalid_request, not_found, unauthorized
+from ..inputs import parse_json
 from ..sessions import Connection, SessionManager, Stream
 from .common import API_KEYS, SESSIONS, SETTINGS, broadcast_info, json_response, public_url, read_json, token_of
 
@@ -232,10 +232,7 @@ async def _send_events(ws: web.WebSocketResponse, outbox: asyncio.Queue) -> None
 async def _handle_control_message(request: web.Request, conn: Connection, data: str, ws) -> None:
     sessions = request.app[SESSIONS]
     try:
-        try:
-            message = json.loads(data)
-        except ValueError:
-            raise invalid_request("Control messages are JSON objects.") from None
+        message = parse_json(data, request.app[SETTINGS].server.max_json_depth)
         if not isinstance(message, dict):
             raise invalid_request("Control messages are JSON objects.")
         kind = message.get("type")
