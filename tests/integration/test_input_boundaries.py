@@ -14,7 +14,7 @@ import pytest
 
 from relay.client import RelayClient
 from relay.odyssey.server import TWIN
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, eventually, frames_pass
 
 LONG = {"stream_max_seconds": 60, "idle_timeout_seconds": 60}
 DEPTH = 8  # a short limit from config, so "just over" stays small
@@ -33,6 +33,9 @@ BAD_JSON = {
     "infinity": "[-Infinity]",
     "not_json": "{'prompt': 'single quotes'}",
 }
+# Text the relay refuses wherever it enters (JSON escapes: what a client's encoder sends).
+BAD_TEXT = {"lone_high": "a \ud800 b", "lone_low": "\udfff", "nul": "a\x00b", "escape": "\x1b[31mred",
+            "c1": "x\x85y", "del": "x\x7f"}
 
 
 @pytest.fixture
@@ -158,3 +161,120 @@ async def test_sockets_answer_bad_json_and_stay_open(live, http, caplog):
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
     for ws in (events, control, signalling):
         await ws.close()
+
+
+# -- text: lone surrogates and control characters ------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(BAD_TEXT))
+async def test_every_rest_entry_refuses_bad_text_with_422(live, http, name):
+    relay, conn, stream_id = live
+    text = BAD_TEXT[name]
+    async with http.post(f"{relay.url}/v1/streams/{stream_id}/interact", json={"prompt": text}, headers=AUTH) as r:
+        error = assert_error_shape(await r.json())
+        assert r.status == 422 and error["details"] == {"field": "prompt", "reason": "invalid_text"}, error
+    # A second connection's first stream: the same rule (a connection holds one stream at a time).
+    async with http.post(f"{relay.url}/v1/connections", headers=AUTH) as r:
+        other = await r.json()
+    async with http.post(f"{relay.url}/v1/connections/{other['connection_id']}/streams", json={"prompt": text},
+                         headers=AUTH) as r:
+        error = assert_error_shape(await r.json())
+        assert r.status == 422 and error["details"]["field"] == "prompt", error
+    async with http.delete(f"{relay.url}/v1/connections/{other['connection_id']}", headers=AUTH) as r:
+        assert r.status == 204
+    script = [{"timestamp_ms": 0, "start": {"prompt": "ok"}},
+              {"timestamp_ms": 500, "interact": {"prompt": text}},
+              {"timestamp_ms": 1000, "end": {}}]
+    async with http.post(f"{relay.url}/v1/simulations", json={"script": script}, headers=AUTH) as r:
+        error = assert_error_shape(await r.json())
+        assert r.status == 422, error
+        assert error["details"]["index"] == 1 and error["details"]["field"] == "interact.prompt"
+        assert error["details"]["reason"] == "invalid_text"
+    async with http.get(f"{relay.url}/v1/simulations", headers=AUTH) as r:
+        assert (await r.json())["total"] == 0  # nothing was queued to fail its retries
+
+
+async def test_sockets_refuse_bad_text_and_stay_open(live, http):
+    relay, conn, stream_id = live
+    events = await events_socket(http, conn)
+    control = await control_socket(http, conn)
+    for text in BAD_TEXT.values():
+        await events.send_json({"type": "input", "prompt": text})
+        result = await next_of(events, "input_result")
+        assert result["status"] == "rejected" and result["reason"] == "invalid_text", result
+        await events.send_json({"type": "hello", "name": text})
+        reply = await next_of(events, "error")
+        assert reply["code"] == "INVALID_REQUEST" and reply["fatal"] is False
+        assert reply["details"] == {"field": "name", "reason": "invalid_text"}
+        await control.send_json({"type": "interact", "prompt": text})
+        reply = await next_of(control, "error")
+        assert reply["code"] == "INVALID_REQUEST" and reply["details"]["field"] == "prompt", reply
+    # A name is one line; a prompt may have line breaks (collapsed for participants).
+    await events.send_json({"type": "hello", "name": "Ann\nBob"})
+    assert (await next_of(events, "error"))["details"]["field"] == "name"
+    await events.send_json({"type": "hello", "name": "Zoe\u0301"})  # NFC: one "é"-like letter
+    await events.send_json({"type": "input", "prompt": "a kite\nin the wind"})
+    assert (await next_of(events, "input_result"))["status"] == "queued"
+    state = relay.sessions.broadcast(conn.broadcast["broadcast_id"]).orchestrator.state(host=True)
+    names = [p["name"] for p in state["participants"]]
+    assert "Zo\u00e9" in names and not any(n and "\n" in n for n in names), names
+    await events.close()
+    await control.close()
+
+
+async def test_a_stream_fed_bad_text_still_ends_with_a_complete_recording(live, http):
+    relay, conn, stream_id = live
+    broadcast = relay.sessions.broadcast(conn.broadcast["broadcast_id"])
+    control = await control_socket(http, conn)
+    for text in BAD_TEXT.values():
+        async with http.post(f"{relay.url}/v1/streams/{stream_id}/interact", json={"prompt": text},
+                             headers=AUTH) as r:
+            assert r.status == 422
+        await control.send_json({"type": "interact", "prompt": text})
+        assert (await next_of(control, "error"))["code"] == "INVALID_REQUEST"
+    await frames_pass(relay, broadcast.broadcast_id, 5)
+    await conn.interact("dawn over the hills")
+    # Second line of defence: text that got past every boundary must not end the recording either.
+    broadcast.emit({"type": "prompt_applied", "prompt": "past the gate \ud800", "source": "host", "mode": "host"})
+    await frames_pass(relay, broadcast.broadcast_id, 5)
+    await conn.end_stream()
+    rec = None
+
+    async def finished() -> bool:
+        nonlocal rec
+        async with http.get(f"{relay.url}/v1/recordings/{stream_id}", headers=AUTH) as r:
+            rec = await r.json()
+        return rec.get("status") not in (None, "recording")
+
+    await eventually(finished, timeout=15, what="the recording finished")
+    assert rec["status"] == "complete" and rec["error"] is None, rec
+    async with http.get(rec["events_url"]) as r:
+        events = [json.loads(line) for line in (await r.text()).splitlines()]  # every line is JSON
+    prompts = [e["prompt"] for e in events if e["type"] in ("stream_started", "prompt_applied")]
+    assert prompts == ["a quiet meadow", "dawn over the hills", "past the gate \ud800"]
+    assert events[-1]["type"] == "stream_ended"
+    await control.close()
+
+
+async def test_the_twin_data_channel_refuses_bad_text(live, http):
+    """The SDK's update over clientToStreamer: refused as the SDK shows refusals, the session goes on."""
+    from tests.integration.test_odyssey_twin import SdkLikeClient
+
+    relay, _, _ = live
+    client = SdkLikeClient(http, relay.url, API_KEY)
+    await client.connect()
+    try:
+        await client.start_stream("a lighthouse")
+        client.send({"type": "update", "prompt": "\ud800"})
+        error = await asyncio.wait_for(client.events.get(), 10)
+        while error["type"] != "interactive_stream_error":
+            error = await asyncio.wait_for(client.events.get(), 10)
+        assert error["reason"] == "invalid_request" and "surrogate" in error["message"], error
+        client.channels["clientToStreamer"].send("[" * 10_000)
+        error = await asyncio.wait_for(client.events.get(), 10)
+        assert error["type"] == "interactive_stream_error" and "deeper" in error["message"], error
+        client.send({"type": "update", "prompt": "a storm"})
+        while (event := await asyncio.wait_for(client.events.get(), 10))["type"] != "update_acknowledged":
+            pass
+        assert event["prompt"] == "a storm"
+    finally:
+        await client.disconnect()
