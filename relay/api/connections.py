@@ -236,6 +236,8 @@ async def _handle_control_message(request: web.Request, conn: Connection, data: 
         if not isinstance(message, dict):
             raise invalid_request("Control messages are JSON objects.")
         kind = message.get("type")
+        if not isinstance(kind, str):  # a list here would not even hash for the lookup below
+            raise invalid_request("Control messages carry a string 'type'.", field="type")
         if kind == "keepalive":
             return
         if kind == "refresh_token":

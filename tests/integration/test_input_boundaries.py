@@ -163,6 +163,24 @@ async def test_sockets_answer_bad_json_and_stay_open(live, http, caplog):
         await ws.close()
 
 
+async def test_a_type_of_the_wrong_kind_is_answered_not_fatal(live, http, caplog):
+    """Found by the fuzz test: {"type": []} ended the control socket (an unhashable lookup)."""
+    relay, conn, _ = live
+    events = await events_socket(http, conn)
+    control = await control_socket(http, conn)
+    for kind in ([], {"a": 1}, 7, None, True):
+        await events.send_json({"type": kind, "prompt": "x"})
+        assert (await next_of(events, "error"))["code"] == "INVALID_REQUEST"
+        await control.send_json({"type": kind, "prompt": "x"})
+        reply = await next_of(control, "error")
+        assert reply["code"] == "INVALID_REQUEST" and reply["details"] == {"field": "type"}, reply
+    await control.send_json({"type": "refresh_token"})
+    assert (await next_of(control, "client_token"))["client_token"]
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    await events.close()
+    await control.close()
+
+
 # -- text: lone surrogates and control characters ------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(BAD_TEXT))
