@@ -21,9 +21,10 @@ from .errors import invalid_request, unprocessable
 # digits) would raise mid-parse, and a float of any length silently becomes inf.
 MAX_NUMBER_CHARS = 100
 
-# A JSON string, escapes included (the unrolled form: no backtracking). On UTF-8 bytes a '"' or '\\'
-# byte is always that character, so this is exact.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A JSON string, escapes included (the unrolled form: no backtracking). An unterminated one runs to the
+# end of the input: otherwise every later quote would start a new scan to the end (quadratic time on
+# 'a\\"' repeated). On UTF-8 bytes a '"' or '\\' byte is always that character, so this is exact.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 # Brackets as +1/-1 (signed bytes), everything else deleted.
 _STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
