@@ -183,6 +183,7 @@ class ServerSettings:
     public_url: str = option("", parse=_public_url)  # "" = derived from host and port
     data_dir: str = option("./data", nonempty=True)
     max_body_bytes: int = option(1048576, min=1024)
+    max_json_depth: int = option(32, min=2, max=512)  # below the parser's recursion limit, whatever the body
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Deadlines for peers that stall (a stranger's connection must not hold an fd or a task for long).
     shutdown_seconds: float = option(5.0, min=0.5, max=120)  # SIGTERM to exit, sockets told and recordings final

@@ -25,6 +25,7 @@ from .broadcast import Broadcast
 from .clock import SYSTEM_CLOCK, Clock, iso
 from .config import Settings
 from .errors import RelayError, not_found, unprocessable
+from .inputs import check_text
 from .recordings import RecordingStore, owner_id
 from .worldmodel.base import Streamer, WorldModel
 
@@ -478,7 +479,7 @@ def check_prompt(prompt: Any) -> str:
         raise unprocessable(
             f"'prompt' is longer than {MAX_PROMPT_CHARS} characters.", field="prompt", limit=MAX_PROMPT_CHARS
         )
-    return prompt.strip()
+    return check_text(prompt, "prompt").strip()
 
 
 def no_active_stream(stream_id: str) -> RelayError:

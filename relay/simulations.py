@@ -34,6 +34,7 @@ import os
 import shutil
 import sqlite3
 import threading
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
@@ -44,6 +45,7 @@ from typing import Any
 
 from .clock import SYSTEM_CLOCK, Clock, iso
 from .errors import RelayError, insufficient_storage, not_found, unprocessable
+from .inputs import text_problem
 from .recordings import RecordingStore, owner_id, valid_stream_id
 
 __all__ = [
@@ -100,7 +102,10 @@ def _prompt(value: Any, index: int, field_: str, script_index: int | None) -> st
     if len(value) > MAX_PROMPT_CHARS:
         raise _bad(f"entry {index}: '{field_}' is longer than {MAX_PROMPT_CHARS} characters.", index, field_,
                    "prompt_too_long", script_index, limit=MAX_PROMPT_CHARS)
-    return value.strip()
+    problem = text_problem(value)  # the boundary's one text rule (relay.inputs), with the entry's index
+    if problem is not None:
+        raise _bad(f"entry {index}: '{field_}' contains {problem}.", index, field_, "invalid_text", script_index)
+    return unicodedata.normalize("NFC", value).strip()
 
 
 def _only(obj: Mapping[str, Any], allowed: Sequence[str], index: int, prefix: str,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 from urllib.parse import quote
 
 from aiohttp import WSMsgType, web
@@ -12,7 +11,8 @@ from aiohttp import WSMsgType, web
 from .. import metrics
 from ..auth import check_spectator, is_api_key
 from ..broadcast import Broadcast
-from ..errors import RelayError, unsupported_media_type
+from ..errors import RelayError, invalid_request, unsupported_media_type
+from ..inputs import parse_json
 from .common import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, TOO_SLOW, close_within, json_response,
                      send_within, token_of)
 
@@ -143,6 +143,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
     channel = broadcast.open_channel(request.query.get("resume"))
     participant_id = channel.participant_id
     sender = asyncio.create_task(_pump(request, ws, channel), name="relay-events-send")
+    max_depth = request.app[SETTINGS].server.max_json_depth
     try:
         await ws.send_json({
             "type": "hello",
@@ -159,14 +160,13 @@ async def events(request: web.Request) -> web.WebSocketResponse:
             if msg.type != WSMsgType.TEXT:
                 continue
             try:
-                message = json.loads(msg.data)
-            except ValueError:
-                message = None
-            if not isinstance(message, dict):
-                await ws.send_json({"type": "error", "code": "INVALID_REQUEST",
-                                    "message": "Events messages are JSON objects.", "fatal": False})
-                continue
-            reply = await broadcast.participant_message(channel, message)
+                message = parse_json(msg.data, max_depth)
+                if not isinstance(message, dict):
+                    raise invalid_request("Events messages are JSON objects.")
+                reply = await broadcast.participant_message(channel, message)
+            except RelayError as err:  # answered, and the socket stays open
+                reply = {"type": "error", "code": err.code, "message": err.message, "fatal": False,
+                         "details": err.details}
             if reply is not None:
                 await ws.send_json(reply)
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from aiohttp import web
@@ -11,6 +10,7 @@ from aiohttp import web
 from ..config import Settings
 from ..recordings import RecordingStore
 from ..errors import invalid_request, unsupported_media_type
+from ..inputs import parse_json
 from ..sessions import Connection, SessionManager
 from ..simulations import Simulations
 
@@ -40,10 +40,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     raw = await request.read()  # bounded by the app's client_max_size (413 beyond)
     if not raw.strip():
         return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise invalid_request(f"The body is not valid JSON: {exc}.") from exc
+    body = parse_json(raw, request.app[SETTINGS].server.max_json_depth)
     if not isinstance(body, dict):
         raise invalid_request("The body must be a JSON object.")
     return body

@@ -14,6 +14,7 @@ from aiohttp import WSMsgType, web
 from ..auth import check_owner, is_api_key, require_api_key
 from ..clock import iso
 from ..errors import RelayError, invalid_request, not_found, unauthorized
+from ..inputs import parse_json
 from ..sessions import Connection, SessionManager, Stream
 from .common import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, broadcast_info, close_within, json_response,
                      public_url, read_json, send_within, token_of)
@@ -238,13 +239,12 @@ async def _send_events(request: web.Request, ws: web.WebSocketResponse, outbox: 
 async def _handle_control_message(request: web.Request, conn: Connection, data: str, ws) -> None:
     sessions = request.app[SESSIONS]
     try:
-        try:
-            message = json.loads(data)
-        except ValueError:
-            raise invalid_request("Control messages are JSON objects.") from None
+        message = parse_json(data, request.app[SETTINGS].server.max_json_depth)
         if not isinstance(message, dict):
             raise invalid_request("Control messages are JSON objects.")
         kind = message.get("type")
+        if not isinstance(kind, str):  # a list here would not even hash for the lookup below
+            raise invalid_request("Control messages carry a string 'type'.", field="type")
         if kind == "keepalive":
             return
         if kind == "refresh_token":

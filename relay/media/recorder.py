@@ -302,7 +302,9 @@ class StreamRecorder:
     def _begin(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._write_metadata(STATUS_RECORDING)
-        self._events = open(self.directory / EVENTS_FILE, "a", encoding="utf-8")
+        # backslashreplace: a string no encoder takes (a lone surrogate) is written as its JSON escape
+        # ("\\ud800"), so the line stays valid JSON and the log cannot fail on any text.
+        self._events = open(self.directory / EVENTS_FILE, "a", encoding="utf-8", errors="backslashreplace")
 
     def _mux(self, data: bytes, pts: int, keyframe: bool) -> None:
         if self._container is None:

@@ -33,6 +33,7 @@ KEEPALIVE_SECONDS = 10  # the SDK's signalling keepalive interval (L48)
 OFFER = "offer"
 ICE_CANDIDATE = "ice_candidate"
 ERROR = "error"
+INVALID_MESSAGE = "invalid_message"  # the relay's own: the SDK ignores it (an unreadable message was dropped)
 # Signalling socket, SDK -> streamer.
 ANSWER = "answer"
 KEEPALIVE = "keepalive"
@@ -130,6 +131,12 @@ def error_body(err: RelayError) -> dict[str, Any]:
         return {"detail": {"error": err.code, "code": err.code, "message": err.message, "action": err.action,
                            "details": err.details}}
     return {"detail": err.message, "code": err.code, "action": err.action, "details": err.details}
+
+
+def invalid_message(err: RelayError) -> dict[str, Any]:
+    """The signalling socket's answer to a message it cannot read (not JSON, too deep): a type the SDK
+    ignores, unlike `error`, which would end its session."""
+    return {"type": INVALID_MESSAGE, "code": err.code, "message": err.message, "details": err.details}
 
 
 def stream_error(reason: str, message: str) -> dict[str, Any]:

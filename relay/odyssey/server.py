@@ -48,6 +48,7 @@ from ..api.simulations import recordings_of, statuses_of
 from ..auth import is_api_key
 from ..clock import iso
 from ..errors import RelayError, not_found, unauthorized, unprocessable
+from ..inputs import parse_json
 from ..recordings import RecordingStore, owner_id
 from ..sessions import Connection, SessionManager
 from . import protocol
@@ -199,7 +200,9 @@ class SignallingSession:
         self.sessions: SessionManager = request.app[SESSIONS]
         self.conn = conn
         self.ws = ws
-        self.peer = OwnerPeer(conn.broadcast, on_message=self._from_channel, on_state=self._peer_state)
+        self._max_depth = request.app[SETTINGS].server.max_json_depth
+        self.peer = OwnerPeer(conn.broadcast, on_message=self._from_channel, on_state=self._peer_state,
+                              max_json_depth=self._max_depth)
         self._commands: asyncio.Queue[dict[str, Any]] = asyncio.Queue(COMMANDS_MAX)
         self._outbox: asyncio.Queue | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -226,8 +229,10 @@ class SignallingSession:
                 continue
             self.sessions.touch(self.conn)
             try:
-                message = json.loads(msg.data)
-            except ValueError:
+                message = parse_json(msg.data, self._max_depth)
+            except RelayError as err:
+                # Not `error`: the SDK takes that as the session's end. Any other type it ignores.
+                await self.ws.send_json(protocol.invalid_message(err))
                 continue
             if isinstance(message, dict):
                 await self._signal(message)

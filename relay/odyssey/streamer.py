@@ -24,6 +24,8 @@ from aiortc.rtcconfiguration import RTCBundlePolicy
 from aiortc.rtcdatachannel import RTCDataChannel
 
 from ..broadcast import Broadcast, MediaFeed
+from ..errors import RelayError
+from ..inputs import parse_json
 from ..media.webrtc import h264_preferences
 from . import protocol
 
@@ -41,8 +43,10 @@ class OwnerPeer:
         *,
         on_message: Callable[[dict[str, Any]], None],
         on_state: Callable[[str], None],
+        max_json_depth: int = 32,
     ) -> None:
         self._broadcast = broadcast
+        self._max_json_depth = max_json_depth
         self._on_message = on_message
         # max-bundle: one ICE transport for video and data, and one gathering for the offer.
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
@@ -112,8 +116,9 @@ class OwnerPeer:
         if not isinstance(data, str):
             return
         try:
-            message = json.loads(data)
-        except ValueError:
+            message = parse_json(data, self._max_json_depth)
+        except RelayError as err:  # answered where the SDK shows refusals; the channel stays open
+            self.send(protocol.stream_error_from(err))
             return
         if isinstance(message, dict):
             self._on_message(message)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 from ..clock import Clock
 from ..config import OrchestrationSettings
+from ..inputs import text_problem
 
 # Forwarded prompts remembered for duplicate suppression; a few per second at most are forwarded, so
 # this only bites if the window is very long, and then forgets the oldest first.
@@ -23,8 +24,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
 
 
 def clean(prompt: str) -> str:
-    """The prompt as forwarded: control characters and runs of whitespace become one space, ends trimmed."""
-    return " ".join(_CONTROL.sub(" ", prompt).split())
+    """The prompt as forwarded: NFC, control characters and runs of whitespace become one space, ends trimmed."""
+    return " ".join(_CONTROL.sub(" ", unicodedata.normalize("NFC", prompt)).split())
 
 
 def normalize(text: str) -> str:
@@ -64,9 +65,15 @@ class Moderator:
         self._settings = settings
         self._blocked = blocked_words_pattern(settings.blocked_words)
 
-    def too_long_raw(self, prompt: str) -> bool:
-        """Far too long even before cleaning: refused without looking (a megabyte of spaces costs nothing)."""
-        return len(prompt) > 4 * self._settings.max_prompt_chars + 64
+    def raw_problem(self, prompt: str) -> str | None:
+        """The rejection reason for the prompt as sent, before cleaning: far too long (refused without
+        looking: a megabyte of spaces costs nothing), or text the relay cannot keep (the boundary's one
+        rule, relay.inputs: a lone surrogate, or a control character other than tab and line breaks)."""
+        if len(prompt) > 4 * self._settings.max_prompt_chars + 64:
+            return "too_long"
+        if text_problem(prompt) is not None:
+            return "invalid_text"
+        return None
 
     def check_content(self, prompt: str) -> str | None:
         """The rejection reason for this (cleaned) prompt's content, or None."""

@@ -6,7 +6,7 @@ settles passed deadlines, so a window or a turn ends on time however late the ne
 window's winner is then delivered by that next tick); a queue forwards only from `tick()`.
 
 An action is checked in this order: known participant, not blocked, the policy's gate (host_only,
-not_your_turn, already_queued), content (empty, too_long, blocked_word), cooldown, duplicate, then the
+not_your_turn, already_queued), content (too_long, invalid_text, empty, blocked_word), cooldown, duplicate, then the
 policy itself (queue_full, already_proposed, too_many_candidates).
 
 Switching mode discards the old policy's pending state: queued inputs are dropped, an open vote
@@ -24,6 +24,7 @@ from typing import Any
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import ConfigError, OrchestrationSettings, Settings
 from ..errors import RelayError, not_found, unprocessable
+from ..inputs import check_text
 from .moderation import Moderator, clean, normalize
 from .policies import Forward, HostPolicy, InputResult, Policy, rejected
 from .queue import QueuePolicy
@@ -39,9 +40,10 @@ PUBLIC_SETTINGS = tuple(f.name for f in dataclasses.fields(OrchestrationSettings
 
 
 def _display_name(name: Any) -> str | None:
+    """The name as shown; 422 for one the relay could not keep (relay.inputs' rule, one line: no line breaks)."""
     if not isinstance(name, str):
         return None
-    return clean(name)[:NAME_MAX_CHARS] or None
+    return clean(check_text(name, "name", multiline=False))[:NAME_MAX_CHARS] or None
 
 
 class Orchestrator:
@@ -132,8 +134,9 @@ class Orchestrator:
         reason = self._refusal(participant_id) or self._policy.gate(participant_id)
         if reason:
             return rejected(reason)
-        if isinstance(prompt, str) and self._moderator.too_long_raw(prompt):
-            return rejected("too_long")
+        reason = self._moderator.raw_problem(prompt) if isinstance(prompt, str) else None
+        if reason:
+            return rejected(reason)
         text = clean(prompt) if isinstance(prompt, str) else ""
         reason = self._moderator.check_content(text)
         if reason:

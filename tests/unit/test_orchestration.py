@@ -35,7 +35,8 @@ def prompts(forwards) -> list[str]:
 
 def test_clean_and_normalize():
     assert clean("  add\n a\tdragon\x00\x85 ") == "add a dragon"
-    assert clean("e\u0301t\u00e9 \u2603") == "e\u0301t\u00e9 \u2603"  # everything else is kept as is
+    # NFC (one spelling of "é" for the model and the log); everything else is kept as is
+    assert clean("e\u0301t\u00e9 \u2603 \uff46") == "\u00e9t\u00e9 \u2603 \uff46"
     assert normalize("Add  a DRAGON") == normalize("add a dragon") == "add a dragon"
     assert normalize("ｆｕｌｌ width") == "full width"  # NFKC
     assert normalize("dra\u200bgon") == "dragon"  # zero-width characters undone
