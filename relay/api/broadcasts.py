@@ -18,6 +18,9 @@ from .common import API_KEYS, SESSIONS, SETTINGS, json_response, token_of
 # The events socket's close code when the same participant resumed on a newer socket: the
 # page that gets it should not resume again (two tabs would take turns replacing each other).
 REPLACED_CLOSE_CODE = 4001
+# The events socket's close code when a participant kept sending far past its message rate
+# ([limits] events_flood_messages refused in a row); 4000 + HTTP 429.
+FLOODING_CLOSE_CODE = 4029
 HLS_FIRST_WAIT_SEGMENTS = 4  # segment durations an early playlist request may be held
 
 routes = web.RouteTableDef()
@@ -137,9 +140,16 @@ async def hls_segment(request: web.Request) -> web.Response:
 @routes.get("/v1/broadcasts/{broadcast_id}/events")
 async def events(request: web.Request) -> web.WebSocketResponse:
     broadcast = spectator_broadcast(request)
+    # Admitted before the upgrade, so the caps answer in HTTP (429/503 in the error shape) and a
+    # crowd of sockets opening at once cannot all slip past a count taken before an await.
+    channel = broadcast.open_channel(request.query.get("resume"), address=request.remote,
+                                     invite=request.query.get("invite"))
     ws = web.WebSocketResponse(heartbeat=20, max_msg_size=16 * 1024)
-    await ws.prepare(request)
-    channel = broadcast.open_channel(request.query.get("resume"))
+    try:
+        await ws.prepare(request)
+    except BaseException:
+        broadcast.close_channel(channel)
+        raise
     participant_id = channel.participant_id
     sender = asyncio.create_task(_pump(ws, channel), name="relay-events-send")
     try:
@@ -148,6 +158,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
             "participant_id": participant_id,
             "resume_token": broadcast.resume_token(participant_id),
             "resumed": channel.resumed,
+            "invited": broadcast.orchestrator.is_invited(participant_id),
             "orchestration": broadcast.orchestration,
             "live": broadcast.live,
             "stream_id": broadcast.stream_id,
@@ -168,6 +179,9 @@ async def events(request: web.Request) -> web.WebSocketResponse:
             reply = await broadcast.participant_message(channel, message)
             if reply is not None:
                 await ws.send_json(reply)
+            if channel.flooded:  # kept flooding far past its rate: not worth reading any more
+                await ws.close(code=FLOODING_CLOSE_CODE, message=b"rate limited")
+                break
     finally:
         broadcast.close_channel(channel)  # before any await: this handler may be cancelled
         sender.cancel()
