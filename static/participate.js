@@ -204,7 +204,7 @@ export class Participation {
       if (msg.reason === 'too_long' && settings.max_prompt_chars) {
         text = `That prompt is too long (at most ${settings.max_prompt_chars} characters).`;
       }
-      if (msg.reason === 'cooldown' && Number.isFinite(msg.retry_after)) {
+      if ((msg.reason === 'cooldown' || msg.reason === 'rate_limited') && Number.isFinite(msg.retry_after)) {
         this.#cooldownUntil = Date.now() + msg.retry_after * 1000;
       }
       this.#showResult(text, 'error');

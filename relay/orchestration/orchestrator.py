@@ -5,9 +5,10 @@ returns to the stream's interact, and pushes `state()` when `version` moved. Eve
 settles passed deadlines, so a window or a turn ends on time however late the next tick comes (a
 window's winner is then delivered by that next tick); a queue forwards only from `tick()`.
 
-An action is checked in this order: known participant, not blocked, invited (in invite-only mode), the policy's gate (host_only,
-not_your_turn, already_queued), content (empty, too_long, blocked_word), cooldown, duplicate, then the
-policy itself (queue_full, already_proposed, too_many_candidates).
+An action is checked in this order: known participant, not blocked, invited (invite_only mode), the
+policy's gate (host_only, not_your_turn, already_queued), content (empty, too_long, blocked_word),
+cooldown, duplicate, then the policy itself (queue_full, already_proposed, too_many_candidates, and in
+vote mode rate_limited past votes_per_address). The message rate is the broadcast's, before all this.
 
 Switching mode discards the old policy's pending state: queued inputs are dropped, an open vote
 window closes without a winner, the turn and the raised hands are cleared (a window or turn that had
