@@ -83,6 +83,26 @@ async def test_a_host_interact_flood_is_answered_429_with_retry_after_on_rest_an
         assert r.status == 200
 
 
+async def test_odyssey_updates_past_the_rate_get_a_rate_limited_stream_error(relay_factory, http):
+    from relay.odyssey import protocol
+    from tests.integration.test_odyssey_twin import SdkLikeClient
+    relay = await relay_factory(limits={"stream_max_seconds": 60, "idle_timeout_seconds": 60,
+                                        "host_interacts_per_second": 1, "host_interacts_burst": 2})
+    client = SdkLikeClient(http, relay.url, API_KEY)
+    await client.connect()
+    try:
+        await client.start_stream("a calm ocean")
+        for i in range(4):
+            client.send({"type": "update", "prompt": f"update {i}"})
+        acks = [await client.expect(protocol.UPDATE_ACKNOWLEDGED) for _ in range(2)]
+        assert [a["prompt"] for a in acks] == ["update 0", "update 1"]
+        error = await asyncio.wait_for(client.events.get(), 5)  # the third: refused, and said why
+        assert error["type"] == protocol.STREAM_ERROR and error["reason"] == "rate_limited"
+        assert 0 < error["retry_after"] <= 1
+    finally:
+        await client.disconnect()
+
+
 # ------------------------------------------------------------------------------------- participants
 
 FLOOD = {"participant_messages_per_second": 2, "participant_messages_burst": 3, "cooldown_seconds": 0,
