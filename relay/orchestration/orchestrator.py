@@ -100,8 +100,8 @@ class Orchestrator:
         state.update(self._policy.state(self._participants.get))
         if host:
             settings["blocked_words"] = list(self._settings.blocked_words)
-            state["participants"] = [{"participant_id": p, "name": n, "blocked": p in self._blocked}
-                                     for p, n in self._participants.items()]
+            state["participants"] = [{"participant_id": p, "name": n, "blocked": p in self._blocked,
+                                      "invited": p in self._invited} for p, n in self._participants.items()]
         return state
 
     # -- participants --------------------------------------------------------------------

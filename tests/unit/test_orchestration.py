@@ -137,7 +137,8 @@ def test_blocked_participant_loses_their_voice_until_unblocked():
     orch.block("ann")
     assert [e["participant_id"] for e in orch.state()["queue"]] == ["bob"]  # their waiting input went
     assert status(orch.submit("ann", "again")) == "blocked"
-    assert orch.state(host=True)["participants"][0] == {"participant_id": "ann", "name": "Ann", "blocked": True}
+    assert orch.state(host=True)["participants"][0] == {"participant_id": "ann", "name": "Ann", "blocked": True,
+                                                           "invited": False}
     orch.unblock("ann")
     assert status(orch.submit("ann", "again")) == "queued"
     with pytest.raises(RelayError) as caught:
@@ -483,7 +484,8 @@ def test_version_moves_exactly_when_state_changes():
     v = orch.version
     orch.participant_joined("ann")
     assert orch.version == v  # not shown to participants...
-    assert orch.state(host=True)["participants"] == [{"participant_id": "ann", "name": None, "blocked": False}]
+    assert orch.state(host=True)["participants"] == [{"participant_id": "ann", "name": None, "blocked": False,
+                                                         "invited": False}]
     hv = orch.host_version
     orch.participant_joined("ann", "  Ann  ")  # ...nor is their name, until they are queued
     assert orch.version == v and orch.host_version > hv
@@ -572,5 +574,7 @@ def test_invite_only_refuses_the_uninvited_with_invite_required():
     orch.admit("invited")  # resumed without the invite: still the invited identity
     assert status(orch.submit("invited", "rain")) == "queued"
     assert orch.is_invited("invited") and not orch.is_invited("guest")
+    shown = {p["participant_id"]: p["invited"] for p in orch.state(host=True)["participants"]}
+    assert shown == {"guest": False, "invited": True}  # the host sees who came by invite
     orch.configure(invite_only=False)
     assert status(orch.submit("guest", "sun")) == "queued"
