@@ -128,7 +128,8 @@ REPLY_TYPES = {"input": "input_result", "vote": "vote_result", "raise_hand": "tu
                "release_turn": "turn_result"}
 
 
-def _rate_limited_reply(kind: Any, wait: float) -> dict[str, Any]:
+def rate_limited_reply(kind: Any, wait: float) -> dict[str, Any]:
+    """The answer to a message refused for rate: the reply its type expects, refused RATE_LIMITED."""
     retry_after = math.ceil(wait * 10) / 10  # never 0: the client must wait some
     reply_type = REPLY_TYPES.get(kind) if isinstance(kind, str) else None
     if reply_type is None:
@@ -453,9 +454,9 @@ class Broadcast:
         pid = channel.participant_id
         kind = message.get("type")
         orchestrator = self.orchestrator
-        wait = self._take_token(channel)
+        wait = self.take_token(channel)
         if wait:
-            return _rate_limited_reply(kind, wait)
+            return rate_limited_reply(kind, wait)
         if kind == "hello":
             name = message.get("name")
             orchestrator.participant_joined(pid, name if isinstance(name, str) else None)
@@ -474,7 +475,7 @@ class Broadcast:
         return {"type": "error", "code": "INVALID_REQUEST", "fatal": False,
                 "message": f"Unknown message type {kind!r}."}
 
-    def _take_token(self, channel: EventChannel) -> float:
+    def take_token(self, channel: EventChannel) -> float:
         """0 if this message may go on, else the seconds to wait. Refused messages cost a dict
         lookup and a small reply, nothing of the orchestrator's, so a flood slows no one else; a
         socket refused events_flood_messages times in a row is marked `flooded` for closing."""

@@ -11,7 +11,7 @@ from aiohttp import WSMsgType, web
 
 from .. import metrics
 from ..auth import check_spectator, is_api_key
-from ..broadcast import Broadcast
+from ..broadcast import Broadcast, rate_limited_reply
 from ..errors import RelayError, unsupported_media_type
 from .common import API_KEYS, SESSIONS, SETTINGS, json_response, token_of
 
@@ -167,16 +167,21 @@ async def events(request: web.Request) -> web.WebSocketResponse:
         })
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
-                continue
-            try:
-                message = json.loads(msg.data)
-            except ValueError:
-                message = None
-            if not isinstance(message, dict):
-                await ws.send_json({"type": "error", "code": "INVALID_REQUEST",
-                                    "message": "Events messages are JSON objects.", "fatal": False})
-                continue
-            reply = await broadcast.participant_message(channel, message)
+                if msg.type == WSMsgType.BINARY:  # not read, but not free either: a token, unanswered
+                    broadcast.take_token(channel)
+                reply = None
+            else:
+                try:
+                    message = json.loads(msg.data)
+                except ValueError:
+                    message = None
+                if isinstance(message, dict):
+                    reply = await broadcast.participant_message(channel, message)
+                elif wait := broadcast.take_token(channel):  # garbage is no free flood
+                    reply = rate_limited_reply(None, wait)
+                else:
+                    reply = {"type": "error", "code": "INVALID_REQUEST",
+                             "message": "Events messages are JSON objects.", "fatal": False}
             if reply is not None:
                 await ws.send_json(reply)
             if channel.flooded:  # kept flooding far past its rate: not worth reading any more

@@ -131,8 +131,12 @@ async def test_a_participants_flood_is_refused_rate_limited_and_others_still_go_
 async def test_a_socket_that_keeps_flooding_is_closed_with_4029(live, http):
     relay, conn = await live(orchestration=FLOOD, limits={"events_flood_messages": 20})
     flooder = await join(http, conn)
-    for i in range(60):
-        await flooder.send(type="raise_hand")
+    for i in range(10):  # garbage takes tokens too: past the burst it is refused for rate, not parsed
+        await flooder.ws.send_str("not json")
+    errors = [(await flooder.next("error"))["code"] for _ in range(10)]
+    assert errors[:3] == ["INVALID_REQUEST"] * 3 and errors[-1] == "RATE_LIMITED"
+    for i in range(30):  # binary frames are not answered, but count the same: 7 + 13 refused in a row
+        await flooder.ws.send_bytes(b"\0" * 100)
     async with asyncio.timeout(5):
         while (msg := await flooder.ws.receive()).type not in (WSMsgType.CLOSE, WSMsgType.CLOSED):
             pass
