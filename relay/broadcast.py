@@ -13,8 +13,10 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import secrets
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -32,6 +34,7 @@ from .media.recorder import StreamRecorder
 from .media.rtp_fanout import IdleVideoTrack, RtpFanout, RtpOutput, hook_output
 from .media.webrtc import add_trickled_candidates, answer_spectator, hook_sender
 from .orchestration import Forward, Orchestrator
+from .ratelimit import TokenBucket, rate_limited
 from .recordings import RecordingStore
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,12 @@ class EventChannel:
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(EVENT_QUEUE_MAX))
     overflowed: bool = False
     replaced: bool = False  # a newer socket resumed this participant: this one is closed
+    address: str = ""  # the client address the socket came from (request.remote)
+    invited: bool = False  # the socket presented a valid invite
+    limiter: TokenBucket | None = None  # every message takes a token
+    refused: int = 0  # messages refused for rate in a row
+    flooded: bool = False  # refused so often in a row that the socket is to be closed (FLOODING_CLOSE_CODE)
+    admitted: bool = True  # counted against its address until close_channel
 
     def push(self, event: str) -> None:
         try:
@@ -112,6 +121,22 @@ class EventChannel:
             self.queue.put_nowait(None)  # tells the socket's sender to finish
         except asyncio.QueueFull:
             self.overflowed = True
+
+
+# The reply type each participant message is answered with (anything else: an error event).
+REPLY_TYPES = {"input": "input_result", "vote": "vote_result", "raise_hand": "turn_result",
+               "release_turn": "turn_result"}
+
+
+def rate_limited_reply(kind: Any, wait: float) -> dict[str, Any]:
+    """The answer to a message refused for rate: the reply its type expects, refused RATE_LIMITED."""
+    retry_after = math.ceil(wait * 10) / 10  # never 0: the client must wait some
+    reply_type = REPLY_TYPES.get(kind) if isinstance(kind, str) else None
+    if reply_type is None:
+        return {"type": "error", "code": "RATE_LIMITED", "fatal": False, "retry_after": retry_after,
+                "message": rate_limited(wait, "Too many messages").message}
+    return {"type": reply_type, "status": "rejected", "reason": "rate_limited", "code": "RATE_LIMITED",
+            "retry_after": retry_after}
 
 
 class Broadcast:
@@ -154,6 +179,7 @@ class Broadcast:
             self.hub.add_sink(self.hls.write)
         self.spectators: dict[str, Spectator] = {}
         self._channels: dict[str, EventChannel] = {}  # participant_id -> its one open socket
+        self._address_sockets: Counter[str] = Counter()  # client address -> its open events sockets
         self._participant_secret = secrets.token_bytes(16)  # signs resume tokens
         self._pipeline: StreamPipeline | None = None
         # Recording is one more reader of the stream's packets (a hub sink), never a second encode.
@@ -357,21 +383,67 @@ class Broadcast:
         participant_id = token.partition(".")[0]
         return participant_id if hmac.compare_digest(token.encode(), self.resume_token(participant_id).encode()) else None
 
-    def open_channel(self, resume: str | None = None) -> EventChannel:
-        """A participant's socket opened; ``resume`` (a token from an earlier hello) keeps its
-        identity. An unknown or forged token is not an error: the socket gets a new identity
-        and its hello says ``resumed: false``."""
-        participant_id = self._resumed_id(resume)
-        channel = EventChannel(participant_id=participant_id, resumed=True) if participant_id else EventChannel()
+    # An invite is a participant identity the host minted, signed apart from resume tokens (so a
+    # resume token is no invite): stateless, and presenting it again resumes the same identity.
+
+    def invite_code(self, participant_id: str) -> str:
+        mac = hmac.new(self._participant_secret, b"invite:" + participant_id.encode(), hashlib.sha256)
+        return f"{participant_id}.{mac.hexdigest()[:20]}"
+
+    def mint_invites(self, count: int) -> list[tuple[str, str]]:
+        """(participant_id, invite code) for `count` new identities."""
+        return [(pid, self.invite_code(pid)) for pid in (EventChannel().participant_id for _ in range(count))]
+
+    def _invited_id(self, code: str | None) -> str | None:
+        if not code:
+            return None
+        participant_id = code.partition(".")[0]
+        return participant_id if hmac.compare_digest(code.encode(), self.invite_code(participant_id).encode()) else None
+
+    def open_channel(self, resume: str | None = None, *, address: str | None = None,
+                     invite: str | None = None) -> EventChannel:
+        """A participant's socket is opening; ``resume`` (a token from an earlier hello) or ``invite``
+        (a host's invite code, which wins) gives its identity. An unknown or forged token is not an
+        error: the socket gets a new identity and its hello says ``resumed: false`` (``invited: false``).
+
+        Called before the WebSocket upgrade, so the caps answer in HTTP: 503 PARTICIPANT_LIMIT_REACHED
+        past [limits] participants_per_broadcast (a socket resuming a connected identity replaces it
+        and is not counted twice), 429 RATE_LIMITED past events_sockets_per_address."""
+        limits = self._settings.limits
+        address = address or "unknown"
+        invited_id = self._invited_id(invite)
+        participant_id = invited_id or self._resumed_id(resume)
+        if participant_id not in self._channels and len(self._channels) >= limits.participants_per_broadcast:
+            raise RelayError("PARTICIPANT_LIMIT_REACHED", 503,
+                             f"This broadcast already has its maximum of {limits.participants_per_broadcast} "
+                             "participants.", action="Watch without the events socket, or retry later.",
+                             details={"limit": limits.participants_per_broadcast}, retry_after=10)
+        if self._address_sockets[address] >= limits.events_sockets_per_address:
+            raise RelayError("RATE_LIMITED", 429,
+                             f"Too many events sockets from this address (at most "
+                             f"{limits.events_sockets_per_address} per broadcast).",
+                             action="Close another socket of this broadcast first.",
+                             details={"limit": limits.events_sockets_per_address}, retry_after=10)
+        settings = self.orchestrator.settings
+        channel = EventChannel(address=address, invited=invited_id is not None,
+                               limiter=TokenBucket(self._clock, settings.participant_messages_per_second,
+                                                   settings.participant_messages_burst))
+        if participant_id:
+            channel.participant_id, channel.resumed = participant_id, True
+        self._address_sockets[address] += 1
         previous = self._channels.pop(channel.participant_id, None)
         if previous is not None:
             previous.close(replaced=True)
         self._channels[channel.participant_id] = channel
-        if not self.orchestrator.is_present(channel.participant_id):
-            self.orchestrator.participant_joined(channel.participant_id)
+        self.orchestrator.admit(channel.participant_id, address=address, invited=channel.invited)
         return channel
 
     def close_channel(self, channel: EventChannel) -> None:
+        if channel.admitted:  # once per socket, replaced ones too: each held a place for its address
+            channel.admitted = False
+            self._address_sockets[channel.address] -= 1
+            if not self._address_sockets[channel.address]:
+                del self._address_sockets[channel.address]
         # A replaced socket no longer speaks for its participant: the newer one does.
         if self._channels.get(channel.participant_id) is channel:
             del self._channels[channel.participant_id]
@@ -382,6 +454,9 @@ class Broadcast:
         pid = channel.participant_id
         kind = message.get("type")
         orchestrator = self.orchestrator
+        wait = self.take_token(channel)
+        if wait:
+            return rate_limited_reply(kind, wait)
         if kind == "hello":
             name = message.get("name")
             orchestrator.participant_joined(pid, name if isinstance(name, str) else None)
@@ -399,6 +474,23 @@ class Broadcast:
             return orchestrator.release_turn(pid).as_event("turn_result")
         return {"type": "error", "code": "INVALID_REQUEST", "fatal": False,
                 "message": f"Unknown message type {kind!r}."}
+
+    def take_token(self, channel: EventChannel) -> float:
+        """0 if this message may go on, else the seconds to wait. Refused messages cost a dict
+        lookup and a small reply, nothing of the orchestrator's, so a flood slows no one else; a
+        socket refused events_flood_messages times in a row is marked `flooded` for closing."""
+        limiter, settings = channel.limiter, self.orchestrator.settings
+        if limiter is None:
+            return 0.0
+        limiter.rate, limiter.burst = settings.participant_messages_per_second, settings.participant_messages_burst
+        wait = limiter.take()
+        if not wait:
+            channel.refused = 0
+            return 0.0
+        channel.refused += 1
+        if channel.refused >= self._settings.limits.events_flood_messages:
+            channel.flooded = True
+        return wait
 
     def host_changed_orchestration(self) -> None:
         """The host acted: show everyone the result now rather than at the next tick."""

@@ -208,6 +208,15 @@ class LimitsSettings:
     pending_simulations: int = option(10, min=1)
     client_token_seconds: float = option(600.0, min=1)
     spectator_timeout_seconds: float = option(15.0, min=1)
+    # A host's prompts (REST, control socket, /odyssey alike): a token bucket per connection.
+    host_interacts_per_second: float = option(10.0, min=0.01)
+    host_interacts_burst: int = option(20, min=1)
+    # Events sockets: identities with an open socket per broadcast, and sockets per client address
+    # per broadcast (generous: a classroom shares one address behind its NAT).
+    participants_per_broadcast: int = option(1000, min=0)
+    events_sockets_per_address: int = option(100, min=1)
+    # Messages refused in a row for rate after which a participant's socket is closed (code 4029).
+    events_flood_messages: int = option(200, min=1)
 
 
 @dataclass(frozen=True)
@@ -279,6 +288,11 @@ class OrchestrationSettings:
     blocked_words: tuple[str, ...] = option((), parse=_blocked_words)
     cooldown_seconds: float = option(3.0, min=0, max=3600)  # 0: no cooldown
     duplicate_window_seconds: float = option(30.0, min=0, max=86400)  # 0: duplicates allowed
+    # Every message on a participant's socket takes a token; beyond the rate it is answered RATE_LIMITED.
+    participant_messages_per_second: float = option(5.0, min=0.1, max=1000)
+    participant_messages_burst: int = option(20, min=1, max=10000)
+    votes_per_address: int = option(100, min=1, max=100000)  # votes counted per client address per window
+    invite_only: bool = False  # only identities from the host's invites may input, vote or raise a hand
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from .clock import SYSTEM_CLOCK, Clock, iso
 from .config import Settings
 from .errors import RelayError, not_found, unprocessable
 from .inputs import check_text
+from .ratelimit import TokenBucket, rate_limited
 from .recordings import RecordingStore, owner_id
 from .worldmodel.base import Streamer, WorldModel
 
@@ -96,6 +97,8 @@ class Connection:
     # token -> monotonic deadline. A host page asks for a fresh token over its control socket
     # while the old one still works, so an hour-long connection never locks its host out.
     client_tokens: dict[str, float] = field(default_factory=dict)
+    # The host's prompts, however they arrive (REST, control socket, /odyssey): one bucket per connection.
+    interacts: TokenBucket | None = None
     _listeners: set[asyncio.Queue] = field(default_factory=set)
     _closing: asyncio.Task | None = None
 
@@ -266,6 +269,8 @@ class SessionManager:
             deadline=now + self._limits.connection_max_seconds,
             client_token_deadline=now,
             last_seen=now,
+            interacts=TokenBucket(self.clock, self._limits.host_interacts_per_second,
+                                  self._limits.host_interacts_burst),
         )
         self._issue_client_token(conn, now)
         conn.broadcast.forward_input = lambda forward: self._forward_input(conn, forward)
@@ -383,6 +388,12 @@ class SessionManager:
 
     async def interact(self, stream: Stream, prompt: Any, participant_id: str | None = None) -> str:
         """Send a prompt to the model: the host's own, or an audience input the orchestrator let through."""
+        # Only the host's own prompts take a token: audience inputs were rationed by the orchestrator.
+        # Taken before any other check, so a flood of bad prompts is refused as cheaply as good ones.
+        if participant_id is None and stream.connection.interacts is not None:
+            wait = stream.connection.interacts.take()
+            if wait:
+                raise rate_limited(wait, "Too many prompts from this host")
         prompt = check_prompt(prompt)
         if not stream.live:
             raise no_active_stream(stream.stream_id)

@@ -33,6 +33,8 @@ const REASONS = {
   unknown_participant: 'Not connected yet: try again in a moment.',
   wrong_mode: 'That is not possible in the current mode.',
   window_closed: 'That round has closed.',
+  rate_limited: 'Too much at once: wait a moment and try again.',
+  invite_required: 'Only invited participants can take part: ask the host for an invite link.',
   unknown_candidate: 'That candidate is no longer in the running.',
   has_turn: 'You already have the turn.',
   already_raised: 'Your hand is already raised.',
@@ -202,7 +204,7 @@ export class Participation {
       if (msg.reason === 'too_long' && settings.max_prompt_chars) {
         text = `That prompt is too long (at most ${settings.max_prompt_chars} characters).`;
       }
-      if (msg.reason === 'cooldown' && Number.isFinite(msg.retry_after)) {
+      if ((msg.reason === 'cooldown' || msg.reason === 'rate_limited') && Number.isFinite(msg.retry_after)) {
         this.#cooldownUntil = Date.now() + msg.retry_after * 1000;
       }
       this.#showResult(text, 'error');

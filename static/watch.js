@@ -32,6 +32,8 @@ const els = {
 
 const broadcastId = decodeURIComponent(window.location.pathname.split('/').filter(Boolean).pop() ?? '');
 const token = new URLSearchParams(window.location.search).get('token') ?? '';
+// A host's invite link (&invite=CODE) makes this page that invited participant on every (re)connect.
+const invite = new URLSearchParams(window.location.search).get('invite') ?? '';
 const base = `/v1/broadcasts/${encodeURIComponent(broadcastId)}`;
 
 // Everything the badge depends on. `live` is null until the relay has told us.
@@ -205,7 +207,8 @@ const events = {
 function openEvents() {
   if (events.stopped) return;
   const resume = resumeToken();
-  const query = `token=${encodeURIComponent(token)}${resume ? `&resume=${encodeURIComponent(resume)}` : ''}`;
+  const query = `token=${encodeURIComponent(token)}${resume ? `&resume=${encodeURIComponent(resume)}` : ''}`
+    + (invite ? `&invite=${encodeURIComponent(invite)}` : '');
   const ws = new WebSocket(wsUrl(`${base}/events?${query}`));
   events.socket = ws;
   ws.addEventListener('open', () => {

@@ -10,7 +10,7 @@ from aiohttp import WSMsgType, web
 
 from .. import metrics
 from ..auth import check_spectator, is_api_key
-from ..broadcast import Broadcast
+from ..broadcast import Broadcast, rate_limited_reply
 from ..errors import RelayError, invalid_request, unsupported_media_type
 from ..inputs import parse_json
 from .common import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, TOO_SLOW, close_within, json_response,
@@ -19,6 +19,9 @@ from .common import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, TOO_SLOW, close_w
 # The events socket's close code when the same participant resumed on a newer socket: the
 # page that gets it should not resume again (two tabs would take turns replacing each other).
 REPLACED_CLOSE_CODE = 4001
+# The events socket's close code when a participant kept sending far past its message rate
+# ([limits] events_flood_messages refused in a row); 4000 + HTTP 429.
+FLOODING_CLOSE_CODE = 4029
 HLS_FIRST_WAIT_SEGMENTS = 4  # segment durations an early playlist request may be held
 
 routes = web.RouteTableDef()
@@ -138,9 +141,16 @@ async def hls_segment(request: web.Request) -> web.Response:
 @routes.get("/v1/broadcasts/{broadcast_id}/events")
 async def events(request: web.Request) -> web.WebSocketResponse:
     broadcast = spectator_broadcast(request)
+    # Admitted before the upgrade, so the caps answer in HTTP (429/503 in the error shape) and a
+    # crowd of sockets opening at once cannot all slip past a count taken before an await.
+    channel = broadcast.open_channel(request.query.get("resume"), address=request.remote,
+                                     invite=request.query.get("invite"))
     ws = web.WebSocketResponse(heartbeat=20, max_msg_size=16 * 1024)
-    await ws.prepare(request)
-    channel = broadcast.open_channel(request.query.get("resume"))
+    try:
+        await ws.prepare(request)
+    except BaseException:
+        broadcast.close_channel(channel)
+        raise
     participant_id = channel.participant_id
     sender = asyncio.create_task(_pump(request, ws, channel), name="relay-events-send")
     max_depth = request.app[SETTINGS].server.max_json_depth
@@ -150,6 +160,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
             "participant_id": participant_id,
             "resume_token": broadcast.resume_token(participant_id),
             "resumed": channel.resumed,
+            "invited": broadcast.orchestrator.is_invited(participant_id),
             "orchestration": broadcast.orchestration,
             "live": broadcast.live,
             "stream_id": broadcast.stream_id,
@@ -158,23 +169,37 @@ async def events(request: web.Request) -> web.WebSocketResponse:
         })
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
-                continue
-            try:
-                message = parse_json(msg.data, max_depth)
-                if not isinstance(message, dict):
-                    raise invalid_request("Events messages are JSON objects.")
-                reply = await broadcast.participant_message(channel, message)
-            except RelayError as err:  # answered, and the socket stays open
-                reply = {"type": "error", "code": err.code, "message": err.message, "fatal": False,
-                         "details": err.details}
+                if msg.type == WSMsgType.BINARY:  # not read, but not free either: a token, unanswered
+                    broadcast.take_token(channel)
+                reply = None
+            else:
+                try:
+                    message = parse_json(msg.data, max_depth)
+                    if not isinstance(message, dict):
+                        raise invalid_request("Events messages are JSON objects.")
+                except RelayError as err:  # answered, and the socket stays open
+                    wait = broadcast.take_token(channel)  # garbage is no free flood
+                    reply = rate_limited_reply(None, wait) if wait else _error_reply(err)
+                else:
+                    try:  # participant_message takes the message's token itself
+                        reply = await broadcast.participant_message(channel, message)
+                    except RelayError as err:
+                        reply = _error_reply(err)
             if reply is not None:
                 await ws.send_json(reply)
+            if channel.flooded:  # kept flooding far past its rate: not worth reading any more
+                await ws.close(code=FLOODING_CLOSE_CODE, message=b"rate limited")
+                break
     finally:
         broadcast.close_channel(channel)  # before any await: this handler may be cancelled
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
         await ws.close()
     return ws
+
+
+def _error_reply(err: RelayError) -> dict:
+    return {"type": "error", "code": err.code, "message": err.message, "fatal": False, "details": err.details}
 
 
 async def _pump(request: web.Request, ws: web.WebSocketResponse, channel) -> None:

@@ -1,4 +1,4 @@
-"""Orchestration API: the host switches audience modes live, blocks participants, hands turns."""
+"""Orchestration API: the host switches audience modes live, blocks participants, hands turns, invites."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from aiohttp import web
 
 from ..broadcast import Broadcast
 from ..errors import forbidden, invalid_request
-from .common import SESSIONS, json_response, read_json, token_of
+from .common import SESSIONS, json_response, public_url, read_json, token_of
 from .connections import authorize_connection
 
 routes = web.RouteTableDef()
+INVITES_PER_REQUEST = 500  # a class or a hall at once; more by asking again
 
 
 def _is_spectator(request: web.Request, broadcast: Broadcast) -> bool:
@@ -79,3 +80,20 @@ async def revoke_turn(request: web.Request) -> web.Response:
     broadcast.orchestrator.revoke_turn()
     broadcast.host_changed_orchestration()
     return json_response(broadcast.orchestrator.state(host=True)["turn"])
+
+
+@routes.post("/v1/broadcasts/{broadcast_id}/invites")
+async def mint_invites(request: web.Request) -> web.Response:
+    """`{count}` new participant identities, each as a code and a watch link carrying it. Invites are
+    signed, not stored: any number may be minted, and each one is one person (a second socket with
+    the same code resumes that identity and replaces the first)."""
+    broadcast = host_broadcast(request)
+    body = await read_json(request)
+    count = body.get("count", 1)
+    if not (isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= INVITES_PER_REQUEST):
+        raise invalid_request(f"'count' must be an integer from 1 to {INVITES_PER_REQUEST}.", field="count")
+    watch = f"{public_url(request)}/watch/{broadcast.broadcast_id}?token={broadcast.spectator_token}"
+    invites = [{"participant_id": pid, "invite": code, "watch_url": f"{watch}&invite={code}"}
+               for pid, code in broadcast.mint_invites(count)]
+    return json_response({"invites": invites, "invite_only": broadcast.orchestrator.settings.invite_only},
+                         status=201)

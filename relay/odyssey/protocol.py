@@ -145,7 +145,10 @@ def stream_error(reason: str, message: str) -> dict[str, Any]:
 
 def stream_error_from(err: RelayError) -> dict[str, Any]:
     """A refused start/update as the SDK meets it: `interactive_stream_error {reason, message}`."""
-    return stream_error(err.code.lower(), err.message)
+    error = stream_error(err.code.lower(), err.message)
+    if err.retry_after is not None:  # RATE_LIMITED: when the SDK may send again
+        error["retry_after"] = round(err.retry_after, 2)
+    return error
 
 
 # -- messages -------------------------------------------------------------------------------------

@@ -5,9 +5,11 @@ returns to the stream's interact, and pushes `state()` when `version` moved. Eve
 settles passed deadlines, so a window or a turn ends on time however late the next tick comes (a
 window's winner is then delivered by that next tick); a queue forwards only from `tick()`.
 
-An action is checked in this order: known participant, not blocked, the policy's gate (host_only,
-not_your_turn, already_queued), content (too_long, invalid_text, empty, blocked_word), cooldown, duplicate, then the
-policy itself (queue_full, already_proposed, too_many_candidates).
+An action is checked in this order: known participant, not blocked, invited (invite_only mode), the
+policy's gate (host_only, not_your_turn, already_queued), content (too_long, invalid_text, empty,
+blocked_word), cooldown, duplicate, then the policy itself (queue_full, already_proposed,
+too_many_candidates, and in vote mode rate_limited past votes_per_address). The message rate is the
+broadcast's, before all this.
 
 Switching mode discards the old policy's pending state: queued inputs are dropped, an open vote
 window closes without a winner, the turn and the raised hands are cleared (a window or turn that had
@@ -56,6 +58,9 @@ class Orchestrator:
         # host may still block someone who just dropped off. Oldest forgotten first.
         self._departed: OrderedDict[str, str | None] = OrderedDict()
         self._blocked: set[str] = set()
+        self._addresses: dict[str, str] = {}  # participant -> client address of their socket (vote caps)
+        # Identities that came from a host's invite; they stay invited when they resume.
+        self._invited: set[str] = set()
         self._outbox: list[Forward] = []  # decided while catching up, delivered by the next tick
         self.version = 0  # moves whenever state() would change
         self.host_version = 0  # moves whenever state(host=True) would change
@@ -98,11 +103,24 @@ class Orchestrator:
         state.update(self._policy.state(self._participants.get))
         if host:
             settings["blocked_words"] = list(self._settings.blocked_words)
-            state["participants"] = [{"participant_id": p, "name": n, "blocked": p in self._blocked}
-                                     for p, n in self._participants.items()]
+            state["participants"] = [{"participant_id": p, "name": n, "blocked": p in self._blocked,
+                                      "invited": p in self._invited} for p, n in self._participants.items()]
         return state
 
     # -- participants --------------------------------------------------------------------
+
+    def is_invited(self, participant_id: str) -> bool:
+        return participant_id in self._invited
+
+    def admit(self, participant_id: str, *, address: str | None = None, invited: bool = False) -> None:
+        """A socket opened for this identity (new, resumed, or replacing its older socket): note where
+        it comes from and whether an invite vouched for it, and make it present."""
+        if address is not None:
+            self._addresses[participant_id] = address
+        if invited:
+            self._invited.add(participant_id)
+        if participant_id not in self._participants:
+            self.participant_joined(participant_id)
 
     def participant_joined(self, participant_id: str, name: str | None = None) -> None:
         """A participant opened the events socket; calling it again (their hello) renames them.
@@ -123,6 +141,7 @@ class Orchestrator:
         if participant_id not in self._participants:
             return
         self._departed[participant_id] = self._participants.pop(participant_id)
+        self._addresses.pop(participant_id, None)
         while len(self._departed) > DEPARTED_MAX:
             self._departed.popitem(last=False)
         self._catch_up()
@@ -187,6 +206,8 @@ class Orchestrator:
             return "unknown_participant"
         if participant_id in self._blocked:
             return "blocked"
+        if self._settings.invite_only and participant_id not in self._invited:
+            return "invite_required"  # uninvited: they watch and see the state, but have no say
         return None
 
     # -- the host ------------------------------------------------------------------------
@@ -276,6 +297,7 @@ class Orchestrator:
         policy = self._policies.get(mode)
         if policy is None:
             policy = self._policies[mode] = POLICIES[mode](self._clock, self._settings, self._changed)
+            policy.address_of = self._addresses.get
         return policy
 
     def _turns(self) -> TurnsPolicy:

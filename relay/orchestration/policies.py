@@ -24,6 +24,9 @@ class Forward:
     mode: str
 
 
+REASON_CODES = {"rate_limited": "RATE_LIMITED", "invite_required": "INVITE_REQUIRED"}
+
+
 @dataclass(frozen=True)
 class InputResult:
     """The answer to a participant's action.
@@ -36,7 +39,7 @@ class InputResult:
     status: str
     reason: str | None = None
     candidate_id: str | None = None
-    retry_after: float | None = None  # seconds, for "cooldown"
+    retry_after: float | None = None  # seconds, for "cooldown" and "rate_limited"
     forward: Forward | None = None
 
     @property
@@ -47,6 +50,8 @@ class InputResult:
         event: dict[str, Any] = {"type": type, "status": self.status}
         if self.reason is not None:
             event["reason"] = self.reason
+            if self.reason in REASON_CODES:  # the refusals the contract has an error code for
+                event["code"] = REASON_CODES[self.reason]
         if self.candidate_id is not None:
             event["candidate_id"] = self.candidate_id
         if self.retry_after is not None:
@@ -77,6 +82,8 @@ class Policy:
         self.clock = clock
         self.settings = settings  # replaced by the facade when the host changes settings
         self._changed = changed  # call whenever state() would change
+        # The client address a participant's socket came from (None if unknown): the facade sets it.
+        self.address_of: Callable[[str], str | None] = lambda participant_id: None
 
     def gate(self, participant_id: str) -> str | None:
         """A rejection reason that does not depend on the prompt (checked before moderation)."""

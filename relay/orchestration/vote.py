@@ -7,6 +7,10 @@
 - An input identical (normalized) to a candidate is a vote for that candidate, not a new one.
 - Each participant has one vote and may move it. Votes of participants who leave are dropped (a
   reconnecting spectator gets a new participant id and could otherwise vote twice); their candidates stay.
+- Votes per client address are capped per window (`votes_per_address`): one address behind which a
+  crowd of sockets sits counts as at most that many voters; beyond it a vote (or an input, which is a
+  vote too) is refused "rate_limited" until the window closes. Generous by default: a classroom shares
+  one address.
 - At the close: most votes wins, ties go to the earliest candidate; a window with no candidate, or
   whose candidates all lost their votes, forwards nothing. The next window opens on the next input.
 """
@@ -40,6 +44,8 @@ class VotePolicy(Policy):
         self._candidates: dict[str, _Candidate] = {}  # insertion order = age, which breaks ties
         self._votes: dict[str, str] = {}  # participant -> candidate_id
         self._tally: Counter[str] = Counter()
+        self._voter_address: dict[str, str] = {}  # participant -> the address their vote counts against
+        self._by_address: Counter[str] = Counter()  # votes held per address
         self._ends: float | None = None  # monotonic; None: no window open
         self._ends_wall: float | None = None
         self._issued = 0
@@ -53,6 +59,8 @@ class VotePolicy(Policy):
         return False  # an identical input merges into a vote instead
 
     def submit(self, participant_id: str, prompt: str, key: str) -> InputResult:
+        if self._address_full(participant_id):
+            return self._address_refusal()
         same = next((c for c in self._candidates.values() if c.key == key), None)
         if same is not None:
             self._cast(participant_id, same.candidate_id)
@@ -74,6 +82,8 @@ class VotePolicy(Policy):
 
     def vote(self, participant_id: str, candidate_id: Any) -> InputResult:
         if isinstance(candidate_id, str) and candidate_id in self._candidates:
+            if self._address_full(participant_id):
+                return self._address_refusal()
             self._cast(participant_id, candidate_id)
             return InputResult("voted", candidate_id=candidate_id)
         match = _ID.fullmatch(candidate_id) if isinstance(candidate_id, str) else None
@@ -81,12 +91,35 @@ class VotePolicy(Policy):
             return rejected("window_closed")
         return rejected("unknown_candidate")
 
+    def _address_full(self, participant_id: str) -> bool:
+        """A new voter whose address already holds its share of this window's votes (moving a vote is free)."""
+        address = self.address_of(participant_id)
+        return (participant_id not in self._votes and address is not None
+                and self._by_address[address] >= self.settings.votes_per_address)
+
+    def _address_refusal(self) -> InputResult:
+        left = self._ends - self.clock.monotonic() if self._ends is not None else 0.0
+        return rejected("rate_limited", retry_after=max(0.1, left))
+
+    def _drop_vote(self, participant_id: str) -> str | None:
+        address = self._voter_address.pop(participant_id, None)
+        if address is not None:
+            self._by_address[address] -= 1
+            if not self._by_address[address]:
+                del self._by_address[address]
+        return self._votes.pop(participant_id, None)
+
     def _cast(self, participant_id: str, candidate_id: str) -> None:
         previous = self._votes.get(participant_id)
         if previous == candidate_id:
             return
         if previous is not None:
             self._tally[previous] -= 1
+        else:
+            address = self.address_of(participant_id)
+            if address is not None:
+                self._voter_address[participant_id] = address
+                self._by_address[address] += 1
         self._votes[participant_id] = candidate_id
         self._tally[candidate_id] += 1
         self._changed()
@@ -107,12 +140,14 @@ class VotePolicy(Policy):
         self._candidates.clear()
         self._votes.clear()
         self._tally.clear()
+        self._voter_address.clear()
+        self._by_address.clear()
         self._ends = self._ends_wall = None
         self._window_first = self._issued + 1
         self._changed()
 
     def remove(self, participant_id: str, *, purge: bool = False) -> None:
-        voted = self._votes.pop(participant_id, None)
+        voted = self._drop_vote(participant_id)
         if voted is not None:
             self._tally[voted] -= 1
             self._changed()
@@ -121,7 +156,7 @@ class VotePolicy(Policy):
                 del self._candidates[candidate.candidate_id]
                 del self._tally[candidate.candidate_id]
                 for voter in [p for p, c in self._votes.items() if c == candidate.candidate_id]:
-                    del self._votes[voter]
+                    self._drop_vote(voter)
                 self._changed()
 
     def state(self, name_of: NameOf) -> dict[str, Any]:

@@ -270,3 +270,22 @@ async def test_a_reloaded_watch_page_is_the_same_participant(relay_factory, open
         await page.click("#input-send")
         await expect(page.locator("#input-result")).to_contain_text("Not so fast")
         await expect(page.locator("#input-send")).to_be_disabled()
+
+
+async def test_an_invite_link_makes_the_page_an_invited_participant(relay_factory, open_page):
+    relay = await relay_factory(limits=LONG)
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        await conn.start_stream("a quiet lake")
+        bid = conn.broadcast["broadcast_id"]
+        await set_mode(client, bid, "queue", invite_only=True, cooldown_seconds=0)
+        minted = (await client.request("POST", f"/v1/broadcasts/{bid}/invites", json={"count": 1}))["invites"][0]
+        guest = await open_page(conn.broadcast["watch_url"])
+        invited = await open_page(minted["watch_url"])
+        for page, prompt in ((guest, "snow"), (invited, "rain")):
+            await joined(page)
+            await page.fill("#input-prompt", prompt)
+            await page.click("#input-send")
+        await expect(guest.locator("#input-result")).to_contain_text("invite")
+        await expect(invited.locator("#input-result")).to_contain_text("Queued")
+        present = relay.sessions.broadcast(bid).orchestrator.participants
+        assert minted["participant_id"] in present

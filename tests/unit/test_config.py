@@ -30,7 +30,9 @@ def test_defaults_match_the_contract():
     assert (s.server.host, s.server.port, s.server.public_url, s.server.data_dir) == ("127.0.0.1", 8080, "", "./data")
     assert (s.server.max_body_bytes, s.server.log_level) == (1048576, "info")
     assert s.auth.api_keys == ()
-    assert dataclasses.astuple(s.limits) == (4, 5, 150, 3600, 40, 1000, 10, 600, 15)
+    assert dataclasses.astuple(s.limits)[:9] == (4, 5, 150, 3600, 40, 1000, 10, 600, 15)
+    assert (s.limits.host_interacts_per_second, s.limits.host_interacts_burst, s.limits.participants_per_broadcast,
+            s.limits.events_sockets_per_address, s.limits.events_flood_messages) == (10, 20, 1000, 100, 200)
     assert (s.world_model.kind, s.world_model.width, s.world_model.height, s.world_model.fps) == \
         ("synthetic", 1280, 704, 25)
     assert s.webrtc.ice_servers == ()
@@ -227,7 +229,8 @@ def test_orchestration_defaults():
     assert dataclasses.asdict(o) == {
         "mode": "host", "queue_interval_seconds": 5.0, "queue_max": 50, "vote_window_seconds": 15.0,
         "max_candidates": 10, "turn_seconds": 30.0, "max_prompt_chars": 200, "blocked_words": (),
-        "cooldown_seconds": 3.0, "duplicate_window_seconds": 30.0,
+        "cooldown_seconds": 3.0, "duplicate_window_seconds": 30.0, "participant_messages_per_second": 5.0,
+        "participant_messages_burst": 20, "votes_per_address": 100, "invite_only": False,
     }
 
 

@@ -138,7 +138,8 @@ def test_blocked_participant_loses_their_voice_until_unblocked():
     orch.block("ann")
     assert [e["participant_id"] for e in orch.state()["queue"]] == ["bob"]  # their waiting input went
     assert status(orch.submit("ann", "again")) == "blocked"
-    assert orch.state(host=True)["participants"][0] == {"participant_id": "ann", "name": "Ann", "blocked": True}
+    assert orch.state(host=True)["participants"][0] == {"participant_id": "ann", "name": "Ann", "blocked": True,
+                                                           "invited": False}
     orch.unblock("ann")
     assert status(orch.submit("ann", "again")) == "queued"
     with pytest.raises(RelayError) as caught:
@@ -484,7 +485,8 @@ def test_version_moves_exactly_when_state_changes():
     v = orch.version
     orch.participant_joined("ann")
     assert orch.version == v  # not shown to participants...
-    assert orch.state(host=True)["participants"] == [{"participant_id": "ann", "name": None, "blocked": False}]
+    assert orch.state(host=True)["participants"] == [{"participant_id": "ann", "name": None, "blocked": False,
+                                                         "invited": False}]
     hv = orch.host_version
     orch.participant_joined("ann", "  Ann  ")  # ...nor is their name, until they are queued
     assert orch.version == v and orch.host_version > hv
@@ -526,3 +528,54 @@ def test_public_state_shows_the_head_of_a_long_queue_and_its_length():
     state = orch.state()
     assert len(state["queue"]) == STATE_LIST_MAX
     assert state["queue_length"] >= STATE_LIST_MAX + 19
+
+
+# ---------------------------------------------------------------------------------- crowds and invites
+
+def test_token_bucket_allows_a_burst_then_the_rate_on_the_clock():
+    from relay.ratelimit import TokenBucket
+    clock = FakeClock()
+    bucket = TokenBucket(clock, rate=2.0, burst=3)
+    assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take() == pytest.approx(0.5)  # refused: one token back in half a second
+    clock.advance(0.5)
+    assert bucket.take() == 0.0 and bucket.take() > 0
+    clock.advance(100)  # refills to the burst, never beyond
+    assert [bucket.take() for _ in range(4)].count(0.0) == 3
+
+
+def test_votes_per_address_cap_counts_an_address_as_at_most_that_many_voters():
+    orch, clock = make("vote", people=(), votes_per_address=2, vote_window_seconds=10)
+    for i in range(6):
+        orch.admit(f"p{i}", address="10.0.0.1" if i < 5 else "10.0.0.2")
+    candidate = orch.submit("p0", "a volcano").candidate_id  # proposing is the first vote from .1
+    results = [orch.vote(f"p{i}", candidate) for i in range(1, 5)]
+    assert [status(r) for r in results] == ["voted", "rate_limited", "rate_limited", "rate_limited"]
+    refused = results[1].as_event("vote_result")
+    assert refused["code"] == "RATE_LIMITED" and 0 < refused["retry_after"] <= 10
+    assert status(orch.vote("p5", candidate)) == "voted"  # another address is not affected
+    assert status(orch.submit("p3", "a glacier")) == "rate_limited"  # an input is a vote too
+    assert status(orch.vote("p1", candidate)) == "voted"  # already counted: may vote again (or move)
+    orch.participant_left("p1")  # a leaving voter's vote goes, and with it the place it held
+    assert status(orch.vote("p2", candidate)) == "voted"
+    assert orch.state()["candidates"][0]["votes"] == 3
+    clock.advance(10)
+    assert prompts(orch.tick()) == ["a volcano"]
+    assert status(orch.submit("p3", "a glacier")) == "candidate"  # a new window: a new share
+
+
+def test_invite_only_refuses_the_uninvited_with_invite_required():
+    orch, clock = make("queue", people=(), invite_only=True, cooldown_seconds=0)
+    orch.admit("guest")
+    orch.admit("invited", invited=True)
+    refused = orch.submit("guest", "snow")
+    assert status(refused) == "invite_required" and refused.as_event()["code"] == "INVITE_REQUIRED"
+    assert status(orch.submit("invited", "snow")) == "queued"
+    orch.participant_left("invited")
+    orch.admit("invited")  # resumed without the invite: still the invited identity
+    assert status(orch.submit("invited", "rain")) == "queued"
+    assert orch.is_invited("invited") and not orch.is_invited("guest")
+    shown = {p["participant_id"]: p["invited"] for p in orch.state(host=True)["participants"]}
+    assert shown == {"guest": False, "invited": True}  # the host sees who came by invite
+    orch.configure(invite_only=False)
+    assert status(orch.submit("guest", "sun")) == "queued"
