@@ -66,8 +66,8 @@ def parse_json(raw: str | bytes, max_depth: int) -> Any:
     ``max_depth``, or holds a number that is not a finite, reasonably sized one (NaN, 1e999999, 10^5 digits).
     """
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-    depth = json_depth(data)
-    if depth > max_depth:
+    # Fewer openers than the limit cannot nest past it: the common case skips the scan.
+    if data.count(b"[") + data.count(b"{") > max_depth and json_depth(data) > max_depth:
         raise invalid_request(f"The JSON nests deeper than {max_depth} levels.", limit=max_depth)
     try:
         return json.loads(data, parse_int=_int, parse_float=_float, parse_constant=_constant)

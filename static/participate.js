@@ -24,6 +24,7 @@ const REASONS = {
   empty: 'Type a prompt first.',
   too_long: 'That prompt is too long.',
   blocked_word: 'That prompt contains a word that is not allowed here.',
+  invalid_text: 'That prompt contains characters that cannot be sent (control codes or a broken emoji).',
   cooldown: 'Not so fast: wait a moment before sending again.',
   duplicate: 'That prompt was just sent: try something different.',
   queue_full: 'The queue is full: try again in a moment.',

@@ -43,7 +43,7 @@ class OwnerPeer:
         *,
         on_message: Callable[[dict[str, Any]], None],
         on_state: Callable[[str], None],
-        max_json_depth: int = 32,
+        max_json_depth: int,  # [server] max_json_depth: the data channel is parsed as the socket is
     ) -> None:
         self._broadcast = broadcast
         self._max_json_depth = max_json_depth

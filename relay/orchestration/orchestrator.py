@@ -254,6 +254,10 @@ class Orchestrator:
         Validated exactly like the config file's [orchestration] section; a bad value raises
         RelayError 422 whose details name the field, and changes nothing.
         """
+        words = settings.get("blocked_words")
+        for word in words if isinstance(words, (list, tuple)) else ():
+            if isinstance(word, str):  # the host's text, as sent: the boundary's one rule, as for prompts
+                check_text(word, "blocked_words", multiline=False)
         values = {f.name: getattr(self._settings, f.name) for f in dataclasses.fields(OrchestrationSettings)}
         values.update(settings)
         if mode is not None:

@@ -209,6 +209,10 @@ async def test_every_rest_entry_refuses_bad_text_with_422(live, http, name):
         assert error["details"]["reason"] == "invalid_text"
     async with http.get(f"{relay.url}/v1/simulations", headers=AUTH) as r:
         assert (await r.json())["total"] == 0  # nothing was queued to fail its retries
+    url = f"{relay.url}/v1/broadcasts/{conn.broadcast['broadcast_id']}/orchestration"
+    async with http.put(url, json={"blocked_words": ["fine", text]}, headers=AUTH) as r:
+        error = assert_error_shape(await r.json())
+        assert r.status == 422 and error["details"] == {"field": "blocked_words", "reason": "invalid_text"}, error
 
 
 async def test_sockets_refuse_bad_text_and_stay_open(live, http):
