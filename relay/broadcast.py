@@ -30,7 +30,8 @@ from .media.hub import FanoutHub
 from .media.pipeline import StreamPipeline
 from .media.recorder import StreamRecorder
 from .media.rtp_fanout import IdleVideoTrack, RtpFanout, RtpOutput, hook_output
-from .media.webrtc import add_trickled_candidates, answer_spectator, hook_sender
+from .media.webrtc import (add_trickled_candidates, answer_spectator, count_candidates, hook_sender,
+                           too_many_candidates)
 from .orchestration import Forward, Orchestrator
 from .recordings import RecordingStore
 
@@ -75,6 +76,7 @@ class Spectator:
     joined_at: float
     last_heard: float
     counted: bool = True  # False for the host's own preview: the host is not its audience
+    candidates: int = 0  # remote ICE candidates signalled so far (offer and PATCHes), bounded
     closed: bool = False
 
     async def close(self) -> None:
@@ -293,12 +295,14 @@ class Broadcast:
         now = self._clock.monotonic()
         try:
             peer = await answer_spectator(
-                offer_sdp, feed.track, on_sender=lambda sender: feed.attach(sender, lambda: self._heard(spectator_id))
+                offer_sdp, feed.track, max_candidates=self._settings.limits.whep_offer_max_candidates,
+                on_sender=lambda sender: feed.attach(sender, lambda: self._heard(spectator_id)),
             )
         except BaseException:
             feed.close()
             raise
-        spectator = Spectator(spectator_id, peer.pc, feed, joined_at=now, last_heard=now, counted=counted)
+        spectator = Spectator(spectator_id, peer.pc, feed, joined_at=now, last_heard=now, counted=counted,
+                              candidates=count_candidates(offer_sdp))
         self.spectators[spectator_id] = spectator
 
         @peer.pc.on("connectionstatechange")
@@ -328,7 +332,14 @@ class Broadcast:
         return spectator
 
     async def add_candidates(self, spectator_id: str, sdpfrag: str) -> None:
-        await add_trickled_candidates(self.spectator(spectator_id).pc, sdpfrag)
+        spectator = self.spectator(spectator_id)
+        # The offer's bound holds for the session: trickling cannot add what the offer could not.
+        limit = self._settings.limits.whep_offer_max_candidates
+        total = spectator.candidates + count_candidates(sdpfrag)
+        if total > limit:
+            raise too_many_candidates(limit, total)
+        spectator.candidates = total
+        await add_trickled_candidates(spectator.pc, sdpfrag)
 
     async def remove_spectator(self, spectator_id: str) -> bool:
         spectator = self.spectators.pop(spectator_id, None)

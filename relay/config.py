@@ -202,6 +202,8 @@ class LimitsSettings:
     pending_simulations: int = option(10, min=1)
     client_token_seconds: float = option(600.0, min=1)
     spectator_timeout_seconds: float = option(15.0, min=1)
+    whep_offer_max_bytes: int = option(32768, min=1024)
+    whep_offer_max_candidates: int = option(64, min=1)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from aiohttp import WSMsgType, web
 from .. import metrics
 from ..auth import check_spectator, is_api_key
 from ..broadcast import Broadcast
-from ..errors import RelayError, unsupported_media_type
+from ..errors import RelayError, too_large, unsupported_media_type
 from .common import API_KEYS, SESSIONS, SETTINGS, json_response, token_of
 
 # The events socket's close code when the same participant resumed on a newer socket: the
@@ -62,7 +62,8 @@ async def whep_offer(request: web.Request) -> web.Response:
         check_spectator(token_of(request), broadcast.spectator_token)
     if request.content_type != "application/sdp":
         raise unsupported_media_type("application/sdp")
-    offer = (await request.read()).decode("utf-8", errors="replace")
+    offer = (await _read_bounded(request, request.app[SETTINGS].limits.whep_offer_max_bytes)).decode(
+        "utf-8", errors="replace")
     spectator, answer = await broadcast.add_spectator(offer, counted=not host)
     return web.Response(
         status=201,
@@ -70,6 +71,20 @@ async def whep_offer(request: web.Request) -> web.Response:
         content_type="application/sdp",
         headers={"Location": session_location(broadcast, spectator.spectator_id)},
     )
+
+
+async def _read_bounded(request: web.Request, limit: int) -> bytes:
+    """The body, or 413 as soon as it is known to exceed `limit`: from a declared Content-Length
+    before reading anything, else after reading at most limit + 1 bytes (chunked bodies)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large(limit)
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = await request.content.read(limit + 1 - len(body))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+    raise too_large(limit)
 
 
 @routes.patch("/v1/broadcasts/{broadcast_id}/whep/{spectator_id}")
