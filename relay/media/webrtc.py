@@ -66,7 +66,7 @@ def parse_offer(sdp: str, max_candidates: int) -> SessionDescription:
     try:
         parsed = SessionDescription.parse(sdp)
     except Exception as exc:  # aiortc's parser raises assorted errors on broken SDP
-        raise invalid_request(f"Malformed SDP offer: {exc or type(exc).__name__}.") from exc
+        raise invalid_request(f"Malformed SDP offer: {str(exc) or type(exc).__name__}.") from exc
     video = [m for m in parsed.media if m.kind == "video"]
     if not video:
         raise unprocessable("The offer has no video m-line: a spectator must receive video.")
@@ -75,6 +75,21 @@ def parse_offer(sdp: str, max_candidates: int) -> SessionDescription:
             "No codec in common: the relay sends H.264 (constrained baseline), the offer has none.",
             offered=sorted({c.mimeType for m in video for c in m.rtp.codecs}),
         )
+    # aiortc answers the first video m-line with the relay's track. Offers it would accept but
+    # could never play are refused here, before they take a slot: without a fingerprint DTLS
+    # cannot start (aiortc fails later in a task nobody awaits), and a rejected (port 0),
+    # inactive or send-only line asks for no video from us.
+    first = video[0]
+    if first.port == 0:
+        raise unprocessable("The offer's video m-line is rejected (port 0): it asks for no video.")
+    if first.direction not in (None, "sendrecv", "recvonly"):
+        raise unprocessable(
+            f"The offer's video m-line is {first.direction}: a spectator must receive video (recvonly).",
+            direction=first.direction,
+        )
+    if first.dtls is None or not first.dtls.fingerprints:
+        raise unprocessable(
+            "The offer has no DTLS fingerprint and setup role (a=fingerprint, a=setup): media cannot be secured.")
     return parsed
 
 
@@ -119,7 +134,7 @@ async def answer_spectator(
         raise
     except Exception as exc:
         await pc.close()
-        raise unprocessable(f"Cannot answer this offer: {exc or type(exc).__name__}.") from exc
+        raise unprocessable(f"Cannot answer this offer: {str(exc) or type(exc).__name__}.") from exc
     return SpectatorPeer(pc, sender, pc.localDescription.sdp)
 
 

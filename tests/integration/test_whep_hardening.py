@@ -5,6 +5,7 @@ already watching keep their frame rate."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import aiohttp
@@ -152,3 +153,41 @@ async def test_trickled_candidates_share_the_offers_bound(relay_factory, http):
                               headers=headers) as r:
             error = await assert_error(r, 422)
             assert error["details"] == {"limit": 8, "candidates": 9}
+
+
+def _drop_lines(sdp: str, prefix: str) -> str:
+    return "".join(line + "\r\n" for line in sdp.splitlines() if not line.startswith(prefix))
+
+
+def _video_direction(sdp: str, direction: str) -> str:
+    return sdp.replace("a=recvonly", f"a={direction}")
+
+
+UNPLAYABLE = {
+    "no fingerprint": lambda sdp: _drop_lines(sdp, "a=fingerprint:"),
+    "inactive": lambda sdp: _video_direction(sdp, "inactive"),
+    "sendonly": lambda sdp: _video_direction(sdp, "sendonly"),
+    "port 0": lambda sdp: re.sub(r"^m=video \d+", "m=video 0", sdp, flags=re.M),
+}
+
+
+@pytest.mark.parametrize("case", list(UNPLAYABLE))
+async def test_unplayable_offer_is_422_and_takes_no_slot(relay_factory, http, case):
+    relay = await live_relay(relay_factory)
+    offer = UNPLAYABLE[case](await make_offer())
+    gauge = spectators_gauge()
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        b = conn.broadcast
+        async with await post(http, b, offer) as r:
+            await assert_error(r, 422)
+        broadcast = relay.sessions.broadcast(b["broadcast_id"])
+        assert broadcast.spectators == {} and spectators_gauge() == gauge
+
+
+async def test_malformed_offer_message_names_the_fault(relay_factory, http):
+    relay = await live_relay(relay_factory)
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        # aiortc's parser fails on the port with a bare AssertionError (an empty message).
+        async with await post(http, conn.broadcast, "v=0\r\nm=video x UDP/TLS/RTP/SAVPF 96\r\n") as r:
+            error = await assert_error(r, 400)
+        assert error["message"] == "Malformed SDP offer: AssertionError."
