@@ -42,6 +42,9 @@ EVENT_QUEUE_MAX = 256
 # exactly on each join and leave, not from the coalesced pushes).
 RECORDED_EVENTS = frozenset({"stream_started", "prompt_applied"})
 STATE_PUSH_INTERVAL = 0.25  # orchestration state reaches participants a few times a second at most
+# How long close() waits for joins still answering their offer. They close their own peer
+# connection when they see the broadcast closed; the wait only makes close() return after them.
+JOIN_CLOSE_WAIT = 5.0
 
 
 @dataclass(eq=False)
@@ -155,6 +158,8 @@ class Broadcast:
                                     on_segment=metrics.HLS_SEGMENTS.inc)
             self.hub.add_sink(self.hls.write)
         self.spectators: dict[str, Spectator] = {}
+        # Joins still answering their offer: close() waits for them.
+        self._joins: set[asyncio.Future] = set()
         self._channels: dict[str, EventChannel] = {}  # participant_id -> its one open socket
         self._participant_secret = secrets.token_bytes(16)  # signs resume tokens
         self._pipeline: StreamPipeline | None = None
@@ -293,14 +298,22 @@ class Broadcast:
         spectator_id = uuid.uuid4().hex
         feed = self.media_feed()
         now = self._clock.monotonic()
+        join = asyncio.get_running_loop().create_future()
+        self._joins.add(join)
         try:
             peer = await answer_spectator(
                 offer_sdp, feed.track, max_candidates=self._settings.limits.whep_offer_max_candidates,
                 on_sender=lambda sender: feed.attach(sender, lambda: self._heard(spectator_id)),
             )
+            if self.closed:  # closed while we answered: no join may outlive the close
+                await peer.pc.close()
+                raise not_found("broadcast", self.broadcast_id)
         except BaseException:
             feed.close()
             raise
+        finally:
+            self._joins.discard(join)
+            join.set_result(None)
         spectator = Spectator(spectator_id, peer.pc, feed, joined_at=now, last_heard=now, counted=counted,
                               candidates=count_candidates(offer_sdp))
         self.spectators[spectator_id] = spectator
@@ -476,6 +489,8 @@ class Broadcast:
             return
         self.closed = True
         await self.detach_stream("disconnected")
+        if self._joins:  # each closes its own peer connection on seeing `closed`
+            await asyncio.wait(list(self._joins), timeout=JOIN_CLOSE_WAIT)
         await asyncio.gather(*(self.remove_spectator(s) for s in list(self.spectators)))
         for channel in list(self._channels.values()):
             channel.close()

@@ -135,6 +135,9 @@ async def answer_spectator(
     except Exception as exc:
         await pc.close()
         raise unprocessable(f"Cannot answer this offer: {str(exc) or type(exc).__name__}.") from exc
+    except BaseException:  # cancelled (the client went away): the pc must not outlive the request
+        await pc.close()
+        raise
     return SpectatorPeer(pc, sender, pc.localDescription.sdp)
 
 

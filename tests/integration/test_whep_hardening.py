@@ -5,16 +5,19 @@ already watching keep their frame rate."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import time
+import weakref
 
 import aiohttp
 import pytest
 from aiortc import RTCPeerConnection
 
+from relay import broadcast as broadcast_module
 from relay import metrics
 from relay.client import RelayClient, Spectator
-from tests.conftest import API_KEY, frames_for
+from tests.conftest import API_KEY, eventually, frames_for
 
 MIN_FPS = 22
 
@@ -181,7 +184,7 @@ async def test_unplayable_offer_is_422_and_takes_no_slot(relay_factory, http, ca
         async with await post(http, b, offer) as r:
             await assert_error(r, 422)
         broadcast = relay.sessions.broadcast(b["broadcast_id"])
-        assert broadcast.spectators == {} and spectators_gauge() == gauge
+        assert broadcast.spectators == {} and broadcast._joins == set() and spectators_gauge() == gauge
 
 
 async def test_malformed_offer_message_names_the_fault(relay_factory, http):
@@ -191,3 +194,48 @@ async def test_malformed_offer_message_names_the_fault(relay_factory, http):
         async with await post(http, conn.broadcast, "v=0\r\nm=video x UDP/TLS/RTP/SAVPF 96\r\n") as r:
             error = await assert_error(r, 400)
         assert error["message"] == "Malformed SDP offer: AssertionError."
+
+
+@pytest.mark.parametrize("held", ["before answering", "after answering"])
+async def test_join_racing_the_close_leaves_no_peer(relay_factory, http, monkeypatch, held):
+    relay = await live_relay(relay_factory)
+    reached, release = asyncio.Event(), asyncio.Event()
+    server_pcs: weakref.WeakSet[RTCPeerConnection] = weakref.WeakSet()
+    answer = broadcast_module.answer_spectator
+
+    async def gated(*args, **kwargs):
+        # The gate holds the join at one of its awaits while the connection closes.
+        if held == "before answering":
+            reached.set()
+            await release.wait()
+        peer = await answer(*args, **kwargs)
+        server_pcs.add(peer.pc)
+        if held == "after answering":
+            reached.set()
+            await release.wait()
+        return peer
+
+    monkeypatch.setattr(broadcast_module, "answer_spectator", gated)
+    gauge = spectators_gauge()
+    offer = await make_offer()
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        b = conn.broadcast
+        broadcast = relay.sessions.broadcast(b["broadcast_id"])
+        joining = asyncio.create_task(post(http, b, offer))
+        await asyncio.wait_for(reached.wait(), 5)
+        closing = asyncio.create_task(conn.disconnect())
+        await eventually(lambda: broadcast.closed, what="the broadcast closing")
+        release.set()
+        response = await asyncio.wait_for(joining, 5)
+        async with response:
+            error = await assert_error(response, 404, "NOT_FOUND")
+            assert "broadcast" in error["message"]
+        await asyncio.wait_for(closing, 5)
+    assert broadcast.spectators == {} and broadcast._joins == set()
+    assert spectators_gauge() == gauge
+
+    def no_pc_left() -> bool:
+        gc.collect()
+        return all(pc.connectionState == "closed" for pc in server_pcs) and not list(server_pcs)
+
+    await eventually(no_pc_left, timeout=5, what="the relay's peer connections gone")
