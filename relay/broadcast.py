@@ -79,6 +79,10 @@ class Spectator:
     joined_at: float
     last_heard: float
     counted: bool = True  # False for the host's own preview: the host is not its audience
+    address: str | None = None  # where the offer came from: pending sessions are capped per address
+    # ICE and DTLS completed. Until then the session is pending: not a viewer, not in the metrics or
+    # the cap, and dropped if it has not connected within whep_connect_seconds.
+    connected: bool = False
     candidates: int = 0  # remote ICE candidates signalled so far (offer and PATCHes), bounded
     closed: bool = False
 
@@ -158,8 +162,9 @@ class Broadcast:
                                     on_segment=metrics.HLS_SEGMENTS.inc)
             self.hub.add_sink(self.hls.write)
         self.spectators: dict[str, Spectator] = {}
-        # Joins still answering their offer: close() waits for them.
-        self._joins: set[asyncio.Future] = set()
+        # Joins still answering their offer: (counted, address). Counted ones are pending sessions
+        # already, and close() waits for all of them.
+        self._joins: dict[asyncio.Future, tuple[bool, str | None]] = {}
         self._channels: dict[str, EventChannel] = {}  # participant_id -> its one open socket
         self._participant_secret = secrets.token_bytes(16)  # signs resume tokens
         self._pipeline: StreamPipeline | None = None
@@ -279,14 +284,36 @@ class Broadcast:
 
     @property
     def viewers(self) -> int:
-        """Spectators who count: everyone watching but the host's own preview."""
-        return sum(1 for s in self.spectators.values() if s.counted)
+        """Spectators who count: everyone connected and watching but the host's own preview."""
+        return sum(1 for s in self.spectators.values() if s.counted and s.connected)
 
-    async def add_spectator(self, offer_sdp: str, *, counted: bool = True) -> tuple[Spectator, str]:
-        if self.closed:
-            raise not_found("broadcast", self.broadcast_id)
-        limit = self._settings.limits.spectators_per_broadcast
-        if counted and self.viewers >= limit:
+    def _pending(self) -> list[str | None]:
+        """Addresses of the counted sessions not yet connected, joins still answering included."""
+        joining = [address for counted, address in self._joins.values() if counted]
+        return joining + [s.address for s in self.spectators.values() if s.counted and not s.connected]
+
+    def _admit(self, address: str | None) -> None:
+        """Raise unless one more counted spectator may start joining from this address."""
+        limits = self._settings.limits
+        limit = limits.spectators_per_broadcast
+        pending = self._pending()
+        per_address = limits.pending_whep_per_address
+        if self.viewers < limit and pending.count(address) >= per_address:
+            # A slot frees at the latest when this address's oldest pending session hits its deadline.
+            started = [s.joined_at for s in self.spectators.values()
+                       if s.counted and not s.connected and s.address == address]
+            wait = min(started, default=self._clock.monotonic()) + limits.whep_connect_seconds
+            raise RelayError(
+                "RATE_LIMITED",
+                429,
+                f"Too many WHEP sessions from your address are still connecting (at most {per_address}).",
+                action="Let a session connect, or end it with DELETE, then retry.",
+                details={"limit": per_address},
+                retry_after=max(1.0, wait - self._clock.monotonic()),
+            )
+        # Pending sessions do not take viewers' seats: they are bounded on their own, per address
+        # (above) and in total (by the same number as the seats), for whep_connect_seconds at most.
+        if self.viewers >= limit or len(pending) >= limit:
             raise RelayError(
                 "SPECTATOR_LIMIT_REACHED",
                 503,
@@ -295,14 +322,24 @@ class Broadcast:
                 details={"limit": limit},
                 retry_after=10,
             )
+
+    async def add_spectator(
+        self, offer_sdp: str, *, counted: bool = True, address: str | None = None
+    ) -> tuple[Spectator, str]:
+        if self.closed:
+            raise not_found("broadcast", self.broadcast_id)
+        if counted:
+            self._admit(address)
+        max_candidates = self._settings.limits.whep_offer_max_candidates
         spectator_id = uuid.uuid4().hex
         feed = self.media_feed()
         now = self._clock.monotonic()
+        # Registered before the first await, so concurrent offers from one address see each other.
         join = asyncio.get_running_loop().create_future()
-        self._joins.add(join)
+        self._joins[join] = (counted, address)
         try:
             peer = await answer_spectator(
-                offer_sdp, feed.track, max_candidates=self._settings.limits.whep_offer_max_candidates,
+                offer_sdp, feed.track, max_candidates=max_candidates,
                 on_sender=lambda sender: feed.attach(sender, lambda: self._heard(spectator_id)),
             )
             if self.closed:  # closed while we answered: no join may outlive the close
@@ -312,22 +349,39 @@ class Broadcast:
             feed.close()
             raise
         finally:
-            self._joins.discard(join)
+            del self._joins[join]
             join.set_result(None)
         spectator = Spectator(spectator_id, peer.pc, feed, joined_at=now, last_heard=now, counted=counted,
-                              candidates=count_candidates(offer_sdp))
+                              address=address, candidates=count_candidates(offer_sdp))
         self.spectators[spectator_id] = spectator
 
         @peer.pc.on("connectionstatechange")
         async def on_state() -> None:
-            if peer.pc.connectionState in ("failed", "closed"):
+            if peer.pc.connectionState == "connected":
+                await self._spectator_connected(spectator)
+            elif peer.pc.connectionState in ("failed", "closed"):
                 await self.remove_spectator(spectator_id)
 
+        log.info("spectator joining", extra={"broadcast_id": self.broadcast_id, "spectator_id": spectator_id})
+        return spectator, peer.answer_sdp
+
+    async def _spectator_connected(self, spectator: Spectator) -> None:
+        if spectator.connected or self.spectators.get(spectator.spectator_id) is not spectator:
+            return
+        limit = self._settings.limits.spectators_per_broadcast
+        if spectator.counted and self.viewers >= limit:
+            # Pending sessions are admitted beyond the seats taken; the last seat goes to whoever
+            # connects first, and the others are turned away here.
+            log.info("spectator connected to a full broadcast: dropped",
+                     extra={"broadcast_id": self.broadcast_id, "spectator_id": spectator.spectator_id})
+            await self.remove_spectator(spectator.spectator_id)
+            return
+        spectator.connected = True
         self.peak_spectators = max(self.peak_spectators, self.viewers)
         self._record_viewers()
         metrics.SPECTATORS.inc()
-        log.info("spectator joined", extra={"broadcast_id": self.broadcast_id, "spectator_id": spectator_id})
-        return spectator, peer.answer_sdp
+        log.info("spectator joined", extra={"broadcast_id": self.broadcast_id,
+                                            "spectator_id": spectator.spectator_id})
 
     def _record_viewers(self) -> None:
         if self._recorder is not None:
@@ -358,8 +412,9 @@ class Broadcast:
         spectator = self.spectators.pop(spectator_id, None)
         if spectator is None:
             return False
-        metrics.SPECTATORS.dec()
-        self._record_viewers()
+        if spectator.connected:
+            metrics.SPECTATORS.dec()
+            self._record_viewers()
         await spectator.close()
         log.info("spectator left", extra={"broadcast_id": self.broadcast_id, "spectator_id": spectator_id})
         return True
@@ -456,12 +511,15 @@ class Broadcast:
     # -- housekeeping ----------------------------------------------------------------
 
     async def tick(self) -> None:
-        """Drop spectators that went silent; publish the viewer count when it changed."""
-        timeout = self._settings.limits.spectator_timeout_seconds
+        """Drop spectators that went silent or never connected; publish the viewer count when it changed."""
+        limits = self._settings.limits
         now = self._clock.monotonic()
         for spectator in list(self.spectators.values()):
-            if now - spectator.last_heard > timeout:
+            if now - spectator.last_heard > limits.spectator_timeout_seconds:
                 log.info("spectator timed out", extra={"spectator_id": spectator.spectator_id})
+                await self.remove_spectator(spectator.spectator_id)
+            elif not spectator.connected and now - spectator.joined_at > limits.whep_connect_seconds:
+                log.info("spectator never connected", extra={"spectator_id": spectator.spectator_id})
                 await self.remove_spectator(spectator.spectator_id)
         if self.viewers != self._viewers_sent:
             self._viewers_sent = self.viewers

@@ -204,6 +204,8 @@ class LimitsSettings:
     spectator_timeout_seconds: float = option(15.0, min=1)
     whep_offer_max_bytes: int = option(32768, min=1024)
     whep_offer_max_candidates: int = option(64, min=1)
+    pending_whep_per_address: int = option(20, min=1)
+    whep_connect_seconds: float = option(10.0, min=1)
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ async def whep_offer(request: web.Request) -> web.Response:
         raise unsupported_media_type("application/sdp")
     offer = (await _read_bounded(request, request.app[SETTINGS].limits.whep_offer_max_bytes)).decode(
         "utf-8", errors="replace")
-    spectator, answer = await broadcast.add_spectator(offer, counted=not host)
+    spectator, answer = await broadcast.add_spectator(offer, counted=not host, address=request.remote)
     return web.Response(
         status=201,
         text=answer,

@@ -184,7 +184,7 @@ async def test_unplayable_offer_is_422_and_takes_no_slot(relay_factory, http, ca
         async with await post(http, b, offer) as r:
             await assert_error(r, 422)
         broadcast = relay.sessions.broadcast(b["broadcast_id"])
-        assert broadcast.spectators == {} and broadcast._joins == set() and spectators_gauge() == gauge
+        assert broadcast.spectators == {} and broadcast._joins == {} and spectators_gauge() == gauge
 
 
 async def test_malformed_offer_message_names_the_fault(relay_factory, http):
@@ -231,7 +231,7 @@ async def test_join_racing_the_close_leaves_no_peer(relay_factory, http, monkeyp
             error = await assert_error(response, 404, "NOT_FOUND")
             assert "broadcast" in error["message"]
         await asyncio.wait_for(closing, 5)
-    assert broadcast.spectators == {} and broadcast._joins == set()
+    assert broadcast.spectators == {} and broadcast._joins == {}
     assert spectators_gauge() == gauge
 
     def no_pc_left() -> bool:
@@ -239,3 +239,81 @@ async def test_join_racing_the_close_leaves_no_peer(relay_factory, http, monkeyp
         return all(pc.connectionState == "closed" for pc in server_pcs) and not list(server_pcs)
 
     await eventually(no_pc_left, timeout=5, what="the relay's peer connections gone")
+
+
+def candidate_less(sdp: str) -> str:
+    """An offer that can never finish ICE: no candidates, and none will be trickled."""
+    return _drop_lines(_drop_lines(sdp, "a=candidate:"), "a=end-of-candidates")
+
+
+@pytest.fixture
+async def neighbour():
+    """An HTTP client on another loopback address (127.0.0.2): a second address for the caps."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as session:
+        yield session
+
+
+async def test_pending_sessions_are_capped_per_address_and_hold_no_seat(relay_factory, http, neighbour):
+    relay = await live_relay(relay_factory, pending_whep_per_address=2, spectators_per_broadcast=3,
+                             whep_connect_seconds=30)
+    offer = candidate_less(await make_offer())
+    gauge = spectators_gauge()
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        await conn.start_stream("a calm ocean")
+        b = conn.broadcast
+        broadcast = relay.sessions.broadcast(b["broadcast_id"])
+        statuses = []
+        for r in await asyncio.gather(*(post(http, b, offer) for _ in range(3))):
+            async with r:
+                statuses.append(r.status)
+                if r.status == 429:
+                    error = await assert_error(r, 429, "RATE_LIMITED")
+                    assert error["details"] == {"limit": 2}
+                    assert 1 <= int(r.headers["Retry-After"]) <= 30
+        assert sorted(statuses) == [201, 201, 429]
+        assert len(broadcast.spectators) == 2 and broadcast.viewers == 0 and spectators_gauge() == gauge
+        async with http.get(b["webrtc_url"], headers={"Authorization": f"Bearer {b['spectator_token']}"}) as r:
+            assert (await r.json())["spectators"] == 0
+        # From another address, real spectators take all 3 seats beside the 2 pending sessions,
+        # and watch smoothly.
+        viewers = []
+        for seat in (1, 2, 3):
+            viewer = Spectator(b["whep_url"], b["spectator_token"], session=neighbour)
+            await viewer.join()
+            viewers.append(viewer)
+            await eventually(lambda: broadcast.viewers == seat, what=f"spectator {seat} connected")
+        try:
+            assert len(broadcast.spectators) == 5 and spectators_gauge() == gauge + 3
+            counts = await asyncio.gather(*(frames_for(v.track, 2.0) for v in viewers))
+            assert [len(c) / 2.0 for c in counts] >= [MIN_FPS] * 3, [len(c) for c in counts]
+        finally:
+            for viewer in viewers:
+                await viewer.leave()
+
+
+async def test_session_that_never_connects_is_dropped_at_the_deadline(relay_factory, http):
+    relay = await live_relay(relay_factory, pending_whep_per_address=3, whep_connect_seconds=1)
+    offer = candidate_less(await make_offer())
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        await conn.start_stream("a calm ocean")
+        b = conn.broadcast
+        broadcast = relay.sessions.broadcast(b["broadcast_id"])
+        async with Spectator(b["whep_url"], b["spectator_token"], session=http) as viewer:
+            await eventually(lambda: broadcast.viewers == 1, what="the spectator connected")
+            pending = []
+            for _ in range(3):
+                async with await post(http, b, offer) as r:
+                    assert r.status == 201
+                    pending.append(relay.url + r.headers["Location"])
+            async with await post(http, b, offer) as r:
+                await assert_error(r, 429, "RATE_LIMITED")
+            assert len(broadcast.spectators) == 4 and broadcast.viewers == 1
+            frames = await frames_for(viewer.track, 2.0)  # the pending sessions' deadline passes meanwhile
+            assert len(frames) / 2.0 >= MIN_FPS, len(frames)
+            await eventually(lambda: len(broadcast.spectators) == 1, timeout=3, what="pending sessions dropped")
+            async with http.delete(pending[0]) as r:
+                await assert_error(r, 404, "NOT_FOUND")
+            # The address's slots are free again: a real spectator joins and plays.
+            async with Spectator(b["whep_url"], b["spectator_token"], session=http) as late:
+                await asyncio.wait_for(late.track.recv(), 10)
+                await eventually(lambda: broadcast.viewers == 2, what="the late spectator connected")

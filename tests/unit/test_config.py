@@ -30,7 +30,7 @@ def test_defaults_match_the_contract():
     assert (s.server.host, s.server.port, s.server.public_url, s.server.data_dir) == ("127.0.0.1", 8080, "", "./data")
     assert (s.server.max_body_bytes, s.server.log_level) == (1048576, "info")
     assert s.auth.api_keys == ()
-    assert dataclasses.astuple(s.limits) == (4, 5, 150, 3600, 40, 1000, 10, 600, 15, 32768, 64)
+    assert dataclasses.astuple(s.limits) == (4, 5, 150, 3600, 40, 1000, 10, 600, 15, 32768, 64, 20, 10)
     assert (s.world_model.kind, s.world_model.width, s.world_model.height, s.world_model.fps) == \
         ("synthetic", 1280, 704, 25)
     assert s.webrtc.ice_servers == ()
