@@ -32,7 +32,8 @@ from .media.hub import FanoutHub
 from .media.pipeline import StreamPipeline
 from .media.recorder import StreamRecorder
 from .media.rtp_fanout import IdleVideoTrack, RtpFanout, RtpOutput, hook_output
-from .media.webrtc import add_trickled_candidates, answer_spectator, hook_sender
+from .media.webrtc import (add_trickled_candidates, answer_spectator, count_candidates, hook_sender,
+                           too_many_candidates)
 from .orchestration import Forward, Orchestrator
 from .ratelimit import TokenBucket, rate_limited
 from .recordings import RecordingStore
@@ -44,6 +45,9 @@ EVENT_QUEUE_MAX = 256
 # exactly on each join and leave, not from the coalesced pushes).
 RECORDED_EVENTS = frozenset({"stream_started", "prompt_applied"})
 STATE_PUSH_INTERVAL = 0.25  # orchestration state reaches participants a few times a second at most
+# How long close() waits for joins still answering their offer. They close their own peer
+# connection when they see the broadcast closed; the wait only makes close() return after them.
+JOIN_CLOSE_WAIT = 5.0
 
 
 @dataclass(eq=False)
@@ -78,6 +82,11 @@ class Spectator:
     joined_at: float
     last_heard: float
     counted: bool = True  # False for the host's own preview: the host is not its audience
+    address: str | None = None  # where the offer came from: pending sessions are capped per address
+    # ICE and DTLS completed. Until then the session is pending: not a viewer, not in the metrics or
+    # the cap, and dropped if it has not connected within whep_connect_seconds.
+    connected: bool = False
+    candidates: int = 0  # remote ICE candidates signalled so far (offer and PATCHes), bounded
     closed: bool = False
 
     async def close(self) -> None:
@@ -178,6 +187,9 @@ class Broadcast:
                                     on_segment=metrics.HLS_SEGMENTS.inc)
             self.hub.add_sink(self.hls.write)
         self.spectators: dict[str, Spectator] = {}
+        # Joins still answering their offer: (counted, address). Counted ones are pending sessions
+        # already, and close() waits for all of them.
+        self._joins: dict[asyncio.Future, tuple[bool, str | None]] = {}
         self._channels: dict[str, EventChannel] = {}  # participant_id -> its one open socket
         self._address_sockets: Counter[str] = Counter()  # client address -> its open events sockets
         self._participant_secret = secrets.token_bytes(16)  # signs resume tokens
@@ -298,14 +310,36 @@ class Broadcast:
 
     @property
     def viewers(self) -> int:
-        """Spectators who count: everyone watching but the host's own preview."""
-        return sum(1 for s in self.spectators.values() if s.counted)
+        """Spectators who count: everyone connected and watching but the host's own preview."""
+        return sum(1 for s in self.spectators.values() if s.counted and s.connected)
 
-    async def add_spectator(self, offer_sdp: str, *, counted: bool = True) -> tuple[Spectator, str]:
-        if self.closed:
-            raise not_found("broadcast", self.broadcast_id)
-        limit = self._settings.limits.spectators_per_broadcast
-        if counted and self.viewers >= limit:
+    def _pending(self) -> list[str | None]:
+        """Addresses of the counted sessions not yet connected, joins still answering included."""
+        joining = [address for counted, address in self._joins.values() if counted]
+        return joining + [s.address for s in self.spectators.values() if s.counted and not s.connected]
+
+    def _admit(self, address: str | None) -> None:
+        """Raise unless one more counted spectator may start joining from this address."""
+        limits = self._settings.limits
+        limit = limits.spectators_per_broadcast
+        pending = self._pending()
+        per_address = limits.pending_whep_per_address
+        if self.viewers < limit and pending.count(address) >= per_address:
+            # A slot frees at the latest when this address's oldest pending session hits its deadline.
+            started = [s.joined_at for s in self.spectators.values()
+                       if s.counted and not s.connected and s.address == address]
+            wait = min(started, default=self._clock.monotonic()) + limits.whep_connect_seconds
+            raise RelayError(
+                "RATE_LIMITED",
+                429,
+                f"Too many WHEP sessions from your address are still connecting (at most {per_address}).",
+                action="Let a session connect, or end it with DELETE, then retry.",
+                details={"limit": per_address},
+                retry_after=max(1.0, wait - self._clock.monotonic()),
+            )
+        # Pending sessions do not take viewers' seats: they are bounded on their own, per address
+        # (above) and in total (by the same number as the seats), for whep_connect_seconds at most.
+        if self.viewers >= limit or len(pending) >= limit:
             raise RelayError(
                 "SPECTATOR_LIMIT_REACHED",
                 503,
@@ -314,29 +348,66 @@ class Broadcast:
                 details={"limit": limit},
                 retry_after=10,
             )
+
+    async def add_spectator(
+        self, offer_sdp: str, *, counted: bool = True, address: str | None = None
+    ) -> tuple[Spectator, str]:
+        if self.closed:
+            raise not_found("broadcast", self.broadcast_id)
+        if counted:
+            self._admit(address)
+        max_candidates = self._settings.limits.whep_offer_max_candidates
         spectator_id = uuid.uuid4().hex
         feed = self.media_feed()
         now = self._clock.monotonic()
+        # Registered before the first await, so concurrent offers from one address see each other.
+        join = asyncio.get_running_loop().create_future()
+        self._joins[join] = (counted, address)
         try:
             peer = await answer_spectator(
-                offer_sdp, feed.track, on_sender=lambda sender: feed.attach(sender, lambda: self._heard(spectator_id))
+                offer_sdp, feed.track, max_candidates=max_candidates,
+                on_sender=lambda sender: feed.attach(sender, lambda: self._heard(spectator_id)),
             )
+            if self.closed:  # closed while we answered: no join may outlive the close
+                await peer.pc.close()
+                raise not_found("broadcast", self.broadcast_id)
         except BaseException:
             feed.close()
             raise
-        spectator = Spectator(spectator_id, peer.pc, feed, joined_at=now, last_heard=now, counted=counted)
+        finally:
+            del self._joins[join]
+            join.set_result(None)
+        spectator = Spectator(spectator_id, peer.pc, feed, joined_at=now, last_heard=now, counted=counted,
+                              address=address, candidates=count_candidates(offer_sdp))
         self.spectators[spectator_id] = spectator
 
         @peer.pc.on("connectionstatechange")
         async def on_state() -> None:
-            if peer.pc.connectionState in ("failed", "closed"):
+            if peer.pc.connectionState == "connected":
+                await self._spectator_connected(spectator)
+            elif peer.pc.connectionState in ("failed", "closed"):
                 await self.remove_spectator(spectator_id)
 
+        log.info("spectator joining", extra={"broadcast_id": self.broadcast_id, "spectator_id": spectator_id})
+        return spectator, peer.answer_sdp
+
+    async def _spectator_connected(self, spectator: Spectator) -> None:
+        if spectator.connected or self.spectators.get(spectator.spectator_id) is not spectator:
+            return
+        limit = self._settings.limits.spectators_per_broadcast
+        if spectator.counted and self.viewers >= limit:
+            # Pending sessions are admitted beyond the seats taken; the last seat goes to whoever
+            # connects first, and the others are turned away here.
+            log.info("spectator connected to a full broadcast: dropped",
+                     extra={"broadcast_id": self.broadcast_id, "spectator_id": spectator.spectator_id})
+            await self.remove_spectator(spectator.spectator_id)
+            return
+        spectator.connected = True
         self.peak_spectators = max(self.peak_spectators, self.viewers)
         self._record_viewers()
         metrics.SPECTATORS.inc()
-        log.info("spectator joined", extra={"broadcast_id": self.broadcast_id, "spectator_id": spectator_id})
-        return spectator, peer.answer_sdp
+        log.info("spectator joined", extra={"broadcast_id": self.broadcast_id,
+                                            "spectator_id": spectator.spectator_id})
 
     def _record_viewers(self) -> None:
         if self._recorder is not None:
@@ -354,14 +425,22 @@ class Broadcast:
         return spectator
 
     async def add_candidates(self, spectator_id: str, sdpfrag: str) -> None:
-        await add_trickled_candidates(self.spectator(spectator_id).pc, sdpfrag)
+        spectator = self.spectator(spectator_id)
+        # The offer's bound holds for the session: trickling cannot add what the offer could not.
+        limit = self._settings.limits.whep_offer_max_candidates
+        total = spectator.candidates + count_candidates(sdpfrag)
+        if total > limit:
+            raise too_many_candidates(limit, total)
+        spectator.candidates = total
+        await add_trickled_candidates(spectator.pc, sdpfrag)
 
     async def remove_spectator(self, spectator_id: str) -> bool:
         spectator = self.spectators.pop(spectator_id, None)
         if spectator is None:
             return False
-        metrics.SPECTATORS.dec()
-        self._record_viewers()
+        if spectator.connected:
+            metrics.SPECTATORS.dec()
+            self._record_viewers()
         await spectator.close()
         log.info("spectator left", extra={"broadcast_id": self.broadcast_id, "spectator_id": spectator_id})
         return True
@@ -524,12 +603,15 @@ class Broadcast:
     # -- housekeeping ----------------------------------------------------------------
 
     async def tick(self) -> None:
-        """Drop spectators that went silent; publish the viewer count when it changed."""
-        timeout = self._settings.limits.spectator_timeout_seconds
+        """Drop spectators that went silent or never connected; publish the viewer count when it changed."""
+        limits = self._settings.limits
         now = self._clock.monotonic()
         for spectator in list(self.spectators.values()):
-            if now - spectator.last_heard > timeout:
+            if now - spectator.last_heard > limits.spectator_timeout_seconds:
                 log.info("spectator timed out", extra={"spectator_id": spectator.spectator_id})
+                await self.remove_spectator(spectator.spectator_id)
+            elif not spectator.connected and now - spectator.joined_at > limits.whep_connect_seconds:
+                log.info("spectator never connected", extra={"spectator_id": spectator.spectator_id})
                 await self.remove_spectator(spectator.spectator_id)
         if self.viewers != self._viewers_sent:
             self._viewers_sent = self.viewers
@@ -557,6 +639,8 @@ class Broadcast:
             return
         self.closed = True
         await self.detach_stream("disconnected")
+        if self._joins:  # each closes its own peer connection on seeing `closed`
+            await asyncio.wait(list(self._joins), timeout=JOIN_CLOSE_WAIT)
         await asyncio.gather(*(self.remove_spectator(s) for s in list(self.spectators)))
         for channel in list(self._channels.values()):
             channel.close()

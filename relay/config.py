@@ -217,6 +217,10 @@ class LimitsSettings:
     events_sockets_per_address: int = option(100, min=1)
     # Messages refused in a row for rate after which a participant's socket is closed (code 4029).
     events_flood_messages: int = option(200, min=1)
+    whep_offer_max_bytes: int = option(32768, min=1024)
+    whep_offer_max_candidates: int = option(64, min=1)
+    pending_whep_per_address: int = option(20, min=1)
+    whep_connect_seconds: float = option(10.0, min=1)
 
 
 @dataclass(frozen=True)

@@ -83,8 +83,12 @@ async def body_deadline(request: web.Request, handler) -> web.StreamResponse:
     """A body is refused on its declared length before a byte of it is read, and must arrive whole
     within body_timeout_seconds of the headers: a peer that trickles it cannot hold a handler."""
     server = request.app[SETTINGS].server
-    if request.content_length is not None and request.content_length > server.max_body_bytes:
-        raise too_large(server.max_body_bytes)
+    limit = server.max_body_bytes
+    route_limit = getattr(request.match_info.route.handler, "body_limit", None)  # see common.body_limit
+    if route_limit is not None:
+        limit = min(limit, route_limit(request.app[SETTINGS]))
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large(limit)
     if request.body_exists:
         try:  # read once here; the handler's read()/json() get the same bytes back
             await asyncio.wait_for(request.read(), server.body_timeout_seconds)

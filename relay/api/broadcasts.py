@@ -11,9 +11,9 @@ from aiohttp import WSMsgType, web
 from .. import metrics
 from ..auth import check_spectator, is_api_key
 from ..broadcast import Broadcast, rate_limited_reply
-from ..errors import RelayError, invalid_request, unsupported_media_type
+from ..errors import RelayError, invalid_request, too_large, unsupported_media_type
 from ..inputs import parse_json
-from .common import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, TOO_SLOW, close_within, json_response,
+from .common import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, TOO_SLOW, body_limit, close_within, json_response,
                      send_within, token_of)
 
 # The events socket's close code when the same participant resumed on a newer socket: the
@@ -59,6 +59,7 @@ def _host_preview(request: web.Request, broadcast: Broadcast) -> bool:
 
 
 @routes.post("/v1/broadcasts/{broadcast_id}/whep")
+@body_limit(lambda settings: settings.limits.whep_offer_max_bytes)
 async def whep_offer(request: web.Request) -> web.Response:
     broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
     host = _host_preview(request, broadcast)
@@ -66,8 +67,11 @@ async def whep_offer(request: web.Request) -> web.Response:
         check_spectator(token_of(request), broadcast.spectator_token)
     if request.content_type != "application/sdp":
         raise unsupported_media_type("application/sdp")
-    offer = (await request.read()).decode("utf-8", errors="replace")
-    spectator, answer = await broadcast.add_spectator(offer, counted=not host)
+    body, limit = await request.read(), request.app[SETTINGS].limits.whep_offer_max_bytes
+    if len(body) > limit:  # a chunked body: a declared one was refused before it was read
+        raise too_large(limit)
+    offer = body.decode("utf-8", errors="replace")
+    spectator, answer = await broadcast.add_spectator(offer, counted=not host, address=request.remote)
     return web.Response(
         status=201,
         text=answer,

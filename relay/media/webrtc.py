@@ -39,14 +39,34 @@ def restrict_ice_host_addresses(addresses: tuple[str, ...]) -> None:
     aioice.ice.get_host_addresses = host_addresses
 
 
-def parse_offer(sdp: str) -> SessionDescription:
+_CANDIDATE_LINE = re.compile(r"^a=candidate:", re.M)
+
+
+def count_candidates(sdp: str) -> int:
+    """ICE candidate lines in an offer or a trickle fragment, counted in one linear pass."""
+    return len(_CANDIDATE_LINE.findall(sdp))
+
+
+def too_many_candidates(limit: int, count: int) -> RelayError:
+    return unprocessable(
+        f"Too many ICE candidates: {count}, a session may signal at most {limit}.",
+        limit=limit, candidates=count,
+    )
+
+
+def parse_offer(sdp: str, max_candidates: int) -> SessionDescription:
     """400 for text that is not SDP, 422 for SDP we cannot answer with H.264 video."""
     if not sdp.lstrip().startswith("v=0"):
         raise invalid_request("The body is not an SDP offer (it must start with 'v=0').")
+    # Counted before anything parses them: aioice deduplicates each remote candidate against all
+    # earlier ones, so applying n candidates costs n² on the event loop (3,000 took 1.8 s).
+    candidates = count_candidates(sdp)
+    if candidates > max_candidates:
+        raise too_many_candidates(max_candidates, candidates)
     try:
         parsed = SessionDescription.parse(sdp)
     except Exception as exc:  # aiortc's parser raises assorted errors on broken SDP
-        raise invalid_request(f"Malformed SDP offer: {exc or type(exc).__name__}.") from exc
+        raise invalid_request(f"Malformed SDP offer: {str(exc) or type(exc).__name__}.") from exc
     video = [m for m in parsed.media if m.kind == "video"]
     if not video:
         raise unprocessable("The offer has no video m-line: a spectator must receive video.")
@@ -55,6 +75,21 @@ def parse_offer(sdp: str) -> SessionDescription:
             "No codec in common: the relay sends H.264 (constrained baseline), the offer has none.",
             offered=sorted({c.mimeType for m in video for c in m.rtp.codecs}),
         )
+    # aiortc answers the first video m-line with the relay's track. Offers it would accept but
+    # could never play are refused here, before they take a slot: without a fingerprint DTLS
+    # cannot start (aiortc fails later in a task nobody awaits), and a rejected (port 0),
+    # inactive or send-only line asks for no video from us.
+    first = video[0]
+    if first.port == 0:
+        raise unprocessable("The offer's video m-line is rejected (port 0): it asks for no video.")
+    if first.direction not in (None, "sendrecv", "recvonly"):
+        raise unprocessable(
+            f"The offer's video m-line is {first.direction}: a spectator must receive video (recvonly).",
+            direction=first.direction,
+        )
+    if first.dtls is None or not first.dtls.fingerprints:
+        raise unprocessable(
+            "The offer has no DTLS fingerprint and setup role (a=fingerprint, a=setup): media cannot be secured.")
     return parsed
 
 
@@ -80,8 +115,9 @@ async def answer_spectator(
     track: MediaStreamTrack,
     *,
     on_sender: Callable[[RTCRtpSender], None],
+    max_candidates: int,
 ) -> SpectatorPeer:
-    parse_offer(offer_sdp)
+    parse_offer(offer_sdp, max_candidates)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     try:
         # aiortc picks the answer's codecs in setRemoteDescription: the transceiver and its
@@ -98,7 +134,10 @@ async def answer_spectator(
         raise
     except Exception as exc:
         await pc.close()
-        raise unprocessable(f"Cannot answer this offer: {exc or type(exc).__name__}.") from exc
+        raise unprocessable(f"Cannot answer this offer: {str(exc) or type(exc).__name__}.") from exc
+    except BaseException:  # cancelled (the client went away): the pc must not outlive the request
+        await pc.close()
+        raise
     return SpectatorPeer(pc, sender, pc.localDescription.sdp)
 
 

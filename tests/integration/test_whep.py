@@ -12,7 +12,7 @@ import pytest
 from aiortc import RTCPeerConnection
 
 from relay.client import RelayClient, Spectator
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, eventually
 
 
 @pytest.fixture
@@ -158,6 +158,9 @@ async def test_spectator_cap(relay_factory, http):
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
         b = conn.broadcast
         async with Spectator(b["whep_url"], b["spectator_token"]):
+            # A session takes its seat once connected (ICE + DTLS), not at its offer.
+            broadcast = relay.sessions.broadcast(b["broadcast_id"])
+            await eventually(lambda: broadcast.viewers == 1, what="the first spectator connected")
             pc, sdp = await make_offer()
             async with await post_offer(http, b, sdp) as r:
                 assert r.status == 503 and "Retry-After" in r.headers

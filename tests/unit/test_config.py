@@ -33,6 +33,8 @@ def test_defaults_match_the_contract():
     assert dataclasses.astuple(s.limits)[:9] == (4, 5, 150, 3600, 40, 1000, 10, 600, 15)
     assert (s.limits.host_interacts_per_second, s.limits.host_interacts_burst, s.limits.participants_per_broadcast,
             s.limits.events_sockets_per_address, s.limits.events_flood_messages) == (10, 20, 1000, 100, 200)
+    assert (s.limits.whep_offer_max_bytes, s.limits.whep_offer_max_candidates, s.limits.pending_whep_per_address,
+            s.limits.whep_connect_seconds) == (32768, 64, 20, 10)
     assert (s.world_model.kind, s.world_model.width, s.world_model.height, s.world_model.fps) == \
         ("synthetic", 1280, 704, 25)
     assert s.webrtc.ice_servers == ()
