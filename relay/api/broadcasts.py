@@ -13,8 +13,8 @@ from .. import metrics
 from ..auth import check_spectator, is_api_key
 from ..broadcast import Broadcast
 from ..errors import RelayError, unsupported_media_type
-from .common import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, TOO_SLOW, close_within, json_response,
-                     send_within, token_of)
+from .common import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, STALLED, TOO_SLOW, close_within, json_response,
+                     next_for, send_within, token_of)
 
 # The events socket's close code when the same participant resumed on a newer socket: the
 # page that gets it should not resume again (two tabs would take turns replacing each other).
@@ -180,7 +180,10 @@ async def events(request: web.Request) -> web.WebSocketResponse:
 async def _pump(request: web.Request, ws: web.WebSocketResponse, channel) -> None:
     sessions, seconds = request.app[SESSIONS], request.app[SETTINGS].server.send_timeout_seconds
     while True:
-        event = await channel.queue.get()
+        event = await next_for(request, channel.queue, seconds)
+        if event is STALLED:
+            await close_within(request, ws, TOO_SLOW, b"too slow", seconds)
+            return
         if event is None or channel.overflowed:
             # Replaced first: a replaced socket that was also behind must still say "replaced",
             # or its page would resume the same identity and the two would take turns.
