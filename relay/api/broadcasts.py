@@ -13,8 +13,8 @@ from ..auth import check_spectator, is_api_key
 from ..broadcast import Broadcast, rate_limited_reply
 from ..errors import RelayError, invalid_request, too_large, unsupported_media_type
 from ..inputs import parse_json
-from .common import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, TOO_SLOW, body_limit, close_within, json_response,
-                     send_within, token_of)
+from .common import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, STALLED, TOO_SLOW, body_limit, close_within,
+                     json_response, next_for, send_within, token_of)
 
 # The events socket's close code when the same participant resumed on a newer socket: the
 # page that gets it should not resume again (two tabs would take turns replacing each other).
@@ -209,7 +209,10 @@ def _error_reply(err: RelayError) -> dict:
 async def _pump(request: web.Request, ws: web.WebSocketResponse, channel) -> None:
     sessions, seconds = request.app[SESSIONS], request.app[SETTINGS].server.send_timeout_seconds
     while True:
-        event = await channel.queue.get()
+        event = await next_for(request, channel.queue, seconds)
+        if event is STALLED:
+            await close_within(request, ws, TOO_SLOW, b"too slow", seconds)
+            return
         if event is None or channel.overflowed:
             # Replaced first: a replaced socket that was also behind must still say "replaced",
             # or its page would resume the same identity and the two would take turns.

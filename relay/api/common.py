@@ -93,6 +93,27 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return web.json_response(data, status=status, headers=headers)
 
 
+STALLED = object()  # next_for's answer for a socket whose reader stopped
+
+
+async def next_for(request: web.Request, queue: asyncio.Queue, seconds: float) -> Any:
+    """The next message for a socket's sender, or STALLED once the socket's reader has taken nothing
+    for `seconds` while bytes wait for it: the handler's own replies (or aiohttp's pings) blocked on
+    a peer that sends but never reads, with nothing for the sender to send meanwhile."""
+    loop = asyncio.get_running_loop()
+    waiting, since = 0, loop.time()
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), seconds / 2)
+        except asyncio.TimeoutError:
+            transport = request.transport
+            now = transport.get_write_buffer_size() if transport is not None else 0
+            if not now or now != waiting:  # drained, or moving: a reader is there
+                waiting, since = now, loop.time()
+            elif loop.time() - since >= seconds:  # not one byte taken (nor added) for a whole deadline
+                return STALLED
+
+
 async def send_within(request: web.Request, ws: web.WebSocketResponse, text: str, seconds: float) -> bool:
     """Send one message, or cut the socket off (1008 "too slow") when its reader has not taken it
     within `seconds`: a peer that stops reading must hold neither the sender nor a descriptor.
@@ -107,14 +128,13 @@ async def send_within(request: web.Request, ws: web.WebSocketResponse, text: str
 
 async def close_within(request: web.Request, ws: web.WebSocketResponse, code: int, message: bytes,
                        seconds: float) -> None:
-    """Close with a code, waiting `seconds` at most for the peer's reply. The close frame queues
-    behind whatever the peer has not read yet (a reader that catches up still learns why), and the
-    descriptor goes `seconds` later whether or not that backlog ever drained."""
+    """Close with a code, in `seconds` at most. The close frame queues behind whatever the peer has
+    not read yet (a reader that catches up in time still learns why); the descriptor goes at
+    `seconds` whether or not that backlog drained and the peer answered."""
     transport = request.transport
+    if transport is not None:  # first, so it holds even if this is cancelled (the handler ended first);
+        asyncio.get_running_loop().call_later(seconds, transport.abort)  # a no-op once closed by then
     try:
         await asyncio.wait_for(ws.close(code=code, message=message, drain=False), seconds)
     except asyncio.TimeoutError:
         pass
-    finally:  # also when cancelled (the socket's handler ends first): the fd must go all the same
-        if transport is not None:  # a no-op for a transport that has flushed and closed by then
-            asyncio.get_running_loop().call_later(seconds, transport.abort)

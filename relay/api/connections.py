@@ -16,8 +16,8 @@ from ..clock import iso
 from ..errors import RelayError, invalid_request, not_found, unauthorized
 from ..inputs import parse_json
 from ..sessions import Connection, SessionManager, Stream
-from .common import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, broadcast_info, close_within, json_response,
-                     public_url, read_json, send_within, token_of)
+from .common import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, STALLED, TOO_SLOW, broadcast_info, close_within,
+                     json_response, next_for, public_url, read_json, send_within, token_of)
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,10 @@ async def control(request: web.Request) -> web.WebSocketResponse:
 async def _send_events(request: web.Request, ws: web.WebSocketResponse, outbox: asyncio.Queue) -> None:
     seconds = request.app[SETTINGS].server.send_timeout_seconds
     while True:
-        event = await outbox.get()
+        event = await next_for(request, outbox, seconds)
+        if event is STALLED:
+            await close_within(request, ws, TOO_SLOW, b"too slow", seconds)
+            return
         if not await send_within(request, ws, json.dumps(event), seconds):
             return
         if event.get("type") == "disconnected":

@@ -201,3 +201,32 @@ async def test_a_malformed_request_line_is_answered_in_the_error_shape(served):
     assert status == 400
     assert_error_shape(body)
     writer.close()
+
+
+def masked_frame(text: str) -> bytes:
+    """One client-to-server text frame (clients must mask; a zero mask keeps the payload as is)."""
+    payload = text.encode()
+    assert len(payload) < 126
+    return bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+
+
+async def test_a_control_socket_that_sends_but_never_reads_is_closed_at_the_send_deadline(relay_factory):
+    relay = await relay_factory(server={"send_timeout_seconds": 1})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        reader, writer = await raw(relay.url, rcvbuf=4096)
+        writer.write(f"GET /v1/connections/{conn.connection_id}/control HTTP/1.1\r\n"
+                     f"Host: x\r\nAuthorization: Bearer {API_KEY}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101")
+        sessions_conn = relay.sessions.connection(conn.connection_id)
+        await eventually(lambda: sessions_conn.control_sockets == 1, timeout=5, what="the control socket counted")
+        # Every refresh_token is answered on the socket itself: a peer that asks and never reads
+        # leaves the handler's own reply waiting on it, while nothing else is sent.
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        writer.write(masked_frame('{"type": "refresh_token"}') * 30_000)
+        await eventually(lambda: sessions_conn.control_sockets == 0, timeout=10, what="the stalled socket cut off")
+        assert loop.time() - began < 4  # ~1 s to take the flood in, then the deadline, then the close
+        assert await closed_after(reader, 5) < 3  # its descriptor is gone too (what it never read, lost)
+        writer.close()
