@@ -51,7 +51,7 @@ class RelayError(Exception):
         return f"RelayError({self.code}, {self.status}, {self.message!r})"
 
 
-# Constructors for the codes API.md names, so the wording stays consistent.
+# Constructors for the codes docs/api.md names, so the wording stays consistent.
 
 
 def unauthorized(message: str = "Missing or invalid credentials.") -> RelayError:

@@ -248,7 +248,7 @@ class RecordingStore:
 
     @staticmethod
     def summary(meta: dict[str, Any]) -> dict[str, Any]:
-        """The list entry of API.md: {stream_id, width, height, started_at, ended_at, duration_seconds}."""
+        """The list entry of docs/api.md: {stream_id, width, height, started_at, ended_at, duration_seconds}."""
         return {
             "stream_id": meta.get("stream_id"),
             "width": meta.get("width"),

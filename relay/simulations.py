@@ -259,7 +259,7 @@ class Job:
         return self.status in ACTIVE
 
     def public(self) -> dict[str, Any]:
-        """The job as API.md shows it, without ``streams`` (the API layer adds the recording objects)."""
+        """The job as docs/api.md shows it, without ``streams`` (the API layer adds the recording objects)."""
         return {
             "job_id": self.job_id,
             "status": self.status,

@@ -2,7 +2,7 @@
 
 aiortc's RTCRtpSender, even when handed a ready-made packet, repacketizes it, builds RTP
 objects, stamps an NTP clock per packet and awaits three coroutines per datagram: about
-1.5% of a core per spectator (DESIGN.md). Here each encoded frame is split into RTP payloads
+1.5% of a core per spectator (docs/architecture.md). Here each encoded frame is split into RTP payloads
 once per stream; then, per spectator, only the 12-byte header (its SSRC, sequence, timestamp,
 marker) is written, SRTP-protected and sent, in one synchronous loop over spectators.
 

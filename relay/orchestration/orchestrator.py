@@ -89,7 +89,7 @@ class Orchestrator:
         return participant_id in self._participants
 
     def state(self, *, host: bool = False) -> dict[str, Any]:
-        """API.md's `orchestration` object; with `host`, also blocked_words and the participants."""
+        """docs/api.md's `orchestration` object; with `host`, also blocked_words and the participants."""
         settings = {name: getattr(self._settings, name) for name in PUBLIC_SETTINGS}
         state: dict[str, Any] = {
             "mode": self.mode,

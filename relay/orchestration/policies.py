@@ -116,7 +116,7 @@ class Policy:
         """The participant left (or, with `purge`, was blocked): drop what they hold here."""
 
     def state(self, name_of: NameOf) -> dict[str, Any]:
-        """This policy's part of the orchestration state (keys of API.md's `orchestration` event)."""
+        """This policy's part of the orchestration state (keys of docs/api.md's `orchestration` event)."""
         return {}
 
 
