@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
@@ -53,6 +54,13 @@ class Relay:
     @property
     def sessions(self) -> SessionManager:
         return self.app[SESSIONS]
+
+
+@pytest.fixture
+async def http():
+    """One aiohttp client session for a test's raw HTTP and WebSocket calls."""
+    async with aiohttp.ClientSession() as session:
+        yield session
 
 
 @pytest.fixture

@@ -20,12 +20,6 @@ HOST = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
 async def live(relay_factory):
     """Start a relay with the test's config sections, a connection and a live stream on it."""
     async with contextlib.AsyncExitStack() as stack:

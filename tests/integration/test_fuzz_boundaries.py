@@ -20,7 +20,6 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -88,12 +87,6 @@ def draw(strategy, n: int = EXAMPLES) -> list[Any]:
 
     collect()
     return out
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def ws_url(url: str) -> str:

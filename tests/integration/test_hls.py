@@ -7,10 +7,8 @@ import asyncio
 import io
 import re
 
-import aiohttp
 import av
 import numpy as np
-import pytest
 
 from relay.client import RelayClient
 from tests.conftest import API_KEY, eventually
@@ -18,12 +16,6 @@ from tests.conftest import API_KEY, eventually
 LONG = {"stream_max_seconds": 60, "idle_timeout_seconds": 60}
 # Half-second segments keep the test short; the default follows the 2 s keyframe interval.
 FAST = {"keyframe_interval_seconds": 0.5, "hls_window_segments": 4}
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def listed(playlist: str) -> list[tuple[float, str]]:

@@ -20,12 +20,6 @@ async def error_of(response: aiohttp.ClientResponse) -> dict:
     return body["error"]
 
 
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def open_connection(http, relay, key: str = API_KEY) -> dict:
     async with http.post(f"{relay.url}/v1/connections", headers=auth(key)) as r:
         assert r.status == 201, await r.text()

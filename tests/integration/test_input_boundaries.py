@@ -9,7 +9,6 @@ import asyncio
 import json
 from urllib.parse import quote
 
-import aiohttp
 import pytest
 
 from relay.client import RelayClient
@@ -36,12 +35,6 @@ BAD_JSON = {
 # Text the relay refuses wherever it enters (JSON escapes: what a client's encoder sends).
 BAD_TEXT = {"lone_high": "a \ud800 b", "lone_low": "\udfff", "nul": "a\x00b", "escape": "\x1b[31mred",
             "c1": "x\x85y", "del": "x\x7f"}
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture

@@ -155,12 +155,6 @@ class SdkLikeClient:
             await asyncio.gather(self._reader, return_exceptions=True)
 
 
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def test_the_sdk_sequence_streams_interacts_broadcasts_and_ends(relay_factory, http):
     relay = await relay_factory(limits={**LONG, "streamers": 1})
     client = SdkLikeClient(http, relay.url, API_KEY)

@@ -13,12 +13,6 @@ from tests.conftest import API_KEY
 
 
 @pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
 async def host(relay_factory):
     relay = await relay_factory(limits={"stream_max_seconds": 60, "idle_timeout_seconds": 60},
                                 orchestration={"cooldown_seconds": 0})

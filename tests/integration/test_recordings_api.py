@@ -8,7 +8,6 @@ import os
 import signal
 from urllib.parse import urlsplit
 
-import aiohttp
 import av
 import pytest
 
@@ -16,12 +15,6 @@ from relay.client import RelayClient, Spectator
 from tests.conftest import API_KEY, OTHER_KEY, eventually, frames_pass, start_relay_process
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def finished_recording(http, base: str, stream_id: str, key: str = API_KEY, timeout: float = 15) -> dict:

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 
-import aiohttp
 import av
 import pytest
 
@@ -32,12 +31,6 @@ def script(seconds: float, prompt: str = "desert dunes at noon") -> list[dict]:
 
 # Long enough that the one worker is still on the first job while a test fills the queue.
 LONG = script(150)
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def post(http, base: str, body: dict, headers=AUTH) -> tuple[int, dict, dict]:

@@ -11,7 +11,6 @@ import subprocess
 import time
 from urllib.parse import parse_qs, urlsplit
 
-import aiohttp
 import pytest
 
 from relay.api.common import RECORDINGS
@@ -24,12 +23,6 @@ from tests.conftest import API_KEY, eventually
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 VIDEO = bytes(range(256)) * 40  # 10,240 bytes: what is served is what is on disk, whatever it holds
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def seed_recording(data_dir, stream_id: str = "a" * 32) -> str:

@@ -7,18 +7,11 @@ import gc
 import threading
 import weakref
 
-import aiohttp
 import pytest
 from aiortc import RTCPeerConnection
 
 from relay.client import RelayClient, Spectator
 from tests.conftest import API_KEY, eventually
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture

@@ -22,12 +22,6 @@ from tests.conftest import API_KEY, eventually, frames_for
 MIN_FPS = 22
 
 
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def live_relay(relay_factory, **limits):
     return await relay_factory(limits={"stream_max_seconds": 60, "idle_timeout_seconds": 60, **limits})
 
