@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from relay import simjob
 from relay.clock import FakeClock
 from relay.errors import RelayError
 from relay.recordings import RecordingStore, owner_id
-from relay.simulations import JobStore, QueueFull, Simulations, parse_request, validate_script
+from relay.simulations import JobStore, QueueFull, Simulations, parse_request, validate_script, worker
+from relay.simulations.record import frame_count, import_video, record_script
+from relay.simulations.spec import VideoSpec
 from tests.conftest import make_settings
 
 START = {"timestamp_ms": 0, "start": {"prompt": "  hills at dawn  "}}
@@ -231,6 +232,9 @@ def test_rate_comes_from_completed_jobs(tmp_path):
 
 # -------------------------------------------------------------------------------------- worker
 
+SMALL = VideoSpec(width=64, height=48, fps=25, bitrate_kbps=300, keyframe_interval_seconds=1)
+
+
 def test_the_worker_renders_against_a_virtual_clock(tmp_path):
     script = validate_script([
         {"timestamp_ms": 0, "start": {"prompt": "forest"}},
@@ -238,8 +242,7 @@ def test_the_worker_renders_against_a_virtual_clock(tmp_path):
         {"timestamp_ms": 1990, "interact": {"prompt": "night"}},  # after the last frame (1960 ms): logged at the end
         {"timestamp_ms": 2000, "end": {}},
     ], 150)
-    result = simjob.record_script(script, store_dir=str(tmp_path), stream_id="s1", owner="o", width=64, height=48,
-                                  fps=25, bitrate_kbps=300, keyframe_interval_seconds=1)
+    result = record_script(script, SMALL, store_dir=str(tmp_path), stream_id="s1", owner="o")
     assert result.status == "complete" and result.frame_count == 50 and result.duration_seconds == 2.0
     events = [json.loads(x) for x in (tmp_path / "recordings" / "s1" / "events.jsonl").read_text().splitlines()]
     assert [(e["type"], e["offset_ms"]) for e in events] == [
@@ -248,7 +251,7 @@ def test_the_worker_renders_against_a_virtual_clock(tmp_path):
     meta = RecordingStore(tmp_path).get("s1")
     assert meta["status"] == "complete" and meta["owner"] == "o" and meta["source"] == "simulation"
     assert meta["ended_at"] - meta["started_at"] == pytest.approx(2.0)
-    assert simjob.frame_count(3000, 25) == 75 and simjob.frame_count(3001, 25) == 76
+    assert frame_count(3000, 25) == 75 and frame_count(3001, 25) == 76
 
 
 def test_a_video_made_elsewhere_becomes_a_recording_in_any_codec(tmp_path):
@@ -260,8 +263,7 @@ def test_a_video_made_elsewhere_becomes_a_recording_in_any_codec(tmp_path):
     script = validate_script([{"timestamp_ms": 0, "start": {"prompt": "forest"}},
                               {"timestamp_ms": 1000, "interact": {"prompt": "snow"}},
                               {"timestamp_ms": 2000, "end": {}}], 150)
-    simjob.record_script(script, store_dir=str(tmp_path / "h264"), stream_id="h", owner="o", width=64, height=48,
-                         fps=25, bitrate_kbps=300, keyframe_interval_seconds=1)
+    record_script(script, SMALL, store_dir=str(tmp_path / "h264"), stream_id="h", owner="o")
     vp8 = tmp_path / "vp8.webm"
     with av.open(str(vp8), "w") as container:
         stream = container.add_stream("libvpx", rate=25)
@@ -281,8 +283,7 @@ def test_a_video_made_elsewhere_becomes_a_recording_in_any_codec(tmp_path):
         container.mux(stream.encode(None))
     sources = {"copied": tmp_path / "h264" / "recordings" / "h" / "video.mp4", "encoded": vp8, "reordered": bframes}
     for stream_id, source in sources.items():
-        result = simjob.import_video(str(source), script, store_dir=str(tmp_path), stream_id=stream_id, owner="o",
-                                     bitrate_kbps=300, keyframe_interval_seconds=1)
+        result = import_video(str(source), script, SMALL, store_dir=str(tmp_path), stream_id=stream_id, owner="o")
         assert (result.status, result.frame_count, result.duration_seconds) == ("complete", 50, 2.0), stream_id
         with av.open(str(tmp_path / "recordings" / stream_id / "video.mp4")) as container:
             video = container.streams.video[0]
@@ -340,12 +341,12 @@ async def test_the_runner_completes_a_batch_and_portrait_swaps(tmp_path):
 async def test_a_failing_attempt_is_retried_then_failed_and_leaves_no_recording(tmp_path, monkeypatch):
     calls = []
 
-    def broken(script, **kwargs):
+    def broken(script, video, **kwargs):
         calls.append(kwargs["stream_id"])
         (tmp_path / "data" / "recordings" / kwargs["stream_id"]).mkdir(parents=True)  # a half-written attempt
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(simjob, "record_script", broken)
+    monkeypatch.setattr(worker, "record_script", broken)
     service = _service(tmp_path, max_retries=1)
     await service.start()
     try:
@@ -375,7 +376,7 @@ async def test_quota_error_carries_details_and_retry_after(tmp_path):
 
 async def test_opening_sweeps_what_a_killed_hosted_download_left(tmp_path):
     service = _service(tmp_path)
-    scratch = Path(service._settings.server.data_dir) / simjob.HOSTED_SCRATCH_DIR / "job-1"
+    scratch = Path(service._settings.server.data_dir) / worker.HOSTED_SCRATCH_DIR / "job-1"
     scratch.mkdir(parents=True)
     (scratch / "0.mp4").write_bytes(b"half a video")
     await service.open()
