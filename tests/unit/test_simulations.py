@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
+import pickle
 import threading
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from relay.errors import RelayError
 from relay.recordings import RecordingStore, owner_id
 from relay.simulations import JobStore, QueueFull, Simulations, parse_request, validate_script, worker
 from relay.simulations.record import frame_count, import_video, record_script
-from relay.simulations.spec import VideoSpec
+from relay.simulations.spec import VideoSpec, job_spec
 from tests.conftest import make_settings
 
 START = {"timestamp_ms": 0, "start": {"prompt": "  hills at dawn  "}}
@@ -298,6 +300,38 @@ def test_a_video_made_elsewhere_becomes_a_recording_in_any_codec(tmp_path):
     with av.open(str(sources["copied"])) as a, av.open(str(tmp_path / "recordings" / "copied" / "video.mp4")) as b:
         assert [bytes(p) for p in a.demux(a.streams.video[0]) if p.size] == \
             [bytes(p) for p in b.demux(b.streams.video[0]) if p.size]
+
+
+def test_a_prompt_at_a_frames_very_millisecond_is_that_frames_on_both_paths(tmp_path):
+    # 8040 ms is frame 201 at 25 fps exactly, where 201 / 25 * 1000 in floating point falls just short
+    # of 8040: the record loop times in exact fractions, so neither path logs it a frame late.
+    script = validate_script([{"timestamp_ms": 0, "start": {"prompt": "forest"}},
+                              {"timestamp_ms": 8040, "interact": {"prompt": "snow"}},
+                              {"timestamp_ms": 8080, "end": {}}], 150)
+    record_script(script, SMALL, store_dir=str(tmp_path), stream_id="rendered", owner="o")
+    import_video(str(tmp_path / "recordings" / "rendered" / "video.mp4"), script, SMALL, store_dir=str(tmp_path),
+                 stream_id="imported", owner="o")
+    for stream_id in ("rendered", "imported"):
+        events = [json.loads(x) for x in (tmp_path / "recordings" / stream_id / "events.jsonl").read_text().splitlines()]
+        assert [(e["type"], e["offset_ms"]) for e in events] == [
+            ("stream_started", 0), ("prompt_applied", 8040), ("stream_ended", 8080)], stream_id
+
+
+def test_the_job_spec_is_frozen_and_crosses_the_process_pool(tmp_path, monkeypatch):
+    monkeypatch.setenv("ODYSSEY_API_KEY", "secret-upstream-key")
+    settings = make_settings(tmp_path, world_model={"width": 64, "height": 48, "kind": "hosted",
+                                                    "url": "http://127.0.0.1:9/odyssey"})
+    store = JobStore(tmp_path / "jobs.db")
+    store.submit("o", [validate_script(GOOD, 150)], True, 10)
+    (job,) = store.claim(1)
+    store.close()
+    spec = job_spec(job, settings, tmp_path / "jobs.db")
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    assert (spec.video.width, spec.video.height) == (48, 64)  # portrait, as a live stream's
+    assert spec.stream_ids == tuple(job.stream_ids) and spec.hosted.api_key == "secret-upstream-key"
+    assert "secret-upstream-key" not in repr(spec)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.job_id = "another"  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------------------ service on threads
