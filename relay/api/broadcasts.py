@@ -81,6 +81,7 @@ async def whep_offer(request: web.Request) -> web.Response:
 
 
 @routes.patch("/v1/broadcasts/{broadcast_id}/whep/{spectator_id}")
+@body_limit(lambda settings: settings.limits.whep_offer_max_bytes)  # candidates are bounded by count too
 async def whep_trickle(request: web.Request) -> web.Response:
     broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
     _check_optional_token(request, broadcast)

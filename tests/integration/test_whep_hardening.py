@@ -150,6 +150,19 @@ async def test_trickled_candidates_share_the_offers_bound(relay_factory, http):
                               headers=headers) as r:
             error = await assert_error(r, 422)
             assert error["details"] == {"limit": 8, "candidates": 9}
+        # Lines ended by a bare CR or U+0085 are lines to the SDP parser too: they count.
+        for separator in ("\r", "\x85"):
+            frag = separator.join(f"a=candidate:{k} 1 udp 1 10.9.2.{k} 9 typ host" for k in range(5))
+            async with http.patch(location, data=frag.encode(), headers=headers) as r:
+                assert (await assert_error(r, 422))["details"]["candidates"] >= 8 + 5 - 2
+
+
+async def test_candidates_behind_odd_line_separators_still_count(relay_factory, http):
+    relay = await live_relay(relay_factory, whep_offer_max_candidates=8)
+    offer = with_candidates(await make_offer(), 20).replace("\r\n", "\r")  # a bare CR ends SDP lines too
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        async with await post(http, conn.broadcast, offer) as r:
+            assert (await assert_error(r, 422))["details"] == {"limit": 8, "candidates": 20}
 
 
 def _drop_lines(sdp: str, prefix: str) -> str:
