@@ -1,7 +1,7 @@
 """A stream's media pipeline: world-model frames -> shared encoder -> the broadcast's hub.
 
-One pipeline per stream, owned by the broadcast while that stream is live.  The encoder
-runs in the pipeline's own single thread so the event loop only moves packets.
+One pipeline per stream: the source of the broadcast's media graph (graph.py) while that stream
+is live. The encoder runs in the pipeline's own single thread so the event loop only moves packets.
 """
 
 from __future__ import annotations
