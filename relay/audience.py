@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable
 
 from .clock import Clock
 from .config import Settings
-from .errors import RelayError, invalid_request
+from .errors import RelayError, invalid_request, not_found
 from .orchestration import Forward, Orchestrator
 from .ratelimit import TokenBucket, rate_limited
 
@@ -93,6 +93,7 @@ class Audience:
         self._channels: dict[str, EventChannel] = {}  # participant_id -> its one open socket
         self._address_sockets: Counter[str] = Counter()  # client address -> its open events sockets
         self._secret = secrets.token_bytes(16)  # signs resume tokens and invites
+        self.closed = False
         self.orchestrator = Orchestrator(settings.orchestration, clock)
         # Joiners get the state in their hello; pushes carry changes only.
         self._state_sent = (self.orchestrator.version, self.orchestrator.host_version)
@@ -140,6 +141,8 @@ class Audience:
         Called before the WebSocket upgrade, so the caps answer in HTTP: 503 PARTICIPANT_LIMIT_REACHED
         past [limits] participants_per_broadcast (a socket resuming a connected identity replaces it
         and is not counted twice), 429 RATE_LIMITED past events_sockets_per_address."""
+        if self.closed:  # the broadcast is ending: a socket admitted now would be told nothing, ever
+            raise not_found("broadcast", self._broadcast_id)
         limits = self._settings.limits
         address = address or "unknown"
         invited_id = self._invited_id(invite)
@@ -291,6 +294,7 @@ class Audience:
             self.host_event({"type": "orchestration", **self.orchestrator.state(host=True)})
 
     def close(self) -> None:
+        self.closed = True
         for channel in list(self._channels.values()):
             channel.close()
         self._channels.clear()

@@ -175,6 +175,18 @@ async def offer() -> tuple[RTCPeerConnection, str]:
     return pc, pc.localDescription.sdp
 
 
+async def test_no_events_socket_is_admitted_once_the_audience_closed():
+    # Closing a broadcast awaits its recording and streamer after the audience closes; a watch page
+    # reconnecting in that window must be refused, not left open with nobody to ever close it.
+    b = Broadcast("conn-1", make_settings(), FakeClock(), media=FakeMedia)
+    early = b.audience.open_channel(address="10.0.0.1")
+    await b.close()
+    assert early.queue.get_nowait() is None  # told to finish
+    with pytest.raises(RelayError) as info:
+        b.audience.open_channel(address="10.0.0.1")
+    assert info.value.status == 404 and b.audience._channels == {}
+
+
 async def test_pending_sessions_are_capped_per_address_and_none_outlives_the_close(no_new_threads):
     restrict_ice_host_addresses(("127.0.0.1",))
     b = Broadcast("conn-1", make_settings(limits={"pending_whep_per_address": 1}), FakeClock(), media=FakeMedia)
