@@ -9,8 +9,8 @@
 //   * WhepPlayer: keeps a <video> fed from a broadcast. It owns at most one
 //     WhepSession at a time, watches its health, and replaces it with backoff
 //     after a network drop or a stall.
-// Plus the few helpers both pages need: HttpError / fetchJson (the relay's
-// JSON error shape), wsUrl, and getIceServers.
+// Plus the few helpers the pages need: HttpError / fetchJson / errorText (the
+// relay's JSON error shape), wsUrl, and getIceServers.
 
 const ICE_GATHERING_MAX_MS = 2000;    // post the offer after this even if gathering goes on
 const DISCONNECTED_GRACE_MS = 3000;   // "disconnected" often heals by itself; give it this long
@@ -69,6 +69,12 @@ export async function fetchJson(url, options = {}) {
   if (!response.ok) throw await readHttpError(response);
   const text = await response.text();
   return text ? JSON.parse(text) : null;
+}
+
+/** What a person reads for an error fetchJson threw: the relay's message and its advice, or "no network". */
+export function errorText(err) {
+  if (err instanceof HttpError) return err.action ? `${err.message} ${err.action}` : err.message;
+  return 'Network error: could not reach the relay.';
 }
 
 /** ws:// or wss:// URL for a same-origin path (matches the page's scheme, so https pages get wss). */

@@ -1,0 +1,78 @@
+// recordings.js: the host console's way to a stream's recording (the "Recording" button of
+// each stream in its history).
+//
+// A replay link is signed by the relay (GET /v1/recordings/{id} with the API key) and expires,
+// so it is asked for on each click, never kept.
+
+import { HttpError, errorText, fetchJson } from '/static/whep.js';
+
+const RECORDING_WAIT_MS = 15000;      // a recording finishes about a second after its stream
+const RETRY_MS = 400;
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * The button that opens stream `id`'s replay in a new tab; hidden until the stream has ended.
+ * key() is the API key to ask with, read on each click; log(text, kind) is the console's log.
+ */
+export function recordingButton(id, { key, log }) {
+  const button = document.createElement('button');
+  button.type = 'button';
+  button.className = 'recording small-btn';
+  button.textContent = 'Recording';
+  button.hidden = true; // until the stream has ended
+  button.title = 'Open the replay of this stream in a new tab';
+  button.addEventListener('click', () => openRecording(id, button, key(), log));
+  return button;
+}
+
+/**
+ * Opens a stream's replay page. The tab is opened synchronously, inside the click, so no popup
+ * blocker stops it; it is pointed at the replay page once the link is known. A recording takes
+ * a moment to finish after its stream ends ("recording"): retried briefly.
+ */
+async function openRecording(id, button, key, log) {
+  const tab = window.open('', '_blank');
+  if (tab) {
+    tab.opener = null;
+    try {
+      tab.document.title = 'Loading the recording…';
+      tab.document.body.style.cssText = 'background:#0d0f14;color:#9aa3b2;font:16px system-ui;padding:24px';
+      tab.document.body.textContent = 'Loading the recording…';
+    } catch {
+      // Not ours to write to: it will simply be blank for a moment.
+    }
+  }
+  button.disabled = true;
+  button.textContent = 'Loading…';
+  const deadline = Date.now() + RECORDING_WAIT_MS;
+  try {
+    let rec;
+    for (;;) {
+      try {
+        rec = await fetchJson(`/v1/recordings/${encodeURIComponent(id)}`, {
+          headers: { Authorization: `Bearer ${key}` },
+        });
+      } catch (err) {
+        // Right after the stream, the recording may not be listed yet.
+        if (!(err instanceof HttpError && err.status === 404) || Date.now() > deadline) throw err;
+        rec = null;
+      }
+      if (rec && rec.status !== 'recording') break;
+      if (Date.now() > deadline) break;
+      await sleep(RETRY_MS);
+    }
+    if (!rec?.replay_url) throw new Error('The relay gave no replay link.');
+    if (tab && !tab.closed) tab.location.replace(rec.replay_url);
+    else window.open(rec.replay_url, '_blank', 'noopener');
+    log(`Opened the recording of ${id}${rec.status && rec.status !== 'complete' ? ` (${rec.status})` : ''}.`);
+    button.textContent = 'Recording';
+  } catch (err) {
+    if (tab && !tab.closed) tab.close();
+    const text = err instanceof HttpError ? errorText(err) : err.message || 'Network error: could not reach the relay.';
+    log(`Recording of ${id}: ${text}`, 'error');
+    button.textContent = err instanceof HttpError && err.status === 404 ? 'No recording' : 'Retry recording';
+  } finally {
+    button.disabled = false;
+  }
+}
