@@ -132,7 +132,7 @@ async def test_a_socket_that_keeps_flooding_is_closed_with_4029(live, http):
     for i in range(30):  # binary frames are not answered, but count the same: 7 + 13 refused in a row
         await flooder.ws.send_bytes(b"\0" * 100)
     async with asyncio.timeout(5):
-        while (msg := await flooder.ws.receive()).type not in (WSMsgType.CLOSE, WSMsgType.CLOSED):
+        while (await flooder.ws.receive()).type not in (WSMsgType.CLOSE, WSMsgType.CLOSED):
             pass
     assert flooder.ws.close_code == 4029
     await eventually(lambda: not relay.sessions.broadcast(conn.broadcast["broadcast_id"]).audience._channels,
@@ -210,7 +210,7 @@ async def test_events_sockets_per_address_cap_answers_429_before_the_upgrade(liv
 
 async def test_participants_per_broadcast_cap_answers_503_but_lets_an_identity_resume(live, http):
     relay, conn = await live(limits={"participants_per_broadcast": 2})
-    first, second = await join(http, conn), await join(http, conn)
+    first, _ = await join(http, conn), await join(http, conn)  # the cap's two participants
     async with http.get(events_url(conn).replace("ws://", "http://")) as r:
         body = await r.json()
         assert r.status == 503 and r.headers["Retry-After"] == "10"
