@@ -44,7 +44,7 @@ ENDED_STREAMS_KEPT = 1000  # GET /v1/streams/{id} keeps answering for recent str
 
 class ConnectionState(enum.Enum):
     CONNECTED = "connected"
-    STARTING = "starting"  # the upstream is starting a stream: no second start, and it counts toward the key's limit
+    STARTING = "starting"  # the upstream is starting a stream: no second start; counts toward the key's limit
     STREAMING = "streaming"
     ENDING = "ending"  # until the upstream has really stopped, no new start (409)
     CLOSED = "closed"
@@ -136,6 +136,13 @@ class Connection:
     @property
     def closed(self) -> bool:
         return self._state is ConnectionState.CLOSED
+
+    @property
+    def live_stream(self) -> Stream:
+        """The stream, if one is live: what a host command acts on; 409 NO_ACTIVE_STREAM otherwise."""
+        if self.stream is None or not self.stream.live:
+            raise no_active_stream(None)
+        return self.stream
 
     def listen(self) -> asyncio.Queue:
         """An outbox for one control socket: every event for the host lands here."""
@@ -423,7 +430,7 @@ class SessionManager:
                 raise rate_limited(wait, "Too many prompts from this host")
         prompt = check_prompt(prompt)
         if not stream.live:
-            raise no_active_stream(stream.stream_id)
+            raise no_active_stream(stream)
         try:
             acknowledged = await stream.connection.streamer.interact(prompt)
         except RelayError:
@@ -533,8 +540,12 @@ def check_prompt(prompt: Any) -> str:
     return check_text(prompt, "prompt").strip()
 
 
-def no_active_stream(stream_id: str) -> RelayError:
+def no_active_stream(stream: Stream | None) -> RelayError:
+    """409 NO_ACTIVE_STREAM, the refusal of every command that needs a live stream: for the stream a
+    call names (it has ended: which one, and why) or for the connection's (none is live)."""
+    if stream is None:
+        return RelayError("NO_ACTIVE_STREAM", 409, "No stream is live.", action="Start a stream first.")
     return RelayError(
-        "NO_ACTIVE_STREAM", 409, "The stream is not live.", action="Start a stream first.",
-        details={"stream_id": stream_id},
+        "NO_ACTIVE_STREAM", 409, "The stream has ended.", action="Start a new stream.",
+        details={"stream_id": stream.stream_id, "end_reason": stream.end_reason},
     )

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from ..broadcast import Broadcast
 from ..errors import forbidden, invalid_request
-from .common import SESSIONS, json_response, public_url, read_json, token_of
+from ..web import SESSIONS, json_response, public_url, read_json, token_of
 from .connections import authorize_connection
 
 routes = web.RouteTableDef()

@@ -385,7 +385,7 @@ async def test_interact_on_ended_stream_is_409(manager):
     stream = await manager.start_stream(conn, "hills")
     await manager.end_stream(stream)
     err = await raises("NO_ACTIVE_STREAM", 409, manager.interact(stream, "ocean"))
-    assert err.details == {"stream_id": stream.stream_id}
+    assert err.details == {"stream_id": stream.stream_id, "end_reason": "ended"}
     assert stream.last_applied_prompt == "hills"
 
 
