@@ -15,7 +15,8 @@ unchanged against the relay's world model. This is one thin adapter: every rule 
     /simulation-jobs (POST, GET, GET {id}, DELETE {id})  -> relay.simulations
     GET  /recordings/{stream_id}, GET /stream-recordings -> relay.recordings (signed URLs, no header needed)
 
-Errors are the hosted API's shape (``detail``; 429 usage errors as the SDK parses them), see protocol.py.
+Errors are the hosted API's shape (``detail``; 429 usage errors as the SDK parses them), see
+relay/worldmodel/hosted_protocol.py.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from ..sessions import Connection, SessionManager
 from ..simulation_views import recordings_of, statuses_of
 from ..web import (API_KEYS, GOING_AWAY, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS, close_within, json_response,
                    public_url, query_int, read_json, send_within, token_of)
-from . import protocol
+from ..worldmodel import hosted_protocol as protocol
 from .streamer import OwnerPeer
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from relay.client import Spectator
-from relay.odyssey import protocol
+from relay.worldmodel import hosted_protocol as protocol
 from relay.odyssey.server import TWIN
 from relay.web import SETTINGS
 from tests.conftest import API_KEY, OTHER_KEY, eventually, frames_for, mean_rgb
