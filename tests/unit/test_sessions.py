@@ -18,6 +18,7 @@ import pytest
 from relay.clock import FakeClock
 from relay.config import Settings
 from relay.errors import RelayError
+from relay.host import HostCommands, broadcast_links
 from relay.sessions import MAX_PROMPT_CHARS, Connection, ConnectionState, SessionManager
 from relay.worldmodel.synthetic import SyntheticTrack, SyntheticWorldModel
 
@@ -689,6 +690,48 @@ async def test_a_close_during_a_start_stays_closed(manager, caplog):
     await asyncio.gather(starting, closing, return_exceptions=True)
     assert conn.state is ConnectionState.CLOSED
     assert transitions(caplog, conn) == ["connected -> starting", "starting -> closed"]
+
+
+# ------------------------------------------------------------------------------- host commands
+
+
+async def test_host_start_announces_the_broadcast_to_every_listener(manager):
+    conn = await manager.open_connection(KEY)
+    outbox = conn.listen()
+    stream = await HostCommands(manager, conn, "https://relay.example").start("hills")
+    events = drain(outbox)
+    assert types(events) == ["stream_started", "broadcast_ready"]
+    b = conn.broadcast
+    assert events[1]["broadcast"] == broadcast_links(b, "https://relay.example")
+    assert events[1]["broadcast"]["watch_url"] == (
+        f"https://relay.example/watch/{b.broadcast_id}?token={b.spectator_token}")
+    assert conn.live_stream is stream
+
+
+async def test_host_start_without_announcing(manager):
+    conn = await manager.open_connection(KEY)
+    outbox = conn.listen()
+    await HostCommands(manager, conn, "").start("hills", announce=False)  # an SDK that asked for no broadcast
+    assert types(drain(outbox)) == ["stream_started"]
+
+
+async def test_host_commands_need_a_live_stream(manager):
+    conn = await manager.open_connection(KEY)
+    host = HostCommands(manager, conn, "")
+    for command in (host.interact("ocean"), host.end()):
+        err = await raises("NO_ACTIVE_STREAM", 409, command)
+        assert err.details == {}  # nothing named: the connection has no live stream
+    with pytest.raises(RelayError):
+        conn.live_stream
+    first = await host.start("hills")
+    assert await host.interact("ocean") == "ocean"
+    assert await host.end() is first and not first.live
+    second = await host.start("desert")
+    # A stream named by id (REST) is checked itself, not the connection's current one.
+    for command in (host.interact("x", first), host.end(first)):
+        err = await raises("NO_ACTIVE_STREAM", 409, command)
+        assert err.details == {"stream_id": first.stream_id, "end_reason": "ended"}
+    assert second.live and second.last_applied_prompt == "desert"
 
 
 # ------------------------------------------------------------------------------- shutdown
