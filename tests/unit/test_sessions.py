@@ -119,6 +119,19 @@ async def raises(code: str, status: int, awaitable) -> RelayError:
     return info.value
 
 
+def hold_start(conn: Connection) -> asyncio.Event:
+    """Make the connection's upstream start wait until the returned event is set."""
+    original = conn.streamer.start_stream
+    gate = asyncio.Event()
+
+    async def held_start(*args, **kwargs):
+        await gate.wait()
+        return await original(*args, **kwargs)
+
+    conn.streamer.start_stream = held_start
+    return gate
+
+
 async def _aw(fn):
     """A synchronous lookup as an awaitable, for ``raises``."""
     return fn()
@@ -673,14 +686,7 @@ async def test_a_refused_start_goes_back_to_connected(manager, caplog):
 async def test_a_close_during_a_start_stays_closed(manager, caplog):
     caplog.set_level("DEBUG", logger="relay.sessions")
     conn = await manager.open_connection(KEY)
-    original = conn.streamer.start_stream
-    gate = asyncio.Event()
-
-    async def slow_start(*args, **kwargs):
-        await gate.wait()
-        return await original(*args, **kwargs)
-
-    conn.streamer.start_stream = slow_start
+    gate = hold_start(conn)
     starting = asyncio.create_task(manager.start_stream(conn, "hills"))
     await asyncio.sleep(0)
     closing = asyncio.create_task(manager.close_connection(conn))
@@ -839,14 +845,7 @@ async def test_close_during_a_slow_start_leaves_nothing_running(manager, baselin
     """Closing a connection while its start is in flight must not leave a pipeline running
     on a closed connection (render and encoder threads nobody will ever stop)."""
     conn = await manager.open_connection(KEY)
-    original = conn.streamer.start_stream
-    gate = asyncio.Event()
-
-    async def slow_start(*args, **kwargs):
-        await gate.wait()
-        return await original(*args, **kwargs)
-
-    conn.streamer.start_stream = slow_start
+    gate = hold_start(conn)
     starting = asyncio.create_task(manager.start_stream(conn, "hills"))
     await asyncio.sleep(0)
     await manager.close_connection(conn)
