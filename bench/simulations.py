@@ -6,7 +6,7 @@ rate of a stream while simulations run.
     python bench/simulations.py --preset veryfast     # another x264 preset (simulations default: superfast)
     python bench/simulations.py --live --simulations 2   # live fps: idle, then while 2 simulations run
 
-Render speed: the worker's own code (relay.simjob.record_script: SceneRenderer against a virtual clock,
+Render speed: the worker's own code (relay.simulations.record.record_script: SceneRenderer against a virtual clock,
 H264Encoder, the recorder muxing video.mp4 and writing events, thumbnail, preview and metadata), run in
 this process pinned to one core (``os.sched_setaffinity``) unless ``--cores all``. It prints, per run,
 the wall time, the CPU time of the process (every thread), and the two multiples of real time:
@@ -33,8 +33,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from relay.simjob import frame_count, record_script  # noqa: E402
 from relay.simulations import validate_script  # noqa: E402
+from relay.simulations.record import frame_count, record_script  # noqa: E402
+from relay.simulations.spec import VideoSpec  # noqa: E402
 
 PROMPTS = ["a calm ocean at sunset", "storm clouds roll in", "night falls, stars", "snowy mountains at dawn",
            "neon synthwave grid", "lava fields", "desert dunes at noon", "misty forest"]
@@ -63,13 +64,13 @@ def render_speed(args: argparse.Namespace) -> None:
           f"at {args.width}x{args.height}, {args.fps} fps, {args.bitrate} kbps, x264 {args.preset}; "
           f"one worker, {where}")
     print(f"{'run':>4} {'wall s':>8} {'cpu s':>8} {'x real time (wall)':>19} {'x real time (cpu)':>18} {'frames':>7}")
+    video = VideoSpec(width=args.width, height=args.height, fps=args.fps, bitrate_kbps=args.bitrate,
+                      keyframe_interval_seconds=2.0, preset=args.preset)
     walls, cpus = [], []
     with tempfile.TemporaryDirectory(prefix="relay-bench-sim-") as tmp:
         for run in range(args.runs + 1):  # run 0 warms up (noise textures, imports) and is not counted
             wall0, cpu0 = time.perf_counter(), time.process_time()
-            result = record_script(script, store_dir=tmp, stream_id=f"bench{run}", owner="bench",
-                                   width=args.width, height=args.height, fps=args.fps, bitrate_kbps=args.bitrate,
-                                   keyframe_interval_seconds=2.0, preset=args.preset)
+            result = record_script(script, video, store_dir=tmp, stream_id=f"bench{run}", owner="bench")
             wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
             if run == 0:
                 continue

@@ -70,7 +70,10 @@ def parse_json(raw: str | bytes, max_depth: int) -> Any:
     if data.count(b"[") + data.count(b"{") > max_depth and json_depth(data) > max_depth:
         raise invalid_request(f"The JSON nests deeper than {max_depth} levels.", limit=max_depth)
     try:
-        return json.loads(data, parse_int=_int, parse_float=_float, parse_constant=_constant)
+        # UTF-8 only (RFC 8259), decoded here: json.loads would sniff UTF-16/32 from bytes, which the
+        # depth scan above does not read, so such a body could nest past it unseen.
+        text = raw if isinstance(raw, str) else data.decode("utf-8")
+        return json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
     except _NumberTooLarge as exc:
         raise invalid_request(f"The JSON is not accepted: {exc}.", limit_digits=MAX_NUMBER_CHARS) from None
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:

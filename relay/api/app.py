@@ -78,10 +78,18 @@ async def errors(request: web.Request, handler) -> web.StreamResponse:
         return _render(RelayError("INTERNAL", 500, "Internal error.", action="Retry; report it if it persists."))
 
 
+class _BodyTooSlow(Exception):
+    """Set on a request's payload when its body_timeout_seconds pass before the body is whole."""
+
+
 @web.middleware
 async def body_deadline(request: web.Request, handler) -> web.StreamResponse:
     """A body is refused on its declared length before a byte of it is read, and must arrive whole
-    within body_timeout_seconds of the headers: a peer that trickles it cannot hold a handler."""
+    within body_timeout_seconds of the headers: a peer that trickles it cannot hold a handler.
+
+    The body is not read here: a handler reads it after its own checks (credentials first), so a
+    stranger's unauthenticated body costs a 401, never max_body_bytes of memory held for the
+    deadline. A timer fails the payload instead; a read that is waiting (or comes later) raises."""
     server = request.app[SETTINGS].server
     limit = server.max_body_bytes
     route_limit = getattr(request.match_info.route.handler, "body_limit", None)  # see common.body_limit
@@ -89,14 +97,22 @@ async def body_deadline(request: web.Request, handler) -> web.StreamResponse:
         limit = min(limit, route_limit(request.app[SETTINGS]))
     if request.content_length is not None and request.content_length > limit:
         raise too_large(limit)
-    if request.body_exists:
-        try:  # read once here; the handler's read()/json() get the same bytes back
-            await asyncio.wait_for(request.read(), server.body_timeout_seconds)
-        except asyncio.TimeoutError:
-            raise RelayError("INVALID_REQUEST", 408, f"The request body did not arrive within "
-                             f"{server.body_timeout_seconds:g} s.", action="Send the body at once.",
-                             details={"limit_seconds": server.body_timeout_seconds}) from None
-    return await handler(request)
+    if not request.body_exists:
+        return await handler(request)
+
+    def too_slow() -> None:
+        if not request.content.is_eof():
+            request.content.set_exception(_BodyTooSlow())
+
+    timer = asyncio.get_running_loop().call_later(server.body_timeout_seconds, too_slow)
+    try:
+        return await handler(request)
+    except _BodyTooSlow:
+        raise RelayError("INVALID_REQUEST", 408, f"The request body did not arrive within "
+                         f"{server.body_timeout_seconds:g} s.", action="Send the body at once.",
+                         details={"limit_seconds": server.body_timeout_seconds}) from None
+    finally:
+        timer.cancel()
 
 
 def _render(err: RelayError) -> web.Response:

@@ -8,8 +8,8 @@ from typing import Any
 from aiohttp import web
 
 from ..auth import require_api_key
-from ..simulation_views import recordings_of, statuses_of
 from ..simulations import Job
+from ..simulations.views import recordings_of, statuses_of
 from ..web import API_KEYS, RECORDINGS, SIMULATIONS, json_response, public_url, query_int, read_json, token_of
 
 routes = web.RouteTableDef()

@@ -38,7 +38,7 @@ from ..host import HostCommands
 from ..inputs import parse_json
 from ..recordings import RecordingStore, owner_id
 from ..sessions import Connection, SessionManager
-from ..simulation_views import recordings_of, statuses_of
+from ..simulations.views import recordings_of, statuses_of
 from ..web import (API_KEYS, GOING_AWAY, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS, close_within, json_response,
                    public_url, query_int, read_json, send_within, token_of)
 from ..worldmodel import hosted_protocol as protocol

@@ -90,13 +90,26 @@ async def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(relay
 async def test_a_body_that_never_arrives_gets_408_at_the_body_deadline(relay_factory):
     relay = await relay_factory(server={"body_timeout_seconds": 1})
     reader, writer = await raw(relay.url)
-    writer.write(f"POST /v1/connections HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+    writer.write(f"POST /v1/simulations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
                  "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"a\":".encode())
     loop = asyncio.get_running_loop()
     began = loop.time()
     status, _, body = await response(reader, timeout=5)
     assert status == 408 and 0.8 <= loop.time() - began < 2.5
     assert_error_shape(body)
+    writer.close()
+
+
+async def test_a_strangers_body_is_not_read_before_its_credentials_are_checked(relay_factory):
+    # The whole allowed body declared and not sent, without credentials: answered 401 at once. Were
+    # the body read first, each such connection would hold max_body_bytes for body_timeout_seconds.
+    relay = await relay_factory(server={"body_timeout_seconds": 30})
+    reader, writer = await raw(relay.url)
+    writer.write(f"POST /v1/simulations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {LIMIT}\r\n\r\n{{".encode())
+    status, _, body = await response(reader, timeout=2)
+    assert status == 401
+    assert_error_shape(body, "UNAUTHORIZED")
     writer.close()
 
 

@@ -16,8 +16,9 @@ import pytest
 from relay.client import RelayClient
 from relay.clock import FakeClock
 from relay.recordings import RecordingStore, load_or_create_secret, owner_id
-from relay.simjob import record_script
 from relay.simulations import JobStore
+from relay.simulations.record import record_script
+from relay.simulations.spec import VideoSpec
 from relay.web import RECORDINGS
 from tests.conftest import API_KEY, eventually
 
@@ -100,6 +101,7 @@ async def test_one_satisfiable_range_is_served_as_206(relay_factory, tmp_path, h
     "items=0-9",
     "bytes=0x10-",
     "bytes=\u0663-",  # a non-ASCII digit
+    "bytes=" + "1" * 5000 + "-",  # past int()'s digit limit: was a 500
 ])
 async def test_an_unsatisfiable_or_malformed_range_is_416_in_the_error_shape(relay_factory, tmp_path, http, header):
     relay = await relay_factory()
@@ -338,8 +340,8 @@ async def test_a_recording_cut_by_a_full_disk_is_finalized_failed_with_its_reaso
 async def test_recovery_on_a_full_disk_finalizes_what_a_crash_left(relay_factory, disk, tmp_path, http):
     # A crash mid-recording, as kill -9 leaves it: metadata still "recording", video cut mid-fragment.
     source = record_script([{"timestamp_ms": 0, "start": {"prompt": "forest"}}, {"timestamp_ms": 2000, "end": {}}],
-                           store_dir=str(tmp_path / "elsewhere"), stream_id="b" * 32, owner=owner_id(API_KEY),
-                           width=160, height=96, fps=25, bitrate_kbps=300, keyframe_interval_seconds=0.5)
+                           VideoSpec(width=160, height=96, fps=25, bitrate_kbps=300, keyframe_interval_seconds=0.5),
+                           store_dir=str(tmp_path / "elsewhere"), stream_id="b" * 32, owner=owner_id(API_KEY))
     assert source.status == "complete"
     directory = disk.path / "recordings" / source.stream_id
     shutil.copytree(tmp_path / "elsewhere" / "recordings" / source.stream_id, directory)

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
+import pickle
 import threading
 from pathlib import Path
 
 import pytest
 
-from relay import simjob
 from relay.clock import FakeClock
 from relay.errors import RelayError
 from relay.recordings import RecordingStore, owner_id
-from relay.simulations import JobStore, QueueFull, Simulations, parse_request, validate_script
+from relay.simulations import JobStore, QueueFull, Simulations, parse_request, validate_script, worker
+from relay.simulations.record import frame_count, import_video, record_script
+from relay.simulations.spec import VideoSpec, job_spec
 from tests.conftest import make_settings
 
 START = {"timestamp_ms": 0, "start": {"prompt": "  hills at dawn  "}}
@@ -231,6 +234,9 @@ def test_rate_comes_from_completed_jobs(tmp_path):
 
 # -------------------------------------------------------------------------------------- worker
 
+SMALL = VideoSpec(width=64, height=48, fps=25, bitrate_kbps=300, keyframe_interval_seconds=1)
+
+
 def test_the_worker_renders_against_a_virtual_clock(tmp_path):
     script = validate_script([
         {"timestamp_ms": 0, "start": {"prompt": "forest"}},
@@ -238,8 +244,7 @@ def test_the_worker_renders_against_a_virtual_clock(tmp_path):
         {"timestamp_ms": 1990, "interact": {"prompt": "night"}},  # after the last frame (1960 ms): logged at the end
         {"timestamp_ms": 2000, "end": {}},
     ], 150)
-    result = simjob.record_script(script, store_dir=str(tmp_path), stream_id="s1", owner="o", width=64, height=48,
-                                  fps=25, bitrate_kbps=300, keyframe_interval_seconds=1)
+    result = record_script(script, SMALL, store_dir=str(tmp_path), stream_id="s1", owner="o")
     assert result.status == "complete" and result.frame_count == 50 and result.duration_seconds == 2.0
     events = [json.loads(x) for x in (tmp_path / "recordings" / "s1" / "events.jsonl").read_text().splitlines()]
     assert [(e["type"], e["offset_ms"]) for e in events] == [
@@ -248,7 +253,7 @@ def test_the_worker_renders_against_a_virtual_clock(tmp_path):
     meta = RecordingStore(tmp_path).get("s1")
     assert meta["status"] == "complete" and meta["owner"] == "o" and meta["source"] == "simulation"
     assert meta["ended_at"] - meta["started_at"] == pytest.approx(2.0)
-    assert simjob.frame_count(3000, 25) == 75 and simjob.frame_count(3001, 25) == 76
+    assert frame_count(3000, 25) == 75 and frame_count(3001, 25) == 76
 
 
 def test_a_video_made_elsewhere_becomes_a_recording_in_any_codec(tmp_path):
@@ -260,8 +265,7 @@ def test_a_video_made_elsewhere_becomes_a_recording_in_any_codec(tmp_path):
     script = validate_script([{"timestamp_ms": 0, "start": {"prompt": "forest"}},
                               {"timestamp_ms": 1000, "interact": {"prompt": "snow"}},
                               {"timestamp_ms": 2000, "end": {}}], 150)
-    simjob.record_script(script, store_dir=str(tmp_path / "h264"), stream_id="h", owner="o", width=64, height=48,
-                         fps=25, bitrate_kbps=300, keyframe_interval_seconds=1)
+    record_script(script, SMALL, store_dir=str(tmp_path / "h264"), stream_id="h", owner="o")
     vp8 = tmp_path / "vp8.webm"
     with av.open(str(vp8), "w") as container:
         stream = container.add_stream("libvpx", rate=25)
@@ -281,8 +285,7 @@ def test_a_video_made_elsewhere_becomes_a_recording_in_any_codec(tmp_path):
         container.mux(stream.encode(None))
     sources = {"copied": tmp_path / "h264" / "recordings" / "h" / "video.mp4", "encoded": vp8, "reordered": bframes}
     for stream_id, source in sources.items():
-        result = simjob.import_video(str(source), script, store_dir=str(tmp_path), stream_id=stream_id, owner="o",
-                                     bitrate_kbps=300, keyframe_interval_seconds=1)
+        result = import_video(str(source), script, SMALL, store_dir=str(tmp_path), stream_id=stream_id, owner="o")
         assert (result.status, result.frame_count, result.duration_seconds) == ("complete", 50, 2.0), stream_id
         with av.open(str(tmp_path / "recordings" / stream_id / "video.mp4")) as container:
             video = container.streams.video[0]
@@ -297,6 +300,38 @@ def test_a_video_made_elsewhere_becomes_a_recording_in_any_codec(tmp_path):
     with av.open(str(sources["copied"])) as a, av.open(str(tmp_path / "recordings" / "copied" / "video.mp4")) as b:
         assert [bytes(p) for p in a.demux(a.streams.video[0]) if p.size] == \
             [bytes(p) for p in b.demux(b.streams.video[0]) if p.size]
+
+
+def test_a_prompt_at_a_frames_very_millisecond_is_that_frames_on_both_paths(tmp_path):
+    # 8040 ms is frame 201 at 25 fps exactly, where 201 / 25 * 1000 in floating point falls just short
+    # of 8040: the record loop times in exact fractions, so neither path logs it a frame late.
+    script = validate_script([{"timestamp_ms": 0, "start": {"prompt": "forest"}},
+                              {"timestamp_ms": 8040, "interact": {"prompt": "snow"}},
+                              {"timestamp_ms": 8080, "end": {}}], 150)
+    record_script(script, SMALL, store_dir=str(tmp_path), stream_id="rendered", owner="o")
+    import_video(str(tmp_path / "recordings" / "rendered" / "video.mp4"), script, SMALL, store_dir=str(tmp_path),
+                 stream_id="imported", owner="o")
+    for stream_id in ("rendered", "imported"):
+        events = [json.loads(x) for x in (tmp_path / "recordings" / stream_id / "events.jsonl").read_text().splitlines()]
+        assert [(e["type"], e["offset_ms"]) for e in events] == [
+            ("stream_started", 0), ("prompt_applied", 8040), ("stream_ended", 8080)], stream_id
+
+
+def test_the_job_spec_is_frozen_and_crosses_the_process_pool(tmp_path, monkeypatch):
+    monkeypatch.setenv("ODYSSEY_API_KEY", "secret-upstream-key")
+    settings = make_settings(tmp_path, world_model={"width": 64, "height": 48, "kind": "hosted",
+                                                    "url": "http://127.0.0.1:9/odyssey"})
+    store = JobStore(tmp_path / "jobs.db")
+    store.submit("o", [validate_script(GOOD, 150)], True, 10)
+    (job,) = store.claim(1)
+    store.close()
+    spec = job_spec(job, settings, tmp_path / "jobs.db")
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    assert (spec.video.width, spec.video.height) == (48, 64)  # portrait, as a live stream's
+    assert spec.stream_ids == tuple(job.stream_ids) and spec.hosted.api_key == "secret-upstream-key"
+    assert "secret-upstream-key" not in repr(spec)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.job_id = "another"  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------------------ service on threads
@@ -340,12 +375,12 @@ async def test_the_runner_completes_a_batch_and_portrait_swaps(tmp_path):
 async def test_a_failing_attempt_is_retried_then_failed_and_leaves_no_recording(tmp_path, monkeypatch):
     calls = []
 
-    def broken(script, **kwargs):
+    def broken(script, video, **kwargs):
         calls.append(kwargs["stream_id"])
         (tmp_path / "data" / "recordings" / kwargs["stream_id"]).mkdir(parents=True)  # a half-written attempt
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(simjob, "record_script", broken)
+    monkeypatch.setattr(worker, "record_script", broken)
     service = _service(tmp_path, max_retries=1)
     await service.start()
     try:
@@ -375,7 +410,7 @@ async def test_quota_error_carries_details_and_retry_after(tmp_path):
 
 async def test_opening_sweeps_what_a_killed_hosted_download_left(tmp_path):
     service = _service(tmp_path)
-    scratch = Path(service._settings.server.data_dir) / simjob.HOSTED_SCRATCH_DIR / "job-1"
+    scratch = Path(service._settings.server.data_dir) / worker.HOSTED_SCRATCH_DIR / "job-1"
     scratch.mkdir(parents=True)
     (scratch / "0.mp4").write_bytes(b"half a video")
     await service.open()

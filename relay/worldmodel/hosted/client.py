@@ -2,7 +2,7 @@
 submitted, polled and downloaded, the signalling socket opened. One aiohttp session per client.
 
 Used by the streamer's sessions (worldmodel/hosted/session.py) and, alone, by a simulation worker
-(relay/simjob.py), which needs no WebRTC at all.
+(relay/simulations/worker.py), which needs no WebRTC at all.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ class HostedClient:
             raise upstream_error(f"The hosted world model refused a session: {status} {detail_text(data)}".rstrip()
                                  + ".", details={"upstream_status": status})
 
-    # -- simulations (relay/simjob.py runs them in a worker process) -------------------------------
+    # -- simulations (relay/simulations/worker.py runs them in a worker process) --------------------
 
     async def simulate(self, scripts: list[list[dict[str, Any]]], portrait: bool) -> str:
         """``POST /simulation-jobs``: the hosted job's id. One script goes as ``script``, more as

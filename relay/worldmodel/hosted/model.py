@@ -46,7 +46,7 @@ class HostedWorldModel:
         if self.closed:
             raise RelayError("STREAMER_NOT_AVAILABLE", 503, "The relay is shutting down.", action="Retry shortly.",
                              retry_after=5)
-        streamer = HostedStreamer(self)
+        streamer = HostedStreamer(self.client, self.track_background, self.forget)
         self._streamers.add(streamer)
         try:
             await streamer.open()

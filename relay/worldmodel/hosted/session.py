@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
 import aiohttp
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
@@ -20,11 +20,9 @@ from aiortc.sdp import candidate_from_sdp
 
 from ...errors import RelayError
 from .. import hosted_protocol as protocol
+from .client import HostedClient
 from .errors import SOCKET_ERRORS, upstream_error
 
-if TYPE_CHECKING:
-    from .model import HostedWorldModel
-    from .streamer import HostedStreamer
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +67,16 @@ def split_candidates(sdp: str) -> tuple[str, list[str], str]:
 
 
 
+class SessionListener(Protocol):
+    """Who hears a session (its streamer): the streamerToClient events, the video, a failure."""
+
+    def on_event(self, session: HostedSession, message: dict[str, Any]) -> None: ...
+
+    def on_frame(self, session: HostedSession, frame: Any) -> None: ...
+
+    def session_failed(self, session: HostedSession, error: RelayError) -> None: ...
+
+
 class HostedSession:
     """One hosted session: its signalling socket, its peer connection and the tasks that serve them.
 
@@ -76,9 +84,11 @@ class HostedSession:
     :meth:`close`, which is idempotent and shielded (a cancelled caller does not cut it short).
     """
 
-    def __init__(self, model: HostedWorldModel, streamer: HostedStreamer) -> None:
-        self.model = model
-        self.streamer = streamer
+    def __init__(self, client: HostedClient, listener: SessionListener,
+                 track_background: Callable[[asyncio.Future], None]) -> None:
+        self.client = client
+        self.listener = listener
+        self._track_background = track_background  # the model's: its close() waits for these
         self.session_id: str | None = None
         self.image_to_video = False
         self.ws: aiohttp.ClientWebSocketResponse | None = None
@@ -114,7 +124,7 @@ class HostedSession:
         return task
 
     async def open(self) -> None:
-        client, timeouts = self.model.client, self.model.timeouts
+        client, timeouts = self.client, self.client.timeouts
         self.session_id, signalling_url, capabilities = await client.request_session()
         self._check_open()
         self.image_to_video = bool(capabilities.get("image_to_video"))
@@ -156,7 +166,7 @@ class HostedSession:
         self.error = error
         self._wake.set()
         log.warning("hosted: session %s failed: %s", self.session_id, error.message)
-        self.streamer.session_failed(self, error)
+        self.listener.session_failed(self, error)
 
     # -- signalling --------------------------------------------------------------------------------
 
@@ -298,14 +308,14 @@ class HostedSession:
         except ValueError:
             return
         if isinstance(message, dict):
-            self.streamer.on_event(self, message)
+            self.listener.on_event(self, message)
 
     async def _pump(self, track: MediaStreamTrack) -> None:
         """Drain the upstream video all along (aiortc queues without bound), handing it on while live."""
         try:
             while True:
                 frame = await track.recv()
-                self.streamer.on_frame(self, frame)
+                self.listener.on_frame(self, frame)
         except MediaStreamError:
             self.fail(upstream_error("The hosted world model's video track ended."))
 
@@ -323,7 +333,7 @@ class HostedSession:
         if self._close_task is None:
             self.closing = True
             self._close_task = asyncio.create_task(self._close(), name="hosted-session-close")
-            self.model.track_background(self._close_task)
+            self._track_background(self._close_task)
         await asyncio.shield(self._close_task)
 
     async def _close(self) -> None:
@@ -339,7 +349,7 @@ class HostedSession:
         if ws is not None and not ws.closed:
             try:  # what the SDK's cleanup() sends before it closes the socket (L1633-1642)
                 await asyncio.wait_for(ws.send_json({"type": protocol.CLIENT_DISCONNECTING}),
-                                       self.model.timeouts.close)
+                                       self.client.timeouts.close)
             except (asyncio.TimeoutError, ConnectionError, RuntimeError, aiohttp.ClientError):
                 pass
         if self.pc is not None:
@@ -349,7 +359,7 @@ class HostedSession:
         if ws is not None and not ws.closed:
             # The close handshake (1000 "Client disconnect", L191-197) finishes in the background: the
             # upstream answers it once it has released the session. Bounded by aiohttp's ws_close (10 s).
-            self.model.track_background(asyncio.create_task(self._goodbye(ws, reader), name="hosted-socket-close"))
+            self._track_background(asyncio.create_task(self._goodbye(ws, reader), name="hosted-socket-close"))
         elif reader is not None:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)

@@ -9,16 +9,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 from ...errors import RelayError
 from .. import hosted_protocol as protocol
+from .client import HostedClient
 from .errors import stream_error, upstream_error
 from .session import HostedSession
 from .track import HostedTrack
 
-if TYPE_CHECKING:
-    from .model import HostedWorldModel
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +38,11 @@ def data_url(image: bytes) -> str:
 class HostedStreamer:
     """One relay connection's hold on the hosted API: one session at a time, one stream at a time."""
 
-    def __init__(self, model: HostedWorldModel) -> None:
-        self._model = model
+    def __init__(self, client: HostedClient, track_background: Callable[[asyncio.Future], None],
+                 on_disconnect: Callable[[HostedStreamer], None]) -> None:
+        self._client = client
+        self._track_background = track_background  # the model's: its close() waits for these
+        self._on_disconnect = on_disconnect
         self._session: HostedSession | None = None
         self._track: HostedTrack | None = None
         self._streaming = False  # stream_started seen, stream_ended not yet
@@ -71,7 +73,7 @@ class HostedStreamer:
         self._session = None
         if session is not None:
             await session.close()
-        session = self._session = HostedSession(self._model, self)
+        session = self._session = HostedSession(self._client, self, self._track_background)
         self._late_updates = 0
         try:
             await session.open()
@@ -101,7 +103,7 @@ class HostedStreamer:
                                        "broadcast": False}  # the relay broadcasts itself
             if image is not None:
                 message["input_image_base64"] = data_url(image)
-            track = self._track = HostedTrack(self._model.timeouts.stall)
+            track = self._track = HostedTrack(self._client.timeouts.stall)
             try:
                 await self._command(session, message, "start", via_socket=image is not None)
             except BaseException:
@@ -138,7 +140,7 @@ class HostedStreamer:
         if self._disconnected:
             return
         self._disconnected = True
-        self._model.forget(self)
+        self._on_disconnect(self)
         track, self._track = self._track, None
         if track is not None:
             track.stop()
@@ -154,7 +156,7 @@ class HostedStreamer:
                        via_socket: bool = False) -> dict[str, Any]:
         future = asyncio.get_running_loop().create_future()
         self._waiting[kind] = future
-        timeout = self._model.timeouts.command
+        timeout = self._client.timeouts.command
         try:
             await session.send(message, via_socket=via_socket)
             return await asyncio.wait_for(future, timeout)
@@ -237,4 +239,4 @@ class HostedStreamer:
         self._reject_all(error)
         self._fail_track(error.message)
         # Closed at once (its socket, peer and tasks); the next start_stream requests a new session.
-        self._model.track_background(asyncio.ensure_future(session.close()))
+        self._track_background(asyncio.ensure_future(session.close()))

@@ -1,13 +1,13 @@
-"""How the adapters read simulations (the relay's /v1/simulations and the /odyssey twin's
+"""How a job is read from outside (the relay's /v1/simulations and the /odyssey twin's
 /simulation-jobs alike): a listing's status filter, and a job's recordings."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .errors import invalid_request
-from .recordings import RecordingStore
-from .simulations import ACTIVE, STATUSES, Job
+from ..errors import invalid_request
+from ..recordings import RecordingStore
+from .store import ACTIVE, STATUSES, Job
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
