@@ -1,15 +1,10 @@
-"""What the relay's own API handlers share beyond relay/web.py: per-handler body limits, the broadcast's links."""
+"""What the relay's own API handlers share beyond relay/web.py: a handler's own body limit."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-from aiohttp import web
+from typing import Callable
 
 from ..config import Settings
-from ..host import broadcast_links
-from ..sessions import Connection
-from ..web import public_url
 
 
 def body_limit(limit_of: Callable[[Settings], int]):
@@ -19,7 +14,3 @@ def body_limit(limit_of: Callable[[Settings], int]):
         handler.body_limit = limit_of
         return handler
     return mark
-
-
-def broadcast_info(request: web.Request, conn: Connection) -> dict[str, Any]:
-    return broadcast_links(conn.broadcast, public_url(request))

@@ -14,12 +14,11 @@ from aiohttp import WSMsgType, web
 from ..auth import check_owner, is_api_key, require_api_key
 from ..clock import iso
 from ..errors import RelayError, invalid_request, not_found, unauthorized
-from ..host import HostCommands
+from ..host import HostCommands, broadcast_links
 from ..inputs import parse_json
 from ..sessions import Connection, SessionManager, Stream
 from ..web import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, STALLED, TOO_SLOW, close_within, json_response,
                    next_for, public_url, read_json, send_within, token_of)
-from .common import broadcast_info
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,10 @@ def authorize_stream(request: web.Request, stream_id: str) -> Stream:
     if not conn.closed:
         sessions.touch(conn)
     return stream
+
+
+def broadcast_info(request: web.Request, conn: Connection) -> dict[str, Any]:
+    return broadcast_links(conn.broadcast, public_url(request))
 
 
 def host_commands(request: web.Request, conn: Connection) -> HostCommands:
