@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import metrics
-from .broadcast import Broadcast
+from .broadcast import Broadcast, MediaFactory
 from .clock import SYSTEM_CLOCK, Clock, iso
 from .config import Settings
 from .errors import RelayError, not_found, unprocessable
 from .inputs import check_text
+from .media.graph import MediaGraph
 from .ratelimit import TokenBucket, rate_limited
 from .recordings import RecordingStore, owner_id
 from .worldmodel.base import Streamer, WorldModel
@@ -178,8 +179,10 @@ class SessionManager:
         *,
         clock: Clock = SYSTEM_CLOCK,
         recordings: RecordingStore | None = None,
+        media: MediaFactory = MediaGraph,  # each broadcast's media graph (a test's may have no threads)
     ) -> None:
         self._settings = settings
+        self._media = media
         self._limits = settings.limits
         self._world_model = world_model
         self.recordings = recordings
@@ -301,7 +304,7 @@ class SessionManager:
             api_key=api_key,
             streamer=streamer,
             broadcast=Broadcast(connection_id, self._settings, self.clock,
-                                recordings=self.recordings, owner=owner_id(api_key)),
+                                recordings=self.recordings, owner=owner_id(api_key), media=self._media),
             client_token="",
             created_at=wall,
             opened=now,
@@ -312,8 +315,8 @@ class SessionManager:
                                   self._limits.host_interacts_burst),
         )
         self._issue_client_token(conn, now)
-        conn.broadcast.forward_input = lambda forward: self._forward_input(conn, forward)
-        conn.broadcast.host_event = conn.publish
+        conn.broadcast.audience.forward_input = lambda forward: self._forward_input(conn, forward)
+        conn.broadcast.audience.host_event = conn.publish
         self.connections[connection_id] = conn
         self.broadcasts[conn.broadcast.broadcast_id] = conn.broadcast
         metrics.CONNECTIONS.inc()

@@ -126,6 +126,6 @@ async def start_relay_process(config, stderr=asyncio.subprocess.DEVNULL) -> tupl
 async def frames_pass(relay: Relay, broadcast_id: str, frames: int) -> None:
     """Wait until the broadcast's live stream has produced `frames` more encoded frames: a point
     later in the stream's own time, e.g. to give two prompts distinct offsets."""
-    hub = relay.sessions.broadcast(broadcast_id).hub
+    hub = relay.sessions.broadcast(broadcast_id).media.hub
     target = hub.published + frames
     await eventually(lambda: hub.published >= target, timeout=10, what=f"{frames} more frames")

@@ -10,7 +10,8 @@ from aiohttp import WSMsgType, web
 
 from .. import metrics
 from ..auth import check_spectator, is_api_key
-from ..broadcast import Broadcast, rate_limited_reply
+from ..audience import rate_limited_reply
+from ..broadcast import Broadcast
 from ..errors import RelayError, invalid_request, too_large, unsupported_media_type
 from ..inputs import parse_json
 from ..web import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, STALLED, TOO_SLOW, close_within, json_response,
@@ -72,7 +73,7 @@ async def whep_offer(request: web.Request) -> web.Response:
     if len(body) > limit:  # a chunked body: a declared one was refused before it was read
         raise too_large(limit)
     offer = body.decode("utf-8", errors="replace")
-    spectator, answer = await broadcast.add_spectator(offer, counted=not host, address=request.remote)
+    spectator, answer = await broadcast.spectators.join(offer, counted=not host, address=request.remote)
     return web.Response(
         status=201,
         text=answer,
@@ -82,13 +83,14 @@ async def whep_offer(request: web.Request) -> web.Response:
 
 
 @routes.patch("/v1/broadcasts/{broadcast_id}/whep/{spectator_id}")
+@body_limit(lambda settings: settings.limits.whep_offer_max_bytes)  # candidates are bounded by count too
 async def whep_trickle(request: web.Request) -> web.Response:
     broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
     _check_optional_token(request, broadcast)
     if request.content_type != "application/trickle-ice-sdpfrag":
         raise unsupported_media_type("application/trickle-ice-sdpfrag")
     fragment = (await request.read()).decode("utf-8", errors="replace")
-    await broadcast.add_candidates(request.match_info["spectator_id"], fragment)
+    await broadcast.spectators.add_candidates(request.match_info["spectator_id"], fragment)
     return web.Response(status=204)
 
 
@@ -97,8 +99,8 @@ async def whep_leave(request: web.Request) -> web.Response:
     broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
     _check_optional_token(request, broadcast)
     spectator_id = request.match_info["spectator_id"]
-    broadcast.spectator(spectator_id)  # 404 for an unknown session
-    await broadcast.remove_spectator(spectator_id)
+    broadcast.spectators.spectator(spectator_id)  # 404 for an unknown session
+    await broadcast.spectators.remove(spectator_id)
     return web.Response(status=200)
 
 
@@ -148,13 +150,13 @@ async def events(request: web.Request) -> web.WebSocketResponse:
     broadcast = spectator_broadcast(request)
     # Admitted before the upgrade, so the caps answer in HTTP (429/503 in the error shape) and a
     # crowd of sockets opening at once cannot all slip past a count taken before an await.
-    channel = broadcast.open_channel(request.query.get("resume"), address=request.remote,
-                                     invite=request.query.get("invite"))
+    channel = broadcast.audience.open_channel(request.query.get("resume"), address=request.remote,
+                                              invite=request.query.get("invite"))
     ws = web.WebSocketResponse(heartbeat=20, max_msg_size=16 * 1024)
     try:
         await ws.prepare(request)
     except BaseException:
-        broadcast.close_channel(channel)
+        broadcast.audience.close_channel(channel)
         raise
     participant_id = channel.participant_id
     sender = asyncio.create_task(_pump(request, ws, channel), name="relay-events-send")
@@ -163,7 +165,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
         await ws.send_json({
             "type": "hello",
             "participant_id": participant_id,
-            "resume_token": broadcast.resume_token(participant_id),
+            "resume_token": broadcast.audience.resume_token(participant_id),
             "resumed": channel.resumed,
             "invited": broadcast.orchestrator.is_invited(participant_id),
             "orchestration": broadcast.orchestration,
@@ -175,7 +177,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
                 if msg.type == WSMsgType.BINARY:  # not read, but not free either: a token, unanswered
-                    broadcast.take_token(channel)
+                    broadcast.audience.take_token(channel)
                 reply = None
             else:
                 try:
@@ -183,11 +185,11 @@ async def events(request: web.Request) -> web.WebSocketResponse:
                     if not isinstance(message, dict):
                         raise invalid_request("Events messages are JSON objects.")
                 except RelayError as err:  # answered, and the socket stays open
-                    wait = broadcast.take_token(channel)  # garbage is no free flood
+                    wait = broadcast.audience.take_token(channel)  # garbage is no free flood
                     reply = rate_limited_reply(None, wait) if wait else _error_reply(err)
                 else:
                     try:  # participant_message takes the message's token itself
-                        reply = await broadcast.participant_message(channel, message)
+                        reply = await broadcast.audience.participant_message(channel, message)
                     except RelayError as err:
                         reply = _error_reply(err)
             if reply is not None:
@@ -196,7 +198,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
                 await ws.close(code=FLOODING_CLOSE_CODE, message=b"rate limited")
                 break
     finally:
-        broadcast.close_channel(channel)  # before any await: this handler may be cancelled
+        broadcast.audience.close_channel(channel)  # before any await: this handler may be cancelled
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
         await ws.close()

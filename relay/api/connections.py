@@ -180,13 +180,14 @@ def _participant(message: dict[str, Any]) -> str:
     return pid
 
 
-# The host's orchestration actions, as control-socket messages (same rules as the REST calls).
+# The host's orchestration actions, as control-socket messages (same rules as the REST calls); each
+# pushes the new state to the audience and the host itself.
 HOST_ORCHESTRATION = {
-    "orchestration": lambda b, m: b.configure_orchestration(m),
-    "block": lambda b, m: b.orchestrator.block(_participant(m)),
-    "unblock": lambda b, m: b.orchestrator.unblock(_participant(m)),
-    "grant_turn": lambda b, m: b.orchestrator.grant_turn(_participant(m)),
-    "revoke_turn": lambda b, m: b.orchestrator.revoke_turn(),
+    "orchestration": lambda a, m: a.configure(m),
+    "block": lambda a, m: a.block(_participant(m)),
+    "unblock": lambda a, m: a.unblock(_participant(m)),
+    "grant_turn": lambda a, m: a.grant_turn(_participant(m)),
+    "revoke_turn": lambda a, m: a.revoke_turn(),
 }
 
 
@@ -266,8 +267,7 @@ async def _handle_control_message(request: web.Request, host: HostCommands, data
         elif kind == "end_stream":
             await host.end()
         elif kind in HOST_ORCHESTRATION:
-            HOST_ORCHESTRATION[kind](conn.broadcast, message)
-            conn.broadcast.host_changed_orchestration()
+            HOST_ORCHESTRATION[kind](conn.broadcast.audience, message)
         else:
             raise invalid_request(f"Unknown control message type {kind!r}.", type=kind)
     except RelayError as err:

@@ -41,16 +41,14 @@ async def get_orchestration(request: web.Request) -> web.Response:
 @routes.put("/v1/broadcasts/{broadcast_id}/orchestration")
 async def put_orchestration(request: web.Request) -> web.Response:
     broadcast = host_broadcast(request)
-    broadcast.configure_orchestration(await read_json(request))
-    broadcast.host_changed_orchestration()
+    broadcast.audience.configure(await read_json(request))
     return json_response(broadcast.orchestrator.state(host=True))
 
 
 async def _set_blocked(request: web.Request, blocked: bool) -> web.Response:
     broadcast = host_broadcast(request)
     participant_id = request.match_info["participant_id"]
-    (broadcast.orchestrator.block if blocked else broadcast.orchestrator.unblock)(participant_id)
-    broadcast.host_changed_orchestration()
+    (broadcast.audience.block if blocked else broadcast.audience.unblock)(participant_id)
     return json_response({"participant_id": participant_id, "blocked": blocked})
 
 
@@ -70,16 +68,14 @@ async def grant_turn(request: web.Request) -> web.Response:
     participant_id = (await read_json(request)).get("participant_id")
     if not isinstance(participant_id, str):
         raise invalid_request("'participant_id' is required.", field="participant_id")
-    broadcast.orchestrator.grant_turn(participant_id)
-    broadcast.host_changed_orchestration()
+    broadcast.audience.grant_turn(participant_id)
     return json_response(broadcast.orchestrator.state(host=True)["turn"])
 
 
 @routes.delete("/v1/broadcasts/{broadcast_id}/turn")
 async def revoke_turn(request: web.Request) -> web.Response:
     broadcast = host_broadcast(request)
-    broadcast.orchestrator.revoke_turn()
-    broadcast.host_changed_orchestration()
+    broadcast.audience.revoke_turn()
     return json_response(broadcast.orchestrator.state(host=True)["turn"])
 
 
@@ -95,6 +91,6 @@ async def mint_invites(request: web.Request) -> web.Response:
         raise invalid_request(f"'count' must be an integer from 1 to {INVITES_PER_REQUEST}.", field="count")
     watch = broadcast_links(broadcast, public_url(request))["watch_url"]
     invites = [{"participant_id": pid, "invite": code, "watch_url": f"{watch}&invite={code}"}
-               for pid, code in broadcast.mint_invites(count)]
+               for pid, code in broadcast.audience.mint_invites(count)]
     return json_response({"invites": invites, "invite_only": broadcast.orchestrator.settings.invite_only},
                          status=201)

@@ -90,10 +90,11 @@ class HlsPublisher:
         """The stream ended: publish its last (short) segment now rather than when the next starts."""
         self._finish_segment()
 
-    def write(self, packet: Any, keyframe: bool) -> None:
+    def write(self, packet: av.Packet, keyframe: bool) -> None:
         """A hub sink: takes each published packet; never blocks, never raises into the hub (which
-        feeds every spectator): anything wrong loses this segment, never the broadcast."""
-        if self.closed or not isinstance(packet, av.Packet) or packet.pts is None:
+        feeds every spectator): anything wrong loses this segment, never the broadcast. (The media
+        graph attaches it only where the hub carries packets, not the frames of per-spectator mode.)"""
+        if self.closed or packet.pts is None:
             return
         try:
             self._write(packet, int(packet.pts), keyframe)

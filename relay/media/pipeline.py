@@ -1,7 +1,7 @@
 """A stream's media pipeline: world-model frames -> shared encoder -> the broadcast's hub.
 
-One pipeline per stream, owned by the broadcast while that stream is live.  The encoder
-runs in the pipeline's own single thread so the event loop only moves packets.
+One pipeline per stream: the source of the broadcast's media graph (graph.py) while that stream
+is live. The encoder runs in the pipeline's own single thread so the event loop only moves packets.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class StreamPipeline:
         width: int,
         height: int,
         fps: int,
-        mode: str = "encode-once",
+        encode: bool = True,  # False only in the per-spectator comparison mode: frames go to the hub as they are
         bitrate_kbps: int = 2000,
         keyframe_interval_seconds: float = 2.0,
         preset: str = "veryfast",
@@ -67,7 +67,6 @@ class StreamPipeline:
     ) -> None:
         self._source = source
         self._hub = hub
-        self._mode = mode
         self._fps = fps
         self._clock = clock
         self._on_frame = on_frame
@@ -76,9 +75,9 @@ class StreamPipeline:
         self._encoder: H264Encoder | None = None
         self._executor: ThreadPoolExecutor | None = None
         # The optional lower layer: same frames, same pts, half size, its own keyframes.
-        self._low_hub = low_hub if mode != "per-spectator" else None
+        self._low_hub = low_hub
         self._low_encoder: H264Encoder | None = None
-        if mode != "per-spectator":
+        if encode:
             self._encoder = H264Encoder(width, height, fps, bitrate_kbps, keyframe_interval_seconds, preset=preset)
             if self._low_hub is not None:
                 low_w, low_h = low_layer_size(width, height)

@@ -7,8 +7,10 @@ once per stream; then, per spectator, only the 12-byte header (its SSRC, sequenc
 marker) is written, SRTP-protected and sent, in one synchronous loop over spectators.
 
 aiortc still owns everything else for each spectator: SDP, ICE, DTLS, the SRTP keys, and
-RTCP. We hook its sender so that NACKs are served from the shared packet history, PLI/FIR
-reach the shared encoder, and its sender reports carry our counters.
+RTCP. We hook its sender (through aiortc_hooks.py) so that NACKs are served from the shared
+packet history, PLI/FIR reach the shared encoder, and its sender reports carry our counters.
+An output sends through a link (aiortc_hooks.SenderLink for a real sender), so its bytes can be
+tested without sockets.
 
 With ``[media] low_layer`` the broadcast has a second RtpFanout for the half-size layer; each
 output then writes the abs-send-time extension (so the receiver estimates its bandwidth and
@@ -22,16 +24,16 @@ import logging
 import os
 import struct
 import time
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import av
 from aiortc.clock import current_ntp_time
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.codecs.h264 import H264Encoder as AiortcH264
-from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
 
+from .aiortc_hooks import SenderLink, observe_rtcp, observe_send_parameters, route_retransmissions
 from .layers import LayerPolicy
 
 log = logging.getLogger(__name__)
@@ -51,15 +53,25 @@ ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 RATE_WINDOW = 2.0  # seconds over which a layer's sending rate is measured (spans a keyframe)
 
 
-class RtpOutput:
-    """One spectator's sending state: SSRC, payload type, sequence continuity, SRTP session."""
+class Link(Protocol):
+    """Where an output's packets go: SenderLink for an aiortc sender, a recorder in unit tests."""
 
-    def __init__(self, fanout: "RtpFanout", sender: RTCRtpSender) -> None:
+    ssrc: int
+
+    def path(self) -> tuple[Callable[[bytes], bytes], Any, tuple[str, int]] | None:
+        """(protect, datagram transport, address) while the peer can receive, else None."""
+
+    def report(self, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> None:
+        """The clock and counters for the peer's next RTCP sender report."""
+
+
+class RtpOutput:
+    """One spectator's sending state: SSRC, payload type, sequence continuity, its link."""
+
+    def __init__(self, fanout: "RtpFanout", link: Link) -> None:
         self._fanout = fanout
-        self._sender = sender
-        self._dtls = sender.transport
-        self._ice = sender.transport.transport._connection
-        self.ssrc = sender._ssrc
+        self._link = link
+        self.ssrc = link.ssrc
         self.payload_type: int | None = None  # known once the answer is applied
         self._seq_offset = int.from_bytes(os.urandom(2), "big")
         self._ts_origin = int.from_bytes(os.urandom(4), "big")
@@ -115,13 +127,10 @@ class RtpOutput:
         target.request_keyframe()
 
     def _path(self):
-        """(srtp, udp transport, address) when this spectator can receive, else None."""
-        if self.payload_type is None or self._dtls._state != DtlsState.CONNECTED:
+        """(protect, datagram transport, address) when this spectator can receive, else None."""
+        if self.payload_type is None:
             return None
-        pair = self._ice._nominated.get(1)
-        if pair is None or pair.protocol.transport is None:
-            return None
-        return self._dtls._tx_srtp, pair.protocol.transport, pair.remote_addr
+        return self._link.path()
 
     def send_frame(self, first_index: int, payloads: list[bytes], timestamp: int, keyframe: bool, ntp: int) -> None:
         path = self._path()
@@ -131,7 +140,7 @@ class RtpOutput:
             self._was_ready = True  # DTLS just came up: start this spectator on a keyframe
             if not keyframe and not self._fanout.replay_to(self):
                 self._fanout.request_keyframe()
-        srtp, transport, addr = path
+        protect, transport, addr = path
         if self._waiting_for_keyframe:
             if not keyframe:
                 return
@@ -153,7 +162,6 @@ class RtpOutput:
         rtp_ts = (timestamp + self._ts_origin) & 0xFFFFFFFF
         seq = first_index + self._seq_offset
         last = len(payloads) - 1
-        protect = srtp.protect
         sendto = transport.sendto
         size = 0
         ast = self._abs_send_time_word
@@ -173,11 +181,7 @@ class RtpOutput:
         self.packets_sent += len(payloads)
         self.bytes_sent += size
         # aiortc's own RTCP loop sends the sender reports; give it our clock and counters.
-        sender = self._sender
-        sender._RTCRtpSender__ntp_timestamp = ntp
-        sender._RTCRtpSender__rtp_timestamp = rtp_ts
-        sender._RTCRtpSender__packet_count = self.packets_sent
-        sender._RTCRtpSender__octet_count = self.bytes_sent
+        self._link.report(ntp, rtp_ts, self.packets_sent, self.bytes_sent)
 
     async def retransmit(self, sequence_number: int) -> None:
         """A NACK: resend that packet from the shared history, if it is still there."""
@@ -190,11 +194,11 @@ class RtpOutput:
         entry = fanout.lookup((sequence_number - offset) & 0xFFFF)
         if path is None or entry is None or self.payload_type is None:
             return
-        srtp, transport, addr = path
+        protect, transport, addr = path
         marker, timestamp, payload = entry
         pt = self.payload_type | 0x80 if marker else self.payload_type
         header = _HEADER.pack(0x80, pt, sequence_number, (timestamp + self._ts_origin) & 0xFFFFFFFF, self.ssrc)
-        transport.sendto(srtp.protect(header + payload), addr)
+        transport.sendto(protect(header + payload), addr)
 
     def close(self) -> None:
         self.closed = True
@@ -228,7 +232,7 @@ class RtpFanout:
         self._rate_since = time.monotonic()
 
     def add(self, sender: RTCRtpSender) -> RtpOutput:
-        output = RtpOutput(self, sender)
+        output = RtpOutput(self, SenderLink(sender))
         self._outputs.add(output)
         return output
 
@@ -305,30 +309,24 @@ class RtpFanout:
 def hook_output(sender: RTCRtpSender, output: RtpOutput) -> None:
     """Route the sender's negotiated payload type and extensions, its NACKs and its receiver's
     bandwidth estimates (REMB) to our output."""
-    start = sender.send
 
-    async def send(parameters) -> None:
+    def configure(parameters) -> None:
         ast = [e.id for e in parameters.headerExtensions if e.uri == ABS_SEND_TIME_URI]
         output.configure(parameters.codecs[0].payloadType, ast[0] if ast else None)
-        await start(parameters)
 
-    sender.send = send  # type: ignore[method-assign]
-    sender._retransmit = output.retransmit  # type: ignore[method-assign]
-    handle = sender._handle_rtcp_packet
-
-    async def handle_rtcp(packet) -> None:
+    def read_remb(packet) -> None:
         # aiortc reads REMB only to retune its own encoder, which this path never uses.
         if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
             try:
                 bitrate, ssrcs = unpack_remb_fci(packet.fci)
             except ValueError:
-                pass
-            else:
-                if output.ssrc in ssrcs:
-                    output.update_estimate(bitrate)
-        await handle(packet)
+                return
+            if output.ssrc in ssrcs:
+                output.update_estimate(bitrate)
 
-    sender._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
+    observe_send_parameters(sender, configure)
+    route_retransmissions(sender, output.retransmit)
+    observe_rtcp(sender, read_remb)
 
 
 class IdleVideoTrack(MediaStreamTrack):

@@ -1,9 +1,9 @@
 """WebRTC plumbing for WHEP spectators: offer checks, the answer, trickled candidates.
 
 aiortc keeps SDP, ICE, DTLS and SRTP; what we add is the codec choice (H.264 constrained
-baseline, so the shared encoder's packets suit every spectator) and the hook that routes a
-spectator's keyframe requests (PLI/FIR) to the shared encoder, which aiortc would otherwise
-drop for a track that yields packets.
+baseline, so the shared encoder's packets suit every spectator), a spectator's keyframe
+requests (PLI/FIR) routed to the shared encoder, which aiortc would otherwise drop for a track
+that yields packets, and its signs of life. The aiortc internals this takes are in aiortc_hooks.py.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-import aioice.ice
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from ..errors import RelayError, invalid_request, unprocessable
+from .aiortc_hooks import observe_rtcp, observe_stun_requests, replace_host_address_lookup, route_keyframe_requests
 
 H264_PROFILE = "42e01f"
 
@@ -27,7 +27,7 @@ def restrict_ice_host_addresses(addresses: tuple[str, ...]) -> None:
 
     aioice gathers on every interface except loopback; a relay serving one machine (tests,
     a laptop demo) wants loopback, and a multi-homed server may want one public address.
-    aioice has no option for it, so we replace its address lookup process-wide.
+    aioice has no option for it, so its address lookup is replaced process-wide.
     """
     if not addresses:
         return
@@ -36,15 +36,14 @@ def restrict_ice_host_addresses(addresses: tuple[str, ...]) -> None:
     def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
         return [a for a in chosen if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
 
-    aioice.ice.get_host_addresses = host_addresses
-
-
-_CANDIDATE_LINE = re.compile(r"^a=candidate:", re.M)
+    replace_host_address_lookup(host_addresses)
 
 
 def count_candidates(sdp: str) -> int:
-    """ICE candidate lines in an offer or a trickle fragment, counted in one linear pass."""
-    return len(_CANDIDATE_LINE.findall(sdp))
+    """ICE candidate lines in an offer or a trickle fragment, counted in one linear pass, split as
+    aiortc's parser and add_trickled_candidates split them (str.splitlines: a bare \r, \x85 or
+    \u2028 ends a line too), so no separator can hide a candidate from the bound."""
+    return sum(1 for line in sdp.splitlines() if line.lstrip().startswith("a=candidate:"))
 
 
 def too_many_candidates(limit: int, count: int) -> RelayError:
@@ -146,28 +145,17 @@ def hook_sender(
     on_keyframe_request: Callable[[], None] | None,
     on_heard: Callable[[], None],
 ) -> None:
+    """What every spectator's sender needs, whatever sends its media: keyframe requests to the
+    shared encoder (encode-once modes only) and ``on_heard`` on each sign of life."""
     if on_keyframe_request is not None:
         # RTCRtpSender answers PLI/FIR by flagging its own encoder, which a packet track
         # never uses; send the request to the shared encoder instead.
-        sender._send_keyframe = on_keyframe_request  # type: ignore[method-assign]
+        route_keyframe_requests(sender, on_keyframe_request)
     # Signs of life from the spectator: RTCP receiver reports (about every second while media
     # flows) and ICE consent checks (about every 5 s, even between streams). A tab that closed
     # or lost its network sends neither; aiortc alone would notice only after ~30 s.
-    handle = sender._handle_rtcp_packet
-
-    async def handle_rtcp(packet) -> None:
-        on_heard()
-        await handle(packet)
-
-    sender._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
-    ice = sender.transport.transport._connection
-    stun_request = ice.request_received
-
-    def request_received(*args):
-        on_heard()
-        return stun_request(*args)
-
-    ice.request_received = request_received
+    observe_rtcp(sender, lambda _packet: on_heard())
+    observe_stun_requests(sender, on_heard)
 
 
 _ICE_UFRAG = re.compile(r"^a=ice-ufrag:(\S+)", re.M)

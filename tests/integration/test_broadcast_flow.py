@@ -73,10 +73,10 @@ async def test_spectator_leave_is_immediate(relay):
         async with Spectator(conn.broadcast["whep_url"], conn.broadcast["spectator_token"]) as viewer:
             await viewer.track.recv()
             assert len(broadcast.spectators) == 1
-            assert broadcast.fanout.outputs == 1  # the default path: packetized once, sent by the fan-out
+            assert broadcast.media.fanout.outputs == 1  # the default path: packetized once, sent by the fan-out
             assert broadcast.spectators[next(iter(broadcast.spectators))].output.packets_sent > 0
         assert len(broadcast.spectators) == 0
-        assert broadcast.hub.subscribers == 0 and broadcast.fanout.outputs == 0
+        assert broadcast.media.hub.subscribers == 0 and broadcast.media.fanout.outputs == 0
 
 
 @pytest.mark.parametrize("mode", ["encode-once", "encode-once-sender", "per-spectator"])

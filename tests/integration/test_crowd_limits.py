@@ -135,7 +135,7 @@ async def test_a_socket_that_keeps_flooding_is_closed_with_4029(live, http):
         while (msg := await flooder.ws.receive()).type not in (WSMsgType.CLOSE, WSMsgType.CLOSED):
             pass
     assert flooder.ws.close_code == 4029
-    await eventually(lambda: not relay.sessions.broadcast(conn.broadcast["broadcast_id"])._channels,
+    await eventually(lambda: not relay.sessions.broadcast(conn.broadcast["broadcast_id"]).audience._channels,
                      what="the flooder's identity gone")
 
 

@@ -43,12 +43,12 @@ async def test_a_weak_spectator_moves_to_the_low_layer_and_back_without_rejoinin
             first = await viewer.track.recv()
             assert (first.width, first.height) == (320, 176)
             output = next(iter(broadcast.spectators.values())).output
-            await eventually(lambda: broadcast.fanout.bitrate and broadcast.low_fanout.bitrate, 5,
+            await eventually(lambda: broadcast.media.fanout.bitrate and broadcast.media.low_fanout.bitrate, 5,
                              "both layers' measured rates")
             down = await frames_until(viewer, output, 1000, (160, 88), timeout=6)
-            assert output.layer == LOW and broadcast.low_fanout.outputs == 1 and broadcast.fanout.outputs == 0
+            assert output.layer == LOW and broadcast.media.low_fanout.outputs == 1 and broadcast.media.fanout.outputs == 0
             up = await frames_until(viewer, output, 50_000_000, (320, 176), timeout=9)
-            assert output.layer == MAIN and broadcast.fanout.outputs == 1
+            assert output.layer == MAIN and broadcast.media.fanout.outputs == 1
             assert viewer.pc is pc and len(broadcast.spectators) == 1  # the same peer connection
             # One clock across both layers: time only moves forward.
             pts = [f.pts for f in [first, *down, *up]]

@@ -457,7 +457,7 @@ async def test_the_owner_sees_video_in_the_other_media_modes(relay_factory, http
         await client.start_stream("a green forest")
         await asyncio.wait_for(client.track.recv(), 10)
         assert len(await frames_for(client.track, 0.6)) >= 8
-        assert relay.sessions.connection(client.session_id).broadcast.hub.subscribers == 1  # the owner's track
+        assert relay.sessions.connection(client.session_id).broadcast.media.hub.subscribers == 1  # the owner's track
     finally:
         await client.disconnect()
     await eventually(lambda: relay.sessions.connections == {})

@@ -139,7 +139,7 @@ async def test_one_recording_per_stream_whatever_the_audience(relay_factory, htt
         finally:
             for v in viewers:
                 await v.leave()
-        hub = relay.sessions.broadcast(b["broadcast_id"]).hub
+        hub = relay.sessions.broadcast(b["broadcast_id"]).media.hub
         while hub.published < 25:  # a second of video, watched or not
             await asyncio.sleep(0.05)
         await conn.end_stream()

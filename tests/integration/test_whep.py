@@ -87,7 +87,7 @@ async def test_whep_errors(live, http):
         assert r.status == 415
     assert vp8_only  # (kept simple: the stripped offer above is the real case)
     broadcast = relay.sessions.broadcast(b["broadcast_id"])
-    assert broadcast.spectators == {} and broadcast.hub.subscribers == 0  # nothing half-joined
+    assert broadcast.spectators == {} and broadcast.media.hub.subscribers == 0  # nothing half-joined
     await pc.close()
 
 
@@ -194,7 +194,7 @@ async def test_vanished_spectator_is_dropped(relay_factory, how):
         while broadcast.spectators and loop.time() - start < 10:
             await asyncio.sleep(0.1)
         assert not broadcast.spectators, "a vanished spectator was kept"
-        assert broadcast.hub.subscribers == 0
+        assert broadcast.media.hub.subscribers == 0
         assert loop.time() - start < 3 + 1.5
         await viewer.leave()
 
@@ -236,7 +236,7 @@ async def test_fifty_join_leave_cycles_leave_nothing_behind(live, http):
         if not server_pcs and len(asyncio.all_tasks()) <= tasks and threading.active_count() <= threads:
             break
         await asyncio.sleep(0.1)
-    assert broadcast.spectators == {} and broadcast.hub.subscribers == 0
+    assert broadcast.spectators == {} and broadcast.media.hub.subscribers == 0
     assert list(server_pcs) == []
     assert len(asyncio.all_tasks()) <= tasks, [t.get_name() for t in asyncio.all_tasks()]
     assert threading.active_count() <= threads

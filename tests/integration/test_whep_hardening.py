@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiortc import RTCPeerConnection
 
-from relay import broadcast as broadcast_module
+from relay import spectators as spectators_module
 from relay import metrics
 from relay.client import RelayClient, Spectator
 from tests.conftest import API_KEY, eventually, frames_for
@@ -150,6 +150,19 @@ async def test_trickled_candidates_share_the_offers_bound(relay_factory, http):
                               headers=headers) as r:
             error = await assert_error(r, 422)
             assert error["details"] == {"limit": 8, "candidates": 9}
+        # Lines ended by a bare CR or U+0085 are lines to the SDP parser too: they count.
+        for separator in ("\r", "\x85"):
+            frag = separator.join(f"a=candidate:{k} 1 udp 1 10.9.2.{k} 9 typ host" for k in range(5))
+            async with http.patch(location, data=frag.encode(), headers=headers) as r:
+                assert (await assert_error(r, 422))["details"]["candidates"] >= 8 + 5 - 2
+
+
+async def test_candidates_behind_odd_line_separators_still_count(relay_factory, http):
+    relay = await live_relay(relay_factory, whep_offer_max_candidates=8)
+    offer = with_candidates(await make_offer(), 20).replace("\r\n", "\r")  # a bare CR ends SDP lines too
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        async with await post(http, conn.broadcast, offer) as r:
+            assert (await assert_error(r, 422))["details"] == {"limit": 8, "candidates": 20}
 
 
 def _drop_lines(sdp: str, prefix: str) -> str:
@@ -178,7 +191,7 @@ async def test_unplayable_offer_is_422_and_takes_no_slot(relay_factory, http, ca
         async with await post(http, b, offer) as r:
             await assert_error(r, 422)
         broadcast = relay.sessions.broadcast(b["broadcast_id"])
-        assert broadcast.spectators == {} and broadcast._joins == {} and spectators_gauge() == gauge
+        assert broadcast.spectators == {} and broadcast.spectators._joins == {} and spectators_gauge() == gauge
 
 
 async def test_malformed_offer_message_names_the_fault(relay_factory, http):
@@ -195,7 +208,7 @@ async def test_join_racing_the_close_leaves_no_peer(relay_factory, http, monkeyp
     relay = await live_relay(relay_factory)
     reached, release = asyncio.Event(), asyncio.Event()
     server_pcs: weakref.WeakSet[RTCPeerConnection] = weakref.WeakSet()
-    answer = broadcast_module.answer_spectator
+    answer = spectators_module.answer_spectator
 
     async def gated(*args, **kwargs):
         # The gate holds the join at one of its awaits while the connection closes.
@@ -209,7 +222,7 @@ async def test_join_racing_the_close_leaves_no_peer(relay_factory, http, monkeyp
             await release.wait()
         return peer
 
-    monkeypatch.setattr(broadcast_module, "answer_spectator", gated)
+    monkeypatch.setattr(spectators_module, "answer_spectator", gated)
     gauge = spectators_gauge()
     offer = await make_offer()
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
@@ -225,7 +238,7 @@ async def test_join_racing_the_close_leaves_no_peer(relay_factory, http, monkeyp
             error = await assert_error(response, 404, "NOT_FOUND")
             assert "broadcast" in error["message"]
         await asyncio.wait_for(closing, 5)
-    assert broadcast.spectators == {} and broadcast._joins == {}
+    assert broadcast.spectators == {} and broadcast.spectators._joins == {}
     assert spectators_gauge() == gauge
 
     def no_pc_left() -> bool:

@@ -15,11 +15,18 @@ from relay.clock import FakeClock
 from relay.worldmodel.synthetic import SyntheticTrack
 
 
-def encoded_packets(n: int, keyframes_at: set[int] = frozenset()) -> list[av.Packet]:
-    encoder = H264Encoder(64, 48, 25, 300, keyframe_interval_seconds=2.0)
+def encoded_packets(
+    n: int, keyframes_at: set[int] = frozenset(), size: tuple[int, int] = (64, 48), noisy: bool = False,
+) -> list[av.Packet]:
+    """Real H.264 packets, one per frame at 25 fps; noisy frames span several RTP packets each."""
+    width, height = size
+    encoder = H264Encoder(width, height, 25, 2000 if noisy else 300, keyframe_interval_seconds=2.0)
+    noise = np.random.default_rng(13)
     packets = []
     for i in range(n):
-        frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), (i * 7) % 255, np.uint8), format="rgb24")
+        pixels = (noise.integers(0, 256, (height, width, 3), np.uint8) if noisy
+                  else np.full((height, width, 3), (i * 7) % 255, np.uint8))
+        frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
         frame.pts, frame.time_base = i * 3600, fractions.Fraction(1, 90000)
         packets += encoder.encode(frame, force_keyframe=i in keyframes_at)
     encoder.close()

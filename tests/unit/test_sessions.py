@@ -276,7 +276,7 @@ async def test_start_stream_goes_live(manager, baseline_threads):
         "height": HEIGHT,
     }]
     # the pipeline really runs: frames flow from the synthetic track through the encoder
-    assert await wait_until(lambda: conn.broadcast.hub.published > 0)
+    assert await wait_until(lambda: conn.broadcast.media.hub.published > 0)
     assert conn.broadcast.upstream_failed is None
     await manager.end_stream(stream)
     assert await wait_threads(baseline_threads) == baseline_threads
@@ -380,7 +380,7 @@ async def test_interact_updates_the_prompt(manager):
     conn = await manager.open_connection(KEY)
     stream = await manager.start_stream(conn, "hills")
     outbox = conn.listen()
-    channel = conn.broadcast.open_channel()
+    channel = conn.broadcast.audience.open_channel()
     acknowledged = await manager.interact(stream, "  stormy night  ")
     assert acknowledged == "stormy night"
     assert stream.last_applied_prompt == "stormy night"
@@ -406,7 +406,7 @@ async def test_interact_on_ended_stream_is_409(manager):
 async def test_end_stream_is_idempotent(manager, baseline_threads):
     conn = await manager.open_connection(KEY)
     outbox = conn.listen()
-    channel = conn.broadcast.open_channel()
+    channel = conn.broadcast.audience.open_channel()
     stream = await manager.start_stream(conn, "hills")
     drain(outbox), drain(channel.queue)
     await manager.end_stream(stream, "ended")
@@ -440,7 +440,7 @@ async def test_new_stream_after_ended_one_on_same_connection(manager):
     assert conn.streams_started == 2
     assert manager.stream(first.stream_id).status == "ended"
     assert types(drain(outbox)) == ["stream_started", "stream_ended", "stream_started"]
-    assert await wait_until(lambda: conn.broadcast.hub.published > 0)
+    assert await wait_until(lambda: conn.broadcast.media.hub.published > 0)
     assert live_track(conn).prompt == "ocean"
     assert (await manager.interact(second, "night")) == "night"
 
@@ -599,7 +599,7 @@ async def test_upstream_failure_ends_stream_with_upstream_error(manager, baselin
     outbox = conn.listen()
     stream = await manager.start_stream(conn, "hills")
     drain(outbox)
-    assert await wait_until(lambda: conn.broadcast.hub.published > 0)
+    assert await wait_until(lambda: conn.broadcast.media.hub.published > 0)
     live_track(conn).stop()  # the world model's track dies from under the pipeline
     assert await wait_until(lambda: conn.broadcast.upstream_failed is not None)
     assert stream.live  # only tick() acts on it
@@ -612,8 +612,8 @@ async def test_upstream_failure_ends_stream_with_upstream_error(manager, baselin
     # the same connection can start a new stream, which runs
     again = await manager.start_stream(conn, "ocean")
     assert again.live and conn.streams_started == 2
-    published = conn.broadcast.hub.published
-    assert await wait_until(lambda: conn.broadcast.hub.published > published)
+    published = conn.broadcast.media.hub.published
+    assert await wait_until(lambda: conn.broadcast.media.hub.published > published)
     await manager.tick()
     assert again.live and conn.broadcast.upstream_failed is None
 
@@ -753,7 +753,7 @@ async def test_manager_close_closes_everything(make_manager, baseline_threads):
     sa = await manager.start_stream(a, "hills")
     sb = await manager.start_stream(b, "ocean")
     drain(outbox_a)
-    assert await wait_until(lambda: a.broadcast.hub.published > 0 and b.broadcast.hub.published > 0)
+    assert await wait_until(lambda: a.broadcast.media.hub.published > 0 and b.broadcast.media.hub.published > 0)
     await manager.close()
     assert manager.closed
     assert all(conn.closed and conn.close_reason == "shutdown" for conn in (a, b, c))
@@ -785,7 +785,7 @@ async def test_start_racing_a_pending_end(manager, phase):
     manager.control_opened(conn)
     first = await manager.start_stream(conn, "hills")
     old_track = live_track(conn)
-    assert await wait_until(lambda: conn.broadcast.hub.published > 0)
+    assert await wait_until(lambda: conn.broadcast.media.hub.published > 0)
     ending = asyncio.create_task(manager.end_stream(first))
     await asyncio.sleep(0)  # end_stream now waits for the pipeline task to finish cancelling
     if phase == "old-track-stopped":

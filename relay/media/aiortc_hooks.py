@@ -1,0 +1,126 @@
+"""Every place the relay reaches into aiortc's and aioice's internals, and why aiortc needs it.
+
+aiortc is built for a peer that encodes and sends its own media. The relay encodes once and
+writes every spectator's RTP itself (rtp_fanout.py), learns that a spectator is alive from
+packets aiortc keeps to itself, and chooses which local addresses ICE offers. aiortc has no
+public API for any of that, so a few private attributes are read, replaced or wrapped: all of
+them here, one named function (or SenderLink) each, so that a new aiortc or aioice breaks this
+module only. tests/unit/test_aiortc_hooks.py checks every attribute named here on the pinned
+versions (pyproject.toml); move the pin only with that test green.
+
+What the relay does with each hook (route keyframe requests to the shared encoder, count a
+spectator as heard, map NACKs into the shared history) stays with the caller: webrtc.py and
+rtp_fanout.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+import aioice.ice
+from aiortc.rtcdtlstransport import State as DtlsState
+from aiortc.rtcrtpparameters import RTCRtpSendParameters
+from aiortc.rtcrtpsender import RTCRtpSender
+from aiortc.rtp import AnyRtcpPacket
+
+RTP_COMPONENT = 1  # aiortc bundles and muxes RTCP: one ICE component carries everything
+
+
+def replace_host_address_lookup(lookup: Callable[..., list[str]]) -> None:
+    """aioice gathers host candidates on the addresses ``get_host_addresses(use_ipv4=, use_ipv6=)``
+    returns (every interface but loopback) and has no option to choose them. Its Connection
+    looks the function up in its module at each gathering, so replacing it there applies to
+    every peer connection of this process."""
+    aioice.ice.get_host_addresses = lookup
+
+
+def route_keyframe_requests(sender: RTCRtpSender, on_request: Callable[[], None]) -> None:
+    """RTCRtpSender answers a PLI/FIR by calling its ``_send_keyframe()``, which flags its own
+    encoder; a sender fed ready-made packets has none, so the request would be lost."""
+    sender._send_keyframe = on_request  # type: ignore[method-assign]
+
+
+def observe_rtcp(sender: RTCRtpSender, observe: Callable[[AnyRtcpPacket], None]) -> None:
+    """Show every RTCP packet routed to this sender to ``observe`` before aiortc handles it.
+    aiortc raises no event for RTCP: its DTLS transport awaits ``_handle_rtcp_packet(packet)``
+    on the sender, which keeps receiver reports for its stats and reads REMB only to retune its
+    own encoder. Each call wraps once more: every observer sees every packet."""
+    handle = sender._handle_rtcp_packet
+
+    async def handle_rtcp(packet: AnyRtcpPacket) -> None:
+        observe(packet)
+        await handle(packet)
+
+    sender._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
+
+
+def observe_stun_requests(sender: RTCRtpSender, observe: Callable[[], None]) -> None:
+    """Call ``observe`` on every STUN request (ICE consent check) that reaches the ICE
+    connection under this sender. aiortc keeps aioice's Connection behind its ICE transport and
+    passes none of them on; aioice's StunProtocol calls ``request_received`` on it per request."""
+    ice = _ice_connection(sender)
+    received = ice.request_received
+
+    def request_received(*args: Any) -> None:
+        observe()
+        return received(*args)
+
+    ice.request_received = request_received  # type: ignore[method-assign]
+
+
+def observe_send_parameters(sender: RTCRtpSender, observe: Callable[[RTCRtpSendParameters], None]) -> None:
+    """Show the negotiated send parameters (payload type, header extension ids) to ``observe``
+    before the sender starts. aiortc applies them in ``send(parameters)`` and exposes them
+    nowhere else; whoever writes the RTP headers needs them."""
+    start = sender.send
+
+    async def send(parameters: RTCRtpSendParameters) -> None:
+        observe(parameters)
+        await start(parameters)
+
+    sender.send = send  # type: ignore[method-assign]
+
+
+def route_retransmissions(sender: RTCRtpSender, retransmit: Callable[[int], Awaitable[None]]) -> None:
+    """aiortc answers each NACKed sequence number with ``await _retransmit(seq)`` from the
+    history its own RTP loop fills; when another sender writes the packets, that history is empty."""
+    sender._retransmit = retransmit  # type: ignore[method-assign]
+
+
+class SenderLink:
+    """What a sender that bypasses RTCRtpSender's RTP loop needs of it: the SSRC aiortc chose
+    (and signalled in the SDP), a synchronous way to send (the sender's SRTP session and the
+    nominated ICE pair's socket; aiortc itself awaits three coroutines per datagram), and the
+    counters aiortc's RTCP loop puts into sender reports."""
+
+    __slots__ = ("_sender", "_dtls", "_ice", "ssrc")
+
+    def __init__(self, sender: RTCRtpSender) -> None:
+        self._sender = sender
+        self._dtls = sender.transport
+        self._ice = _ice_connection(sender)
+        self.ssrc: int = sender._ssrc  # random, public only through stats and the SDP
+
+    def path(self) -> tuple[Callable[[bytes], bytes], Any, tuple[str, int]] | None:
+        """(protect, datagram transport, remote address) once DTLS is connected and ICE has
+        nominated a pair with an open socket, else None."""
+        if self._dtls._state != DtlsState.CONNECTED:
+            return None
+        pair = self._ice._nominated.get(RTP_COMPONENT)
+        if pair is None or pair.protocol.transport is None:
+            return None
+        return self._dtls._tx_srtp.protect, pair.protocol.transport, pair.remote_addr
+
+    def report(self, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> None:
+        """aiortc's RTCP loop builds each sender report from counters its own RTP loop keeps
+        (name-mangled, so written by their mangled names); whoever sends instead must keep them."""
+        sender = self._sender
+        sender._RTCRtpSender__ntp_timestamp = ntp  # type: ignore[attr-defined]
+        sender._RTCRtpSender__rtp_timestamp = rtp_timestamp  # type: ignore[attr-defined]
+        sender._RTCRtpSender__packet_count = packets  # type: ignore[attr-defined]
+        sender._RTCRtpSender__octet_count = octets  # type: ignore[attr-defined]
+
+
+def _ice_connection(sender: RTCRtpSender) -> aioice.ice.Connection:
+    """The aioice Connection under the sender's DTLS and ICE transports (aiortc keeps it private)."""
+    return sender.transport.transport._connection

@@ -1,0 +1,193 @@
+"""A broadcast's media graph: one source at a time, any number of readers.
+
+Built once per broadcast for the configured ``[media] mode``, it outlives the streams that feed
+it, the way MediaMTX's stream outlives its publishers. A *source* attaches and detaches: today the
+world-model pipeline of the live stream (frames, encoded once); later a cluster edge feed or a WHIP
+publisher. *Readers* attach and detach: each WebRTC peer's :class:`MediaFeed`, the HLS publisher,
+and the recorder of the live stream. Following a frame from the world model to a spectator:
+
+    source track -> StreamPipeline (pipeline.py: encode once) -> FanoutHub (hub.py: one clock)
+        hub -> RtpFanout (rtp_fanout.py: packetize once) -> each feed's RtpOutput -> its spectator
+        hub -> HlsPublisher (hls.py)      hub -> StreamRecorder (recorder.py, the live stream's)
+        pipeline -> low hub -> low RtpFanout ([media] low_layer: half size; layers.py picks per feed)
+
+The comparison modes that bench/fanout.py measures are chosen here and nowhere else (MODES): the rest
+of the relay reads as the default path, with packets encoded once and packetized once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Callable
+
+from aiortc import RTCRtpSender
+from aiortc.mediastreams import MediaStreamTrack
+
+from .. import metrics
+from ..clock import SYSTEM_CLOCK, Clock
+from ..config import Settings
+from .hls import HlsPublisher
+from .hub import FanoutHub
+from .pipeline import StreamPipeline
+from .recorder import StreamRecorder
+from .rtp_fanout import IdleVideoTrack, RtpFanout, RtpOutput, hook_output
+from .webrtc import hook_sender
+
+
+@dataclass(frozen=True)
+class MediaMode:
+    """What a ``[media] mode`` changes in the graph (the other modes exist for the benchmark)."""
+
+    # Encode once per stream. Without (per-spectator): the hub carries decoded frames, every peer's
+    # RTCRtpSender encodes its own copy, and there are no packets for HLS or the recorder to read.
+    encode: bool
+    # Packetize once (RtpFanout) and only write headers per peer. Without: every peer's RTCRtpSender
+    # packetizes a track from the hub (aiortc's usual path).
+    fanout: bool
+
+
+MODES = {
+    "encode-once": MediaMode(encode=True, fanout=True),
+    "encode-once-sender": MediaMode(encode=True, fanout=False),
+    "per-spectator": MediaMode(encode=False, fanout=False),
+}
+# A sender that encodes for itself wants the newest frame, not a backlog of them.
+FRAME_QUEUE = 2
+
+# (stream_id, *, width, height, fps) -> the recorder of that stream
+RecorderFactory = Callable[..., StreamRecorder]
+
+
+@dataclass(eq=False)
+class MediaFeed:
+    """One peer's share of the media (a spectator's, or the hosted-API owner peer's): the track its
+    transceiver holds and the hooks that make its RTCRtpSender part of the graph."""
+
+    track: MediaStreamTrack
+    keyframes: Callable[[], None] | None  # where the peer's PLI/FIR go; None: its sender encodes itself
+    fanout: RtpFanout | None  # sends for this peer; None: its sender packetizes the track
+    output: RtpOutput | None = None
+
+    def attach(self, sender: RTCRtpSender, on_heard: Callable[[], None] | None = None) -> None:
+        """Hook the sender before its description is applied: keyframes, liveness, the fan-out."""
+        hook_sender(sender, self.keyframes, on_heard or (lambda: None))
+        if self.fanout is not None:
+            self.output = self.fanout.add(sender)
+            hook_output(sender, self.output)
+
+    def close(self) -> None:
+        if self.output is not None:
+            self.output.close()
+        self.track.stop()
+
+
+class MediaGraph:
+    def __init__(self, settings: Settings, clock: Clock = SYSTEM_CLOCK,
+                 recorder: RecorderFactory | None = None) -> None:
+        media = settings.media
+        self._settings = settings
+        self._clock = clock
+        self.mode = MODES[media.mode]
+        self.hub = FanoutHub(max_queue=media.spectator_queue_packets if self.mode.encode else FRAME_QUEUE)
+        self.fanout: RtpFanout | None = None
+        # The optional lower layer (half size): its own hub, on the main hub's clock, and its own
+        # packetizer; feeds' outputs move between the two by their bandwidth estimates.
+        self.low_hub: FanoutHub | None = None
+        self.low_fanout: RtpFanout | None = None
+        if self.mode.fanout:
+            if media.low_layer:
+                self.low_hub = FanoutHub(clock_of=self.hub)
+                self.low_fanout = RtpFanout(self.low_hub.request_keyframe, on_sent=metrics.count_sent)
+                self.low_hub.add_sink(self.low_fanout.publish)
+            self.fanout = RtpFanout(self.hub.request_keyframe, on_sent=metrics.count_sent, lower=self.low_fanout)
+            self.hub.add_sink(self.fanout.publish)
+        # Live HLS: one more reader of the hub's packets, for players and CDNs (nothing per viewer).
+        self.hls: HlsPublisher | None = None
+        if media.hls and self.mode.encode:
+            self.hls = HlsPublisher(target_seconds=media.keyframe_interval_seconds,
+                                    window=media.hls_window_segments, fps=settings.world_model.fps,
+                                    on_segment=metrics.HLS_SEGMENTS.inc)
+            self.hub.add_sink(self.hls.write)
+        # Recording is one more reader of the stream's packets, never a second encode.
+        self._new_recorder = recorder if self.mode.encode else None
+        self.recorder: StreamRecorder | None = None  # the live stream's
+        self._finishing: set[StreamRecorder] = set()
+        self._pipeline: StreamPipeline | None = None
+
+    # -- the source ----------------------------------------------------------------------
+
+    @property
+    def live(self) -> bool:
+        return self._pipeline is not None
+
+    @property
+    def source_failed(self) -> BaseException | None:
+        return self._pipeline.failed if self._pipeline is not None else None
+
+    def attach_source(self, stream_id: str, track: MediaStreamTrack, width: int, height: int, fps: int) -> None:
+        """A stream's world-model track feeds the graph from now on (through its own pipeline)."""
+        media = self._settings.media
+        self._pipeline = StreamPipeline(
+            track,
+            self.hub,
+            width=width,
+            height=height,
+            fps=fps,
+            encode=self.mode.encode,
+            bitrate_kbps=media.bitrate_kbps,
+            keyframe_interval_seconds=media.keyframe_interval_seconds,
+            preset=media.preset,
+            on_frame=metrics.FRAMES_GENERATED.inc,
+            on_keyframe_forced=metrics.KEYFRAMES_FORCED.inc,
+            on_latency=metrics.RELAY_LATENCY.observe,
+            clock=self._clock.monotonic,
+            low_hub=self.low_hub,
+            low_bitrate_kbps=media.low_layer_bitrate_kbps,
+        )
+        if self._new_recorder is not None:
+            self.recorder = self._new_recorder(stream_id, width=width, height=height, fps=fps)
+            self.hub.add_sink(self.recorder.write)
+        if self.hls is not None:
+            self.hls.new_stream(width, height, fps)
+        self._pipeline.start()
+
+    async def detach_source(self, reason: str) -> bool:
+        """Stop the live source (False if none was attached); its recording finishes on its own thread."""
+        pipeline, self._pipeline = self._pipeline, None
+        if pipeline is None:
+            return False
+        await pipeline.close()
+        if self.hls is not None:
+            self.hls.end_stream()
+        recorder, self.recorder = self.recorder, None
+        if recorder is not None:
+            self.hub.remove_sink(recorder.write)
+            recorder.stop(reason)  # trailer, thumbnail, preview: on its own thread
+            self._finishing.add(recorder)
+            recorder.done.add_done_callback(lambda _: self._finishing.discard(recorder))
+        return True
+
+    def record_event(self, event: dict) -> None:
+        """Into the live stream's recording (its events log), if it is being recorded."""
+        if self.recorder is not None:
+            self.recorder.log_event(event)
+
+    # -- readers -------------------------------------------------------------------------
+
+    def feed(self) -> MediaFeed:
+        """A new peer's share: on the default path an idle track on its transceiver (the fan-out
+        sends for it); in the comparison modes a track from the hub that its sender reads."""
+        if self.fanout is not None:
+            return MediaFeed(IdleVideoTrack(), self.hub.request_keyframe, self.fanout)
+        return MediaFeed(self.hub.subscribe(), self.hub.request_keyframe if self.mode.encode else None, None)
+
+    async def close(self) -> None:
+        """After the source is detached and the feeds closed. A recording finishes even when its
+        broadcast goes: this waits for its files."""
+        self.hub.close()
+        if self.hls is not None:
+            self.hls.close()
+        if self.low_hub is not None:
+            self.low_hub.close()
+        await asyncio.gather(*(r.aclose() for r in list(self._finishing)), return_exceptions=True)

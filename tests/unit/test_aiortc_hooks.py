@@ -1,0 +1,176 @@
+"""Every aiortc/aioice internal that relay/media/aiortc_hooks.py touches, checked on the installed
+(pinned) versions: that it exists with the shape the hook relies on, and that aiortc still reaches
+it the way the hook assumes (a replaced attribute nobody calls any more would fail silently).
+A version bump that moves one fails here, by name, not as a frozen spectator in production."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import aioice.ice
+import pylibsrtp
+import pytest
+from aioice import stun
+from aiortc import RTCPeerConnection
+from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcrtpparameters import (RTCRtcpParameters, RTCRtpCodecParameters, RTCRtpHeaderExtensionParameters,
+                                     RTCRtpSendParameters)
+from aiortc.rtcdtlstransport import State as DtlsState
+from aiortc.rtcrtpsender import RTCRtpSender
+from aiortc.rtp import (RTCP_PSFB_PLI, RTCP_RTPFB_NACK, RtcpPsfbPacket, RtcpReceiverInfo, RtcpRrPacket,
+                        RtcpRtpfbPacket)
+
+from relay.media import aiortc_hooks
+from relay.media.rtp_fanout import ABS_SEND_TIME_URI, IdleVideoTrack
+from relay.media.webrtc import hook_sender, restrict_ice_host_addresses
+
+
+def parameters(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def names_used(function) -> set[str]:
+    """Global and attribute names a function's own code looks up at call time."""
+    return set(function.__code__.co_names)
+
+
+@pytest.fixture
+async def sender():
+    """A real RTCRtpSender with its DTLS and ICE transports, never negotiated (no network)."""
+    pc = RTCPeerConnection()
+    transceiver = pc.addTransceiver(IdleVideoTrack(), direction="sendonly")
+    yield transceiver.sender
+    await pc.close()
+
+
+# ----------------------------------------------------------------- each patched attribute
+
+
+def test_aioice_host_address_lookup_is_a_module_function_looked_up_at_each_gathering():
+    assert callable(aioice.ice.get_host_addresses)
+    assert parameters(aioice.ice.get_host_addresses) == ["use_ipv4", "use_ipv6"]  # called by keyword
+    assert "get_host_addresses" in names_used(aioice.ice.Connection.gather_candidates)
+
+
+def test_sender_keyframe_request_takes_no_argument_and_pli_reaches_it():
+    assert parameters(RTCRtpSender._send_keyframe) == ["self"]
+    assert "_send_keyframe" in names_used(RTCRtpSender._handle_rtcp_packet)
+
+
+def test_sender_rtcp_handler_is_a_coroutine_of_one_packet_awaited_by_the_dtls_transport():
+    assert inspect.iscoroutinefunction(RTCRtpSender._handle_rtcp_packet)
+    assert parameters(RTCRtpSender._handle_rtcp_packet) == ["self", "packet"]
+    assert "_handle_rtcp_packet" in names_used(RTCDtlsTransport._handle_rtcp_data)
+
+
+def test_sender_retransmit_is_a_coroutine_of_one_sequence_number_called_per_nack():
+    assert inspect.iscoroutinefunction(RTCRtpSender._retransmit)
+    assert parameters(RTCRtpSender._retransmit) == ["self", "sequence_number"]
+    assert "_retransmit" in names_used(RTCRtpSender._handle_rtcp_packet)
+
+
+def test_sender_send_is_a_coroutine_of_the_parameters():
+    assert inspect.iscoroutinefunction(RTCRtpSender.send)
+    assert parameters(RTCRtpSender.send) == ["self", "parameters"]
+
+
+def test_ice_connection_request_received_is_what_the_stun_protocol_calls():
+    assert parameters(aioice.ice.Connection.request_received) == ["self", "message", "addr", "protocol"]
+    assert "request_received" in names_used(aioice.ice.StunProtocol.datagram_received)
+
+
+REPORT_COUNTERS = ["_RTCRtpSender__ntp_timestamp", "_RTCRtpSender__rtp_timestamp",
+                   "_RTCRtpSender__packet_count", "_RTCRtpSender__octet_count"]
+
+
+async def test_sender_ssrc_and_report_counters_exist_and_feed_its_sender_reports(sender):
+    assert isinstance(sender._ssrc, int)
+    for counter in REPORT_COUNTERS:
+        assert isinstance(getattr(sender, counter), int), counter
+        assert counter in names_used(RTCRtpSender._run_rtcp), counter
+
+
+async def test_dtls_state_srtp_session_and_ice_connection_under_a_sender(sender):
+    dtls = sender.transport
+    assert dtls._state == DtlsState.NEW and DtlsState.CONNECTED.name == "CONNECTED"
+    assert dtls._tx_srtp is None  # a pylibsrtp Session once DTLS completes
+    assert "_tx_srtp" in names_used(RTCDtlsTransport._setup_srtp) and callable(pylibsrtp.Session.protect)
+    ice = sender.transport.transport._connection
+    assert isinstance(ice, aioice.ice.Connection)
+    assert ice._nominated == {} and "_nominated" in names_used(aioice.ice.Connection.sendto)
+
+
+def test_a_nominated_pair_has_its_protocol_and_remote_address():
+    candidate = aioice.Candidate("1", 1, "udp", 1, "192.0.2.1", 5000, "host")
+    pair = aioice.ice.CandidatePair(protocol=object(), remote_candidate=candidate)
+    assert pair.protocol is not None and pair.remote_addr == ("192.0.2.1", 5000)
+    assert "transport" in aioice.ice.StunProtocol.__annotations__  # set by connection_made
+
+
+# ----------------------------------------------------------------- each hook, on a real sender
+
+
+async def test_keyframe_requests_and_rtcp_reach_the_hooks_and_aiortc_still_handles_them(sender):
+    keyframes, heard = [], []
+    hook_sender(sender, lambda: keyframes.append(1), lambda: heard.append(1))
+    await sender._handle_rtcp_packet(RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=1, media_ssrc=sender._ssrc))
+    assert keyframes == [1] and heard == [1]
+    report = RtcpReceiverInfo(ssrc=sender._ssrc, fraction_lost=0, packets_lost=0, highest_sequence=1,
+                              jitter=0, lsr=0, dlsr=0)
+    await sender._handle_rtcp_packet(RtcpRrPacket(ssrc=1, reports=[report]))  # aiortc files it in its stats
+    assert heard == [1, 1] and keyframes == [1]
+
+
+async def test_retransmissions_and_send_parameters_are_routed(sender):
+    nacked, seen = [], []
+
+    async def retransmit(seq: int) -> None:
+        nacked.append(seq)
+
+    aiortc_hooks.route_retransmissions(sender, retransmit)
+    await sender._handle_rtcp_packet(RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=1, media_ssrc=sender._ssrc,
+                                                      lost=[7, 9]))
+    assert nacked == [7, 9]
+    aiortc_hooks.observe_send_parameters(sender, seen.append)
+    sent = RTCRtpSendParameters(
+        codecs=[RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=102)],
+        headerExtensions=[RTCRtpHeaderExtensionParameters(id=3, uri=ABS_SEND_TIME_URI)],
+        muxId="0", rtcp=RTCRtcpParameters(cname="relay"))
+    await sender.send(sent)  # aiortc starts its RTP and RTCP loops; the fixture's close stops them
+    assert seen == [sent]
+
+
+async def test_stun_requests_reach_the_hook_and_aioice_still_answers(sender):
+    heard, sent = [], []
+
+    class Transport(asyncio.DatagramTransport):
+        def sendto(self, data, addr=None):
+            sent.append((data, addr))
+
+    aiortc_hooks.observe_stun_requests(sender, lambda: heard.append(1))
+    protocol = aioice.ice.StunProtocol(sender.transport.transport._connection)
+    protocol.connection_made(Transport())
+    request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+    protocol.datagram_received(bytes(request), ("192.0.2.1", 5000))  # unauthenticated: aioice refuses
+    assert heard == [1]
+    (answer, addr), = sent
+    assert stun.parse_message(answer).attributes["ERROR-CODE"][0] == 400 and addr == ("192.0.2.1", 5000)
+
+
+async def test_host_address_lookup_is_replaced_for_the_whole_process(monkeypatch):
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", aioice.ice.get_host_addresses)  # restored after
+    restrict_ice_host_addresses(("127.0.0.1", "::1"))
+    assert aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=False) == ["127.0.0.1"]
+    assert aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True) == ["127.0.0.1", "::1"]
+    connection = aioice.Connection(ice_controlling=True)
+    await connection.gather_candidates()
+    assert {c.host for c in connection.local_candidates} == {"127.0.0.1", "::1"}
+    await connection.close()
+
+
+async def test_a_sender_link_is_not_ready_before_dtls_and_keeps_the_report_counters(sender):
+    link = aiortc_hooks.SenderLink(sender)
+    assert link.ssrc == sender._ssrc and link.path() is None
+    link.report(ntp=1 << 40, rtp_timestamp=90000, packets=3, octets=3000)
+    assert [getattr(sender, c) for c in REPORT_COUNTERS] == [1 << 40, 90000, 3, 3000]
