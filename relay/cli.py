@@ -13,7 +13,15 @@ import sys
 from aiohttp import web
 
 from . import __version__
+from .api.app import Runner, create_app
 from .config import ConfigError, Settings, load_config
+from .demo import DemoHost
+from .web import SESSIONS
+
+try:  # optional: a faster event loop where it is installed
+    import uvloop
+except ImportError:
+    uvloop = None
 
 class StartupError(Exception):
     """serve cannot start (the port is taken, ...): one line for the operator, no traceback."""
@@ -75,16 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _uvloop_run():
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run
-    return uvloop.run
+    return asyncio.run if uvloop is None else uvloop.run
 
 
 async def serve_forever(settings: Settings, generated_key: str | None, demo: bool) -> None:
-    from .api.app import Runner, create_app
-
     app = create_app(settings)
     # The app's shutdown hook closes every socket first; what aiohttp then still waits on (a request
     # in flight) gets a fifth of the budget.
@@ -114,9 +116,6 @@ async def serve_forever(settings: Settings, generated_key: str | None, demo: boo
             pass
     demo_task = None
     if demo:
-        from .api.common import SESSIONS
-        from .demo import DemoHost
-
         demo_host = DemoHost(app[SESSIONS], settings.auth.api_keys[0])
         watch_path = await demo_host.open()
         print(f"  demo watch URL: {base}{watch_path}", flush=True)

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 
+from .host import broadcast_links
 from .sessions import Connection, SessionManager
 
 log = logging.getLogger(__name__)
@@ -35,16 +36,12 @@ class DemoHost:
         conn = await self._sessions.open_connection(self._api_key)
         self._sessions.control_opened(conn)  # the demo is always "there": never idle-reaped
         self._conn = conn
-        b = conn.broadcast
-        return f"/watch/{b.broadcast_id}?token={b.spectator_token}"
+        return broadcast_links(conn.broadcast, "")["watch_url"]  # under no base: the path
 
     @property
     def hls_path(self) -> str | None:
         """The demo broadcast's live HLS playlist path (with its token), if HLS is on."""
-        b = self._conn.broadcast if self._conn is not None else None
-        if b is None or b.hls is None:
-            return None
-        return f"/v1/broadcasts/{b.broadcast_id}/hls/index.m3u8?token={b.spectator_token}"
+        return None if self._conn is None else broadcast_links(self._conn.broadcast, "")["hls_url"]
 
     async def run(self) -> None:
         """Stream for as long as the server runs; a connection that reaches connection_max_seconds

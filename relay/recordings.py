@@ -58,6 +58,9 @@ FILES: dict[str, str] = {
     THUMBNAIL_FILE: "image/jpeg",
     PREVIEW_FILE: "video/mp4",
 }
+# The recording object's link to each of them (docs/api.md).
+LINKED_FILES = {"video_url": VIDEO_FILE, "events_url": EVENTS_FILE, "thumbnail_url": THUMBNAIL_FILE,
+                "preview_url": PREVIEW_FILE}
 
 # Stream ids are uuid4().hex; accept any plain token of that kind, never a dot or a slash.
 STREAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -257,6 +260,29 @@ class RecordingStore:
             "ended_at": iso(meta.get("ended_at")),
             "duration_seconds": meta.get("duration_seconds"),
         }
+
+    def body(self, meta: dict[str, Any], base_url: str, expires_at: int | None = None) -> dict[str, Any]:
+        """The recording object of docs/api.md, its links signed under ``base_url``: fresh ones (an hour)
+        for the owner's authenticated calls, or ones expiring at ``expires_at``, the expiry of the link
+        that asked (a link never renews itself)."""
+        stream_id = meta["stream_id"]
+
+        def signed(path: str) -> str:
+            signed_path = self.signed_url(path) if expires_at is None else self.signed_until(path, expires_at)
+            return base_url + signed_path
+
+        body: dict[str, Any] = {"stream_id": stream_id}
+        for field, name in LINKED_FILES.items():
+            body[field] = signed(f"/v1/recordings/{stream_id}/{name}")
+        body.update({
+            "frame_count": meta.get("frame_count"),
+            "duration_seconds": meta.get("duration_seconds"),
+            "status": meta.get("status"),
+            "error": meta.get("error"),
+            "replay_url": signed(f"/recordings/{stream_id}"),
+            **RecordingStore.summary(meta),
+        })
+        return body
 
     def _load(self, stream_id: str) -> dict[str, Any] | None:
         path = self.root / stream_id / METADATA_FILE

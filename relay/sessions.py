@@ -1,7 +1,12 @@
 """Connections and streams: the host side's state machines, the streamer pool and the limits.
 
-    Connection:  connected --start--> streaming --end--> connected ... --close--> closed
+    Connection:  connected --start--> starting --(upstream ready)--> streaming --end--> ending --> connected
+                            starting --(upstream refused)--> connected
+                 any state --close--> closed        (a start or end under way then finishes into closed)
     Stream:      live --end(reason)--> ended     (reason: ended | duration_limit | upstream_error | disconnected)
+
+The API's ``status`` is the connection's state seen from outside: ``streaming``, ``closed``, or
+``connected`` (which includes starting and ending: the host's stream is not live in either).
 
 A connection reserves a streamer from a fixed pool when it opens and gives it back when it
 closes: on DELETE, after ``idle_timeout_seconds`` without a sign of life from the host (no
@@ -13,6 +18,7 @@ call after moving a fake clock, so no timer lives outside this module.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import secrets
 import uuid
@@ -35,6 +41,19 @@ log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2000
 ENDED_STREAMS_KEPT = 1000  # GET /v1/streams/{id} keeps answering for recent streams
+
+
+class ConnectionState(enum.Enum):
+    CONNECTED = "connected"
+    STARTING = "starting"  # the upstream is starting a stream: no second start; counts toward the key's limit
+    STREAMING = "streaming"
+    ENDING = "ending"  # until the upstream has really stopped, no new start (409)
+    CLOSED = "closed"
+
+    @property
+    def status(self) -> str:
+        """The API's value (docs/api.md): starting and ending are ``connected`` from outside."""
+        return self.value if self in (ConnectionState.STREAMING, ConnectionState.CLOSED) else "connected"
 
 
 @dataclass(eq=False)
@@ -87,25 +106,44 @@ class Connection:
     deadline: float  # monotonic: connection_max_seconds
     client_token_deadline: float  # monotonic, of the newest
     last_seen: float  # monotonic
-    status: str = "connected"
     stream: Stream | None = None
     streams_started: int = 0
     control_sockets: int = 0
     close_reason: str | None = None
-    # "starting" or "ending" while a stream changes state across awaits: a second start must
-    # neither race it nor slip into the gap (and a start counts toward the key's limit).
-    pending: str | None = None
     # token -> monotonic deadline. A host page asks for a fresh token over its control socket
     # while the old one still works, so an hour-long connection never locks its host out.
     client_tokens: dict[str, float] = field(default_factory=dict)
     # The host's prompts, however they arrive (REST, control socket, /odyssey): one bucket per connection.
     interacts: TokenBucket | None = None
     _listeners: set[asyncio.Queue] = field(default_factory=set)
-    _closing: asyncio.Task | None = None
+    _state: ConnectionState = ConnectionState.CONNECTED
+    _closed: asyncio.Task | None = None  # the close work, which every caller of close_connection awaits
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._state
+
+    def set_state(self, state: ConnectionState) -> None:
+        """The one way the state changes (SessionManager's alone), each change logged as aiortc's transports do."""
+        if state is not self._state:
+            log.debug("connection %s -> %s", self._state.value, state.value,
+                      extra={"connection_id": self.connection_id})
+            self._state = state
+
+    @property
+    def status(self) -> str:
+        return self._state.status
 
     @property
     def closed(self) -> bool:
-        return self.status == "closed"
+        return self._state is ConnectionState.CLOSED
+
+    @property
+    def live_stream(self) -> Stream:
+        """The stream, if one is live: what a host command acts on; 409 NO_ACTIVE_STREAM otherwise."""
+        if self.stream is None or not self.stream.live:
+            raise no_active_stream(None)
+        return self.stream
 
     def listen(self) -> asyncio.Queue:
         """An outbox for one control socket: every event for the host lands here."""
@@ -232,7 +270,8 @@ class SessionManager:
         """Live streams plus starts in flight: what concurrent_streams limits."""
         return sum(
             1 for c in self.connections.values()
-            if c.api_key == api_key and (c.pending == "starting" or (c.stream is not None and c.stream.live))
+            if c.api_key == api_key
+            and (c.state is ConnectionState.STARTING or (c.stream is not None and c.stream.live))
         )
 
     # -- connections ---------------------------------------------------------------------
@@ -299,14 +338,14 @@ class SessionManager:
     async def close_connection(self, conn: Connection, reason: str = "disconnected") -> None:
         """Close once, completely: the work runs in its own task, so a caller that is cancelled
         halfway (a handler whose client went away) cannot leave a streamer reserved."""
-        if conn._closing is None:
-            conn._closing = asyncio.get_running_loop().create_task(
+        if conn._closed is None:
+            conn.set_state(ConnectionState.CLOSED)  # at once: no start may slip in before the task runs
+            conn.close_reason = reason
+            conn._closed = asyncio.get_running_loop().create_task(
                 self._close_connection(conn, reason), name="relay-close-connection")
-        await asyncio.shield(conn._closing)
+        await asyncio.shield(conn._closed)
 
     async def _close_connection(self, conn: Connection, reason: str) -> None:
-        conn.status = "closed"
-        conn.close_reason = reason
         if conn.stream is not None and conn.stream.live:
             await self.end_stream(conn.stream, "disconnected")
         await conn.broadcast.close()
@@ -331,7 +370,7 @@ class SessionManager:
         prompt = check_prompt(prompt)
         if conn.closed:
             raise not_found("connection", conn.connection_id)
-        if conn.pending is not None or (conn.stream is not None and conn.stream.live):
+        if conn.state is not ConnectionState.CONNECTED:
             raise RelayError(
                 "STREAM_ALREADY_ACTIVE",
                 409,
@@ -340,18 +379,13 @@ class SessionManager:
                 details={"stream_id": conn.stream.stream_id if conn.stream else None},
             )
         self.check_stream_quota(conn.api_key)
-        conn.pending = "starting"  # reserves this key's slot across the await below
+        conn.set_state(ConnectionState.STARTING)  # reserves this key's slot across the await below
         try:
-            track = await conn.streamer.start_stream(prompt, image=image, portrait=portrait)
-        except RelayError:
+            track = await _upstream_start(conn, prompt, image, portrait)
+        except BaseException:  # refused, or cancelled: unless closed meanwhile, back to where it was
+            if conn.state is ConnectionState.STARTING:
+                conn.set_state(ConnectionState.CONNECTED)
             raise
-        except Exception as exc:
-            log.exception("world model refused to start", extra={"connection_id": conn.connection_id})
-            raise RelayError(
-                "UPSTREAM_ERROR", 502, f"The world model could not start a stream: {exc}", action="Retry."
-            ) from exc
-        finally:
-            conn.pending = None
         if conn.closed:  # disconnected while the upstream was starting: nothing may outlive it
             track.stop()
             await conn.streamer.end_stream()
@@ -372,7 +406,7 @@ class SessionManager:
             last_applied_prompt=prompt,
         )
         conn.stream = stream
-        conn.status = "streaming"
+        conn.set_state(ConnectionState.STREAMING)
         conn.streams_started += 1
         self._remember(stream)
         conn.broadcast.attach_stream(stream.stream_id, prompt, track, width, height, wm.fps)
@@ -399,7 +433,7 @@ class SessionManager:
                 raise rate_limited(wait, "Too many prompts from this host")
         prompt = check_prompt(prompt)
         if not stream.live:
-            raise no_active_stream(stream.stream_id)
+            raise no_active_stream(stream)
         try:
             acknowledged = await stream.connection.streamer.interact(prompt)
         except RelayError:
@@ -432,15 +466,15 @@ class SessionManager:
         stream.end_reason = reason
         stream.peak_spectators = conn.broadcast.peak_spectators
         if not conn.closed:
-            conn.status = "connected"
-        conn.pending = "ending"  # until the upstream has really stopped, no new start (409)
+            conn.set_state(ConnectionState.ENDING)
         try:
             await conn.broadcast.detach_stream(reason)
             await conn.streamer.end_stream()
         except Exception:
             log.exception("world model end_stream failed", extra={"stream_id": stream.stream_id})
         finally:
-            conn.pending = None
+            if conn.state is ConnectionState.ENDING:  # not closed meanwhile
+                conn.set_state(ConnectionState.CONNECTED)
         metrics.STREAMS.dec()
         conn.publish({"type": "stream_ended", "stream_id": stream.stream_id, "reason": reason})
         log.info("stream ended", extra={"stream_id": stream.stream_id, "reason": reason})
@@ -486,6 +520,19 @@ class SessionManager:
         await asyncio.gather(*(self.close_connection(c, "shutdown") for c in list(self.connections.values())))
 
 
+async def _upstream_start(conn: Connection, prompt: str, image: bytes | None, portrait: bool):
+    """The world model's track for a new stream; any failure but the relay's own errors is UPSTREAM_ERROR."""
+    try:
+        return await conn.streamer.start_stream(prompt, image=image, portrait=portrait)
+    except RelayError:
+        raise
+    except Exception as exc:
+        log.exception("world model refused to start", extra={"connection_id": conn.connection_id})
+        raise RelayError(
+            "UPSTREAM_ERROR", 502, f"The world model could not start a stream: {exc}", action="Retry."
+        ) from exc
+
+
 def check_prompt(prompt: Any) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise unprocessable("'prompt' must be a non-empty string.", field="prompt")
@@ -496,8 +543,12 @@ def check_prompt(prompt: Any) -> str:
     return check_text(prompt, "prompt").strip()
 
 
-def no_active_stream(stream_id: str) -> RelayError:
+def no_active_stream(stream: Stream | None) -> RelayError:
+    """409 NO_ACTIVE_STREAM, the refusal of every command that needs a live stream: for the stream a
+    call names (it has ended: which one, and why) or for the connection's (none is live)."""
+    if stream is None:
+        return RelayError("NO_ACTIVE_STREAM", 409, "No stream is live.", action="Start a stream first.")
     return RelayError(
-        "NO_ACTIVE_STREAM", 409, "The stream is not live.", action="Start a stream first.",
-        details={"stream_id": stream_id},
+        "NO_ACTIVE_STREAM", 409, "The stream has ended.", action="Start a new stream.",
+        details={"stream_id": stream.stream_id, "end_reason": stream.end_reason},
     )

@@ -17,9 +17,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from relay.api.app import create_app
-from relay.api.common import SESSIONS
 from relay.config import Settings
 from relay.sessions import SessionManager
+from relay.web import SESSIONS
 
 API_KEY = "test-key-1"
 OTHER_KEY = "test-key-2"

@@ -17,9 +17,9 @@ from ..odyssey.server import PREFIX as ODYSSEY_PREFIX, create_odyssey_app
 from ..recordings import RecordingStore
 from ..sessions import SessionManager
 from ..simulations import Simulations
+from ..web import API_KEYS, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS
 from ..worldmodel.base import WorldModel
 from . import broadcasts, connections, ops, orchestration, pages, recordings, simulations
-from .common import API_KEYS, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,11 @@ from aiohttp import WSMsgType, web
 from ..auth import check_owner, is_api_key, require_api_key
 from ..clock import iso
 from ..errors import RelayError, invalid_request, not_found, unauthorized
+from ..host import HostCommands, broadcast_links
 from ..inputs import parse_json
 from ..sessions import Connection, SessionManager, Stream
-from .common import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, STALLED, TOO_SLOW, broadcast_info, close_within,
-                     json_response, next_for, public_url, read_json, send_within, token_of)
+from ..web import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, STALLED, TOO_SLOW, close_within, json_response,
+                   next_for, public_url, read_json, send_within, token_of)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,14 @@ def authorize_stream(request: web.Request, stream_id: str) -> Stream:
     if not conn.closed:
         sessions.touch(conn)
     return stream
+
+
+def broadcast_info(request: web.Request, conn: Connection) -> dict[str, Any]:
+    return broadcast_links(conn.broadcast, public_url(request))
+
+
+def host_commands(request: web.Request, conn: Connection) -> HostCommands:
+    return HostCommands(request.app[SESSIONS], conn, public_url(request))
 
 
 def client_token_message(conn: Connection, sessions: SessionManager) -> dict[str, Any]:
@@ -138,8 +147,7 @@ async def close_connection(request: web.Request) -> web.Response:
 async def start_stream(request: web.Request) -> web.Response:
     conn = authorize_connection(request, request.match_info["connection_id"])
     prompt, image, portrait = parse_stream_request(await read_json(request))
-    stream = await request.app[SESSIONS].start_stream(conn, prompt, image=image, portrait=portrait)
-    conn.publish({"type": "broadcast_ready", "broadcast": broadcast_info(request, conn)})
+    stream = await host_commands(request, conn).start(prompt, image=image, portrait=portrait)
     return json_response(stream_started_body(request, stream), status=201)
 
 
@@ -152,19 +160,14 @@ async def get_stream(request: web.Request) -> web.Response:
 async def interact(request: web.Request) -> web.Response:
     stream = authorize_stream(request, request.match_info["stream_id"])
     body = await read_json(request)
-    acknowledged = await request.app[SESSIONS].interact(stream, body.get("prompt"))
+    acknowledged = await host_commands(request, stream.connection).interact(body.get("prompt"), stream)
     return json_response({"acknowledged_prompt": acknowledged})
 
 
 @routes.delete("/v1/streams/{stream_id}")
 async def end_stream(request: web.Request) -> web.Response:
     stream = authorize_stream(request, request.match_info["stream_id"])
-    if not stream.live:
-        raise RelayError(
-            "NO_ACTIVE_STREAM", 409, "The stream has already ended.", action="Start a new stream.",
-            details={"stream_id": stream.stream_id, "end_reason": stream.end_reason},
-        )
-    await request.app[SESSIONS].end_stream(stream, "ended")
+    await host_commands(request, stream.connection).end(stream)
     return json_response({"stream_id": stream.stream_id, "ended_at": iso(stream.ended_at), "end_reason": "ended"})
 
 
@@ -197,6 +200,7 @@ async def control(request: web.Request) -> web.WebSocketResponse:
     outbox = conn.listen()
     sessions.control_opened(conn)
     sender = asyncio.create_task(_send_events(request, ws, outbox), name="relay-control-send")
+    host = host_commands(request, conn)
     try:
         await ws.send_json({"type": "connected", "connection_id": conn.connection_id,
                             "broadcast": broadcast_info(request, conn),
@@ -209,7 +213,7 @@ async def control(request: web.Request) -> web.WebSocketResponse:
             if msg.type != WSMsgType.TEXT:
                 continue
             sessions.touch(conn)
-            await _handle_control_message(request, conn, msg.data, ws)
+            await _handle_control_message(request, host, msg.data, ws)
             if conn.closed:
                 break
     finally:
@@ -240,8 +244,8 @@ async def _send_events(request: web.Request, ws: web.WebSocketResponse, outbox: 
             return
 
 
-async def _handle_control_message(request: web.Request, conn: Connection, data: str, ws) -> None:
-    sessions = request.app[SESSIONS]
+async def _handle_control_message(request: web.Request, host: HostCommands, data: str, ws) -> None:
+    sessions, conn = host.sessions, host.conn
     try:
         message = parse_json(data, request.app[SETTINGS].server.max_json_depth)
         if not isinstance(message, dict):
@@ -257,17 +261,11 @@ async def _handle_control_message(request: web.Request, conn: Connection, data: 
             return
         if kind == "start_stream":
             prompt, image, portrait = parse_stream_request(message)
-            await sessions.start_stream(conn, prompt, image=image, portrait=portrait)
-            conn.publish({"type": "broadcast_ready", "broadcast": broadcast_info(request, conn)})
+            await host.start(prompt, image=image, portrait=portrait)
         elif kind == "interact":
-            stream = conn.stream
-            if stream is None or not stream.live:
-                raise RelayError("NO_ACTIVE_STREAM", 409, "No stream is live.", action="Start a stream first.")
-            await sessions.interact(stream, message.get("prompt"))
+            await host.interact(message.get("prompt"))
         elif kind == "end_stream":
-            if conn.stream is None or not conn.stream.live:
-                raise RelayError("NO_ACTIVE_STREAM", 409, "No stream is live.", action="Start a stream first.")
-            await sessions.end_stream(conn.stream, "ended")
+            await host.end()
         elif kind in HOST_ORCHESTRATION:
             HOST_ORCHESTRATION[kind](conn.broadcast.audience, message)
         else:

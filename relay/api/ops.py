@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import metrics
-from .common import SESSIONS, json_response
+from ..web import SESSIONS, json_response
 
 routes = web.RouteTableDef()
 

@@ -8,7 +8,8 @@ from aiohttp import web
 
 from ..broadcast import Broadcast
 from ..errors import forbidden, invalid_request
-from .common import SESSIONS, json_response, public_url, read_json, token_of
+from ..host import broadcast_links
+from ..web import SESSIONS, json_response, public_url, read_json, token_of
 from .connections import authorize_connection
 
 routes = web.RouteTableDef()
@@ -88,7 +89,7 @@ async def mint_invites(request: web.Request) -> web.Response:
     count = body.get("count", 1)
     if not (isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= INVITES_PER_REQUEST):
         raise invalid_request(f"'count' must be an integer from 1 to {INVITES_PER_REQUEST}.", field="count")
-    watch = f"{public_url(request)}/watch/{broadcast.broadcast_id}?token={broadcast.spectator_token}"
+    watch = broadcast_links(broadcast, public_url(request))["watch_url"]
     invites = [{"participant_id": pid, "invite": code, "watch_url": f"{watch}&invite={code}"}
                for pid, code in broadcast.audience.mint_invites(count)]
     return json_response({"invites": invites, "invite_only": broadcast.orchestrator.settings.invite_only},

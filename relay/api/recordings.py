@@ -4,44 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any
 
 from aiohttp import web
 
 from ..auth import require_api_key
 from ..errors import RelayError, not_found
 from ..recordings import FILES, RecordingStore, owner_id
-from .common import API_KEYS, RECORDINGS, json_response, public_url, query_int, token_of
+from ..web import API_KEYS, RECORDINGS, json_response, public_url, query_int, token_of
 from .pages import page
 
 routes = web.RouteTableDef()
-
-FILE_FIELDS = {"video_url": "video.mp4", "events_url": "events.jsonl",
-               "thumbnail_url": "thumbnail.jpg", "preview_url": "preview.mp4"}
-
-
-def recording_body(request: web.Request, store: RecordingStore, meta: dict[str, Any],
-                   expires_at: int | None = None) -> dict[str, Any]:
-    """The recording with signed links: fresh ones (an hour) for the owner's authenticated calls, or
-    ones expiring at ``expires_at``, the expiry of the link that asked (a link never renews itself)."""
-    base = public_url(request)
-    stream_id = meta["stream_id"]
-
-    def signed(path: str) -> str:
-        return base + (store.signed_url(path) if expires_at is None else store.signed_until(path, expires_at))
-
-    body: dict[str, Any] = {"stream_id": stream_id}
-    for field, name in FILE_FIELDS.items():
-        body[field] = signed(f"/v1/recordings/{stream_id}/{name}")
-    body.update({
-        "frame_count": meta.get("frame_count"),
-        "duration_seconds": meta.get("duration_seconds"),
-        "status": meta.get("status"),
-        "error": meta.get("error"),
-        "replay_url": signed(f"/recordings/{stream_id}"),
-        **RecordingStore.summary(meta),
-    })
-    return body
 
 
 @routes.get("/v1/recordings")
@@ -63,7 +35,7 @@ async def get_recording(request: web.Request) -> web.Response:
     meta = await asyncio.to_thread(store.get, stream_id)
     if meta is None or meta.get("owner") != owner_id(key):
         raise not_found("recording", stream_id)
-    return json_response(recording_body(request, store, meta))
+    return json_response(store.body(meta, public_url(request)))
 
 
 def _check_signature(request: web.Request, path: str) -> int:
@@ -150,4 +122,4 @@ async def replay_info(request: web.Request) -> web.Response:
     if meta is None:
         raise not_found("recording", stream_id)
     # The links it hands on expire with this one: a leaked replay link is not a key that renews itself.
-    return json_response(recording_body(request, store, meta, expires_at))
+    return json_response(store.body(meta, public_url(request), expires_at))

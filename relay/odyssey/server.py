@@ -15,7 +15,8 @@ unchanged against the relay's world model. This is one thin adapter: every rule 
     /simulation-jobs (POST, GET, GET {id}, DELETE {id})  -> relay.simulations
     GET  /recordings/{stream_id}, GET /stream-recordings -> relay.recordings (signed URLs, no header needed)
 
-Errors are the hosted API's shape (``detail``; 429 usage errors as the SDK parses them), see protocol.py.
+Errors are the hosted API's shape (``detail``; 429 usage errors as the SDK parses them), see
+relay/worldmodel/hosted_protocol.py.
 """
 
 from __future__ import annotations
@@ -30,28 +31,17 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from ..api.common import (
-    API_KEYS,
-    RECORDINGS,
-    SESSIONS,
-    SETTINGS,
-    SIMULATIONS,
-    broadcast_info,
-    json_response,
-    public_url,
-    read_json,
-    token_of,
-)
-from ..api.common import GOING_AWAY, close_within, query_int, send_within
-from ..api.recordings import recording_body
-from ..api.simulations import recordings_of, statuses_of
 from ..auth import is_api_key
 from ..clock import iso
 from ..errors import RelayError, not_found, unauthorized, unprocessable
+from ..host import HostCommands
 from ..inputs import parse_json
 from ..recordings import RecordingStore, owner_id
 from ..sessions import Connection, SessionManager
-from . import protocol
+from ..simulations.views import recordings_of, statuses_of
+from ..web import (API_KEYS, GOING_AWAY, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS, close_within, json_response,
+                   public_url, query_int, read_json, send_within, token_of)
+from ..worldmodel import hosted_protocol as protocol
 from .streamer import OwnerPeer
 
 log = logging.getLogger(__name__)
@@ -199,6 +189,7 @@ class SignallingSession:
         self.request = request
         self.sessions: SessionManager = request.app[SESSIONS]
         self.conn = conn
+        self.host = HostCommands(self.sessions, conn, public_url(request))
         self.ws = ws
         self._max_depth = request.app[SETTINGS].server.max_json_depth
         self.peer = OwnerPeer(conn.broadcast, on_message=self._from_channel, on_state=self._peer_state,
@@ -288,24 +279,22 @@ class SignallingSession:
                 self.peer.send(protocol.stream_error("internal", "Internal error."))
 
     async def _command(self, message: dict[str, Any]) -> None:
-        conn, sessions = self.conn, self.sessions
-        if conn.closed:
+        if self.conn.closed:
             return
         kind = message["type"]
-        stream = conn.stream if conn.stream is not None and conn.stream.live else None
         if kind == protocol.STREAM_START:
             prompt, image, portrait, broadcast = protocol.parse_stream_start(message)
-            await sessions.start_stream(conn, prompt, image=image, portrait=portrait)
-            if broadcast:  # as the relay's own start does: every listener of the connection hears it
-                conn.publish({"type": "broadcast_ready", "broadcast": broadcast_info(self.request, conn)})
+            # broadcast_ready only when the SDK asked for a broadcast; it reaches the SDK from the outbox
+            await self.host.start(prompt, image=image, portrait=portrait, announce=broadcast)
         elif kind == protocol.UPDATE:
-            if stream is None:
-                raise RelayError("NO_ACTIVE_STREAM", 409, "No stream is live.", action="Start a stream first.")
-            await sessions.interact(stream, message.get("prompt"))
-        elif stream is None:  # an end with nothing live: already ended (the SDK waits for stream_ended)
-            self.peer.send({"type": protocol.STREAM_ENDED})
+            await self.host.interact(message.get("prompt"))
         else:
-            await sessions.end_stream(stream, "ended")
+            try:
+                await self.host.end()
+            except RelayError as err:  # an end with nothing live: already ended (the SDK waits for stream_ended)
+                if err.code != "NO_ACTIVE_STREAM":
+                    raise
+                self.peer.send({"type": protocol.STREAM_ENDED})
 
     async def _pump(self, outbox: asyncio.Queue) -> None:
         """The connection's events, in the SDK's words."""
@@ -438,7 +427,7 @@ async def _job_detail(request: web.Request, job) -> dict[str, Any]:
     metas = await asyncio.to_thread(recordings_of, store, job)
     streams = []
     for meta in metas:
-        body = recording_body(request, store, meta)
+        body = store.body(meta, public_url(request))
         entry = {name: body.get(name) for name in RECORDING_FIELDS}
         entry["script_index"] = job.stream_ids.index(meta["stream_id"]) if meta["stream_id"] in job.stream_ids else 0
         streams.append(entry)
@@ -470,7 +459,7 @@ async def submit_simulation(request: web.Request) -> web.Response:
 @routes.get("/simulation-jobs")
 async def list_simulations(request: web.Request) -> web.Response:
     key = _api_key(request)
-    statuses = statuses_of(request)
+    statuses = statuses_of(request.query.get("status"), request.query.get("active"))
     limit = query_int(request, "limit", 20, 100)
     offset = query_int(request, "offset", 0, 10**9)
     jobs, total = await request.app[SIMULATIONS].list(key, statuses, limit, offset)
@@ -507,7 +496,7 @@ async def get_recording(request: web.Request) -> web.Response:
     meta = await asyncio.to_thread(store.get, stream_id)
     if meta is None or meta.get("owner") != owner_id(key):
         raise not_found("recording", stream_id)
-    body = recording_body(request, store, meta)  # signed URLs: playable without a header, for an hour
+    body = store.body(meta, public_url(request))  # signed URLs: playable without a header, for an hour
     return json_response({name: body.get(name) for name in RECORDING_FIELDS})
 
 
@@ -535,7 +524,7 @@ def create_odyssey_app(parent: web.Application) -> web.Application:
     """The twin as a sub-application of the relay's app (mount it at PREFIX); shares the parent's core."""
     app = web.Application(middlewares=[hosted_errors])
     for key in (SETTINGS, API_KEYS, SESSIONS, RECORDINGS, SIMULATIONS):
-        app[key] = parent[key]  # the helpers in relay.api read them from request.app
+        app[key] = parent[key]  # relay/web.py's helpers read them from request.app
     # On the parent too: ops and tests find it there.
     app[TWIN] = parent[TWIN] = Twin(parent[API_KEYS], parent[RECORDINGS])
     app.router.add_routes(routes)

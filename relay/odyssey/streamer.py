@@ -27,7 +27,7 @@ from ..broadcast import Broadcast, MediaFeed
 from ..errors import RelayError
 from ..inputs import parse_json
 from ..media.webrtc import h264_preferences
-from . import protocol
+from ..worldmodel import hosted_protocol as protocol
 
 log = logging.getLogger(__name__)
 

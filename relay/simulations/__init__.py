@@ -2,7 +2,8 @@
 
 script (validation) -> store (the jobs in SQLite) -> service (quota, queue, supervisor) -> spec (one
 attempt, typed) -> worker (the spawned processes) -> record (one record loop, rendered or imported).
-None of them knows HTTP; the API and /odyssey translate to and from the service.
+None of them knows HTTP; the API and /odyssey translate to and from the service, and read jobs
+through views (a listing's status filter, a job's recordings).
 """
 
 from .script import parse_request, validate_script

@@ -1,6 +1,6 @@
 """The hosted world-model API's official SDK, unmodified, in real Chromium, against the relay's twin (/odyssey).
 
-The SDK is `@odysseyml/odyssey` at the version relay/odyssey/protocol.py follows, fetched with
+The SDK is `@odysseyml/odyssey` at the version relay/worldmodel/hosted_protocol.py follows, fetched with
 `npm pack` from the npm registry (integrity checked against the pinned one) into a cache dir, never
 vendored. Its ESM build (`dist/index.js`) is self-contained: its only import is a dynamic `import('ws')`
 that runs only where there is no global WebSocket (Node < 22), so a browser loads it as is, no bundler.
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from relay.odyssey import protocol
+from relay.worldmodel import hosted_protocol as protocol
 from tests.browser.conftest import CHROMIUM, HAVE_CHROMIUM
 from tests.conftest import eventually
 from tests.conftest import API_KEY

@@ -12,8 +12,8 @@ import json
 import pytest
 from playwright.async_api import expect
 
-from relay.api.common import SIMULATIONS
 from relay.recordings import owner_id
+from relay.web import SIMULATIONS
 from tests.browser.conftest import CHROMIUM, DESKTOP, HAVE_CHROMIUM, PHONE
 from tests.browser.helpers import shoot
 from tests.conftest import eventually

@@ -78,7 +78,7 @@ async def test_a_host_interact_flood_is_answered_429_with_retry_after_on_rest_an
 
 
 async def test_odyssey_updates_past_the_rate_get_a_rate_limited_stream_error(relay_factory, http):
-    from relay.odyssey import protocol
+    from relay.worldmodel import hosted_protocol as protocol
     from tests.integration.test_odyssey_twin import SdkLikeClient
     relay = await relay_factory(limits={"stream_max_seconds": 60, "idle_timeout_seconds": 60,
                                         "host_interacts_per_second": 1, "host_interacts_burst": 2})

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from relay.api.app import WORLD_MODEL
-from relay.api.common import RECORDINGS
 from relay.client import RelayAPIError, RelayClient, Spectator
 from relay.errors import RelayError
 from relay.odyssey.server import TWIN
+from relay.sessions import ConnectionState
+from relay.web import RECORDINGS
 from relay.worldmodel.hosted import HostedWorldModel
 from tests.conftest import API_KEY, OTHER_KEY, Relay, eventually, frames_for, mean_rgb
 
@@ -165,7 +166,7 @@ async def test_killing_the_upstream_ends_the_stream_and_a_keeps_serving(relay_fa
                 await asyncio.wait_for(viewer.track.recv(), 10)
                 await b.server.close()  # the upstream vanishes
                 a_conn = a.sessions.connection(conn.connection_id)
-                await eventually(lambda: not a.sessions.stream(started["stream_id"]).live and a_conn.pending is None)
+                await eventually(lambda: not a.sessions.stream(started["stream_id"]).live and a_conn.state is ConnectionState.CONNECTED)
                 assert a.sessions.stream(started["stream_id"]).end_reason == "upstream_error"
                 await eventually(lambda: model._background == set())
                 # A keeps serving: the connection, its broadcast and its spectator are all still there.
@@ -509,7 +510,7 @@ async def test_a_hosted_simulation_whose_worker_dies_waits_for_the_same_upstream
     import os
     import signal
 
-    from relay.api.common import SIMULATIONS
+    from relay.web import SIMULATIONS
 
     a, b = await start_pair(relay_factory, tmp_path, monkeypatch, a_simulations={"poll_interval_seconds": 0.05})
     script = [{"timestamp_ms": 0, "start": {"prompt": "a quiet harbour"}}, {"timestamp_ms": 2000, "end": {}}]

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from relay.api.common import SETTINGS
 from relay.client import Spectator
-from relay.odyssey import protocol
+from relay.worldmodel import hosted_protocol as protocol
 from relay.odyssey.server import TWIN
+from relay.web import SETTINGS
 from tests.conftest import API_KEY, OTHER_KEY, eventually, frames_for, mean_rgb
 
 LONG = {"stream_max_seconds": 30, "idle_timeout_seconds": 30}

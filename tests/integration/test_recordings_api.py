@@ -89,7 +89,7 @@ async def test_a_four_second_stream_leaves_one_playable_recording(relay_factory,
 
 
 def relay_store_key():
-    from relay.api.common import RECORDINGS
+    from relay.web import RECORDINGS
 
     return RECORDINGS
 

@@ -240,7 +240,7 @@ def alive(pid: int) -> bool:
 
 
 async def test_a_worker_that_dies_mid_job_is_replaced_and_the_job_retried(relay_factory):
-    from relay.api.common import SIMULATIONS
+    from relay.web import SIMULATIONS
 
     relay = await relay_factory(simulations={"workers": 1, "poll_interval_seconds": 0.05})
     async with RelayClient(relay.url, API_KEY) as client:

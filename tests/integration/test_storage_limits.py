@@ -13,13 +13,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from relay.api.common import RECORDINGS
 from relay.client import RelayClient
 from relay.clock import FakeClock
 from relay.recordings import RecordingStore, load_or_create_secret, owner_id
 from relay.simulations import JobStore
 from relay.simulations.record import record_script
 from relay.simulations.spec import VideoSpec
+from relay.web import RECORDINGS
 from tests.conftest import API_KEY, eventually
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -18,7 +18,8 @@ import pytest
 from relay.clock import FakeClock
 from relay.config import Settings
 from relay.errors import RelayError
-from relay.sessions import MAX_PROMPT_CHARS, Connection, SessionManager
+from relay.host import HostCommands, broadcast_links
+from relay.sessions import MAX_PROMPT_CHARS, Connection, ConnectionState, SessionManager
 from relay.worldmodel.synthetic import SyntheticTrack, SyntheticWorldModel
 
 KEY = "key-a"
@@ -116,6 +117,19 @@ async def raises(code: str, status: int, awaitable) -> RelayError:
         await awaitable
     assert (info.value.code, info.value.status) == (code, status), repr(info.value)
     return info.value
+
+
+def hold_start(conn: Connection) -> asyncio.Event:
+    """Make the connection's upstream start wait until the returned event is set."""
+    original = conn.streamer.start_stream
+    gate = asyncio.Event()
+
+    async def held_start(*args, **kwargs):
+        await gate.wait()
+        return await original(*args, **kwargs)
+
+    conn.streamer.start_stream = held_start
+    return gate
 
 
 async def _aw(fn):
@@ -316,7 +330,7 @@ async def test_concurrent_stream_limit_per_api_key(make_manager):
     # the earliest live stream ends (duration limit) 30 - 8 = 22 s from now
     assert err.retry_after == pytest.approx(22)
     assert err.headers() == {"Retry-After": "22"}
-    assert a3.stream is None and a3.status == "connected" and a3.pending is None
+    assert a3.stream is None and a3.status == "connected" and a3.state is ConnectionState.CONNECTED
     assert a3.streams_started == 0
     # another API key is unaffected
     sb = await manager.start_stream(b, "other key")
@@ -385,7 +399,7 @@ async def test_interact_on_ended_stream_is_409(manager):
     stream = await manager.start_stream(conn, "hills")
     await manager.end_stream(stream)
     err = await raises("NO_ACTIVE_STREAM", 409, manager.interact(stream, "ocean"))
-    assert err.details == {"stream_id": stream.stream_id}
+    assert err.details == {"stream_id": stream.stream_id, "end_reason": "ended"}
     assert stream.last_applied_prompt == "hills"
 
 
@@ -604,6 +618,128 @@ async def test_upstream_failure_ends_stream_with_upstream_error(manager, baselin
     assert again.live and conn.broadcast.upstream_failed is None
 
 
+# ------------------------------------------------------------------------------- the state and its log
+
+
+def transitions(caplog, conn: Connection) -> list[str]:
+    """The connection's logged state changes, as "a -> b"."""
+    return [r.getMessage().removeprefix("connection ") for r in caplog.records
+            if r.name == "relay.sessions" and getattr(r, "connection_id", None) == conn.connection_id
+            and " -> " in r.getMessage()]
+
+
+async def test_every_state_change_is_logged_once(manager, caplog):
+    caplog.set_level("DEBUG", logger="relay.sessions")
+    conn = await manager.open_connection(KEY)
+    assert conn.state is ConnectionState.CONNECTED
+    stream = await manager.start_stream(conn, "hills")
+    assert conn.state is ConnectionState.STREAMING
+    await manager.end_stream(stream)
+    await manager.end_stream(stream)  # a second end changes nothing, so logs nothing
+    assert conn.state is ConnectionState.CONNECTED
+    await manager.close_connection(conn)
+    await manager.close_connection(conn)
+    assert conn.state is ConnectionState.CLOSED
+    assert transitions(caplog, conn) == [
+        "connected -> starting", "starting -> streaming", "streaming -> ending", "ending -> connected",
+        "connected -> closed",
+    ]
+
+
+async def test_starting_and_ending_read_as_connected(manager):
+    """The API's status has three values (docs/api.md); the two transient states are not among them."""
+    conn = await manager.open_connection(KEY)
+    original = conn.streamer.start_stream
+    seen: list[tuple[ConnectionState, str]] = []
+
+    async def observed_start(*args, **kwargs):
+        seen.append((conn.state, conn.to_dict(0.0, 0.0)["status"]))
+        return await original(*args, **kwargs)
+
+    conn.streamer.start_stream = observed_start
+    stream = await manager.start_stream(conn, "hills")
+    original_end = conn.streamer.end_stream
+
+    async def observed_end():
+        seen.append((conn.state, conn.status))
+        await original_end()
+
+    conn.streamer.end_stream = observed_end
+    await manager.end_stream(stream)
+    assert seen == [(ConnectionState.STARTING, "connected"), (ConnectionState.ENDING, "connected")]
+    assert [s.status for s in ConnectionState] == ["connected", "connected", "streaming", "connected", "closed"]
+
+
+async def test_a_refused_start_goes_back_to_connected(manager, caplog):
+    caplog.set_level("DEBUG", logger="relay.sessions")
+    conn = await manager.open_connection(KEY)
+
+    async def refuse(*args, **kwargs):
+        raise RuntimeError("no capacity")
+
+    conn.streamer.start_stream = refuse
+    await raises("UPSTREAM_ERROR", 502, manager.start_stream(conn, "hills"))
+    assert conn.state is ConnectionState.CONNECTED and conn.stream is None
+    assert transitions(caplog, conn) == ["connected -> starting", "starting -> connected"]
+
+
+async def test_a_close_during_a_start_stays_closed(manager, caplog):
+    caplog.set_level("DEBUG", logger="relay.sessions")
+    conn = await manager.open_connection(KEY)
+    gate = hold_start(conn)
+    starting = asyncio.create_task(manager.start_stream(conn, "hills"))
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(manager.close_connection(conn))
+    await asyncio.sleep(0)
+    assert conn.state is ConnectionState.CLOSED  # at once, before the close's own work has run
+    gate.set()
+    await asyncio.gather(starting, closing, return_exceptions=True)
+    assert conn.state is ConnectionState.CLOSED
+    assert transitions(caplog, conn) == ["connected -> starting", "starting -> closed"]
+
+
+# ------------------------------------------------------------------------------- host commands
+
+
+async def test_host_start_announces_the_broadcast_to_every_listener(manager):
+    conn = await manager.open_connection(KEY)
+    outbox = conn.listen()
+    stream = await HostCommands(manager, conn, "https://relay.example").start("hills")
+    events = drain(outbox)
+    assert types(events) == ["stream_started", "broadcast_ready"]
+    b = conn.broadcast
+    assert events[1]["broadcast"] == broadcast_links(b, "https://relay.example")
+    assert events[1]["broadcast"]["watch_url"] == (
+        f"https://relay.example/watch/{b.broadcast_id}?token={b.spectator_token}")
+    assert conn.live_stream is stream
+
+
+async def test_host_start_without_announcing(manager):
+    conn = await manager.open_connection(KEY)
+    outbox = conn.listen()
+    await HostCommands(manager, conn, "").start("hills", announce=False)  # an SDK that asked for no broadcast
+    assert types(drain(outbox)) == ["stream_started"]
+
+
+async def test_host_commands_need_a_live_stream(manager):
+    conn = await manager.open_connection(KEY)
+    host = HostCommands(manager, conn, "")
+    for command in (host.interact("ocean"), host.end()):
+        err = await raises("NO_ACTIVE_STREAM", 409, command)
+        assert err.details == {}  # nothing named: the connection has no live stream
+    with pytest.raises(RelayError):
+        conn.live_stream
+    first = await host.start("hills")
+    assert await host.interact("ocean") == "ocean"
+    assert await host.end() is first and not first.live
+    second = await host.start("desert")
+    # A stream named by id (REST) is checked itself, not the connection's current one.
+    for command in (host.interact("x", first), host.end(first)):
+        err = await raises("NO_ACTIVE_STREAM", 409, command)
+        assert err.details == {"stream_id": first.stream_id, "end_reason": "ended"}
+    assert second.live and second.last_applied_prompt == "desert"
+
+
 # ------------------------------------------------------------------------------- shutdown
 
 
@@ -709,14 +845,7 @@ async def test_close_during_a_slow_start_leaves_nothing_running(manager, baselin
     """Closing a connection while its start is in flight must not leave a pipeline running
     on a closed connection (render and encoder threads nobody will ever stop)."""
     conn = await manager.open_connection(KEY)
-    original = conn.streamer.start_stream
-    gate = asyncio.Event()
-
-    async def slow_start(*args, **kwargs):
-        await gate.wait()
-        return await original(*args, **kwargs)
-
-    conn.streamer.start_stream = slow_start
+    gate = hold_start(conn)
     starting = asyncio.create_task(manager.start_stream(conn, "hills"))
     await asyncio.sleep(0)
     await manager.close_connection(conn)

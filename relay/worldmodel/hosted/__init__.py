@@ -2,8 +2,8 @@
 
 ``[world_model] kind = "hosted"`` makes every relay connection hold one session of the hosted API
 (its official SDK, `@odysseyml/odyssey` 1.3.1, is the reference for every call; see
-relay/odyssey/protocol.py). The owner side of that session receives the real model's video, which
-the relay then encodes once, fans out to its spectators and records, like any source's.
+relay/worldmodel/hosted_protocol.py). The owner side of that session receives the real model's video,
+which the relay then encodes once, fans out to its spectators and records, like any source's.
 
     connect()      POST /auth/token (re-exchanged 60 s before it expires), POST /sessions/request
                    (503: polled every second for ``queue`` seconds; 429: the hosted usage error),

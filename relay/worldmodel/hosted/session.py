@@ -19,7 +19,7 @@ from aiortc.rtcconfiguration import RTCBundlePolicy, RTCIceTransportPolicy
 from aiortc.sdp import candidate_from_sdp
 
 from ...errors import RelayError
-from ...odyssey import protocol
+from .. import hosted_protocol as protocol
 from .client import HostedClient
 from .errors import SOCKET_ERRORS, upstream_error
 

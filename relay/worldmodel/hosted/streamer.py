@@ -12,7 +12,7 @@ import logging
 from typing import Any, Callable
 
 from ...errors import RelayError
-from ...odyssey import protocol
+from .. import hosted_protocol as protocol
 from .client import HostedClient
 from .errors import stream_error, upstream_error
 from .session import HostedSession

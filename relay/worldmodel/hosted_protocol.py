@@ -1,5 +1,8 @@
 """Shapes of the hosted world-model API, shared by the relay's twin of it (server side) and a client of it.
 
+Here, beside the hosted client (relay/worldmodel/hosted/) rather than in either side's folder: the protocol
+is the hosted API's, not the twin's, and the core (the client) must not import from an adapter (relay/odyssey).
+
 Everything here follows `@odysseyml/odyssey` 1.3.1 (npm, MIT; `dist/index.js`, the version pinned and read):
 the REST bodies, the signalling socket's messages, the data channels' messages and the error shapes.
 Line references (``L…``) are to that file. No HTTP and no WebRTC in here: plain functions and constants.

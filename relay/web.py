@@ -1,0 +1,120 @@
+"""What both HTTP adapters (relay/api and relay/odyssey) share: the app's typed state, the caller's
+token, JSON in and out, the public URL, and the sockets' send and close deadlines.
+
+No rule of the relay lives here: only how an aiohttp request or socket is read and answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from .config import Settings
+from .errors import invalid_request, unsupported_media_type
+from .inputs import parse_json
+from .recordings import RecordingStore
+from .sessions import SessionManager
+from .simulations import Simulations
+
+SETTINGS = web.AppKey("settings", Settings)
+SESSIONS = web.AppKey("sessions", SessionManager)
+API_KEYS = web.AppKey("api_keys", tuple)
+RECORDINGS = web.AppKey("recordings", RecordingStore)
+SIMULATIONS = web.AppKey("simulations", Simulations)
+
+# WebSocket close codes the relay's sockets end with (beside 1000 and the events socket's 4001).
+GOING_AWAY = 1001  # "shutdown": the relay is stopping
+TOO_SLOW = 1008  # "too slow": the reader did not take its messages in time (a policy, as an overflowed outbox)
+
+
+def token_of(request: web.Request) -> str | None:
+    """Bearer header first; ``?token=`` for browsers (WebSockets, WHEP players) that cannot set one."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.query.get("token") or None
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    if request.content_type not in ("application/json", "") and not request.content_type.endswith("+json"):
+        raise unsupported_media_type("application/json")
+    raw = await request.read()  # bounded by the app's client_max_size (413 beyond)
+    if not raw.strip():
+        return {}
+    body = parse_json(raw, request.app[SETTINGS].server.max_json_depth)
+    if not isinstance(body, dict):
+        raise invalid_request("The body must be a JSON object.")
+    return body
+
+
+def query_int(request: web.Request, name: str, default: int, maximum: int) -> int:
+    """An integer query parameter (limit, offset) within [0, maximum]; 400 otherwise."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise invalid_request(f"'{name}' must be an integer.", field=name) from None
+    if not 0 <= value <= maximum:
+        raise invalid_request(f"'{name}' must be between 0 and {maximum}.", field=name)
+    return value
+
+
+def public_url(request: web.Request) -> str:
+    configured = request.app[SETTINGS].server.public_url
+    return configured or f"{request.scheme}://{request.host}"
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers)
+
+
+STALLED = object()  # next_for's answer for a socket whose reader stopped
+
+
+async def next_for(request: web.Request, queue: asyncio.Queue, seconds: float) -> Any:
+    """The next message for a socket's sender, or STALLED once the socket's reader has taken nothing
+    for `seconds` while bytes wait for it: the handler's own replies (or aiohttp's pings) blocked on
+    a peer that sends but never reads, with nothing for the sender to send meanwhile."""
+    loop = asyncio.get_running_loop()
+    waiting, since = 0, loop.time()
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), seconds / 2)
+        except asyncio.TimeoutError:
+            transport = request.transport
+            now = transport.get_write_buffer_size() if transport is not None else 0
+            if not now or now != waiting:  # drained, or moving: a reader is there
+                waiting, since = now, loop.time()
+            elif loop.time() - since >= seconds:  # not one byte taken (nor added) for a whole deadline
+                return STALLED
+
+
+async def send_within(request: web.Request, ws: web.WebSocketResponse, text: str, seconds: float) -> bool:
+    """Send one message, or cut the socket off (1008 "too slow") when its reader has not taken it
+    within `seconds`: a peer that stops reading must hold neither the sender nor a descriptor.
+    False when the socket was cut off."""
+    try:
+        await asyncio.wait_for(ws.send_str(text), seconds)
+        return True
+    except asyncio.TimeoutError:
+        await close_within(request, ws, TOO_SLOW, b"too slow", seconds)
+        return False
+
+
+async def close_within(request: web.Request, ws: web.WebSocketResponse, code: int, message: bytes,
+                       seconds: float) -> None:
+    """Close with a code, in `seconds` at most. The close frame queues behind whatever the peer has
+    not read yet (a reader that catches up in time still learns why); the descriptor goes at
+    `seconds` whether or not that backlog drained and the peer answered."""
+    transport = request.transport
+    if transport is not None:  # first, so it holds even if this is cancelled (the handler ended first);
+        asyncio.get_running_loop().call_later(seconds, transport.abort)  # a no-op once closed by then
+    try:
+        await asyncio.wait_for(ws.close(code=code, message=message, drain=False), seconds)
+    except asyncio.TimeoutError:
+        pass
