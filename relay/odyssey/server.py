@@ -213,7 +213,10 @@ class SignallingSession:
         self._spawn(self._pump(self._outbox), "events")
         self._spawn(self._work(), "commands")
         offer = await self.peer.create_offer()
-        await self.ws.send_json({"type": protocol.OFFER, "sdp": offer})
+        # Every send has the socket's deadline: an SDK that stops reading is cut off (1008), never waited on.
+        seconds = self.request.app[SETTINGS].server.send_timeout_seconds
+        if not await send_within(self.request, self.ws, json.dumps({"type": protocol.OFFER, "sdp": offer}), seconds):
+            return
         self._spawn(self._connect_deadline(), "connect-deadline")
         async for msg in self.ws:
             if msg.type != WSMsgType.TEXT or self.conn.closed:
@@ -223,7 +226,8 @@ class SignallingSession:
                 message = parse_json(msg.data, self._max_depth)
             except RelayError as err:
                 # Not `error`: the SDK takes that as the session's end. Any other type it ignores.
-                await self.ws.send_json(protocol.invalid_message(err))
+                if not await send_within(self.request, self.ws, json.dumps(protocol.invalid_message(err)), seconds):
+                    break
                 continue
             if isinstance(message, dict):
                 await self._signal(message)
