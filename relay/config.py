@@ -8,6 +8,7 @@ just a dataclass with defaults plus a field on `Settings`. After loading, nothin
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -176,6 +177,19 @@ def _ice_servers(key: str, value: Any) -> tuple[dict[str, Any], ...]:
 
 # ------------------------------------------------------------------------------------------ sections
 
+def _trusted_proxies(key: str, value: Any) -> tuple[str, ...]:
+    # Addresses or networks (CIDR) whose X-Forwarded-For the per-address caps believe.
+    if not isinstance(value, (list, tuple)):
+        _fail(key, "an array of addresses or networks", value)
+    networks = []
+    for i, item in enumerate(value):
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except (TypeError, ValueError):
+            _fail(f"{key}[{i}]", 'an IP address or network, e.g. "10.0.0.0/8"', item)
+    return tuple(networks)
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     host: str = option("127.0.0.1", nonempty=True)
@@ -190,6 +204,8 @@ class ServerSettings:
     send_timeout_seconds: float = option(5.0, min=0.1, max=300)  # a socket's reader must take each message by then
     header_timeout_seconds: float = option(10.0, min=0.1, max=300)  # a request's headers, from connect or last reply
     body_timeout_seconds: float = option(30.0, min=0.1, max=600)  # a request's whole body, from its headers
+    # Reverse proxies in front of the relay: their X-Forwarded-For names the client the per-address caps count.
+    trusted_proxies: tuple[str, ...] = option((), parse=_trusted_proxies)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ No rule of the relay lives here: only how an aiohttp request or socket is read a
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+from functools import lru_cache
 from typing import Any
 
 from aiohttp import web
@@ -27,6 +29,44 @@ SIMULATIONS = web.AppKey("simulations", Simulations)
 # WebSocket close codes the relay's sockets end with (beside 1000 and the events socket's 4001).
 GOING_AWAY = 1001  # "shutdown": the relay is stopping
 TOO_SLOW = 1008  # "too slow": the reader did not take its messages in time (a policy, as an overflowed outbox)
+
+
+def client_address(request: web.Request) -> str:
+    """Whom the per-address caps count (pending WHEP sessions, events sockets, votes).
+
+    The TCP peer; behind a reverse proxy listed in [server] trusted_proxies, the client it forwarded: the
+    rightmost X-Forwarded-For entry that is not itself a trusted proxy (entries to its left are the
+    client's own word). An IPv6 address counts by its /64, which one host commonly holds whole."""
+    peer = request.remote or "unknown"
+    trusted = _networks(request.app[SETTINGS].server.trusted_proxies)
+    if trusted and _within(peer, trusted):
+        for hop in reversed(request.headers.get("X-Forwarded-For", "").split(",")):
+            hop = hop.strip()
+            if hop and not _within(hop, trusted):
+                peer = hop
+                break
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer[:64]  # not an IP address (a unix socket, a proxy's junk): counted as it is, bounded
+    if address.version == 6:
+        if address.ipv4_mapped is not None:  # ::ffff:a.b.c.d is the IPv4 client a.b.c.d
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+@lru_cache(maxsize=8)
+def _networks(cidrs: tuple[str, ...]) -> tuple:
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
+
+
+def _within(address: str, networks: tuple) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def token_of(request: web.Request) -> str | None:

@@ -14,8 +14,8 @@ from ..audience import rate_limited_reply
 from ..broadcast import Broadcast
 from ..errors import RelayError, invalid_request, too_large, unsupported_media_type
 from ..inputs import parse_json
-from ..web import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, STALLED, TOO_SLOW, close_within, json_response,
-                   next_for, send_within, token_of)
+from ..web import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, STALLED, TOO_SLOW, client_address, close_within,
+                   json_response, next_for, send_within, token_of)
 from .common import body_limit
 
 # The events socket's close code when the same participant resumed on a newer socket: the
@@ -73,7 +73,7 @@ async def whep_offer(request: web.Request) -> web.Response:
     if len(body) > limit:  # a chunked body: a declared one was refused before it was read
         raise too_large(limit)
     offer = body.decode("utf-8", errors="replace")
-    spectator, answer = await broadcast.spectators.join(offer, counted=not host, address=request.remote)
+    spectator, answer = await broadcast.spectators.join(offer, counted=not host, address=client_address(request))
     return web.Response(
         status=201,
         text=answer,
@@ -150,7 +150,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
     broadcast = spectator_broadcast(request)
     # Admitted before the upgrade, so the caps answer in HTTP (429/503 in the error shape) and a
     # crowd of sockets opening at once cannot all slip past a count taken before an await.
-    channel = broadcast.audience.open_channel(request.query.get("resume"), address=request.remote,
+    channel = broadcast.audience.open_channel(request.query.get("resume"), address=client_address(request),
                                               invite=request.query.get("invite"))
     ws = web.WebSocketResponse(heartbeat=20, max_msg_size=16 * 1024)
     try:

@@ -208,6 +208,28 @@ async def test_events_sockets_per_address_cap_answers_429_before_the_upgrade(liv
     await extra.close()
 
 
+async def test_the_per_address_cap_counts_the_client_a_trusted_proxy_forwarded(live, http):
+    # Behind a reverse proxy every socket comes from the proxy: the cap must count the clients it names.
+    relay, conn = await live(limits={"events_sockets_per_address": 1}, server={"trusted_proxies": ["127.0.0.0/8"]})
+
+    async def opens(forwarded_for: str) -> bool:
+        try:
+            ws = await http.ws_connect(events_url(conn), headers={"X-Forwarded-For": forwarded_for})
+        except aiohttp.WSServerHandshakeError as refused:
+            assert refused.status == 429
+            return False
+        held.append(ws)
+        return True
+
+    held: list = []
+    assert await opens("203.0.113.7") and await opens("203.0.113.8")  # two clients, one place each
+    assert not await opens("203.0.113.7")
+    assert not await opens("198.51.100.1, 203.0.113.7")  # what the client wrote itself is not believed
+    assert await opens("2001:db8::1, 127.0.0.1") and not await opens("2001:db8::2")  # one /64, one host
+    for ws in held:
+        await ws.close()
+
+
 async def test_participants_per_broadcast_cap_answers_503_but_lets_an_identity_resume(live, http):
     relay, conn = await live(limits={"participants_per_broadcast": 2})
     first, _ = await join(http, conn), await join(http, conn)  # the cap's two participants
