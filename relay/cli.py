@@ -23,6 +23,7 @@ try:  # optional: a faster event loop where it is installed
 except ImportError:
     uvloop = None
 
+
 class StartupError(Exception):
     """serve cannot start (the port is taken, ...): one line for the operator, no traceback."""
 

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from ..config import Settings
+from ..config import Settings, hosted_api_key
 from ..errors import RelayError, too_large
 from ..media.webrtc import restrict_ice_host_addresses
 from ..odyssey.server import PREFIX as ODYSSEY_PREFIX, create_odyssey_app
@@ -19,6 +19,8 @@ from ..sessions import SessionManager
 from ..simulations import Simulations
 from ..web import API_KEYS, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS
 from ..worldmodel.base import WorldModel
+from ..worldmodel.hosted import HostedWorldModel
+from ..worldmodel.synthetic import SyntheticWorldModel
 from . import broadcasts, connections, ops, orchestration, pages, recordings, simulations
 
 log = logging.getLogger(__name__)
@@ -189,13 +191,8 @@ def create_app(settings: Settings, world_model: WorldModel | None = None, *, rea
 def make_world_model(settings: Settings) -> WorldModel:
     wm = settings.world_model
     if wm.kind == "synthetic":
-        from ..worldmodel.synthetic import SyntheticWorldModel
-
         return SyntheticWorldModel(width=wm.width, height=wm.height, fps=wm.fps)
     if wm.kind == "hosted":  # the relay as a client of the hosted API (its key from the environment)
-        from ..config import hosted_api_key
-        from ..worldmodel.hosted import HostedWorldModel
-
         return HostedWorldModel(wm.url, hosted_api_key(settings), width=wm.width, height=wm.height, fps=wm.fps,
                                 api_key_env=wm.api_key_env)
     raise ValueError(f"world_model.kind {wm.kind!r} is not available")
