@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import numpy as np
@@ -109,6 +110,27 @@ async def eventually(predicate: Callable[[], object], timeout: float = 10.0, wha
         if loop.time() > deadline:
             raise AssertionError(f"{what} not reached within {timeout} s")
         await asyncio.sleep(0.05)
+
+
+async def twin_session(http: aiohttp.ClientSession, base: str) -> tuple[str, str]:
+    """An /odyssey session as the hosted API's SDK asks for one: its id and its signalling socket's URL."""
+    async with http.post(f"{base}/odyssey/auth/token", json={"api_key": API_KEY}) as r:
+        access = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
+    async with http.post(f"{base}/odyssey/sessions/request", headers=access, json={}) as r:
+        session = await r.json()
+    async with http.post(f"{base}/odyssey/sessions/token", headers=access,
+                         json={"session_id": session["session_id"]}) as r:
+        token = (await r.json())["session_token"]
+    url = session["signalling_url"].replace("http://", "ws://", 1)
+    return session["session_id"], f"{url}/client/{session['session_id']}?token={quote(token, safe='')}"
+
+
+async def open_signalling(http: aiohttp.ClientSession, base: str) -> tuple[aiohttp.ClientWebSocketResponse, str]:
+    """The SDK's signalling socket, left at the relay's offer; and the session's id."""
+    session_id, url = await twin_session(http, base)
+    ws = await http.ws_connect(url)
+    assert (await ws.receive_json(timeout=10))["type"] == "offer"
+    return ws, session_id
 
 
 async def start_relay_process(config, stderr=asyncio.subprocess.DEVNULL) -> tuple[asyncio.subprocess.Process, str]:

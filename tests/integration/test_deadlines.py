@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from relay.client import RelayClient, Spectator
-from tests.conftest import API_KEY, eventually, frames_for, start_relay_process
+from tests.conftest import API_KEY, eventually, frames_for, start_relay_process, twin_session
 
 LIMIT = 64 * 1024  # conftest's max_body_bytes
 
@@ -248,30 +248,22 @@ async def test_a_control_socket_that_sends_but_never_reads_is_closed_at_the_send
 async def test_a_signalling_socket_that_sends_but_never_reads_is_closed_at_the_send_deadline(relay_factory, http):
     # The /odyssey signalling socket answers garbage with invalid_message: a client that floods it and
     # never reads must be cut off like the control socket, not hold its handler and descriptor.
-    from urllib.parse import quote
-
     from relay.odyssey.server import TWIN
 
     relay = await relay_factory(server={"send_timeout_seconds": 1})
-    async with http.post(f"{relay.url}/odyssey/auth/token", json={"api_key": API_KEY}) as r:
-        headers = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
-    async with http.post(f"{relay.url}/odyssey/sessions/request", json={}, headers=headers) as r:
-        session = await r.json()
-    async with http.post(f"{relay.url}/odyssey/sessions/token", json={"session_id": session["session_id"]},
-                         headers=headers) as r:
-        token = (await r.json())["session_token"]
-    path = urlsplit(session["signalling_url"]).path + f"/client/{session['session_id']}?token={quote(token)}"
+    session_id, url = await twin_session(http, relay.url)
+    path = url[url.index("/", len("ws://")):]
     reader, writer = await raw(relay.url, rcvbuf=4096)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 101")
     twin = relay.app[TWIN]
-    await eventually(lambda: session["session_id"] in twin.live, timeout=5, what="the signalling session live")
+    await eventually(lambda: session_id in twin.live, timeout=5, what="the signalling session live")
     loop = asyncio.get_running_loop()
     began = loop.time()
     writer.write(masked_frame("not json at all") * 30_000)  # each answered invalid_message, never read
-    await eventually(lambda: session["session_id"] not in twin.live, timeout=10, what="the stalled socket cut off")
+    await eventually(lambda: session_id not in twin.live, timeout=10, what="the stalled socket cut off")
     assert loop.time() - began < 6  # the flood taken in, then the deadline, then the close
     assert await closed_after(reader, 5) < 3  # its descriptor is gone too
     writer.close()

@@ -17,7 +17,6 @@ import json
 import logging
 import time
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 from hypothesis import HealthCheck, Phase, given, settings
@@ -25,7 +24,7 @@ from hypothesis import strategies as st
 
 from relay.client import RelayClient
 from relay.odyssey.server import TWIN
-from tests.conftest import API_KEY, frames_pass
+from tests.conftest import API_KEY, frames_pass, open_signalling
 
 EXAMPLES = 50  # per target
 BODY_LIMIT = 64 * 1024  # the tests' [server] max_body_bytes (conftest)
@@ -147,7 +146,7 @@ async def test_generated_json_never_breaks_the_relay(relay_factory, http, caplog
         # The three sockets: each message answered or ignored, never the socket's end.
         events = await http.ws_connect(ws_url(b["webrtc_url"]) + f"/events?token={b['spectator_token']}")
         control = await http.ws_connect(ws_url(conn.info["control_url"]) + f"?token={conn.info['client_token']}")
-        signalling, session_id = await _signalling(http, relay.url, twin_auth)
+        signalling, session_id = await open_signalling(http, relay.url)
         socket_bodies = draw(raw_bodies(SOCKET_LIMIT), EXAMPLES * 3)
         # Control messages that end things on purpose (documented) are left out: the socket must stay.
         ending = ("end_stream", "start_stream", "answer", "client_disconnecting", "revoke_turn")
@@ -184,17 +183,6 @@ def _utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-async def _signalling(http, base: str, twin_auth: dict) -> tuple[aiohttp.ClientWebSocketResponse, str]:
-    async with http.post(f"{base}/odyssey/sessions/request", json={}, headers=twin_auth) as r:
-        session = await r.json()
-    async with http.post(f"{base}/odyssey/sessions/token", json={"session_id": session["session_id"]},
-                         headers=twin_auth) as r:
-        token = (await r.json())["session_token"]
-    ws = await http.ws_connect(ws_url(session["signalling_url"]) + f"/client/{session['session_id']}?token={quote(token)}")
-    assert (await ws.receive_json(timeout=10))["type"] == "offer"
-    return ws, session["session_id"]
 
 
 async def _reply(ws: aiohttp.ClientWebSocketResponse, kind: str, timeout: float = 10.0) -> dict:

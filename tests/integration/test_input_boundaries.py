@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from urllib.parse import quote
 
 import pytest
 
 from relay.client import RelayClient
 from relay.odyssey.server import TWIN
-from tests.conftest import API_KEY, eventually, frames_pass
+from tests.conftest import API_KEY, eventually, frames_pass, open_signalling
 
 LONG = {"stream_max_seconds": 60, "idle_timeout_seconds": 60}
 DEPTH = 8  # a short limit from config, so "just over" stays small
@@ -76,24 +75,6 @@ async def next_of(ws, *types: str, timeout: float = 5.0) -> dict:
                 return message
 
 
-async def access_token(http, base: str) -> str:
-    async with http.post(f"{base}/odyssey/auth/token", json={"api_key": API_KEY}) as r:
-        return (await r.json())["access_token"]
-
-
-async def signalling_socket(http, base: str):
-    """The twin's signalling socket as the SDK opens it (no WebRTC answer: only its JSON is tried here)."""
-    headers = {"Authorization": f"Bearer {await access_token(http, base)}"}
-    async with http.post(f"{base}/odyssey/sessions/request", json={}, headers=headers) as r:
-        session = await r.json()
-    async with http.post(f"{base}/odyssey/sessions/token", json={"session_id": session["session_id"]},
-                         headers=headers) as r:
-        token = (await r.json())["session_token"]
-    ws = await http.ws_connect(ws_url(session["signalling_url"]) + f"/client/{session['session_id']}?token={quote(token)}")
-    assert (await ws.receive_json(timeout=10))["type"] == "offer"
-    return ws, session["session_id"]
-
-
 def assert_error_shape(body: dict, status_code: str = "INVALID_REQUEST") -> dict:
     error = body["error"]
     assert error["code"] == status_code and error["message"] and error["action"], body
@@ -136,7 +117,7 @@ async def test_sockets_answer_bad_json_and_stay_open(live, http, caplog):
     relay, conn, stream_id = live
     events = await events_socket(http, conn)
     control = await control_socket(http, conn)
-    signalling, session_id = await signalling_socket(http, relay.url)
+    signalling, session_id = await open_signalling(http, relay.url)
     for name, raw in BAD_JSON.items():
         if isinstance(raw, bytes):  # a REST body's encoding; socket text frames are UTF-8 by definition
             continue

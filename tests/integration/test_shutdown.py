@@ -11,7 +11,7 @@ import time
 import aiohttp
 from aiohttp import WSMsgType
 
-from tests.conftest import API_KEY, eventually, start_relay_process
+from tests.conftest import API_KEY, eventually, open_signalling, start_relay_process
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -27,21 +27,6 @@ async def _until_closed(ws: aiohttp.ClientWebSocketResponse) -> tuple[list[dict]
             return messages, (msg.data, msg.extra)
         else:
             return messages, (None, repr(msg))  # gone without a close frame
-
-
-async def open_signalling(http: aiohttp.ClientSession, base: str) -> aiohttp.ClientWebSocketResponse:
-    """A hosted-API SDK's signalling socket (under /odyssey), left at the relay's offer."""
-    async with http.post(f"{base}/odyssey/auth/token", json={"api_key": API_KEY}) as r:
-        access = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
-    async with http.post(f"{base}/odyssey/sessions/request", headers=access, json={}) as r:
-        session = await r.json()
-    async with http.post(f"{base}/odyssey/sessions/token", headers=access,
-                         json={"session_id": session["session_id"]}) as r:
-        token = (await r.json())["session_token"]
-    url = session["signalling_url"].replace("http://", "ws://", 1)
-    ws = await http.ws_connect(f"{url}/client/{session['session_id']}", params={"token": token})
-    assert (await ws.receive_json(timeout=10))["type"] == "offer"
-    return ws
 
 
 async def test_sigterm_tells_every_socket_and_finalizes_the_recording_within_the_budget(tmp_path):
@@ -64,7 +49,7 @@ async def test_sigterm_tells_every_socket_and_finalizes_the_recording_within_the
             stream_id, b = started["stream_id"], started["broadcast"]
             events = await http.ws_connect(f"{b['webrtc_url']}/events?token={b['spectator_token']}")
             assert (await events.receive_json(timeout=10))["type"] == "hello"
-            signalling = await open_signalling(http, base)
+            signalling, _ = await open_signalling(http, base)
             video = data / "recordings" / stream_id / "video.mp4"
             await eventually(lambda: video.exists() and video.read_bytes().count(b"moof") >= 1, timeout=15,
                              what="a recorded fragment on disk")
