@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -29,6 +29,15 @@ SIMULATIONS = web.AppKey("simulations", Simulations)
 # WebSocket close codes the relay's sockets end with (beside 1000 and the events socket's 4001).
 GOING_AWAY = 1001  # "shutdown": the relay is stopping
 TOO_SLOW = 1008  # "too slow": the reader did not take its messages in time (a policy, as an overflowed outbox)
+
+
+def body_limit(limit_of: Callable[[Settings], int]):
+    """A handler's own bound on its body, below max_body_bytes (a WHEP offer's, say). The app's
+    body_deadline middleware refuses a longer declared body with 413 before reading a byte of it."""
+    def mark(handler):
+        handler.body_limit = limit_of
+        return handler
+    return mark
 
 
 def client_address(request: web.Request) -> str:

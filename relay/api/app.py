@@ -94,7 +94,7 @@ async def body_deadline(request: web.Request, handler) -> web.StreamResponse:
     deadline. A timer fails the payload instead; a read that is waiting (or comes later) raises."""
     server = request.app[SETTINGS].server
     limit = server.max_body_bytes
-    route_limit = getattr(request.match_info.route.handler, "body_limit", None)  # see common.body_limit
+    route_limit = getattr(request.match_info.route.handler, "body_limit", None)  # see web.body_limit
     if route_limit is not None:
         limit = min(limit, route_limit(request.app[SETTINGS]))
     if request.content_length is not None and request.content_length > limit:

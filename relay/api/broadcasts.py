@@ -14,9 +14,8 @@ from ..audience import rate_limited_reply
 from ..broadcast import Broadcast
 from ..errors import RelayError, invalid_request, too_large, unsupported_media_type
 from ..inputs import parse_json
-from ..web import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, STALLED, TOO_SLOW, client_address, close_within,
-                   json_response, next_for, send_within, token_of)
-from .common import body_limit
+from ..web import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, STALLED, TOO_SLOW, body_limit, client_address,
+                   close_within, json_response, next_for, send_within, token_of)
 
 # The events socket's close code when the same participant resumed on a newer socket: the
 # page that gets it should not resume again (two tabs would take turns replacing each other).
