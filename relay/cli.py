@@ -14,6 +14,7 @@ from aiohttp import web
 
 from . import __version__
 from .api.app import Runner, create_app
+from .cluster.node import JoinError
 from .config import ConfigError, Settings, load_config
 from .demo import DemoHost
 from .web import SESSIONS
@@ -92,7 +93,11 @@ async def serve_forever(settings: Settings, generated_key: str | None, demo: boo
     # The app's shutdown hook closes every socket first; what aiohttp then still waits on (a request
     # in flight) gets a fifth of the budget.
     runner = Runner(app, access_log=None, shutdown_timeout=settings.server.shutdown_seconds / 5)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except JoinError as exc:
+        await runner.cleanup()
+        raise StartupError(str(exc)) from exc
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
     try:
         await site.start()

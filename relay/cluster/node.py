@@ -31,6 +31,10 @@ from .quota import ClusterQuota
 log = logging.getLogger(__name__)
 
 
+class JoinError(Exception):
+    """This node cannot join its cluster at start (Redis does not answer)."""
+
+
 class Cluster:
     def __init__(self, settings: Settings, sessions: Any, *,
                  active_jobs: Callable[[], Awaitable[Iterable[str]]] | None = None) -> None:
@@ -60,7 +64,7 @@ class Cluster:
         try:
             await self.membership.join_secret()
         except (RedisError, OSError) as exc:
-            raise RuntimeError(f"cluster.redis_url: Redis does not answer at {self.settings.redis_url}: {exc}") from exc
+            raise JoinError(f"cluster.redis_url: Redis does not answer at {self.settings.redis_url}: {exc}") from exc
         await self.beat()
         self._task = asyncio.create_task(self._run(), name="relay-cluster-heartbeat")
         log.info("joined the cluster as %s", self.node_id)
