@@ -333,7 +333,7 @@ class SessionManager:
         self.broadcasts[conn.broadcast.broadcast_id] = conn.broadcast
         metrics.CONNECTIONS.inc()
         if self.observer is not None:
-            self.observer.connection_opened(conn)
+            await self.observer.connection_opened(conn)
         log.info("connection opened", extra={"connection_id": connection_id})
         return conn
 
@@ -429,8 +429,6 @@ class SessionManager:
         conn.streams_started += 1
         self._remember(stream)
         conn.broadcast.attach_stream(stream.stream_id, prompt, track, width, height, wm.fps)
-        if self.observer is not None:
-            self.observer.stream_started(stream)
         metrics.STREAMS.inc()
         metrics.STREAMS_STARTED.inc()
         conn.publish({
@@ -441,6 +439,8 @@ class SessionManager:
             "width": width,
             "height": height,
         })
+        if self.observer is not None:  # last: the stream is whole whether or not this await completes
+            await self.observer.stream_started(stream)
         log.info("stream started", extra={"connection_id": conn.connection_id, "stream_id": stream.stream_id})
         return stream
 

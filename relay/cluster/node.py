@@ -165,18 +165,30 @@ class Cluster:
 
     # -- SessionManager's observer: the directory written as things are created and closed -------
 
-    def connection_opened(self, conn: Any) -> None:
-        self._write(self.directory.publish(self._entries_of(conn)))
+    async def connection_opened(self, conn: Any) -> None:
+        await self._publish(self._entries_of(conn))
+
+    async def stream_started(self, stream: Any) -> None:
+        await self._publish([Entry("stream", stream.stream_id)])
 
     def connection_closed(self, conn: Any) -> None:
+        # Not awaited: until it lands, a forwarded call finds the connection gone at its owner (404 there).
         self._write(self.directory.remove(self._entries_of(conn)))  # its streams stay answerable here
 
-    def stream_started(self, stream: Any) -> None:
-        self._write(self.directory.publish([Entry("stream", stream.stream_id)]))
+    async def _publish(self, entries: list[Entry]) -> None:
+        """In the directory before the host hears of it (its next call may reach any node). With Redis
+        away, not awaited: the call goes on, the next beat that reaches Redis writes it."""
+        if not self.reachable:
+            self._write(self.directory.publish(entries))
+            return
+        try:
+            await self.directory.publish(entries)
+        except (RedisError, OSError) as exc:
+            self.reachable = False
+            log.warning("cluster: directory write failed (%s); the next heartbeat retries", exc)
 
     def _write(self, coro) -> None:
-        """Written now, not awaited by the caller: Redis away must not hold a host's call (the next beat
-        writes it anyway). Owned here, awaited at close."""
+        """A write nobody waits for, owned here (awaited at close); a failure is the next beat's to mend."""
         async def write() -> None:
             try:
                 await coro

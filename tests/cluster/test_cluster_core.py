@@ -75,3 +75,92 @@ async def test_any_node_answers_a_hosts_rest_calls_and_control_socket(cluster, h
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await http.ws_connect(ws_url, headers=AUTH)
     assert refused.value.status == 404
+
+
+async def test_placement_opens_the_connection_on_a_node_with_a_free_streamer(cluster, http):
+    nodes = await cluster(3, limits={"streamers": 1})
+    a = nodes[0]
+    await all_joined(http, nodes)
+    opened = [await open_connection(http, a) for _ in range(3)]  # all asked of node a, which has one streamer
+    async with http.post(f"{a.url}/v1/connections", headers=AUTH) as r:
+        assert r.status == 503 and (await r.json())["error"]["code"] == "STREAMER_NOT_AVAILABLE"
+    owners = set()
+    for node in nodes:
+        async with http.get(f"{node.url}/readyz") as r:
+            body = await r.json()
+            assert body["streamers_free"] == 0, "one connection per node"
+    # The answers' URLs work at any node (here: each connection asked of each node).
+    for conn in opened:
+        for node in nodes:
+            async with http.get(f"{node.url}/v1/connections/{conn['connection_id']}", headers=AUTH) as r:
+                assert r.status == 200
+        owners.add(conn["control_url"].split("/v1/")[0])
+    assert owners == {n.url.replace("http", "ws", 1) for n in nodes}
+    # A freed streamer is found again.
+    async with http.delete(f"{nodes[2].url}/v1/connections/{opened[1]['connection_id']}", headers=AUTH) as r:
+        assert r.status == 204
+    await eventually(lambda: _free_somewhere(http, a), timeout=5, what="the freed streamer in membership")
+    await open_connection(http, a)
+
+
+async def _free_somewhere(http, node) -> bool:
+    async with http.get(f"{node.url}/readyz") as r:
+        return any(n["streamers_free"] > 0 for n in (await r.json())["cluster"]["nodes"])
+
+
+async def test_concurrent_streams_hold_across_nodes(cluster, http):
+    nodes = await cluster(3, limits={"concurrent_streams": 2})
+    conns = [await open_connection(http, node) for node in nodes]
+
+    async def start(i: int):
+        async with http.post(f"{nodes[(i + 1) % 3].url}/v1/connections/{conns[i]['connection_id']}/streams",
+                             headers=AUTH, json={"prompt": f"sky {i}"}) as r:
+            return r.status, await r.json()
+
+    outcomes = await asyncio.gather(*(start(i) for i in range(3)))
+    statuses = sorted(status for status, _ in outcomes)
+    assert statuses == [201, 201, 429], outcomes
+    refused = next(i for i, (status, _) in enumerate(outcomes) if status == 429)
+    assert outcomes[refused][1]["error"]["code"] == "CONCURRENT_LIMIT_REACHED"
+    # Ending one stream frees its slot for the refused one, whichever node each is on.
+    ended = next(body["stream_id"] for status, body in outcomes if status == 201)
+    async with http.delete(f"{nodes[refused].url}/v1/streams/{ended}", headers=AUTH) as r:
+        assert r.status == 200
+    status, body = await start(refused)
+    assert status == 201, body
+
+
+SCRIPT = [{"timestamp_ms": 0, "start": {"prompt": "a long calm sea"}}, {"timestamp_ms": 150_000, "end": {}}]
+
+
+async def test_pending_simulations_race_across_nodes_admits_exactly_one(cluster, http):
+    # Workers render slowly enough (150 s of video each) that no job leaves during the race.
+    nodes = await cluster(3, limits={"pending_simulations": 10}, recordings={"enabled": True})
+    admitted: list[tuple[str, str]] = []
+
+    async def submit(node):
+        async with http.post(f"{node.url}/v1/simulations", headers=AUTH, json={"script": SCRIPT}) as r:
+            body = await r.json()
+            if r.status == 202:
+                admitted.append((node.url, body["job_id"]))
+            return r.status, body
+
+    for i in range(9):
+        assert (await submit(nodes[i % 3]))[0] == 202
+    outcomes = await asyncio.gather(*(submit(nodes[i % 3]) for i in range(10)))
+    statuses = [status for status, _ in outcomes]
+    assert statuses.count(202) == 1 and statuses.count(429) == 9, outcomes
+    assert all(body["error"]["code"] == "SIMULATION_QUEUE_FULL" for status, body in outcomes if status == 429)
+    # Cancelling one (at the node that admitted it) gives its slot back to the cluster.
+    for url, job_id in admitted:
+        async with http.delete(f"{url}/v1/simulations/{job_id}", headers=AUTH) as r:
+            if r.status == 200:
+                break
+    await eventually(lambda: _admits(submit, nodes[0]), timeout=5, what="a slot after a cancel")
+    for url, job_id in admitted:  # leave no worker rendering for the next test
+        async with http.delete(f"{url}/v1/simulations/{job_id}", headers=AUTH):
+            pass
+
+
+async def _admits(submit, node) -> bool:
+    return (await submit(node))[0] == 202
