@@ -164,3 +164,61 @@ async def test_pending_simulations_race_across_nodes_admits_exactly_one(cluster,
 
 async def _admits(submit, node) -> bool:
     return (await submit(node))[0] == 202
+
+
+async def test_a_node_killed_leaves_within_node_timeout_and_its_ids_answer_404(cluster, http):
+    nodes = await cluster(3)
+    a, b, _ = nodes
+    await all_joined(http, nodes)
+    conn = await open_connection(http, b)
+    cid, bid = conn["connection_id"], conn["broadcast"]["broadcast_id"]
+    async with http.get(f"{a.url}/v1/connections/{cid}", headers=AUTH) as r:
+        assert r.status == 200
+    b.kill()
+    killed = time.monotonic()
+    await eventually(lambda: _without(http, a, b.node_id), timeout=5, what="b gone from membership")
+    left = time.monotonic() - killed
+    assert left <= 1.5 + 0.25 + 0.5, f"left after {left:.2f} s (node_timeout 1.5 s)"
+    async with http.get(f"{a.url}/v1/connections/{cid}", headers=AUTH) as r:
+        assert r.status == 404 and (await r.json())["error"]["code"] == "NOT_FOUND"
+    async with http.get(f"{a.url}/v1/broadcasts/{bid}") as r:
+        assert r.status == 404
+
+
+async def _without(http, node, node_id) -> bool:
+    return node_id not in await members(http, node)
+
+
+async def test_redis_stopped_and_restarted_mid_stream(cluster, redis_server, http):
+    a, b, _ = await cluster(3)
+    conn = await open_connection(http, a)
+    cid = conn["connection_id"]
+    async with http.post(f"{a.url}/v1/connections/{cid}/streams", headers=AUTH, json={"prompt": "a calm sea"}) as r:
+        assert r.status == 201
+    broadcast = conn["broadcast"]
+    async with Spectator(broadcast["whep_url"], broadcast["spectator_token"]) as viewer:
+        await asyncio.wait_for(viewer.track.recv(), 10)
+        await redis_server.stop()
+        # What needs Redis fails fast and says so; the stream goes on at its node.
+        started = time.monotonic()
+        async with http.get(f"{b.url}/v1/connections/{cid}", headers=AUTH) as r:
+            assert r.status == 503 and (await r.json())["error"]["code"] == "CLUSTER_UNAVAILABLE"
+        assert time.monotonic() - started < 3
+        frames = 0
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            await asyncio.wait_for(viewer.track.recv(), 2)
+            frames += 1
+        assert frames >= 30, f"{frames} frames in 2 s without Redis"
+        async with http.get(f"{a.url}/v1/connections/{cid}", headers=AUTH) as r:
+            assert r.status == 200  # the owner answers for its own without Redis
+        async with http.get(f"{a.url}/readyz") as r:
+            assert (await r.json())["cluster"]["redis"] is False
+        await redis_server.start()  # empty: the nodes write it all back
+        await eventually(lambda: _answers(http, b, cid), timeout=5, what="a cross-node call after Redis is back")
+        await asyncio.wait_for(viewer.track.recv(), 5)
+
+
+async def _answers(http, node, cid) -> bool:
+    async with http.get(f"{node.url}/v1/connections/{cid}", headers=AUTH) as r:
+        return r.status == 200
