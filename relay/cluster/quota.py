@@ -37,12 +37,13 @@ return {1, held + 1}
 """
 
 # KEYS: sets; ARGV[1] ttl_ms, then one member per key: pushes back the lapse time of the slots this node holds
-# (re-adding them, should Redis have lost its data meanwhile: the holder's word is the truth).
+# (re-adding them, should Redis have lost its data meanwhile: the holder's word is the truth), lapsed ones pruned.
 _REFRESH = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   redis.call('ZADD', key, now + ttl, ARGV[i + 1])
   redis.call('PEXPIRE', key, ttl)
 end

@@ -81,6 +81,9 @@ async def test_placement_opens_the_connection_on_a_node_with_a_free_streamer(clu
     nodes = await cluster(3, limits={"streamers": 1})
     a = nodes[0]
     await all_joined(http, nodes)
+    async with http.get(f"{a.url}/metrics") as r:
+        text = await r.text()
+    assert "relay_cluster_nodes 3.0" in text and "relay_cluster_redis_up 1.0" in text
     opened = [await open_connection(http, a) for _ in range(3)]  # all asked of node a, which has one streamer
     async with http.post(f"{a.url}/v1/connections", headers=AUTH) as r:
         assert r.status == 503 and (await r.json())["error"]["code"] == "STREAMER_NOT_AVAILABLE"
@@ -222,3 +225,19 @@ async def test_redis_stopped_and_restarted_mid_stream(cluster, redis_server, htt
 async def _answers(http, node, cid) -> bool:
     async with http.get(f"{node.url}/v1/connections/{cid}", headers=AUTH) as r:
         return r.status == 200
+
+
+async def test_odyssey_tokens_hold_on_every_node_and_signalling_reaches_the_owner(cluster, http):
+    a, b, _ = await cluster(3)
+    async with http.post(f"{a.url}/odyssey/auth/token", json={"api_key": CLUSTER_KEY}) as r:
+        access = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
+    async with http.post(f"{b.url}/odyssey/sessions/request", headers=access, json={}) as r:
+        assert r.status == 200, await r.text()  # minted at a, accepted at b
+    async with http.post(f"{a.url}/odyssey/sessions/request", headers=access, json={}) as r:
+        session_id = (await r.json())["session_id"]
+    async with http.post(f"{a.url}/odyssey/sessions/token", headers=access, json={"session_id": session_id}) as r:
+        token = (await r.json())["session_token"]
+    # The SDK's signalling socket for a session of node a, opened at node b: proxied, the offer comes through.
+    url = f"{b.url.replace('http', 'ws', 1)}/odyssey/signalling/client/{session_id}?token={token}"
+    async with http.ws_connect(url) as ws:
+        assert (await ws.receive_json(timeout=10))["type"] == "offer"
