@@ -81,7 +81,10 @@ async def forward(request: web.Request, handler) -> web.StreamResponse:
     kind, ident = named
     edges = request.app.get(EDGES)
     if edges is not None and kind == "broadcast" and _EDGE_PATH.match(request.path):
-        return await serve_as_edge(request, edges, ident, handler)
+        if request.path.split("/")[4] == "whep":
+            return await serve_as_edge(request, edges, ident)
+        if hasattr(edges, "hls"):  # HLS at an edge, once the edge serves it; forwarded until then
+            return await edges.hls(request, ident)
     owner = await cluster.owner(kind, ident)
     if owner is None or owner.node_id == cluster.node_id:
         return await handler(request)  # unknown, gone with its node, or closing here: 401/404 as ever
@@ -202,11 +205,10 @@ async def _pump(ws: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResp
                                           return_exceptions=True), seconds)
 
 
-async def serve_as_edge(request: web.Request, edges, broadcast_id: str, handler) -> web.StreamResponse:
-    """WHEP and HLS of another node's broadcast, served by this node as an edge (the edge slice's object)."""
+async def serve_as_edge(request: web.Request, edges, broadcast_id: str) -> web.StreamResponse:
+    """WHEP for another node's broadcast, served by this node as its edge (the edge slice's object checks
+    the token and bounds the sessions, as the origin's handlers do)."""
     parts = request.path.split("/")  # ['', 'v1', 'broadcasts', id, 'whep', session?]
-    if parts[4] != "whep":
-        return await handler(request)  # HLS at an edge: the edge slice's (404 until then)
     if request.method == "POST" and len(parts) == 5:
         limit = request.app[SETTINGS].limits.whep_offer_max_bytes
         body = await request.content.read(limit + 1)
@@ -223,7 +225,7 @@ async def serve_as_edge(request: web.Request, edges, broadcast_id: str, handler)
     if request.method == "DELETE" and len(parts) == 6:
         await edges.leave(broadcast_id, parts[5])
         return web.Response(status=200)
-    return await handler(request)
+    raise web.HTTPMethodNotAllowed(request.method, ["POST", "PATCH", "DELETE"])
 
 
 class Carrier:
@@ -237,8 +239,10 @@ class Carrier:
         # Connecting to a node is quick or it is away; an answer may take as long as the owner's own work.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_seconds,
                                         sock_read=max(60.0, self._connect_seconds))
+        # No pool limit: each outbound call stands for one inbound, which the owner bounds (per address,
+        # per broadcast) as if it came straight; a pool cap would stall proxied sockets instead.
         self.session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False,
-                                             connector=aiohttp.TCPConnector(limit=256))
+                                             connector=aiohttp.TCPConnector(limit=0))
 
     async def close(self) -> None:
         if self.session is not None:
