@@ -1,4 +1,5 @@
-"""`relay serve [--config FILE] [--host H] [--port P] [--demo]` and `relay --version`."""
+"""`relay serve [--config FILE] [--host H] [--port P] [--public-url URL] [--data-dir DIR] [--demo]` and
+`relay --version`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from aiohttp import web
 
 from . import __version__
 from .api.app import Runner, create_app
+from .cluster.node import JoinError
 from .config import ConfigError, Settings, load_config
 from .demo import DemoHost
 from .web import SESSIONS
@@ -57,12 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", help="TOML config file (see config.example.toml)")
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    # What differs between the nodes of a cluster that share one config file (README: "Run a cluster").
+    serve.add_argument("--public-url", help="base URL clients and other nodes reach (overrides server.public_url)")
+    serve.add_argument("--data-dir", help="recordings and jobs (overrides server.data_dir)")
     serve.add_argument("--demo", action="store_true",
                        help="open a demo broadcast that streams continuously, and print its watch URL")
     args = parser.parse_args(argv)
 
     try:
-        settings = load_config(args.config, overrides={"server": {"host": args.host, "port": args.port}})
+        settings = load_config(args.config, overrides={"server": {
+            "host": args.host, "port": args.port, "public_url": args.public_url, "data_dir": args.data_dir}})
     except ConfigError as err:
         print(f"relay: bad config: {err}", file=sys.stderr)
         return 2
@@ -92,7 +98,11 @@ async def serve_forever(settings: Settings, generated_key: str | None, demo: boo
     # The app's shutdown hook closes every socket first; what aiohttp then still waits on (a request
     # in flight) gets a fifth of the budget.
     runner = Runner(app, access_log=None, shutdown_timeout=settings.server.shutdown_seconds / 5)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except JoinError as exc:
+        await runner.cleanup()
+        raise StartupError(str(exc)) from exc
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
     try:
         await site.start()

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 __all__ = ["ConfigError", "Settings", "load_config", "hosted_api_key", "ServerSettings", "AuthSettings",
            "LimitsSettings", "WorldModelSettings", "WebRTCSettings", "MediaSettings", "OrchestrationSettings",
-           "RecordingsSettings", "SimulationsSettings"]
+           "RecordingsSettings", "SimulationsSettings", "ClusterSettings"]
 
 
 class ConfigError(Exception):
@@ -344,6 +344,34 @@ class SimulationsSettings:
     sweep_interval_seconds: float = option(3600.0, min=0.05, max=86400)  # how often retention runs (and at start)
 
 
+def _redis_url(key: str, value: Any) -> str:
+    url = _scalar(key, str, value, {})
+    if url and not (urlsplit(url).scheme in ("redis", "rediss", "unix") and (urlsplit(url).netloc or urlsplit(url).path)):
+        _fail(key, 'a Redis URL, e.g. "redis://127.0.0.1:6379/0" (or "" for a single node)', value)
+    return url
+
+
+def _node_id(key: str, value: Any) -> str:
+    name = _scalar(key, str, value, {})
+    if name and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+        _fail(key, 'up to 64 letters, digits, ".", "_" or "-" (or "" to derive it from public_url)', value)
+    return name
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Several relay nodes sharing one Redis (relay/cluster/); an empty redis_url is a single node."""
+
+    redis_url: str = option("", parse=_redis_url)
+    node_id: str = option("", parse=_node_id)  # "" = derived from [server] public_url
+    heartbeat_seconds: float = option(2.0, min=0.05, max=60)
+    node_timeout_seconds: float = option(6.0, min=0.2, max=600)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -355,11 +383,20 @@ class Settings:
     recordings: RecordingsSettings = field(default_factory=RecordingsSettings)
     orchestration: OrchestrationSettings = field(default_factory=OrchestrationSettings)
     simulations: SimulationsSettings = field(default_factory=SimulationsSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Settings:
         """Settings from section -> key -> value, validated exactly as a file is."""
-        return _build(cls, data)
+        settings = _build(cls, data)
+        cluster = settings.cluster
+        if cluster.enabled and not settings.server.public_url:
+            raise ConfigError("server.public_url: required with cluster.redis_url (how the other nodes reach "
+                              "this one)")
+        if cluster.enabled and cluster.node_timeout_seconds <= cluster.heartbeat_seconds:
+            _fail("cluster.node_timeout_seconds", f"more than cluster.heartbeat_seconds "
+                  f"({cluster.heartbeat_seconds:g})", cluster.node_timeout_seconds)
+        return settings
 
 
 # ------------------------------------------------------------------------------------------- loading

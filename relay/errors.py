@@ -108,6 +108,12 @@ def insufficient_storage(what: str) -> RelayError:
     )
 
 
+def cluster_unavailable(retry_after: float = 2.0) -> RelayError:
+    """503 when a call needs the cluster's shared state (Redis) and it cannot be reached: fail fast, retry."""
+    return RelayError("CLUSTER_UNAVAILABLE", 503, "The cluster's shared state (Redis) cannot be reached.",
+                      action="Retry shortly; streams already running go on.", retry_after=retry_after)
+
+
 def _rebuild(code: str, status: int, message: str, action: str, details: dict[str, Any],
              retry_after: float | None) -> RelayError:
     return RelayError(code, status, message, action=action, details=details, retry_after=retry_after)

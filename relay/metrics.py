@@ -25,6 +25,12 @@ BYTES_SENT = Counter("relay_rtp_bytes_sent", "RTP payload bytes sent to spectato
 HLS_SEGMENTS = Counter("relay_hls_segments", "HLS segments cut from broadcasts' packets", registry=REGISTRY)
 HLS_BYTES_SERVED = Counter("relay_hls_bytes_served", "HLS segment bytes served (what a CDN in front would take over)",
                            registry=REGISTRY)
+CLUSTER_NODES = Gauge("relay_cluster_nodes", "Live nodes this node sees in the cluster (0: not clustered)",
+                      registry=REGISTRY)
+CLUSTER_REDIS_UP = Gauge("relay_cluster_redis_up", "1 while the cluster's Redis answered the last heartbeat",
+                         registry=REGISTRY)
+CLUSTER_FORWARDED = Counter("relay_cluster_forwarded", "Calls carried to the node that owns their resource",
+                            registry=REGISTRY)
 
 
 def count_sent(packets: int, size: int) -> None:

@@ -193,6 +193,11 @@ class SessionManager:
         self._streams: OrderedDict[str, Stream] = OrderedDict()
         self._streamers_in_use = 0
         self.closed = False
+        # A cluster's seams (relay/cluster/node.py), None on a single node: `observer` hears of connections
+        # and streams as they come and go (publish/remove entries of the directory); `stream_quota` holds
+        # concurrent_streams across nodes (acquire_stream/release_stream), beside the local count.
+        self.observer: Any = None
+        self.stream_quota: Any = None
 
     # -- queries -----------------------------------------------------------------------
 
@@ -237,6 +242,13 @@ class SessionManager:
         if stream is None:
             raise not_found("stream", stream_id)
         return stream
+
+    def knows_stream(self, stream_id: str) -> bool:
+        return stream_id in self._streams
+
+    def stream_ids(self) -> list[str]:
+        """Every stream GET /v1/streams/{id} still answers for: the live ones and the recent ended ones."""
+        return list(self._streams)
 
     def broadcast(self, broadcast_id: str) -> Broadcast:
         broadcast = self.broadcasts.get(broadcast_id)
@@ -320,6 +332,8 @@ class SessionManager:
         self.connections[connection_id] = conn
         self.broadcasts[conn.broadcast.broadcast_id] = conn.broadcast
         metrics.CONNECTIONS.inc()
+        if self.observer is not None:
+            await self.observer.connection_opened(conn)
         log.info("connection opened", extra={"connection_id": connection_id})
         return conn
 
@@ -359,6 +373,8 @@ class SessionManager:
         for token in conn.client_tokens:
             self._by_client_token.pop(token, None)
         metrics.CONNECTIONS.dec()
+        if self.observer is not None:
+            self.observer.connection_closed(conn)
         conn.publish({"type": "disconnected", "reason": reason})
         log.info("connection closed", extra={"connection_id": conn.connection_id, "reason": reason})
 
@@ -381,14 +397,17 @@ class SessionManager:
         self.check_stream_quota(conn.api_key)
         conn.set_state(ConnectionState.STARTING)  # reserves this key's slot across the await below
         try:
+            await self._acquire_cluster_slot(conn)
             track = await _upstream_start(conn, prompt, image, portrait)
         except BaseException:  # refused, or cancelled: unless closed meanwhile, back to where it was
             if conn.state is ConnectionState.STARTING:
                 conn.set_state(ConnectionState.CONNECTED)
+            await self._release_cluster_slot(conn)
             raise
         if conn.closed:  # disconnected while the upstream was starting: nothing may outlive it
             track.stop()
             await conn.streamer.end_stream()
+            await self._release_cluster_slot(conn)
             raise not_found("connection", conn.connection_id)
         wm = self._settings.world_model
         width, height = (wm.height, wm.width) if portrait else (wm.width, wm.height)
@@ -420,6 +439,8 @@ class SessionManager:
             "width": width,
             "height": height,
         })
+        if self.observer is not None:  # last: the stream is whole whether or not this await completes
+            await self.observer.stream_started(stream)
         log.info("stream started", extra={"connection_id": conn.connection_id, "stream_id": stream.stream_id})
         return stream
 
@@ -475,9 +496,27 @@ class SessionManager:
         finally:
             if conn.state is ConnectionState.ENDING:  # not closed meanwhile
                 conn.set_state(ConnectionState.CONNECTED)
+            await self._release_cluster_slot(conn)
         metrics.STREAMS.dec()
         conn.publish({"type": "stream_ended", "stream_id": stream.stream_id, "reason": reason})
         log.info("stream ended", extra={"stream_id": stream.stream_id, "reason": reason})
+
+    async def _acquire_cluster_slot(self, conn: Connection) -> None:
+        """Across a cluster: one of the key's concurrent_streams, taken atomically in Redis (429 when the
+        other nodes hold them all). The slot is the connection's: one stream at a time."""
+        if self.stream_quota is None:
+            return
+        limit = self._limits.concurrent_streams
+        admitted, held = await self.stream_quota.acquire_stream(owner_id(conn.api_key), conn.connection_id, limit)
+        if not admitted:
+            raise RelayError("CONCURRENT_LIMIT_REACHED", 429,
+                             f"This API key already has {held} live streams across the cluster (limit {limit}).",
+                             action="End a stream, or wait for one to finish.",
+                             details={"active_count": held, "limit": limit}, retry_after=1.0)
+
+    async def _release_cluster_slot(self, conn: Connection) -> None:
+        if self.stream_quota is not None:
+            await self.stream_quota.release_stream(conn.connection_id)
 
     def _remember(self, stream: Stream) -> None:
         self._streams[stream.stream_id] = stream

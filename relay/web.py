@@ -25,6 +25,12 @@ SESSIONS = web.AppKey("sessions", SessionManager)
 API_KEYS = web.AppKey("api_keys", tuple)
 RECORDINGS = web.AppKey("recordings", RecordingStore)
 SIMULATIONS = web.AppKey("simulations", Simulations)
+# Clustered only ([cluster] redis_url): the relay.cluster.node.Cluster, and the edge that serves other nodes'
+# broadcasts over WHEP here (join(broadcast_id, offer_sdp, token, address) -> (location, answer_sdp),
+# trickle(broadcast_id, session_id, fragment), leave(broadcast_id, session_id)); None until one is installed.
+CLUSTER = web.AppKey("cluster", object)
+EDGES = web.AppKey("edges", object)
+FORWARDED_CLIENT = "relay.forwarded_client"  # request key: the caller's address, when another node forwarded it
 
 # WebSocket close codes the relay's sockets end with (beside 1000 and the events socket's 4001).
 GOING_AWAY = 1001  # "shutdown": the relay is stopping
@@ -46,6 +52,9 @@ def client_address(request: web.Request) -> str:
     The TCP peer; behind a reverse proxy listed in [server] trusted_proxies, the client it forwarded: the
     rightmost X-Forwarded-For entry that is not itself a trusted proxy (entries to its left are the
     client's own word). An IPv6 address counts by its /64, which one host commonly holds whole."""
+    forwarded = request.get(FORWARDED_CLIENT)
+    if forwarded:  # set only for a call another node of the cluster signed (relay/cluster/forward.py)
+        return forwarded
     peer = request.remote or "unknown"
     trusted = _networks(request.app[SETTINGS].server.trusted_proxies)
     if trusted and _within(peer, trusted):

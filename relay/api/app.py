@@ -10,14 +10,16 @@ from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from ..cluster import forward
+from ..cluster.node import Cluster
 from ..config import Settings, hosted_api_key
 from ..errors import RelayError, too_large
 from ..media.webrtc import restrict_ice_host_addresses
-from ..odyssey.server import PREFIX as ODYSSEY_PREFIX, create_odyssey_app
+from ..odyssey.server import PREFIX as ODYSSEY_PREFIX, TWIN, create_odyssey_app
 from ..recordings import RecordingStore
 from ..sessions import SessionManager
 from ..simulations import Simulations
-from ..web import API_KEYS, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS
+from ..web import API_KEYS, CLUSTER, EDGES, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS
 from ..worldmodel.base import WorldModel
 from ..worldmodel.hosted import HostedWorldModel
 from ..worldmodel.synthetic import SyntheticWorldModel
@@ -163,8 +165,12 @@ class Runner(web.AppRunner):
 
 def create_app(settings: Settings, world_model: WorldModel | None = None, *, reaper_interval: float = 0.1) -> web.Application:
     server = settings.server
+    clustered = settings.cluster.enabled
+    # Clustered, a call about another node's resource is forwarded last: after the errors' shape and the
+    # body's bounds, before any handler reads state this node does not have.
+    middlewares = [cors, errors, body_deadline] + ([forward.forward] if clustered else [])
     app = web.Application(
-        middlewares=[cors, errors, body_deadline], client_max_size=server.max_body_bytes,
+        middlewares=middlewares, client_max_size=server.max_body_bytes,
         # aiohttp's keep-alive timer also runs from the connect until a request's headers are complete:
         # a silent connection, or one that trickles its headers, is closed at header_timeout_seconds.
         handler_args={"keepalive_timeout": server.header_timeout_seconds, "lingering_time": LINGER_SECONDS},
@@ -177,15 +183,51 @@ def create_app(settings: Settings, world_model: WorldModel | None = None, *, rea
     app[RECORDINGS] = RecordingStore.from_settings(settings)
     app[SESSIONS] = SessionManager(settings, world_model, recordings=app[RECORDINGS])
     app[SIMULATIONS] = Simulations(settings, app[RECORDINGS])
+    app[CLUSTER] = None
+    app[EDGES] = None  # the edge slice's object (serves other nodes' broadcasts over WHEP here)
+    if clustered:
+        install_cluster(app)
 
     for module in (connections, broadcasts, orchestration, recordings, simulations, ops, pages):
         app.router.add_routes(module.routes)
     app.on_shutdown.append(_shut_down)
     # The hosted world-model API's own protocol (its SDK runs unchanged), over the same core.
-    app.add_subapp(ODYSSEY_PREFIX, create_odyssey_app(app))
+    odyssey = create_odyssey_app(app)
+    app.add_subapp(ODYSSEY_PREFIX, odyssey)
     pages.add_static(app)
+    if clustered:  # joined before the core starts, left after it closed (its last entries removed)
+        app.cleanup_ctx.append(_cluster_lifecycle(odyssey))
     app.cleanup_ctx.append(_lifecycle(reaper_interval))
     return app
+
+
+def install_cluster(app: web.Application) -> None:
+    """The cluster's seams into the core (relay/cluster/node.py); the node joins at start."""
+    sessions, jobs = app[SESSIONS], app[SIMULATIONS]
+
+    async def active_jobs() -> list[str]:
+        return await asyncio.to_thread(jobs.store.active_ids) if jobs.store is not None else []
+
+    cluster = Cluster(app[SETTINGS], sessions, active_jobs=active_jobs)
+    app[CLUSTER] = cluster
+    app[forward.CARRIER] = forward.Carrier(app[SETTINGS].cluster.node_timeout_seconds)
+    sessions.observer = cluster
+    sessions.stream_quota = cluster
+    jobs.cluster_quota = cluster.simulations
+
+
+def _cluster_lifecycle(odyssey: web.Application):
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        cluster, carrier = app[CLUSTER], app[forward.CARRIER]
+        await cluster.start()
+        # /odyssey's JWTs signed with the cluster's secret: a token minted on one node holds on every node.
+        odyssey[TWIN].use_secret(cluster.token_secret(b"relay/odyssey tokens"))
+        await carrier.start()
+        yield
+        await carrier.close()
+        await cluster.close()
+
+    return lifecycle
 
 
 def make_world_model(settings: Settings) -> WorldModel:

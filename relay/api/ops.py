@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import metrics
-from ..web import SESSIONS, json_response
+from ..web import CLUSTER, SESSIONS, json_response
 
 routes = web.RouteTableDef()
 
@@ -20,6 +20,9 @@ async def readyz(request: web.Request) -> web.Response:
     sessions = request.app[SESSIONS]
     ready = not sessions.closed and sessions.streamers_free > 0
     body = {"status": "ready" if ready else "unavailable", "streamers_free": sessions.streamers_free}
+    cluster = request.app[CLUSTER]
+    if cluster is not None:  # membership as the last heartbeat saw it; ready without Redis (streams go on)
+        body["cluster"] = cluster.describe()
     return json_response(body, status=200 if ready else 503)
 
 

@@ -63,6 +63,10 @@ class Twin:
         self.live: dict[str, SignallingSession] = {}  # session_id -> its current signalling socket
         self.closing: set[asyncio.Task] = set()  # sessions' teardowns under way (awaited at shutdown)
 
+    def use_secret(self, secret: bytes) -> None:
+        """Clustered: the key every node shares (relay/cluster), in place of this node's own."""
+        self._secret = secret
+
     @property
     def secret(self) -> bytes:
         """The tokens' HS256 key: derived from the server's persistent signing secret (data_dir), so an

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import math
 import multiprocessing
 import shutil
 import sqlite3
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -72,6 +74,9 @@ class Simulations:
         self._next_sweep = 0.0
         self._unavailable: BaseException | None = None  # why the store could not be opened (a full disk)
         self._closed = False
+        # A cluster's seam (relay/cluster/node.py), None on a single node: pending_simulations held across
+        # nodes, a slot taken in Redis (take/give_back, `submitting`) before the job enters this store.
+        self.cluster_quota: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -166,9 +171,12 @@ class Simulations:
         scripts, portrait = parse_request(body, self._sim.max_seconds)
         store = self._require()
         limit = self._settings.limits.pending_simulations
+        job_id = uuid.uuid4().hex
         try:
             with _disk_full_as_507("the job could not be queued"):
-                job, ahead = await asyncio.to_thread(store.submit, owner_id(api_key), scripts, portrait, limit)
+                async with self._cluster_slot(owner_id(api_key), job_id, limit):
+                    job, ahead = await asyncio.to_thread(store.submit, owner_id(api_key), scripts, portrait, limit,
+                                                         job_id)
         except QueueFull as full:
             raise RelayError(
                 "SIMULATION_QUEUE_FULL", 429,
@@ -180,6 +188,27 @@ class Simulations:
         self._wake.set()
         return {"job_id": job.job_id, "status": job.status, "created_at": iso(job.created_at),
                 "estimated_wait_seconds": math.ceil(self._estimate(ahead, job.video_seconds))}
+
+    @contextlib.asynccontextmanager
+    async def _cluster_slot(self, owner: str, job_id: str, limit: int):
+        """Across a cluster: the key's slot taken atomically in Redis first (QueueFull when the cluster holds
+        `limit`), given back if the job does not enter the store. A single node: nothing."""
+        quota = self.cluster_quota
+        if quota is None:
+            yield
+            return
+        quota.submitting.add(job_id)  # held while it is neither in Redis's count alone nor in the store
+        try:
+            admitted, held = await quota.take(owner, job_id, limit)
+            if not admitted:
+                raise QueueFull(held, limit, 0.0)
+            try:
+                yield
+            except BaseException:
+                await quota.give_back(job_id)
+                raise
+        finally:
+            quota.submitting.discard(job_id)
 
     def _estimate(self, ahead_video_seconds: float, own_video_seconds: float) -> float:
         """Seconds until a job with ``own`` seconds of video behind ``ahead`` seconds of it completes."""

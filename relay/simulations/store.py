@@ -199,14 +199,16 @@ class JobStore:
 
     # -- submitting and reading ---------------------------------------------------------------
 
-    def submit(self, owner: str, scripts: list[Script], portrait: bool, limit: int) -> tuple[Job, float]:
-        """Insert a pending job unless ``owner`` has ``limit`` active ones (QueueFull).
+    def submit(self, owner: str, scripts: list[Script], portrait: bool, limit: int,
+               job_id: str | None = None) -> tuple[Job, float]:
+        """Insert a pending job unless ``owner`` has ``limit`` active ones (QueueFull). ``job_id``: one
+        chosen beforehand (a cluster's quota slot is taken under it), else a fresh one.
 
         Returns the job and the seconds of video queued or running before it (all owners).
         """
         now = self._clock.time()
         video_seconds = round(sum(script_seconds(s) for s in scripts), 3)
-        job = Job(job_id=uuid.uuid4().hex, owner=owner, status="pending", scripts=scripts, portrait=portrait,
+        job = Job(job_id=job_id or uuid.uuid4().hex, owner=owner, status="pending", scripts=scripts, portrait=portrait,
                   video_seconds=video_seconds, created_at=now)
         with self._write() as db:
             (pending,) = db.execute(f"SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN {_ACTIVE_SQL}",
@@ -243,6 +245,10 @@ class JobStore:
             rows = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
                                     [*args, max(0, limit), max(0, offset)]).fetchall()
         return [_job(r) for r in rows], total
+
+    def active_ids(self) -> list[str]:
+        """Every job still pending or running (what holds a slot of [limits] pending_simulations)."""
+        return [row[0] for row in self._read(f"SELECT job_id FROM jobs WHERE status IN {_ACTIVE_SQL}")]
 
     def active_count(self, owner: str | None = None) -> int:
         if owner is None:

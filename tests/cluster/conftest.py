@@ -4,10 +4,13 @@ stopped by the fixture (nothing persisted: no RDB, no AOF)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 
 import pytest
+
+from tests.conftest import start_relay_process
 
 
 def free_port() -> int:
@@ -60,3 +63,75 @@ async def redis_server(tmp_path):
     await server.start()
     yield server
     await server.stop()
+
+
+CLUSTER_KEY = "cluster-key-1"
+
+
+class Node:
+    """One `relay serve` process of a test cluster."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, url: str, node_id: str) -> None:
+        self.proc, self.url, self.node_id = proc, url, node_id
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()  # SIGKILL: no goodbye, the others must notice by the heartbeat alone
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 15)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+        await self.proc.wait()
+
+
+def node_config(tmp_path, redis_url: str, name: str, **sections) -> tuple[str, str]:
+    """A node's TOML config file (the same for every node but port, public_url and data_dir); (path, id)."""
+    port = free_port()
+    data: dict = {
+        "server": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}",
+                   "data_dir": str(tmp_path / name), "shutdown_seconds": 3},
+        "auth": {"api_keys": [CLUSTER_KEY]},
+        "limits": {"streamers": 2, "stream_max_seconds": 60, "idle_timeout_seconds": 30},
+        "world_model": {"width": 160, "height": 96, "fps": 25},
+        "webrtc": {"ice_host_addresses": ["127.0.0.1"]},
+        "recordings": {"enabled": False},
+        "cluster": {"redis_url": redis_url, "node_id": name, "heartbeat_seconds": 0.25, "node_timeout_seconds": 1.5},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
+    path = tmp_path / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path), name
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)
+
+
+@pytest.fixture
+async def cluster(redis_server, tmp_path):
+    """start(n, **sections) -> n nodes of one cluster on the test's Redis; all stopped at the end."""
+    nodes: list[Node] = []
+
+    async def start(n: int = 3, **sections) -> list[Node]:
+        started = []
+        for i in range(n):
+            path, name = node_config(tmp_path, redis_server.url, f"node{len(nodes) + 1}", **sections)
+            proc, url = await start_relay_process(path)
+            node = Node(proc, url, name)
+            nodes.append(node)
+            started.append(node)
+        return started
+
+    yield start
+    await asyncio.gather(*(node.stop() for node in nodes))

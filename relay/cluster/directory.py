@@ -1,0 +1,107 @@
+"""The directory: which node owns each connection, stream and broadcast, and a broadcast's record for edges.
+
+Keys: ``relay:owner:<kind>:<id>`` -> node id and ``relay:broadcast:<id>`` -> JSON record, each with a TTL of
+node_timeout_seconds that the owner's heartbeat refreshes (and rewrites, so a Redis that lost its data is
+whole again one beat later). Written when created, deleted when closed; an entry whose node stopped
+heart-beating reads as gone, so a dead node's ids answer 404 everywhere.
+
+The edge slice codes against `origin_of` and `node_authorization` (and `Origin`): keep their shape.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from redis.asyncio import Redis
+
+from .membership import Membership, NodeInfo
+
+KINDS = ("connection", "stream", "broadcast")
+
+
+def owner_key(kind: str, ident: str) -> str:
+    return f"relay:owner:{kind}:{ident}"
+
+
+def broadcast_key(broadcast_id: str) -> str:
+    return f"relay:broadcast:{broadcast_id}"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an edge pulls a broadcast from: the origin node, its base URL, the broadcast's spectator token."""
+
+    node_id: str
+    url: str
+    spectator_token: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One thing this node owns, as the heartbeat rewrites it."""
+
+    kind: str
+    ident: str
+    record: dict[str, Any] | None = None  # a broadcast's record
+
+
+class Directory:
+    def __init__(self, redis: Redis, membership: Membership, timeout_seconds: float) -> None:
+        self._redis = redis
+        self._membership = membership
+        self._ttl_ms = int(timeout_seconds * 1000)
+
+    @property
+    def node_id(self) -> str:
+        return self._membership.node_id
+
+    async def publish(self, entries: Iterable[Entry]) -> None:
+        """Write (or refresh) what this node owns, in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.set(owner_key(entry.kind, entry.ident), self.node_id, px=self._ttl_ms)
+                if entry.record is not None:
+                    pipe.set(broadcast_key(entry.ident), json.dumps(entry.record), px=self._ttl_ms)
+            await pipe.execute()
+
+    async def remove(self, entries: Iterable[Entry]) -> None:
+        keys = []
+        for entry in entries:
+            keys.append(owner_key(entry.kind, entry.ident))
+            if entry.kind == "broadcast":
+                keys.append(broadcast_key(entry.ident))
+        if keys:
+            await self._redis.delete(*keys)
+
+    async def owner(self, kind: str, ident: str) -> NodeInfo | None:
+        """The live node that owns it, or None (unknown, or its node is gone)."""
+        if kind not in KINDS or not ident or len(ident) > 128:
+            return None
+        node_id = await self._redis.get(owner_key(kind, ident))
+        if not node_id:
+            return None
+        return await self._membership.node(node_id.decode() if isinstance(node_id, bytes) else node_id)
+
+    async def broadcast_record(self, broadcast_id: str) -> dict[str, Any] | None:
+        """{node_id, origin_url, spectator_token, connection_id} while its origin lives, else None."""
+        if not broadcast_id or len(broadcast_id) > 128:
+            return None
+        raw = await self._redis.get(broadcast_key(broadcast_id))
+        if not raw:
+            return None
+        record = json.loads(raw)
+        if await self._membership.node(record["node_id"]) is None:
+            return None
+        return record
+
+    async def origin_of(self, broadcast_id: str) -> Origin | None:
+        record = await self.broadcast_record(broadcast_id)
+        if record is None:
+            return None
+        return Origin(record["node_id"], record["origin_url"], record["spectator_token"])
+
+    def node_authorization(self) -> str:
+        """The Authorization header value this node sends to another node (see Membership.verify)."""
+        return self._membership.authorization()

@@ -1,0 +1,252 @@
+"""Any node answers any call: a call naming a connection, stream or broadcast that another live node owns
+is carried out by that node. This middleware forwards it (method, path, query, headers with the caller's
+Authorization, body) and answers with the owner's status, headers and body, unchanged: not a redirect,
+which clients follow without the Authorization header. WebSockets are proxied frame by frame, close codes
+passed through. POST /v1/connections at a node with no free streamer goes to a node that has one.
+
+A forwarded call carries `X-Relay-Node` (the sending node's signed header) and `X-Relay-Client` (the
+caller's address, which the per-address caps count): the owner believes the latter only with the former,
+and never forwards a forwarded call again (no loops).
+
+WHEP and HLS for a broadcast of another node are the edge's (request.app[EDGES]), served here; until an
+edge is installed they are forwarded like any call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from .. import metrics
+from ..auth import require_api_key
+from ..errors import RelayError, not_found, too_large, unauthorized
+from ..web import API_KEYS, CLUSTER, EDGES, FORWARDED_CLIENT, SESSIONS, SETTINGS, client_address, token_of
+from .membership import NodeInfo
+
+log = logging.getLogger(__name__)
+
+NODE_HEADER = "X-Relay-Node"
+CLIENT_HEADER = "X-Relay-Client"
+# RFC 9110 7.6.1, plus what aiohttp sets itself for the new hop.
+HOP_BY_HOP = frozenset(h.lower() for h in (
+    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer", "Transfer-Encoding",
+    "Upgrade", "Host", "Content-Length", NODE_HEADER, CLIENT_HEADER))
+WS_HANDSHAKE = frozenset(h.lower() for h in (
+    "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Accept"))
+
+# Paths that name a resource, and the kind of id each names. /odyssey's signalling session is the connection.
+_ROUTES = (
+    (re.compile(r"^/v1/connections/([^/]{1,128})(/.*)?$"), "connection"),
+    (re.compile(r"^/v1/streams/([^/]{1,128})(/.*)?$"), "stream"),
+    (re.compile(r"^/v1/broadcasts/([^/]{1,128})(/.*)?$"), "broadcast"),
+    (re.compile(r"^/odyssey/signalling/client/([^/]{1,128})$"), "connection"),
+)
+_EDGE_PATH = re.compile(r"^/v1/broadcasts/[^/]+/(whep(/[^/]+)?|hls/.*)$")
+
+
+def _named(path: str) -> tuple[str, str] | None:
+    for pattern, kind in _ROUTES:
+        if m := pattern.match(path):
+            return kind, m.group(1)
+    return None
+
+
+def _local(request: web.Request, kind: str, ident: str) -> bool:
+    sessions = request.app[SESSIONS]
+    if kind == "connection":
+        return ident in sessions.connections
+    if kind == "broadcast":
+        return ident in sessions.broadcasts
+    return sessions.knows_stream(ident)
+
+
+@web.middleware
+async def forward(request: web.Request, handler) -> web.StreamResponse:
+    cluster = request.app[CLUSTER]
+    if NODE_HEADER in request.headers:
+        if cluster.verify_node(request.headers[NODE_HEADER]) is not None:  # a node carried it here: ours
+            request[FORWARDED_CLIENT] = request.headers.get(CLIENT_HEADER, "")[:64] or None
+            return await handler(request)
+    if request.method == "OPTIONS":
+        return await handler(request)
+    if request.path == "/v1/connections" and request.method == "POST":
+        return await _place(request, handler)
+    named = _named(request.path)
+    if named is None or _local(request, *named):
+        return await handler(request)
+    kind, ident = named
+    edges = request.app.get(EDGES)
+    if edges is not None and kind == "broadcast" and _EDGE_PATH.match(request.path):
+        if request.path.split("/")[4] == "whep":
+            return await serve_as_edge(request, edges, ident)
+        if hasattr(edges, "hls"):  # HLS at an edge, once the edge serves it; forwarded until then
+            return await edges.hls(request, ident)
+    owner = await cluster.owner(kind, ident)
+    if owner is None or owner.node_id == cluster.node_id:
+        return await handler(request)  # unknown, gone with its node, or closing here: 401/404 as ever
+    return await carry(request, owner)
+
+
+async def _place(request: web.Request, handler) -> web.StreamResponse:
+    """A node with no free streamer opens the connection on the live node with the most (503 when none has)."""
+    sessions, cluster = request.app[SESSIONS], request.app[CLUSTER]
+    if sessions.closed or sessions.streamers_free > 0:
+        return await handler(request)
+    require_api_key(token_of(request), request.app[API_KEYS])  # a stranger costs no other node a call
+    body = await request.read()
+    others = sorted((n for n in await cluster.nodes() if n.node_id != cluster.node_id and n.streamers_free > 0),
+                    key=lambda n: -n.streamers_free)
+    for node in others:
+        response = await carry(request, node, body=body, placing=True)
+        if response is not None:
+            return response
+    return await handler(request)  # nobody had one: this node's own 503 STREAMER_NOT_AVAILABLE
+
+
+def _headers_out(request: web.Request) -> dict[str, str]:
+    cluster = request.app[CLUSTER]
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+    headers[NODE_HEADER] = cluster.node_authorization()
+    headers[CLIENT_HEADER] = client_address(request)
+    return headers
+
+
+async def carry(request: web.Request, node: NodeInfo, *, body: bytes | None = None,
+                placing: bool = False) -> web.StreamResponse | None:
+    """The owner's answer to this request. A placement that the node refuses for want of a streamer
+    (it filled meanwhile) answers None: try the next."""
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return await _carry_socket(request, node)
+    session = request.app[CARRIER].session
+    if body is None:
+        body = await request.read() if request.body_exists else None
+    metrics.CLUSTER_FORWARDED.inc()
+    try:
+        async with session.request(request.method, node.public_url + request.raw_path, headers=_headers_out(request),
+                                   data=body, allow_redirects=False) as upstream:
+            if placing and upstream.status == 503:
+                return None
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers={
+                k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP or k.lower() == "content-length"})
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(64 * 1024):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        if placing:
+            return None
+        raise _unreachable(node, exc) from None
+
+
+def _unreachable(node: NodeInfo, exc: BaseException) -> RelayError:
+    """Its node still heart-beats (or did within node_timeout) but does not answer: retry shortly; once it
+    has left the cluster, its ids answer 404."""
+    log.warning("cluster: node %s did not answer: %s", node.node_id, exc)
+    return RelayError("NODE_UNAVAILABLE", 503, "The node that serves this resource does not answer.",
+                      action="Retry shortly.", details={"node_id": node.node_id}, retry_after=2)
+
+
+async def _carry_socket(request: web.Request, node: NodeInfo) -> web.StreamResponse:
+    settings = request.app[SETTINGS].server
+    session = request.app[CARRIER].session
+    headers = {k: v for k, v in _headers_out(request).items() if k.lower() not in WS_HANDSHAKE}
+    url = node.public_url.replace("http", "ws", 1) + request.raw_path
+    limit = max(settings.max_body_bytes, 64 * 1024)
+    metrics.CLUSTER_FORWARDED.inc()
+    try:
+        upstream = await session.ws_connect(url, headers=headers, max_msg_size=limit, autoclose=False,
+                                            timeout=aiohttp.ClientWSTimeout(ws_close=settings.send_timeout_seconds))
+    except aiohttp.WSServerHandshakeError as exc:  # the owner refused the socket: its status, in our shape
+        kind, ident = _named(request.path) or ("resource", "")
+        raise (unauthorized() if exc.status == 401 else not_found(kind, ident) if exc.status == 404 else
+               RelayError("INVALID_REQUEST", exc.status, exc.message or "Refused.")) from None
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise _unreachable(node, exc) from None
+    ws = web.WebSocketResponse(max_msg_size=limit, autoclose=False)
+    try:
+        await ws.prepare(request)
+        await _pump(ws, upstream, settings.send_timeout_seconds)
+    finally:
+        await upstream.close()
+    return ws
+
+
+async def _pump(ws: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse, seconds: float) -> None:
+    """Frames both ways until either side closes; the other side is closed with the same code and reason."""
+    async def copy(source, sink) -> tuple[int, bytes]:
+        while True:
+            msg = await source.receive()
+            if msg.type == WSMsgType.TEXT:
+                await asyncio.wait_for(sink.send_str(msg.data), seconds)
+            elif msg.type == WSMsgType.BINARY:
+                await asyncio.wait_for(sink.send_bytes(msg.data), seconds)
+            elif msg.type == WSMsgType.CLOSE:
+                return msg.data or 1000, (msg.extra or "").encode()
+            elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                return source.close_code or 1006, b""
+
+    down = asyncio.create_task(copy(upstream, ws), name="relay-forward-down")
+    up = asyncio.create_task(copy(ws, upstream), name="relay-forward-up")
+    try:
+        done, _ = await asyncio.wait((down, up), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (down, up):
+            task.cancel()
+        await asyncio.gather(down, up, return_exceptions=True)
+    first = done.pop()
+    code, reason = (1011, b"") if first.cancelled() or first.exception() else first.result()
+    code = code if 1000 <= code < 5000 and code not in (1005, 1006, 1015) else 1011
+    await asyncio.wait_for(asyncio.gather(ws.close(code=code, message=reason), upstream.close(code=code, message=reason),
+                                          return_exceptions=True), seconds)
+
+
+async def serve_as_edge(request: web.Request, edges, broadcast_id: str) -> web.StreamResponse:
+    """WHEP for another node's broadcast, served by this node as its edge (the edge slice's object checks
+    the token and bounds the sessions, as the origin's handlers do)."""
+    parts = request.path.split("/")  # ['', 'v1', 'broadcasts', id, 'whep', session?]
+    if request.method == "POST" and len(parts) == 5:
+        limit = request.app[SETTINGS].limits.whep_offer_max_bytes
+        body = await request.content.read(limit + 1)
+        if len(body) > limit:
+            raise too_large(limit)
+        location, answer = await edges.join(broadcast_id, body.decode("utf-8", errors="replace"), token_of(request),
+                                            client_address(request))
+        return web.Response(status=201, text=answer, content_type="application/sdp", headers={"Location": location})
+    if request.method == "PATCH" and len(parts) == 6:
+        fragment = (await request.content.read(request.app[SETTINGS].limits.whep_offer_max_bytes)).decode(
+            "utf-8", errors="replace")
+        await edges.trickle(broadcast_id, parts[5], fragment)
+        return web.Response(status=204)
+    if request.method == "DELETE" and len(parts) == 6:
+        await edges.leave(broadcast_id, parts[5])
+        return web.Response(status=200)
+    raise web.HTTPMethodNotAllowed(request.method, ["POST", "PATCH", "DELETE"])
+
+
+class Carrier:
+    """The middleware's HTTP client to the other nodes: opened with the app, closed with it."""
+
+    def __init__(self, connect_seconds: float) -> None:
+        self._connect_seconds = connect_seconds
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        # Connecting to a node is quick or it is away; an answer may take as long as the owner's own work.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_seconds,
+                                        sock_read=max(60.0, self._connect_seconds))
+        # No pool limit: each outbound call stands for one inbound, which the owner bounds (per address,
+        # per broadcast) as if it came straight; a pool cap would stall proxied sockets instead.
+        self.session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False,
+                                             connector=aiohttp.TCPConnector(limit=0))
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
+CARRIER = web.AppKey("cluster_carrier", Carrier)

@@ -1,0 +1,214 @@
+"""The Cluster: this node's part in a cluster of relays sharing one Redis.
+
+It owns the Redis client and the heartbeat task. Each beat (every heartbeat_seconds) writes this node's
+membership record, rewrites what it owns into the directory and refreshes the quota slots it holds, so a
+Redis that restarted empty is whole again one beat later. The rest of the relay reaches it through three
+seams: SessionManager's `observer` and `stream_quota`, Simulations' `cluster_quota` (set by create_app).
+
+Redis going away never stops what runs: live streams go on; what needs Redis fails fast with 503
+CLUSTER_UNAVAILABLE (see `guarded`), and the next beat that succeeds heals it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .. import metrics
+from ..config import Settings
+from ..errors import cluster_unavailable
+from .directory import Directory, Entry, Origin
+from .membership import Membership, NodeInfo, derive_node_id
+from .quota import ClusterQuota
+
+log = logging.getLogger(__name__)
+
+
+class JoinError(Exception):
+    """This node cannot join its cluster at start (Redis does not answer)."""
+
+
+class Cluster:
+    def __init__(self, settings: Settings, sessions: Any, *,
+                 active_jobs: Callable[[], Awaitable[Iterable[str]]] | None = None) -> None:
+        """`sessions`: the SessionManager whose connections and streams this node owns; `active_jobs()`:
+        the ids of the simulation jobs still pending or running here (whose quota slots stay held)."""
+        cluster = settings.cluster
+        self.settings = cluster
+        self.public_url = settings.server.public_url
+        self.node_id = cluster.node_id or derive_node_id(self.public_url)
+        # Every Redis call is short: a Redis that does not answer within a beat is away (fail fast).
+        seconds = min(cluster.heartbeat_seconds, 2.0)
+        self.redis = aioredis.from_url(cluster.redis_url, socket_timeout=seconds, socket_connect_timeout=seconds)
+        self.membership = Membership(self.redis, self.node_id, cluster.node_timeout_seconds)
+        self.directory = Directory(self.redis, self.membership, cluster.node_timeout_seconds)
+        self.streams = ClusterQuota(self.redis, "streams", cluster.node_timeout_seconds)
+        self.simulations = ClusterQuota(self.redis, "simulations", cluster.node_timeout_seconds)
+        self._sessions, self._active_jobs = sessions, active_jobs
+        self.reachable = False
+        self.nodes_seen: list[NodeInfo] = []
+        self._task: asyncio.Task | None = None
+        self._writes: set[asyncio.Task] = set()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Join: the cluster secret, then the first beat. Redis must answer now (a node cannot join blind)."""
+        try:
+            await self.membership.join_secret()
+        except (RedisError, OSError) as exc:
+            raise JoinError(f"cluster.redis_url: Redis does not answer at {self.settings.redis_url}: {exc}") from exc
+        await self.beat()
+        self._task = asyncio.create_task(self._run(), name="relay-cluster-heartbeat")
+        log.info("joined the cluster as %s", self.node_id)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.gather(*self._writes, return_exceptions=True)
+        with contextlib.suppress(RedisError, OSError):  # leave at once rather than at node_timeout
+            await self.directory.remove(self._owned())
+            await self.membership.leave()
+        await self.redis.aclose()
+        metrics.CLUSTER_NODES.set(0)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            await self.beat()
+
+    def _owned(self) -> list[Entry]:
+        entries = [e for conn in self._sessions.connections.values() for e in self._entries_of(conn)]
+        return entries + [Entry("stream", stream_id) for stream_id in self._sessions.stream_ids()]
+
+    def _entries_of(self, conn: Any) -> list[Entry]:
+        broadcast = conn.broadcast
+        return [Entry("connection", conn.connection_id),
+                Entry("broadcast", broadcast.broadcast_id, {
+                    "node_id": self.node_id, "origin_url": self.public_url,
+                    "spectator_token": broadcast.spectator_token, "connection_id": conn.connection_id})]
+
+    async def beat(self) -> None:
+        sessions = self._sessions
+        load = {"connections": len(sessions.connections),
+                "spectators": sum(b.viewers for b in sessions.broadcasts.values())}
+        try:
+            await self.membership.join_secret()  # offers ours again: the same secret after a Redis restart
+            await self.membership.beat(NodeInfo(self.node_id, self.public_url, sessions.streamers_free, load))
+            await self.directory.publish(self._owned())
+            await self.streams.refresh()
+            await self._reconcile_jobs()
+            await self.simulations.refresh()
+            self.nodes_seen = await self.membership.nodes()
+            if not self.reachable:
+                log.info("cluster: Redis reachable, %d nodes", len(self.nodes_seen))
+            self.reachable = True
+        except (RedisError, OSError) as exc:
+            if self.reachable:
+                log.warning("cluster: Redis unreachable (%s); live streams go on", exc)
+            self.reachable = False
+        except Exception:
+            log.exception("cluster heartbeat failed")
+        metrics.CLUSTER_REDIS_UP.set(1 if self.reachable else 0)
+        metrics.CLUSTER_NODES.set(len(self.nodes_seen) if self.reachable else 0)
+
+    async def _reconcile_jobs(self) -> None:
+        """Give back the slots of jobs that finished here (completed, failed or cancelled)."""
+        if self._active_jobs is None or not self.simulations.held:
+            return
+        active = set(await self._active_jobs()) | self.simulations.submitting
+        for job_id in [m for m in self.simulations.held if m not in active]:
+            await self.simulations.give_back(job_id)
+
+    # -- what the relay calls -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def guarded(self) -> AsyncIterator[None]:
+        """Around a call that needs Redis: unreachable is 503 CLUSTER_UNAVAILABLE, at once."""
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            self.reachable = False
+            log.warning("cluster: Redis call failed: %s", exc)
+            raise cluster_unavailable(self.settings.heartbeat_seconds) from None
+
+    async def owner(self, kind: str, ident: str) -> NodeInfo | None:
+        async with self.guarded():
+            return await self.directory.owner(kind, ident)
+
+    async def nodes(self) -> list[NodeInfo]:
+        async with self.guarded():
+            return await self.membership.nodes()
+
+    async def origin_of(self, broadcast_id: str) -> Origin | None:
+        async with self.guarded():
+            return await self.directory.origin_of(broadcast_id)
+
+    def node_authorization(self) -> str:
+        return self.membership.authorization()
+
+    def verify_node(self, header: str | None) -> str | None:
+        return self.membership.verify(header)
+
+    def token_secret(self, purpose: bytes) -> bytes:
+        """A key for `purpose` derived from the cluster secret: tokens minted on one node hold on every node."""
+        assert self.membership.secret is not None, "not joined"
+        return hashlib.sha256(self.membership.secret + b"/" + purpose).digest()
+
+    # -- SessionManager's observer: the directory written as things are created and closed -------
+
+    async def connection_opened(self, conn: Any) -> None:
+        await self._publish(self._entries_of(conn))
+
+    async def stream_started(self, stream: Any) -> None:
+        await self._publish([Entry("stream", stream.stream_id)])
+
+    def connection_closed(self, conn: Any) -> None:
+        # Not awaited: until it lands, a forwarded call finds the connection gone at its owner (404 there).
+        self._write(self.directory.remove(self._entries_of(conn)))  # its streams stay answerable here
+
+    async def _publish(self, entries: list[Entry]) -> None:
+        """In the directory before the host hears of it (its next call may reach any node). With Redis
+        away, not awaited: the call goes on, the next beat that reaches Redis writes it."""
+        if not self.reachable:
+            self._write(self.directory.publish(entries))
+            return
+        try:
+            await self.directory.publish(entries)
+        except (RedisError, OSError) as exc:
+            self.reachable = False
+            log.warning("cluster: directory write failed (%s); the next heartbeat retries", exc)
+
+    def _write(self, coro) -> None:
+        """A write nobody waits for, owned here (awaited at close); a failure is the next beat's to mend."""
+        async def write() -> None:
+            try:
+                await coro
+            except (RedisError, OSError) as exc:
+                log.warning("cluster: directory write failed (%s); the next heartbeat retries", exc)
+        task = asyncio.get_running_loop().create_task(write(), name="relay-cluster-write")
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    # -- SessionManager's stream_quota ------------------------------------------------------------
+
+    async def acquire_stream(self, owner: str, slot: str, limit: int) -> tuple[bool, int]:
+        return await self.streams.take(owner, slot, limit)
+
+    async def release_stream(self, slot: str) -> None:
+        await self.streams.give_back(slot)  # Redis away: it lapses, no longer refreshed
+
+    def describe(self) -> dict[str, Any]:
+        """For /readyz: who we are and whom we see."""
+        return {"node_id": self.node_id, "redis": self.reachable,
+                "nodes": [{"node_id": n.node_id, "public_url": n.public_url, "streamers_free": n.streamers_free}
+                          for n in self.nodes_seen] if self.reachable else []}
+
