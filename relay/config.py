@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 __all__ = ["ConfigError", "Settings", "load_config", "hosted_api_key", "ServerSettings", "AuthSettings",
            "LimitsSettings", "WorldModelSettings", "WebRTCSettings", "MediaSettings", "OrchestrationSettings",
-           "RecordingsSettings", "SimulationsSettings"]
+           "RecordingsSettings", "SimulationsSettings", "ClusterSettings"]
 
 
 class ConfigError(Exception):
@@ -345,6 +345,15 @@ class SimulationsSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """Several relay nodes serving every broadcast (issue 14). Without the section: one node, as ever."""
+
+    # A cluster edge (a node serving a broadcast whose origin is another node) drops its feed from
+    # the origin this long after its last local spectator left (a quick rejoin finds it warm).
+    edge_linger_seconds: float = option(5.0, min=0, max=3600)
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
@@ -355,6 +364,7 @@ class Settings:
     recordings: RecordingsSettings = field(default_factory=RecordingsSettings)
     orchestration: OrchestrationSettings = field(default_factory=OrchestrationSettings)
     simulations: SimulationsSettings = field(default_factory=SimulationsSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Settings:

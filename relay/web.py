@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from .cluster.edge import EdgeManager
 from .config import Settings
 from .errors import invalid_request, unsupported_media_type
 from .inputs import parse_json
@@ -25,6 +26,10 @@ SESSIONS = web.AppKey("sessions", SessionManager)
 API_KEYS = web.AppKey("api_keys", tuple)
 RECORDINGS = web.AppKey("recordings", RecordingStore)
 SIMULATIONS = web.AppKey("simulations", Simulations)
+# Cluster (issue 14): whether a request comes from another relay node (its WHEP feed is an edge's:
+# uncounted, uncapped; the cluster core sets the real check), and this node's edges, if clustered.
+IS_NODE = web.AppKey("is_node", Callable[[web.Request], bool])
+EDGES = web.AppKey("edges", EdgeManager)
 
 # WebSocket close codes the relay's sockets end with (beside 1000 and the events socket's 4001).
 GOING_AWAY = 1001  # "shutdown": the relay is stopping

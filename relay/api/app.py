@@ -17,7 +17,7 @@ from ..odyssey.server import PREFIX as ODYSSEY_PREFIX, create_odyssey_app
 from ..recordings import RecordingStore
 from ..sessions import SessionManager
 from ..simulations import Simulations
-from ..web import API_KEYS, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS
+from ..web import API_KEYS, EDGES, IS_NODE, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS
 from ..worldmodel.base import WorldModel
 from ..worldmodel.hosted import HostedWorldModel
 from ..worldmodel.synthetic import SyntheticWorldModel
@@ -177,6 +177,7 @@ def create_app(settings: Settings, world_model: WorldModel | None = None, *, rea
     app[RECORDINGS] = RecordingStore.from_settings(settings)
     app[SESSIONS] = SessionManager(settings, world_model, recordings=app[RECORDINGS])
     app[SIMULATIONS] = Simulations(settings, app[RECORDINGS])
+    app[IS_NODE] = _no_node  # a single node hears from no other
 
     for module in (connections, broadcasts, orchestration, recordings, simulations, ops, pages):
         app.router.add_routes(module.routes)
@@ -186,6 +187,10 @@ def create_app(settings: Settings, world_model: WorldModel | None = None, *, rea
     pages.add_static(app)
     app.cleanup_ctx.append(_lifecycle(reaper_interval))
     return app
+
+
+def _no_node(request: web.Request) -> bool:
+    return False
 
 
 def make_world_model(settings: Settings) -> WorldModel:
@@ -249,6 +254,8 @@ def _lifecycle(reaper_interval: float):
             task.cancel()
         await asyncio.gather(reaper, sweeper, return_exceptions=True)
         await jobs.close()  # workers stopped now; their jobs go back to pending
+        if EDGES in app:  # this node's feeds from other nodes, and their spectators
+            await app[EDGES].close()
         await sessions.close()
         await app[WORLD_MODEL].close()
 
