@@ -20,23 +20,21 @@ from aiortc.codecs.h264 import H264PayloadDescriptor
 
 from ..worldmodel.base import VIDEO_TIME_BASE
 
-NAL_IDR, NAL_SPS = 5, 7
-STAP_A, FU_A = 24, 28
+NAL_SPS = 7
+STAP_A = 24
 
 
 def starts_keyframe(payload: bytes) -> bool:
-    """Whether an RTP payload begins an access unit that is a keyframe: our encoder puts SPS (and
-    PPS) before every IDR, as a single NAL, in a STAP-A, or as an IDR's first fragment."""
+    """Whether an RTP payload begins an access unit that is a keyframe: the relay's encoder starts
+    every IDR access unit with its SPS (and PPS), alone or in a STAP-A (never fragmented: it is
+    small). An IDR slice's own first fragment is no start: the SPS, PPS and SEI before it would
+    be missing."""
     if len(payload) < 2:
         return False
     nal = payload[0] & 0x1F
     if nal == STAP_A and len(payload) >= 4:
         nal = payload[3] & 0x1F
-    elif nal == FU_A:
-        if not payload[1] & 0x80:
-            return False
-        nal = payload[1] & 0x1F
-    return nal in (NAL_SPS, NAL_IDR)
+    return nal == NAL_SPS
 
 
 def _seq_after(a: int, b: int) -> bool:
@@ -113,7 +111,7 @@ class H264Depacketizer:
                 break
             seq = (seq + 1) & 0xFFFF
         first = self._next
-        for i in range((seq - first) & 0xFFFF + 1):
+        for i in range(((seq - first) & 0xFFFF) + 1):
             del self._packets[(first + i) & 0xFFFF]
         self._next = (seq + 1) & 0xFFFF
         self._waiting_since = None

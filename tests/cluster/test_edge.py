@@ -86,6 +86,9 @@ async def test_edge_serves_spectators_from_one_uncounted_origin_peer(cluster):
         edge = edges.edges[b["broadcast_id"]]
         assert edge.spectators.viewers == 3
         assert edge.media.fanout.outputs == 3  # packetized once at the edge, for its three peers
+        # Three joiners' keyframe requests went upstream as few PLIs (coalesced), and nothing was lost.
+        assert edge.feed.plis_sent <= 3 and edge.feed.frames >= 50
+        assert edge.feed._depacketizer.dropped == 0
 
         # A prompt at the origin changes the picture seen through the edge.
         before = mean_rgb(counts[0][-1])
