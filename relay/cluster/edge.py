@@ -21,6 +21,7 @@ from dataclasses import replace
 
 import aiohttp
 
+from .. import metrics
 from ..auth import check_spectator
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Settings
@@ -49,7 +50,7 @@ class EdgeBroadcast:
                                      on_viewers=lambda _count: None)
         url = f"{origin.url.rstrip('/')}/v1/broadcasts/{broadcast_id}/whep"
         self.feed = EdgeFeed(url, authorization, http, publish=self._publish, on_lost=self._lost,
-                             timeout=settings.limits.whep_connect_seconds)
+                             timeout=settings.limits.whep_connect_seconds, on_latency=metrics.EDGE_LATENCY.observe)
         self._publish_hub = self.media.attach_packets(self.feed.request_keyframe, settings.world_model.fps)
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.idle_since: float | None = None

@@ -45,6 +45,7 @@ class EdgeFeed:
         publish: Callable[[av.Packet, bool], None],
         on_lost: Callable[[], None],
         timeout: float,
+        on_latency: Callable[[float], None] | None = None,
     ) -> None:
         self._url = whep_url
         self._authorization = authorization
@@ -52,6 +53,8 @@ class EdgeFeed:
         self._publish = publish
         self._on_lost = on_lost  # the origin's peer went away (failed or closed) without us closing it
         self._timeout = timeout
+        self._on_latency = on_latency  # first packet of a frame in -> the frame sent to every local spectator
+        self._frame_started: float | None = None
         self._pc: RTCPeerConnection | None = None
         self._receiver = None
         self._location: str | None = None
@@ -109,7 +112,15 @@ class EdgeFeed:
             return  # not the H.264 stream (the origin sends no RTX: it resends with the original type)
         self._media_ssrc = packet.ssrc
         self.packets += 1
+        if self._frame_started is None:
+            self._frame_started = time.perf_counter()
+        frames = self._depacketizer.frames
+        # A frame completes (and is fanned out, synchronously) inside this call, at its marker.
         self._depacketizer.add(packet.sequence_number, packet.timestamp, packet.marker, packet.payload)
+        if self._depacketizer.frames != frames:
+            if self._on_latency is not None:
+                self._on_latency(time.perf_counter() - self._frame_started)
+            self._frame_started = None
 
     def _on_frame(self, packet: av.Packet, keyframe: bool) -> None:
         self._publish(packet, keyframe)

@@ -126,7 +126,7 @@ async def test_wrong_token_at_the_edge_is_401_and_unknown_broadcast_404(cluster,
         await pc.close()
 
 
-async def test_last_viewer_leaving_drops_the_feed_after_the_linger(cluster):
+async def test_last_viewer_leaving_drops_the_feed_after_the_linger(cluster, http):
     origin_app, origin_url, edge_app, edge_url, edges, conn = cluster
     b = conn.broadcast
     peers = origin_peers(origin_app, b["broadcast_id"])
@@ -134,6 +134,12 @@ async def test_last_viewer_leaving_drops_the_feed_after_the_linger(cluster):
     await first.join()
     await asyncio.wait_for(first.track.recv(), 10)
     feed = edges.edges[b["broadcast_id"]].feed
+    async with http.delete(first.location) as r:  # WHEP DELETE at the edge ends the edge's session
+        assert r.status == 200
+    assert len(edges.edges[b["broadcast_id"]].spectators) == 0
+    async with http.delete(first.location) as r:
+        assert r.status == 404
+    first.location = None
     await first.leave()
     # A viewer back within the linger finds the feed warm: the same one, still one origin peer.
     async with Spectator(edge_whep(edge_url, b), b["spectator_token"]) as again:
