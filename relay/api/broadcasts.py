@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from urllib.parse import quote
 
 from aiohttp import WSMsgType, web
@@ -14,6 +16,7 @@ from ..audience import rate_limited_reply
 from ..broadcast import Broadcast
 from ..errors import RelayError, invalid_request, too_large, unsupported_media_type
 from ..inputs import parse_json
+from ..media.hls import HlsPublisher
 from ..web import (API_KEYS, EDGES, GOING_AWAY, IS_NODE, SESSIONS, SETTINGS, STALLED, TOO_SLOW, body_limit,
                    client_address, close_within, json_response, next_for, send_within, token_of)
 
@@ -145,29 +148,39 @@ def _check_optional_token(request: web.Request, broadcast: Broadcast) -> None:
 
 # -- live HLS ----------------------------------------------------------------------------------
 
-def _hls(request: web.Request):
-    broadcast = spectator_broadcast(request)
-    if broadcast.hls is None:
+@asynccontextmanager
+async def _hls(request: web.Request) -> AsyncIterator[HlsPublisher]:
+    """The broadcast's HLS for this request: its own, or (another node's broadcast) this edge's."""
+    if (edges := _edge_for(request)) is not None:
+        async with edges.hls(request.match_info["broadcast_id"], token_of(request)) as hls:
+            yield _offered(hls)
+    else:
+        yield _offered(spectator_broadcast(request).hls)
+
+
+def _offered(hls: HlsPublisher | None) -> HlsPublisher:
+    if hls is None:
         raise RelayError("NOT_FOUND", 404, "This relay offers no HLS rendition ([media] hls is off, or the "
                          "mode is per-spectator).", action="Watch over WebRTC (whep_url).")
-    return broadcast.hls
+    return hls
 
 
 @routes.get("/v1/broadcasts/{broadcast_id}/hls/index.m3u8")
 async def hls_playlist(request: web.Request) -> web.Response:
-    hls = _hls(request)
-    # Early in the broadcast's first stream, hold the request (bounded) until the playlist lists
-    # enough segments for a player to start, rather than answer an (almost) empty one.
-    await hls.wait_for_segments(HLS_FIRST_WAIT_SEGMENTS * hls.target_ticks / 90000 + 1.0)
-    token = request.query.get("token")
-    query = f"?token={quote(token, safe='')}" if token else ""  # players carry only the URL they were given
-    return web.Response(text=hls.playlist(query), content_type="application/vnd.apple.mpegurl",
-                        headers={"Cache-Control": "no-cache"})
+    async with _hls(request) as hls:
+        # Early in the broadcast's first stream, hold the request (bounded) until the playlist lists
+        # enough segments for a player to start, rather than answer an (almost) empty one.
+        await hls.wait_for_segments(HLS_FIRST_WAIT_SEGMENTS * hls.target_ticks / 90000 + 1.0)
+        token = request.query.get("token")
+        query = f"?token={quote(token, safe='')}" if token else ""  # players carry only the URL they were given
+        return web.Response(text=hls.playlist(query), content_type="application/vnd.apple.mpegurl",
+                            headers={"Cache-Control": "no-cache"})
 
 
 @routes.get(r"/v1/broadcasts/{broadcast_id}/hls/{sequence:\d{1,12}}.ts")
 async def hls_segment(request: web.Request) -> web.Response:
-    segment = _hls(request).segment(int(request.match_info["sequence"]))
+    async with _hls(request) as hls:
+        segment = hls.segment(int(request.match_info["sequence"]))
     if segment is None:
         raise RelayError("NOT_FOUND", 404, f"No HLS segment {request.match_info['sequence']}: it is not "
                          "made yet or has left the live window.", action="Read the playlist again.")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import aiohttp
@@ -28,6 +30,7 @@ from ..config import Settings
 from ..errors import not_found
 from ..media.edge_feed import EdgeFeed
 from ..media.graph import MediaGraph
+from ..media.hls import HlsPublisher
 from ..spectators import Spectators
 from .directory import NodeAuthorization, Origin, OriginOf
 
@@ -43,8 +46,9 @@ class EdgeBroadcast:
                  http: aiohttp.ClientSession, authorization: str) -> None:
         self.broadcast_id = broadcast_id
         self.origin = origin
-        # No encoder here, so no lower layer; no recorder (the origin records). HLS at an edge: later.
-        media = replace(settings.media, low_layer=False, hls=False)
+        # No encoder here, so no lower layer; no recorder (the origin records). HLS is cut here from
+        # the same packets (nothing per viewer), so HLS players need no trip to the origin either.
+        media = replace(settings.media, low_layer=False)
         self.media = MediaGraph(replace(settings, media=media), clock)
         self.spectators = Spectators(broadcast_id, settings.limits, clock, feed=self.media.feed,
                                      on_viewers=lambda _count: None)
@@ -53,7 +57,7 @@ class EdgeBroadcast:
                              timeout=settings.limits.whep_connect_seconds, on_latency=metrics.EDGE_LATENCY.observe)
         self._publish_hub = self.media.attach_packets(self.feed.request_keyframe, settings.world_model.fps)
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.idle_since: float | None = None
+        self.last_used = clock.monotonic()  # a spectator held or joined, or an HLS request: the linger runs from it
         self.joining = 0  # joins under way: not spectators yet, but the feed must not linger out under them
         self.lost = False
         self.closed = False
@@ -109,9 +113,9 @@ class EdgeManager:
             self._ticker = asyncio.get_running_loop().create_task(self._tick_forever(), name="relay-edges")
         return self._http
 
-    async def join(self, broadcast_id: str, offer_sdp: str, token: str | None,
-                   address: str | None = None) -> tuple[str, str]:
-        """A spectator's WHEP offer here for another node's broadcast: (Location, answer SDP)."""
+    async def _opened(self, broadcast_id: str, token: str | None) -> EdgeBroadcast:
+        """The broadcast's edge here, its feed open (opened now if need be), after the spectator token
+        is checked against the origin's. Returns with ``joining`` held: the caller releases it."""
         if self.closed:
             raise not_found("broadcast", broadcast_id)
         origin = await self._origin_of(broadcast_id)
@@ -127,10 +131,11 @@ class EdgeManager:
             edge = EdgeBroadcast(broadcast_id, origin, self._settings, self._clock, self._start(),
                                  self._node_authorization())
             self._edges[broadcast_id] = edge  # before any await: concurrent joiners share this feed
-            edge.joining += 1  # held until this joiner's own join below counts it
+            edge.joining += 1
             try:
                 await edge.open()
             except BaseException:
+                edge.joining -= 1
                 if self._edges.get(broadcast_id) is edge:
                     del self._edges[broadcast_id]
                 await edge.close()
@@ -142,12 +147,30 @@ class EdgeManager:
             except BaseException:
                 edge.joining -= 1
                 raise
-        edge.idle_since = None
+        edge.last_used = self._clock.monotonic()
+        return edge
+
+    async def join(self, broadcast_id: str, offer_sdp: str, token: str | None,
+                   address: str | None = None) -> tuple[str, str]:
+        """A spectator's WHEP offer here for another node's broadcast: (Location, answer SDP)."""
+        edge = await self._opened(broadcast_id, token)
         try:
             spectator, answer = await edge.spectators.join(offer_sdp, address=address)
         finally:
             edge.joining -= 1
         return f"/v1/broadcasts/{broadcast_id}/whep/{spectator.spectator_id}", answer
+
+    @asynccontextmanager
+    async def hls(self, broadcast_id: str, token: str | None) -> AsyncIterator[HlsPublisher | None]:
+        """The edge's live HLS of another node's broadcast (None if this relay offers no HLS), for the
+        length of one request. An HLS player holds no session: its requests keep the feed from
+        lingering out, and one waiting for the first segments holds it open meanwhile."""
+        edge = await self._opened(broadcast_id, token)
+        try:
+            yield edge.media.hls
+        finally:
+            edge.joining -= 1
+            edge.last_used = self._clock.monotonic()
 
     def _edge(self, broadcast_id: str) -> EdgeBroadcast:
         edge = self._edges.get(broadcast_id)
@@ -175,10 +198,8 @@ class EdgeManager:
                 continue  # still opening: its first joiner is on its way
             await edge.spectators.tick()
             if len(edge.spectators) or edge.joining:
-                edge.idle_since = None
-            elif edge.idle_since is None:
-                edge.idle_since = now
-            if edge.lost or (edge.idle_since is not None and now - edge.idle_since >= linger):
+                edge.last_used = now
+            if edge.lost or now - edge.last_used >= linger:
                 log.info("edge feed dropped", extra={"broadcast_id": broadcast_id, "lost": edge.lost})
                 if self._edges.get(broadcast_id) is edge:
                     del self._edges[broadcast_id]

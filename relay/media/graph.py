@@ -160,6 +160,8 @@ class MediaGraph:
         access unit (keyframe first), and the readers' keyframe requests reach ``request_keyframe``."""
         self.hub.attach_source(request_keyframe, fps)
         self._packets_attached = True
+        if self.hls is not None:
+            self.hls.new_stream(0, 0, fps)  # the size is in the stream's own SPS; the muxer needs no other
         return self.hub.publish
 
     async def detach_source(self, reason: str) -> bool:
@@ -167,6 +169,8 @@ class MediaGraph:
         if self._packets_attached:
             self._packets_attached = False
             self.hub.detach_source()
+            if self.hls is not None:
+                self.hls.end_stream()
             return True
         pipeline, self._pipeline = self._pipeline, None
         if pipeline is None:

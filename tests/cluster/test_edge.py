@@ -180,3 +180,39 @@ async def test_origin_broadcast_ending_closes_the_edge_and_nothing_leaks(aiohttp
     await eventually(lambda: not [t for t in threading.enumerate()
                                   if t.ident not in threads_before and "decoder" in t.name],
                      timeout=5, what="decoder threads ending")
+
+
+async def test_edge_cuts_hls_from_the_same_packets_and_lingers_out_without_requests(aiohttp_server, tmp_path, http):
+    import io
+
+    import av
+
+    fast = {"keyframe_interval_seconds": 0.5}
+    origin_app, origin_url, _ = await start(aiohttp_server, tmp_path, "a", media=fast)
+    origins: dict[str, Origin] = {}
+    edge_app, edge_url, edges = await start(aiohttp_server, tmp_path, "b", origins, media=fast)
+    try:
+        async with RelayClient(origin_url, API_KEY) as client, client.connect() as conn:
+            await conn.start_stream("a calm ocean")
+            b = conn.broadcast
+            origins[b["broadcast_id"]] = Origin("a", origin_url, b["spectator_token"])
+            base = f"{edge_url}/v1/broadcasts/{b['broadcast_id']}/hls"
+            async with http.get(f"{base}/index.m3u8?token=wrong") as r:
+                assert r.status == 401
+            async with http.get(f"{base}/index.m3u8?token={b['spectator_token']}") as r:
+                assert r.status == 200
+                playlist = await r.text()
+            segments = [line for line in playlist.splitlines() if line.endswith(f"?token={b['spectator_token']}")]
+            assert len(segments) >= 3, playlist
+            async with http.get(f"{base}/{segments[-1]}") as r:
+                assert r.status == 200 and r.content_type == "video/mp2t"
+                data = await r.read()
+            with av.open(io.BytesIO(data)) as container:
+                frames = [f for f in container.decode(video=0)]
+            assert frames and (frames[0].width, frames[0].height) == (320, 176)
+            # No viewer and no more requests: the feed goes after the linger; the origin's peer with it.
+            await eventually(lambda: not edges.edges, timeout=LINGER + 3, what="the HLS-only edge lingering out")
+            await eventually(lambda: len(origin_peers(origin_app, b["broadcast_id"])) == 0, timeout=3,
+                             what="the origin's node peer closing")
+    finally:
+        await edges.close()
