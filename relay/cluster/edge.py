@@ -186,9 +186,6 @@ class EdgeManager:
         spectators.spectator(session_id)  # 404 for an unknown session
         await spectators.remove(session_id)
 
-    def has(self, broadcast_id: str) -> bool:
-        return broadcast_id in self._edges
-
     async def tick(self) -> None:
         """Spectators' timeouts; drop feeds lost by their origin, or idle past the linger."""
         now = self._clock.monotonic()
