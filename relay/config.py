@@ -366,6 +366,9 @@ class ClusterSettings:
     node_id: str = option("", parse=_node_id)  # "" = derived from [server] public_url
     heartbeat_seconds: float = option(2.0, min=0.05, max=60)
     node_timeout_seconds: float = option(6.0, min=0.2, max=600)
+    # A cluster edge (a node serving a broadcast whose origin is another node) drops its feed from
+    # the origin this long after its last local spectator left (a quick rejoin finds it warm).
+    edge_linger_seconds: float = option(5.0, min=0, max=3600)
 
     @property
     def enabled(self) -> bool:

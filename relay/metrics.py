@@ -20,6 +20,13 @@ RELAY_LATENCY = Histogram(
     buckets=(0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.2, 0.5),
     registry=REGISTRY,
 )
+EDGE_LATENCY = Histogram(
+    "relay_edge_frame_latency_seconds",
+    "At a cluster edge: from a frame's first RTP packet arriving from its origin to its last packet sent to "
+    "the last local spectator (what the edge adds beyond the network)",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.1),
+    registry=REGISTRY,
+)
 PACKETS_SENT = Counter("relay_rtp_packets_sent", "RTP packets sent to spectators (encode-once mode)", registry=REGISTRY)
 BYTES_SENT = Counter("relay_rtp_bytes_sent", "RTP payload bytes sent to spectators (encode-once mode)", registry=REGISTRY)
 HLS_SEGMENTS = Counter("relay_hls_segments", "HLS segments cut from broadcasts' packets", registry=REGISTRY)

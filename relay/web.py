@@ -25,10 +25,11 @@ SESSIONS = web.AppKey("sessions", SessionManager)
 API_KEYS = web.AppKey("api_keys", tuple)
 RECORDINGS = web.AppKey("recordings", RecordingStore)
 SIMULATIONS = web.AppKey("simulations", Simulations)
-# Clustered only ([cluster] redis_url): the relay.cluster.node.Cluster, and the edge that serves other nodes'
-# broadcasts over WHEP here (join(broadcast_id, offer_sdp, token, address) -> (location, answer_sdp),
-# trickle(broadcast_id, session_id, fragment), leave(broadcast_id, session_id)); None until one is installed.
+# Clustered only ([cluster] redis_url): the relay.cluster.node.Cluster (None on one node); whether a request
+# comes from another relay node (an edge's WHEP feed: uncounted, uncapped); and this node's edges (the
+# relay.cluster.edge.EdgeManager serving other nodes' broadcasts here), set only when clustered.
 CLUSTER = web.AppKey("cluster", object)
+IS_NODE = web.AppKey("is_node", Callable[[web.Request], bool])
 EDGES = web.AppKey("edges", object)
 FORWARDED_CLIENT = "relay.forwarded_client"  # request key: the caller's address, when another node forwarded it
 

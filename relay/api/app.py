@@ -11,6 +11,7 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from ..cluster import forward
+from ..cluster.edge import EdgeManager
 from ..cluster.node import Cluster
 from ..config import Settings, hosted_api_key
 from ..errors import RelayError, too_large
@@ -19,7 +20,7 @@ from ..odyssey.server import PREFIX as ODYSSEY_PREFIX, TWIN, create_odyssey_app
 from ..recordings import RecordingStore
 from ..sessions import SessionManager
 from ..simulations import Simulations
-from ..web import API_KEYS, CLUSTER, EDGES, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS
+from ..web import API_KEYS, CLUSTER, EDGES, IS_NODE, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS
 from ..worldmodel.base import WorldModel
 from ..worldmodel.hosted import HostedWorldModel
 from ..worldmodel.synthetic import SyntheticWorldModel
@@ -184,7 +185,7 @@ def create_app(settings: Settings, world_model: WorldModel | None = None, *, rea
     app[SESSIONS] = SessionManager(settings, world_model, recordings=app[RECORDINGS])
     app[SIMULATIONS] = Simulations(settings, app[RECORDINGS])
     app[CLUSTER] = None
-    app[EDGES] = None  # the edge slice's object (serves other nodes' broadcasts over WHEP here)
+    app[IS_NODE] = _no_node  # a single node hears from no other
     if clustered:
         install_cluster(app)
 
@@ -214,6 +215,10 @@ def install_cluster(app: web.Application) -> None:
     sessions.observer = cluster
     sessions.stream_quota = cluster
     jobs.cluster_quota = cluster.simulations
+    # Another node's edge feed presents the node credential: served, uncounted, uncapped.
+    app[IS_NODE] = lambda request: cluster.verify_node(request.headers.get("Authorization")) is not None
+    # Other nodes' broadcasts, served here over WHEP and HLS from one feed each.
+    app[EDGES] = EdgeManager(app[SETTINGS], cluster.origin_of, cluster.node_authorization)
 
 
 def _cluster_lifecycle(odyssey: web.Application):
@@ -228,6 +233,10 @@ def _cluster_lifecycle(odyssey: web.Application):
         await cluster.close()
 
     return lifecycle
+
+
+def _no_node(request: web.Request) -> bool:
+    return False
 
 
 def make_world_model(settings: Settings) -> WorldModel:
@@ -291,6 +300,8 @@ def _lifecycle(reaper_interval: float):
             task.cancel()
         await asyncio.gather(reaper, sweeper, return_exceptions=True)
         await jobs.close()  # workers stopped now; their jobs go back to pending
+        if EDGES in app:  # this node's feeds from other nodes, and their spectators
+            await app[EDGES].close()
         await sessions.close()
         await app[WORLD_MODEL].close()
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from urllib.parse import quote
 
 from aiohttp import WSMsgType, web
@@ -14,8 +16,9 @@ from ..audience import rate_limited_reply
 from ..broadcast import Broadcast
 from ..errors import RelayError, invalid_request, too_large, unsupported_media_type
 from ..inputs import parse_json
-from ..web import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, STALLED, TOO_SLOW, body_limit, client_address,
-                   close_within, json_response, next_for, send_within, token_of)
+from ..media.hls import HlsPublisher
+from ..web import (API_KEYS, EDGES, GOING_AWAY, IS_NODE, SESSIONS, SETTINGS, STALLED, TOO_SLOW, body_limit,
+                   client_address, close_within, json_response, next_for, send_within, token_of)
 
 # The events socket's close code when the same participant resumed on a newer socket: the
 # page that gets it should not resume again (two tabs would take turns replacing each other).
@@ -59,20 +62,44 @@ def _host_preview(request: web.Request, broadcast: Broadcast) -> bool:
         is_api_key(token, request.app[API_KEYS]) and hmac.compare_digest(token.encode(), conn.api_key.encode()))
 
 
-@routes.post("/v1/broadcasts/{broadcast_id}/whep")
-@body_limit(lambda settings: settings.limits.whep_offer_max_bytes)
-async def whep_offer(request: web.Request) -> web.Response:
-    broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
-    host = _host_preview(request, broadcast)
-    if not host:
-        check_spectator(token_of(request), broadcast.spectator_token)
+def _uncounted(request: web.Request, broadcast: Broadcast) -> bool:
+    """The host's preview, or another node's edge feed: served, but nobody's audience."""
+    return request.app[IS_NODE](request) or _host_preview(request, broadcast)
+
+
+def _edge_for(request: web.Request):
+    """This node's edges when the broadcast lives on another node (a cluster); else None."""
+    broadcast_id = request.match_info["broadcast_id"]
+    if EDGES in request.app and broadcast_id not in request.app[SESSIONS].broadcasts:
+        return request.app[EDGES]
+    return None
+
+
+async def _read_offer(request: web.Request) -> str:
     if request.content_type != "application/sdp":
         raise unsupported_media_type("application/sdp")
     body, limit = await request.read(), request.app[SETTINGS].limits.whep_offer_max_bytes
     if len(body) > limit:  # a chunked body: a declared one was refused before it was read
         raise too_large(limit)
-    offer = body.decode("utf-8", errors="replace")
-    spectator, answer = await broadcast.spectators.join(offer, counted=not host, address=client_address(request))
+    return body.decode("utf-8", errors="replace")
+
+
+@routes.post("/v1/broadcasts/{broadcast_id}/whep")
+@body_limit(lambda settings: settings.limits.whep_offer_max_bytes)
+async def whep_offer(request: web.Request) -> web.Response:
+    if (edges := _edge_for(request)) is not None:  # another node's broadcast: served from here as its edge
+        token = token_of(request)  # checked by the edge against the origin's token, before the body is read
+        location, answer = await edges.join(request.match_info["broadcast_id"], await _read_offer(request),
+                                            token, client_address(request))
+        return web.Response(status=201, text=answer, content_type="application/sdp",
+                            headers={"Location": location})
+    broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
+    uncounted = _uncounted(request, broadcast)
+    if not uncounted:
+        check_spectator(token_of(request), broadcast.spectator_token)
+    offer = await _read_offer(request)
+    spectator, answer = await broadcast.spectators.join(offer, counted=not uncounted,
+                                                        address=client_address(request))
     return web.Response(
         status=201,
         text=answer,
@@ -84,6 +111,12 @@ async def whep_offer(request: web.Request) -> web.Response:
 @routes.patch("/v1/broadcasts/{broadcast_id}/whep/{spectator_id}")
 @body_limit(lambda settings: settings.limits.whep_offer_max_bytes)  # candidates are bounded by count too
 async def whep_trickle(request: web.Request) -> web.Response:
+    if (edges := _edge_for(request)) is not None:
+        if request.content_type != "application/trickle-ice-sdpfrag":
+            raise unsupported_media_type("application/trickle-ice-sdpfrag")
+        fragment = (await request.read()).decode("utf-8", errors="replace")
+        await edges.trickle(request.match_info["broadcast_id"], request.match_info["spectator_id"], fragment)
+        return web.Response(status=204)
     broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
     _check_optional_token(request, broadcast)
     if request.content_type != "application/trickle-ice-sdpfrag":
@@ -95,6 +128,9 @@ async def whep_trickle(request: web.Request) -> web.Response:
 
 @routes.delete("/v1/broadcasts/{broadcast_id}/whep/{spectator_id}")
 async def whep_leave(request: web.Request) -> web.Response:
+    if (edges := _edge_for(request)) is not None:
+        await edges.leave(request.match_info["broadcast_id"], request.match_info["spectator_id"])
+        return web.Response(status=200)
     broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
     _check_optional_token(request, broadcast)
     spectator_id = request.match_info["spectator_id"]
@@ -106,35 +142,45 @@ async def whep_leave(request: web.Request) -> web.Response:
 def _check_optional_token(request: web.Request, broadcast: Broadcast) -> None:
     # The session URL itself is unguessable (it is the capability, as WHEP intends); players
     # that repeat their token must still repeat a right one (a spectator's or the host's).
-    if token_of(request) is not None and not _host_preview(request, broadcast):
+    if token_of(request) is not None and not _uncounted(request, broadcast):
         check_spectator(token_of(request), broadcast.spectator_token)
 
 
 # -- live HLS ----------------------------------------------------------------------------------
 
-def _hls(request: web.Request):
-    broadcast = spectator_broadcast(request)
-    if broadcast.hls is None:
+@asynccontextmanager
+async def _hls(request: web.Request) -> AsyncIterator[HlsPublisher]:
+    """The broadcast's HLS for this request: its own, or (another node's broadcast) this edge's."""
+    if (edges := _edge_for(request)) is not None:
+        async with edges.hls(request.match_info["broadcast_id"], token_of(request)) as hls:
+            yield _offered(hls)
+    else:
+        yield _offered(spectator_broadcast(request).hls)
+
+
+def _offered(hls: HlsPublisher | None) -> HlsPublisher:
+    if hls is None:
         raise RelayError("NOT_FOUND", 404, "This relay offers no HLS rendition ([media] hls is off, or the "
                          "mode is per-spectator).", action="Watch over WebRTC (whep_url).")
-    return broadcast.hls
+    return hls
 
 
 @routes.get("/v1/broadcasts/{broadcast_id}/hls/index.m3u8")
 async def hls_playlist(request: web.Request) -> web.Response:
-    hls = _hls(request)
-    # Early in the broadcast's first stream, hold the request (bounded) until the playlist lists
-    # enough segments for a player to start, rather than answer an (almost) empty one.
-    await hls.wait_for_segments(HLS_FIRST_WAIT_SEGMENTS * hls.target_ticks / 90000 + 1.0)
-    token = request.query.get("token")
-    query = f"?token={quote(token, safe='')}" if token else ""  # players carry only the URL they were given
-    return web.Response(text=hls.playlist(query), content_type="application/vnd.apple.mpegurl",
-                        headers={"Cache-Control": "no-cache"})
+    async with _hls(request) as hls:
+        # Early in the broadcast's first stream, hold the request (bounded) until the playlist lists
+        # enough segments for a player to start, rather than answer an (almost) empty one.
+        await hls.wait_for_segments(HLS_FIRST_WAIT_SEGMENTS * hls.target_ticks / 90000 + 1.0)
+        token = request.query.get("token")
+        query = f"?token={quote(token, safe='')}" if token else ""  # players carry only the URL they were given
+        return web.Response(text=hls.playlist(query), content_type="application/vnd.apple.mpegurl",
+                            headers={"Cache-Control": "no-cache"})
 
 
 @routes.get(r"/v1/broadcasts/{broadcast_id}/hls/{sequence:\d{1,12}}.ts")
 async def hls_segment(request: web.Request) -> web.Response:
-    segment = _hls(request).segment(int(request.match_info["sequence"]))
+    async with _hls(request) as hls:
+        segment = hls.segment(int(request.match_info["sequence"]))
     if segment is None:
         raise RelayError("NOT_FOUND", 404, f"No HLS segment {request.match_info['sequence']}: it is not "
                          "made yet or has left the live window.", action="Read the playlist again.")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 from redis.asyncio import Redis
 
@@ -36,6 +36,11 @@ class Origin:
     node_id: str
     url: str
     spectator_token: str
+
+
+# What an edge is handed (relay/cluster/edge.py): where a broadcast lives, and the node's credential.
+OriginOf = Callable[[str], Awaitable["Origin | None"]]  # async origin_of(broadcast_id) -> Origin | None
+NodeAuthorization = Callable[[], str]  # the Authorization header value one node presents to another
 
 
 @dataclass(frozen=True)

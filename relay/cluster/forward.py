@@ -23,7 +23,7 @@ from aiohttp import WSMsgType, web
 
 from .. import metrics
 from ..auth import require_api_key
-from ..errors import RelayError, not_found, too_large, unauthorized
+from ..errors import RelayError, not_found, unauthorized
 from ..web import API_KEYS, CLUSTER, EDGES, FORWARDED_CLIENT, SESSIONS, SETTINGS, client_address, token_of
 from .membership import NodeInfo
 
@@ -79,12 +79,8 @@ async def forward(request: web.Request, handler) -> web.StreamResponse:
     if named is None or _local(request, *named):
         return await handler(request)
     kind, ident = named
-    edges = request.app.get(EDGES)
-    if edges is not None and kind == "broadcast" and _EDGE_PATH.match(request.path):
-        if request.path.split("/")[4] == "whep":
-            return await serve_as_edge(request, edges, ident)
-        if hasattr(edges, "hls"):  # HLS at an edge, once the edge serves it; forwarded until then
-            return await edges.hls(request, ident)
+    if EDGES in request.app and kind == "broadcast" and _EDGE_PATH.match(request.path):
+        return await handler(request)  # WHEP and HLS of another node's broadcast: served here, as its edge
     owner = await cluster.owner(kind, ident)
     if owner is None or owner.node_id == cluster.node_id:
         return await handler(request)  # unknown, gone with its node, or closing here: 401/404 as ever
@@ -203,29 +199,6 @@ async def _pump(ws: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResp
     code = code if 1000 <= code < 5000 and code not in (1005, 1006, 1015) else 1011
     await asyncio.wait_for(asyncio.gather(ws.close(code=code, message=reason), upstream.close(code=code, message=reason),
                                           return_exceptions=True), seconds)
-
-
-async def serve_as_edge(request: web.Request, edges, broadcast_id: str) -> web.StreamResponse:
-    """WHEP for another node's broadcast, served by this node as its edge (the edge slice's object checks
-    the token and bounds the sessions, as the origin's handlers do)."""
-    parts = request.path.split("/")  # ['', 'v1', 'broadcasts', id, 'whep', session?]
-    if request.method == "POST" and len(parts) == 5:
-        limit = request.app[SETTINGS].limits.whep_offer_max_bytes
-        body = await request.content.read(limit + 1)
-        if len(body) > limit:
-            raise too_large(limit)
-        location, answer = await edges.join(broadcast_id, body.decode("utf-8", errors="replace"), token_of(request),
-                                            client_address(request))
-        return web.Response(status=201, text=answer, content_type="application/sdp", headers={"Location": location})
-    if request.method == "PATCH" and len(parts) == 6:
-        fragment = (await request.content.read(request.app[SETTINGS].limits.whep_offer_max_bytes)).decode(
-            "utf-8", errors="replace")
-        await edges.trickle(broadcast_id, parts[5], fragment)
-        return web.Response(status=204)
-    if request.method == "DELETE" and len(parts) == 6:
-        await edges.leave(broadcast_id, parts[5])
-        return web.Response(status=200)
-    raise web.HTTPMethodNotAllowed(request.method, ["POST", "PATCH", "DELETE"])
 
 
 class Carrier:

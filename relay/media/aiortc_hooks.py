@@ -15,13 +15,15 @@ rtp_fanout.py.
 
 from __future__ import annotations
 
+import queue
 from typing import Any, Awaitable, Callable
 
 import aioice.ice
 from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpSendParameters
+from aiortc.rtcrtpreceiver import RTCRtpReceiver
 from aiortc.rtcrtpsender import RTCRtpSender
-from aiortc.rtp import AnyRtcpPacket
+from aiortc.rtp import AnyRtcpPacket, RtpPacket
 
 RTP_COMPONENT = 1  # aiortc bundles and muxes RTCP: one ICE component carries everything
 
@@ -85,6 +87,41 @@ def route_retransmissions(sender: RTCRtpSender, retransmit: Callable[[int], Awai
     """aiortc answers each NACKed sequence number with ``await _retransmit(seq)`` from the
     history its own RTP loop fills; when another sender writes the packets, that history is empty."""
     sender._retransmit = retransmit  # type: ignore[method-assign]
+
+
+class _NoDecoding(queue.Queue):
+    """The receiver's decoder queue, minus the decoding: assembled frames are dropped at the
+    door; only the end marker (None) passes, so the idle decoder thread still ends on close."""
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is None:
+            super().put(item, block, timeout)
+
+
+def receive_rtp_undecoded(receiver: RTCRtpReceiver, on_packet: Callable[[RtpPacket], None]) -> None:
+    """Show every RTP packet the receiver gets to ``on_packet`` (first, before aiortc's jitter
+    buffer holds it back a frame), and never decode: a cluster edge forwards the origin's H.264 as
+    it is. aiortc has no packet-level API on a receiver: its DTLS transport awaits
+    ``_handle_rtp_packet(packet, arrival_time_ms=)`` per packet, which keeps the receiver reports'
+    statistics and sends NACKs (wanted), then hands complete frames to a decoder thread through the
+    private ``__decoder_queue`` that ``receive()`` passes to the thread it starts. Call this before
+    the remote description is applied (before ``receive()``): the thread then takes the queue that
+    decodes nothing."""
+    receiver._RTCRtpReceiver__decoder_queue = _NoDecoding()  # type: ignore[attr-defined]
+    handle = receiver._handle_rtp_packet
+
+    async def handle_rtp(packet: RtpPacket, arrival_time_ms: int) -> None:
+        on_packet(packet)
+        await handle(packet, arrival_time_ms)
+
+    receiver._handle_rtp_packet = handle_rtp  # type: ignore[method-assign]
+
+
+async def send_picture_loss(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
+    """Ask the sender of ``media_ssrc`` for a keyframe (RTCP PLI). aiortc's receiver sends one only
+    on its own decoder's errors, through ``_send_rtcp_pli`` (a no-op until its RTCP SSRC is set);
+    an edge that never decodes asks on behalf of its own spectators."""
+    await receiver._send_rtcp_pli(media_ssrc)
 
 
 class SenderLink:

@@ -21,6 +21,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Callable
 
+import av
 from aiortc import RTCRtpSender
 from aiortc.mediastreams import MediaStreamTrack
 
@@ -114,12 +115,13 @@ class MediaGraph:
         self.recorder: StreamRecorder | None = None  # the live stream's
         self._finishing: set[StreamRecorder] = set()
         self._pipeline: StreamPipeline | None = None
+        self._packets_attached = False  # a source of ready-made packets (a cluster edge's feed)
 
     # -- the source ----------------------------------------------------------------------
 
     @property
     def live(self) -> bool:
-        return self._pipeline is not None
+        return self._pipeline is not None or self._packets_attached
 
     @property
     def source_failed(self) -> BaseException | None:
@@ -152,8 +154,24 @@ class MediaGraph:
             self.hls.new_stream(width, height, fps)
         self._pipeline.start()
 
+    def attach_packets(self, request_keyframe: Callable[[], None], fps: int) -> Callable[[av.Packet, bool], None]:
+        """A source of ready-made encoded packets (a cluster edge's feed from its origin) feeds the
+        graph from now on, with no pipeline and no encode: it calls the returned function once per
+        access unit (keyframe first), and the readers' keyframe requests reach ``request_keyframe``."""
+        self.hub.attach_source(request_keyframe, fps)
+        self._packets_attached = True
+        if self.hls is not None:
+            self.hls.new_stream(0, 0, fps)  # the size is in the stream's own SPS; the muxer needs no other
+        return self.hub.publish
+
     async def detach_source(self, reason: str) -> bool:
         """Stop the live source (False if none was attached); its recording finishes on its own thread."""
+        if self._packets_attached:
+            self._packets_attached = False
+            self.hub.detach_source()
+            if self.hls is not None:
+                self.hls.end_stream()
+            return True
         pipeline, self._pipeline = self._pipeline, None
         if pipeline is None:
             return False

@@ -172,8 +172,10 @@ class HlsPublisher:
         self._buffer = io.BytesIO()
         self._container = av.open(self._buffer, "w", format="mpegts")
         width, height = self._size
-        self._stream = self._container.add_mux_stream("h264", rate=CLOCK_RATE // self._frame_ticks,
-                                                      width=width or None, height=height or None)
+        # A size unknown here (a cluster edge forwards packets it never decodes) is left out: MPEG-TS
+        # carries none, players read it from the stream's SPS.
+        size = {"width": width, "height": height} if width and height else {}
+        self._stream = self._container.add_mux_stream("h264", rate=CLOCK_RATE // self._frame_ticks, **size)
         self._stream.time_base = VIDEO_TIME_BASE
         self._first_pts = self._last_pts = pts
 

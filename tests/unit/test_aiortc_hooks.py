@@ -174,3 +174,42 @@ async def test_a_sender_link_is_not_ready_before_dtls_and_keeps_the_report_count
     assert link.ssrc == sender._ssrc and link.path() is None
     link.report(ntp=1 << 40, rtp_timestamp=90000, packets=3, octets=3000)
     assert [getattr(sender, c) for c in REPORT_COUNTERS] == [1 << 40, 90000, 3, 3000]
+
+
+# ----------------------------------------------------------------- the receiver (a cluster edge's feed)
+
+
+def test_receiver_rtp_handler_is_awaited_by_the_dtls_transport_and_fills_the_decoder_queue():
+    from aiortc.rtcrtpreceiver import RTCRtpReceiver
+    assert parameters(RTCRtpReceiver._handle_rtp_packet) == ["self", "packet", "arrival_time_ms"]
+    assert inspect.iscoroutinefunction(RTCRtpReceiver._handle_rtp_packet)
+    assert "_handle_rtp_packet" in names_used(RTCDtlsTransport._handle_rtp_data)
+    # Complete frames go to the private decoder queue, which receive() hands to the decoder thread.
+    assert "_RTCRtpReceiver__decoder_queue" in names_used(RTCRtpReceiver._handle_rtp_packet)
+    assert "_RTCRtpReceiver__decoder_queue" in names_used(RTCRtpReceiver.receive)
+    assert parameters(RTCRtpReceiver._send_rtcp_pli) == ["self", "media_ssrc"]
+    assert inspect.iscoroutinefunction(RTCRtpReceiver._send_rtcp_pli)
+
+
+async def test_an_undecoded_receiver_shows_packets_first_decodes_nothing_and_ends_its_thread():
+    from aiortc.rtcrtpparameters import RTCRtpReceiveParameters
+    from aiortc.rtp import RtpPacket
+    pc = RTCPeerConnection()
+    receiver = pc.addTransceiver("video", direction="recvonly").receiver
+    seen = []
+    aiortc_hooks.receive_rtp_undecoded(receiver, seen.append)
+    codec = RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=102)
+    receiver._track = __import__("aiortc.rtcrtpreceiver", fromlist=["RemoteStreamTrack"]).RemoteStreamTrack("video")
+    await receiver.receive(RTCRtpReceiveParameters(codecs=[codec]))
+    try:
+        decoder_queue = receiver._RTCRtpReceiver__decoder_queue
+        for seq, ts in ((1, 0), (2, 3600), (3, 7200)):  # frames complete as the next one starts
+            packet = RtpPacket(payload_type=102, sequence_number=seq, timestamp=ts, marker=1,
+                               payload=b"\x65\x88\x84\x00")  # a single-NAL IDR slice
+            await receiver._handle_rtp_packet(packet, arrival_time_ms=0)
+        assert [p.sequence_number for p in seen] == [1, 2, 3]
+        assert decoder_queue.qsize() == 0  # nothing queued for decoding
+    finally:
+        await receiver.stop()
+        await pc.close()
+    assert receiver._RTCRtpReceiver__decoder_thread is None  # the end marker passed: thread joined

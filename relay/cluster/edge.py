@@ -1,0 +1,224 @@
+"""The WHEP edge cascade: this node serves broadcasts whose origin is another node.
+
+A spectator's WHEP offer for a broadcast that is not local makes this node an *edge* for it: one
+:class:`EdgeFeed` pulls the broadcast from its origin (one uncounted node peer there, however many
+spectators here), publishes the origin's H.264 access units into a local :class:`MediaGraph` as its
+source (no decode, no encode), and the local spectators are ordinary WHEP sessions of that graph
+(relay/spectators.py: pending vs connected, caps, timeouts; NACKs served from this node's fan-out
+history; their keyframe requests coalesced into one PLI upstream). The feed is dropped
+``[cluster] edge_linger_seconds`` after the last local spectator leaves, and at once if the origin
+goes away (its spectators here are closed with it).
+
+The API adapter calls join/trickle/leave; who the origin is comes from the cluster's directory
+(``origin_of``) and how one node proves itself to another from ``node_authorization``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+
+import aiohttp
+
+from .. import metrics
+from ..auth import check_spectator
+from ..clock import SYSTEM_CLOCK, Clock
+from ..config import Settings
+from ..errors import not_found
+from ..media.edge_feed import EdgeFeed
+from ..media.graph import MediaGraph
+from ..media.hls import HlsPublisher
+from ..spectators import Spectators
+from .directory import NodeAuthorization, Origin, OriginOf
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.1  # spectators' timeouts and the linger are checked this often
+
+
+class EdgeBroadcast:
+    """One broadcast served here from another node: its feed, its graph, its local spectators."""
+
+    def __init__(self, broadcast_id: str, origin: Origin, settings: Settings, clock: Clock,
+                 http: aiohttp.ClientSession, authorization: str) -> None:
+        self.broadcast_id = broadcast_id
+        self.origin = origin
+        # No encoder here, so no lower layer; no recorder (the origin records). HLS is cut here from
+        # the same packets (nothing per viewer), so HLS players need no trip to the origin either.
+        media = replace(settings.media, low_layer=False)
+        self.media = MediaGraph(replace(settings, media=media), clock)
+        self.spectators = Spectators(broadcast_id, settings.limits, clock, feed=self.media.feed,
+                                     on_viewers=lambda _count: None)
+        url = f"{origin.url.rstrip('/')}/v1/broadcasts/{broadcast_id}/whep"
+        self.feed = EdgeFeed(url, authorization, http, publish=self._publish, on_lost=self._lost,
+                             timeout=settings.limits.whep_connect_seconds, on_latency=metrics.EDGE_LATENCY.observe)
+        self._publish_hub = self.media.attach_packets(self.feed.request_keyframe, settings.world_model.fps)
+        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.last_used = clock.monotonic()  # a spectator held or joined, or an HLS request: the linger runs from it
+        self.joining = 0  # joins under way: not spectators yet, but the feed must not linger out under them
+        self.lost = False
+        self.closed = False
+
+    def _publish(self, packet, keyframe: bool) -> None:
+        self._publish_hub(packet, keyframe)
+
+    def _lost(self) -> None:
+        self.lost = True  # the manager's tick closes it (and its spectators) off this callback
+
+    async def open(self) -> None:
+        try:
+            await self.feed.open()
+        except asyncio.CancelledError:
+            self.ready.cancel()
+            raise
+        except BaseException as exc:
+            self.ready.set_exception(exc)
+            self.ready.exception()  # retrieved: the joiners waiting on it re-raise it themselves
+            raise
+        self.ready.set_result(None)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.spectators.refuse_joins()
+        await self.spectators.close()
+        await self.feed.close()
+        await self.media.detach_source("edge closed")
+        await self.media.close()
+
+
+class EdgeManager:
+    def __init__(self, settings: Settings, origin_of: OriginOf, node_authorization: NodeAuthorization,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
+        self._settings = settings
+        self._origin_of = origin_of
+        self._node_authorization = node_authorization
+        self._clock = clock
+        self._edges: dict[str, EdgeBroadcast] = {}
+        self._http: aiohttp.ClientSession | None = None
+        self._ticker: asyncio.Task | None = None
+        self.closed = False
+
+    @property
+    def edges(self) -> dict[str, EdgeBroadcast]:
+        return dict(self._edges)
+
+    def _start(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+            self._ticker = asyncio.get_running_loop().create_task(self._tick_forever(), name="relay-edges")
+        return self._http
+
+    async def _opened(self, broadcast_id: str, token: str | None) -> EdgeBroadcast:
+        """The broadcast's edge here, its feed open (opened now if need be), after the spectator token
+        is checked against the origin's. Returns with ``joining`` held: the caller releases it."""
+        if self.closed:
+            raise not_found("broadcast", broadcast_id)
+        origin = await self._origin_of(broadcast_id)
+        if origin is None:
+            raise not_found("broadcast", broadcast_id)
+        check_spectator(token, origin.spectator_token)
+        edge = self._edges.get(broadcast_id)
+        if edge is not None and edge.lost:  # its origin went away: a new feed, not that one
+            del self._edges[broadcast_id]
+            await edge.close()
+            edge = self._edges.get(broadcast_id)  # another joiner may have opened one meanwhile
+        if edge is None:
+            edge = EdgeBroadcast(broadcast_id, origin, self._settings, self._clock, self._start(),
+                                 self._node_authorization())
+            self._edges[broadcast_id] = edge  # before any await: concurrent joiners share this feed
+            edge.joining += 1
+            try:
+                await edge.open()
+            except BaseException:
+                edge.joining -= 1
+                if self._edges.get(broadcast_id) is edge:
+                    del self._edges[broadcast_id]
+                await edge.close()
+                raise
+        else:
+            edge.joining += 1
+            try:
+                await asyncio.shield(edge.ready)
+            except BaseException:
+                edge.joining -= 1
+                raise
+        edge.last_used = self._clock.monotonic()
+        return edge
+
+    async def join(self, broadcast_id: str, offer_sdp: str, token: str | None,
+                   address: str | None = None) -> tuple[str, str]:
+        """A spectator's WHEP offer here for another node's broadcast: (Location, answer SDP)."""
+        edge = await self._opened(broadcast_id, token)
+        try:
+            spectator, answer = await edge.spectators.join(offer_sdp, address=address)
+        finally:
+            edge.joining -= 1
+        return f"/v1/broadcasts/{broadcast_id}/whep/{spectator.spectator_id}", answer
+
+    @asynccontextmanager
+    async def hls(self, broadcast_id: str, token: str | None) -> AsyncIterator[HlsPublisher | None]:
+        """The edge's live HLS of another node's broadcast (None if this relay offers no HLS), for the
+        length of one request. An HLS player holds no session: its requests keep the feed from
+        lingering out, and one waiting for the first segments holds it open meanwhile."""
+        edge = await self._opened(broadcast_id, token)
+        try:
+            yield edge.media.hls
+        finally:
+            edge.joining -= 1
+            edge.last_used = self._clock.monotonic()
+
+    def _edge(self, broadcast_id: str) -> EdgeBroadcast:
+        edge = self._edges.get(broadcast_id)
+        if edge is None:
+            raise not_found("broadcast", broadcast_id)
+        return edge
+
+    async def trickle(self, broadcast_id: str, session_id: str, fragment: str) -> None:
+        await self._edge(broadcast_id).spectators.add_candidates(session_id, fragment)
+
+    async def leave(self, broadcast_id: str, session_id: str) -> None:
+        spectators = self._edge(broadcast_id).spectators
+        spectators.spectator(session_id)  # 404 for an unknown session
+        await spectators.remove(session_id)
+
+    async def tick(self) -> None:
+        """Spectators' timeouts; drop feeds lost by their origin, or idle past the linger."""
+        now = self._clock.monotonic()
+        linger = self._settings.cluster.edge_linger_seconds
+        for broadcast_id, edge in list(self._edges.items()):
+            if not edge.ready.done():
+                continue  # still opening: its first joiner is on its way
+            await edge.spectators.tick()
+            if len(edge.spectators) or edge.joining:
+                edge.last_used = now
+            if edge.lost or now - edge.last_used >= linger:
+                log.info("edge feed dropped", extra={"broadcast_id": broadcast_id, "lost": edge.lost})
+                if self._edges.get(broadcast_id) is edge:
+                    del self._edges[broadcast_id]
+                await edge.close()
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            try:
+                await self.tick()
+            except Exception:  # one edge's failure must not stop the others' housekeeping
+                log.exception("edge tick failed")
+
+    async def close(self) -> None:
+        """Every feed and local spectator closed; safe to call twice."""
+        self.closed = True
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+        edges, self._edges = list(self._edges.values()), {}
+        await asyncio.gather(*(edge.close() for edge in edges), return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
