@@ -241,3 +241,27 @@ async def test_odyssey_tokens_hold_on_every_node_and_signalling_reaches_the_owne
     url = f"{b.url.replace('http', 'ws', 1)}/odyssey/signalling/client/{session_id}?token={token}"
     async with http.ws_connect(url) as ws:
         assert (await ws.receive_json(timeout=10))["type"] == "offer"
+
+
+async def test_spectators_at_every_node_watch_one_broadcast_through_edges(cluster, http):
+    # The origin (A) holds the stream; B and C serve it as edges, each from one uncounted feed.
+    from tests.conftest import frames_for
+
+    a, b, c = await cluster(3)
+    conn = await open_connection(http, a)
+    async with http.post(f"{a.url}/v1/connections/{conn['connection_id']}/streams", headers=AUTH,
+                         json={"prompt": "a calm ocean"}) as r:
+        assert r.status == 201, await r.text()
+    broadcast = conn["broadcast"]
+    whep = {node: f"{node.url}/v1/broadcasts/{broadcast['broadcast_id']}/whep" for node in (a, b, c)}
+    async with Spectator(whep[a], broadcast["spectator_token"], session=http) as at_a, \
+            Spectator(whep[b], broadcast["spectator_token"], session=http) as at_b, \
+            Spectator(whep[c], broadcast["spectator_token"], session=http) as at_c:
+        seen = await asyncio.gather(*(frames_for(s.track, 2.0) for s in (at_a, at_b, at_c)))
+        assert all(len(frames) >= 44 for frames in seen), [len(f) for f in seen]  # >= 22 fps at every node
+        async with http.get(f"{a.url}/v1/broadcasts/{broadcast['broadcast_id']}",
+                            params={"token": broadcast["spectator_token"]}) as r:
+            assert (await r.json())["spectators"] == 1  # the edges' feeds are not spectators
+    async with http.post(whep[b], data="v=0\r\n", params={"token": "wrong"},
+                         headers={"Content-Type": "application/sdp"}) as r:
+        assert r.status == 401  # the edge checks the broadcast's own token
