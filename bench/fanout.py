@@ -146,6 +146,7 @@ connection_max_seconds = {stream_max}
 idle_timeout_seconds = 600
 spectators_per_broadcast = 100000
 spectator_timeout_seconds = 30
+pending_whep_per_address = 100000  # every load generator joins from 127.0.0.1
 
 [world_model]
 width = {width}
@@ -165,11 +166,13 @@ RECORDINGS_OFF = "\n[recordings]\nenabled = false\n"
 class Server:
     """The relay as a subprocess, with its log in the temporary directory."""
 
-    def __init__(self, workdir: str, mode: str, args: argparse.Namespace, recording: bool = True) -> None:
+    def __init__(self, workdir: str, mode: str, args: argparse.Namespace, recording: bool = True,
+                 name: str = "", extra_config: str = "", extra_args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.mode = mode
         self.recording = recording
-        tag = mode if recording else f"{mode}-recording-off"  # --recording both runs a mode twice
+        self.extra_args = extra_args  # bench/cluster.py: --public-url of a cluster node
+        tag = name or (mode if recording else f"{mode}-recording-off")  # --recording both runs a mode twice
         self.port = free_port()
         self.api_key = "bench-" + secrets.token_hex(8)
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -184,7 +187,7 @@ class Server:
                 port=self.port, data_dir=self.data_dir, api_key=self.api_key,
                 stream_max=args.stream_max_seconds, width=args.width, height=args.height, fps=args.fps,
                 mode=mode, media_extra=media_extra, recordings="" if recording else RECORDINGS_OFF,
-            ))
+            ) + extra_config)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -195,7 +198,7 @@ class Server:
     async def start(self, http) -> None:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli", "serve", "--config", self.config_path],
+            [sys.executable, "-m", "relay.cli", "serve", "--config", self.config_path, *self.extra_args],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
         )
