@@ -45,21 +45,21 @@ def test_depth_counts_containers_not_brackets_in_strings(value):
 
 def test_a_megabyte_of_brackets_is_refused_in_milliseconds():
     for raw in (b"[" * 1_000_000, b"[" * 500_000 + b"]" * 500_000, b'{"a":' * 200_000):
-        start = time.perf_counter()
+        start = time.thread_time()
         with pytest.raises(RelayError) as info:
             parse_json(raw, 32)
         assert info.value.status == 400 and "deeper than 32" in info.value.message
-        assert time.perf_counter() - start < 0.5
+        assert time.thread_time() - start < 0.5
 
 
 def test_unterminated_strings_cost_one_pass():
     """Each quote of 'a\\"' repeated once started a scan to the end: 90 KB took 14 s."""
     for raw in (b'"' + b'a\\"' * 300_000, b'"\\' * 500_000, b'["' + b'[' * 900_000):
-        start = time.perf_counter()
+        start = time.thread_time()
         with pytest.raises(RelayError) as info:
             parse_json(raw, 32)
         assert info.value.status == 400
-        assert time.perf_counter() - start < 0.5
+        assert time.thread_time() - start < 0.5
 
 
 @pytest.mark.parametrize("raw", ["1e999999", "-1e400", "[NaN]", '{"a": Infinity}', "1" * 101, "0." + "1" * 200,
