@@ -58,6 +58,10 @@ class Broadcast:
         self.audience = Audience(self.broadcast_id, settings, clock, live=lambda: self.live)
         self.stream_id: str | None = None
         self.prompt: str | None = None
+        # Viewers watching at other nodes of a cluster (their edges), as the cluster's last beat counted
+        # them (relay/cluster/seats.py); 0 on a single node.
+        self.viewers_elsewhere = 0
+        self._peak = 0  # the most viewers seen at once, every node's
         self._viewers_sent = -1
         self.closed = False
 
@@ -67,11 +71,12 @@ class Broadcast:
 
     @property
     def viewers(self) -> int:
-        return self.spectators.viewers
+        """Everyone watching: this node's viewers and (in a cluster) every other node's."""
+        return self.spectators.viewers + self.viewers_elsewhere
 
     @property
     def peak_spectators(self) -> int:
-        return self.spectators.peak
+        return max(self.spectators.peak, self._peak)
 
     @property
     def hls(self) -> HlsPublisher | None:
@@ -140,6 +145,7 @@ class Broadcast:
     async def tick(self) -> None:
         """Drop silent spectators; publish the viewer count when it changed; run the orchestration."""
         await self.spectators.tick()
+        self._peak = max(self._peak, self.viewers)
         if self.viewers != self._viewers_sent:
             self._viewers_sent = self.viewers
             self.emit({"type": "viewers", "count": self._viewers_sent})

@@ -27,6 +27,7 @@ from ..errors import cluster_unavailable
 from .directory import Directory, Entry, Origin
 from .membership import Membership, NodeInfo, derive_node_id
 from .quota import ClusterQuota
+from .seats import SpectatorCounts
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ class Cluster:
         self.directory = Directory(self.redis, self.membership, cluster.node_timeout_seconds)
         self.streams = ClusterQuota(self.redis, "streams", cluster.node_timeout_seconds)
         self.simulations = ClusterQuota(self.redis, "simulations", cluster.node_timeout_seconds)
+        self.spectators = SpectatorCounts(self.redis, self.node_id, cluster.node_timeout_seconds)
+        # Called when the cluster secret this node holds changes (a Redis that came back empty and took
+        # another node's first): what is derived from it (the /odyssey key) is derived again.
+        self.on_secret: Callable[[], None] | None = None
         self._sessions, self._active_jobs = sessions, active_jobs
         self.reachable = False
         self.nodes_seen: list[NodeInfo] = []
@@ -74,11 +79,13 @@ class Cluster:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await asyncio.gather(*self._writes, return_exceptions=True)
+        await self.spectators.close()
         with contextlib.suppress(RedisError, OSError):  # leave at once rather than at node_timeout
             await self.directory.remove(self._owned())
             await self.membership.leave()
         await self.redis.aclose()
         metrics.CLUSTER_NODES.set(0)
+        metrics.CLUSTER_SPECTATORS.set(0)
 
     async def _run(self) -> None:
         while True:
@@ -98,16 +105,20 @@ class Cluster:
 
     async def beat(self) -> None:
         sessions = self._sessions
-        load = {"connections": len(sessions.connections),
-                "spectators": sum(b.viewers for b in sessions.broadcasts.values())}
+        load = {"connections": len(sessions.connections), "spectators": self.spectators.viewers_here}
         try:
-            await self.membership.join_secret()  # offers ours again: the same secret after a Redis restart
+            secret = self.membership.secret
+            if await self.membership.join_secret() != secret and secret is not None and self.on_secret:
+                self.on_secret()  # offers ours again (the same after a Redis restart), unless another won
             await self.membership.beat(NodeInfo(self.node_id, self.public_url, sessions.streamers_free, load))
             await self.directory.publish(self._owned())
             await self.streams.refresh()
             await self._reconcile_jobs()
             await self.simulations.refresh()
             self.nodes_seen = await self.membership.nodes()
+            elsewhere = await self.spectators.beat(list(sessions.broadcasts), {n.node_id for n in self.nodes_seen})
+            for broadcast_id, broadcast in list(sessions.broadcasts.items()):
+                broadcast.viewers_elsewhere = elsewhere.get(broadcast_id, 0)
             if not self.reachable:
                 log.info("cluster: Redis reachable, %d nodes", len(self.nodes_seen))
             self.reachable = True
@@ -119,6 +130,7 @@ class Cluster:
             log.exception("cluster heartbeat failed")
         metrics.CLUSTER_REDIS_UP.set(1 if self.reachable else 0)
         metrics.CLUSTER_NODES.set(len(self.nodes_seen) if self.reachable else 0)
+        metrics.CLUSTER_SPECTATORS.set(sum(int(n.load.get("spectators", 0)) for n in self.nodes_seen))
 
     async def _reconcile_jobs(self) -> None:
         """Give back the slots of jobs that finished here (completed, failed or cancelled)."""
