@@ -67,6 +67,10 @@ class Cluster:
     async def start(self) -> None:
         """Join: the cluster secret, then the first beat. Redis must answer now (a node cannot join blind)."""
         try:
+            if not await self.membership.has_secret():
+                # A first node, or a Redis that came back empty while live nodes hold the secret: give them
+                # a beat and a half to offer it back, lest a new one win and every token minted so far fail.
+                await asyncio.sleep(self.settings.heartbeat_seconds * 1.5)
             await self.membership.join_secret()
         except (RedisError, OSError) as exc:
             raise JoinError(f"cluster.redis_url: Redis does not answer at {self.settings.redis_url}: {exc}") from exc
