@@ -1,9 +1,11 @@
 """The Cluster: this node's part in a cluster of relays sharing one Redis.
 
 It owns the Redis client and the heartbeat task. Each beat (every heartbeat_seconds) writes this node's
-membership record, rewrites what it owns into the directory and refreshes the quota slots it holds, so a
-Redis that restarted empty is whole again one beat later. The rest of the relay reaches it through three
-seams: SessionManager's `observer` and `stream_quota`, Simulations' `cluster_quota` (set by create_app).
+membership record, rewrites what it owns into the directory, refreshes the quota slots and spectators'
+seats it holds and rewrites its viewer counts (and, as an origin, sums the other nodes'), so a
+Redis that restarted empty is whole again one beat later. The rest of the relay reaches it through seams:
+SessionManager's `observer`, `stream_quota` and `spectator_seats` (each broadcast's spectators' Seats, the
+edges' too), Simulations' `cluster_quota` (set by create_app).
 
 Redis going away never stops what runs: live streams go on; what needs Redis fails fast with 503
 CLUSTER_UNAVAILABLE (see `guarded`), and the next beat that succeeds heals it.
