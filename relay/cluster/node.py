@@ -54,7 +54,8 @@ class Cluster:
         self.directory = Directory(self.redis, self.membership, cluster.node_timeout_seconds)
         self.streams = ClusterQuota(self.redis, "streams", cluster.node_timeout_seconds)
         self.simulations = ClusterQuota(self.redis, "simulations", cluster.node_timeout_seconds)
-        self.spectators = SpectatorCounts(self.redis, self.node_id, cluster.node_timeout_seconds)
+        self.spectators = SpectatorCounts(self.redis, self.node_id, cluster.node_timeout_seconds,
+                                          reachable=lambda: self.reachable)
         # Called when the cluster secret this node holds changes (a Redis that came back empty and took
         # another node's first): what is derived from it (the /odyssey key) is derived again.
         self.on_secret: Callable[[], None] | None = None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -47,9 +47,11 @@ class BroadcastSeats:
 
 
 class SpectatorCounts:
-    def __init__(self, redis: Redis, node_id: str, timeout_seconds: float) -> None:
+    def __init__(self, redis: Redis, node_id: str, timeout_seconds: float,
+                 reachable: Callable[[], bool] = lambda: True) -> None:
         self._redis = redis
         self.node_id = node_id
+        self._reachable = reachable  # as the last heartbeat found Redis: away, a join does not wait on it
         self._ttl_ms = int(timeout_seconds * 1000)
         self.seats = ClusterQuota(redis, "spectators", timeout_seconds)
         self.local: dict[str, int] = {}  # broadcast id -> viewers connected here (none: absent)
@@ -65,15 +67,16 @@ class SpectatorCounts:
 
     async def take(self, broadcast_id: str, spectator_id: str, limit: int) -> bool:
         try:
-            admitted, _held = await self.seats.take(broadcast_id, spectator_id, limit)
+            if self._reachable():
+                admitted, _held = await self.seats.take(broadcast_id, spectator_id, limit)
+                return admitted
         except RelayError as err:
             if err.code != "CLUSTER_UNAVAILABLE":
                 raise
-            # Streams go on without Redis, and so do joins at the node that serves them (capped by its own
-            # count, checked before): the seat is written back with the next beat that reaches Redis.
-            self.seats.hold(broadcast_id, spectator_id)
-            return True
-        return admitted
+        # Streams go on without Redis, and so do joins at the node that serves them (capped by its own
+        # count, checked before): the seat is written back with the next beat that reaches Redis.
+        self.seats.hold(broadcast_id, spectator_id)
+        return True
 
     def changed(self, broadcast_id: str, count: int) -> None:
         """This node's viewers of the broadcast now: written at once by one writer task (so writes land in

@@ -217,6 +217,10 @@ async def test_redis_stopped_and_restarted_mid_stream(cluster, redis_server, htt
             assert r.status == 200  # the owner answers for its own without Redis
         async with http.get(f"{a.url}/readyz") as r:
             assert (await r.json())["cluster"]["redis"] is False
+        # A spectator joins at the origin without Redis (its seat written back later), counted there.
+        async with Spectator(broadcast["whep_url"], broadcast["spectator_token"], session=http) as second:
+            await asyncio.wait_for(second.track.recv(), 10)
+            await eventually(lambda: _counted(http, a, broadcast, 2), timeout=5, what="2 counted without Redis")
         await redis_server.start()  # empty: the nodes write it all back
         await eventually(lambda: _answers(http, b, cid), timeout=5, what="a cross-node call after Redis is back")
         await asyncio.wait_for(viewer.track.recv(), 5)
