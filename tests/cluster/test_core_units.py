@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import fakeredis
 import pytest
@@ -12,6 +13,7 @@ import redis.asyncio as aioredis
 
 from relay.cluster.directory import Directory, Entry, Origin
 from relay.cluster.membership import Membership, NodeInfo, derive_node_id
+from relay.cluster.node import Cluster
 from relay.cluster.quota import ClusterQuota
 from relay.cluster.seats import SpectatorCounts, viewers_key
 from relay.config import ConfigError, Settings
@@ -180,3 +182,27 @@ async def test_seats_are_exact_and_a_join_without_redis_is_held_here(redis_serve
     finally:
         await client.aclose()
         await away.aclose()
+
+
+async def test_a_node_whose_secret_changed_derives_its_keys_again(redis_server):
+    # Redis came back empty and another secret won it (a newcomer's): this node adopts it, and says so.
+    settings = Settings.from_dict({"server": {"public_url": "http://127.0.0.1:1"},
+                                   "cluster": {"redis_url": redis_server.url, "heartbeat_seconds": 0.1,
+                                               "node_timeout_seconds": 1}})
+    idle = SimpleNamespace(connections={}, broadcasts={}, streamers_free=1, stream_ids=lambda: [])
+    cluster = Cluster(settings, idle)
+    client = aioredis.from_url(redis_server.url)
+    try:
+        await cluster.start()
+        before = cluster.token_secret(b"relay/odyssey tokens")
+        changed: list[bytes] = []
+        cluster.on_secret = lambda: changed.append(cluster.token_secret(b"relay/odyssey tokens"))
+        await cluster.beat()
+        assert changed == []  # the same secret: nothing to derive again
+        await client.flushall()
+        await client.set("relay:secret", "ab" * 32)
+        await cluster.beat()
+        assert cluster.membership.secret == bytes.fromhex("ab" * 32) and changed and changed[0] != before
+    finally:
+        await cluster.close()
+        await client.aclose()
