@@ -40,7 +40,7 @@ class BroadcastSeats:
         return await self._counts.take(self.broadcast_id, spectator_id, limit)
 
     async def give_back(self, spectator_id: str) -> None:
-        await self._counts.seats.give_back(spectator_id)
+        await self._counts.give_back(spectator_id)
 
     def viewers(self, count: int) -> None:
         self._counts.changed(self.broadcast_id, count)
@@ -77,6 +77,14 @@ class SpectatorCounts:
         # count, checked before): the seat is written back with the next beat that reaches Redis.
         self.seats.hold(broadcast_id, spectator_id)
         return True
+
+    async def give_back(self, spectator_id: str) -> None:
+        """With Redis away, only forgotten here (no longer refreshed, it lapses): a leaving spectator, the
+        reaper's tick or a shutdown must not wait on a Redis the last beat found gone."""
+        if self._reachable():
+            await self.seats.give_back(spectator_id)
+        else:
+            self.seats.held.pop(spectator_id, None)
 
     def changed(self, broadcast_id: str, count: int) -> None:
         """This node's viewers of the broadcast now: written at once by one writer task (so writes land in
