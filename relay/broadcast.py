@@ -58,6 +58,8 @@ class Broadcast:
         self.audience = Audience(self.broadcast_id, settings, clock, live=lambda: self.live)
         self.stream_id: str | None = None
         self.prompt: str | None = None
+        self._elsewhere = 0
+        self._peak = 0  # the most viewers seen at once, every node's
         self._viewers_sent = -1
         self.closed = False
 
@@ -67,11 +69,24 @@ class Broadcast:
 
     @property
     def viewers(self) -> int:
-        return self.spectators.viewers
+        """Everyone watching: this node's viewers and (in a cluster) every other node's."""
+        return self.spectators.viewers + self.viewers_elsewhere
+
+    @property
+    def viewers_elsewhere(self) -> int:
+        """Viewers watching at other nodes of a cluster (their edges), as the cluster's last beat counted
+        them (relay/cluster/seats.py); 0 on a single node."""
+        return self._elsewhere
+
+    @viewers_elsewhere.setter
+    def viewers_elsewhere(self, count: int) -> None:
+        if count != self._elsewhere:
+            self._elsewhere = count
+            self._record_viewers(self.spectators.viewers)
 
     @property
     def peak_spectators(self) -> int:
-        return self.spectators.peak
+        return max(self.spectators.peak, self._peak)
 
     @property
     def hls(self) -> HlsPublisher | None:
@@ -132,14 +147,16 @@ class Broadcast:
         if event["type"] in RECORDED_EVENTS:
             self.media.record_event(event)
 
-    def _record_viewers(self, count: int) -> None:
-        self.media.record_event({"type": "viewers", "count": count})
+    def _record_viewers(self, _here: int) -> None:
+        """A viewer joined or left here: the recording logs everyone's count (the recorder keeps changes only)."""
+        self.media.record_event({"type": "viewers", "count": self.viewers})
 
     # -- housekeeping ----------------------------------------------------------------
 
     async def tick(self) -> None:
         """Drop silent spectators; publish the viewer count when it changed; run the orchestration."""
         await self.spectators.tick()
+        self._peak = max(self._peak, self.viewers)
         if self.viewers != self._viewers_sent:
             self._viewers_sent = self.viewers
             self.emit({"type": "viewers", "count": self._viewers_sent})

@@ -36,6 +36,10 @@ CLUSTER_NODES = Gauge("relay_cluster_nodes", "Live nodes this node sees in the c
                       registry=REGISTRY)
 CLUSTER_REDIS_UP = Gauge("relay_cluster_redis_up", "1 while the cluster's Redis answered the last heartbeat",
                          registry=REGISTRY)
+CLUSTER_SPECTATORS = Gauge("relay_cluster_spectators", "Connected spectators at every live node of the cluster, "
+                           "edges included (as of the last heartbeat)", registry=REGISTRY)
+CLUSTER_EDGE_FEEDS = Gauge("relay_cluster_edge_feeds", "Broadcasts of other nodes this node serves as an edge "
+                           "(one feed from the origin each)", registry=REGISTRY)
 CLUSTER_FORWARDED = Counter("relay_cluster_forwarded", "Calls carried to the node that owns their resource",
                             registry=REGISTRY)
 

@@ -198,6 +198,8 @@ class SessionManager:
         # concurrent_streams across nodes (acquire_stream/release_stream), beside the local count.
         self.observer: Any = None
         self.stream_quota: Any = None
+        # `spectator_seats(broadcast_id)`: the broadcast's Seats (relay/spectators.py), counted across the cluster.
+        self.spectator_seats: Any = None
 
     # -- queries -----------------------------------------------------------------------
 
@@ -331,6 +333,8 @@ class SessionManager:
         conn.broadcast.audience.host_event = conn.publish
         self.connections[connection_id] = conn
         self.broadcasts[conn.broadcast.broadcast_id] = conn.broadcast
+        if self.spectator_seats is not None:
+            conn.broadcast.spectators.seats = self.spectator_seats(conn.broadcast.broadcast_id)
         metrics.CONNECTIONS.inc()
         if self.observer is not None:
             await self.observer.connection_opened(conn)

@@ -14,7 +14,7 @@ import logging
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 from aiortc import RTCPeerConnection
 
@@ -31,6 +31,22 @@ log = logging.getLogger(__name__)
 # How long close() waits for joins still answering their offer. They close their own peer
 # connection when they see the spectators closed; the wait only makes close() return after them.
 JOIN_CLOSE_WAIT = 5.0
+
+
+def spectator_limit_reached(limit: int) -> RelayError:
+    return RelayError("SPECTATOR_LIMIT_REACHED", 503, f"This broadcast already has its maximum of {limit} spectators.",
+                      action="Retry later.", details={"limit": limit}, retry_after=10)
+
+
+class Seats(Protocol):
+    """Where a broadcast's seats are counted beyond this node (a cluster's, in Redis): one seat taken per
+    counted joiner before its answer, given back when it leaves; told this node's viewer count as it changes."""
+
+    async def take(self, spectator_id: str, limit: int) -> bool: ...  # False: every seat is taken
+
+    async def give_back(self, spectator_id: str) -> None: ...
+
+    def viewers(self, count: int) -> None: ...
 
 
 @dataclass
@@ -81,6 +97,8 @@ class Spectators(Mapping[str, Spectator]):
         # Joins still answering their offer: (counted, address). Counted ones are pending sessions
         # already, and close() waits for all of them.
         self._joins: dict[asyncio.Future, tuple[bool, str | None]] = {}
+        # A cluster's seam (None on a single node): the cap counts every node's spectators.
+        self.seats: Seats | None = None
         self.peak = 0
         self.closed = False
 
@@ -131,14 +149,7 @@ class Spectators(Mapping[str, Spectator]):
         # Pending sessions do not take viewers' seats: they are bounded on their own, per address
         # (above) and in total (by the same number as the seats), for whep_connect_seconds at most.
         if self.viewers >= limit or len(pending) >= limit:
-            raise RelayError(
-                "SPECTATOR_LIMIT_REACHED",
-                503,
-                f"This broadcast already has its maximum of {limit} spectators.",
-                action="Retry later.",
-                details={"limit": limit},
-                retry_after=10,
-            )
+            raise spectator_limit_reached(limit)
 
     async def join(self, offer_sdp: str, *, counted: bool = True, address: str | None = None
                    ) -> tuple[Spectator, str]:
@@ -153,7 +164,10 @@ class Spectators(Mapping[str, Spectator]):
         # Registered before the first await, so concurrent offers from one address see each other.
         join = asyncio.get_running_loop().create_future()
         self._joins[join] = (counted, address)
+        seated = False
         try:
+            if counted and self.seats is not None:
+                seated = await self._take_seat(spectator_id)
             peer = await answer_spectator(
                 offer_sdp, feed.track, max_candidates=self._limits.whep_offer_max_candidates,
                 on_sender=lambda sender: feed.attach(sender, lambda: self._heard(spectator_id)),
@@ -163,6 +177,8 @@ class Spectators(Mapping[str, Spectator]):
                 raise not_found("broadcast", self._broadcast_id)
         except BaseException:
             feed.close()
+            if seated:
+                await self._give_back(spectator_id)
             raise
         finally:
             del self._joins[join]
@@ -181,6 +197,24 @@ class Spectators(Mapping[str, Spectator]):
         log.info("spectator joining", extra={"broadcast_id": self._broadcast_id, "spectator_id": spectator_id})
         return spectator, peer.answer_sdp
 
+    async def _take_seat(self, spectator_id: str) -> bool:
+        """One of the cluster's seats for this joiner (pending ones hold theirs too: the only way joiners
+        racing at different nodes admit exactly the free seats); 503 when none is free."""
+        assert self.seats is not None
+        limit = self._limits.spectators_per_broadcast
+        if not await self.seats.take(spectator_id, limit):
+            raise spectator_limit_reached(limit)
+        return True
+
+    async def _give_back(self, spectator_id: str) -> None:
+        if self.seats is not None:
+            await self.seats.give_back(spectator_id)
+
+    def _viewers_changed(self) -> None:
+        self._on_viewers(self.viewers)
+        if self.seats is not None:
+            self.seats.viewers(self.viewers)
+
     async def _connected(self, spectator: Spectator) -> None:
         if spectator.connected or self._sessions.get(spectator.spectator_id) is not spectator:
             return
@@ -193,7 +227,7 @@ class Spectators(Mapping[str, Spectator]):
             return
         spectator.connected = True
         self.peak = max(self.peak, self.viewers)
-        self._on_viewers(self.viewers)
+        self._viewers_changed()
         metrics.SPECTATORS.inc()
         log.info("spectator joined", extra={"broadcast_id": self._broadcast_id,
                                             "spectator_id": spectator.spectator_id})
@@ -219,7 +253,9 @@ class Spectators(Mapping[str, Spectator]):
             return False
         if spectator.connected:
             metrics.SPECTATORS.dec()
-            self._on_viewers(self.viewers)
+            self._viewers_changed()
+        if spectator.counted:
+            await self._give_back(spectator_id)
         await spectator.close()
         log.info("spectator left", extra={"broadcast_id": self._broadcast_id, "spectator_id": spectator_id})
         return True

@@ -214,19 +214,26 @@ def install_cluster(app: web.Application) -> None:
     app[forward.CARRIER] = forward.Carrier(app[SETTINGS].cluster.node_timeout_seconds)
     sessions.observer = cluster
     sessions.stream_quota = cluster
+    sessions.spectator_seats = cluster.spectators.for_broadcast
     jobs.cluster_quota = cluster.simulations
     # Another node's edge feed presents the node credential: served, uncounted, uncapped.
     app[IS_NODE] = lambda request: cluster.verify_node(request.headers.get("Authorization")) is not None
     # Other nodes' broadcasts, served here over WHEP and HLS from one feed each.
-    app[EDGES] = EdgeManager(app[SETTINGS], cluster.origin_of, cluster.node_authorization)
+    app[EDGES] = EdgeManager(app[SETTINGS], cluster.origin_of, cluster.node_authorization,
+                             seats=cluster.spectators.for_broadcast)
 
 
 def _cluster_lifecycle(odyssey: web.Application):
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         cluster, carrier = app[CLUSTER], app[forward.CARRIER]
         await cluster.start()
-        # /odyssey's JWTs signed with the cluster's secret: a token minted on one node holds on every node.
-        odyssey[TWIN].use_secret(cluster.token_secret(b"relay/odyssey tokens"))
+
+        def odyssey_key() -> None:
+            # /odyssey's JWTs signed with the cluster's secret: a token minted on one node holds on every node
+            # (derived again should the secret change: every node then signs with the one that won).
+            odyssey[TWIN].use_secret(cluster.token_secret(b"relay/odyssey tokens"))
+        odyssey_key()
+        cluster.on_secret = odyssey_key
         await carrier.start()
         yield
         await carrier.close()

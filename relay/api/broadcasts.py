@@ -112,10 +112,12 @@ async def whep_offer(request: web.Request) -> web.Response:
 @body_limit(lambda settings: settings.limits.whep_offer_max_bytes)  # candidates are bounded by count too
 async def whep_trickle(request: web.Request) -> web.Response:
     if (edges := _edge_for(request)) is not None:
+        broadcast_id, token = request.match_info["broadcast_id"], token_of(request)
+        edges.authorize(broadcast_id, token)  # 404/401 before the body is read
         if request.content_type != "application/trickle-ice-sdpfrag":
             raise unsupported_media_type("application/trickle-ice-sdpfrag")
         fragment = (await request.read()).decode("utf-8", errors="replace")
-        await edges.trickle(request.match_info["broadcast_id"], request.match_info["spectator_id"], fragment)
+        await edges.trickle(broadcast_id, request.match_info["spectator_id"], fragment, token)
         return web.Response(status=204)
     broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
     _check_optional_token(request, broadcast)
@@ -129,7 +131,7 @@ async def whep_trickle(request: web.Request) -> web.Response:
 @routes.delete("/v1/broadcasts/{broadcast_id}/whep/{spectator_id}")
 async def whep_leave(request: web.Request) -> web.Response:
     if (edges := _edge_for(request)) is not None:
-        await edges.leave(request.match_info["broadcast_id"], request.match_info["spectator_id"])
+        await edges.leave(request.match_info["broadcast_id"], request.match_info["spectator_id"], token_of(request))
         return web.Response(status=200)
     broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
     _check_optional_token(request, broadcast)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import metrics
-from ..web import CLUSTER, SESSIONS, json_response
+from ..web import CLUSTER, EDGES, SESSIONS, json_response
 
 routes = web.RouteTableDef()
 
@@ -23,6 +23,7 @@ async def readyz(request: web.Request) -> web.Response:
     cluster = request.app[CLUSTER]
     if cluster is not None:  # membership as the last heartbeat saw it; ready without Redis (streams go on)
         body["cluster"] = cluster.describe()
+        body["cluster"]["edge_feeds"] = request.app[EDGES].describe() if EDGES in request.app else []
     return json_response(body, status=200 if ready else 503)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
@@ -31,8 +31,10 @@ from ..errors import not_found
 from ..media.edge_feed import EdgeFeed
 from ..media.graph import MediaGraph
 from ..media.hls import HlsPublisher
-from ..spectators import Spectators
+from ..spectators import Seats, Spectators
 from .directory import NodeAuthorization, Origin, OriginOf
+
+SeatsOf = Callable[[str], Seats]  # a broadcast's seats, counted across the cluster (relay/cluster/seats.py)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class EdgeBroadcast:
     """One broadcast served here from another node: its feed, its graph, its local spectators."""
 
     def __init__(self, broadcast_id: str, origin: Origin, settings: Settings, clock: Clock,
-                 http: aiohttp.ClientSession, authorization: str) -> None:
+                 http: aiohttp.ClientSession, authorization: str, seats: Seats | None = None) -> None:
         self.broadcast_id = broadcast_id
         self.origin = origin
         # No encoder here, so no lower layer; no recorder (the origin records). HLS is cut here from
@@ -52,6 +54,7 @@ class EdgeBroadcast:
         self.media = MediaGraph(replace(settings, media=media), clock)
         self.spectators = Spectators(broadcast_id, settings.limits, clock, feed=self.media.feed,
                                      on_viewers=lambda _count: None)
+        self.spectators.seats = seats  # the cap and the count are the cluster's, this node's viewers a part
         url = f"{origin.url.rstrip('/')}/v1/broadcasts/{broadcast_id}/whep"
         self.feed = EdgeFeed(url, authorization, http, publish=self._publish, on_lost=self._lost,
                              timeout=settings.limits.whep_connect_seconds, on_latency=metrics.EDGE_LATENCY.observe)
@@ -93,8 +96,9 @@ class EdgeBroadcast:
 
 class EdgeManager:
     def __init__(self, settings: Settings, origin_of: OriginOf, node_authorization: NodeAuthorization,
-                 clock: Clock = SYSTEM_CLOCK) -> None:
+                 clock: Clock = SYSTEM_CLOCK, *, seats: SeatsOf | None = None) -> None:
         self._settings = settings
+        self._seats = seats
         self._origin_of = origin_of
         self._node_authorization = node_authorization
         self._clock = clock
@@ -129,7 +133,7 @@ class EdgeManager:
             edge = self._edges.get(broadcast_id)  # another joiner may have opened one meanwhile
         if edge is None:
             edge = EdgeBroadcast(broadcast_id, origin, self._settings, self._clock, self._start(),
-                                 self._node_authorization())
+                                 self._node_authorization(), self._seats(broadcast_id) if self._seats else None)
             self._edges[broadcast_id] = edge  # before any await: concurrent joiners share this feed
             edge.joining += 1
             try:
@@ -172,19 +176,28 @@ class EdgeManager:
             edge.joining -= 1
             edge.last_used = self._clock.monotonic()
 
-    def _edge(self, broadcast_id: str) -> EdgeBroadcast:
+    def authorize(self, broadcast_id: str, token: str | None) -> EdgeBroadcast:
+        """The edge for a session call (PATCH, DELETE): 404 if it serves no such broadcast; as at the origin,
+        the session URL is the capability, and a token that comes with it must be the broadcast's (401)."""
         edge = self._edges.get(broadcast_id)
         if edge is None:
             raise not_found("broadcast", broadcast_id)
+        if token is not None:
+            check_spectator(token, edge.origin.spectator_token)
         return edge
 
-    async def trickle(self, broadcast_id: str, session_id: str, fragment: str) -> None:
-        await self._edge(broadcast_id).spectators.add_candidates(session_id, fragment)
+    async def trickle(self, broadcast_id: str, session_id: str, fragment: str, token: str | None) -> None:
+        await self.authorize(broadcast_id, token).spectators.add_candidates(session_id, fragment)
 
-    async def leave(self, broadcast_id: str, session_id: str) -> None:
-        spectators = self._edge(broadcast_id).spectators
+    async def leave(self, broadcast_id: str, session_id: str, token: str | None) -> None:
+        spectators = self.authorize(broadcast_id, token).spectators
         spectators.spectator(session_id)  # 404 for an unknown session
         await spectators.remove(session_id)
+
+    def describe(self) -> list[dict]:
+        """For /readyz: the feeds held, each with its origin node and this node's viewers of it."""
+        return [{"broadcast_id": broadcast_id, "origin": edge.origin.node_id, "spectators": edge.spectators.viewers}
+                for broadcast_id, edge in self._edges.items()]
 
     async def tick(self) -> None:
         """Spectators' timeouts; drop feeds lost by their origin, or idle past the linger."""
@@ -201,6 +214,7 @@ class EdgeManager:
                 if self._edges.get(broadcast_id) is edge:
                     del self._edges[broadcast_id]
                 await edge.close()
+        metrics.CLUSTER_EDGE_FEEDS.set(len(self._edges))
 
     async def _tick_forever(self) -> None:
         while True:
@@ -218,6 +232,7 @@ class EdgeManager:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)
         edges, self._edges = list(self._edges.values()), {}
+        metrics.CLUSTER_EDGE_FEEDS.set(0)
         await asyncio.gather(*(edge.close() for edge in edges), return_exceptions=True)
         if self._http is not None:
             await self._http.close()

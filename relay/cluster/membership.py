@@ -68,6 +68,9 @@ class Membership:
         self.secret = bytes.fromhex(value.decode() if isinstance(value, bytes) else value)
         return self.secret
 
+    async def has_secret(self) -> bool:
+        return bool(await self._redis.exists(SECRET))
+
     async def beat(self, record: NodeInfo) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(node_key(self.node_id), record.to_json(), px=self._ttl_ms)

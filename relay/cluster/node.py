@@ -1,9 +1,11 @@
 """The Cluster: this node's part in a cluster of relays sharing one Redis.
 
 It owns the Redis client and the heartbeat task. Each beat (every heartbeat_seconds) writes this node's
-membership record, rewrites what it owns into the directory and refreshes the quota slots it holds, so a
-Redis that restarted empty is whole again one beat later. The rest of the relay reaches it through three
-seams: SessionManager's `observer` and `stream_quota`, Simulations' `cluster_quota` (set by create_app).
+membership record, rewrites what it owns into the directory, refreshes the quota slots and spectators'
+seats it holds and rewrites its viewer counts (and, as an origin, sums the other nodes'), so a
+Redis that restarted empty is whole again one beat later. The rest of the relay reaches it through seams:
+SessionManager's `observer`, `stream_quota` and `spectator_seats` (each broadcast's spectators' Seats, the
+edges' too), Simulations' `cluster_quota` (set by create_app).
 
 Redis going away never stops what runs: live streams go on; what needs Redis fails fast with 503
 CLUSTER_UNAVAILABLE (see `guarded`), and the next beat that succeeds heals it.
@@ -27,6 +29,7 @@ from ..errors import cluster_unavailable
 from .directory import Directory, Entry, Origin
 from .membership import Membership, NodeInfo, derive_node_id
 from .quota import ClusterQuota
+from .seats import SpectatorCounts
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,11 @@ class Cluster:
         self.directory = Directory(self.redis, self.membership, cluster.node_timeout_seconds)
         self.streams = ClusterQuota(self.redis, "streams", cluster.node_timeout_seconds)
         self.simulations = ClusterQuota(self.redis, "simulations", cluster.node_timeout_seconds)
+        self.spectators = SpectatorCounts(self.redis, self.node_id, cluster.node_timeout_seconds,
+                                          reachable=lambda: self.reachable)
+        # Called when the cluster secret this node holds changes (a Redis that came back empty and took
+        # another node's first): what is derived from it (the /odyssey key) is derived again.
+        self.on_secret: Callable[[], None] | None = None
         self._sessions, self._active_jobs = sessions, active_jobs
         self.reachable = False
         self.nodes_seen: list[NodeInfo] = []
@@ -62,6 +70,10 @@ class Cluster:
     async def start(self) -> None:
         """Join: the cluster secret, then the first beat. Redis must answer now (a node cannot join blind)."""
         try:
+            if not await self.membership.has_secret():
+                # A first node, or a Redis that came back empty while live nodes hold the secret: give them
+                # a beat and a half to offer it back, lest a new one win and every token minted so far fail.
+                await asyncio.sleep(self.settings.heartbeat_seconds * 1.5)
             await self.membership.join_secret()
         except (RedisError, OSError) as exc:
             raise JoinError(f"cluster.redis_url: Redis does not answer at {self.settings.redis_url}: {exc}") from exc
@@ -74,11 +86,13 @@ class Cluster:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await asyncio.gather(*self._writes, return_exceptions=True)
+        await self.spectators.close()
         with contextlib.suppress(RedisError, OSError):  # leave at once rather than at node_timeout
             await self.directory.remove(self._owned())
             await self.membership.leave()
         await self.redis.aclose()
         metrics.CLUSTER_NODES.set(0)
+        metrics.CLUSTER_SPECTATORS.set(0)
 
     async def _run(self) -> None:
         while True:
@@ -98,16 +112,20 @@ class Cluster:
 
     async def beat(self) -> None:
         sessions = self._sessions
-        load = {"connections": len(sessions.connections),
-                "spectators": sum(b.viewers for b in sessions.broadcasts.values())}
+        load = {"connections": len(sessions.connections), "spectators": self.spectators.viewers_here}
         try:
-            await self.membership.join_secret()  # offers ours again: the same secret after a Redis restart
+            secret = self.membership.secret
+            if await self.membership.join_secret() != secret and secret is not None and self.on_secret:
+                self.on_secret()  # offers ours again (the same after a Redis restart), unless another won
             await self.membership.beat(NodeInfo(self.node_id, self.public_url, sessions.streamers_free, load))
             await self.directory.publish(self._owned())
             await self.streams.refresh()
             await self._reconcile_jobs()
             await self.simulations.refresh()
             self.nodes_seen = await self.membership.nodes()
+            elsewhere = await self.spectators.beat(list(sessions.broadcasts), {n.node_id for n in self.nodes_seen})
+            for broadcast_id, broadcast in list(sessions.broadcasts.items()):
+                broadcast.viewers_elsewhere = elsewhere.get(broadcast_id, 0)
             if not self.reachable:
                 log.info("cluster: Redis reachable, %d nodes", len(self.nodes_seen))
             self.reachable = True
@@ -119,6 +137,7 @@ class Cluster:
             log.exception("cluster heartbeat failed")
         metrics.CLUSTER_REDIS_UP.set(1 if self.reachable else 0)
         metrics.CLUSTER_NODES.set(len(self.nodes_seen) if self.reachable else 0)
+        metrics.CLUSTER_SPECTATORS.set(sum(int(n.load.get("spectators", 0)) for n in self.nodes_seen))
 
     async def _reconcile_jobs(self) -> None:
         """Give back the slots of jobs that finished here (completed, failed or cancelled)."""

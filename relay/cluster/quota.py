@@ -77,6 +77,10 @@ class ClusterQuota:
             self.held[member] = owner
         return bool(admitted), int(held)
 
+    def hold(self, owner: str, member: str) -> None:
+        """Held without asking Redis (it is away): the next heartbeat that reaches it adds the slot."""
+        self.held[member] = owner
+
     async def give_back(self, member: str) -> None:
         """Free the slot. Forgotten here first: should Redis be away, it is no longer refreshed and lapses."""
         owner = self.held.pop(member, None)

@@ -217,6 +217,10 @@ async def test_redis_stopped_and_restarted_mid_stream(cluster, redis_server, htt
             assert r.status == 200  # the owner answers for its own without Redis
         async with http.get(f"{a.url}/readyz") as r:
             assert (await r.json())["cluster"]["redis"] is False
+        # A spectator joins at the origin without Redis (its seat written back later), counted there.
+        async with Spectator(broadcast["whep_url"], broadcast["spectator_token"], session=http) as second:
+            await asyncio.wait_for(second.track.recv(), 10)
+            await eventually(lambda: _counted(http, a, broadcast, 2), timeout=5, what="2 counted without Redis")
         await redis_server.start()  # empty: the nodes write it all back
         await eventually(lambda: _answers(http, b, cid), timeout=5, what="a cross-node call after Redis is back")
         await asyncio.wait_for(viewer.track.recv(), 5)
@@ -259,9 +263,14 @@ async def test_spectators_at_every_node_watch_one_broadcast_through_edges(cluste
             Spectator(whep[c], broadcast["spectator_token"], session=http) as at_c:
         seen = await asyncio.gather(*(frames_for(s.track, 2.0) for s in (at_a, at_b, at_c)))
         assert all(len(frames) >= 44 for frames in seen), [len(f) for f in seen]  # >= 22 fps at every node
-        async with http.get(f"{a.url}/v1/broadcasts/{broadcast['broadcast_id']}",
-                            params={"token": broadcast["spectator_token"]}) as r:
-            assert (await r.json())["spectators"] == 1  # the edges' feeds are not spectators
+        # Every node's spectators count, the edges' feeds not (tests/cluster/test_counts.py for more).
+        await eventually(lambda: _counted(http, a, broadcast, 3), timeout=5, what="3 spectators at the origin")
     async with http.post(whep[b], data="v=0\r\n", params={"token": "wrong"},
                          headers={"Content-Type": "application/sdp"}) as r:
         assert r.status == 401  # the edge checks the broadcast's own token
+
+
+async def _counted(http, node, broadcast, count: int) -> bool:
+    async with http.get(f"{node.url}/v1/broadcasts/{broadcast['broadcast_id']}",
+                        params={"token": broadcast["spectator_token"]}) as r:
+        return r.status == 200 and (await r.json())["spectators"] == count

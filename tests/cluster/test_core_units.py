@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import fakeredis
 import pytest
@@ -12,9 +13,13 @@ import redis.asyncio as aioredis
 
 from relay.cluster.directory import Directory, Entry, Origin
 from relay.cluster.membership import Membership, NodeInfo, derive_node_id
+from relay.cluster.node import Cluster
 from relay.cluster.quota import ClusterQuota
+from relay.cluster.seats import SpectatorCounts, viewers_key
 from relay.config import ConfigError, Settings
 from relay.errors import RelayError
+from tests.cluster.conftest import free_port
+from tests.conftest import eventually
 
 
 @pytest.fixture
@@ -132,4 +137,72 @@ async def test_quota_slots_lapse_unless_refreshed_and_come_back_after_a_flush(re
         await holder.give_back("kept")  # without Redis: forgotten here, so it lapses
         assert holder.held == {}
     finally:
+        await client.aclose()
+
+
+async def test_viewer_counts_sum_the_live_nodes_and_drop_the_others(redis_server):
+    clients = [aioredis.from_url(redis_server.url) for _ in range(3)]
+    origin, b, c = (SpectatorCounts(client, name, 1.0) for client, name in zip(clients, "abc"))
+    try:
+        origin.changed("bc1", 1)
+        b.changed("bc1", 3)
+        b.changed("bc1", 2)  # written in order: the last count wins
+        c.changed("bc1", 4)
+        await eventually(lambda: _fields(clients[0], "bc1", {"a", "b", "c"}), timeout=5, what="three counts written")
+        assert await origin.beat(["bc1"], live={"a", "b", "c"}) == {"bc1": 6}  # the others' (a counts its own)
+        assert await origin.beat(["bc1"], live={"a", "b"}) == {"bc1": 2}  # c left the cluster
+        assert set(await clients[0].hkeys(viewers_key("bc1"))) == {b"a", b"b"}  # and its field with it
+        b.changed("bc1", 0)  # b's last viewer left
+        await eventually(lambda: _fields(clients[0], "bc1", {"a"}), timeout=5, what="b's field removed")
+        assert origin.viewers_here == 1 and b.viewers_here == 0
+    finally:
+        for counts, client in zip((origin, b, c), clients):
+            await counts.close()
+            await client.aclose()
+
+
+async def _fields(client, broadcast_id: str, nodes: set[str]) -> bool:
+    return {f.decode() for f in await client.hkeys(viewers_key(broadcast_id))} == nodes
+
+
+async def test_seats_are_exact_and_a_join_without_redis_is_held_here(redis_server):
+    client = aioredis.from_url(redis_server.url)
+    away = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)  # nobody listens
+    counts, offline = SpectatorCounts(client, "a", 2.0), SpectatorCounts(away, "b", 2.0)
+    try:
+        seats = counts.for_broadcast("bc1")
+        taken = await asyncio.gather(*(seats.take(f"s{i}", 3) for i in range(8)))
+        assert sum(taken) == 3
+        assert not await seats.take("late", 3)
+        await seats.give_back(next(f"s{i}" for i, admitted in enumerate(taken) if admitted))
+        assert await seats.take("late", 3)  # a seat given back is free at once
+        # Redis away: the node that serves the broadcast admits on its own count, and holds the seat to write back.
+        assert await offline.for_broadcast("bc1").take("s9", 3)
+        assert offline.seats.held == {"s9": "bc1"}
+    finally:
+        await client.aclose()
+        await away.aclose()
+
+
+async def test_a_node_whose_secret_changed_derives_its_keys_again(redis_server):
+    # Redis came back empty and another secret won it (a newcomer's): this node adopts it, and says so.
+    settings = Settings.from_dict({"server": {"public_url": "http://127.0.0.1:1"},
+                                   "cluster": {"redis_url": redis_server.url, "heartbeat_seconds": 0.1,
+                                               "node_timeout_seconds": 1}})
+    idle = SimpleNamespace(connections={}, broadcasts={}, streamers_free=1, stream_ids=lambda: [])
+    cluster = Cluster(settings, idle)
+    client = aioredis.from_url(redis_server.url)
+    try:
+        await cluster.start()
+        before = cluster.token_secret(b"relay/odyssey tokens")
+        changed: list[bytes] = []
+        cluster.on_secret = lambda: changed.append(cluster.token_secret(b"relay/odyssey tokens"))
+        await cluster.beat()
+        assert changed == []  # the same secret: nothing to derive again
+        await client.flushall()
+        await client.set("relay:secret", "ab" * 32)
+        await cluster.beat()
+        assert cluster.membership.secret == bytes.fromhex("ab" * 32) and changed and changed[0] != before
+    finally:
+        await cluster.close()
         await client.aclose()

@@ -126,6 +126,35 @@ async def test_wrong_token_at_the_edge_is_401_and_unknown_broadcast_404(cluster,
         await pc.close()
 
 
+async def test_a_session_call_at_the_edge_rechecks_its_token_as_the_origin_does(cluster, http):
+    # A stranger who guesses (or is handed) a session URL without its token gets 401/404, never a teardown.
+    origin_app, origin_url, edge_app, edge_url, edges, conn = cluster
+    b = conn.broadcast
+    async with Spectator(edge_whep(edge_url, b), b["spectator_token"]) as viewer:
+        session_id = viewer.location.rsplit("/", 1)[1]
+        spectators = edges.edges[b["broadcast_id"]].spectators
+        wrong = {"Authorization": "Bearer wrong-token"}
+        fragment = {"Content-Type": "application/trickle-ice-sdpfrag"}
+        async with http.patch(viewer.location, data="a=end-of-candidates\r\n", headers={**wrong, **fragment}) as r:
+            assert r.status == 401 and (await r.json())["error"]["code"] == "UNAUTHORIZED"
+        async with http.delete(viewer.location, headers=wrong) as r:
+            assert r.status == 401 and (await r.json())["error"]["code"] == "UNAUTHORIZED"
+        async with http.delete(viewer.location, params={"token": "wrong-token"}) as r:
+            assert r.status == 401
+        assert session_id in spectators  # still watching
+        right = {"Authorization": f"Bearer {b['spectator_token']}"}
+        async with http.delete(viewer.location[:-len(session_id)] + "0" * 32, headers=right) as r:
+            assert r.status == 404  # no such session
+        async with http.delete(f"{edge_url}/v1/broadcasts/nope/whep/{session_id}", headers=right) as r:
+            assert r.status == 404  # no such broadcast here
+        async with http.patch(viewer.location, data="a=end-of-candidates\r\n", headers={**right, **fragment}) as r:
+            assert r.status == 204
+        async with http.delete(viewer.location, headers=right) as r:
+            assert r.status == 200
+        assert session_id not in spectators
+        viewer.location = None  # left already
+
+
 async def test_last_viewer_leaving_drops_the_feed_after_the_linger(cluster, http):
     origin_app, origin_url, edge_app, edge_url, edges, conn = cluster
     b = conn.broadcast

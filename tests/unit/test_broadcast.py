@@ -99,6 +99,20 @@ async def test_viewer_counts_go_to_everyone_but_not_into_the_recording(broadcast
     assert [e["type"] for e in media(broadcast).recorded] == ["stream_started"]
 
 
+async def test_other_nodes_viewers_add_to_the_count_the_peak_and_the_recording(broadcast):
+    channel = broadcast.audience.open_channel()
+    broadcast.attach_stream("s1", "hills", SyntheticTrack(64, 48, 25), 64, 48, 25)
+    drain(channel.queue)
+    broadcast.viewers_elsewhere = 3  # a cluster's beat: three viewers at edges
+    assert broadcast.state()["spectators"] == 3
+    await broadcast.tick()
+    assert drain(channel.queue) == [{"type": "viewers", "count": 3}]
+    broadcast.viewers_elsewhere = 1
+    await broadcast.tick()
+    assert broadcast.viewers == 1 and broadcast.peak_spectators == 3
+    assert [e["count"] for e in media(broadcast).recorded if e["type"] == "viewers"] == [3, 1]
+
+
 # -- the audience: the host's actions push the state themselves ------------------------------
 
 async def test_each_orchestration_action_pushes_the_new_state_at_once(broadcast):
