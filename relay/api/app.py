@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from ..cluster import forward
+from ..cluster import forward, spread
 from ..cluster.edge import EdgeManager
 from ..cluster.node import Cluster
 from ..config import Settings, hosted_api_key
@@ -169,7 +169,8 @@ def create_app(settings: Settings, world_model: WorldModel | None = None, *, rea
     clustered = settings.cluster.enabled
     # Clustered, a call about another node's resource is forwarded last: after the errors' shape and the
     # body's bounds, before any handler reads state this node does not have.
-    middlewares = [cors, errors, body_deadline] + ([forward.forward] if clustered else [])
+    # Then listings and recordings, which no one node holds, are gathered from every node.
+    middlewares = [cors, errors, body_deadline] + ([forward.forward, spread.spread] if clustered else [])
     app = web.Application(
         middlewares=middlewares, client_max_size=server.max_body_bytes,
         # aiohttp's keep-alive timer also runs from the connect until a request's headers are complete:
@@ -209,12 +210,16 @@ def install_cluster(app: web.Application) -> None:
     async def active_jobs() -> list[str]:
         return await asyncio.to_thread(jobs.store.active_ids) if jobs.store is not None else []
 
-    cluster = Cluster(app[SETTINGS], sessions, active_jobs=active_jobs)
+    async def all_jobs() -> list[str] | None:
+        return await asyncio.to_thread(jobs.store.all_ids) if jobs.store is not None else None
+
+    cluster = Cluster(app[SETTINGS], sessions, active_jobs=active_jobs, all_jobs=all_jobs)
     app[CLUSTER] = cluster
     app[forward.CARRIER] = forward.Carrier(app[SETTINGS].cluster.node_timeout_seconds)
     sessions.observer = cluster
     sessions.stream_quota = cluster
     jobs.cluster_quota = cluster.simulations
+    jobs.cluster_directory = cluster
     # Another node's edge feed presents the node credential: served, uncounted, uncapped.
     app[IS_NODE] = lambda request: cluster.verify_node(request.headers.get("Authorization")) is not None
     # Other nodes' broadcasts, served here over WHEP and HLS from one feed each.
@@ -227,6 +232,8 @@ def _cluster_lifecycle(odyssey: web.Application):
         await cluster.start()
         # /odyssey's JWTs signed with the cluster's secret: a token minted on one node holds on every node.
         odyssey[TWIN].use_secret(cluster.token_secret(b"relay/odyssey tokens"))
+        # Recording links too: signed at one node, checked at any (before it asks the others for the file).
+        app[RECORDINGS].use_secret(cluster.token_secret(b"relay/recording links"))
         await carrier.start()
         yield
         await carrier.close()

@@ -37,9 +37,11 @@ class JoinError(Exception):
 
 class Cluster:
     def __init__(self, settings: Settings, sessions: Any, *,
-                 active_jobs: Callable[[], Awaitable[Iterable[str]]] | None = None) -> None:
+                 active_jobs: Callable[[], Awaitable[Iterable[str]]] | None = None,
+                 all_jobs: Callable[[], Awaitable[Iterable[str] | None]] | None = None) -> None:
         """`sessions`: the SessionManager whose connections and streams this node owns; `active_jobs()`:
-        the ids of the simulation jobs still pending or running here (whose quota slots stay held)."""
+        the ids of the simulation jobs still pending or running here (whose quota slots stay held);
+        `all_jobs()`: every job id in this node's store (registered in the directory), None until it opens."""
         cluster = settings.cluster
         self.settings = cluster
         self.public_url = settings.server.public_url
@@ -51,7 +53,8 @@ class Cluster:
         self.directory = Directory(self.redis, self.membership, cluster.node_timeout_seconds)
         self.streams = ClusterQuota(self.redis, "streams", cluster.node_timeout_seconds)
         self.simulations = ClusterQuota(self.redis, "simulations", cluster.node_timeout_seconds)
-        self._sessions, self._active_jobs = sessions, active_jobs
+        self._sessions, self._active_jobs, self._all_jobs = sessions, active_jobs, all_jobs
+        self._jobs_stale = True  # every job id is to be (re-)registered at the next beat
         self.reachable = False
         self.nodes_seen: list[NodeInfo] = []
         self._task: asyncio.Task | None = None
@@ -106,6 +109,7 @@ class Cluster:
             await self.directory.publish(self._owned())
             await self.streams.refresh()
             await self._reconcile_jobs()
+            await self._register_jobs()
             await self.simulations.refresh()
             self.nodes_seen = await self.membership.nodes()
             if not self.reachable:
@@ -127,6 +131,26 @@ class Cluster:
         active = set(await self._active_jobs()) | self.simulations.submitting
         for job_id in [m for m in self.simulations.held if m not in active]:
             await self.simulations.give_back(job_id)
+
+    async def _register_jobs(self) -> None:
+        """Every job of this node into the directory: at the first beat, hourly, and when Redis lost them."""
+        if self._all_jobs is None:
+            return
+        if self._jobs_stale or await self.directory.jobs_due():
+            self._jobs_stale = True  # until the whole set is written: a failure half way retries next beat
+            ids = await self._all_jobs()
+            if ids is None:  # the job store is not open yet (the node is starting, or its disk is full)
+                return
+            await self.directory.register_jobs(ids)
+            self._jobs_stale = False
+
+    async def job_submitted(self, job_id: str) -> None:
+        """Simulations' seam: a new job is in the directory before its 202 (its next call may reach any node)."""
+        try:
+            await self.directory.register_jobs([job_id])
+        except (RedisError, OSError) as exc:
+            self._jobs_stale = True
+            log.warning("cluster: job registration failed (%s); the next heartbeat retries", exc)
 
     # -- what the relay calls -------------------------------------------------------------------
 
