@@ -136,7 +136,8 @@ class Cluster:
         """Every job of this node into the directory: at the first beat, hourly, and when Redis lost them."""
         if self._all_jobs is None:
             return
-        if self._jobs_stale or await self.directory.jobs_due():
+        due = await self.directory.jobs_due()  # first: the refresh period starts with this registration
+        if self._jobs_stale or due:
             self._jobs_stale = True  # until the whole set is written: a failure half way retries next beat
             ids = await self._all_jobs()
             if ids is None:  # the job store is not open yet (the node is starting, or its disk is full)

@@ -180,12 +180,17 @@ async def _gone(http, node, job_id) -> bool:
     return (await job_at(http, node, job_id))[0] == 404
 
 
-async def test_jobs_are_registered_again_when_redis_lost_them(cluster, redis_server, http):
+async def test_listings_go_on_without_redis_and_jobs_are_registered_again_when_it_lost_them(cluster, redis_server, http):
     a, b = await cluster(2, **SECTIONS)
     job = await submit(http, a, LONG)
     assert (await job_at(http, b, job))[0] == 200
-    await redis_server.stop()  # an empty Redis on the same port: every key lost
-    await redis_server.start()
+    await redis_server.stop()
+    # Redis away: a listing still asks the nodes of the last heartbeat; a job of another node needs Redis.
+    status, body = await listing(http, b, "/v1/simulations")
+    assert status == 200 and [j["job_id"] for j in body["jobs"]] == [job] and body["partial"] is False, body
+    status, body = await job_at(http, b, job)
+    assert status == 503 and body["error"]["code"] == "CLUSTER_UNAVAILABLE"
+    await redis_server.start()  # an empty Redis on the same port: every key lost
     await eventually(lambda: _found(http, b, job), timeout=10, what="a's job found through b again")
     async with http.delete(f"{b.url}/v1/simulations/{job}", headers=AUTH) as r:
         assert r.status in (200, 409)
