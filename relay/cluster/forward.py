@@ -46,6 +46,7 @@ _ROUTES = (
     (re.compile(r"^/v1/broadcasts/([^/]{1,128})(/.*)?$"), "broadcast"),
     (re.compile(r"^/odyssey/signalling/client/([^/]{1,128})$"), "connection"),
     (re.compile(r"^/v1/simulations/([^/]{1,128})(/.*)?$"), "job"),
+    (re.compile(r"^/odyssey/simulation-jobs/([^/]{1,128})$"), "job"),
 )
 _EDGE_PATH = re.compile(r"^/v1/broadcasts/[^/]+/(whep(/[^/]+)?|hls/.*)$")
 

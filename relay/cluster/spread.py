@@ -1,20 +1,22 @@
 """What no one node holds: a key's recordings and jobs listed across the cluster, and a recording found
-on the node whose data_dir holds it.
+on the node whose data_dir holds it (for /v1 and /odyssey alike).
 
-A listing (`GET /v1/recordings`, `GET /v1/simulations`) at any node asks every live node for the first
-offset + limit items of the key's (this node answers its own part in process), merges them newest first
-and cuts the caller's page; totals add up. Each item comes as its owner made it, so its URLs name its
-owner's public_url. A node that does not answer within fanout_timeout_seconds (killed, stalled, refusing)
-is left out: the page says `partial: true` and names it in `missing_nodes`, never a 500 or a wait.
+A listing (`GET /v1/recordings`, `/v1/simulations`, `/odyssey/stream-recordings`, `/odyssey/simulation-jobs`)
+at any node is answered here first (so the caller's credential and query are checked before any other node
+is asked), for the first offset + limit items; then every other live node is asked for the same, in
+parallel; the parts are merged newest first and the caller's page cut; totals add up. Each item comes as its
+owner made it, so its URLs name its owner's public_url. A node that does not answer within
+fanout_timeout_seconds (killed, stalled, refusing) is left out: the page says `partial: true` and names it in
+`missing_nodes`, never a 500 or a wait.
 
-A recording (`/v1/recordings/{id}`, its files, `/recordings/{id}/info`) this node does not hold is looked
-for at the other live nodes (a HEAD of the same call), then carried to the node that has it. Recordings are
-not in the directory: simulation workers make them in other processes, and they live as long as their
-files; asking the nodes is always true.
+A recording (`/v1/recordings/{id}`, its files, `/recordings/{id}/info`, `/odyssey/recordings/{id}`) is
+asked for here first; only a 404 (the caller's credential or link held) sends a HEAD of the same call to
+the other live nodes, and the call is carried to the one that has it. Recordings are not in the directory:
+simulation workers make them in other processes, and they live as long as their files; asking is always
+true.
 
 Node-to-node calls present the node credential (X-Relay-Node); the caller's Authorization travels with
-them and is checked again at the node that answers. The caller's credential is checked here first, so a
-stranger costs no other node a call.
+them and is checked again at the node that answers.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from typing import Any, Callable
 import aiohttp
 from aiohttp import web
 
-from ..auth import require_api_key
 from ..errors import RelayError, invalid_request
-from ..web import API_KEYS, CLUSTER, FROM_NODE, MERGE_WINDOW, RECORDINGS, SETTINGS, page_of, token_of
+from ..recordings import FILES
+from ..web import CLUSTER, FROM_NODE, MERGE_WINDOW, SETTINGS, page_of
 from .forward import CARRIER, carry, headers_out, unreachable
 from .membership import NodeInfo
 
@@ -46,23 +48,23 @@ def _job_order(item: dict[str, Any]) -> str:
 LISTINGS: dict[str, tuple[str, Callable[[dict[str, Any]], Any]]] = {
     "/v1/recordings": ("recordings", _recording_order),
     "/v1/simulations": ("jobs", _job_order),
+    "/odyssey/stream-recordings": ("recordings", _recording_order),
+    "/odyssey/simulation-jobs": ("jobs", _job_order),
 }
-_RECORDING_PATHS = (
-    re.compile(r"^/v1/recordings/([^/]{1,128})(/[^/]{1,64})?$"),
-    re.compile(r"^/recordings/([^/]{1,128})/info$"),
-)
+_FILE = "|".join(re.escape(name) for name in FILES)
+_RECORDING = re.compile(rf"^(/v1/recordings/[^/]{{1,128}}(/({_FILE}))?|/recordings/[^/]{{1,128}}/info"
+                        r"|/odyssey/recordings/[^/]{1,128})$")
 
 
 @web.middleware
 async def spread(request: web.Request, handler) -> web.StreamResponse:
     """After `forward`: a call another node sent is answered from this node alone."""
-    if request.get(FROM_NODE) or request.method != "GET":
+    if request.get(FROM_NODE) or request.method not in ("GET", "HEAD"):
         return await handler(request)
-    if request.path in LISTINGS:
+    if request.path in LISTINGS and request.method == "GET":
         return await _merged(request, handler, *LISTINGS[request.path])
-    for pattern in _RECORDING_PATHS:
-        if m := pattern.match(request.path):
-            return await _recording(request, handler, m.group(1))
+    if _RECORDING.match(request.path):
+        return await _recording(request, handler)
     return await handler(request)
 
 
@@ -83,18 +85,23 @@ def _timeout(request: web.Request) -> aiohttp.ClientTimeout:
 
 
 async def _merged(request: web.Request, handler, field: str, order) -> web.Response:
-    require_api_key(token_of(request), request.app[API_KEYS])
-    limit, offset = page_of(request)
+    try:
+        limit, offset = page_of(request)
+    except RelayError:
+        return await handler(request)  # its refusal, as on one node (a stranger's 401 before a bad limit's 400)
+    # Each node's first offset + limit (its own filters as given): the caller's page is among them.
+    query = {**request.query, "limit": str(min(offset + limit, MERGE_WINDOW)), "offset": "0"}
+    own = request.clone(rel_url=request.rel_url.with_query(query))
+    own[FROM_NODE] = request.app[CLUSTER].node_id
+    answer = await handler(own)
+    if answer.status != 200:  # a refusal (/odyssey renders its own; /v1's are raised): the caller's answer
+        return answer
+    parts: list[dict[str, Any] | None] = [json.loads(answer.body)]
     if offset + limit > MERGE_WINDOW:
         raise invalid_request(f"In a cluster, 'offset' + 'limit' must be at most {MERGE_WINDOW}.", field="offset",
                               limit=MERGE_WINDOW)
-    # Each node's first offset + limit (its own filters as given): the caller's page is among them.
-    query = {**request.query, "limit": str(offset + limit), "offset": "0"}
-    own = request.clone(rel_url=request.rel_url.with_query(query))
-    own[FROM_NODE] = request.app[CLUSTER].node_id
     others = await _others(request)
-    parts = await asyncio.gather(_own_part(own, handler),
-                                 *(_part(request, node, query, field) for node in others))
+    parts += await asyncio.gather(*(_part(request, node, query, field) for node in others))
     items, total, missing = [], 0, []
     for node_id, part in zip([request.app[CLUSTER].node_id] + [n.node_id for n in others], parts):
         if part is None:
@@ -105,12 +112,6 @@ async def _merged(request: web.Request, handler, field: str, order) -> web.Respo
     items.sort(key=order, reverse=True)  # stable: one node's own order holds within equal times
     return web.json_response({field: items[offset:offset + limit], "total": total, "limit": limit, "offset": offset,
                               "partial": bool(missing), "missing_nodes": missing})
-
-
-async def _own_part(request: web.Request, handler) -> dict[str, Any]:
-    """This node's part, from its own handler (its refusals, a 400 or a 507, are the caller's answer)."""
-    response = await handler(request)
-    return json.loads(response.body)
 
 
 async def _part(request: web.Request, node: NodeInfo, query: dict[str, str], field: str) -> dict[str, Any] | None:
@@ -132,12 +133,15 @@ async def _part(request: web.Request, node: NodeInfo, query: dict[str, str], fie
 # -- one recording -------------------------------------------------------------------------------
 
 
-async def _recording(request: web.Request, handler, stream_id: str) -> web.StreamResponse:
-    store = request.app[RECORDINGS]
-    if await asyncio.to_thread(store.get, stream_id) is not None:
-        return await handler(request)  # here (the handler tells the owner from a stranger)
-    if not _credentials_hold(request, stream_id):
-        return await handler(request)  # its 401 or 403, as on one node
+async def _recording(request: web.Request, handler) -> web.StreamResponse:
+    try:  # here, or refused here (a stranger's key, a bad link): as on one node
+        answer: web.StreamResponse | RelayError = await handler(request)
+        if answer.status != 404:  # /odyssey renders its refusals (in its own shape), /v1 raises them
+            return answer
+    except RelayError as err:
+        if err.status != 404:
+            raise
+        answer = err
     others = await _others(request)
     statuses = await asyncio.gather(*(_probe(request, node) for node in others))
     for node, status in zip(others, statuses):
@@ -146,19 +150,9 @@ async def _recording(request: web.Request, handler, stream_id: str) -> web.Strea
     silent = [node for node, status in zip(others, statuses) if status is None]
     if silent:  # it may be there: not a 404 that would be untrue once the node answers again
         raise unreachable(silent[0], TimeoutError("no answer to a recording lookup"))
-    return await handler(request)  # nowhere: 404
-
-
-def _credentials_hold(request: web.Request, stream_id: str) -> bool:
-    """The caller's API key, or the link's signature (the cluster's key signs at every node)."""
-    if request.path.startswith("/v1/recordings/") and request.path.count("/") == 3:
-        try:
-            require_api_key(token_of(request), request.app[API_KEYS])
-        except RelayError:
-            return False
-        return True
-    signed = f"/recordings/{stream_id}" if request.path.startswith("/recordings/") else request.path
-    return request.app[RECORDINGS].verify(signed, request.query.get("expires"), request.query.get("signature"))
+    if isinstance(answer, RelayError):
+        raise answer
+    return answer  # nowhere: this node's 404
 
 
 async def _probe(request: web.Request, node: NodeInfo) -> int | None:

@@ -123,6 +123,19 @@ async def test_jobs_and_recordings_of_two_nodes_answer_and_list_at_any_node(clus
     assert [j["job_id"] for j in page["jobs"]] == [long_a] and page["total"] == 3
     status, done = await listing(http, a, "/v1/simulations", status="completed")
     assert {j["job_id"] for j in done["jobs"]} == {short_a, short_b} and done["total"] == 2
+    # The same through the hosted API's protocol under /odyssey, with a token minted at another node.
+    async with http.post(f"{a.url}/odyssey/auth/token", json={"api_key": CLUSTER_KEY}) as r:
+        bearer = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
+    status, jobs = await listing(http, c, "/odyssey/simulation-jobs", bearer)
+    assert status == 200 and [j["job_id"] for j in jobs["jobs"]] == [short_b, long_a, short_a], jobs
+    status, recs = await listing(http, c, "/odyssey/stream-recordings", bearer)
+    assert status == 200 and recs["total"] == 2 and not recs["partial"]
+    async with http.get(f"{c.url}/odyssey/simulation-jobs/{short_b}", headers=bearer) as r:
+        assert r.status == 200 and (await r.json())["streams"][0]["video_url"].startswith(b.url + "/")
+    async with http.get(f"{c.url}/odyssey/recordings/{rec_a['stream_id']}", headers=bearer) as r:
+        assert r.status == 200 and (await r.json())["video_url"].startswith(a.url + "/")
+    assert (await listing(http, c, "/odyssey/simulation-jobs", AUTH))[0] == 401  # an API key is no access token
+
     # A stranger's key lists none of it; bad input is refused as on one node.
     assert (await listing(http, b, "/v1/recordings", STRANGER))[1]["total"] == 0
     assert (await listing(http, b, "/v1/simulations", STRANGER))[1]["jobs"] == []
@@ -133,6 +146,7 @@ async def test_jobs_and_recordings_of_two_nodes_answer_and_list_at_any_node(clus
     assert status == 400
     status, err = await listing(http, b, "/v1/recordings", limit=100, offset=9_901)
     assert status == 400 and err["error"]["details"]["field"] == "offset"
+    assert (await listing(http, b, "/v1/recordings", {}, limit=100, offset=9_901))[0] == 401  # credentials first
 
 
 async def test_a_node_killed_mid_listing_is_left_out_in_time_marked_partial(cluster, http):
@@ -140,8 +154,7 @@ async def test_a_node_killed_mid_listing_is_left_out_in_time_marked_partial(clus
     a, b, c = nodes
     await all_joined(http, nodes)
     jobs = {node.node_id: await submit(http, node, SHORT) for node in nodes}
-    for node in nodes:  # no worker left rendering on the node about to die
-        await wait_completed(http, a, jobs[node.node_id])
+    await wait_completed(http, a, jobs[c.node_id])  # no worker left rendering on the node about to die
 
     # Stalled (SIGSTOP): still a member, answers nothing; the listing waits fanout_timeout, no longer.
     os.kill(c.proc.pid, signal.SIGSTOP)
