@@ -3,7 +3,9 @@
 Keys: ``relay:owner:<kind>:<id>`` -> node id and ``relay:broadcast:<id>`` -> JSON record, each with a TTL of
 node_timeout_seconds that the owner's heartbeat refreshes (and rewrites, so a Redis that lost its data is
 whole again one beat later). Written when created, deleted when closed; an entry whose node stopped
-heart-beating reads as gone, so a dead node's ids answer 404 everywhere.
+heart-beating reads as gone, so a dead node's ids answer 404 everywhere. Simulation jobs too
+(``relay:owner:job:<id>``), with a TTL of hours instead (see JOB_TTL_SECONDS): a job outlives its node's
+restarts, and its node's liveness is read at each lookup all the same.
 
 The edge slice codes against `origin_of` and `node_authorization` (and `Origin`): keep their shape.
 """

@@ -2,8 +2,10 @@
 
 It owns the Redis client and the heartbeat task. Each beat (every heartbeat_seconds) writes this node's
 membership record, rewrites what it owns into the directory and refreshes the quota slots it holds, so a
-Redis that restarted empty is whole again one beat later. The rest of the relay reaches it through three
-seams: SessionManager's `observer` and `stream_quota`, Simulations' `cluster_quota` (set by create_app).
+Redis that restarted empty is whole again one beat later (simulation jobs, which outlive heartbeats by far,
+are re-registered hourly, and at the first beat that finds them lost). The rest of the relay reaches it
+through its seams: SessionManager's `observer` and `stream_quota`, Simulations' `cluster_quota` and
+`cluster_directory` (set by create_app).
 
 Redis going away never stops what runs: live streams go on; what needs Redis fails fast with 503
 CLUSTER_UNAVAILABLE (see `guarded`), and the next beat that succeeds heals it.
