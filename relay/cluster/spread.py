@@ -144,8 +144,9 @@ async def _recording(request: web.Request, handler) -> web.StreamResponse:
         answer = err
     others = await _others(request)
     statuses = await asyncio.gather(*(_probe(request, node) for node in others))
+    statuses = [None if status is not None and status >= 500 else status for status in statuses]  # as silent
     for node, status in zip(others, statuses):
-        if status is not None and status != 404:
+        if status is not None and status != 404:  # it has it (200, 206, a 416 for a bad Range on it)
             return await carry(request, node)
     silent = [node for node, status in zip(others, statuses) if status is None]
     if silent:  # it may be there: not a 404 that would be untrue once the node answers again
@@ -156,7 +157,8 @@ async def _recording(request: web.Request, handler) -> web.StreamResponse:
 
 
 async def _probe(request: web.Request, node: NodeInfo) -> int | None:
-    """The node's status for the same call (HEAD: no body), or None when it does not answer in time."""
+    """The node's status for the same call (HEAD: no body), or None when it does not answer in time (a 5xx
+    is read as no answer by the caller: the recording may be there)."""
     session = request.app[CARRIER].session
     try:
         async with session.head(node.public_url + request.raw_path, headers=headers_out(request),
