@@ -154,7 +154,8 @@ async def test_a_node_killed_mid_listing_is_left_out_in_time_marked_partial(clus
     a, b, c = nodes
     await all_joined(http, nodes)
     jobs = {node.node_id: await submit(http, node, SHORT) for node in nodes}
-    await wait_completed(http, a, jobs[c.node_id])  # no worker left rendering on the node about to die
+    done_c = await wait_completed(http, a, jobs[c.node_id])  # no worker left rendering on the node about to die
+    rec_c = done_c["streams"][0]["stream_id"]
 
     # Stalled (SIGSTOP): still a member, answers nothing; the listing waits fanout_timeout, no longer.
     os.kill(c.proc.pid, signal.SIGSTOP)
@@ -165,6 +166,12 @@ async def test_a_node_killed_mid_listing_is_left_out_in_time_marked_partial(clus
         assert status == 200 and body["partial"] is True and body["missing_nodes"] == [c.node_id], body
         assert {j["job_id"] for j in body["jobs"]} == {jobs[a.node_id], jobs[b.node_id]}
         assert took < 0.5 + 1.0, f"listing took {took:.2f} s"
+        # Its recording may be there: not a 404, a 503 to retry, as quickly.
+        started = time.monotonic()
+        async with http.get(f"{b.url}/v1/recordings/{rec_c}", headers=AUTH) as r:
+            assert r.status == 503 and (await r.json())["error"]["code"] == "NODE_UNAVAILABLE"
+            assert r.headers["Retry-After"] == "2"
+        assert time.monotonic() - started < 0.5 + 1.0
     finally:
         os.kill(c.proc.pid, signal.SIGCONT)
     await eventually(lambda: _whole(http, a), timeout=5, what="c answering again")
@@ -183,6 +190,8 @@ async def test_a_node_killed_mid_listing_is_left_out_in_time_marked_partial(clus
     await eventually(lambda: _gone(http, b, jobs[c.node_id]), timeout=5, what="c's job 404")
     status, body = await listing(http, b, "/v1/simulations")
     assert body["partial"] is False and body["total"] == 2
+    async with http.get(f"{b.url}/v1/recordings/{rec_c}", headers=AUTH) as r:
+        assert r.status == 404
 
 
 async def _whole(http, node) -> bool:
