@@ -369,6 +369,9 @@ class ClusterSettings:
     # A cluster edge (a node serving a broadcast whose origin is another node) drops its feed from
     # the origin this long after its last local spectator left (a quick rejoin finds it warm).
     edge_linger_seconds: float = option(5.0, min=0, max=3600)
+    # A node asked for its part of a listing (or whether it holds a recording) answers within this, or
+    # the listing is marked partial without it (the lookup: 503 NODE_UNAVAILABLE).
+    fanout_timeout_seconds: float = option(2.0, min=0.05, max=60)
 
     @property
     def enabled(self) -> bool:

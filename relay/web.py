@@ -32,6 +32,12 @@ CLUSTER = web.AppKey("cluster", object)
 IS_NODE = web.AppKey("is_node", Callable[[web.Request], bool])
 EDGES = web.AppKey("edges", object)
 FORWARDED_CLIENT = "relay.forwarded_client"  # request key: the caller's address, when another node forwarded it
+FROM_NODE = "relay.from_node"  # request key: set when another node of the cluster (or this one's merge) asks
+
+# A page of a listing: at most PAGE_LIMIT items. A node asked for its part of a cluster's merged page
+# answers up to MERGE_WINDOW (offset + limit of the caller's page; relay/cluster/spread.py).
+PAGE_LIMIT = 100
+MERGE_WINDOW = 10_000
 
 # WebSocket close codes the relay's sockets end with (beside 1000 and the events socket's 4001).
 GOING_AWAY = 1001  # "shutdown": the relay is stopping
@@ -121,6 +127,13 @@ def query_int(request: web.Request, name: str, default: int, maximum: int) -> in
     if not 0 <= value <= maximum:
         raise invalid_request(f"'{name}' must be between 0 and {maximum}.", field=name)
     return value
+
+
+def page_of(request: web.Request) -> tuple[int, int]:
+    """A listing's (limit, offset) from its query: limit 20 by default, at most PAGE_LIMIT (a node's part
+    of a merged page: MERGE_WINDOW)."""
+    limit = query_int(request, "limit", 20, MERGE_WINDOW if request.get(FROM_NODE) else PAGE_LIMIT)
+    return limit, query_int(request, "offset", 0, 10**9)
 
 
 def public_url(request: web.Request) -> str:

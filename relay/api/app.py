@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from ..cluster import forward
+from ..cluster import forward, spread
 from ..cluster.edge import EdgeManager
 from ..cluster.node import Cluster
 from ..config import Settings, hosted_api_key
@@ -169,7 +169,8 @@ def create_app(settings: Settings, world_model: WorldModel | None = None, *, rea
     clustered = settings.cluster.enabled
     # Clustered, a call about another node's resource is forwarded last: after the errors' shape and the
     # body's bounds, before any handler reads state this node does not have.
-    middlewares = [cors, errors, body_deadline] + ([forward.forward] if clustered else [])
+    # Then listings and recordings, which no one node holds, are gathered from every node.
+    middlewares = [cors, errors, body_deadline] + ([forward.forward, spread.spread] if clustered else [])
     app = web.Application(
         middlewares=middlewares, client_max_size=server.max_body_bytes,
         # aiohttp's keep-alive timer also runs from the connect until a request's headers are complete:
@@ -209,13 +210,17 @@ def install_cluster(app: web.Application) -> None:
     async def active_jobs() -> list[str]:
         return await asyncio.to_thread(jobs.store.active_ids) if jobs.store is not None else []
 
-    cluster = Cluster(app[SETTINGS], sessions, active_jobs=active_jobs)
+    async def all_jobs() -> list[str] | None:
+        return await asyncio.to_thread(jobs.store.all_ids) if jobs.store is not None else None
+
+    cluster = Cluster(app[SETTINGS], sessions, active_jobs=active_jobs, all_jobs=all_jobs)
     app[CLUSTER] = cluster
     app[forward.CARRIER] = forward.Carrier(app[SETTINGS].cluster.node_timeout_seconds)
     sessions.observer = cluster
     sessions.stream_quota = cluster
     sessions.spectator_seats = cluster.spectators.for_broadcast
     jobs.cluster_quota = cluster.simulations
+    jobs.cluster_directory = cluster
     # Another node's edge feed presents the node credential: served, uncounted, uncapped.
     app[IS_NODE] = lambda request: cluster.verify_node(request.headers.get("Authorization")) is not None
     # Other nodes' broadcasts, served here over WHEP and HLS from one feed each.
@@ -228,12 +233,14 @@ def _cluster_lifecycle(odyssey: web.Application):
         cluster, carrier = app[CLUSTER], app[forward.CARRIER]
         await cluster.start()
 
-        def odyssey_key() -> None:
-            # /odyssey's JWTs signed with the cluster's secret: a token minted on one node holds on every node
-            # (derived again should the secret change: every node then signs with the one that won).
+        def derive_keys() -> None:
+            # /odyssey's JWTs and recording links signed with the cluster's secret: minted on one node, they
+            # hold on every node (a recording link is checked at any node before it asks the others for the
+            # file); derived again should the secret change: every node then signs with the one that won.
             odyssey[TWIN].use_secret(cluster.token_secret(b"relay/odyssey tokens"))
-        odyssey_key()
-        cluster.on_secret = odyssey_key
+            app[RECORDINGS].use_secret(cluster.token_secret(b"relay/recording links"))
+        derive_keys()
+        cluster.on_secret = derive_keys
         await carrier.start()
         yield
         await carrier.close()

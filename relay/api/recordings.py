@@ -10,7 +10,7 @@ from aiohttp import web
 from ..auth import require_api_key
 from ..errors import RelayError, not_found
 from ..recordings import FILES, RecordingStore, owner_id
-from ..web import API_KEYS, RECORDINGS, json_response, public_url, query_int, token_of
+from ..web import API_KEYS, RECORDINGS, json_response, page_of, public_url, token_of
 from .pages import page
 
 routes = web.RouteTableDef()
@@ -19,8 +19,7 @@ routes = web.RouteTableDef()
 @routes.get("/v1/recordings")
 async def list_recordings(request: web.Request) -> web.Response:
     key = require_api_key(token_of(request), request.app[API_KEYS])
-    limit = query_int(request, "limit", 20, 100)
-    offset = query_int(request, "offset", 0, 10**9)
+    limit, offset = page_of(request)
     store = request.app[RECORDINGS]
     page_, total = await asyncio.to_thread(store.list, owner_id(key), limit, offset)
     return json_response({"recordings": [RecordingStore.summary(m) for m in page_],

@@ -10,7 +10,7 @@ from aiohttp import web
 from ..auth import require_api_key
 from ..simulations import Job
 from ..simulations.views import recordings_of, statuses_of
-from ..web import API_KEYS, RECORDINGS, SIMULATIONS, json_response, public_url, query_int, read_json, token_of
+from ..web import API_KEYS, RECORDINGS, SIMULATIONS, json_response, page_of, public_url, read_json, token_of
 
 routes = web.RouteTableDef()
 
@@ -37,8 +37,7 @@ async def submit(request: web.Request) -> web.Response:
 async def list_jobs(request: web.Request) -> web.Response:
     key = require_api_key(token_of(request), request.app[API_KEYS])
     statuses = statuses_of(request.query.get("status"), request.query.get("active"))
-    limit = query_int(request, "limit", 20, 100)
-    offset = query_int(request, "offset", 0, 10**9)
+    limit, offset = page_of(request)
     jobs, total = await request.app[SIMULATIONS].list(key, statuses, limit, offset)
     return json_response({"jobs": await _bodies(request, jobs), "total": total, "limit": limit, "offset": offset})
 

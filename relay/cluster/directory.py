@@ -3,7 +3,9 @@
 Keys: ``relay:owner:<kind>:<id>`` -> node id and ``relay:broadcast:<id>`` -> JSON record, each with a TTL of
 node_timeout_seconds that the owner's heartbeat refreshes (and rewrites, so a Redis that lost its data is
 whole again one beat later). Written when created, deleted when closed; an entry whose node stopped
-heart-beating reads as gone, so a dead node's ids answer 404 everywhere.
+heart-beating reads as gone, so a dead node's ids answer 404 everywhere. Simulation jobs too
+(``relay:owner:job:<id>``), with a TTL of hours instead (see JOB_TTL_SECONDS): a job outlives its node's
+restarts, and its node's liveness is read at each lookup all the same.
 
 The edge slice codes against `origin_of` and `node_authorization` (and `Origin`): keep their shape.
 """
@@ -18,11 +20,22 @@ from redis.asyncio import Redis
 
 from .membership import Membership, NodeInfo
 
-KINDS = ("connection", "stream", "broadcast")
+KINDS = ("connection", "stream", "broadcast", "job")
+
+# A simulation job lives on (durably, in its node's data_dir) long past any heartbeat: its entry is written
+# at submit with this TTL and re-registered wholesale every JOB_REFRESH_SECONDS (and at once when the
+# node's marker is missing: a Redis that lost its data), so a job the retention sweep deleted fades here.
+JOB_TTL_SECONDS = 7200
+JOB_REFRESH_SECONDS = 3600
+_REGISTER_CHUNK = 1000
 
 
 def owner_key(kind: str, ident: str) -> str:
     return f"relay:owner:{kind}:{ident}"
+
+
+def jobs_marker_key(node_id: str) -> str:
+    return f"relay:jobs-registered:{node_id}"
 
 
 def broadcast_key(broadcast_id: str) -> str:
@@ -70,6 +83,19 @@ class Directory:
                 if entry.record is not None:
                     pipe.set(broadcast_key(entry.ident), json.dumps(entry.record), px=self._ttl_ms)
             await pipe.execute()
+
+    async def register_jobs(self, job_ids: Iterable[str]) -> None:
+        """Jobs of this node (their GET/DELETE at any node are carried here), JOB_TTL_SECONDS each."""
+        ids = list(job_ids)
+        for start in range(0, len(ids), _REGISTER_CHUNK):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for job_id in ids[start:start + _REGISTER_CHUNK]:
+                    pipe.set(owner_key("job", job_id), self.node_id, ex=JOB_TTL_SECONDS)
+                await pipe.execute()
+
+    async def jobs_due(self) -> bool:
+        """True (once per JOB_REFRESH_SECONDS, or when Redis lost the marker) when every job is to be re-registered."""
+        return bool(await self._redis.set(jobs_marker_key(self.node_id), "1", nx=True, ex=JOB_REFRESH_SECONDS))
 
     async def remove(self, entries: Iterable[Entry]) -> None:
         keys = []

@@ -1,5 +1,5 @@
-"""Any node answers any call: a call naming a connection, stream or broadcast that another live node owns
-is carried out by that node. This middleware forwards it (method, path, query, headers with the caller's
+"""Any node answers any call: a call naming a connection, stream, broadcast or simulation job that another
+live node owns is carried out by that node. This middleware forwards it (method, path, query, headers with the caller's
 Authorization, body) and answers with the owner's status, headers and body, unchanged: not a redirect,
 which clients follow without the Authorization header. WebSockets are proxied frame by frame, close codes
 passed through. POST /v1/connections at a node with no free streamer goes to a node that has one.
@@ -24,7 +24,8 @@ from aiohttp import WSMsgType, web
 from .. import metrics
 from ..auth import require_api_key
 from ..errors import RelayError, not_found, unauthorized
-from ..web import API_KEYS, CLUSTER, EDGES, FORWARDED_CLIENT, SESSIONS, SETTINGS, client_address, token_of
+from ..web import (API_KEYS, CLUSTER, EDGES, FORWARDED_CLIENT, FROM_NODE, SESSIONS, SETTINGS, SIMULATIONS,
+                   client_address, token_of)
 from .membership import NodeInfo
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ _ROUTES = (
     (re.compile(r"^/v1/streams/([^/]{1,128})(/.*)?$"), "stream"),
     (re.compile(r"^/v1/broadcasts/([^/]{1,128})(/.*)?$"), "broadcast"),
     (re.compile(r"^/odyssey/signalling/client/([^/]{1,128})$"), "connection"),
+    (re.compile(r"^/v1/simulations/([^/]{1,128})(/.*)?$"), "job"),
+    (re.compile(r"^/odyssey/simulation-jobs/([^/]{1,128})$"), "job"),
 )
 _EDGE_PATH = re.compile(r"^/v1/broadcasts/[^/]+/(whep(/[^/]+)?|hls/.*)$")
 
@@ -55,7 +58,10 @@ def _named(path: str) -> tuple[str, str] | None:
     return None
 
 
-def _local(request: web.Request, kind: str, ident: str) -> bool:
+async def _local(request: web.Request, kind: str, ident: str) -> bool:
+    if kind == "job":  # in this node's job store (a durable file: read off the event loop)
+        store = request.app[SIMULATIONS].store
+        return store is not None and await asyncio.to_thread(store.get, ident) is not None
     sessions = request.app[SESSIONS]
     if kind == "connection":
         return ident in sessions.connections
@@ -68,15 +74,16 @@ def _local(request: web.Request, kind: str, ident: str) -> bool:
 async def forward(request: web.Request, handler) -> web.StreamResponse:
     cluster = request.app[CLUSTER]
     if NODE_HEADER in request.headers:
-        if cluster.verify_node(request.headers[NODE_HEADER]) is not None:  # a node carried it here: ours
+        if (node_id := cluster.verify_node(request.headers[NODE_HEADER])) is not None:  # a node carried it here: ours
             request[FORWARDED_CLIENT] = request.headers.get(CLIENT_HEADER, "")[:64] or None
+            request[FROM_NODE] = node_id
             return await handler(request)
     if request.method == "OPTIONS":
         return await handler(request)
     if request.path == "/v1/connections" and request.method == "POST":
         return await _place(request, handler)
     named = _named(request.path)
-    if named is None or _local(request, *named):
+    if named is None or await _local(request, *named):
         return await handler(request)
     kind, ident = named
     if EDGES in request.app and kind == "broadcast" and _EDGE_PATH.match(request.path):
@@ -103,7 +110,7 @@ async def _place(request: web.Request, handler) -> web.StreamResponse:
     return await handler(request)  # nobody had one: this node's own 503 STREAMER_NOT_AVAILABLE
 
 
-def _headers_out(request: web.Request) -> dict[str, str]:
+def headers_out(request: web.Request) -> dict[str, str]:
     cluster = request.app[CLUSTER]
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
     headers[NODE_HEADER] = cluster.node_authorization()
@@ -122,7 +129,7 @@ async def carry(request: web.Request, node: NodeInfo, *, body: bytes | None = No
         body = await request.read() if request.body_exists else None
     metrics.CLUSTER_FORWARDED.inc()
     try:
-        async with session.request(request.method, node.public_url + request.raw_path, headers=_headers_out(request),
+        async with session.request(request.method, node.public_url + request.raw_path, headers=headers_out(request),
                                    data=body, allow_redirects=False) as upstream:
             if placing and upstream.status == 503:
                 return None
@@ -136,10 +143,10 @@ async def carry(request: web.Request, node: NodeInfo, *, body: bytes | None = No
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         if placing:
             return None
-        raise _unreachable(node, exc) from None
+        raise unreachable(node, exc) from None
 
 
-def _unreachable(node: NodeInfo, exc: BaseException) -> RelayError:
+def unreachable(node: NodeInfo, exc: BaseException) -> RelayError:
     """Its node still heart-beats (or did within node_timeout) but does not answer: retry shortly; once it
     has left the cluster, its ids answer 404."""
     log.warning("cluster: node %s did not answer: %s", node.node_id, exc)
@@ -150,7 +157,7 @@ def _unreachable(node: NodeInfo, exc: BaseException) -> RelayError:
 async def _carry_socket(request: web.Request, node: NodeInfo) -> web.StreamResponse:
     settings = request.app[SETTINGS].server
     session = request.app[CARRIER].session
-    headers = {k: v for k, v in _headers_out(request).items() if k.lower() not in WS_HANDSHAKE}
+    headers = {k: v for k, v in headers_out(request).items() if k.lower() not in WS_HANDSHAKE}
     url = node.public_url.replace("http", "ws", 1) + request.raw_path
     limit = max(settings.max_body_bytes, 64 * 1024)
     metrics.CLUSTER_FORWARDED.inc()
@@ -162,7 +169,7 @@ async def _carry_socket(request: web.Request, node: NodeInfo) -> web.StreamRespo
         raise (unauthorized() if exc.status == 401 else not_found(kind, ident) if exc.status == 404 else
                RelayError("INVALID_REQUEST", exc.status, exc.message or "Refused.")) from None
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        raise _unreachable(node, exc) from None
+        raise unreachable(node, exc) from None
     ws = web.WebSocketResponse(max_msg_size=limit, autoclose=False)
     try:
         await ws.prepare(request)

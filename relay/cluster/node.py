@@ -2,10 +2,11 @@
 
 It owns the Redis client and the heartbeat task. Each beat (every heartbeat_seconds) writes this node's
 membership record, rewrites what it owns into the directory, refreshes the quota slots and spectators'
-seats it holds and rewrites its viewer counts (and, as an origin, sums the other nodes'), so a
-Redis that restarted empty is whole again one beat later. The rest of the relay reaches it through seams:
-SessionManager's `observer`, `stream_quota` and `spectator_seats` (each broadcast's spectators' Seats, the
-edges' too), Simulations' `cluster_quota` (set by create_app).
+seats it holds and rewrites its viewer counts (and, as an origin, sums the other nodes'), so a Redis that
+restarted empty is whole again one beat later (simulation jobs, which outlive heartbeats by far, are
+re-registered hourly, and at the first beat that finds them lost). The rest of the relay reaches it
+through seams: SessionManager's `observer`, `stream_quota` and `spectator_seats` (each broadcast's
+spectators' Seats, the edges' too), Simulations' `cluster_quota` and `cluster_directory` (set by create_app).
 
 Redis going away never stops what runs: live streams go on; what needs Redis fails fast with 503
 CLUSTER_UNAVAILABLE (see `guarded`), and the next beat that succeeds heals it.
@@ -40,9 +41,11 @@ class JoinError(Exception):
 
 class Cluster:
     def __init__(self, settings: Settings, sessions: Any, *,
-                 active_jobs: Callable[[], Awaitable[Iterable[str]]] | None = None) -> None:
+                 active_jobs: Callable[[], Awaitable[Iterable[str]]] | None = None,
+                 all_jobs: Callable[[], Awaitable[Iterable[str] | None]] | None = None) -> None:
         """`sessions`: the SessionManager whose connections and streams this node owns; `active_jobs()`:
-        the ids of the simulation jobs still pending or running here (whose quota slots stay held)."""
+        the ids of the simulation jobs still pending or running here (whose quota slots stay held);
+        `all_jobs()`: every job id in this node's store (registered in the directory), None until it opens."""
         cluster = settings.cluster
         self.settings = cluster
         self.public_url = settings.server.public_url
@@ -57,9 +60,10 @@ class Cluster:
         self.spectators = SpectatorCounts(self.redis, self.node_id, cluster.node_timeout_seconds,
                                           reachable=lambda: self.reachable)
         # Called when the cluster secret this node holds changes (a Redis that came back empty and took
-        # another node's first): what is derived from it (the /odyssey key) is derived again.
+        # another node's first): what is derived from it (the /odyssey and recording-link keys) is derived again.
         self.on_secret: Callable[[], None] | None = None
-        self._sessions, self._active_jobs = sessions, active_jobs
+        self._sessions, self._active_jobs, self._all_jobs = sessions, active_jobs, all_jobs
+        self._jobs_stale = True  # every job id is to be (re-)registered at the next beat
         self.reachable = False
         self.nodes_seen: list[NodeInfo] = []
         self._task: asyncio.Task | None = None
@@ -121,6 +125,7 @@ class Cluster:
             await self.directory.publish(self._owned())
             await self.streams.refresh()
             await self._reconcile_jobs()
+            await self._register_jobs()
             await self.simulations.refresh()
             self.nodes_seen = await self.membership.nodes()
             elsewhere = await self.spectators.beat(list(sessions.broadcasts), {n.node_id for n in self.nodes_seen})
@@ -146,6 +151,27 @@ class Cluster:
         active = set(await self._active_jobs()) | self.simulations.submitting
         for job_id in [m for m in self.simulations.held if m not in active]:
             await self.simulations.give_back(job_id)
+
+    async def _register_jobs(self) -> None:
+        """Every job of this node into the directory: at the first beat, hourly, and when Redis lost them."""
+        if self._all_jobs is None:
+            return
+        due = await self.directory.jobs_due()  # first: the refresh period starts with this registration
+        if self._jobs_stale or due:
+            self._jobs_stale = True  # until the whole set is written: a failure half way retries next beat
+            ids = await self._all_jobs()
+            if ids is None:  # the job store is not open yet (the node is starting, or its disk is full)
+                return
+            await self.directory.register_jobs(ids)
+            self._jobs_stale = False
+
+    async def job_submitted(self, job_id: str) -> None:
+        """Simulations' seam: a new job is in the directory before its 202 (its next call may reach any node)."""
+        try:
+            await self.directory.register_jobs([job_id])
+        except (RedisError, OSError) as exc:
+            self._jobs_stale = True
+            log.warning("cluster: job registration failed (%s); the next heartbeat retries", exc)
 
     # -- what the relay calls -------------------------------------------------------------------
 

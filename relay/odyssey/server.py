@@ -40,7 +40,7 @@ from ..recordings import RecordingStore, owner_id
 from ..sessions import Connection, SessionManager
 from ..simulations.views import recordings_of, statuses_of
 from ..web import (API_KEYS, GOING_AWAY, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS, close_within, json_response,
-                   public_url, query_int, read_json, send_within, token_of)
+                   page_of, public_url, read_json, send_within, token_of)
 from ..worldmodel import hosted_protocol as protocol
 from .streamer import OwnerPeer
 
@@ -468,8 +468,7 @@ async def submit_simulation(request: web.Request) -> web.Response:
 async def list_simulations(request: web.Request) -> web.Response:
     key = _api_key(request)
     statuses = statuses_of(request.query.get("status"), request.query.get("active"))
-    limit = query_int(request, "limit", 20, 100)
-    offset = query_int(request, "offset", 0, 10**9)
+    limit, offset = page_of(request)
     jobs, total = await request.app[SIMULATIONS].list(key, statuses, limit, offset)
     return json_response({"jobs": [_job_summary(j) for j in jobs], "total": total, "limit": limit,
                           "offset": offset})
@@ -511,8 +510,7 @@ async def get_recording(request: web.Request) -> web.Response:
 @routes.get("/stream-recordings")
 async def list_stream_recordings(request: web.Request) -> web.Response:
     key = _api_key(request)
-    limit = query_int(request, "limit", 20, 100)
-    offset = query_int(request, "offset", 0, 10**9)
+    limit, offset = page_of(request)
     page, total = await asyncio.to_thread(request.app[RECORDINGS].list, owner_id(key), limit, offset)
     return json_response({"recordings": [RecordingStore.summary(m) for m in page], "total": total,
                           "limit": limit, "offset": offset})

@@ -77,6 +77,8 @@ class Simulations:
         # A cluster's seam (relay/cluster/node.py), None on a single node: pending_simulations held across
         # nodes, a slot taken in Redis (take/give_back, `submitting`) before the job enters this store.
         self.cluster_quota: Any = None
+        # And the directory's: async job_submitted(job_id), so the job's calls at any node reach this one.
+        self.cluster_directory: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -185,6 +187,8 @@ class Simulations:
                 details={"pending": full.pending, "limit": full.limit},
                 retry_after=self._estimate(full.ahead_seconds, 0.0),
             ) from None
+        if self.cluster_directory is not None:
+            await self.cluster_directory.job_submitted(job.job_id)
         self._wake.set()
         return {"job_id": job.job_id, "status": job.status, "created_at": iso(job.created_at),
                 "estimated_wait_seconds": math.ceil(self._estimate(ahead, job.video_seconds))}

@@ -250,6 +250,10 @@ class JobStore:
         """Every job still pending or running (what holds a slot of [limits] pending_simulations)."""
         return [row[0] for row in self._read(f"SELECT job_id FROM jobs WHERE status IN {_ACTIVE_SQL}")]
 
+    def all_ids(self) -> list[str]:
+        """Every job's id (a cluster registers them in its directory)."""
+        return [row[0] for row in self._read("SELECT job_id FROM jobs")]
+
     def active_count(self, owner: str | None = None) -> int:
         if owner is None:
             rows = self._read(f"SELECT COUNT(*) FROM jobs WHERE status IN {_ACTIVE_SQL}")
