@@ -1,0 +1,107 @@
+"""A broadcast's chat and reactions: what participants say beside the stream, not to the world model.
+
+Plain object, no timers, no I/O, like the orchestrator it leans on: a message passes the inputs'
+moderation (`Orchestrator.moderate_chat`: blocks, the text rule, length, blocked words) and then lives in
+a bounded history a joiner is sent. Reactions are counted, not relayed one by one: `flush()` returns one
+`reactions` event per interval with the counts, so a crowd's reactions cost each socket O(1) per interval.
+The host clears a message (everyone's pages drop it) or turns chat off; the caller (Audience) sends the
+events these methods return.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter, deque
+from typing import Any
+
+from ..clock import Clock
+from ..config import ChatSettings
+from ..errors import not_found
+from .orchestrator import Orchestrator
+
+# Refusals explained in the reply, so a page can show a sentence rather than a code.
+REASONS = {
+    "chat_off": "The host has turned chat off.",
+    "blocked": "The host has blocked you from taking part.",
+    "unknown_participant": "Send hello first.",
+    "too_long": "The message is too long.",
+    "invalid_text": "The message contains characters that cannot be shown (control characters).",
+    "empty": "The message is empty.",
+    "blocked_word": "The message contains a word that is not allowed here.",
+    "unknown_reaction": "That reaction is not offered here.",
+}
+
+
+def refusal(type_: str, reason: str, **extra: Any) -> dict[str, Any]:
+    return {"type": type_, "status": "rejected", "reason": reason, "message": REASONS[reason], **extra}
+
+
+class Chat:
+    def __init__(self, settings: ChatSettings, clock: Clock, orchestrator: Orchestrator) -> None:
+        self.settings = settings
+        self.enabled = settings.enabled
+        self._clock = clock
+        self._orchestrator = orchestrator
+        self._history: deque[dict[str, Any]] = deque(maxlen=settings.history)
+        self._pending: Counter[str] = Counter()  # reactions since the last flush
+        self._flushed_at = clock.monotonic()
+
+    def state(self) -> dict[str, Any]:
+        """What a joiner needs: on or off, the reactions offered, the last messages (oldest first)."""
+        return {"enabled": self.enabled, "reactions": list(self.settings.reactions), "max_chars": self.settings.max_chars,
+                "history": list(self._history)}
+
+    def say(self, participant_id: str, text: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(the reply to the sender, the `chat` event for everyone or None when refused)."""
+        if not self.enabled:
+            return refusal("chat_result", "chat_off"), None
+        reason, text = self._orchestrator.moderate_chat(participant_id, text, self.settings.max_chars)
+        if reason:
+            return refusal("chat_result", reason), None
+        message = {"type": "chat", "message_id": uuid.uuid4().hex[:12], "participant_id": participant_id,
+                   "name": self._orchestrator.participants.get(participant_id), "text": text,
+                   "at": round(self._clock.time(), 3)}
+        self._history.append(message)
+        return {"type": "chat_result", "status": "sent", "message_id": message["message_id"]}, message
+
+    def react(self, participant_id: str, emoji: Any) -> dict[str, Any]:
+        """The reply; an accepted reaction is counted into the next `flush()`."""
+        if not self.enabled:
+            return refusal("reaction_result", "chat_off")
+        if self._orchestrator.is_blocked(participant_id):
+            return refusal("reaction_result", "blocked")
+        if not self._orchestrator.is_present(participant_id):
+            return refusal("reaction_result", "unknown_participant")
+        if not isinstance(emoji, str) or emoji not in self.settings.reactions:
+            return refusal("reaction_result", "unknown_reaction", reactions=list(self.settings.reactions))
+        self._pending[emoji] += 1
+        return {"type": "reaction_result", "status": "sent"}
+
+    def flush(self) -> dict[str, Any] | None:
+        """The `reactions` event (counts since the last one) once the interval has passed, else None."""
+        now = self._clock.monotonic()
+        if not self._pending or now - self._flushed_at < self.settings.reaction_interval_seconds:
+            return None
+        counts, self._pending = dict(self._pending), Counter()
+        self._flushed_at = now
+        return {"type": "reactions", "counts": counts}
+
+    # -- the host ------------------------------------------------------------------------
+
+    def clear(self, message_id: str) -> dict[str, Any]:
+        """Remove a message from the history; the `chat_cleared` event for everyone. 404 if unknown
+        (or already gone from the history: pages only hold what the history held)."""
+        for message in self._history:
+            if message["message_id"] == message_id:
+                self._history.remove(message)
+                return {"type": "chat_cleared", "message_id": message_id}
+        raise not_found("message", message_id)
+
+    def set_enabled(self, enabled: bool) -> dict[str, Any] | None:
+        """The `chat_state` event for everyone when it changed, else None."""
+        if enabled == self.enabled:
+            return None
+        self.enabled = enabled
+        if not enabled:
+            self._pending.clear()
+        return {"type": "chat_state", "enabled": enabled}
