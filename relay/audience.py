@@ -208,7 +208,7 @@ class Audience:
         pid = channel.participant_id
         kind = message.get("type")
         orchestrator = self.orchestrator
-        wait = self.take_token(channel, chat=kind in CHAT_TYPES)
+        wait = self.take_token(channel, chat=isinstance(kind, str) and kind in CHAT_TYPES)
         if wait:
             return rate_limited_reply(kind, wait)
         if kind == "chat":
