@@ -6,6 +6,8 @@ Every wait is bounded (expect with a timeout, or `eventually`).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from playwright.async_api import expect
 
@@ -88,3 +90,31 @@ async def test_chat_reaches_a_second_browser_is_moderated_and_lands_on_the_repla
     await expect(chat.locator(".tl-prompt")).to_have_text("the waves are huge")
     await expect(chat.locator(".tl-source")).to_have_text("Chat · Anonymous")
     await expect(replay.locator("#timeline .tl-entry").first.locator(".tl-prompt")).to_have_text("a calm ocean")
+
+
+async def test_the_host_console_shows_chat_clears_a_message_and_turns_chat_off(relay_factory, open_page):
+    relay = await relay_factory(limits={"stream_max_seconds": 30, "idle_timeout_seconds": 60})
+    host = await open_page(f"{relay.url}/host")
+    await host.fill("#api-key", API_KEY)
+    await host.click("#connect")
+    await expect(host.locator("#connection-state")).to_have_text("Connected")
+    await expect(host.locator("#orch-chat-on")).to_be_checked()
+    watch = await open_page(await host.locator("#watch-url").get_attribute("href"))
+    await expect(watch.locator("#chat-text")).to_be_enabled()
+
+    await say(watch, "first message")
+    await say(watch, "second message")
+    console_lines = host.locator("#orch-chat-log .chat-line")
+    await expect(console_lines).to_have_count(2)
+    await console_lines.filter(has_text="first message").get_by_role("button", name="Clear the message from Anonymous").click()
+    await expect(watch.locator("#chat-log .chat-line")).to_have_text(["You: second message"])
+    await expect(console_lines).to_have_text([re.compile("second message")])
+
+    await host.get_by_label("Chat on").uncheck()
+    await expect(watch.locator("#chat-off")).to_be_visible()
+    await expect(watch.locator("#chat-text")).to_be_disabled()
+    await expect(host.locator("#orch-chat-on")).not_to_be_checked()
+    await expect(host.locator("#orch-status")).to_have_text("Chat is off: participants are told so.")
+    await host.get_by_label("Chat on").check()
+    await expect(watch.locator("#chat-off")).to_be_hidden()
+    await expect(watch.locator("#chat-text")).to_be_enabled()

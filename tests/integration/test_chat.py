@@ -139,3 +139,34 @@ async def test_chat_lands_in_the_recordings_events_log(relay_factory, http):
     assert chat["text"] == "look at the waves" and chat["name"] == "ana"
     assert chat["message_id"] == message["message_id"] and chat["offset_ms"] >= 0
     assert [e["counts"] for e in events if e["type"] == "reactions"] == [{"👏": 1}]
+
+
+async def test_the_control_socket_clears_and_switches_chat_and_refuses_bad_messages(host, http):
+    relay, conn = host
+    p = await join(http, conn, "ana")
+    url = f"{relay.url.replace('http://', 'ws://')}/v1/connections/{conn.connection_id}/control"
+    control = await http.ws_connect(url, headers=AUTH)
+    connected = await control.receive_json()
+    assert connected["type"] == "connected" and connected["chat"]["enabled"] is True
+
+    async def next_control(type_: str) -> dict:
+        while True:
+            event = await control.receive_json(timeout=5)
+            if event["type"] == type_:
+                return event
+
+    await p.send(type="chat", text="hi host")
+    message = await next_control("chat")  # the host sees the chat too
+    for bad, field in (({"type": "set_chat", "enabled": 1}, "enabled"), ({"type": "clear_chat"}, "message_id"),
+                       ({"type": "clear_chat", "message_id": ["x"]}, "message_id")):
+        await control.send_json(bad)
+        error = await next_control("error")
+        assert error["code"] == "INVALID_REQUEST" and error["details"]["field"] == field
+    await control.send_json({"type": "clear_chat", "message_id": "0" * 12})
+    assert (await next_control("error"))["code"] == "NOT_FOUND"
+    await control.send_json({"type": "clear_chat", "message_id": message["message_id"]})
+    assert (await p.next("chat_cleared"))["message_id"] == message["message_id"]
+    await control.send_json({"type": "set_chat", "enabled": False})
+    assert (await next_control("chat_state"))["enabled"] is False
+    assert (await p.next("chat_state"))["enabled"] is False
+    await control.close()
