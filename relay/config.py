@@ -337,6 +337,7 @@ class ChatSettings:
     # Chat and reactions take these tokens, not the inputs' ([orchestration] participant_messages_*).
     messages_per_second: float = option(1.0, min=0.05, max=100)
     burst: int = option(5, min=1, max=1000)
+    cooldown_seconds: float = option(0.0, min=0, max=3600)  # slow mode: a wait between one's messages (0 = off)
     reactions: tuple[str, ...] = option(("\U0001F44D", "\u2764\ufe0f", "\U0001F602", "\U0001F62E",
                                          "\U0001F44F", "\U0001F525"), parse=_reactions)
     # Reactions reach everyone as counts, once per interval: a crowd's reactions cost O(1) per socket.

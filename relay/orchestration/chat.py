@@ -1,7 +1,8 @@
 """A broadcast's chat and reactions: what participants say beside the stream, not to the world model.
 
 Plain object, no timers, no I/O, like the orchestrator it leans on: a message passes the inputs'
-moderation (`Orchestrator.moderate_chat`: blocks, the text rule, length, blocked words) and then lives in
+moderation (`Orchestrator.moderate_chat`: blocks, the text rule, length, blocked words), then chat's own
+cooldown (slow mode, off by default: the per-socket chat rate usually suffices), and then lives in
 a bounded history a joiner is sent. Reactions are counted, not relayed one by one: `flush()` returns one
 `reactions` event per interval with the counts, so a crowd's reactions cost each socket O(1) per interval.
 The host clears a message (everyone's pages drop it) or turns chat off; the caller (Audience) sends the
@@ -10,6 +11,7 @@ events these methods return.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections import Counter, deque
 from typing import Any
@@ -29,7 +31,9 @@ REASONS = {
     "empty": "The message is empty.",
     "blocked_word": "The message contains a word that is not allowed here.",
     "unknown_reaction": "That reaction is not offered here.",
+    "cooldown": "Slow mode: wait a moment before your next message.",
 }
+COOLDOWNS_PRUNE_AT = 1000
 
 
 def refusal(type_: str, reason: str, **extra: Any) -> dict[str, Any]:
@@ -45,6 +49,8 @@ class Chat:
         self._history: deque[dict[str, Any]] = deque(maxlen=settings.history)
         self._pending: Counter[str] = Counter()  # reactions since the last flush
         self._flushed_at = clock.monotonic()
+        self._last_said: dict[str, float] = {}  # participant -> when their last message went out (slow mode)
+        self._prune_at = COOLDOWNS_PRUNE_AT
 
     def state(self) -> dict[str, Any]:
         """What a joiner needs: on or off, the reactions offered, the last messages (oldest first)."""
@@ -58,6 +64,10 @@ class Chat:
         reason, text = self._orchestrator.moderate_chat(participant_id, text, self.settings.max_chars)
         if reason:
             return refusal("chat_result", reason), None
+        wait = self._cooldown_left(participant_id)
+        if wait > 0:
+            return refusal("chat_result", "cooldown", retry_after=math.ceil(wait * 10) / 10), None
+        self._said(participant_id)
         message = {"type": "chat", "message_id": uuid.uuid4().hex[:12], "participant_id": participant_id,
                    "name": self._orchestrator.participants.get(participant_id), "text": text,
                    "at": round(self._clock.time(), 3)}
@@ -85,6 +95,24 @@ class Chat:
         counts, self._pending = dict(self._pending), Counter()
         self._flushed_at = now
         return {"type": "reactions", "counts": counts}
+
+    def _cooldown_left(self, participant_id: str) -> float:
+        last = self._last_said.get(participant_id)
+        if last is None:
+            return 0.0
+        return last + self.settings.cooldown_seconds - self._clock.monotonic()
+
+    def _said(self, participant_id: str) -> None:
+        if not self.settings.cooldown_seconds:
+            return
+        now = self._clock.monotonic()
+        self._last_said[participant_id] = now
+        # Outlives sockets (a resumed participant keeps its wait) but not the wait itself: pruned
+        # once it grows, bounded by the people who spoke within one cooldown (amortized O(1)).
+        if len(self._last_said) > self._prune_at:
+            horizon = now - self.settings.cooldown_seconds
+            self._last_said = {p: at for p, at in self._last_said.items() if at > horizon}
+            self._prune_at = max(COOLDOWNS_PRUNE_AT, 2 * len(self._last_said))
 
     # -- the host ------------------------------------------------------------------------
 

@@ -123,3 +123,16 @@ async def test_chat_off_refuses_with_a_clear_reason_and_tells_everyone():
     assert (await audience.participant_message(a, {"type": "reaction", "emoji": "🔥"}))["reason"] == "chat_off"
     audience.set_chat(True)
     assert (await audience.participant_message(a, {"type": "chat", "text": "hi"}))["status"] == "sent"
+
+
+async def test_slow_mode_makes_each_participant_wait_between_messages():
+    audience, clock, _ = make_audience(cooldown_seconds=10, messages_per_second=100, burst=100)
+    a, b = audience.open_channel(), audience.open_channel()
+    assert (await audience.participant_message(a, {"type": "chat", "text": "one"}))["status"] == "sent"
+    refused = await audience.participant_message(a, {"type": "chat", "text": "two"})
+    assert refused["reason"] == "cooldown" and 9 < refused["retry_after"] <= 10
+    assert (await audience.participant_message(b, {"type": "chat", "text": "mine"}))["status"] == "sent"  # per person
+    # A refused message starts no wait; reactions are not slowed.
+    assert (await audience.participant_message(a, {"type": "reaction", "emoji": "🔥"}))["status"] == "sent"
+    clock.advance(10)
+    assert (await audience.participant_message(a, {"type": "chat", "text": "two"}))["status"] == "sent"
