@@ -338,6 +338,9 @@ class ChatSettings:
     messages_per_second: float = option(1.0, min=0.05, max=100)
     burst: int = option(5, min=1, max=1000)
     cooldown_seconds: float = option(0.0, min=0, max=3600)  # slow mode: a wait between one's messages (0 = off)
+    # Messages the whole broadcast relays per second (a second's worth may come at once): each one goes to
+    # every socket, so this, not the crowd's size, bounds what chat costs a socket (and its queue).
+    broadcast_messages_per_second: float = option(20.0, min=1, max=1000)
     reactions: tuple[str, ...] = option(("\U0001F44D", "\u2764\ufe0f", "\U0001F602", "\U0001F62E",
                                          "\U0001F44F", "\U0001F525"), parse=_reactions)
     # Reactions reach everyone as counts, once per interval: a crowd's reactions cost O(1) per socket.

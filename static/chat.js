@@ -23,6 +23,8 @@ const REASONS = {
   rate_limited: 'Not so fast: wait a moment before sending again.',
   unknown_reaction: 'That reaction is not offered here.',
   unknown_participant: 'Not connected yet: try again in a moment.',
+  cooldown: 'Slow mode: wait a moment before your next message.',
+  chat_busy: 'The chat is very busy: try again in a moment.',
 };
 
 export class ChatPanel {

@@ -2,7 +2,8 @@
 
 Plain object, no timers, no I/O, like the orchestrator it leans on: a message passes the inputs'
 moderation (`Orchestrator.moderate_chat`: blocks, the text rule, length, blocked words), then chat's own
-cooldown (slow mode, off by default: the per-socket chat rate usually suffices), and then lives in
+cooldown (slow mode, off by default: the per-socket chat rate usually suffices), then the broadcast's
+chat rate (each message goes to every socket: the crowd's total, not its size, bounds that), and then lives in
 a bounded history a joiner is sent. Reactions are counted, not relayed one by one: `flush()` returns one
 `reactions` event per interval with the counts, so a crowd's reactions cost each socket O(1) per interval.
 The host clears a message (everyone's pages drop it) or turns chat off; the caller (Audience) sends the
@@ -19,6 +20,7 @@ from typing import Any
 from ..clock import Clock
 from ..config import ChatSettings
 from ..errors import not_found
+from ..ratelimit import TokenBucket
 from .orchestrator import Orchestrator
 
 # Refusals explained in the reply, so a page can show a sentence rather than a code.
@@ -32,6 +34,7 @@ REASONS = {
     "blocked_word": "The message contains a word that is not allowed here.",
     "unknown_reaction": "That reaction is not offered here.",
     "cooldown": "Slow mode: wait a moment before your next message.",
+    "chat_busy": "The chat is very busy: try again in a moment.",
 }
 COOLDOWNS_PRUNE_AT = 1000
 
@@ -51,6 +54,10 @@ class Chat:
         self._flushed_at = clock.monotonic()
         self._last_said: dict[str, float] = {}  # participant -> when their last message went out (slow mode)
         self._prune_at = COOLDOWNS_PRUNE_AT
+        # Every message is sent to every socket: N people each at their own rate would cost N² sends,
+        # so the broadcast as a whole relays at most this many a second, whatever the crowd.
+        rate = settings.broadcast_messages_per_second
+        self._relayed = TokenBucket(clock, rate, max(1, int(rate)))
 
     def state(self) -> dict[str, Any]:
         """What a joiner needs: on or off, the reactions offered, the last messages (oldest first)."""
@@ -67,6 +74,9 @@ class Chat:
         wait = self._cooldown_left(participant_id)
         if wait > 0:
             return refusal("chat_result", "cooldown", retry_after=math.ceil(wait * 10) / 10), None
+        wait = self._relayed.take()
+        if wait:
+            return refusal("chat_result", "chat_busy", code="RATE_LIMITED", retry_after=math.ceil(wait * 10) / 10), None
         self._said(participant_id)
         message = {"type": "chat", "message_id": uuid.uuid4().hex[:12], "participant_id": participant_id,
                    "name": self._orchestrator.participants.get(participant_id), "text": text,

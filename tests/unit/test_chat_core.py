@@ -136,3 +136,16 @@ async def test_slow_mode_makes_each_participant_wait_between_messages():
     assert (await audience.participant_message(a, {"type": "reaction", "emoji": "🔥"}))["status"] == "sent"
     clock.advance(10)
     assert (await audience.participant_message(a, {"type": "chat", "text": "two"}))["status"] == "sent"
+
+
+async def test_the_broadcast_relays_a_bounded_number_of_messages_whatever_the_crowd():
+    audience, clock, _ = make_audience(broadcast_messages_per_second=5)
+    channels = [audience.open_channel() for _ in range(20)]
+    replies = [await audience.participant_message(c, {"type": "chat", "text": "hi"}) for c in channels]
+    assert [r["status"] for r in replies].count("sent") == 5
+    busy = [r for r in replies if r["status"] == "rejected"]
+    assert {r["reason"] for r in busy} == {"chat_busy"} and busy[0]["code"] == "RATE_LIMITED" and busy[0]["retry_after"] > 0
+    assert not any(c.flooded or c.refused for c in channels)  # the crowd's limit is no one's flood
+    assert sum(1 for e in drain(channels[0]) if e["type"] == "chat") == 5
+    clock.advance(1.0)
+    assert (await audience.participant_message(channels[-1], {"type": "chat", "text": "now"}))["status"] == "sent"
