@@ -12,7 +12,8 @@ import pytest
 from playwright.async_api import expect
 
 from relay.client import RelayClient
-from tests.browser.conftest import CHROMIUM, HAVE_CHROMIUM
+from tests.browser.conftest import CHROMIUM, DESKTOP, HAVE_CHROMIUM
+from tests.browser.helpers import shoot
 from tests.conftest import API_KEY, eventually
 
 pytestmark = [
@@ -60,6 +61,7 @@ async def test_chat_reaches_a_second_browser_is_moderated_and_lands_on_the_repla
         # A reaction from one page shows as a count on the other.
         await b.get_by_role("button", name="React 🔥").click()
         await expect(a.locator("#chat-burst")).to_have_text("🔥 1")
+        await shoot("watch-chat", a, restore=DESKTOP)
 
         # The host clears the message: it goes from both pages.
         history = (await client.request("GET", f"/v1/broadcasts/{bid}/chat"))["history"]
@@ -109,6 +111,7 @@ async def test_the_host_console_shows_chat_clears_a_message_and_turns_chat_off(r
     await console_lines.filter(has_text="first message").get_by_role("button", name="Clear the message from Anonymous").click()
     await expect(watch.locator("#chat-log .chat-line")).to_have_text(["You: second message"])
     await expect(console_lines).to_have_text([re.compile("second message")])
+    await shoot("host-chat", host, restore=DESKTOP)
 
     await host.get_by_label("Chat on").uncheck()
     await expect(watch.locator("#chat-off")).to_be_visible()
