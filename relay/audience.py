@@ -8,7 +8,8 @@ tokens (so a resume token is no invite).
 
 The audience holds the orchestrator: participants' messages go through it (each taking a rate token
 first), accepted inputs are forwarded to the live stream, and its state reaches everyone in coalesced
-pushes. The host's orchestration actions are methods here that push the new state themselves.
+pushes. Chat and reactions (orchestration/chat.py) take tokens of their own, so talking never costs a
+participant their say in the stream; what they say is fanned out here and kept in the recording. The host's orchestration actions are methods here that push the new state themselves.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .clock import Clock
 from .config import Settings
 from .errors import RelayError, invalid_request, not_found
 from .orchestration import Forward, Orchestrator
+from .orchestration.chat import Chat
 from .ratelimit import TokenBucket, rate_limited
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,8 @@ class EventChannel:
     replaced: bool = False  # a newer socket resumed this participant: this one is closed
     address: str = ""  # the client address the socket came from (request.remote)
     invited: bool = False  # the socket presented a valid invite
-    limiter: TokenBucket | None = None  # every message takes a token
+    limiter: TokenBucket | None = None  # every message but chat and reactions takes a token
+    chat_limiter: TokenBucket | None = None  # chat messages and reactions take one of these instead
     refused: int = 0  # messages refused for rate in a row
     flooded: bool = False  # refused so often in a row that the socket is to be closed (FLOODING_CLOSE_CODE)
     admitted: bool = True  # counted against its address until close_channel
@@ -70,7 +73,10 @@ class EventChannel:
 
 # The reply type each participant message is answered with (anything else: an error event).
 REPLY_TYPES = {"input": "input_result", "vote": "vote_result", "raise_hand": "turn_result",
-               "release_turn": "turn_result"}
+               "release_turn": "turn_result", "chat": "chat_result", "reaction": "reaction_result"}
+CHAT_TYPES = frozenset({"chat", "reaction"})
+# What the stream's recording keeps of the chat (the replay page's timeline shows it).
+RECORDED_CHAT = frozenset({"chat", "chat_cleared", "chat_state", "reactions"})
 
 
 def rate_limited_reply(kind: Any, wait: float) -> dict[str, Any]:
@@ -95,6 +101,7 @@ class Audience:
         self._secret = secrets.token_bytes(16)  # signs resume tokens and invites
         self.closed = False
         self.orchestrator = Orchestrator(settings.orchestration, clock)
+        self.chat = Chat(settings.chat, clock, self.orchestrator)
         # Joiners get the state in their hello; pushes carry changes only.
         self._state_sent = (self.orchestrator.version, self.orchestrator.host_version)
         self._state_pushed_at = -1e9
@@ -102,6 +109,8 @@ class Audience:
         # interact) and where host-only events go (the control socket).
         self.forward_input: Callable[[Forward], Awaitable[None]] | None = None
         self.host_event: Callable[[dict[str, Any]], None] | None = None
+        # Set by the broadcast: into the live stream's recording (its events log), if any.
+        self.record_event: Callable[[dict[str, Any]], None] | None = None
 
     # -- identities ----------------------------------------------------------------------
 
@@ -161,7 +170,9 @@ class Audience:
         settings = self.orchestrator.settings
         channel = EventChannel(address=address, invited=invited_id is not None,
                                limiter=TokenBucket(self._clock, settings.participant_messages_per_second,
-                                                   settings.participant_messages_burst))
+                                                   settings.participant_messages_burst),
+                               chat_limiter=TokenBucket(self._clock, self.chat.settings.messages_per_second,
+                                                        self.chat.settings.burst))
         if participant_id:
             channel.participant_id, channel.resumed = participant_id, True
         self._address_sockets[address] += 1
@@ -197,9 +208,16 @@ class Audience:
         pid = channel.participant_id
         kind = message.get("type")
         orchestrator = self.orchestrator
-        wait = self.take_token(channel)
+        wait = self.take_token(channel, chat=isinstance(kind, str) and kind in CHAT_TYPES)
         if wait:
             return rate_limited_reply(kind, wait)
+        if kind == "chat":
+            reply, event = self.chat.say(pid, message.get("text"))
+            if event is not None:
+                self._chat_event(event)
+            return reply
+        if kind == "reaction":
+            return self.chat.react(pid, message.get("emoji"))
         if kind == "hello":
             name = message.get("name")
             orchestrator.participant_joined(pid, name if isinstance(name, str) else None)
@@ -218,14 +236,20 @@ class Audience:
         return {"type": "error", "code": "INVALID_REQUEST", "fatal": False,
                 "message": f"Unknown message type {kind!r}."}
 
-    def take_token(self, channel: EventChannel) -> float:
+    def take_token(self, channel: EventChannel, *, chat: bool = False) -> float:
         """0 if this message may go on, else the seconds to wait. Refused messages cost a dict
         lookup and a small reply, nothing of the orchestrator's, so a flood slows no one else; a
-        socket refused events_flood_messages times in a row is marked `flooded` for closing."""
-        limiter, settings = channel.limiter, self.orchestrator.settings
+        socket refused events_flood_messages times in a row (chat or not) is marked `flooded` for
+        closing. ``chat``: a chat message or reaction, which takes a chat token instead."""
+        if chat:
+            limiter = channel.chat_limiter
+        else:
+            limiter, settings = channel.limiter, self.orchestrator.settings
+            if limiter is not None:  # the host may have changed the rate since the socket opened
+                limiter.rate = settings.participant_messages_per_second
+                limiter.burst = settings.participant_messages_burst
         if limiter is None:
             return 0.0
-        limiter.rate, limiter.burst = settings.participant_messages_per_second, settings.participant_messages_burst
         wait = limiter.take()
         if not wait:
             channel.refused = 0
@@ -271,6 +295,24 @@ class Audience:
         self.orchestrator.revoke_turn()
         self._push_state(at_once=True)
 
+    def clear_chat(self, message_id: str) -> None:
+        """The host removes a message: it leaves the history and every page (404 if not held)."""
+        self._chat_event(self.chat.clear(message_id))
+
+    def set_chat(self, enabled: bool) -> None:
+        """The host turns chat (and reactions) off or on; participants are told at once."""
+        event = self.chat.set_enabled(enabled)
+        if event is not None:
+            self._chat_event(event)
+
+    def _chat_event(self, event: dict[str, Any]) -> None:
+        """To every participant and the host, and into the recording."""
+        self.send(event)
+        if self.host_event is not None:
+            self.host_event(event)
+        if self.record_event is not None and event["type"] in RECORDED_CHAT:
+            self.record_event(event)
+
     # -- housekeeping --------------------------------------------------------------------
 
     async def tick(self) -> None:
@@ -279,6 +321,9 @@ class Audience:
             for forward in self.orchestrator.tick():
                 await self._forward(forward)
         self._push_state()
+        reactions = self.chat.flush()
+        if reactions is not None:
+            self._chat_event(reactions)
 
     def _push_state(self, *, at_once: bool = False) -> None:
         """Coalesced: at most one push per STATE_PUSH_INTERVAL, only when something changed."""

@@ -56,6 +56,7 @@ class Broadcast:
         self.spectators = Spectators(self.broadcast_id, settings.limits, clock,
                                      feed=self.media.feed, on_viewers=self._record_viewers)
         self.audience = Audience(self.broadcast_id, settings, clock, live=lambda: self.live)
+        self.audience.record_event = self.media.record_event
         self.stream_id: str | None = None
         self.prompt: str | None = None
         self._elsewhere = 0

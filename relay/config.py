@@ -315,6 +315,38 @@ class OrchestrationSettings:
     invite_only: bool = False  # only identities from the host's invites may input, vote or raise a hand
 
 
+def _reactions(key: str, value: Any) -> tuple[str, ...]:
+    # A small fixed set shown as buttons: each a short emoji sequence, no letters (no words smuggled in).
+    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 12:
+        _fail(key, "an array of 1 to 12 emoji", value)
+    for i, emoji in enumerate(value):
+        if not (isinstance(emoji, str) and 1 <= len(emoji) <= 8 and not any(c.isalnum() or c.isspace() for c in emoji)):
+            _fail(f"{key}[{i}]", "one emoji (up to 8 code points, no letters or spaces)", emoji)
+    if len(set(value)) != len(value):
+        _fail(key, "distinct emoji", value)
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """Chat and reactions on the events socket: moderated like inputs, with their own rate."""
+
+    enabled: bool = True  # the host turns it off and on live per broadcast
+    max_chars: int = option(200, min=1, max=1000)
+    history: int = option(50, min=0, max=500)  # the last messages a joining participant is sent
+    # Chat and reactions take these tokens, not the inputs' ([orchestration] participant_messages_*).
+    messages_per_second: float = option(1.0, min=0.05, max=100)
+    burst: int = option(5, min=1, max=1000)
+    cooldown_seconds: float = option(0.0, min=0, max=3600)  # slow mode: a wait between one's messages (0 = off)
+    # Messages the whole broadcast relays per second (a second's worth may come at once): each one goes to
+    # every socket, so this, not the crowd's size, bounds what chat costs a socket (and its queue).
+    broadcast_messages_per_second: float = option(20.0, min=1, max=1000)
+    reactions: tuple[str, ...] = option(("\U0001F44D", "\u2764\ufe0f", "\U0001F602", "\U0001F62E",
+                                         "\U0001F44F", "\U0001F525"), parse=_reactions)
+    # Reactions reach everyone as counts, once per interval: a crowd's reactions cost O(1) per socket.
+    reaction_interval_seconds: float = option(1.0, min=0.1, max=60)
+
+
 @dataclass(frozen=True)
 class RecordingsSettings:
     """Every stream leaves one recording in data_dir/recordings/<stream_id>/ (see relay/recordings.py)."""
@@ -388,6 +420,7 @@ class Settings:
     media: MediaSettings = field(default_factory=MediaSettings)
     recordings: RecordingsSettings = field(default_factory=RecordingsSettings)
     orchestration: OrchestrationSettings = field(default_factory=OrchestrationSettings)
+    chat: ChatSettings = field(default_factory=ChatSettings)
     simulations: SimulationsSettings = field(default_factory=SimulationsSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
 

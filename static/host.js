@@ -499,6 +499,13 @@ function onControl(msg) {
       log(`Connected: ${msg.connection_id ?? conn.id}.`);
       setBroadcast(msg.broadcast);
       orchestration.applyState(msg.orchestration);
+      orchestration.applyChat(msg.chat);
+      break;
+    case 'chat':
+    case 'chat_cleared':
+    case 'chat_state':
+    case 'reactions':
+      orchestration.onChat(msg);
       break;
     case 'orchestration':
       orchestration.onOrchestration(msg);

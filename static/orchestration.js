@@ -5,13 +5,16 @@
 // participants}) arrives in `connected` and in `orchestration` pushes; host.js hands it over
 // with applyState() / onOrchestration(). The form shows the live settings until the host edits
 // it; Apply sends {type: "orchestration", mode, ...settings} through host.js's send(), as do the
-// per-participant actions (block/unblock, grant_turn/revoke_turn). The relay decides: this panel
-// shows its state and asks. Participants' names are other people's text: textContent only.
+// per-participant actions (block/unblock, grant_turn/revoke_turn), and the chat's set_chat {enabled}
+// and clear_chat {message_id}: the chat arrives in `connected` (applyChat) and as chat,
+// chat_cleared, chat_state and reactions events (onChat). The relay decides: this panel shows its
+// state and asks. Participants' names and messages are other people's text: textContent only.
 
 import { Deadline, clock, el, syncList } from '/static/ui.js';
 
 const ORCH_REPLY_MS = 5000;           // an orchestration change not confirmed by then: say so
 const TICK_MS = 250;
+const CHAT_ROWS_MAX = 100;            // the console keeps the latest messages; older ones scroll away
 
 const MODES = {
   host: { label: 'Host', help: 'Only you prompt. Spectators watch; their inputs are refused.' },
@@ -43,6 +46,9 @@ export class OrchestrationPanel {
   #turnDeadline = new Deadline();
   #participantRows = new Map();
   #candidateRows = new Map();
+  #chatRows = new Map();  // message_id -> li
+  #chatOn = true;
+  #chatAsked = null;      // set_chat {enabled} sent, not yet answered: the box shows what was asked
 
   /**
    * send(msg) writes to the control socket (false when it is not open); log(text, kind) writes
@@ -75,6 +81,9 @@ export class OrchestrationPanel {
       handsCount: $('orch-hands-count'),
       participants: $('participants'),
       participantsCount: $('participants-count'),
+      chatOn: $('orch-chat-on'),
+      chatLog: $('orch-chat-log'),
+      chatReactions: $('orch-chat-reactions'),
     };
     this.#bind();
   }
@@ -124,10 +133,40 @@ export class OrchestrationPanel {
     }
     if (this.#pendingAction) {
       this.#pendingAction = null;
+      this.#chatAsked = null; // a refused set_chat: the box goes back to what the relay has
       this.#setStatus(`Refused: ${msg.message || msg.code}`, 'error');
+      this.render();
       return true;
     }
     return false;
+  }
+
+  /** The chat as `connected` carries it: on or off and the recent messages. */
+  applyChat(chat) {
+    if (!chat || typeof chat !== 'object') return;
+    this.#chatOn = chat.enabled !== false;
+    this.#chatRows.clear();
+    this.#els.chatLog.replaceChildren();
+    for (const message of Array.isArray(chat.history) ? chat.history : []) this.#addChat(message);
+    this.render();
+  }
+
+  /** A chat, chat_cleared, chat_state or reactions event. */
+  onChat(msg) {
+    if (msg.type === 'chat') this.#addChat(msg);
+    else if (msg.type === 'chat_cleared') {
+      this.#chatRows.get(msg.message_id)?.remove();
+      this.#chatRows.delete(msg.message_id);
+      if (this.#pendingAction === 'clear_chat') this.#pendingAction = null;
+    } else if (msg.type === 'chat_state') {
+      this.#chatOn = Boolean(msg.enabled);
+      this.#chatAsked = null;
+      if (this.#pendingAction === 'set_chat') this.#pendingAction = null;
+      this.#setStatus(this.#chatOn ? 'Chat is on.' : 'Chat is off: participants are told so.', 'ok');
+      this.render();
+    } else if (msg.type === 'reactions' && msg.counts && typeof msg.counts === 'object') {
+      this.#els.chatReactions.textContent = Object.entries(msg.counts).map(([e, n]) => `${e} ${n}`).join('  ');
+    }
   }
 
   /** The connection is gone: forget its audience. */
@@ -138,6 +177,9 @@ export class OrchestrationPanel {
     this.#pending = null;
     this.#participantRows.clear();
     this.#candidateRows.clear();
+    this.#chatRows.clear();
+    this.#els.chatLog.replaceChildren();
+    this.#els.chatReactions.textContent = '';
     this.#els.participants.replaceChildren();
     this.#els.candidates.replaceChildren();
     this.#setStatus('');
@@ -179,6 +221,9 @@ export class OrchestrationPanel {
     if (live === 'vote') this.#renderCandidates(state.candidates ?? []);
     if (live === 'turns') this.#renderTurn(state.turn ?? {});
     this.#renderParticipants(state.participants ?? [], live, state.turn ?? {}, canControl);
+    e.chatOn.checked = this.#chatAsked ?? this.#chatOn;
+    e.chatOn.disabled = !canControl;
+    for (const button of e.chatLog.querySelectorAll('button')) button.disabled = !canControl;
     this.#tick();
     if (live === 'vote' || live === 'turns') this.#startTimer();
     else this.#stopTimer();
@@ -188,6 +233,12 @@ export class OrchestrationPanel {
 
   #bind() {
     const e = this.#els;
+    e.chatOn.addEventListener('change', (ev) => {
+      const enabled = e.chatOn.checked;
+      const sent = this.#hostAction({ type: 'set_chat', enabled }, enabled ? 'Turning chat on…' : 'Turning chat off…');
+      this.#chatAsked = sent ? enabled : null;
+      this.render();
+    });
     e.form.addEventListener('change', (ev) => {
       if (ev.target.name === 'mode') this.#selectMode(ev.target.value);
       this.#dirty = true;
@@ -282,15 +333,40 @@ export class OrchestrationPanel {
     this.render();
   }
 
-  /** Sends one participant action; the relay answers with the new state, or an error. */
+  /** Sends one host action; the relay answers with the new state, or an error. False if not sent. */
   #hostAction(msg, text) {
     if (!this.#send(msg)) {
       this.#setStatus('The control channel is not open.', 'error');
-      return;
+      return false;
     }
     this.#log(`${msg.type}${msg.participant_id ? ` ${msg.participant_id}` : ''}`, 'out');
     if (text) this.#setStatus(text);
     this.#pendingAction = msg.type;
+    return true;
+  }
+
+  // ---------- chat ----------
+
+  #addChat(msg) {
+    if (typeof msg.message_id !== 'string' || typeof msg.text !== 'string' || this.#chatRows.has(msg.message_id)) return;
+    const who = typeof msg.name === 'string' && msg.name ? msg.name : 'Anonymous';
+    const clear = el('button', { className: 'small-btn', text: 'Clear',
+      attrs: { type: 'button', 'aria-label': `Clear the message from ${who}` } });
+    clear.disabled = !this.#link().canControl;
+    clear.addEventListener('click', () => this.#hostAction({ type: 'clear_chat', message_id: msg.message_id },
+      `Cleared a message from ${who}.`));
+    const li = el('li', { className: 'entry chat-line' },
+      el('span', { className: 'who', text: `${who}: ` }),
+      el('span', { className: 'text wrap', text: msg.text }),
+      el('span', { className: 'actions' }, clear));
+    this.#els.chatLog.append(li);
+    this.#chatRows.set(msg.message_id, li);
+    while (this.#chatRows.size > CHAT_ROWS_MAX) {
+      const [oldest, row] = this.#chatRows.entries().next().value;
+      row.remove();
+      this.#chatRows.delete(oldest);
+    }
+    this.#els.chatLog.scrollTop = this.#els.chatLog.scrollHeight;
   }
 
   // ---------- the live state ----------

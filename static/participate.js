@@ -514,6 +514,7 @@ export class Participation {
   /** On a wide screen the side column (participate, recent prompts) sits beside the video. */
   #layout() {
     const e = this.#els;
-    document.body.classList.toggle('with-side', !e.section.hidden || !e.recentSection.hidden);
+    // Any visible card of the side column (the chat panel's too) puts the column beside the video.
+    document.body.classList.toggle('with-side', Boolean(document.querySelector('.watch-side > :not([hidden])')));
   }
 }

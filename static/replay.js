@@ -3,8 +3,9 @@
 // The page's own signed query authorizes GET /recordings/{id}/info, which returns the
 // recording with signed file URLs. The video plays from video_url; the prompt timeline
 // comes from events_url (events.jsonl: one JSON object a line, each with `type` and
-// `offset_ms` on the video's timeline). Clicking a prompt seeks the video to it.
-// Prompts are user text: textContent only.
+// `offset_ms` on the video's timeline), with the audience's chat messages between the prompts
+// (minus those the host cleared). Clicking an entry seeks the video to it.
+// Prompts and chat are user text: textContent only.
 
 import { HttpError, fetchJson } from '/static/whep.js';
 import { el } from '/static/ui.js';
@@ -65,9 +66,10 @@ function duration(seconds) {
   return v < 60 ? `${v.toFixed(1)} s` : timecode(v * 1000);
 }
 
-/** events.jsonl -> the prompt entries, in time order. Bad lines are skipped, not fatal. */
+/** events.jsonl -> the prompt and chat entries, in time order. Bad lines are skipped, not fatal. */
 export function parseTimeline(text) {
   const out = [];
+  const cleared = new Set(); // chat message ids the host cleared: not shown in the replay either
   for (const line of text.split('\n')) {
     if (!line.trim()) continue;
     let event;
@@ -78,6 +80,11 @@ export function parseTimeline(text) {
     }
     if (!event || typeof event !== 'object') continue;
     const offset = Number(event.offset_ms);
+    if (event.type === 'chat_cleared') cleared.add(event.message_id);
+    if (Number.isFinite(offset) && event.type === 'chat' && typeof event.text === 'string') {
+      const who = typeof event.name === 'string' && event.name ? event.name : 'Anonymous';
+      out.push({ offsetMs: offset, prompt: event.text, source: `Chat · ${who}`, kind: 'chat', id: event.message_id });
+    }
     if (!Number.isFinite(offset) || typeof event.prompt !== 'string') continue;
     if (event.type === 'stream_started') {
       out.push({ offsetMs: offset, prompt: event.prompt, source: 'Host · start', kind: 'host' });
@@ -93,7 +100,7 @@ export function parseTimeline(text) {
     }
   }
   // Stable: equal offsets keep the log's order.
-  return out.map((e, i) => [e, i]).sort((a, b) => a[0].offsetMs - b[0].offsetMs || a[1] - b[1]).map(([e]) => e);
+  return out.filter((e) => e.kind !== 'chat' || !cleared.has(e.id)).map((e, i) => [e, i]).sort((a, b) => a[0].offsetMs - b[0].offsetMs || a[1] - b[1]).map(([e]) => e);
 }
 
 function renderTimeline(items) {
@@ -108,7 +115,7 @@ function renderTimeline(items) {
     el('span', { className: 'tl-prompt wrap', text: item.prompt }),
     el('span', { className: 'tl-source', text: item.source }));
     button.addEventListener('click', () => seek(item.offsetMs));
-    return { offsetMs: item.offsetMs, button };
+    return { offsetMs: item.offsetMs, button, chat: item.kind === 'chat' };
   });
   els.timeline.replaceChildren(...entries.map((e) => el('li', {}, e.button)));
   highlight();
@@ -126,7 +133,7 @@ function seek(offsetMs) {
 function highlight() {
   const t = els.video.currentTime * 1000 + 50; // just past a seek target counts as there
   let current = null;
-  for (const e of entries) if (e.offsetMs <= t) current = e;
+  for (const e of entries) if (e.offsetMs <= t && !e.chat) current = e; // a chat line changes no prompt
   for (const e of entries) {
     if (e === current) e.button.setAttribute('aria-current', 'true');
     else e.button.removeAttribute('aria-current');

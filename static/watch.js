@@ -12,6 +12,7 @@
 
 import { WhepPlayer, HttpError, fetchJson, wsUrl } from '/static/whep.js';
 import { Participation } from '/static/participate.js';
+import { ChatPanel } from '/static/chat.js';
 
 const POLL_MS = 3000;
 const SOCKET_BACKOFF_MAX_MS = 10000;
@@ -91,6 +92,7 @@ function render() {
   els.viewersStat.hidden = Boolean(state.fatal) || !state.viewersKnown;
   els.nowPlaying.hidden = Boolean(state.fatal) && !state.fatalEnded;
   participation.setFatal(state.fatal);
+  chat.setFatal(state.fatal);
 
   const text = state.fatal || state.mediaMessage;
   els.message.hidden = !text;
@@ -141,18 +143,21 @@ function onEvent(msg) {
     default:
       break;
   }
-  // hello, orchestration, *_result, prompt_applied, stream_started: participation's too.
+  // hello, orchestration, *_result, prompt_applied, stream_started: participation's too;
+  // hello, chat*, reaction*: the chat panel's.
   participation.onEvent(msg);
+  chat.onEvent(msg);
 }
 
-const participation = new Participation({
-  send: (msg) => {
-    const ws = events.socket;
-    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
-    ws.send(JSON.stringify(msg));
-    return true;
-  },
-});
+function sendEvent(msg) {
+  const ws = events.socket;
+  if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+  ws.send(JSON.stringify(msg));
+  return true;
+}
+
+const participation = new Participation({ send: sendEvent });
+const chat = new ChatPanel({ send: sendEvent });
 
 async function poll() {
   const seq = events.seq;
@@ -215,6 +220,7 @@ function openEvents() {
     events.attempt = 0;
     stopPolling(); // the socket pushes everything from here on
     participation.setConnected(true);
+    chat.setConnected(true);
   });
   ws.addEventListener('message', (e) => {
     let msg;
@@ -235,6 +241,7 @@ function openEvents() {
     // rather than take it back, or the two would replace each other for ever.
     if (e.code === REPLACED_CLOSE_CODE) keepResumeToken('');
     participation.setConnected(false);
+    chat.setConnected(false);
     if (events.stopped) return;
     // Couldn't open, or dropped: keep the page current by polling while we retry.
     startPolling();
@@ -263,6 +270,7 @@ function stopEvents() {
   events.socket = null;
   if (ws) ws.close();
   participation.setConnected(false);
+    chat.setConnected(false);
 }
 
 // The relay's error messages are written for developers ("Authorization: Bearer..."); a

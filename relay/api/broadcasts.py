@@ -216,6 +216,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
             "resumed": channel.resumed,
             "invited": broadcast.orchestrator.is_invited(participant_id),
             "orchestration": broadcast.orchestration,
+            "chat": broadcast.audience.chat.state(),
             "live": broadcast.live,
             "stream_id": broadcast.stream_id,
             "prompt": broadcast.prompt,

@@ -180,6 +180,20 @@ def _participant(message: dict[str, Any]) -> str:
     return pid
 
 
+def _chat_enabled(message: dict[str, Any]) -> bool:
+    enabled = message.get("enabled")
+    if not isinstance(enabled, bool):
+        raise invalid_request("'enabled' must be true or false.", field="enabled")
+    return enabled
+
+
+def _message_id(message: dict[str, Any]) -> str:
+    message_id = message.get("message_id")
+    if not isinstance(message_id, str):
+        raise invalid_request("'message_id' is required.", field="message_id")
+    return message_id
+
+
 # The host's orchestration actions, as control-socket messages (same rules as the REST calls); each
 # pushes the new state to the audience and the host itself.
 HOST_ORCHESTRATION = {
@@ -188,6 +202,8 @@ HOST_ORCHESTRATION = {
     "unblock": lambda a, m: a.unblock(_participant(m)),
     "grant_turn": lambda a, m: a.grant_turn(_participant(m)),
     "revoke_turn": lambda a, m: a.revoke_turn(),
+    "set_chat": lambda a, m: a.set_chat(_chat_enabled(m)),
+    "clear_chat": lambda a, m: a.clear_chat(_message_id(m)),
 }
 
 
@@ -204,7 +220,8 @@ async def control(request: web.Request) -> web.WebSocketResponse:
     try:
         await ws.send_json({"type": "connected", "connection_id": conn.connection_id,
                             "broadcast": broadcast_info(request, conn),
-                            "orchestration": conn.broadcast.orchestrator.state(host=True)})
+                            "orchestration": conn.broadcast.orchestrator.state(host=True),
+                            "chat": conn.broadcast.audience.chat.state()})
         if conn.stream is not None and conn.stream.live:
             await ws.send_json({"type": "stream_started", "stream_id": conn.stream.stream_id,
                                 "prompt": conn.stream.prompt,

@@ -1,4 +1,5 @@
-"""Orchestration API: the host switches audience modes live, blocks participants, hands turns, invites."""
+"""Orchestration API: the host switches audience modes live, blocks participants, hands turns, invites,
+turns chat off and on and clears chat messages."""
 
 from __future__ import annotations
 
@@ -94,3 +95,32 @@ async def mint_invites(request: web.Request) -> web.Response:
                for pid, code in broadcast.audience.mint_invites(count)]
     return json_response({"invites": invites, "invite_only": broadcast.orchestrator.settings.invite_only},
                          status=201)
+
+
+@routes.get("/v1/broadcasts/{broadcast_id}/chat")
+async def get_chat(request: web.Request) -> web.Response:
+    """Chat on or off, the reactions offered and the recent messages (what a joiner's hello carries)."""
+    broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
+    if not _is_spectator(request, broadcast):
+        authorize_connection(request, broadcast.connection_id)
+    return json_response(broadcast.audience.chat.state())
+
+
+@routes.put("/v1/broadcasts/{broadcast_id}/chat")
+async def put_chat(request: web.Request) -> web.Response:
+    """`{enabled}`: the host turns chat and reactions off (participants are told) or back on."""
+    broadcast = host_broadcast(request)
+    enabled = (await read_json(request)).get("enabled")
+    if not isinstance(enabled, bool):
+        raise invalid_request("'enabled' must be true or false.", field="enabled")
+    broadcast.audience.set_chat(enabled)
+    return json_response(broadcast.audience.chat.state())
+
+
+@routes.delete("/v1/broadcasts/{broadcast_id}/chat/messages/{message_id}")
+async def clear_chat_message(request: web.Request) -> web.Response:
+    """The host clears a message: it disappears from everyone's chat and from the history joiners get."""
+    broadcast = host_broadcast(request)
+    message_id = request.match_info["message_id"]
+    broadcast.audience.clear_chat(message_id)
+    return json_response({"message_id": message_id, "cleared": True})

@@ -65,21 +65,22 @@ class Moderator:
         self._settings = settings
         self._blocked = blocked_words_pattern(settings.blocked_words)
 
-    def raw_problem(self, prompt: str) -> str | None:
+    def raw_problem(self, prompt: str, max_chars: int | None = None) -> str | None:
         """The rejection reason for the prompt as sent, before cleaning: far too long (refused without
         looking: a megabyte of spaces costs nothing), or text the relay cannot keep (the boundary's one
-        rule, relay.inputs: a lone surrogate, or a control character other than tab and line breaks)."""
-        if len(prompt) > 4 * self._settings.max_prompt_chars + 64:
+        rule, relay.inputs: a lone surrogate, or a control character other than tab and line breaks).
+        ``max_chars`` is a chat message's limit instead of the prompts'."""
+        if len(prompt) > 4 * (max_chars or self._settings.max_prompt_chars) + 64:
             return "too_long"
         if text_problem(prompt) is not None:
             return "invalid_text"
         return None
 
-    def check_content(self, prompt: str) -> str | None:
-        """The rejection reason for this (cleaned) prompt's content, or None."""
+    def check_content(self, prompt: str, max_chars: int | None = None) -> str | None:
+        """The rejection reason for this (cleaned) prompt's (or chat message's) content, or None."""
         if not prompt:
             return "empty"
-        if len(prompt) > self._settings.max_prompt_chars:
+        if len(prompt) > (max_chars or self._settings.max_prompt_chars):
             return "too_long"
         if self._blocked is not None and self._blocked.search(normalize(prompt)):
             return "blocked_word"

@@ -201,6 +201,22 @@ class Orchestrator:
             return rejected("wrong_mode")
         return self._policy.release(participant_id)
 
+    def moderate_chat(self, participant_id: str, text: Any, max_chars: int) -> tuple[str | None, str]:
+        """(rejection reason or None, the text as shown) for a chat message: the inputs' moderation
+        (unknown, blocked, too long, the text rule, empty, blocked words) but no policy, cooldown or
+        duplicate check, and open to uninvited participants (invite_only is about steering)."""
+        if participant_id not in self._participants:
+            return "unknown_participant", ""
+        if participant_id in self._blocked:
+            return "blocked", ""
+        if not isinstance(text, str):
+            return "empty", ""
+        reason = self._moderator.raw_problem(text, max_chars)
+        if reason:
+            return reason, ""
+        text = clean(text)
+        return self._moderator.check_content(text, max_chars), text
+
     def _refusal(self, participant_id: str) -> str | None:
         if participant_id not in self._participants:
             return "unknown_participant"
