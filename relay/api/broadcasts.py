@@ -218,6 +218,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
             "stream_id": broadcast.stream_id,
             "prompt": broadcast.prompt,
             "viewers": broadcast.viewers,
+            **broadcast.about(),  # the channel's title, description and host name (null for a plain broadcast)
         })
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
