@@ -53,9 +53,10 @@ class Broadcast:
         self.broadcast_id = channel.broadcast_id if channel else secrets.token_urlsafe(12)
         self.spectator_token = channel.spectator_token if channel else secrets.token_urlsafe(24)
         self.connection_id = connection_id  # the host's connection now; None while a channel has no host
+        self.owner = owner  # whose recordings its streams make: the connection's key (hashed)
         recorder: RecorderFactory | None = None
         if recordings is not None and settings.recordings.enabled:  # each stream's, filed under this broadcast
-            recorder = partial(self._recorder, recordings, owner)
+            recorder = partial(self._recorder, recordings)
         self.media = media(settings, clock, recorder)
         self.spectators = Spectators(self.broadcast_id, settings.limits, clock,
                                      feed=self.media.feed, on_viewers=self._record_viewers)
@@ -89,9 +90,9 @@ class Broadcast:
     def orchestration(self) -> dict[str, Any]:
         return self.orchestrator.state()
 
-    def _recorder(self, recordings: RecordingStore, owner: str, stream_id: str, **kwargs: Any):
+    def _recorder(self, recordings: RecordingStore, stream_id: str, **kwargs: Any):
         # Read at each stream's start: a channel's streams come from different connections.
-        return recordings.recorder(stream_id, owner=owner, connection_id=self.connection_id,
+        return recordings.recorder(stream_id, owner=self.owner, connection_id=self.connection_id,
                                    broadcast_id=self.broadcast_id, **kwargs)
 
     def about(self) -> dict[str, Any]:

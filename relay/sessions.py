@@ -343,6 +343,7 @@ class SessionManager:
             if broadcast.connection_id is not None:
                 raise channel_in_use(channel, broadcast.connection_id)
             broadcast.connection_id = connection_id  # claimed before awaiting: a second open gets the 409
+            broadcast.owner = owner_id(api_key)  # its recordings are the streaming key's
         self._streamers_in_use += 1  # reserve before awaiting, so concurrent opens cannot overbook
         try:
             streamer = await self._world_model.connect()
