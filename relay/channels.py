@@ -12,6 +12,7 @@ adapters run them in a thread.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .clock import iso
-from .errors import RelayError, not_found, unprocessable
+from .errors import RelayError, insufficient_storage, not_found, unprocessable
 from .inputs import check_text
 from .media.recorder import write_json_atomic
 
@@ -135,8 +136,13 @@ class ChannelStore:
     # -- the file ---------------------------------------------------------------------------
 
     def _save(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self._path, {"channels": [asdict(c) for c in self._channels.values()]})
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self._path, {"channels": [asdict(c) for c in self._channels.values()]})
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the old file stands: nothing changed
+                raise insufficient_storage("the channels could not be saved") from exc
+            raise
 
     def _load(self) -> None:
         try:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 
 import pytest
 
 from relay.client import RelayAPIError, RelayClient, Spectator
 from tests.conftest import API_KEY, OTHER_KEY, eventually, start_relay_process
+from tests.integration.test_storage_limits import Disk
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -125,6 +127,35 @@ async def test_channel_bounds_and_ownership(relay_factory, http):
         async with http.post(f"{relay.url}/v1/connections", json={"channel_id": channel_id}, headers=other) as r:
             assert r.status == status
     assert not relay.sessions.connections  # nothing opened, no streamer held
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """data_dir on its own 4 MB tmpfs (as test_storage_limits.py's), so the disk can really be filled."""
+    path = tmp_path / "data"
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield Disk(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+async def test_a_full_disk_refuses_a_new_channel_with_507_and_keeps_the_old_list(relay_factory, disk, http):
+    relay = await relay_factory(server={"data_dir": str(disk.path)})
+    async with http.post(f"{relay.url}/v1/channels", json={"title": "kept"}, headers=AUTH) as r:
+        assert r.status == 201
+    disk.fill()
+    try:
+        async with http.post(f"{relay.url}/v1/channels", json={"title": "x" * 120}, headers=AUTH) as r:
+            assert (await error_of(r))[:2] == (507, "INSUFFICIENT_STORAGE")
+        async with http.get(f"{relay.url}/v1/channels", headers=AUTH) as r:
+            assert [c["title"] for c in (await r.json())["channels"]] == ["kept"]
+        assert not list(disk.path.rglob("*.tmp"))
+    finally:
+        disk.free()
 
 
 async def test_the_watch_url_survives_a_relay_restart(tmp_path):
