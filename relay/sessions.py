@@ -172,6 +172,7 @@ class Connection:
             "expires_at": iso(wall_now + max(0.0, self.deadline - mono_now)),
             "stream": self.stream.to_dict() if self.stream and self.stream.live else None,
             "streams_started": self.streams_started,
+            "channel_id": self.broadcast.channel.channel_id if self.broadcast.channel else None,
         }
 
 

@@ -39,6 +39,8 @@ async def test_spectator_joined_before_the_host_watches_every_connection_on_the_
         async with Spectator(b["whep_url"], b["spectator_token"]) as viewer:
             async with client.connect("friday") as conn:  # by slug
                 assert conn.broadcast == b  # the same links: id, watch URL, token
+                assert conn.info["channel_id"] == channel["channel_id"]
+                assert (await client.get_channel("friday"))["connection_id"] == conn.connection_id
                 await conn.start_stream("a calm ocean at sunset")
                 await receives_frames(viewer)
                 pc = viewer.pc
