@@ -267,6 +267,11 @@ class SessionManager:
             raise not_found("broadcast", broadcast_id)
         return broadcast
 
+    def has_broadcast(self, broadcast_id: str) -> bool:
+        """Whether this node answers for the broadcast: a live one, or a channel's (made on first use)."""
+        return broadcast_id in self.broadcasts or (
+            self.channels is not None and self.channels.by_broadcast(broadcast_id) is not None)
+
     def channel_broadcast(self, channel: Channel) -> Broadcast:
         """The channel's broadcast, made the first time anyone needs it; it lives until the channel goes."""
         broadcast = self.broadcasts.get(channel.broadcast_id)
@@ -360,6 +365,10 @@ class SessionManager:
             await streamer.disconnect()
             raise RelayError("STREAMER_NOT_AVAILABLE", 503, "The relay is shutting down.",
                              action="Retry shortly.", retry_after=5)
+        if broadcast is not None and broadcast.closed:  # the channel was deleted while the upstream connected
+            self._streamers_in_use -= 1
+            await streamer.disconnect()
+            raise not_found("channel", channel.channel_id)
         now, wall = self.clock.monotonic(), self.clock.time()
         if broadcast is None:
             broadcast = Broadcast(connection_id, self._settings, self.clock,

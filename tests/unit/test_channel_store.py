@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -70,3 +71,38 @@ async def test_a_channels_broadcast_outlives_its_connections_until_shutdown(tmp_
     finally:
         await sessions.close()
     assert broadcast.closed and not sessions.broadcasts
+
+
+class GatedWorldModel(SyntheticWorldModel):
+    """connect() waits for the test's go: a channel can be deleted while a connection on it is opening."""
+
+    def __init__(self) -> None:
+        super().__init__(64, 48, 25)
+        self.go = asyncio.Event()
+        self.connecting = asyncio.Event()
+
+    async def connect(self):
+        self.connecting.set()
+        await self.go.wait()
+        return await super().connect()
+
+
+async def test_a_channel_deleted_while_a_connection_on_it_opens_leaves_nothing(tmp_path):
+    settings = Settings.from_dict({"auth": {"api_keys": [KEY]}, "world_model": {"width": 64, "height": 48}})
+    store = ChannelStore(tmp_path, 3)
+    channel = store.create(owner_id(KEY), {"title": "brief"}, 1.0)
+    world = GatedWorldModel()
+    sessions = SessionManager(settings, world, clock=FakeClock(), media=FakeMedia, channels=store)
+    try:
+        opening = asyncio.create_task(sessions.open_connection(KEY, channel))
+        await world.connecting.wait()
+        store.delete(channel)
+        await sessions.drop_channel(channel)
+        world.go.set()
+        with pytest.raises(RelayError) as gone:
+            await opening
+        assert gone.value.status == 404
+        assert not sessions.connections and not sessions.broadcasts
+        assert sessions.streamers_free == settings.limits.streamers
+    finally:
+        await sessions.close()
