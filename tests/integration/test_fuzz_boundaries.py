@@ -124,6 +124,7 @@ async def test_generated_json_never_breaks_the_relay(relay_factory, http, caplog
             ("PUT", f"/v1/broadcasts/{b['broadcast_id']}/orchestration", auth, False),
             ("POST", f"/v1/broadcasts/{b['broadcast_id']}/turn", auth, False),
             ("POST", "/v1/simulations", auth, False),
+            ("POST", "/v1/channels", auth, False),
             ("POST", "/odyssey/auth/token", {}, True),
             ("POST", "/odyssey/sessions/request", twin_auth, True),
             ("POST", "/odyssey/sessions/token", twin_auth, True),
