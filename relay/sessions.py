@@ -10,12 +10,13 @@ The API's ``status`` is the connection's state seen from outside: ``streaming``,
 
 A connection reserves a streamer from a fixed pool when it opens and gives it back when it
 closes: on DELETE, after ``idle_timeout_seconds`` without a sign of life from the host (no
-open control socket and no keepalive), or at ``connection_max_seconds``.  A connection opened on a
-channel (channels.py) streams into the channel's broadcast, which stays when the connection closes:
-one connection per channel at a time (409 CHANNEL_IN_USE), and the broadcast's spectators wait for
-the next.  Every deadline is
+open control socket and no keepalive), or at ``connection_max_seconds``.  Every deadline is
 checked by :meth:`SessionManager.tick`, which the server calls a few times a second and tests
 call after moving a fake clock, so no timer lives outside this module.
+
+A connection opened on a channel (channels.py) streams into the channel's broadcast, which stays
+when the connection closes: one connection per channel at a time (409 CHANNEL_IN_USE), and the
+broadcast's spectators wait for the next.
 """
 
 from __future__ import annotations
