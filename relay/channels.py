@@ -19,7 +19,7 @@ import re
 import secrets
 import threading
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,11 @@ def channel_in_use(channel: Channel, connection_id: str) -> RelayError:
         details={"channel_id": channel.channel_id, "connection_id": connection_id})
 
 
+def slug_taken(slug: str) -> RelayError:
+    return RelayError("SLUG_TAKEN", 409, f"You already have a channel with slug {slug!r}.",
+                      action="Choose another slug, or use that channel.", details={"slug": slug})
+
+
 class ChannelStore:
     def __init__(self, data_dir: str | Path, per_owner: int) -> None:
         self._path = Path(data_dir) / CHANNELS_FILE
@@ -93,13 +98,8 @@ class ChannelStore:
     # -- changes (write the file: run them in a thread) -----------------------------------
 
     def create(self, owner: str, body: dict[str, Any], now: float) -> Channel:
-        title = _text(body, "title", MAX_TITLE_CHARS, required=True)
-        description = _text(body, "description", MAX_DESCRIPTION_CHARS)
-        host_name = _text(body, "host_name", MAX_HOST_NAME_CHARS, multiline=False)
-        slug = body.get("slug")
-        if slug is not None and not (isinstance(slug, str) and SLUG.fullmatch(slug)):
-            raise unprocessable("'slug' must be 2 to 48 lowercase letters, digits or inner hyphens.",
-                                field="slug", pattern=SLUG.pattern)
+        fields = _fields(body, create=True)
+        slug = fields["slug"]
         with self._lock:
             mine = self.list(owner)
             if len(mine) >= self._per_owner:
@@ -108,11 +108,10 @@ class ChannelStore:
                                  action="Delete a channel you no longer use.",
                                  details={"count": len(mine), "limit": self._per_owner})
             if slug is not None and any(c.slug == slug for c in mine):
-                raise RelayError("SLUG_TAKEN", 409, f"You already have a channel with slug {slug!r}.",
-                                 action="Choose another slug, or use that channel.", details={"slug": slug})
-            channel = Channel(channel_id=uuid.uuid4().hex, owner=owner, title=title, description=description,
-                              slug=slug, host_name=host_name, broadcast_id=secrets.token_urlsafe(12),
-                              spectator_token=secrets.token_urlsafe(24), created_at=now)
+                raise slug_taken(slug)
+            channel = Channel(channel_id=uuid.uuid4().hex, owner=owner, **fields,
+                              broadcast_id=secrets.token_urlsafe(12), spectator_token=secrets.token_urlsafe(24),
+                              created_at=now)
             self._channels[channel.channel_id] = channel
             try:
                 self._save()
@@ -121,6 +120,26 @@ class ChannelStore:
                 raise
             self._by_broadcast[channel.broadcast_id] = channel
         return channel
+
+    def update(self, channel: Channel, body: dict[str, Any]) -> Channel:
+        """The fields ``body`` names (title, description, slug, host_name; null clears an optional one);
+        the broadcast's id and token never change."""
+        fields = _fields(body, create=False)
+        with self._lock:
+            slug = fields.get("slug")
+            if slug is not None and any(c.slug == slug and c is not channel for c in self.list(channel.owner)):
+                raise slug_taken(slug)
+            if self._channels.get(channel.channel_id) is not channel:  # deleted (or changed) meanwhile
+                raise not_found("channel", channel.channel_id)
+            updated = replace(channel, **fields)
+            self._channels[channel.channel_id] = updated
+            try:
+                self._save()
+            except BaseException:
+                self._channels[channel.channel_id] = channel
+                raise
+            self._by_broadcast[channel.broadcast_id] = updated
+        return updated
 
     def delete(self, channel: Channel) -> None:
         with self._lock:
@@ -159,6 +178,24 @@ class ChannelStore:
         for channel in channels:
             self._channels[channel.channel_id] = channel
             self._by_broadcast[channel.broadcast_id] = channel
+
+
+def _fields(body: dict[str, Any], *, create: bool) -> dict[str, Any]:
+    """The checked fields: all of them to create (absent optional ones None), only those present to update."""
+    fields: dict[str, Any] = {}
+    if create or "title" in body:
+        fields["title"] = _text(body, "title", MAX_TITLE_CHARS, required=True)
+    if create or "description" in body:
+        fields["description"] = _text(body, "description", MAX_DESCRIPTION_CHARS)
+    if create or "host_name" in body:
+        fields["host_name"] = _text(body, "host_name", MAX_HOST_NAME_CHARS, multiline=False)
+    if create or "slug" in body:
+        slug = body.get("slug")
+        if slug is not None and not (isinstance(slug, str) and SLUG.fullmatch(slug)):
+            raise unprocessable("'slug' must be 2 to 48 lowercase letters, digits or inner hyphens.",
+                                field="slug", pattern=SLUG.pattern)
+        fields["slug"] = slug
+    return fields
 
 
 def _text(body: dict[str, Any], field: str, limit: int, *, required: bool = False,

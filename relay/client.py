@@ -95,6 +95,10 @@ class RelayClient:
         """By channel_id or slug."""
         return await self.request("GET", f"/v1/channels/{channel_id}")
 
+    async def update_channel(self, channel_id: str, **fields: Any) -> dict[str, Any]:
+        """Change title, description, slug or host_name (None clears an optional one); the links stay."""
+        return await self.request("PATCH", f"/v1/channels/{channel_id}", json=fields)
+
     async def delete_channel(self, channel_id: str) -> None:
         await self.request("DELETE", f"/v1/channels/{channel_id}")
 

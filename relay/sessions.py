@@ -282,6 +282,12 @@ class SessionManager:
             self.broadcasts[channel.broadcast_id] = broadcast
         return broadcast
 
+    def channel_changed(self, channel: Channel) -> None:
+        """A channel's title, description or host name changed: its broadcast tells them from now on."""
+        broadcast = self.broadcasts.get(channel.broadcast_id)
+        if broadcast is not None:
+            broadcast.channel = channel
+
     async def drop_channel(self, channel: Channel) -> None:
         """After the channel was deleted: its connection closes, then its broadcast (spectators and all)."""
         broadcast = self.broadcasts.get(channel.broadcast_id)

@@ -1,4 +1,4 @@
-"""Channels: POST/GET/DELETE /v1/channels, a host's lasting watch links (relay/channels.py)."""
+"""Channels: POST/GET/PATCH/DELETE /v1/channels, a host's lasting watch links (relay/channels.py)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,17 @@ async def list_channels(request: web.Request) -> web.Response:
 async def get_channel(request: web.Request) -> web.Response:
     owner = channel_owner(request)
     return json_response(channel_body(request, channels_of(request).get(owner, request.match_info["channel_id"])))
+
+
+@routes.patch("/v1/channels/{channel_id}")
+async def update_channel(request: web.Request) -> web.Response:
+    owner = channel_owner(request)
+    store = channels_of(request)
+    channel = store.get(owner, request.match_info["channel_id"])
+    body = await read_json(request)
+    channel = await asyncio.to_thread(store.update, channel, body)
+    request.app[SESSIONS].channel_changed(channel)
+    return json_response(channel_body(request, channel))
 
 
 @routes.delete("/v1/channels/{channel_id}")

@@ -131,6 +131,29 @@ async def test_channel_bounds_and_ownership(relay_factory, http):
     assert not relay.sessions.connections  # nothing opened, no streamer held
 
 
+async def test_update_a_channel_keeps_its_links(relay_factory, http):
+    relay = await relay_factory()
+    async with RelayClient(relay.url, API_KEY) as client:
+        channel = await client.create_channel("Tpyo", slug="first", host_name="Ada")
+        await client.create_channel("Other", slug="taken")
+        b = channel["broadcast"]
+        watching = relay.sessions.broadcast(b["broadcast_id"])  # a spectator made it already
+        changed = await client.update_channel("first", title="Typo fixed", slug="second", host_name=None)
+        assert (changed["title"], changed["slug"], changed["host_name"]) == ("Typo fixed", "second", None)
+        assert changed["broadcast"] == b and changed["channel_id"] == channel["channel_id"]
+        assert watching.state()["title"] == "Typo fixed"
+        assert (await client.get_channel("second"))["title"] == "Typo fixed"
+    url = f"{relay.url}/v1/channels/second"
+    for body, status, code in (({"slug": "taken"}, 409, "SLUG_TAKEN"), ({"title": None}, 422, "INVALID_REQUEST"),
+                               ({"title": "t" * 121}, 422, "INVALID_REQUEST"), ({"slug": "No!"}, 422, "INVALID_REQUEST")):
+        async with http.patch(url, json=body, headers=AUTH) as r:
+            assert (await error_of(r))[:2] == (status, code), body
+    async with http.patch(url, json={"title": "theirs now"}, headers={"Authorization": f"Bearer {OTHER_KEY}"}) as r:
+        assert r.status == 404
+    async with http.get(url, headers=AUTH) as r:
+        assert (await r.json())["title"] == "Typo fixed"
+
+
 @pytest.fixture
 def disk(tmp_path):
     """data_dir on its own 4 MB tmpfs (as test_storage_limits.py's), so the disk can really be filled."""
