@@ -1,10 +1,12 @@
-"""A broadcast: one per connection, the watchable side of it.
+"""A broadcast: one per connection (or per channel), the watchable side of it.
 
 A thin composition of three parts that each do one job: the media graph (media/graph.py: hubs,
 fan-out, low layer, HLS, the live stream's recorder), the spectators (spectators.py: WHEP sessions)
 and the audience (audience.py: participants' channels and the orchestrator). It outlives streams:
 when the host ends one stream and starts the next, spectators keep their peer connections and simply
-receive the new stream's packets, keyframe first. What spans the parts lives here: the events a
+receive the new stream's packets, keyframe first. A channel's broadcast (channels.py) outlives its
+connections too: its id and spectator token are the channel's, and between hosts it simply has no
+connection (``connection_id`` None) and no source. What spans the parts lives here: the events a
 stream's start and end announce, the viewer count, and the order things close in.
 """
 
@@ -17,6 +19,7 @@ from typing import Any, Callable
 from aiortc.mediastreams import MediaStreamTrack
 
 from .audience import Audience
+from .channels import Channel
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
 from .media.graph import MediaFeed, MediaGraph, RecorderFactory
@@ -37,21 +40,23 @@ MediaFactory = Callable[[Settings, Clock, RecorderFactory | None], MediaGraph]
 class Broadcast:
     def __init__(
         self,
-        connection_id: str,
+        connection_id: str | None,
         settings: Settings,
         clock: Clock = SYSTEM_CLOCK,
         *,
         recordings: RecordingStore | None = None,
         owner: str = "",
         media: MediaFactory = MediaGraph,
+        channel: Channel | None = None,
     ) -> None:
-        self.broadcast_id = secrets.token_urlsafe(12)
-        self.spectator_token = secrets.token_urlsafe(24)
-        self.connection_id = connection_id
+        self.channel = channel  # a channel's broadcast keeps the channel's id and token, and outlives connections
+        self.broadcast_id = channel.broadcast_id if channel else secrets.token_urlsafe(12)
+        self.spectator_token = channel.spectator_token if channel else secrets.token_urlsafe(24)
+        self.connection_id = connection_id  # the host's connection now; None while a channel has no host
+        self.owner = owner  # whose recordings its streams make: the connection's key (hashed)
         recorder: RecorderFactory | None = None
         if recordings is not None and settings.recordings.enabled:  # each stream's, filed under this broadcast
-            recorder = partial(recordings.recorder, owner=owner, connection_id=connection_id,
-                               broadcast_id=self.broadcast_id)
+            recorder = partial(self._recorder, recordings)
         self.media = media(settings, clock, recorder)
         self.spectators = Spectators(self.broadcast_id, settings.limits, clock,
                                      feed=self.media.feed, on_viewers=self._record_viewers)
@@ -101,8 +106,24 @@ class Broadcast:
     def orchestration(self) -> dict[str, Any]:
         return self.orchestrator.state()
 
+    def _recorder(self, recordings: RecordingStore, stream_id: str, **kwargs: Any):
+        # Read at each stream's start: a channel's streams come from different connections.
+        return recordings.recorder(stream_id, owner=self.owner, connection_id=self.connection_id,
+                                   broadcast_id=self.broadcast_id, **kwargs)
+
+    def about(self) -> dict[str, Any]:
+        """What the broadcast is, for its viewers: the channel's title, description and host name."""
+        channel = self.channel
+        return {
+            "channel": channel is not None,
+            "title": channel.title if channel else None,
+            "description": channel.description if channel else None,
+            "host_name": channel.host_name if channel else None,
+        }
+
     def state(self) -> dict[str, Any]:
         return {
+            **self.about(),
             "broadcast_id": self.broadcast_id,
             "live": self.live,
             "stream_id": self.stream_id,

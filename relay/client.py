@@ -66,9 +66,11 @@ class RelayClient:
             return await _check(response)
 
     @asynccontextmanager
-    async def connect(self) -> AsyncIterator["HostConnection"]:
-        """Open a connection (reserving a streamer); it is disconnected on exit."""
-        info = await self.request("POST", "/v1/connections")
+    async def connect(self, channel_id: str | None = None) -> AsyncIterator["HostConnection"]:
+        """Open a connection (reserving a streamer); it is disconnected on exit. On a channel (its
+        channel_id or slug) it streams into the channel's broadcast, whose watch URL stays."""
+        body = {"channel_id": channel_id} if channel_id is not None else None
+        info = await self.request("POST", "/v1/connections", json=body)
         conn = HostConnection(self, info)
         try:
             yield conn
@@ -77,6 +79,28 @@ class RelayClient:
 
     async def get_stream(self, stream_id: str) -> dict[str, Any]:
         return await self.request("GET", f"/v1/streams/{stream_id}")
+
+    # -- channels: a watch link that lasts across connections and restarts -----------------------
+
+    async def create_channel(self, title: str, *, description: str | None = None, slug: str | None = None,
+                             host_name: str | None = None) -> dict[str, Any]:
+        """{channel_id, title, ..., broadcast: {broadcast_id, watch_url, whep_url, spectator_token, ...}}."""
+        body = {"title": title, "description": description, "slug": slug, "host_name": host_name}
+        return await self.request("POST", "/v1/channels", json={k: v for k, v in body.items() if v is not None})
+
+    async def list_channels(self) -> list[dict[str, Any]]:
+        return (await self.request("GET", "/v1/channels"))["channels"]
+
+    async def get_channel(self, channel_id: str) -> dict[str, Any]:
+        """By channel_id or slug."""
+        return await self.request("GET", f"/v1/channels/{channel_id}")
+
+    async def update_channel(self, channel_id: str, **fields: Any) -> dict[str, Any]:
+        """Change title, description, slug or host_name (None clears an optional one); the links stay."""
+        return await self.request("PATCH", f"/v1/channels/{channel_id}", json=fields)
+
+    async def delete_channel(self, channel_id: str) -> None:
+        await self.request("DELETE", f"/v1/channels/{channel_id}")
 
     # -- simulations: scripts run offline as jobs, each script producing one recording ----------
 

@@ -237,6 +237,7 @@ class LimitsSettings:
     whep_offer_max_candidates: int = option(64, min=1)
     pending_whep_per_address: int = option(20, min=1)
     whep_connect_seconds: float = option(10.0, min=1)
+    channels_per_key: int = option(20, min=0, max=10000)  # lasting watch links an API key may keep
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 It opens a connection like any host (through the same SessionManager, so every limit holds),
 starts a stream, steers it through a few prompts, and starts the next stream whenever the
-last one ends, for as long as the server runs.
+last one ends, for as long as the server runs. It streams on one fixed channel (when the relay keeps
+channels), so its printed watch URL stays the same across connections and restarts, whatever API key
+the server generated this time.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import asyncio
 import itertools
 import logging
 
+from .channels import Channel
+from .errors import RelayError
 from .host import broadcast_links
 from .sessions import Connection, SessionManager
 
@@ -23,6 +27,11 @@ SCENES = [
     ["a green forest in spring", "rain falls on the forest", "golden autumn evening"],
 ]
 PROMPT_EVERY_SECONDS = 12.0
+# The demo's channel belongs to no API key (a key's owner id is a sha256 hex digest): no host can list,
+# delete or connect to it, and a server restarted with a new generated key finds it again.
+DEMO_OWNER = "relay-demo"
+DEMO_SLUG = "demo"
+DEMO_TITLE = "Relay demo: a world that keeps moving"
 
 
 class DemoHost:
@@ -33,10 +42,25 @@ class DemoHost:
 
     async def open(self) -> str:
         """Open the demo connection; returns the watch page's path (with its token)."""
-        conn = await self._sessions.open_connection(self._api_key)
+        conn = await self._sessions.open_connection(self._api_key, await self._channel())
         self._sessions.control_opened(conn)  # the demo is always "there": never idle-reaped
         self._conn = conn
         return broadcast_links(conn.broadcast, "")["watch_url"]  # under no base: the path
+
+    async def _channel(self) -> Channel | None:
+        store = self._sessions.channels
+        if store is None:
+            return None
+        try:
+            return store.get(DEMO_OWNER, DEMO_SLUG)
+        except RelayError:
+            pass  # the first run on this data_dir
+        try:
+            return await asyncio.to_thread(store.create, DEMO_OWNER, {"title": DEMO_TITLE, "slug": DEMO_SLUG},
+                                           self._sessions.clock.time())
+        except (RelayError, OSError) as exc:  # channels_per_key = 0, or a disk that refuses: a link of its own
+            log.warning("demo runs without a lasting watch URL: %s", exc)
+            return None
 
     @property
     def hls_path(self) -> str | None:
@@ -45,12 +69,14 @@ class DemoHost:
 
     async def run(self) -> None:
         """Stream for as long as the server runs; a connection that reaches connection_max_seconds
-        is replaced by a new one (with a new watch URL, logged)."""
+        is replaced by a new one (on the same channel: the same watch URL)."""
         assert self._conn is not None
         try:
             while True:
                 if self._conn.closed:
-                    log.info("demo connection ended; new demo watch URL: %s", await self.open())
+                    # Its close finished first: until then the channel still counts it as its host.
+                    await self._sessions.close_connection(self._conn)
+                    log.info("demo connection ended; reopened, watch URL: %s", await self.open())
                 await self._stream_scenes(self._conn)
         finally:
             await self._sessions.close_connection(self._conn, "disconnected")

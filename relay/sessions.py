@@ -13,6 +13,10 @@ closes: on DELETE, after ``idle_timeout_seconds`` without a sign of life from th
 open control socket and no keepalive), or at ``connection_max_seconds``.  Every deadline is
 checked by :meth:`SessionManager.tick`, which the server calls a few times a second and tests
 call after moving a fake clock, so no timer lives outside this module.
+
+A connection opened on a channel (channels.py) streams into the channel's broadcast, which stays
+when the connection closes: one connection per channel at a time (409 CHANNEL_IN_USE), and the
+broadcast's spectators wait for the next.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 from . import metrics
 from .broadcast import Broadcast, MediaFactory
+from .channels import Channel, ChannelStore, channel_in_use
 from .clock import SYSTEM_CLOCK, Clock, iso
 from .config import Settings
 from .errors import RelayError, not_found, unprocessable
@@ -168,6 +173,7 @@ class Connection:
             "expires_at": iso(wall_now + max(0.0, self.deadline - mono_now)),
             "stream": self.stream.to_dict() if self.stream and self.stream.live else None,
             "streams_started": self.streams_started,
+            "channel_id": self.broadcast.channel.channel_id if self.broadcast.channel else None,
         }
 
 
@@ -180,7 +186,9 @@ class SessionManager:
         clock: Clock = SYSTEM_CLOCK,
         recordings: RecordingStore | None = None,
         media: MediaFactory = MediaGraph,  # each broadcast's media graph (a test's may have no threads)
+        channels: ChannelStore | None = None,
     ) -> None:
+        self.channels = channels
         self._settings = settings
         self._media = media
         self._limits = settings.limits
@@ -254,9 +262,50 @@ class SessionManager:
 
     def broadcast(self, broadcast_id: str) -> Broadcast:
         broadcast = self.broadcasts.get(broadcast_id)
+        if broadcast is None and self.channels is not None and not self.closed:
+            channel = self.channels.by_broadcast(broadcast_id)
+            if channel is not None:  # a channel's, watched before any host connected (or since a restart)
+                broadcast = self.channel_broadcast(channel)
         if broadcast is None:
             raise not_found("broadcast", broadcast_id)
         return broadcast
+
+    def has_broadcast(self, broadcast_id: str) -> bool:
+        """Whether this node answers for the broadcast: a live one, or a channel's (made on first use)."""
+        return broadcast_id in self.broadcasts or (
+            self.channels is not None and self.channels.by_broadcast(broadcast_id) is not None)
+
+    def channel_broadcast(self, channel: Channel) -> Broadcast:
+        """The channel's broadcast, made the first time anyone needs it; it lives until the channel goes."""
+        broadcast = self.broadcasts.get(channel.broadcast_id)
+        if broadcast is None:
+            broadcast = Broadcast(None, self._settings, self.clock, recordings=self.recordings,
+                                  owner=channel.owner, media=self._media, channel=channel)
+            self.broadcasts[channel.broadcast_id] = broadcast
+        return broadcast
+
+    def channel_changed(self, channel: Channel) -> None:
+        """A channel's title, description or host name changed: its broadcast tells them from now on."""
+        broadcast = self.broadcasts.get(channel.broadcast_id)
+        if broadcast is not None:
+            broadcast.channel = channel
+
+    async def drop_channel(self, channel: Channel) -> None:
+        """After the channel was deleted: its connection closes, then its broadcast (spectators and all)."""
+        broadcast = self.broadcasts.get(channel.broadcast_id)
+        if broadcast is None:
+            return
+        conn = self.connections.get(broadcast.connection_id or "")
+        if conn is not None:
+            await self.close_connection(conn, "disconnected")  # closes the broadcast: no channel keeps it
+        elif self.broadcasts.pop(channel.broadcast_id, None) is not None:
+            await broadcast.close()
+
+    def _keeps_broadcast(self, conn: Connection) -> bool:
+        """Whether the connection's broadcast stays when it closes: a channel's does, while the channel exists."""
+        channel = conn.broadcast.channel
+        return (channel is not None and not self.closed and self.channels is not None
+                and self.channels.by_broadcast(channel.broadcast_id) is not None)
 
     def live_streams(self, api_key: str) -> list[Stream]:
         return [
@@ -290,7 +339,9 @@ class SessionManager:
 
     # -- connections ---------------------------------------------------------------------
 
-    async def open_connection(self, api_key: str) -> Connection:
+    async def open_connection(self, api_key: str, channel: Channel | None = None) -> Connection:
+        """A new connection: on ``channel`` it streams into the channel's broadcast (409 CHANNEL_IN_USE when
+        another connection has it), else into a broadcast of its own."""
         if self.closed or self.streamers_free <= 0:
             raise RelayError(
                 "STREAMER_NOT_AVAILABLE",
@@ -300,25 +351,42 @@ class SessionManager:
                 details={"streamers": self._limits.streamers},
                 retry_after=5,
             )
+        connection_id = uuid.uuid4().hex
+        broadcast: Broadcast | None = None
+        if channel is not None:
+            broadcast = self.channel_broadcast(channel)
+            if broadcast.connection_id is not None:
+                raise channel_in_use(channel, broadcast.connection_id)
+            broadcast.connection_id = connection_id  # claimed before awaiting: a second open gets the 409
+            broadcast.owner = owner_id(api_key)  # its recordings are the streaming key's
         self._streamers_in_use += 1  # reserve before awaiting, so concurrent opens cannot overbook
         try:
             streamer = await self._world_model.connect()
         except BaseException:
             self._streamers_in_use -= 1
+            if broadcast is not None:
+                broadcast.connection_id = None
             raise
         if self.closed:  # shut down while the upstream was connecting: give it straight back
             self._streamers_in_use -= 1
+            if broadcast is not None:
+                broadcast.connection_id = None
             await streamer.disconnect()
             raise RelayError("STREAMER_NOT_AVAILABLE", 503, "The relay is shutting down.",
                              action="Retry shortly.", retry_after=5)
+        if broadcast is not None and broadcast.closed:  # the channel was deleted while the upstream connected
+            self._streamers_in_use -= 1
+            await streamer.disconnect()
+            raise not_found("channel", channel.channel_id)
         now, wall = self.clock.monotonic(), self.clock.time()
-        connection_id = uuid.uuid4().hex
+        if broadcast is None:
+            broadcast = Broadcast(connection_id, self._settings, self.clock,
+                                  recordings=self.recordings, owner=owner_id(api_key), media=self._media)
         conn = Connection(
             connection_id=connection_id,
             api_key=api_key,
             streamer=streamer,
-            broadcast=Broadcast(connection_id, self._settings, self.clock,
-                                recordings=self.recordings, owner=owner_id(api_key), media=self._media),
+            broadcast=broadcast,
             client_token="",
             created_at=wall,
             opened=now,
@@ -366,14 +434,22 @@ class SessionManager:
     async def _close_connection(self, conn: Connection, reason: str) -> None:
         if conn.stream is not None and conn.stream.live:
             await self.end_stream(conn.stream, "disconnected")
-        await conn.broadcast.close()
+        broadcast = conn.broadcast
+        kept = self._keeps_broadcast(conn)
+        if kept:  # the channel's spectators and participants stay for its next connection
+            broadcast.connection_id = None
+            broadcast.audience.forward_input = None
+            broadcast.audience.host_event = None
+        else:
+            await broadcast.close()
         try:
             await conn.streamer.disconnect()
         except Exception:
             log.exception("streamer disconnect failed", extra={"connection_id": conn.connection_id})
         self._streamers_in_use -= 1
         self.connections.pop(conn.connection_id, None)
-        self.broadcasts.pop(conn.broadcast.broadcast_id, None)
+        if not kept:
+            self.broadcasts.pop(broadcast.broadcast_id, None)
         for token in conn.client_tokens:
             self._by_client_token.pop(token, None)
         metrics.CONNECTIONS.dec()
@@ -549,6 +625,9 @@ class SessionManager:
                 await self.close_connection(conn, "idle_timeout")
             else:
                 await conn.broadcast.tick()
+        for broadcast in list(self.broadcasts.values()):
+            if broadcast.connection_id is None:  # a channel's, between hosts: its spectators still come and go
+                await broadcast.tick()
 
     async def run_reaper(self, interval: float = 0.1) -> None:
         while True:
@@ -561,6 +640,8 @@ class SessionManager:
     async def close(self) -> None:
         self.closed = True
         await asyncio.gather(*(self.close_connection(c, "shutdown") for c in list(self.connections.values())))
+        remaining, self.broadcasts = list(self.broadcasts.values()), {}  # channels' broadcasts with no host
+        await asyncio.gather(*(b.close() for b in remaining))
 
 
 async def _upstream_start(conn: Connection, prompt: str, image: bytes | None, portrait: bool):

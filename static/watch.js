@@ -49,12 +49,15 @@ const state = {
   fatalEnded: false,    // ...which means the broadcast we were watching is over (404 after it worked)
   seen: false,          // the broadcast answered at least once (state or media)
   viewersKnown: false,  // the relay has told us the count at least once
+  channel: false,       // a channel's broadcast: between hosts it is "starting soon", never over
+  title: '',            // the channel's title, shown while it waits
 };
 
 const BADGES = {
   connecting: 'Connecting',
   live: 'Live',
   waiting: 'Waiting for the host',
+  soon: 'Starting soon',
   ended: 'Stream ended',
   reconnecting: 'Reconnecting',
   error: 'Unavailable',
@@ -62,12 +65,19 @@ const BADGES = {
 
 function badgeState() {
   if (state.fatal) return state.fatalEnded ? 'ended' : 'error';
-  if (state.media === 'hls') return state.live ? 'live' : state.endedSeen ? 'ended' : 'waiting';
+  if (state.media === 'hls') return state.live ? 'live' : offAirState();
   if (state.media === 'reconnecting') return 'reconnecting';
   if (state.media !== 'connected') return 'connecting';
   // Connected. Trust the relay's live flag; before it has spoken, frames are the evidence.
   const live = state.live ?? player.receiving;
   if (live) return 'live';
+  return offAirState();
+}
+
+// Not live: a channel is only between streams (the same link plays the next one); a plain
+// broadcast whose stream ended is over.
+function offAirState() {
+  if (state.channel) return 'soon';
   return state.endedSeen ? 'ended' : 'waiting';
 }
 
@@ -76,6 +86,7 @@ const STAGE_NOTES = {
   connecting: 'Connecting…',
   live: 'Connecting…',
   waiting: 'The host has not started the stream yet. It will appear here.',
+  soon: 'The stream will start here when the host goes live: no need to reload.',
   ended: 'The stream has ended.',
   reconnecting: 'Reconnecting…',
   error: 'This broadcast cannot be played.',
@@ -86,8 +97,10 @@ function render() {
   els.state.dataset.state = key;
   els.state.textContent = BADGES[key];
   const picture = Boolean(els.video.srcObject || state.media === 'hls') && els.video.videoWidth > 0;
-  els.stageNote.hidden = picture;
-  els.stageNote.textContent = STAGE_NOTES[key];
+  // A channel between streams says so over the last frame, which would otherwise look live.
+  els.stageNote.hidden = picture && key !== 'soon';
+  els.stageNote.textContent = key === 'soon' && state.title ? `${state.title}: starting soon. ${STAGE_NOTES.soon}`
+    : STAGE_NOTES[key];
   // A broken link has no audience or prompt to show; "0 watching" would be a guess.
   els.viewersStat.hidden = Boolean(state.fatal) || !state.viewersKnown;
   els.nowPlaying.hidden = Boolean(state.fatal) && !state.fatalEnded;
@@ -103,8 +116,10 @@ function render() {
 
 // ---------- broadcast state (events socket / polling) ----------
 
-function applyState({ live, streamId, prompt, viewers }) {
+function applyState({ live, streamId, prompt, viewers, channel, title }) {
   state.seen = true;
+  if (typeof channel === 'boolean') state.channel = channel;
+  if (typeof title === 'string') state.title = title;
   if (live !== undefined && live !== null) {
     if (state.live && !live) state.endedSeen = true;
     if (live) state.endedSeen = false;
@@ -124,7 +139,8 @@ function onEvent(msg) {
   switch (msg.type) {
     case 'hello':
       if (typeof msg.resume_token === 'string') keepResumeToken(msg.resume_token);
-      applyState({ live: msg.live, streamId: msg.stream_id, prompt: msg.prompt ?? undefined, viewers: msg.viewers });
+      applyState({ live: msg.live, streamId: msg.stream_id, prompt: msg.prompt ?? undefined, viewers: msg.viewers,
+        channel: msg.channel, title: msg.title ?? undefined });
       // The contract's hello only promises participant_id and orchestration: fill the rest once.
       if (msg.live === undefined) poll();
       break;
@@ -170,6 +186,8 @@ async function poll() {
       streamId: b.stream_id ?? null,
       prompt: b.prompt ?? undefined,
       viewers: b.spectators,
+      channel: b.channel,
+      title: b.title ?? undefined,
     });
     participation.applyState(b.orchestration);
   } catch (err) {

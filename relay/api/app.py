@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from ..channels import ChannelStore
 from ..cluster import forward, spread
 from ..cluster.edge import EdgeManager
 from ..cluster.node import Cluster
@@ -24,7 +25,7 @@ from ..web import API_KEYS, CLUSTER, EDGES, IS_NODE, RECORDINGS, SESSIONS, SETTI
 from ..worldmodel.base import WorldModel
 from ..worldmodel.hosted import HostedWorldModel
 from ..worldmodel.synthetic import SyntheticWorldModel
-from . import broadcasts, connections, ops, orchestration, pages, recordings, simulations
+from . import broadcasts, channels, connections, ops, orchestration, pages, recordings, simulations
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +184,15 @@ def create_app(settings: Settings, world_model: WorldModel | None = None, *, rea
         world_model = make_world_model(settings)
     app[WORLD_MODEL] = world_model
     app[RECORDINGS] = RecordingStore.from_settings(settings)
-    app[SESSIONS] = SessionManager(settings, world_model, recordings=app[RECORDINGS])
+    app[SESSIONS] = SessionManager(settings, world_model, recordings=app[RECORDINGS],
+                                   channels=ChannelStore(server.data_dir, settings.limits.channels_per_key))
     app[SIMULATIONS] = Simulations(settings, app[RECORDINGS])
     app[CLUSTER] = None
     app[IS_NODE] = _no_node  # a single node hears from no other
     if clustered:
         install_cluster(app)
 
-    for module in (connections, broadcasts, orchestration, recordings, simulations, ops, pages):
+    for module in (connections, channels, broadcasts, orchestration, recordings, simulations, ops, pages):
         app.router.add_routes(module.routes)
     app.on_shutdown.append(_shut_down)
     # The hosted world-model API's own protocol (its SDK runs unchanged), over the same core.

@@ -70,7 +70,7 @@ def _uncounted(request: web.Request, broadcast: Broadcast) -> bool:
 def _edge_for(request: web.Request):
     """This node's edges when the broadcast lives on another node (a cluster); else None."""
     broadcast_id = request.match_info["broadcast_id"]
-    if EDGES in request.app and broadcast_id not in request.app[SESSIONS].broadcasts:
+    if EDGES in request.app and not request.app[SESSIONS].has_broadcast(broadcast_id):
         return request.app[EDGES]
     return None
 
@@ -221,6 +221,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
             "stream_id": broadcast.stream_id,
             "prompt": broadcast.prompt,
             "viewers": broadcast.viewers,
+            **broadcast.about(),  # the channel's title, description and host name (null for a plain broadcast)
         })
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:

@@ -12,11 +12,13 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from ..auth import check_owner, is_api_key, require_api_key
+from ..recordings import owner_id
 from ..clock import iso
 from ..errors import RelayError, invalid_request, not_found, unauthorized
 from ..host import HostCommands, broadcast_links
 from ..inputs import parse_json
 from ..sessions import Connection, SessionManager, Stream
+from .channels import channels_of
 from ..web import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, STALLED, TOO_SLOW, close_within, json_response,
                    next_for, public_url, read_json, send_within, token_of)
 
@@ -119,7 +121,14 @@ def stream_started_body(request: web.Request, stream: Stream) -> dict[str, Any]:
 async def open_connection(request: web.Request) -> web.Response:
     key = require_api_key(token_of(request), request.app[API_KEYS])
     sessions = request.app[SESSIONS]
-    conn = await sessions.open_connection(key)
+    channel = None
+    body = await read_json(request) if request.body_exists else {}
+    channel_id = body.get("channel_id")
+    if channel_id is not None:  # streams into the channel's lasting broadcast (its watch URL stays)
+        if not isinstance(channel_id, str):
+            raise invalid_request("'channel_id' must be a string.", field="channel_id")
+        channel = channels_of(request).get(owner_id(key), channel_id)
+    conn = await sessions.open_connection(key, channel)
     return json_response(connection_body(request, conn, sessions), status=201)
 
 

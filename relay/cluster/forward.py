@@ -66,7 +66,7 @@ async def _local(request: web.Request, kind: str, ident: str) -> bool:
     if kind == "connection":
         return ident in sessions.connections
     if kind == "broadcast":
-        return ident in sessions.broadcasts
+        return sessions.has_broadcast(ident)  # a channel's too, before anyone made it
     return sessions.knows_stream(ident)
 
 

@@ -114,6 +114,7 @@ async def test_generated_json_never_breaks_the_relay(relay_factory, http, caplog
     async with client.connect() as conn:
         started = await conn.start_stream("a quiet meadow")
         stream_id, b = started["stream_id"], conn.broadcast
+        fuzzed = await client.create_channel("fuzzed")
         auth = {"Authorization": f"Bearer {API_KEY}"}
         async with http.post(f"{relay.url}/odyssey/auth/token", json={"api_key": API_KEY}) as r:
             twin_auth = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
@@ -124,6 +125,8 @@ async def test_generated_json_never_breaks_the_relay(relay_factory, http, caplog
             ("PUT", f"/v1/broadcasts/{b['broadcast_id']}/orchestration", auth, False),
             ("POST", f"/v1/broadcasts/{b['broadcast_id']}/turn", auth, False),
             ("POST", "/v1/simulations", auth, False),
+            ("POST", "/v1/channels", auth, False),
+            ("PATCH", f"/v1/channels/{fuzzed['channel_id']}", auth, False),
             ("POST", "/odyssey/auth/token", {}, True),
             ("POST", "/odyssey/sessions/request", twin_auth, True),
             ("POST", "/odyssey/sessions/token", twin_auth, True),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from relay.channels import ChannelStore
 from relay.config import Settings
 from relay.demo import DemoHost
+from relay.host import broadcast_links
 from relay.sessions import SessionManager
 from relay.worldmodel.synthetic import SyntheticWorldModel
 from tests.conftest import eventually
@@ -34,3 +36,32 @@ async def test_demo_streams_one_scene_after_another_and_outlives_its_connection(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await sessions.close()
+
+
+async def test_demo_keeps_one_watch_url_across_connections_and_restarts(tmp_path):
+    settings = Settings.from_dict({
+        "auth": {"api_keys": ["k"]},
+        "limits": {"connection_max_seconds": 1, "stream_max_seconds": 1},
+        "world_model": {"width": 64, "height": 48},
+    })
+    sessions = SessionManager(settings, SyntheticWorldModel(64, 48, 25), channels=ChannelStore(tmp_path, 5))
+    demo = DemoHost(sessions, "k")
+    path = await demo.open()
+    first = next(iter(sessions.connections.values()))
+    tasks = [asyncio.create_task(demo.run()), asyncio.create_task(sessions.run_reaper())]
+    try:
+        await eventually(lambda: first.closed, timeout=5, what="the first connection's end")
+        await eventually(lambda: any(c.stream and c.stream.live for c in sessions.connections.values()),
+                         timeout=5, what="a live stream on the next connection")
+        assert broadcast_links(next(iter(sessions.connections.values())).broadcast, "")["watch_url"] == path
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await sessions.close()
+    # A restarted server, with another generated key, prints the same link.
+    restarted = SessionManager(settings, SyntheticWorldModel(64, 48, 25), channels=ChannelStore(tmp_path, 5))
+    try:
+        assert await DemoHost(restarted, "another-key").open() == path
+    finally:
+        await restarted.close()
