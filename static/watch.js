@@ -29,6 +29,7 @@ const els = {
   prompt: $('current-prompt'),
   message: $('message'),
   ended: $('ended'),
+  endedNote: $('ended-note'),
   replayLink: $('replay-link'),
   latency: $('latency'),
   noSound: $('no-sound'),
@@ -106,6 +107,8 @@ function render() {
   // Over: the last frame is covered, and nobody is "watching" a stream that is not there.
   const ended = key === 'ended';
   els.ended.hidden = !ended;
+  // The broadcast may go on with a new stream; only a gone broadcast is over for good.
+  els.endedNote.textContent = state.fatalEnded ? 'Thanks for watching.' : 'If the host goes live again, it will play here.';
   els.stage.dataset.ended = String(ended);
   els.replayLink.hidden = !(ended && state.replayUrl);
   if (state.replayUrl) els.replayLink.href = state.replayUrl;
@@ -484,7 +487,8 @@ function renderBehind(key) {
     }
     path = 'hls';
   } else if (live && player.behindMs !== null) {
-    text = `WebRTC · ${(player.behindMs / 1000).toFixed(1)} s behind live`;
+    const ms = player.behindMs;
+    text = ms < 100 ? 'WebRTC · under 0.1 s behind live' : `WebRTC · ${(ms / 1000).toFixed(1)} s behind live`;
     path = 'webrtc';
   }
   els.latency.hidden = !text;

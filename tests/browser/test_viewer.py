@@ -17,6 +17,7 @@ from playwright.async_api import Page, expect
 
 from relay.client import RelayClient
 from tests.browser.conftest import CHROMIUM, HAVE_CHROMIUM, PHONE
+from tests.browser.helpers import shoot
 from tests.browser.test_participation import candidate, joined, set_mode, set_name
 from tests.conftest import API_KEY, eventually
 
@@ -62,6 +63,9 @@ async def test_full_screen_and_picture_in_picture_are_offered(relay_factory, ope
         await conn.start_stream("a calm ocean at sunset")
         page = await open_page(conn.broadcast["watch_url"])
         await has_picture(page)
+        # How far behind live this viewer is, and over which path.
+        await expect(page.locator("#latency")).to_have_text(re.compile(r"^WebRTC · (under 0\.1|\d+\.\d) s behind live$"))
+        await shoot("watch-controls", page)  # no sideways scrolling at either size, controls and all
         full, pip = page.locator("#fullscreen"), page.locator("#pip")
         await expect(full).to_be_visible()
         await expect(full).to_be_enabled()
@@ -104,6 +108,7 @@ async def test_share_qr_code_decodes_to_the_watch_link(relay_factory, open_page,
         await expect(page.locator("#share-dialog")).to_be_visible()
         await expect(page.locator("#share-url")).to_have_value(watch_url)
         await page.wait_for_function("document.getElementById('share-qr').naturalWidth > 0")
+        await shoot("watch-share", page, restore=PHONE)
         # The QR image as drawn, read back as pixels and decoded by zxing-cpp.
         pixels = await page.evaluate("""() => {
             const img = document.getElementById('share-qr');
@@ -193,6 +198,7 @@ async def test_axe_finds_no_serious_violation_on_watch_host_and_replay_pages(rel
         found["watch live"] = await axe_scan(watch)
         await conn.end_stream()
         await expect(watch.locator("#ended")).to_be_visible()
+        await shoot("watch-ended", watch)
         found["watch ended"] = await axe_scan(watch)
 
         async def complete() -> bool:
