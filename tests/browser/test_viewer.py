@@ -96,6 +96,28 @@ async def test_full_screen_and_picture_in_picture_are_offered(relay_factory, ope
         await expect(page.locator("#unmute")).to_be_hidden()
 
 
+async def test_a_double_tap_goes_full_screen_on_a_phone(relay_factory, browser):
+    relay = await relay_factory(limits=LONG)
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        context = await browser.new_context(viewport=PHONE, has_touch=True, is_mobile=True)
+        try:
+            page = await context.new_page()
+            await page.goto(conn.broadcast["watch_url"])
+            await expect(page.locator("#state")).to_have_attribute("data-state", "waiting")
+            box = await page.locator("#stage").bounding_box()
+            x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            await page.touchscreen.tap(x, y)
+            await page.touchscreen.tap(x, y)
+            await page.wait_for_function("document.fullscreenElement?.id === 'stage'")
+            # One tap is not two: it leaves full screen alone.
+            await page.wait_for_timeout(400)  # past the double-tap window, so the next tap starts a new pair
+            await page.touchscreen.tap(x, y)
+            await page.wait_for_timeout(400)  # a single tap's window closes with nothing toggled
+            assert await page.evaluate("document.fullscreenElement?.id") == "stage"
+        finally:
+            await context.close()
+
+
 async def test_share_qr_code_decodes_to_the_watch_link(relay_factory, open_page, http):
     relay = await relay_factory(limits=LONG)
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
