@@ -118,6 +118,16 @@ async def test_a_double_tap_goes_full_screen_on_a_phone(relay_factory, browser):
             await context.close()
 
 
+async def test_a_retry_line_is_two_sentences(relay_factory, open_page):
+    # No spectator may join: the page is told 503 with Retry-After and says it will retry.
+    relay = await relay_factory(limits={**LONG, "spectators_per_broadcast": 0})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        page = await open_page(conn.broadcast["watch_url"])
+        message = page.locator("#message")
+        await expect(message).to_have_text(re.compile(r"\w[.!?] Retrying in \d+ s\.$"))
+        assert ".." not in await message.text_content()
+
+
 async def test_share_qr_code_decodes_to_the_watch_link(relay_factory, open_page, http):
     relay = await relay_factory(limits=LONG)
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
