@@ -8,6 +8,7 @@ server-side condition with a deadline); the generous first-frame timeout is for 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from playwright.async_api import Page, expect
@@ -454,6 +455,9 @@ async def test_watch_page_falls_back_to_hls_where_udp_is_blocked(relay_factory):
                 await assert_playing(page)
                 await expect_badge(page, "live", "Live")
                 assert await page.evaluate("document.getElementById('video').src.includes('/hls/index.m3u8')")
+                # The viewer is told which path it is on and how far behind live that puts it.
+                await expect(page.locator("#latency")).to_have_text(
+                    re.compile(r"^HLS · (at least \d+(\.\d)? s|a few seconds) behind live$"))
                 broadcast = relay.sessions.broadcast(conn.broadcast["broadcast_id"])
                 await eventually(lambda: broadcast.spectators == {}, what="the failed WebRTC attempt gone")
                 assert not errors, errors
