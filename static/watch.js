@@ -511,7 +511,7 @@ function shareUrl() {
 els.share.addEventListener('click', () => {
   els.shareUrl.value = shareUrl();
   els.shareResult.textContent = '';
-  if (!els.shareQr.getAttribute('src')) els.shareQr.src = `${base.replace('/v1/broadcasts', '/watch')}/qr.svg?token=${encodeURIComponent(token)}`;
+  if (!els.shareQr.getAttribute('src')) els.shareQr.src = `${base}/qr.svg?token=${encodeURIComponent(token)}`;
   els.shareDialog.showModal();
   els.shareUrl.select();
 });

@@ -98,10 +98,11 @@ def qr_svg(url: str) -> bytes:
     return out.getvalue()
 
 
-@routes.get("/watch/{broadcast_id}/qr.svg")
+@routes.get("/v1/broadcasts/{broadcast_id}/qr.svg")
 async def watch_qr(request: web.Request) -> web.Response:
     """The share dialog's QR code of the watch link; only for a holder of the broadcast's spectator token,
-    so it is never a QR generator for someone else's text (and each URL it encodes is a real one)."""
+    so it is never a QR generator for someone else's text (and each URL it encodes is a real one). Under
+    /v1/broadcasts/ so that a cluster carries it to the broadcast's owner like the rest of its API."""
     broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
     token = token_of(request)
     check_spectator(token, broadcast.spectator_token)

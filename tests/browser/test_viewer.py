@@ -167,10 +167,10 @@ async def test_share_qr_code_decodes_to_the_watch_link(relay_factory, open_page,
         async with http.get(f"{relay.url}/watch/{bid}?token=wrong") as response:
             assert response.status == 200
             assert "og:url" not in meta_tags(await response.text())
-        async with http.get(f"{relay.url}/watch/{bid}/qr.svg?token=wrong") as response:
+        async with http.get(f"{relay.url}/v1/broadcasts/{bid}/qr.svg?token=wrong") as response:
             assert response.status == 401
             assert (await response.json())["error"]["code"] == "UNAUTHORIZED"
-        async with http.get(f"{relay.url}/watch/nope/qr.svg?token=x") as response:
+        async with http.get(f"{relay.url}/v1/broadcasts/nope/qr.svg?token=x") as response:
             assert response.status == 404
             assert (await response.json())["error"]["code"] == "NOT_FOUND"
 
