@@ -6,6 +6,9 @@
 //   out: hello {name}, input {prompt}, vote {candidate_id}, raise_hand, release_turn
 //   in:  hello {participant_id, orchestration}, orchestration {...}, input_result,
 //        vote_result, turn_result, prompt_applied, stream_started
+// What it says is kept true as things move on: "Queued" becomes "Applied" when the relay applies
+// that prompt (prompt_applied carries its author), a vote round's winner is announced to all (and
+// to its author as theirs), and what was said about a round goes when the round does.
 // Prompts and names are other people's text: they only ever go in via textContent.
 
 import { Deadline, clock, el, seconds } from '/static/ui.js';
@@ -58,6 +61,7 @@ export class Participation {
   #recent = [];
   #timer = null;
   #myName = '';
+  #resultScope = '';     // what the shown result is about: 'round' (cleared when the round closes), 'prompt', ''
 
   constructor({ send }) {
     this.#send = send;
@@ -86,6 +90,7 @@ export class Participation {
       input: $('input-prompt'),
       sendBtn: $('input-send'),
       result: $('input-result'),
+      winner: $('round-winner'),
       chars: $('input-chars'),
       nameForm: $('name-form'),
       name: $('name'),
@@ -144,7 +149,7 @@ export class Participation {
       case 'vote_result':
         if (msg.status === 'voted') {
           this.#myVote = msg.candidate_id ?? this.#myVote;
-          this.#showResult('Vote counted. You can change it until the round ends.', 'ok');
+          this.#showResult('Vote counted. You can change it until the round ends.', 'ok', 'round');
         } else {
           this.#showResult(this.#reason(msg), 'error');
         }
@@ -157,6 +162,7 @@ export class Participation {
         this.#render();
         break;
       case 'prompt_applied':
+        this.#onApplied(msg);
         this.#addRecent({
           prompt: msg.prompt,
           source: msg.source,
@@ -189,7 +195,12 @@ export class Participation {
     if (this.#myVote && !candidates.some((c) => c.candidate_id === this.#myVote)) this.#myVote = null;
     this.#voteDeadline.update(orch.window_ends_at, settings.vote_window_seconds);
     this.#turnDeadline.update(orch.turn?.ends_at, settings.turn_seconds);
-    if (prevMode && prevMode !== orch.mode) this.#showResult('', 'ok');
+    if (prevMode && prevMode !== orch.mode) {
+      this.#showResult('', 'ok');
+      this.#els.winner.hidden = true;
+    }
+    // The round closed: what was said about it ("Proposed…", "Vote counted…") is no longer true.
+    if (this.#resultScope === 'round' && candidates.length === 0) this.#showResult('', 'ok');
     if (!held && this.#holdsTurn()) this.#showResult('Your turn! Your prompts go straight to the world.', 'ok');
     else if (held && !this.#holdsTurn() && orch.mode === 'turns') this.#showResult('Your turn is over.', 'ok');
     const max = Number(settings.max_prompt_chars);
@@ -214,15 +225,15 @@ export class Participation {
       if (Number.isFinite(cooldown) && cooldown > 0) this.#cooldownUntil = Date.now() + cooldown * 1000;
       if (prompt !== undefined && this.#els.input.value.trim() === prompt) this.#els.input.value = '';
       if (msg.status === 'queued') {
-        this.#showResult('Queued: your prompt is applied when its turn in the queue comes.', 'ok');
+        this.#showResult('Queued: your prompt is applied when its turn in the queue comes.', 'ok', 'prompt');
       } else if (msg.status === 'candidate') {
         const existed = (this.#orch?.candidates ?? []).some((c) => c.candidate_id === msg.candidate_id);
         if (msg.candidate_id) this.#myVote = msg.candidate_id;
         this.#showResult(existed
           ? 'Someone proposed the same: your vote goes to it.'
-          : 'Proposed: it is a candidate now, with your vote.', 'ok');
+          : 'Proposed: it is a candidate now, with your vote.', 'ok', 'round');
       } else if (msg.status === 'forwarded') {
-        this.#showResult('Sent to the world.', 'ok');
+        this.#showResult('Sending to the world…', 'ok', 'prompt');
       } else {
         this.#showResult('Received.', 'ok');
       }
@@ -230,11 +241,27 @@ export class Participation {
     this.#render();
   }
 
+  /** A prompt reached the world. Ours: say so (it was "Queued" or "Sending" until now). A vote
+   *  round's: that is the round's winner, announced to everyone. */
+  #onApplied(msg) {
+    if (msg.source !== 'participant' || typeof msg.prompt !== 'string') return;
+    const mine = Boolean(this.#me) && msg.participant_id === this.#me;
+    if (msg.mode === 'vote') {
+      const who = mine ? 'you' : (typeof msg.name === 'string' && msg.name) || this.#who(msg.participant_id, 'someone');
+      this.#els.winner.textContent = `Last round won by ${who}: “${msg.prompt}”`;
+      this.#els.winner.hidden = false;
+      if (mine) this.#showResult('Your prompt won the vote: it is on screen now.', 'ok', 'prompt');
+    } else if (mine) {
+      this.#showResult('Applied: your prompt is on screen now.', 'ok', 'prompt');
+    }
+  }
+
   #reason(msg) {
     return REASONS[msg.reason] ?? (msg.reason ? `Not accepted (${msg.reason}).` : 'Not accepted.');
   }
 
-  #showResult(text, kind) {
+  #showResult(text, kind, scope = '') {
+    this.#resultScope = text ? scope : '';
     const r = this.#els.result;
     r.hidden = !text;
     r.textContent = text;

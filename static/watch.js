@@ -29,6 +29,22 @@ const els = {
   nowPlaying: $('now-playing'),
   prompt: $('current-prompt'),
   message: $('message'),
+  ended: $('ended'),
+  endedNote: $('ended-note'),
+  replayLink: $('replay-link'),
+  latency: $('latency'),
+  noSound: $('no-sound'),
+  pip: $('pip'),
+  fullscreen: $('fullscreen'),
+  about: $('about'),
+  title: $('broadcast-title'),
+  hostName: $('broadcast-host'),
+  share: $('share'),
+  shareDialog: $('share-dialog'),
+  shareQr: $('share-qr'),
+  shareUrl: $('share-url'),
+  shareCopy: $('share-copy'),
+  shareResult: $('share-result'),
 };
 
 const broadcastId = decodeURIComponent(window.location.pathname.split('/').filter(Boolean).pop() ?? '');
@@ -51,6 +67,7 @@ const state = {
   viewersKnown: false,  // the relay has told us the count at least once
   channel: false,       // a channel's broadcast: between hosts it is "starting soon", never over
   title: '',            // the channel's title, shown while it waits
+  replayUrl: null,      // where the ended stream can be watched again, when the relay offers it
 };
 
 const BADGES = {
@@ -101,8 +118,19 @@ function render() {
   els.stageNote.hidden = picture && key !== 'soon';
   els.stageNote.textContent = key === 'soon' && state.title ? `${state.title}: starting soon. ${STAGE_NOTES.soon}`
     : STAGE_NOTES[key];
+  // Over: the last frame is covered, and nobody is "watching" a stream that is not there.
+  const ended = key === 'ended';
+  els.ended.hidden = !ended;
+  // The broadcast may go on with a new stream; only a gone broadcast is over for good.
+  els.endedNote.textContent = state.fatalEnded ? 'Thanks for watching.' : 'If the host goes live again, it will play here.';
+  els.stage.dataset.ended = String(ended);
+  els.replayLink.hidden = !(ended && state.replayUrl);
+  if (state.replayUrl) els.replayLink.href = state.replayUrl;
+  if (ended) els.stageNote.hidden = true;
   // A broken link has no audience or prompt to show; "0 watching" would be a guess.
-  els.viewersStat.hidden = Boolean(state.fatal) || !state.viewersKnown;
+  els.viewersStat.hidden = Boolean(state.fatal) || !state.viewersKnown || ended;
+  renderControls(picture && key !== 'ended' && key !== 'error');
+  renderBehind(key);
   els.nowPlaying.hidden = Boolean(state.fatal) && !state.fatalEnded;
   participation.setFatal(state.fatal);
   chat.setFatal(state.fatal);
@@ -116,10 +144,11 @@ function render() {
 
 // ---------- broadcast state (events socket / polling) ----------
 
-function applyState({ live, streamId, prompt, viewers, channel, title }) {
+function applyState({ live, streamId, prompt, viewers, channel, title, replayUrl }) {
   state.seen = true;
   if (typeof channel === 'boolean') state.channel = channel;
   if (typeof title === 'string') state.title = title;
+  if (typeof replayUrl === 'string' && replayUrl) state.replayUrl = replayUrl;
   if (live !== undefined && live !== null) {
     if (state.live && !live) state.endedSeen = true;
     if (live) state.endedSeen = false;
@@ -148,7 +177,7 @@ function onEvent(msg) {
       applyState({ live: true, streamId: msg.stream_id, prompt: msg.prompt ?? '' });
       break;
     case 'stream_ended':
-      applyState({ live: false });
+      applyState({ live: false, replayUrl: msg.replay_url });
       break;
     case 'prompt_applied':
       applyState({ prompt: msg.prompt });
@@ -188,7 +217,9 @@ async function poll() {
       viewers: b.spectators,
       channel: b.channel,
       title: b.title ?? undefined,
+      replayUrl: b.replay_url,
     });
+    showAbout(b);
     participation.applyState(b.orchestration);
   } catch (err) {
     // A broadcast that is gone (host disconnected) or a bad token will not come back.
@@ -332,12 +363,14 @@ const player = new WhepPlayer({
       state.webrtcWorked = true;
     }
     state.media = media;
-    state.mediaMessage = retryInMs ? `${message} Retrying in ${Math.ceil(retryInMs / 1000)} s…` : '';
+    state.mediaMessage = retryInMs ? `${sentence(message)} Retrying in ${Math.ceil(retryInMs / 1000)} s.` : '';
     render();
   },
   onAudio: (hasAudio) => {
-    // Only offer Unmute when sound is actually arriving; otherwise the button would lie.
+    // Only offer Unmute when sound is actually arriving; otherwise the button would lie, and the
+    // "No sound" note says why there is none.
     els.unmute.hidden = !hasAudio;
+    els.noSound.hidden = hasAudio;
   },
 });
 
@@ -360,6 +393,163 @@ els.video.addEventListener('loadedmetadata', () => {
 els.video.addEventListener('resize', fitStage);
 els.video.addEventListener('emptied', render);
 els.video.addEventListener('playing', render); // before the relay says whether it is live, frames decide
+
+// A message from elsewhere ends with its full stop, so a sentence can follow it.
+function sentence(text) {
+  const t = (text ?? '').trim();
+  return !t || /[.!?…]$/.test(t) ? t : `${t}.`;
+}
+
+// ---------- what the stream is ----------
+
+// title and host_name come with a channel's broadcast; a plain connection's has neither.
+function showAbout(info) {
+  const title = typeof info?.title === 'string' ? info.title.trim() : '';
+  const host = typeof info?.host_name === 'string' ? info.host_name.trim() : '';
+  els.about.hidden = !title && !host;
+  els.title.textContent = title;
+  els.title.hidden = !title;
+  els.hostName.textContent = host ? `Hosted by ${host}` : '';
+  els.hostName.hidden = !host;
+  if (title) document.title = `${title} · relay`;
+}
+
+// ---------- full screen, picture in picture ----------
+
+const canFullscreen = Boolean(document.fullscreenEnabled || els.video.webkitEnterFullscreen);
+const canPip = Boolean(document.pictureInPictureEnabled) && typeof els.video.requestPictureInPicture === 'function';
+
+function renderControls(picture) {
+  els.fullscreen.disabled = !canFullscreen;
+  els.fullscreen.title = canFullscreen ? 'Full screen (or double-click the video)' : 'This browser cannot show the video full screen';
+  // Picture in picture needs a picture; a browser without it says so instead of a dead button.
+  els.pip.disabled = !canPip || !picture;
+  els.pip.title = canPip ? 'Picture in picture' : 'This browser has no picture in picture';
+  els.pip.dataset.supported = String(canPip);
+}
+
+async function toggleFullscreen() {
+  try {
+    if (document.fullscreenElement) await document.exitFullscreen();
+    else if (document.fullscreenEnabled) await els.stage.requestFullscreen();
+    else els.video.webkitEnterFullscreen?.(); // iPhone Safari: only the video element goes full screen
+  } catch (err) {
+    flashMessage(`Full screen is not available here (${err.message || err}).`);
+  }
+}
+
+async function togglePip() {
+  try {
+    if (document.pictureInPictureElement) await document.exitPictureInPicture();
+    else await els.video.requestPictureInPicture();
+  } catch (err) {
+    flashMessage(`Picture in picture is not available here (${err.message || err}).`);
+  }
+}
+
+function syncControlLabels() {
+  const full = Boolean(document.fullscreenElement);
+  els.fullscreen.setAttribute('aria-pressed', String(full));
+  els.fullscreen.setAttribute('aria-label', full ? 'Exit full screen' : 'Full screen');
+  const pip = Boolean(document.pictureInPictureElement);
+  els.pip.setAttribute('aria-pressed', String(pip));
+}
+
+els.fullscreen.addEventListener('click', toggleFullscreen);
+els.pip.addEventListener('click', togglePip);
+document.addEventListener('fullscreenchange', syncControlLabels);
+els.video.addEventListener('enterpictureinpicture', syncControlLabels);
+els.video.addEventListener('leavepictureinpicture', syncControlLabels);
+
+// Double-click (mouse) or double-tap (touch: phones fire no dblclick on a video) for full screen.
+const DOUBLE_TAP_MS = 300;
+let lastTap = 0;
+els.stage.addEventListener('pointerup', (e) => {
+  if (e.pointerType !== 'touch' || e.target.closest('button, a')) return;
+  if (e.timeStamp - lastTap < DOUBLE_TAP_MS) {
+    lastTap = 0;
+    toggleFullscreen();
+  } else {
+    lastTap = e.timeStamp;
+  }
+});
+els.stage.addEventListener('dblclick', (e) => {
+  if (e.target.closest('button, a') || (e.sourceCapabilities?.firesTouchEvents ?? false)) return;
+  toggleFullscreen();
+});
+
+let flashTimer = null;
+function flashMessage(text) {
+  if (state.fatal) return;
+  state.mediaMessage = text;
+  render();
+  clearTimeout(flashTimer);
+  flashTimer = setTimeout(() => {
+    if (state.mediaMessage === text) {
+      state.mediaMessage = '';
+      render();
+    }
+  }, 5000);
+}
+
+// ---------- behind live ----------
+// WebRTC: the jitter buffer's hold plus half the round trip (well under a second on a good path).
+// HLS: how far the player sits behind the newest segment it has, plus nothing for the segment
+// being cut: a lower bound, said as such.
+const BEHIND_MS = 1000;
+let behindTimer = null;
+
+function renderBehind(key) {
+  const live = key === 'live';
+  let text = '';
+  let path = '';
+  if (live && state.media === 'hls') {
+    const s = els.video.seekable;
+    if (s.length) {
+      const behind = Math.max(0, s.end(s.length - 1) - els.video.currentTime);
+      text = `HLS · at least ${behind.toFixed(behind < 10 ? 1 : 0)} s behind live`;
+    } else {
+      text = 'HLS · a few seconds behind live';
+    }
+    path = 'hls';
+  } else if (live && player.behindMs !== null) {
+    const ms = player.behindMs;
+    text = ms < 100 ? 'WebRTC · under 0.1 s behind live' : `WebRTC · ${(ms / 1000).toFixed(1)} s behind live`;
+    path = 'webrtc';
+  }
+  els.latency.hidden = !text;
+  els.latency.textContent = text;
+  els.latency.dataset.path = path;
+  if (live && !behindTimer) behindTimer = setInterval(render, BEHIND_MS);
+  if (!live && behindTimer) {
+    clearInterval(behindTimer);
+    behindTimer = null;
+  }
+}
+
+// ---------- share ----------
+
+function shareUrl() {
+  // The link without this viewer's invite: an invite is personal.
+  return `${window.location.origin}/watch/${encodeURIComponent(broadcastId)}?token=${encodeURIComponent(token)}`;
+}
+
+els.share.addEventListener('click', () => {
+  els.shareUrl.value = shareUrl();
+  els.shareResult.textContent = '';
+  if (!els.shareQr.getAttribute('src')) els.shareQr.src = `${base}/qr.svg?token=${encodeURIComponent(token)}`;
+  els.shareDialog.showModal();
+  els.shareUrl.select();
+});
+els.shareCopy.addEventListener('click', async () => {
+  els.shareUrl.select();
+  try {
+    await navigator.clipboard.writeText(els.shareUrl.value);
+    els.shareResult.textContent = 'Link copied.';
+  } catch {
+    els.shareResult.textContent = 'Press Ctrl+C (or long-press) to copy the selected link.';
+  }
+});
 
 // ---------- HLS fallback ----------
 // WebRTC needs UDP between the browser and the relay, and some networks (offices, hotels) block
@@ -418,6 +608,7 @@ els.video.addEventListener('error', () => {
 // ---------- lifecycle ----------
 
 function start() {
+  els.share.hidden = !broadcastId || !token;
   if (!broadcastId || !token) {
     fail('This watch link is incomplete: it needs a broadcast id and a ?token=. Ask the host for the full link.');
     return;
@@ -442,6 +633,8 @@ window.addEventListener('pagehide', () => {
   player.stop({ keepalive: true });
   clearTimeout(fallbackTimer);
   clearTimeout(hlsRetryTimer);
+  clearInterval(behindTimer);
+  behindTimer = null;
   stopEvents();
 });
 window.addEventListener('pageshow', (e) => {

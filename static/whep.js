@@ -296,6 +296,8 @@ export class WhepPlayer {
   #audioTrack = null;
   #hasAudio = false;
   #statsBusy = false;
+  #jitter = { delay: 0, emitted: 0 }; // the video jitter buffer's running totals, for a per-tick average
+  #behindMs = null;
 
   constructor({ endpoint, token, video, onStatus = () => {}, onAudio = () => {}, sessionAuth = true }) {
     this.#endpoint = endpoint;
@@ -308,6 +310,12 @@ export class WhepPlayer {
 
   get state() {
     return this.#state;
+  }
+
+  /** How far behind the sender the picture is, in ms (half the round trip plus the jitter buffer's
+   *  hold over the last tick), or null before the browser has said. */
+  get behindMs() {
+    return this.#behindMs;
   }
 
   /** True if a video frame was decoded in the last two seconds. */
@@ -448,6 +456,8 @@ export class WhepPlayer {
       this.#session = null;
     }
     this.#audioTrack = null;
+    this.#jitter = { delay: 0, emitted: 0 }; // a new session counts from zero
+    this.#behindMs = null;
   }
 
   #checkConnection() {
@@ -493,12 +503,21 @@ export class WhepPlayer {
     const now = performance.now();
     let frames = 0;
     let audioEnergy = null;
+    let rtt = null;
+    let jitter = null;
     report.forEach((s) => {
+      if (s.type === 'candidate-pair' && s.nominated && typeof s.currentRoundTripTime === 'number') {
+        rtt = s.currentRoundTripTime;
+      }
       if (s.type !== 'inbound-rtp') return;
       const kind = s.kind ?? s.mediaType;
-      if (kind === 'video') frames = Math.max(frames, s.framesDecoded ?? s.framesReceived ?? 0);
+      if (kind === 'video') {
+        frames = Math.max(frames, s.framesDecoded ?? s.framesReceived ?? 0);
+        if (typeof s.jitterBufferDelay === 'number') jitter = { delay: s.jitterBufferDelay, emitted: s.jitterBufferEmittedCount ?? 0 };
+      }
       if (kind === 'audio' && typeof s.totalAudioEnergy === 'number') audioEnergy = s.totalAudioEnergy;
     });
+    this.#measureBehind(rtt, jitter);
     if (frames > this.#frames) {
       this.#frames = frames;
       this.#lastFrameAt = now;
@@ -510,6 +529,15 @@ export class WhepPlayer {
       const since = Math.max(this.#lastFrameAt, this.#liveSince, this.#connectedAt);
       if (now - since > NO_FRAMES_MS) this.#scheduleRetry('No video received for 5 seconds');
     }
+  }
+
+  #measureBehind(rtt, jitter) {
+    if (!jitter) return;
+    const emitted = jitter.emitted - this.#jitter.emitted;
+    const held = emitted > 0 ? (jitter.delay - this.#jitter.delay) / emitted : null;
+    this.#jitter = jitter;
+    if (held === null || held < 0) return;
+    this.#behindMs = Math.round(1000 * (held + (rtt ?? 0) / 2));
   }
 
   // Honest audio: the relay may answer with audio inactive, or send silence. Only

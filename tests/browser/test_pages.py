@@ -8,6 +8,7 @@ server-side condition with a deadline); the generous first-frame timeout is for 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from playwright.async_api import Page, expect
@@ -254,12 +255,15 @@ async def test_watch_page_plays_across_consecutive_streams(relay_factory, open_p
         await conn.end_stream()
         await expect_badge(page, "ended", "Stream ended")
         await expect(page.locator("#message")).to_be_hidden()
-        # No frames between streams; the last picture stays up.
+        # The last picture stays, covered by the ended state, and nobody is counted "watching" it.
+        await expect(page.locator("#ended")).to_be_visible()
+        await expect(page.locator("#viewers")).to_be_hidden()
         frames = (await video_reading(page, "#video"))["frames"]
         assert (await video_reading(page, "#video"))["width"] == 320
 
         await conn.start_stream("second world")
         await expect_badge(page, "live", "Live")
+        await expect(page.locator("#ended")).to_be_hidden()
         await expect(page.locator("#current-prompt")).to_have_text("second world")
         await page.wait_for_function(
             "f => document.getElementById('video').getVideoPlaybackQuality().totalVideoFrames > f + 5",
@@ -275,7 +279,7 @@ async def test_watch_page_plays_across_consecutive_streams(relay_factory, open_p
         await expect_badge(page, "ended", "Stream ended")
         await expect(page.locator("#message")).to_contain_text("ended")
         await expect(page.locator("#message")).to_have_attribute("data-kind", "info")
-        await expect(page.locator("#stage-note")).to_be_visible()
+        await expect(page.locator("#ended")).to_be_visible()
         await expect(page.locator("#current-prompt")).to_have_text("second world")
 
 
@@ -291,7 +295,7 @@ async def test_prompts_are_text_never_html(relay_factory, open_page):
         payload2 = XSS.replace("__xss=1", "__xss=2") + "<script>window.__xss=3</script>"
         await conn.interact(payload2)
         await expect(prompt).to_have_text(payload2, timeout=5_000)
-        assert await page.evaluate("document.querySelectorAll('img, #current-prompt script').length") == 0
+        assert await page.evaluate("document.querySelectorAll('img:not(#share-qr), #current-prompt script').length") == 0
         assert await page.evaluate("typeof window.__xss") == "undefined"
 
 
@@ -451,6 +455,9 @@ async def test_watch_page_falls_back_to_hls_where_udp_is_blocked(relay_factory):
                 await assert_playing(page)
                 await expect_badge(page, "live", "Live")
                 assert await page.evaluate("document.getElementById('video').src.includes('/hls/index.m3u8')")
+                # The viewer is told which path it is on and how far behind live that puts it.
+                await expect(page.locator("#latency")).to_have_text(
+                    re.compile(r"^HLS · (at least \d+(\.\d)? s|a few seconds) behind live$"))
                 broadcast = relay.sessions.broadcast(conn.broadcast["broadcast_id"])
                 await eventually(lambda: broadcast.spectators == {}, what="the failed WebRTC attempt gone")
                 assert not errors, errors
