@@ -59,6 +59,9 @@ class Broadcast:
         self.stream_id: str | None = None
         self.prompt: str | None = None
         self._viewers_sent = -1
+        # Whether the host's console is there: "reconnecting" while its last control socket is gone
+        # (a reload, a dropped network) and the connection waits for it until the idle timeout.
+        self.host = "connected"
         self.closed = False
 
     @property
@@ -92,6 +95,7 @@ class Broadcast:
             "stream_id": self.stream_id,
             "spectators": self.viewers,
             "prompt": self.prompt,
+            "host": self.host,
             "orchestration": self.orchestration,
         }
 
@@ -126,6 +130,13 @@ class Broadcast:
             event["name"] = self.orchestrator.participants.get(participant_id)
         self.emit(event)
 
+    def set_host(self, host: str) -> None:
+        """The host's console left ("reconnecting") or came back ("connected"): told to the audience
+        at once, so viewers read that the host is reconnecting, not that the broadcast ended."""
+        if host != self.host and not self.closed:
+            self.host = host
+            self.audience.send({"type": "host", "host": host})
+
     def emit(self, event: dict[str, Any]) -> None:
         """To every participant, and into the live stream's recording when it is worth keeping."""
         self.audience.send(event)
@@ -145,12 +156,15 @@ class Broadcast:
             self.emit({"type": "viewers", "count": self._viewers_sent})
         await self.audience.tick()
 
-    async def close(self) -> None:
+    async def close(self, reason: str = "disconnected") -> None:
+        """``reason`` is the connection's (disconnected, idle_timeout, expired, shutdown): the
+        audience is told it last, so a page can say "the relay restarted" apart from "the host ended"."""
         if self.closed:
             return
         self.closed = True
         self.spectators.refuse_joins()
         await self.detach_stream("disconnected")
         await self.spectators.close()
+        self.audience.send({"type": "disconnected", "reason": reason})
         self.audience.close()
         await self.media.close()

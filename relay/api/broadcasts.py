@@ -218,6 +218,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
             "stream_id": broadcast.stream_id,
             "prompt": broadcast.prompt,
             "viewers": broadcast.viewers,
+            "host": broadcast.host,
         })
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:

@@ -181,6 +181,7 @@ async def test_no_events_socket_is_admitted_once_the_audience_closed():
     b = Broadcast("conn-1", make_settings(), FakeClock(), media=FakeMedia)
     early = b.audience.open_channel(address="10.0.0.1")
     await b.close()
+    assert json.loads(early.queue.get_nowait()) == {"type": "disconnected", "reason": "disconnected"}
     assert early.queue.get_nowait() is None  # told to finish
     with pytest.raises(RelayError) as info:
         b.audience.open_channel(address="10.0.0.1")
