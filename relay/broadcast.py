@@ -164,7 +164,8 @@ class Broadcast:
         self.closed = True
         self.spectators.refuse_joins()
         await self.detach_stream("disconnected")
-        await self.spectators.close()
+        # Before the spectators' sessions go, so a page learns why before its player fails.
         self.audience.send({"type": "disconnected", "reason": reason})
+        await self.spectators.close()
         self.audience.close()
         await self.media.close()

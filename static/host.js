@@ -23,8 +23,14 @@ import { recordingButton } from '/static/recordings.js';
 import { Simulations } from '/static/simulations.js';
 
 const KEY_STORAGE = 'relay.apiKey';   // sessionStorage: gone when the tab closes
+// The open connection, kept for this tab so a reloaded console re-attaches to it (within the
+// relay's idle timeout) instead of ending the broadcast: {id, clientToken, tokenExpiresAt,
+// tokenLifeMs, expiresAt, broadcast}.
+const CONN_STORAGE = 'relay.connection';
 const KEEPALIVE_MS = 10000;           // well inside the relay's idle_timeout_seconds (default 40)
-const SOCKET_BACKOFF_MAX_MS = 10000;
+const SOCKET_BACKOFF_MAX_MS = 2000;   // short: a relay that restarted is found out within seconds
+const STREAM_WARN_S = 30;             // warn this long before the stream's limit
+const CONNECTION_WARN_S = 300;        // ...and this long before the connection's end
 const PENDING_TIMEOUT_MS = 20000;     // give up waiting for a reply to start/end
 const LOG_MAX = 300;
 
@@ -82,6 +88,9 @@ const conn = {
   pendingTimer: null,
   countdownTimer: null,
   lastEnded: null,     // {id, reason} of the last stream, for the status line
+  expiryTimer: null,
+  expiresAt: 0,        // the connection's end (connection_max_seconds), ms since the epoch
+  warned: new Set(),   // the warnings already given: 'stream:<id>', 'connection'
 };
 
 let preview = null;
@@ -117,6 +126,38 @@ function showMessage(text, kind = 'error') {
   els.message.textContent = text || '';
   els.message.dataset.kind = kind;
 }
+
+// Why a stream ended, as the host reads it.
+const END_REASONS = {
+  ended: 'ended',
+  duration_limit: 'ended: it reached the time limit',
+  upstream_error: 'ended: the world model failed',
+  disconnected: 'ended: the connection closed',
+};
+
+function endedText(reason) {
+  return END_REASONS[reason] ?? `ended: ${String(reason).replaceAll('_', ' ')}`;
+}
+
+/** An id as people read it: its first 8 characters, the whole one in the title and copied on click. */
+function showId(target, id) {
+  target.replaceChildren();
+  if (!id) return;
+  const button = document.createElement('button');
+  button.type = 'button';
+  button.className = 'id-chip';
+  button.textContent = id.length > 10 ? `${id.slice(0, 8)}…` : id;
+  button.title = `${id} (click to copy)`;
+  button.setAttribute('aria-label', `Copy the id ${id}`);
+  button.addEventListener('click', async () => {
+    const ok = await copyText(id);
+    button.dataset.copied = ok ? 'yes' : 'no';
+    setTimeout(() => delete button.dataset.copied, 1500);
+  });
+  target.append(button);
+}
+
+const short = (id) => (id && id.length > 10 ? `${id.slice(0, 8)}…` : id || '');
 
 function formatSeconds(total) {
   const s = Math.max(0, Math.ceil(total));
@@ -158,13 +199,19 @@ function renderStatus() {
   if (s) {
     const left = s.endsAt ? ` · ${formatSeconds((s.endsAt - Date.now()) / 1000)} left` : '';
     els.status.dataset.state = 'live';
-    els.status.textContent = `live · ${s.id}${left}`;
+    els.status.textContent = `live · ${short(s.id)}${left}`;
+    const leftS = s.endsAt ? (s.endsAt - Date.now()) / 1000 : Infinity;
+    if (leftS <= STREAM_WARN_S && !conn.warned.has(`stream:${s.id}`)) {
+      conn.warned.add(`stream:${s.id}`);
+      showMessage(`The stream ends in ${Math.max(0, Math.round(leftS))} seconds (its time limit). Start a new one after it to keep going.`, 'warn');
+      log('The stream reaches its time limit in 30 seconds.', 'error');
+    }
   } else if (conn.pending === 'start') {
     els.status.dataset.state = 'starting';
     els.status.textContent = 'starting…';
   } else if (conn.lastEnded) {
     els.status.dataset.state = 'ended';
-    els.status.textContent = `ended (${conn.lastEnded.reason}) · ${conn.lastEnded.id}`;
+    els.status.textContent = `${endedText(conn.lastEnded.reason)} · ${short(conn.lastEnded.id)}`;
   } else {
     els.status.dataset.state = 'idle';
     els.status.textContent = 'idle';
@@ -178,7 +225,8 @@ function setBroadcast(broadcast) {
   const changed = conn.broadcast?.broadcast_id !== broadcast.broadcast_id
     || conn.broadcast?.spectator_token !== broadcast.spectator_token;
   conn.broadcast = { ...conn.broadcast, ...broadcast };
-  els.broadcastId.textContent = broadcast.broadcast_id;
+  showId(els.broadcastId, broadcast.broadcast_id);
+  saveConnection();
 
   // watch_url is absolute in the contract; resolve anyway, and add the spectator
   // token if the relay left it out, so the link works when pasted as is.
@@ -276,8 +324,7 @@ function fitPreview() {
 els.preview.addEventListener('loadedmetadata', fitPreview);
 els.preview.addEventListener('resize', fitPreview);
 
-els.copy.addEventListener('click', async () => {
-  const text = els.watchUrl.href;
+async function copyText(text) {
   let ok = false;
   try {
     await navigator.clipboard.writeText(text);
@@ -298,6 +345,11 @@ els.copy.addEventListener('click', async () => {
     }
     ta.remove();
   }
+  return ok;
+}
+
+els.copy.addEventListener('click', async () => {
+  const ok = await copyText(els.watchUrl.href);
   els.copy.textContent = ok ? 'Copied' : 'Copy failed';
   setTimeout(() => {
     els.copy.textContent = 'Copy';
@@ -311,7 +363,7 @@ function addHistory(id, prompt) {
   const li = document.createElement('li');
   const idEl = document.createElement('span');
   idEl.className = 'id';
-  idEl.textContent = id;
+  showId(idEl, id);
   const reason = document.createElement('span');
   reason.className = 'reason';
   reason.dataset.live = '';
@@ -329,7 +381,7 @@ function endHistory(id, reasonText) {
   const reason = historyItems.get(id)?.querySelector('.reason');
   if (!reason) return;
   delete reason.dataset.live;
-  reason.textContent = reasonText;
+  reason.textContent = endedText(reasonText);
   const rec = historyItems.get(id)?.querySelector('.recording');
   if (rec) rec.hidden = false;
 }
@@ -349,11 +401,12 @@ function setPending(kind) {
 
 function streamStarted(msg) {
   setPending(null);
-  const max = Number(msg.max_duration_seconds);
+  // seconds_left: a reloaded console joins a stream already under way.
+  const left = Number(msg.seconds_left ?? msg.max_duration_seconds);
   conn.stream = {
     id: msg.stream_id,
     prompt: msg.prompt ?? '',
-    endsAt: Number.isFinite(max) && max > 0 ? Date.now() + max * 1000 : 0,
+    endsAt: Number.isFinite(left) && left > 0 ? Date.now() + left * 1000 : 0,
   };
   conn.lastEnded = null;
   addHistory(msg.stream_id, msg.prompt);
@@ -428,7 +481,6 @@ function openControl() {
     conn.keepaliveTimer = null;
     render();
     if (conn.phase !== 'connected') return;
-    log(`Control channel closed (${e.code}${e.reason ? `: ${e.reason}` : ''}).`, 'error');
     recoverControl();
   });
 }
@@ -443,7 +495,7 @@ async function recoverControl() {
     });
     if (conn.phase !== 'connected') return;
     if (state && ['closed', 'ended', 'expired', 'disconnected'].includes(state.status)) {
-      connectionGone(`The connection has ended (${state.status}).`);
+      connectionGone('This connection has ended. Connect again to go on broadcasting.');
       return;
     }
     // Keep the relay's idle timer happy while the socket is down.
@@ -457,8 +509,10 @@ async function recoverControl() {
     }
   } catch (err) {
     if (conn.phase !== 'connected') return;
-    if (err instanceof HttpError && err.status === 404) {
-      connectionGone('The connection has ended.');
+    // 404: the relay does not know it (it restarted, or reaped it); 401: nor the key or token
+    // (a restarted relay with other keys). Either way it will not come back: say so and stop.
+    if (err instanceof HttpError && (err.status === 404 || err.status === 401)) {
+      connectionGone('This connection is gone: the relay restarted or closed it. Its watch link no longer works. Connect again to start a new broadcast.');
       return;
     }
     // Network trouble: fall through and retry the socket.
@@ -473,7 +527,7 @@ async function recoverControl() {
   }
   const delay = Math.min(1000 * 2 ** conn.socketAttempt, SOCKET_BACKOFF_MAX_MS);
   conn.socketAttempt += 1;
-  log(`Reopening the control channel in ${Math.round(delay / 1000)} s…`);
+  if (conn.socketAttempt === 1) log('Lost the control channel; reconnecting…');
   clearTimeout(conn.socketRetryTimer);
   conn.socketRetryTimer = setTimeout(() => {
     if (conn.phase === 'connected') openControl();
@@ -492,11 +546,12 @@ function onControl(msg) {
       if (typeof msg.client_token === 'string' && Number.isFinite(ttl)) {
         conn.clientToken = msg.client_token;
         conn.tokenExpiresAt = Date.now() + ttl * 1000;
+        saveConnection();
       }
       break;
     }
     case 'connected':
-      log(`Connected: ${msg.connection_id ?? conn.id}.`);
+      log(`Control channel ready for connection ${short(msg.connection_id ?? conn.id)}.`);
       setBroadcast(msg.broadcast);
       orchestration.applyState(msg.orchestration);
       break;
@@ -508,11 +563,11 @@ function onControl(msg) {
       setBroadcast(msg.broadcast);
       break;
     case 'stream_started':
-      log(`Stream started: ${msg.stream_id} · "${msg.prompt ?? ''}"`);
+      log(`Stream ${short(msg.stream_id)} started: "${msg.prompt ?? ''}"`);
       streamStarted(msg);
       break;
     case 'stream_ended':
-      log(`Stream ended: ${msg.stream_id ?? ''} (${msg.reason ?? 'ended'}).`);
+      log(`Stream ${short(msg.stream_id)} ${endedText(msg.reason ?? 'ended')}.`);
       streamEnded(msg);
       break;
     case 'interact_acknowledged':
@@ -521,7 +576,7 @@ function onControl(msg) {
     case 'input_forwarded': {
       const pid = msg.participant_id;
       const name = pid ? orchestration.participantName(pid, '') : '';
-      const who = pid ? ` from ${name ? `${name} (${pid})` : pid}` : '';
+      const who = pid ? ` from ${name || `participant ${short(pid)}`}` : '';
       const via = msg.mode ? ` [${msg.mode}]` : '';
       log(`Audience input forwarded${who}${via}: "${msg.prompt ?? ''}"`, 'audience');
       break;
@@ -535,20 +590,21 @@ function onControl(msg) {
       // streamer is gone, so don't try to reopen the socket.
       const why = {
         expired: 'it reached its maximum age',
-        idle_timeout: 'the host was idle too long',
+        idle_timeout: 'this console was away longer than the idle timeout',
         disconnected: 'it was disconnected',
-      }[msg.reason] ?? (msg.reason ? `reason: ${msg.reason}` : 'no reason given');
-      connectionGone(`The relay closed the connection (${why}). Connect again to continue.`);
+        shutdown: 'the relay is shutting down',
+      }[msg.reason] ?? 'the relay ended it';
+      connectionGone(`The connection has ended: ${why}. Connect again to continue.`);
       break;
     }
     default:
-      log(`Message: ${JSON.stringify(msg)}`);
+      break; // a message this console does not know yet (a newer relay): nothing to show
   }
 }
 
 function onControlError(msg) {
-  const text = msg.message || msg.code || 'Error';
-  log(`Error${msg.code ? ` ${msg.code}` : ''}: ${text}`, 'error');
+  const text = msg.message || 'The relay refused that.';
+  log(text, 'error');
   // A refused orchestration change is said in its panel, next to what was refused.
   if (!orchestration.refused(msg)) showMessage(text);
   // A failed start/end: whatever we were waiting for isn't coming.
@@ -583,29 +639,96 @@ async function connect() {
     });
   } catch (err) {
     conn.phase = 'disconnected';
-    const text = errorText(err);
-    log(`Connect failed: ${text}`, 'error');
+    const text = hostErrorText(err);
+    log(`Could not connect: ${text}`, 'error');
     showMessage(text);
     render();
     return;
   }
 
-  conn.phase = 'connected';
-  conn.id = res.connection_id;
-  conn.clientToken = res.client_token;
   const ttl = Number(res.client_token_expires_in);
-  conn.tokenLifeMs = (Number.isFinite(ttl) && ttl > 0 ? ttl : 600) * 1000;
-  conn.tokenExpiresAt = Date.now() + conn.tokenLifeMs;
+  const lifeMs = (Number.isFinite(ttl) && ttl > 0 ? ttl : 600) * 1000;
+  const expires = Date.parse(res.expires_at ?? '');
+  attach({
+    id: res.connection_id,
+    clientToken: res.client_token,
+    tokenLifeMs: lifeMs,
+    tokenExpiresAt: Date.now() + lifeMs,
+    expiresAt: Number.isFinite(expires) ? expires : 0,
+    broadcast: res.broadcast,
+  });
+  const idle = res.idle_timeout_seconds ? ` It waits ${res.idle_timeout_seconds} s for this console if the page reloads.` : '';
+  log(`Connection ${short(res.connection_id)} open.${idle}`);
+}
+
+/** Take up a connection: a new one, or this tab's own after a reload (from sessionStorage). */
+function attach(saved) {
+  conn.phase = 'connected';
+  conn.id = saved.id;
+  conn.clientToken = saved.clientToken;
+  conn.tokenLifeMs = saved.tokenLifeMs;
+  conn.tokenExpiresAt = saved.tokenExpiresAt;
+  conn.expiresAt = saved.expiresAt || 0;
   conn.socketAttempt = 0;
   conn.stream = null;
   conn.lastEnded = null;
-  els.connId.textContent = res.connection_id;
-  els.connExpires.textContent = res.expires_at ? new Date(res.expires_at).toLocaleString() : '—';
+  conn.warned.clear();
+  showId(els.connId, saved.id);
+  els.connExpires.textContent = conn.expiresAt ? new Date(conn.expiresAt).toLocaleString() : '—';
   els.info.hidden = false;
-  log(`Connection ${res.connection_id} open (idle timeout ${res.idle_timeout_seconds ?? '?'} s).`);
-  setBroadcast(res.broadcast);
+  saveConnection();
+  setBroadcast(saved.broadcast);
   openControl();
+  clearInterval(conn.expiryTimer);
+  conn.expiryTimer = setInterval(warnExpiry, 1000);
   render();
+}
+
+/** The connection's own end (connection_max_seconds) is near: say so once, five minutes ahead. */
+function warnExpiry() {
+  if (!conn.expiresAt || conn.warned.has('connection')) return;
+  const left = (conn.expiresAt - Date.now()) / 1000;
+  if (left > CONNECTION_WARN_S) return;
+  conn.warned.add('connection');
+  showMessage(`This connection ends in ${formatSeconds(left)} (its maximum age). Disconnect and connect again before then to keep broadcasting.`, 'warn');
+  log('The connection reaches its maximum age in 5 minutes.', 'error');
+}
+
+function saveConnection() {
+  if (!conn.id) return;
+  try {
+    sessionStorage.setItem(CONN_STORAGE, JSON.stringify({
+      id: conn.id,
+      clientToken: conn.clientToken,
+      tokenLifeMs: conn.tokenLifeMs,
+      tokenExpiresAt: conn.tokenExpiresAt,
+      expiresAt: conn.expiresAt,
+      broadcast: conn.broadcast,
+    }));
+  } catch {
+    // Storage off: a reload starts over, as before.
+  }
+}
+
+function savedConnection() {
+  try {
+    const saved = JSON.parse(sessionStorage.getItem(CONN_STORAGE) ?? 'null');
+    if (saved && typeof saved.id === 'string' && typeof saved.clientToken === 'string'
+      && Number(saved.tokenExpiresAt) > Date.now()) return saved;
+  } catch {
+    // Unreadable: start over.
+  }
+  sessionStorage.removeItem(CONN_STORAGE);
+  return null;
+}
+
+/** What a host reads for a failed call: plain words for the usual causes, else the relay's. */
+function hostErrorText(err) {
+  if (err instanceof HttpError && err.status === 401) {
+    return 'The relay did not accept this API key. Check that you pasted all of it, then try again.';
+  }
+  if (err instanceof HttpError && err.status === 403) return 'This API key may not do that.';
+  return errorText(err);
 }
 
 async function disconnect() {
@@ -622,7 +745,7 @@ async function disconnect() {
     log('Disconnected.');
   } catch (err) {
     // 404: it was already gone. Either way this page is done with it.
-    log(`Disconnect: ${errorText(err)}`, err instanceof HttpError && err.status === 404 ? '' : 'error');
+    if (!(err instanceof HttpError && [401, 404].includes(err.status))) log(`Disconnect: ${hostErrorText(err)}`, 'error');
   }
   resetConnection();
   showMessage('');
@@ -643,6 +766,12 @@ function resetConnection() {
   clearTimeout(conn.socketRetryTimer);
   clearInterval(conn.keepaliveTimer);
   clearInterval(conn.countdownTimer);
+  clearInterval(conn.expiryTimer);
+  try {
+    sessionStorage.removeItem(CONN_STORAGE);
+  } catch {
+    // nothing kept
+  }
   setPending(null);
   stopPreview();
   clearBroadcast();
@@ -656,6 +785,8 @@ function resetConnection() {
     keepaliveTimer: null,
     countdownTimer: null,
     socketRetryTimer: null,
+    expiryTimer: null,
+    expiresAt: 0,
   });
   els.info.hidden = true;
   render();
@@ -721,31 +852,44 @@ els.apiKey.addEventListener('change', () => {
   else sessionStorage.removeItem(KEY_STORAGE);
 });
 
-// Leaving the page would orphan the connection (its client_token lives only
-// here), holding one of the relay's few streamers until the idle timeout: free
-// it now. keepalive lets the DELETE outlive the page.
-window.addEventListener('pagehide', () => {
-  if (!conn.id || conn.phase === 'disconnected') return;
-  fetch(`/v1/connections/${encodeURIComponent(conn.id)}`, {
-    method: 'DELETE',
-    keepalive: true,
-    headers: { Authorization: `Bearer ${conn.apiKey}` },
-  }).catch(() => {});
-  stopPreview();
-  const ws = conn.socket;
-  conn.socket = null;
-  if (ws) ws.close(1000, 'page closed');
-  conn.phase = 'disconnected';
+// Leaving (or reloading) the page does not end the broadcast: the connection waits for this
+// tab to come back (its client token is kept in sessionStorage) until the relay's idle timeout;
+// Disconnect is the way to end it. Only while live does the browser ask before leaving.
+window.addEventListener('beforeunload', (e) => {
+  if (!conn.stream) return;
+  e.preventDefault();
+  e.returnValue = ''; // older Chromium asks only with this set
 });
 
-// Restored from the back/forward cache: the connection was released on pagehide.
+window.addEventListener('pagehide', () => {
+  if (conn.phase !== 'connected') return;
+  stopPreview();
+  const ws = conn.socket;
+  conn.socket = null; // its close is ours, not a drop to recover from
+  conn.socketOpen = false;
+  clearInterval(conn.keepaliveTimer);
+  if (ws) ws.close(1000, 'page hidden');
+});
+
+// Restored from the back/forward cache: pick the connection up again where pagehide left it.
 window.addEventListener('pageshow', (e) => {
-  if (e.persisted) resetConnection();
+  if (!e.persisted || conn.phase !== 'connected') return;
+  if (conn.broadcast) startPreview();
+  recoverControl();
 });
 
 // ---------- init ----------
 
 els.apiKey.value = sessionStorage.getItem(KEY_STORAGE) ?? '';
 const simulations = new Simulations({ keyField: els.apiKey, connectionKey: () => conn.apiKey, log });
-render();
+const saved = savedConnection();
+if (saved && els.apiKey.value) {
+  // A reload: back onto this tab's connection; the control socket (or its recovery) finds out
+  // whether the relay still has it.
+  conn.apiKey = els.apiKey.value;
+  log(`Re-attaching to connection ${short(saved.id)}…`, 'out');
+  attach(saved);
+} else {
+  render();
+}
 simulations.refresh();

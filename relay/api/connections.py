@@ -206,9 +206,12 @@ async def control(request: web.Request) -> web.WebSocketResponse:
                             "broadcast": broadcast_info(request, conn),
                             "orchestration": conn.broadcast.orchestrator.state(host=True)})
         if conn.stream is not None and conn.stream.live:
+            # A console that reloaded joins a stream under way: how long it has left, too.
+            left = max(0.0, conn.stream.deadline - sessions.clock.monotonic())
             await ws.send_json({"type": "stream_started", "stream_id": conn.stream.stream_id,
                                 "prompt": conn.stream.prompt,
-                                "max_duration_seconds": conn.stream.max_duration_seconds})
+                                "max_duration_seconds": conn.stream.max_duration_seconds,
+                                "seconds_left": round(left, 1)})
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
                 continue

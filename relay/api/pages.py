@@ -22,11 +22,13 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/host")
+@routes.get("/host/")  # as people type it; the page's own links are absolute
 async def host_console(request: web.Request) -> web.FileResponse:
     return page("host.html")
 
 
 @routes.get("/watch/{broadcast_id}")
+@routes.get("/watch/{broadcast_id}/")
 async def watch_page(request: web.Request) -> web.FileResponse:
     # The page itself is public; the spectator token in its URL is what grants watching.
     return page("watch.html")
