@@ -29,6 +29,8 @@ from .spectators import Spectators
 # exactly on each join and leave, not from the coalesced pushes).
 RECORDED_EVENTS = frozenset({"stream_started", "prompt_applied"})
 
+STATUS_INTERVAL = 2.0  # seconds between the host's control-room pushes (counts, stream health)
+
 # How a broadcast gets its media graph: MediaGraph in the server; a test may pass a graph with no
 # pipeline (no render or encoder thread).
 MediaFactory = Callable[[Settings, Clock, RecorderFactory | None], MediaGraph]
@@ -52,6 +54,7 @@ class Broadcast:
         if recordings is not None and settings.recordings.enabled:  # each stream's, filed under this broadcast
             recorder = partial(recordings.recorder, owner=owner, connection_id=connection_id,
                                broadcast_id=self.broadcast_id)
+        self._clock = clock
         self.media = media(settings, clock, recorder)
         self.spectators = Spectators(self.broadcast_id, settings.limits, clock,
                                      feed=self.media.feed, on_viewers=self._record_viewers)
@@ -59,6 +62,8 @@ class Broadcast:
         self.stream_id: str | None = None
         self.prompt: str | None = None
         self._viewers_sent = -1
+        # The last control-room sample: (monotonic time, frames, bytes) the rates are measured from.
+        self._status_sample: tuple[float, int, int] | None = None
         # Whether the host's console is there: "reconnecting" while its last control socket is gone
         # (a reload, a dropped network) and the connection waits for it until the idle timeout.
         self.host = "connected"
@@ -148,13 +153,41 @@ class Broadcast:
 
     # -- housekeeping ----------------------------------------------------------------
 
+    def status(self) -> dict[str, Any] | None:
+        """The host's control room: who is watching and how the stream is doing, measured over the
+        time since the last call; None until STATUS_INTERVAL has passed since it."""
+        now = self._clock.monotonic()
+        hub = self.media.hub
+        sample = (now, hub.published, hub.published_bytes)
+        last = self._status_sample
+        if last is None:
+            self._status_sample = sample
+        if last is None or now - last[0] < STATUS_INTERVAL:
+            return None
+        self._status_sample = sample
+        span = now - last[0]
+        stream = None
+        if self.live:
+            stream = {
+                "stream_id": self.stream_id,
+                "fps": round((sample[1] - last[1]) / span, 1),
+                "bitrate_kbps": round((sample[2] - last[2]) * 8 / span / 1000),
+                "keyframes_forced": self.media.keyframes_forced,
+            }
+        hls = self.hls.readers(now) if self.hls is not None else 0
+        return {"type": "status", "viewers": {"webrtc": self.viewers, "hls": hls},
+                "participants": self.audience.participants, "stream": stream}
+
     async def tick(self) -> None:
-        """Drop silent spectators; publish the viewer count when it changed; run the orchestration."""
+        """Drop silent spectators; publish the viewer count when it changed; run the orchestration;
+        every STATUS_INTERVAL, tell the host's console the counts and the stream's health."""
         await self.spectators.tick()
         if self.viewers != self._viewers_sent:
             self._viewers_sent = self.viewers
             self.emit({"type": "viewers", "count": self._viewers_sent})
         await self.audience.tick()
+        if self.audience.host_event is not None and (status := self.status()) is not None:
+            self.audience.host_event(status)
 
     async def close(self, reason: str = "disconnected") -> None:
         """``reason`` is the connection's (disconnected, idle_timeout, expired, shutdown): the

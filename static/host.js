@@ -19,7 +19,7 @@
 
 import { WhepPlayer, HttpError, errorText, fetchJson, wsUrl } from '/static/whep.js';
 import { OrchestrationPanel } from '/static/orchestration.js';
-import { recordingButton } from '/static/recordings.js';
+import { RecordingsLibrary, recordingButton } from '/static/recordings.js';
 import { Simulations } from '/static/simulations.js';
 
 const KEY_STORAGE = 'relay.apiKey';   // sessionStorage: gone when the tab closes
@@ -62,6 +62,10 @@ const els = {
   previewState: $('preview-state'),
   history: $('history'),
   log: $('log'),
+  room: $('room'),
+  roomViewers: $('room-viewers'),
+  roomParticipants: $('room-participants'),
+  roomHealth: $('room-health'),
 };
 
 /**
@@ -419,6 +423,7 @@ function streamStarted(msg) {
 
 function streamEnded(msg) {
   setPending(null);
+  library.refreshSoon(); // its recording joins the library once finished
   const id = msg.stream_id ?? conn.stream?.id ?? '';
   const reason = msg.reason || 'ended';
   if (id) endHistory(id, reason);
@@ -429,6 +434,24 @@ function streamEnded(msg) {
   preview?.setLive(false);
   refreshPreviewBadge();
   render();
+}
+
+// ---------- the control room ----------
+
+const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
+
+/** The relay's status push: who is watching, who takes part, how the stream is doing. */
+function showRoom(msg) {
+  const webrtc = Number(msg.viewers?.webrtc) || 0;
+  const hls = Number(msg.viewers?.hls) || 0;
+  els.roomViewers.textContent = `${webrtc + hls} (${webrtc} live · ${hls} over HLS)`;
+  els.roomParticipants.textContent = plural(Number(msg.participants) || 0, 'person', 'people');
+  const s = msg.stream;
+  els.roomHealth.textContent = s
+    ? `${s.fps} fps · ${(s.bitrate_kbps / 1000).toFixed(1)} Mbps · ${plural(s.keyframes_forced, 'keyframe', 'keyframes')} forced`
+    : 'no stream live';
+  els.roomHealth.dataset.state = s && s.fps < 15 ? 'warn' : '';
+  els.room.hidden = false;
 }
 
 // ---------- control socket ----------
@@ -570,6 +593,9 @@ function onControl(msg) {
       log(`Stream ${short(msg.stream_id)} ${endedText(msg.reason ?? 'ended')}.`);
       streamEnded(msg);
       break;
+    case 'status':
+      showRoom(msg);
+      break;
     case 'interact_acknowledged':
       log(`Prompt applied: "${msg.prompt ?? ''}"`);
       break;
@@ -657,6 +683,7 @@ async function connect() {
     expiresAt: Number.isFinite(expires) ? expires : 0,
     broadcast: res.broadcast,
   });
+  library.refresh();
   const idle = res.idle_timeout_seconds ? ` It waits ${res.idle_timeout_seconds} s for this console if the page reloads.` : '';
   log(`Connection ${short(res.connection_id)} open.${idle}`);
 }
@@ -789,6 +816,7 @@ function resetConnection() {
     expiresAt: 0,
   });
   els.info.hidden = true;
+  els.room.hidden = true;
   render();
 }
 
@@ -882,6 +910,7 @@ window.addEventListener('pageshow', (e) => {
 
 els.apiKey.value = sessionStorage.getItem(KEY_STORAGE) ?? '';
 const simulations = new Simulations({ keyField: els.apiKey, connectionKey: () => conn.apiKey, log });
+const library = new RecordingsLibrary({ key: () => conn.apiKey || els.apiKey.value.trim(), log });
 const saved = savedConnection();
 if (saved && els.apiKey.value) {
   // A reload: back onto this tab's connection; the control socket (or its recovery) finds out
@@ -893,3 +922,4 @@ if (saved && els.apiKey.value) {
   render();
 }
 simulations.refresh();
+library.refresh();

@@ -118,3 +118,27 @@ async def test_the_console_says_its_connection_is_gone_after_a_relay_restart(tmp
     finally:
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
+
+
+async def test_the_control_room_counts_a_real_spectator_and_lists_recordings_after_a_reload(relay_factory, open_page):
+    relay = await relay_factory(limits={"stream_max_seconds": 30, "idle_timeout_seconds": 10})
+    host = await open_page(f"{relay.url}/host")
+    await connect_and_start(host, "a harbour at night")
+    b = only_connection(relay).broadcast
+    room = host.locator("#room")
+    await expect(room).to_be_visible()
+    await expect(host.locator("#room-viewers")).to_have_text("0 (0 live · 0 over HLS)")
+    async with Spectator(f"{relay.url}/v1/broadcasts/{b.broadcast_id}/whep", b.spectator_token):
+        # The host's own preview is not counted; the aiortc spectator is.
+        await expect(host.locator("#room-viewers")).to_have_text("1 (1 live · 0 over HLS)")
+        await expect(host.locator("#room-health")).to_contain_text("fps")
+        await expect(host.locator("#room-health")).to_contain_text("Mbps")
+    await expect(host.locator("#room-viewers")).to_have_text("0 (0 live · 0 over HLS)")
+
+    stream_id = only_connection(relay).stream.stream_id
+    await host.click("#end")
+    await expect(host.locator("#stream-status")).to_have_attribute("data-state", "ended")
+    await host.reload()  # not live: no question asked
+    await expect(host.locator("#connection-state")).to_have_text("Connected")
+    await expect(host.locator("#library .id").first).to_have_attribute("title", stream_id)
+    await expect(host.locator("#library .recording").first).to_have_text("Replay")
