@@ -29,7 +29,7 @@ from .spectators import Spectators
 # exactly on each join and leave, not from the coalesced pushes).
 RECORDED_EVENTS = frozenset({"stream_started", "prompt_applied"})
 
-STATUS_INTERVAL = 2.0  # seconds between the host's control-room pushes (counts, stream health)
+STATUS_SPAN = 1.0  # the shortest time the control room's rates (fps, bitrate) are measured over
 
 # How a broadcast gets its media graph: MediaGraph in the server; a test may pass a graph with no
 # pipeline (no render or encoder thread).
@@ -64,6 +64,7 @@ class Broadcast:
         self._viewers_sent = -1
         # The last control-room sample: (monotonic time, frames, bytes) the rates are measured from.
         self._status_sample: tuple[float, int, int] | None = None
+        self._rates: tuple[float, int] | None = None  # (fps, kbps) between the last two samples
         # Whether the host's console is there: "reconnecting" while its last control socket is gone
         # (a reload, a dropped network) and the connection waits for it until the idle timeout.
         self.host = "connected"
@@ -153,41 +154,34 @@ class Broadcast:
 
     # -- housekeeping ----------------------------------------------------------------
 
-    def status(self) -> dict[str, Any] | None:
-        """The host's control room: who is watching and how the stream is doing, measured over the
-        time since the last call; None until STATUS_INTERVAL has passed since it."""
+    def status(self) -> dict[str, Any]:
+        """The host's control room (asked for over the control socket): who is watching and how the
+        live stream is doing, its rates measured between samples at least STATUS_SPAN apart."""
         now = self._clock.monotonic()
         hub = self.media.hub
         sample = (now, hub.published, hub.published_bytes)
         last = self._status_sample
-        if last is None:
+        if last is None or now - last[0] >= STATUS_SPAN:
+            if last is not None:
+                span = now - last[0]
+                self._rates = (round((sample[1] - last[1]) / span, 1), round((sample[2] - last[2]) * 8 / span / 1000))
             self._status_sample = sample
-        if last is None or now - last[0] < STATUS_INTERVAL:
-            return None
-        self._status_sample = sample
-        span = now - last[0]
         stream = None
         if self.live:
-            stream = {
-                "stream_id": self.stream_id,
-                "fps": round((sample[1] - last[1]) / span, 1),
-                "bitrate_kbps": round((sample[2] - last[2]) * 8 / span / 1000),
-                "keyframes_forced": self.media.keyframes_forced,
-            }
+            fps, kbps = self._rates if self._rates is not None else (None, None)
+            stream = {"stream_id": self.stream_id, "fps": fps, "bitrate_kbps": kbps,
+                      "keyframes_forced": self.media.keyframes_forced}
         hls = self.hls.readers(now) if self.hls is not None else 0
         return {"type": "status", "viewers": {"webrtc": self.viewers, "hls": hls},
                 "participants": self.audience.participants, "stream": stream}
 
     async def tick(self) -> None:
-        """Drop silent spectators; publish the viewer count when it changed; run the orchestration;
-        every STATUS_INTERVAL, tell the host's console the counts and the stream's health."""
+        """Drop silent spectators; publish the viewer count when it changed; run the orchestration."""
         await self.spectators.tick()
         if self.viewers != self._viewers_sent:
             self._viewers_sent = self.viewers
             self.emit({"type": "viewers", "count": self._viewers_sent})
         await self.audience.tick()
-        if self.audience.host_event is not None and (status := self.status()) is not None:
-            self.audience.host_event(status)
 
     async def close(self, reason: str = "disconnected") -> None:
         """``reason`` is the connection's (disconnected, idle_timeout, expired, shutdown): the

@@ -31,6 +31,7 @@ const KEEPALIVE_MS = 10000;           // well inside the relay's idle_timeout_se
 const SOCKET_BACKOFF_MAX_MS = 2000;   // short: a relay that restarted is found out within seconds
 const STREAM_WARN_S = 30;             // warn this long before the stream's limit
 const CONNECTION_WARN_S = 300;        // ...and this long before the connection's end
+const STATUS_MS = 2000;               // how often the control room asks for counts and health
 const PENDING_TIMEOUT_MS = 20000;     // give up waiting for a reply to start/end
 const LOG_MAX = 300;
 
@@ -93,6 +94,7 @@ const conn = {
   countdownTimer: null,
   lastEnded: null,     // {id, reason} of the last stream, for the status line
   expiryTimer: null,
+  statusTimer: null,   // asks for the control room's status while the socket is open
   expiresAt: 0,        // the connection's end (connection_max_seconds), ms since the epoch
   warned: new Set(),   // the warnings already given: 'stream:<id>', 'connection'
 };
@@ -447,10 +449,13 @@ function showRoom(msg) {
   els.roomViewers.textContent = `${webrtc + hls} (${webrtc} live · ${hls} over HLS)`;
   els.roomParticipants.textContent = plural(Number(msg.participants) || 0, 'person', 'people');
   const s = msg.stream;
-  els.roomHealth.textContent = s
-    ? `${s.fps} fps · ${(s.bitrate_kbps / 1000).toFixed(1)} Mbps · ${plural(s.keyframes_forced, 'keyframe', 'keyframes')} forced`
-    : 'no stream live';
-  els.roomHealth.dataset.state = s && s.fps < 15 ? 'warn' : '';
+  if (!s) els.roomHealth.textContent = 'no stream live';
+  else if (s.fps === null) els.roomHealth.textContent = 'measuring…';
+  else {
+    els.roomHealth.textContent = `${s.fps} fps · ${(s.bitrate_kbps / 1000).toFixed(1)} Mbps · `
+      + `${plural(s.keyframes_forced, 'keyframe', 'keyframes')} forced`;
+  }
+  els.roomHealth.dataset.state = s && s.fps !== null && s.fps < 15 ? 'warn' : '';
   els.room.hidden = false;
 }
 
@@ -481,6 +486,9 @@ function openControl() {
       send({ type: 'keepalive' });
       keepTokenFresh();
     }, Math.min(KEEPALIVE_MS, conn.tokenLifeMs / 4));
+    clearInterval(conn.statusTimer);
+    send({ type: 'status' });
+    conn.statusTimer = setInterval(() => send({ type: 'status' }), STATUS_MS);
     render();
   });
 
@@ -501,6 +509,7 @@ function openControl() {
     conn.socket = null;
     conn.socketOpen = false;
     clearInterval(conn.keepaliveTimer);
+    clearInterval(conn.statusTimer);
     conn.keepaliveTimer = null;
     render();
     if (conn.phase !== 'connected') return;
@@ -794,6 +803,7 @@ function resetConnection() {
   clearInterval(conn.keepaliveTimer);
   clearInterval(conn.countdownTimer);
   clearInterval(conn.expiryTimer);
+  clearInterval(conn.statusTimer);
   try {
     sessionStorage.removeItem(CONN_STORAGE);
   } catch {
@@ -896,6 +906,7 @@ window.addEventListener('pagehide', () => {
   conn.socket = null; // its close is ours, not a drop to recover from
   conn.socketOpen = false;
   clearInterval(conn.keepaliveTimer);
+  clearInterval(conn.statusTimer);
   if (ws) ws.close(1000, 'page hidden');
 });
 

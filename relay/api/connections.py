@@ -258,6 +258,9 @@ async def _handle_control_message(request: web.Request, host: HostCommands, data
             raise invalid_request("Control messages carry a string 'type'.", field="type")
         if kind == "keepalive":
             return
+        if kind == "status":  # the console's control room asks every few seconds
+            await ws.send_json(conn.broadcast.status())
+            return
         if kind == "refresh_token":
             sessions.refresh_client_token(conn)
             await ws.send_json(client_token_message(conn, sessions))
