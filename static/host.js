@@ -583,7 +583,6 @@ function onControl(msg) {
       break;
     }
     case 'connected':
-      log(`Control channel ready for connection ${short(msg.connection_id ?? conn.id)}.`);
       setBroadcast(msg.broadcast);
       orchestration.applyState(msg.orchestration);
       break;
