@@ -11,22 +11,19 @@
 // State lives in one object, `conn`; every change ends in render(), which is
 // the single place that enables/disables buttons.
 //
-// This module is the console itself: the connection, its control socket, the stream
-// controls, the watch link and preview, the history and the event log. The page's two whole
-// features live beside it, as participate.js does beside watch.js: the audience panel
-// (orchestration.js) and the simulations tab (simulations.js); recordings.js opens a past
-// stream's replay.
+// This module is the console itself: the connection (kept for the tab by tabstore.js: a reload
+// re-attaches), its control socket, the stream controls, the control room and the log. Beside
+// it: orchestration.js (audience), simulations.js, recordings.js (history, library), preview.js
+// (watch link, preview) and hostview.js (the console's words).
 
-import { WhepPlayer, HttpError, errorText, fetchJson, wsUrl } from '/static/whep.js';
+import { HttpError, fetchJson, wsUrl } from '/static/whep.js';
+import { endedText, formatSeconds, hostErrorText, short, showId, showRoom } from '/static/hostview.js';
+import { HostPreview, WatchLink } from '/static/preview.js';
 import { OrchestrationPanel } from '/static/orchestration.js';
-import { RecordingsLibrary, recordingButton } from '/static/recordings.js';
+import { RecordingsLibrary, StreamHistory } from '/static/recordings.js';
 import { Simulations } from '/static/simulations.js';
+import { forgetConnection, keepConnection, keepKey, keptConnection, keptKey } from '/static/tabstore.js';
 
-const KEY_STORAGE = 'relay.apiKey';   // sessionStorage: gone when the tab closes
-// The open connection, kept for this tab so a reloaded console re-attaches to it (within the
-// relay's idle timeout) instead of ending the broadcast: {id, clientToken, tokenExpiresAt,
-// tokenLifeMs, expiresAt, broadcast}.
-const CONN_STORAGE = 'relay.connection';
 const KEEPALIVE_MS = 10000;           // well inside the relay's idle_timeout_seconds (default 40)
 const SOCKET_BACKOFF_MAX_MS = 2000;   // short: a relay that restarted is found out within seconds
 const STREAM_WARN_S = 30;             // warn this long before the stream's limit
@@ -53,20 +50,12 @@ const els = {
   send: $('send'),
   end: $('end'),
   status: $('stream-status'),
-  watchUrl: $('watch-url'),
-  watchEmpty: $('watch-url-empty'),
-  copy: $('copy-watch-url'),
-  hlsRow: $('hls-row'),
-  hlsUrl: $('hls-url'),
   preview: $('preview'),
   previewStage: $('preview-stage'),
   previewState: $('preview-state'),
   history: $('history'),
   log: $('log'),
   room: $('room'),
-  roomViewers: $('room-viewers'),
-  roomParticipants: $('room-participants'),
-  roomHealth: $('room-health'),
 };
 
 /**
@@ -99,8 +88,13 @@ const conn = {
   warned: new Set(),   // the warnings already given: 'stream:<id>', 'connection'
 };
 
-let preview = null;
-const historyItems = new Map(); // stream_id -> <li>
+
+const preview = new HostPreview({
+  video: els.preview, stage: els.previewStage, badge: els.previewState, token: previewToken, log,
+});
+
+const watchLink = new WatchLink();
+const streamHistory = new StreamHistory(els.history, { key: () => conn.apiKey || els.apiKey.value.trim(), log });
 
 const orchestration = new OrchestrationPanel({
   send,
@@ -131,43 +125,6 @@ function showMessage(text, kind = 'error') {
   els.message.hidden = !text;
   els.message.textContent = text || '';
   els.message.dataset.kind = kind;
-}
-
-// Why a stream ended, as the host reads it.
-const END_REASONS = {
-  ended: 'ended',
-  duration_limit: 'ended: it reached the time limit',
-  upstream_error: 'ended: the world model failed',
-  disconnected: 'ended: the connection closed',
-};
-
-function endedText(reason) {
-  return END_REASONS[reason] ?? `ended: ${String(reason).replaceAll('_', ' ')}`;
-}
-
-/** An id as people read it: its first 8 characters, the whole one in the title and copied on click. */
-function showId(target, id) {
-  target.replaceChildren();
-  if (!id) return;
-  const button = document.createElement('button');
-  button.type = 'button';
-  button.className = 'id-chip';
-  button.textContent = id.length > 10 ? `${id.slice(0, 8)}…` : id;
-  button.title = `${id} (click to copy)`;
-  button.setAttribute('aria-label', `Copy the id ${id}`);
-  button.addEventListener('click', async () => {
-    const ok = await copyText(id);
-    button.dataset.copied = ok ? 'yes' : 'no';
-    setTimeout(() => delete button.dataset.copied, 1500);
-  });
-  target.append(button);
-}
-
-const short = (id) => (id && id.length > 10 ? `${id.slice(0, 8)}…` : id || '');
-
-function formatSeconds(total) {
-  const s = Math.max(0, Math.ceil(total));
-  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, '0')}`;
 }
 
 // ---------- render: the one place that decides what is enabled ----------
@@ -233,47 +190,14 @@ function setBroadcast(broadcast) {
   conn.broadcast = { ...conn.broadcast, ...broadcast };
   showId(els.broadcastId, broadcast.broadcast_id);
   saveConnection();
-
-  // watch_url is absolute in the contract; resolve anyway, and add the spectator
-  // token if the relay left it out, so the link works when pasted as is.
-  const token = conn.broadcast.spectator_token;
-  const url = new URL(
-    conn.broadcast.watch_url || `/watch/${encodeURIComponent(broadcast.broadcast_id)}`,
-    window.location.href,
-  );
-  if (token && !url.searchParams.has('token')) url.searchParams.set('token', token);
-  els.watchUrl.href = url.href;
-  els.watchUrl.textContent = url.href;
-  els.watchUrl.hidden = false;
-  els.watchEmpty.hidden = true;
-  els.copy.disabled = false;
-  // The same broadcast as live HLS (null when the relay has it off): for OBS, VLC or a CDN origin.
-  const hls = conn.broadcast.hls_url ? new URL(conn.broadcast.hls_url, window.location.href).href : '';
-  els.hlsUrl.href = hls || '#';
-  els.hlsUrl.textContent = hls;
-  els.hlsRow.hidden = !hls;
-
-  if (changed) startPreview();
+  watchLink.show(conn.broadcast);
+  if (changed) preview.start(conn.broadcast.broadcast_id);
 }
 
 function clearBroadcast() {
   conn.broadcast = null;
-  els.watchUrl.hidden = true;
-  els.watchUrl.removeAttribute('href');
-  els.watchUrl.textContent = '';
-  els.watchEmpty.hidden = false;
-  els.copy.disabled = true;
-  els.hlsRow.hidden = true;
-  els.hlsUrl.textContent = '';
+  watchLink.clear();
 }
-
-const PREVIEW_LABELS = {
-  connecting: ['connecting', 'Connecting'],
-  connected: ['waiting', 'Connected'],
-  reconnecting: ['reconnecting', 'Reconnecting'],
-  failed: ['error', 'Unavailable'],
-  stopped: ['idle', 'Off'],
-};
 
 const TOKEN_MARGIN_MS = 5000;         // stop using the client_token this long before it expires
 
@@ -289,108 +213,10 @@ function previewToken() {
   return conn.broadcast?.spectator_token ?? '';
 }
 
-function startPreview() {
-  stopPreview();
-  const b = conn.broadcast;
-  // Same origin as this page: the relay that served it is the one to watch from.
-  preview = new WhepPlayer({
-    endpoint: `/v1/broadcasts/${encodeURIComponent(b.broadcast_id)}/whep`,
-    token: previewToken,
-    // The relay takes the client_token on the offer only: its session's PATCH/DELETE would
-    // refuse it (401) and the preview would linger. The Location is the capability anyway.
-    sessionAuth: false,
-    video: els.preview,
-    onStatus: ({ state, message, retryInMs }) => {
-      let [badge, label] = PREVIEW_LABELS[state] ?? ['idle', state];
-      if (state === 'connected' && conn.stream) [badge, label] = ['live', 'Live'];
-      els.previewState.dataset.state = badge;
-      els.previewState.textContent = label;
-      if (message && (state === 'failed' || retryInMs)) log(`Preview: ${message}`, state === 'failed' ? 'error' : '');
-    },
-  });
-  preview.setLive(Boolean(conn.stream));
-  preview.start();
-}
-
-function stopPreview() {
-  if (preview) preview.stop();
-  preview = null;
-}
-
-function refreshPreviewBadge() {
-  if (!preview || preview.state !== 'connected') return;
-  els.previewState.dataset.state = conn.stream ? 'live' : 'waiting';
-  els.previewState.textContent = conn.stream ? 'Live' : 'Connected';
-}
-
-function fitPreview() {
-  const { videoWidth: w, videoHeight: h } = els.preview;
-  if (w && h) els.previewStage.style.setProperty('--ar', `${w} / ${h}`);
-}
-els.preview.addEventListener('loadedmetadata', fitPreview);
-els.preview.addEventListener('resize', fitPreview);
-
-async function copyText(text) {
-  let ok = false;
-  try {
-    await navigator.clipboard.writeText(text);
-    ok = true;
-  } catch {
-    // navigator.clipboard needs a secure context (https or localhost): fall back.
-    const ta = document.createElement('textarea');
-    ta.value = text;
-    ta.setAttribute('readonly', '');
-    ta.style.position = 'fixed';
-    ta.style.opacity = '0';
-    document.body.append(ta);
-    ta.select();
-    try {
-      ok = document.execCommand('copy');
-    } catch {
-      ok = false;
-    }
-    ta.remove();
-  }
-  return ok;
-}
-
-els.copy.addEventListener('click', async () => {
-  const ok = await copyText(els.watchUrl.href);
-  els.copy.textContent = ok ? 'Copied' : 'Copy failed';
-  setTimeout(() => {
-    els.copy.textContent = 'Copy';
-  }, 1500);
-});
 
 // ---------- streams and history ----------
 
-function addHistory(id, prompt) {
-  if (historyItems.has(id)) return;
-  const li = document.createElement('li');
-  const idEl = document.createElement('span');
-  idEl.className = 'id';
-  showId(idEl, id);
-  const reason = document.createElement('span');
-  reason.className = 'reason';
-  reason.dataset.live = '';
-  reason.textContent = 'live';
-  const p = document.createElement('span');
-  p.className = 'prompt';
-  p.textContent = prompt || '';
-  const rec = recordingButton(id, { key: () => conn.apiKey || els.apiKey.value.trim(), log });
-  li.append(idEl, reason, p, rec);
-  els.history.prepend(li); // newest first
-  historyItems.set(id, li);
-}
 
-function endHistory(id, reasonText) {
-  const reason = historyItems.get(id)?.querySelector('.reason');
-  if (!reason) return;
-  delete reason.dataset.live;
-  reason.textContent = endedText(reasonText);
-  const rec = historyItems.get(id)?.querySelector('.recording');
-  if (rec) rec.hidden = false;
-}
 
 function setPending(kind) {
   clearTimeout(conn.pendingTimer);
@@ -415,11 +241,10 @@ function streamStarted(msg) {
     endsAt: Number.isFinite(left) && left > 0 ? Date.now() + left * 1000 : 0,
   };
   conn.lastEnded = null;
-  addHistory(msg.stream_id, msg.prompt);
+  streamHistory.add(msg.stream_id, msg.prompt);
   clearInterval(conn.countdownTimer);
   conn.countdownTimer = setInterval(renderStatus, 1000);
-  preview?.setLive(true);
-  refreshPreviewBadge();
+  preview.setLive(true);
   render();
 }
 
@@ -428,35 +253,13 @@ function streamEnded(msg) {
   library.refreshSoon(); // its recording joins the library once finished
   const id = msg.stream_id ?? conn.stream?.id ?? '';
   const reason = msg.reason || 'ended';
-  if (id) endHistory(id, reason);
+  if (id) streamHistory.end(id, reason);
   conn.stream = null;
   conn.lastEnded = { id, reason };
   clearInterval(conn.countdownTimer);
   conn.countdownTimer = null;
-  preview?.setLive(false);
-  refreshPreviewBadge();
+  preview.setLive(false);
   render();
-}
-
-// ---------- the control room ----------
-
-const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
-
-/** The relay's status push: who is watching, who takes part, how the stream is doing. */
-function showRoom(msg) {
-  const webrtc = Number(msg.viewers?.webrtc) || 0;
-  const hls = Number(msg.viewers?.hls) || 0;
-  els.roomViewers.textContent = `${webrtc + hls} (${webrtc} live · ${hls} over HLS)`;
-  els.roomParticipants.textContent = plural(Number(msg.participants) || 0, 'person', 'people');
-  const s = msg.stream;
-  if (!s) els.roomHealth.textContent = 'no stream live';
-  else if (s.fps === null) els.roomHealth.textContent = 'measuring…';
-  else {
-    els.roomHealth.textContent = `${s.fps} fps · ${(s.bitrate_kbps / 1000).toFixed(1)} Mbps · `
-      + `${plural(s.keyframes_forced, 'keyframe', 'keyframes')} forced`;
-  }
-  els.roomHealth.dataset.state = s && s.fps !== null && s.fps < 15 ? 'warn' : '';
-  els.room.hidden = false;
 }
 
 // ---------- control socket ----------
@@ -657,7 +460,7 @@ async function connect() {
     els.apiKey.focus();
     return;
   }
-  sessionStorage.setItem(KEY_STORAGE, key);
+  keepKey(key);
   conn.apiKey = key;
   conn.phase = 'connecting';
   showMessage('');
@@ -696,6 +499,10 @@ async function connect() {
   log(`Connection ${short(res.connection_id)} open.${idle}`);
 }
 
+function saveConnection() {
+  if (conn.id) keepConnection(conn);
+}
+
 /** Take up a connection: a new one, or this tab's own after a reload (from sessionStorage). */
 function attach(saved) {
   conn.phase = 'connected';
@@ -727,43 +534,6 @@ function warnExpiry() {
   conn.warned.add('connection');
   showMessage(`This connection ends in ${formatSeconds(left)} (its maximum age). Disconnect and connect again before then to keep broadcasting.`, 'warn');
   log('The connection reaches its maximum age in 5 minutes.', 'error');
-}
-
-function saveConnection() {
-  if (!conn.id) return;
-  try {
-    sessionStorage.setItem(CONN_STORAGE, JSON.stringify({
-      id: conn.id,
-      clientToken: conn.clientToken,
-      tokenLifeMs: conn.tokenLifeMs,
-      tokenExpiresAt: conn.tokenExpiresAt,
-      expiresAt: conn.expiresAt,
-      broadcast: conn.broadcast,
-    }));
-  } catch {
-    // Storage off: a reload starts over, as before.
-  }
-}
-
-function savedConnection() {
-  try {
-    const saved = JSON.parse(sessionStorage.getItem(CONN_STORAGE) ?? 'null');
-    if (saved && typeof saved.id === 'string' && typeof saved.clientToken === 'string'
-      && Number(saved.tokenExpiresAt) > Date.now()) return saved;
-  } catch {
-    // Unreadable: start over.
-  }
-  sessionStorage.removeItem(CONN_STORAGE);
-  return null;
-}
-
-/** What a host reads for a failed call: plain words for the usual causes, else the relay's. */
-function hostErrorText(err) {
-  if (err instanceof HttpError && err.status === 401) {
-    return 'The relay did not accept this API key. Check that you pasted all of it, then try again.';
-  }
-  if (err instanceof HttpError && err.status === 403) return 'This API key may not do that.';
-  return errorText(err);
 }
 
 async function disconnect() {
@@ -803,13 +573,9 @@ function resetConnection() {
   clearInterval(conn.countdownTimer);
   clearInterval(conn.expiryTimer);
   clearInterval(conn.statusTimer);
-  try {
-    sessionStorage.removeItem(CONN_STORAGE);
-  } catch {
-    // nothing kept
-  }
+  forgetConnection();
   setPending(null);
-  stopPreview();
+  preview.stop();
   clearBroadcast();
   orchestration.clear();
   Object.assign(conn, {
@@ -885,8 +651,7 @@ els.prompt.addEventListener('keydown', (e) => {
 });
 els.apiKey.addEventListener('change', () => {
   const key = els.apiKey.value.trim();
-  if (key) sessionStorage.setItem(KEY_STORAGE, key);
-  else sessionStorage.removeItem(KEY_STORAGE);
+  keepKey(key);
 });
 
 // Leaving (or reloading) the page does not end the broadcast: the connection waits for this
@@ -900,7 +665,7 @@ window.addEventListener('beforeunload', (e) => {
 
 window.addEventListener('pagehide', () => {
   if (conn.phase !== 'connected') return;
-  stopPreview();
+  preview.stop();
   const ws = conn.socket;
   conn.socket = null; // its close is ours, not a drop to recover from
   conn.socketOpen = false;
@@ -912,16 +677,16 @@ window.addEventListener('pagehide', () => {
 // Restored from the back/forward cache: pick the connection up again where pagehide left it.
 window.addEventListener('pageshow', (e) => {
   if (!e.persisted || conn.phase !== 'connected') return;
-  if (conn.broadcast) startPreview();
+  if (conn.broadcast) preview.start(conn.broadcast.broadcast_id);
   recoverControl();
 });
 
 // ---------- init ----------
 
-els.apiKey.value = sessionStorage.getItem(KEY_STORAGE) ?? '';
+els.apiKey.value = keptKey();
 const simulations = new Simulations({ keyField: els.apiKey, connectionKey: () => conn.apiKey, log });
 const library = new RecordingsLibrary({ key: () => conn.apiKey || els.apiKey.value.trim(), log });
-const saved = savedConnection();
+const saved = keptConnection();
 if (saved && els.apiKey.value) {
   // A reload: back onto this tab's connection; the control socket (or its recovery) finds out
   // whether the relay still has it.

@@ -5,6 +5,7 @@
 // A replay link is signed by the relay (GET /v1/recordings/{id} with the API key) and expires,
 // so it is asked for on each click, never kept.
 
+import { endedText, showId } from '/static/hostview.js';
 import { HttpError, errorText, fetchJson } from '/static/whep.js';
 
 const RECORDING_WAIT_MS = 15000;      // a recording finishes about a second after its stream
@@ -18,7 +19,7 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
  * The button that opens stream `id`'s replay in a new tab; hidden until the stream has ended.
  * key() is the API key to ask with, read on each click; log(text, kind) is the console's log.
  */
-export function recordingButton(id, { key, log }) {
+function recordingButton(id, { key, log }) {
   const button = document.createElement('button');
   button.type = 'button';
   button.className = 'recording small-btn';
@@ -78,6 +79,45 @@ async function openRecording(id, button, key, log) {
     button.textContent = err instanceof HttpError && err.status === 404 ? 'No recording' : 'Retry recording';
   } finally {
     button.disabled = false;
+  }
+}
+
+/** "Streams this session": each stream as it starts, its end in words, then its recording. */
+export class StreamHistory {
+  #rows = new Map(); // stream_id -> <li>
+
+  /** key() is the API key to ask with; log(text, kind) is the console's log. */
+  constructor(list, { key, log }) {
+    this.list = list;
+    this.key = key;
+    this.log = log;
+  }
+
+  add(id, prompt) {
+    if (this.#rows.has(id)) return;
+    const li = document.createElement('li');
+    const idEl = document.createElement('span');
+    idEl.className = 'id';
+    showId(idEl, id);
+    const reason = document.createElement('span');
+    reason.className = 'reason';
+    reason.dataset.live = '';
+    reason.textContent = 'live';
+    const p = document.createElement('span');
+    p.className = 'prompt';
+    p.textContent = prompt || '';
+    li.append(idEl, reason, p, recordingButton(id, { key: this.key, log: this.log }));
+    this.list.prepend(li); // newest first
+    this.#rows.set(id, li);
+  }
+
+  end(id, reasonCode) {
+    const row = this.#rows.get(id);
+    const reason = row?.querySelector('.reason');
+    if (!reason) return;
+    delete reason.dataset.live;
+    reason.textContent = endedText(reasonCode);
+    row.querySelector('.recording').hidden = false;
   }
 }
 
