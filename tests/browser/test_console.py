@@ -142,3 +142,16 @@ async def test_the_control_room_counts_a_real_spectator_and_lists_recordings_aft
     await expect(host.locator("#connection-state")).to_have_text("Connected")
     await expect(host.locator("#library .id").first).to_have_attribute("title", stream_id)
     await expect(host.locator("#library .recording").first).to_have_text("Replay")
+
+
+async def test_viewers_read_unavailable_not_ended_when_the_relay_shuts_down(relay_factory, open_page):
+    relay = await relay_factory(limits={"stream_max_seconds": 30})
+    host = await open_page(f"{relay.url}/host")
+    await connect_and_start(host, "a quiet harbour")
+    watch = await open_page(await host.locator("#watch-url").get_attribute("href"))
+    await assert_playing(watch)
+    await relay.sessions.close()  # what `relay serve` does on SIGTERM: disconnected {reason: shutdown}
+    await expect_badge(watch, "error", "Unavailable")
+    message = watch.locator("#message")
+    await expect(message).to_contain_text("unavailable: the relay restarted")
+    await expect(message).not_to_contain_text("host has ended")
