@@ -106,7 +106,9 @@ async def test_the_console_says_its_connection_is_gone_after_a_relay_restart(tmp
         restarted = asyncio.get_running_loop().time()
         message = host.locator("#host-message")
         await expect(message).to_contain_text("connection is gone", timeout=5_000)
-        assert asyncio.get_running_loop().time() - restarted < 5
+        elapsed = asyncio.get_running_loop().time() - restarted
+        print(f"the console said the connection is gone {elapsed:.2f} s after the relay was back")
+        assert elapsed < 5
         # The countdown stopped, the dead links are gone, and a new connection can be made.
         status = host.locator("#stream-status")
         await expect(status).to_have_attribute("data-state", "ended")
