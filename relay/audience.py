@@ -194,6 +194,11 @@ class Audience:
             del self._channels[channel.participant_id]
             self.orchestrator.participant_left(channel.participant_id)
 
+    @property
+    def participants(self) -> int:
+        """Participants with an open events socket."""
+        return len(self._channels)
+
     def send(self, event: dict[str, Any]) -> None:
         """To every participant's socket."""
         if self._channels:

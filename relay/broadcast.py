@@ -32,6 +32,8 @@ from .spectators import Spectators
 # exactly on each join and leave, not from the coalesced pushes).
 RECORDED_EVENTS = frozenset({"stream_started", "prompt_applied"})
 
+STATUS_SPAN = 1.0  # the shortest time the control room's rates (fps, bitrate) are measured over
+
 # How a broadcast gets its media graph: MediaGraph in the server; a test may pass a graph with no
 # pipeline (no render or encoder thread).
 MediaFactory = Callable[[Settings, Clock, RecorderFactory | None], MediaGraph]
@@ -57,6 +59,7 @@ class Broadcast:
         recorder: RecorderFactory | None = None
         if recordings is not None and settings.recordings.enabled:  # each stream's, filed under this broadcast
             recorder = partial(self._recorder, recordings)
+        self._clock = clock
         self.media = media(settings, clock, recorder)
         self.spectators = Spectators(self.broadcast_id, settings.limits, clock,
                                      feed=self.media.feed, on_viewers=self._record_viewers)
@@ -67,6 +70,12 @@ class Broadcast:
         self._elsewhere = 0
         self._peak = 0  # the most viewers seen at once, every node's
         self._viewers_sent = -1
+        # The last control-room sample: (monotonic time, frames, bytes) the rates are measured from.
+        self._status_sample: tuple[float, int, int] | None = None
+        self._rates: tuple[float, int] | None = None  # (fps, kbps) between the last two samples
+        # Whether the host's console is there: "reconnecting" while its last control socket is gone
+        # (a reload, a dropped network) and the connection waits for it until the idle timeout.
+        self.host = "connected"
         self.closed = False
 
     @property
@@ -129,6 +138,7 @@ class Broadcast:
             "stream_id": self.stream_id,
             "spectators": self.viewers,
             "prompt": self.prompt,
+            "host": self.host,
             "orchestration": self.orchestration,
         }
 
@@ -163,6 +173,13 @@ class Broadcast:
             event["name"] = self.orchestrator.participants.get(participant_id)
         self.emit(event)
 
+    def set_host(self, host: str) -> None:
+        """The host's console left ("reconnecting") or came back ("connected"): told to the audience
+        at once, so viewers read that the host is reconnecting, not that the broadcast ended."""
+        if host != self.host and not self.closed:
+            self.host = host
+            self.audience.send({"type": "host", "host": host})
+
     def emit(self, event: dict[str, Any]) -> None:
         """To every participant, and into the live stream's recording when it is worth keeping."""
         self.audience.send(event)
@@ -175,6 +192,27 @@ class Broadcast:
 
     # -- housekeeping ----------------------------------------------------------------
 
+    def status(self) -> dict[str, Any]:
+        """The host's control room (asked for over the control socket): who is watching and how the
+        live stream is doing, its rates measured between samples at least STATUS_SPAN apart."""
+        now = self._clock.monotonic()
+        hub = self.media.hub
+        sample = (now, hub.published, hub.published_bytes)
+        last = self._status_sample
+        if last is None or now - last[0] >= STATUS_SPAN:
+            if last is not None:
+                span = now - last[0]
+                self._rates = (round((sample[1] - last[1]) / span, 1), round((sample[2] - last[2]) * 8 / span / 1000))
+            self._status_sample = sample
+        stream = None
+        if self.live:
+            fps, kbps = self._rates if self._rates is not None else (None, None)
+            stream = {"stream_id": self.stream_id, "fps": fps, "bitrate_kbps": kbps,
+                      "keyframes_forced": self.media.keyframes_forced}
+        hls = self.hls.readers(now) if self.hls is not None else 0
+        return {"type": "status", "viewers": {"webrtc": self.viewers, "hls": hls},
+                "participants": self.audience.participants, "stream": stream}
+
     async def tick(self) -> None:
         """Drop silent spectators; publish the viewer count when it changed; run the orchestration."""
         await self.spectators.tick()
@@ -184,12 +222,16 @@ class Broadcast:
             self.emit({"type": "viewers", "count": self._viewers_sent})
         await self.audience.tick()
 
-    async def close(self) -> None:
+    async def close(self, reason: str = "disconnected") -> None:
+        """``reason`` is the connection's (disconnected, idle_timeout, expired, shutdown): the
+        audience is told it last, so a page can say "the relay restarted" apart from "the host ended"."""
         if self.closed:
             return
         self.closed = True
         self.spectators.refuse_joins()
         await self.detach_stream("disconnected")
+        # Before the spectators' sessions go, so a page learns why before its player fails.
+        self.audience.send({"type": "disconnected", "reason": reason})
         await self.spectators.close()
         self.audience.close()
         await self.media.close()

@@ -4,7 +4,8 @@ It opens a connection like any host (through the same SessionManager, so every l
 starts a stream, steers it through a few prompts, and starts the next stream whenever the
 last one ends, for as long as the server runs. It streams on one fixed channel (when the relay keeps
 channels), so its printed watch URL stays the same across connections and restarts, whatever API key
-the server generated this time.
+the server generated this time. Its prompts pause while the audience has control (the queue, vote or
+turns mode), so they never overwrite the audience's.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ DEMO_TITLE = "Relay demo: a world that keeps moving"
 
 
 class DemoHost:
-    def __init__(self, sessions: SessionManager, api_key: str) -> None:
+    def __init__(self, sessions: SessionManager, api_key: str,
+                 prompt_every_seconds: float = PROMPT_EVERY_SECONDS) -> None:
         self._sessions = sessions
         self._api_key = api_key
+        self._prompt_every = prompt_every_seconds
         self._conn: Connection | None = None
 
     async def open(self) -> str:
@@ -88,11 +91,13 @@ class DemoHost:
                 if conn.closed:
                     return
                 stream = await self._sessions.start_stream(conn, scene[0])
-                for prompt in itertools.cycle(scene[1:] + scene[:1]):
-                    ended = await _wait_for_end(events, stream.stream_id, PROMPT_EVERY_SECONDS)
+                prompts = itertools.cycle(scene[1:] + scene[:1])
+                while True:
+                    ended = await _wait_for_end(events, stream.stream_id, self._prompt_every)
                     if ended or not stream.live:
                         break
-                    await self._sessions.interact(stream, prompt)
+                    if conn.broadcast.orchestrator.mode == "host":  # else the audience is steering
+                        await self._sessions.interact(stream, next(prompts))
         finally:
             conn.unlisten(events)
 

@@ -416,10 +416,15 @@ class SessionManager:
     def control_opened(self, conn: Connection) -> None:
         conn.control_sockets += 1
         self.touch(conn)
+        conn.broadcast.set_host("connected")
 
     def control_closed(self, conn: Connection) -> None:
+        """A console's socket went (a reload, a drop): the connection and its broadcast live on
+        until the idle timeout, so the console can come back; only DELETE or the reaper end it."""
         conn.control_sockets = max(0, conn.control_sockets - 1)
         self.touch(conn)  # the idle countdown starts when the last socket goes
+        if conn.control_sockets == 0:
+            conn.broadcast.set_host("reconnecting")
 
     async def close_connection(self, conn: Connection, reason: str = "disconnected") -> None:
         """Close once, completely: the work runs in its own task, so a caller that is cancelled
@@ -441,7 +446,7 @@ class SessionManager:
             broadcast.audience.forward_input = None
             broadcast.audience.host_event = None
         else:
-            await broadcast.close()
+            await broadcast.close(reason)
         try:
             await conn.streamer.disconnect()
         except Exception:

@@ -11,20 +11,24 @@
 // State lives in one object, `conn`; every change ends in render(), which is
 // the single place that enables/disables buttons.
 //
-// This module is the console itself: the connection, its control socket, the stream
-// controls, the watch link and preview, the history and the event log. The page's two whole
-// features live beside it, as participate.js does beside watch.js: the audience panel
-// (orchestration.js) and the simulations tab (simulations.js); recordings.js opens a past
-// stream's replay.
+// This module is the console itself: the connection (kept for the tab by tabstore.js: a reload
+// re-attaches), its control socket, the stream controls, the control room and the log. Beside
+// it: orchestration.js (audience), simulations.js, recordings.js (history, library), preview.js
+// (watch link, preview) and hostview.js (the console's words).
 
-import { WhepPlayer, HttpError, errorText, fetchJson, wsUrl } from '/static/whep.js';
+import { HttpError, fetchJson, wsUrl } from '/static/whep.js';
+import { endedText, formatSeconds, hostErrorText, short, showId, showRoom } from '/static/hostview.js';
+import { HostPreview, WatchLink } from '/static/preview.js';
 import { OrchestrationPanel } from '/static/orchestration.js';
-import { recordingButton } from '/static/recordings.js';
+import { RecordingsLibrary, StreamHistory } from '/static/recordings.js';
 import { Simulations } from '/static/simulations.js';
+import { forgetConnection, keepConnection, keepKey, keptConnection, keptKey } from '/static/tabstore.js';
 
-const KEY_STORAGE = 'relay.apiKey';   // sessionStorage: gone when the tab closes
 const KEEPALIVE_MS = 10000;           // well inside the relay's idle_timeout_seconds (default 40)
-const SOCKET_BACKOFF_MAX_MS = 10000;
+const SOCKET_BACKOFF_MAX_MS = 2000;   // short: a relay that restarted is found out within seconds
+const STREAM_WARN_S = 30;             // warn this long before the stream's limit
+const CONNECTION_WARN_S = 300;        // ...and this long before the connection's end
+const STATUS_MS = 2000;               // how often the control room asks for counts and health
 const PENDING_TIMEOUT_MS = 20000;     // give up waiting for a reply to start/end
 const LOG_MAX = 300;
 
@@ -46,16 +50,12 @@ const els = {
   send: $('send'),
   end: $('end'),
   status: $('stream-status'),
-  watchUrl: $('watch-url'),
-  watchEmpty: $('watch-url-empty'),
-  copy: $('copy-watch-url'),
-  hlsRow: $('hls-row'),
-  hlsUrl: $('hls-url'),
   preview: $('preview'),
   previewStage: $('preview-stage'),
   previewState: $('preview-state'),
   history: $('history'),
   log: $('log'),
+  room: $('room'),
 };
 
 /**
@@ -82,10 +82,19 @@ const conn = {
   pendingTimer: null,
   countdownTimer: null,
   lastEnded: null,     // {id, reason} of the last stream, for the status line
+  expiryTimer: null,
+  statusTimer: null,   // asks for the control room's status while the socket is open
+  expiresAt: 0,        // the connection's end (connection_max_seconds), ms since the epoch
+  warned: new Set(),   // the warnings already given: 'stream:<id>', 'connection'
 };
 
-let preview = null;
-const historyItems = new Map(); // stream_id -> <li>
+
+const preview = new HostPreview({
+  video: els.preview, stage: els.previewStage, badge: els.previewState, token: previewToken, log,
+});
+
+const watchLink = new WatchLink();
+const streamHistory = new StreamHistory(els.history, { key: () => conn.apiKey || els.apiKey.value.trim(), log });
 
 const orchestration = new OrchestrationPanel({
   send,
@@ -116,11 +125,6 @@ function showMessage(text, kind = 'error') {
   els.message.hidden = !text;
   els.message.textContent = text || '';
   els.message.dataset.kind = kind;
-}
-
-function formatSeconds(total) {
-  const s = Math.max(0, Math.ceil(total));
-  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, '0')}`;
 }
 
 // ---------- render: the one place that decides what is enabled ----------
@@ -158,13 +162,19 @@ function renderStatus() {
   if (s) {
     const left = s.endsAt ? ` · ${formatSeconds((s.endsAt - Date.now()) / 1000)} left` : '';
     els.status.dataset.state = 'live';
-    els.status.textContent = `live · ${s.id}${left}`;
+    els.status.textContent = `live · ${short(s.id)}${left}`;
+    const leftS = s.endsAt ? (s.endsAt - Date.now()) / 1000 : Infinity;
+    if (leftS <= STREAM_WARN_S && !conn.warned.has(`stream:${s.id}`)) {
+      conn.warned.add(`stream:${s.id}`);
+      showMessage(`The stream ends in ${Math.max(0, Math.round(leftS))} seconds (its time limit). Start a new one after it to keep going.`, 'warn');
+      log('The stream reaches its time limit in 30 seconds.', 'error');
+    }
   } else if (conn.pending === 'start') {
     els.status.dataset.state = 'starting';
     els.status.textContent = 'starting…';
   } else if (conn.lastEnded) {
     els.status.dataset.state = 'ended';
-    els.status.textContent = `ended (${conn.lastEnded.reason}) · ${conn.lastEnded.id}`;
+    els.status.textContent = `${endedText(conn.lastEnded.reason)} · ${short(conn.lastEnded.id)}`;
   } else {
     els.status.dataset.state = 'idle';
     els.status.textContent = 'idle';
@@ -178,48 +188,16 @@ function setBroadcast(broadcast) {
   const changed = conn.broadcast?.broadcast_id !== broadcast.broadcast_id
     || conn.broadcast?.spectator_token !== broadcast.spectator_token;
   conn.broadcast = { ...conn.broadcast, ...broadcast };
-  els.broadcastId.textContent = broadcast.broadcast_id;
-
-  // watch_url is absolute in the contract; resolve anyway, and add the spectator
-  // token if the relay left it out, so the link works when pasted as is.
-  const token = conn.broadcast.spectator_token;
-  const url = new URL(
-    conn.broadcast.watch_url || `/watch/${encodeURIComponent(broadcast.broadcast_id)}`,
-    window.location.href,
-  );
-  if (token && !url.searchParams.has('token')) url.searchParams.set('token', token);
-  els.watchUrl.href = url.href;
-  els.watchUrl.textContent = url.href;
-  els.watchUrl.hidden = false;
-  els.watchEmpty.hidden = true;
-  els.copy.disabled = false;
-  // The same broadcast as live HLS (null when the relay has it off): for OBS, VLC or a CDN origin.
-  const hls = conn.broadcast.hls_url ? new URL(conn.broadcast.hls_url, window.location.href).href : '';
-  els.hlsUrl.href = hls || '#';
-  els.hlsUrl.textContent = hls;
-  els.hlsRow.hidden = !hls;
-
-  if (changed) startPreview();
+  showId(els.broadcastId, broadcast.broadcast_id);
+  saveConnection();
+  watchLink.show(conn.broadcast);
+  if (changed) preview.start(conn.broadcast.broadcast_id);
 }
 
 function clearBroadcast() {
   conn.broadcast = null;
-  els.watchUrl.hidden = true;
-  els.watchUrl.removeAttribute('href');
-  els.watchUrl.textContent = '';
-  els.watchEmpty.hidden = false;
-  els.copy.disabled = true;
-  els.hlsRow.hidden = true;
-  els.hlsUrl.textContent = '';
+  watchLink.clear();
 }
-
-const PREVIEW_LABELS = {
-  connecting: ['connecting', 'Connecting'],
-  connected: ['waiting', 'Connected'],
-  reconnecting: ['reconnecting', 'Reconnecting'],
-  failed: ['error', 'Unavailable'],
-  stopped: ['idle', 'Off'],
-};
 
 const TOKEN_MARGIN_MS = 5000;         // stop using the client_token this long before it expires
 
@@ -235,104 +213,10 @@ function previewToken() {
   return conn.broadcast?.spectator_token ?? '';
 }
 
-function startPreview() {
-  stopPreview();
-  const b = conn.broadcast;
-  // Same origin as this page: the relay that served it is the one to watch from.
-  preview = new WhepPlayer({
-    endpoint: `/v1/broadcasts/${encodeURIComponent(b.broadcast_id)}/whep`,
-    token: previewToken,
-    // The relay takes the client_token on the offer only: its session's PATCH/DELETE would
-    // refuse it (401) and the preview would linger. The Location is the capability anyway.
-    sessionAuth: false,
-    video: els.preview,
-    onStatus: ({ state, message, retryInMs }) => {
-      let [badge, label] = PREVIEW_LABELS[state] ?? ['idle', state];
-      if (state === 'connected' && conn.stream) [badge, label] = ['live', 'Live'];
-      els.previewState.dataset.state = badge;
-      els.previewState.textContent = label;
-      if (message && (state === 'failed' || retryInMs)) log(`Preview: ${message}`, state === 'failed' ? 'error' : '');
-    },
-  });
-  preview.setLive(Boolean(conn.stream));
-  preview.start();
-}
-
-function stopPreview() {
-  if (preview) preview.stop();
-  preview = null;
-}
-
-function refreshPreviewBadge() {
-  if (!preview || preview.state !== 'connected') return;
-  els.previewState.dataset.state = conn.stream ? 'live' : 'waiting';
-  els.previewState.textContent = conn.stream ? 'Live' : 'Connected';
-}
-
-function fitPreview() {
-  const { videoWidth: w, videoHeight: h } = els.preview;
-  if (w && h) els.previewStage.style.setProperty('--ar', `${w} / ${h}`);
-}
-els.preview.addEventListener('loadedmetadata', fitPreview);
-els.preview.addEventListener('resize', fitPreview);
-
-els.copy.addEventListener('click', async () => {
-  const text = els.watchUrl.href;
-  let ok = false;
-  try {
-    await navigator.clipboard.writeText(text);
-    ok = true;
-  } catch {
-    // navigator.clipboard needs a secure context (https or localhost): fall back.
-    const ta = document.createElement('textarea');
-    ta.value = text;
-    ta.setAttribute('readonly', '');
-    ta.style.position = 'fixed';
-    ta.style.opacity = '0';
-    document.body.append(ta);
-    ta.select();
-    try {
-      ok = document.execCommand('copy');
-    } catch {
-      ok = false;
-    }
-    ta.remove();
-  }
-  els.copy.textContent = ok ? 'Copied' : 'Copy failed';
-  setTimeout(() => {
-    els.copy.textContent = 'Copy';
-  }, 1500);
-});
 
 // ---------- streams and history ----------
 
-function addHistory(id, prompt) {
-  if (historyItems.has(id)) return;
-  const li = document.createElement('li');
-  const idEl = document.createElement('span');
-  idEl.className = 'id';
-  idEl.textContent = id;
-  const reason = document.createElement('span');
-  reason.className = 'reason';
-  reason.dataset.live = '';
-  reason.textContent = 'live';
-  const p = document.createElement('span');
-  p.className = 'prompt';
-  p.textContent = prompt || '';
-  const rec = recordingButton(id, { key: () => conn.apiKey || els.apiKey.value.trim(), log });
-  li.append(idEl, reason, p, rec);
-  els.history.prepend(li); // newest first
-  historyItems.set(id, li);
-}
 
-function endHistory(id, reasonText) {
-  const reason = historyItems.get(id)?.querySelector('.reason');
-  if (!reason) return;
-  delete reason.dataset.live;
-  reason.textContent = reasonText;
-  const rec = historyItems.get(id)?.querySelector('.recording');
-  if (rec) rec.hidden = false;
-}
 
 function setPending(kind) {
   clearTimeout(conn.pendingTimer);
@@ -349,32 +233,32 @@ function setPending(kind) {
 
 function streamStarted(msg) {
   setPending(null);
-  const max = Number(msg.max_duration_seconds);
+  // seconds_left: a reloaded console joins a stream already under way.
+  const left = Number(msg.seconds_left ?? msg.max_duration_seconds);
   conn.stream = {
     id: msg.stream_id,
     prompt: msg.prompt ?? '',
-    endsAt: Number.isFinite(max) && max > 0 ? Date.now() + max * 1000 : 0,
+    endsAt: Number.isFinite(left) && left > 0 ? Date.now() + left * 1000 : 0,
   };
   conn.lastEnded = null;
-  addHistory(msg.stream_id, msg.prompt);
+  streamHistory.add(msg.stream_id, msg.prompt);
   clearInterval(conn.countdownTimer);
   conn.countdownTimer = setInterval(renderStatus, 1000);
-  preview?.setLive(true);
-  refreshPreviewBadge();
+  preview.setLive(true);
   render();
 }
 
 function streamEnded(msg) {
   setPending(null);
+  library.refreshSoon(); // its recording joins the library once finished
   const id = msg.stream_id ?? conn.stream?.id ?? '';
   const reason = msg.reason || 'ended';
-  if (id) endHistory(id, reason);
+  if (id) streamHistory.end(id, reason);
   conn.stream = null;
   conn.lastEnded = { id, reason };
   clearInterval(conn.countdownTimer);
   conn.countdownTimer = null;
-  preview?.setLive(false);
-  refreshPreviewBadge();
+  preview.setLive(false);
   render();
 }
 
@@ -405,6 +289,9 @@ function openControl() {
       send({ type: 'keepalive' });
       keepTokenFresh();
     }, Math.min(KEEPALIVE_MS, conn.tokenLifeMs / 4));
+    clearInterval(conn.statusTimer);
+    send({ type: 'status' });
+    conn.statusTimer = setInterval(() => send({ type: 'status' }), STATUS_MS);
     render();
   });
 
@@ -425,10 +312,10 @@ function openControl() {
     conn.socket = null;
     conn.socketOpen = false;
     clearInterval(conn.keepaliveTimer);
+    clearInterval(conn.statusTimer);
     conn.keepaliveTimer = null;
     render();
     if (conn.phase !== 'connected') return;
-    log(`Control channel closed (${e.code}${e.reason ? `: ${e.reason}` : ''}).`, 'error');
     recoverControl();
   });
 }
@@ -443,7 +330,7 @@ async function recoverControl() {
     });
     if (conn.phase !== 'connected') return;
     if (state && ['closed', 'ended', 'expired', 'disconnected'].includes(state.status)) {
-      connectionGone(`The connection has ended (${state.status}).`);
+      connectionGone('This connection has ended. Connect again to go on broadcasting.');
       return;
     }
     // Keep the relay's idle timer happy while the socket is down.
@@ -457,8 +344,10 @@ async function recoverControl() {
     }
   } catch (err) {
     if (conn.phase !== 'connected') return;
-    if (err instanceof HttpError && err.status === 404) {
-      connectionGone('The connection has ended.');
+    // 404: the relay does not know it (it restarted, or reaped it); 401: nor the key or token
+    // (a restarted relay with other keys). Either way it will not come back: say so and stop.
+    if (err instanceof HttpError && (err.status === 404 || err.status === 401)) {
+      connectionGone('This connection is gone: the relay restarted or closed it. Its watch link no longer works. Connect again to start a new broadcast.');
       return;
     }
     // Network trouble: fall through and retry the socket.
@@ -473,7 +362,7 @@ async function recoverControl() {
   }
   const delay = Math.min(1000 * 2 ** conn.socketAttempt, SOCKET_BACKOFF_MAX_MS);
   conn.socketAttempt += 1;
-  log(`Reopening the control channel in ${Math.round(delay / 1000)} s…`);
+  if (conn.socketAttempt === 1) log('Lost the control channel; reconnecting…');
   clearTimeout(conn.socketRetryTimer);
   conn.socketRetryTimer = setTimeout(() => {
     if (conn.phase === 'connected') openControl();
@@ -492,11 +381,11 @@ function onControl(msg) {
       if (typeof msg.client_token === 'string' && Number.isFinite(ttl)) {
         conn.clientToken = msg.client_token;
         conn.tokenExpiresAt = Date.now() + ttl * 1000;
+        saveConnection();
       }
       break;
     }
     case 'connected':
-      log(`Connected: ${msg.connection_id ?? conn.id}.`);
       setBroadcast(msg.broadcast);
       orchestration.applyState(msg.orchestration);
       orchestration.applyChat(msg.chat);
@@ -515,12 +404,15 @@ function onControl(msg) {
       setBroadcast(msg.broadcast);
       break;
     case 'stream_started':
-      log(`Stream started: ${msg.stream_id} · "${msg.prompt ?? ''}"`);
+      log(`Stream ${short(msg.stream_id)} started: "${msg.prompt ?? ''}"`);
       streamStarted(msg);
       break;
     case 'stream_ended':
-      log(`Stream ended: ${msg.stream_id ?? ''} (${msg.reason ?? 'ended'}).`);
+      log(`Stream ${short(msg.stream_id)} ${endedText(msg.reason ?? 'ended')}.`);
       streamEnded(msg);
+      break;
+    case 'status':
+      showRoom(msg);
       break;
     case 'interact_acknowledged':
       log(`Prompt applied: "${msg.prompt ?? ''}"`);
@@ -528,7 +420,7 @@ function onControl(msg) {
     case 'input_forwarded': {
       const pid = msg.participant_id;
       const name = pid ? orchestration.participantName(pid, '') : '';
-      const who = pid ? ` from ${name ? `${name} (${pid})` : pid}` : '';
+      const who = pid ? ` from ${name || `participant ${short(pid)}`}` : '';
       const via = msg.mode ? ` [${msg.mode}]` : '';
       log(`Audience input forwarded${who}${via}: "${msg.prompt ?? ''}"`, 'audience');
       break;
@@ -542,20 +434,21 @@ function onControl(msg) {
       // streamer is gone, so don't try to reopen the socket.
       const why = {
         expired: 'it reached its maximum age',
-        idle_timeout: 'the host was idle too long',
+        idle_timeout: 'this console was away longer than the idle timeout',
         disconnected: 'it was disconnected',
-      }[msg.reason] ?? (msg.reason ? `reason: ${msg.reason}` : 'no reason given');
-      connectionGone(`The relay closed the connection (${why}). Connect again to continue.`);
+        shutdown: 'the relay is shutting down',
+      }[msg.reason] ?? 'the relay ended it';
+      connectionGone(`The connection has ended: ${why}. Connect again to continue.`);
       break;
     }
     default:
-      log(`Message: ${JSON.stringify(msg)}`);
+      break; // a message this console does not know yet (a newer relay): nothing to show
   }
 }
 
 function onControlError(msg) {
-  const text = msg.message || msg.code || 'Error';
-  log(`Error${msg.code ? ` ${msg.code}` : ''}: ${text}`, 'error');
+  const text = msg.message || 'The relay refused that.';
+  log(text, 'error');
   // A refused orchestration change is said in its panel, next to what was refused.
   if (!orchestration.refused(msg)) showMessage(text);
   // A failed start/end: whatever we were waiting for isn't coming.
@@ -574,7 +467,7 @@ async function connect() {
     els.apiKey.focus();
     return;
   }
-  sessionStorage.setItem(KEY_STORAGE, key);
+  keepKey(key);
   conn.apiKey = key;
   conn.phase = 'connecting';
   showMessage('');
@@ -590,29 +483,64 @@ async function connect() {
     });
   } catch (err) {
     conn.phase = 'disconnected';
-    const text = errorText(err);
-    log(`Connect failed: ${text}`, 'error');
+    const text = hostErrorText(err);
+    log(`Could not connect: ${text}`, 'error');
     showMessage(text);
     render();
     return;
   }
 
-  conn.phase = 'connected';
-  conn.id = res.connection_id;
-  conn.clientToken = res.client_token;
   const ttl = Number(res.client_token_expires_in);
-  conn.tokenLifeMs = (Number.isFinite(ttl) && ttl > 0 ? ttl : 600) * 1000;
-  conn.tokenExpiresAt = Date.now() + conn.tokenLifeMs;
+  const lifeMs = (Number.isFinite(ttl) && ttl > 0 ? ttl : 600) * 1000;
+  const expires = Date.parse(res.expires_at ?? '');
+  attach({
+    id: res.connection_id,
+    clientToken: res.client_token,
+    tokenLifeMs: lifeMs,
+    tokenExpiresAt: Date.now() + lifeMs,
+    expiresAt: Number.isFinite(expires) ? expires : 0,
+    broadcast: res.broadcast,
+  });
+  library.refresh();
+  const idle = res.idle_timeout_seconds ? ` It waits ${res.idle_timeout_seconds} s for this console if the page reloads.` : '';
+  log(`Connection ${short(res.connection_id)} open.${idle}`);
+}
+
+function saveConnection() {
+  if (conn.id) keepConnection(conn);
+}
+
+/** Take up a connection: a new one, or this tab's own after a reload (from sessionStorage). */
+function attach(saved) {
+  conn.phase = 'connected';
+  conn.id = saved.id;
+  conn.clientToken = saved.clientToken;
+  conn.tokenLifeMs = saved.tokenLifeMs;
+  conn.tokenExpiresAt = saved.tokenExpiresAt;
+  conn.expiresAt = saved.expiresAt || 0;
   conn.socketAttempt = 0;
   conn.stream = null;
   conn.lastEnded = null;
-  els.connId.textContent = res.connection_id;
-  els.connExpires.textContent = res.expires_at ? new Date(res.expires_at).toLocaleString() : '—';
+  conn.warned.clear();
+  showId(els.connId, saved.id);
+  els.connExpires.textContent = conn.expiresAt ? new Date(conn.expiresAt).toLocaleString() : '—';
   els.info.hidden = false;
-  log(`Connection ${res.connection_id} open (idle timeout ${res.idle_timeout_seconds ?? '?'} s).`);
-  setBroadcast(res.broadcast);
+  saveConnection();
+  setBroadcast(saved.broadcast);
   openControl();
+  clearInterval(conn.expiryTimer);
+  conn.expiryTimer = setInterval(warnExpiry, 1000);
   render();
+}
+
+/** The connection's own end (connection_max_seconds) is near: say so once, five minutes ahead. */
+function warnExpiry() {
+  if (!conn.expiresAt || conn.warned.has('connection')) return;
+  const left = (conn.expiresAt - Date.now()) / 1000;
+  if (left > CONNECTION_WARN_S) return;
+  conn.warned.add('connection');
+  showMessage(`This connection ends in ${formatSeconds(left)} (its maximum age). Disconnect and connect again before then to keep broadcasting.`, 'warn');
+  log('The connection reaches its maximum age in 5 minutes.', 'error');
 }
 
 async function disconnect() {
@@ -629,7 +557,7 @@ async function disconnect() {
     log('Disconnected.');
   } catch (err) {
     // 404: it was already gone. Either way this page is done with it.
-    log(`Disconnect: ${errorText(err)}`, err instanceof HttpError && err.status === 404 ? '' : 'error');
+    if (!(err instanceof HttpError && [401, 404].includes(err.status))) log(`Disconnect: ${hostErrorText(err)}`, 'error');
   }
   resetConnection();
   showMessage('');
@@ -650,8 +578,11 @@ function resetConnection() {
   clearTimeout(conn.socketRetryTimer);
   clearInterval(conn.keepaliveTimer);
   clearInterval(conn.countdownTimer);
+  clearInterval(conn.expiryTimer);
+  clearInterval(conn.statusTimer);
+  forgetConnection();
   setPending(null);
-  stopPreview();
+  preview.stop();
   clearBroadcast();
   orchestration.clear();
   Object.assign(conn, {
@@ -663,8 +594,11 @@ function resetConnection() {
     keepaliveTimer: null,
     countdownTimer: null,
     socketRetryTimer: null,
+    expiryTimer: null,
+    expiresAt: 0,
   });
   els.info.hidden = true;
+  els.room.hidden = true;
   render();
 }
 
@@ -724,35 +658,50 @@ els.prompt.addEventListener('keydown', (e) => {
 });
 els.apiKey.addEventListener('change', () => {
   const key = els.apiKey.value.trim();
-  if (key) sessionStorage.setItem(KEY_STORAGE, key);
-  else sessionStorage.removeItem(KEY_STORAGE);
+  keepKey(key);
 });
 
-// Leaving the page would orphan the connection (its client_token lives only
-// here), holding one of the relay's few streamers until the idle timeout: free
-// it now. keepalive lets the DELETE outlive the page.
+// Leaving (or reloading) the page does not end the broadcast: the connection waits for this
+// tab to come back (its client token is kept in sessionStorage) until the relay's idle timeout;
+// Disconnect is the way to end it. Only while live does the browser ask before leaving.
+window.addEventListener('beforeunload', (e) => {
+  if (!conn.stream) return;
+  e.preventDefault();
+  e.returnValue = ''; // older Chromium asks only with this set
+});
+
 window.addEventListener('pagehide', () => {
-  if (!conn.id || conn.phase === 'disconnected') return;
-  fetch(`/v1/connections/${encodeURIComponent(conn.id)}`, {
-    method: 'DELETE',
-    keepalive: true,
-    headers: { Authorization: `Bearer ${conn.apiKey}` },
-  }).catch(() => {});
-  stopPreview();
+  if (conn.phase !== 'connected') return;
+  preview.stop();
   const ws = conn.socket;
-  conn.socket = null;
-  if (ws) ws.close(1000, 'page closed');
-  conn.phase = 'disconnected';
+  conn.socket = null; // its close is ours, not a drop to recover from
+  conn.socketOpen = false;
+  clearInterval(conn.keepaliveTimer);
+  clearInterval(conn.statusTimer);
+  if (ws) ws.close(1000, 'page hidden');
 });
 
-// Restored from the back/forward cache: the connection was released on pagehide.
+// Restored from the back/forward cache: pick the connection up again where pagehide left it.
 window.addEventListener('pageshow', (e) => {
-  if (e.persisted) resetConnection();
+  if (!e.persisted || conn.phase !== 'connected') return;
+  if (conn.broadcast) preview.start(conn.broadcast.broadcast_id);
+  recoverControl();
 });
 
 // ---------- init ----------
 
-els.apiKey.value = sessionStorage.getItem(KEY_STORAGE) ?? '';
+els.apiKey.value = keptKey();
 const simulations = new Simulations({ keyField: els.apiKey, connectionKey: () => conn.apiKey, log });
-render();
+const library = new RecordingsLibrary({ key: () => conn.apiKey || els.apiKey.value.trim(), log });
+const saved = keptConnection();
+if (saved && els.apiKey.value) {
+  // A reload: back onto this tab's connection; the control socket (or its recovery) finds out
+  // whether the relay still has it.
+  conn.apiKey = els.apiKey.value;
+  log(`Re-attaching to connection ${short(saved.id)}…`, 'out');
+  attach(saved);
+} else {
+  render();
+}
 simulations.refresh();
+library.refresh();

@@ -68,6 +68,8 @@ const state = {
   channel: false,       // a channel's broadcast: between hosts it is "starting soon", never over
   title: '',            // the channel's title, shown while it waits
   replayUrl: null,      // where the ended stream can be watched again, when the relay offers it
+  hostAway: false,      // the host's console is reconnecting (a reload): the broadcast goes on
+  endReason: null,      // why the broadcast closed, when the relay said (disconnected | shutdown | ...)
 };
 
 const BADGES = {
@@ -135,7 +137,8 @@ function render() {
   participation.setFatal(state.fatal);
   chat.setFatal(state.fatal);
 
-  const text = state.fatal || state.mediaMessage;
+  const hostNote = state.hostAway ? 'The host is reconnecting. The broadcast goes on meanwhile.' : '';
+  const text = state.fatal || state.mediaMessage || hostNote;
   els.message.hidden = !text;
   els.message.textContent = text;
   // A broadcast that ended is news, not a fault: no red frame for it.
@@ -144,11 +147,12 @@ function render() {
 
 // ---------- broadcast state (events socket / polling) ----------
 
-function applyState({ live, streamId, prompt, viewers, channel, title, replayUrl }) {
+function applyState({ live, streamId, prompt, viewers, channel, title, replayUrl, host }) {
   state.seen = true;
   if (typeof channel === 'boolean') state.channel = channel;
   if (typeof title === 'string') state.title = title;
   if (typeof replayUrl === 'string' && replayUrl) state.replayUrl = replayUrl;
+  if (typeof host === 'string') state.hostAway = host === 'reconnecting';
   if (live !== undefined && live !== null) {
     if (state.live && !live) state.endedSeen = true;
     if (live) state.endedSeen = false;
@@ -168,8 +172,10 @@ function onEvent(msg) {
   switch (msg.type) {
     case 'hello':
       if (typeof msg.resume_token === 'string') keepResumeToken(msg.resume_token);
-      applyState({ live: msg.live, streamId: msg.stream_id, prompt: msg.prompt ?? undefined, viewers: msg.viewers,
-        channel: msg.channel, title: msg.title ?? undefined });
+      applyState({
+        live: msg.live, streamId: msg.stream_id, prompt: msg.prompt ?? undefined, viewers: msg.viewers, host: msg.host,
+        channel: msg.channel, title: msg.title ?? undefined,
+      });
       // The contract's hello only promises participant_id and orchestration: fill the rest once.
       if (msg.live === undefined) poll();
       break;
@@ -184,6 +190,13 @@ function onEvent(msg) {
       break;
     case 'viewers':
       applyState({ viewers: msg.count });
+      break;
+    case 'host':
+      applyState({ host: msg.host });
+      break;
+    case 'disconnected':
+      // The broadcast's last word: the host ended it, or the relay is going away (a restart).
+      state.endReason = typeof msg.reason === 'string' ? msg.reason : 'unknown';
       break;
     default:
       break;
@@ -218,6 +231,7 @@ async function poll() {
       channel: b.channel,
       title: b.title ?? undefined,
       replayUrl: b.replay_url,
+      host: b.host,
     });
     showAbout(b);
     participation.applyState(b.orchestration);
@@ -231,6 +245,7 @@ async function poll() {
 // token, kept per tab (sessionStorage) and per broadcast, and presented on every reconnect.
 const RESUME_STORAGE = `relay.resume.${broadcastId}`;
 const REPLACED_CLOSE_CODE = 4001;  // the relay: this identity resumed on a newer socket
+const GOING_AWAY_CLOSE_CODE = 1001; // the relay is shutting down
 
 function resumeToken() {
   try {
@@ -289,6 +304,7 @@ function openEvents() {
     // Another tab (a duplicated one shares our token) took this identity: become someone new
     // rather than take it back, or the two would replace each other for ever.
     if (e.code === REPLACED_CLOSE_CODE) keepResumeToken('');
+    if (e.code === GOING_AWAY_CLOSE_CODE && !state.endReason) state.endReason = 'shutdown';
     participation.setConnected(false);
     chat.setConnected(false);
     if (events.stopped) return;
@@ -324,8 +340,16 @@ function stopEvents() {
 
 // The relay's error messages are written for developers ("Authorization: Bearer..."); a
 // spectator gets one that says what happened and what to do.
+// Why a broadcast we were watching is gone, from its last event: only the host's own end says so.
+const END_MESSAGES = {
+  disconnected: 'The host has ended this broadcast. Thanks for watching!',
+  idle_timeout: 'The host lost their connection, so this broadcast has ended. Thanks for watching!',
+  expired: 'This broadcast reached its maximum length and has ended. Thanks for watching!',
+};
+const UNAVAILABLE = 'This broadcast is unavailable: the relay restarted or lost it. Ask the host for the link again.';
+
 function spectatorMessage(status, message, ended) {
-  if (ended) return 'The host has ended this broadcast. Thanks for watching!';
+  if (ended) return END_MESSAGES[state.endReason] ?? UNAVAILABLE;
   if (status === 401 || status === 403) {
     return 'This watch link is not valid: its token is wrong or incomplete. Ask the host for the link again.';
   }
@@ -336,9 +360,11 @@ function spectatorMessage(status, message, ended) {
 
 function fail(message, status = 0) {
   if (state.fatal) return;
-  // A broadcast that worked and is now unknown has ended (the host disconnected).
-  state.fatalEnded = status === 404 && state.seen;
-  state.fatal = spectatorMessage(status, message, state.fatalEnded);
+  // A broadcast that worked and is now unknown is over: ended (the host, a timeout), or lost to a
+  // relay restart; its last event says which, and without one it is only "unavailable".
+  const gone = status === 404 && state.seen;
+  state.fatalEnded = gone && state.endReason in END_MESSAGES;
+  state.fatal = spectatorMessage(status, message, gone);
   player.stop();
   stopHls();
   stopEvents();

@@ -173,6 +173,7 @@ async def hls_playlist(request: web.Request) -> web.Response:
         # Early in the broadcast's first stream, hold the request (bounded) until the playlist lists
         # enough segments for a player to start, rather than answer an (almost) empty one.
         await hls.wait_for_segments(HLS_FIRST_WAIT_SEGMENTS * hls.target_ticks / 90000 + 1.0)
+        hls.note_reader(client_address(request), request.app[SESSIONS].clock.monotonic())
         token = request.query.get("token")
         query = f"?token={quote(token, safe='')}" if token else ""  # players carry only the URL they were given
         return web.Response(text=hls.playlist(query), content_type="application/vnd.apple.mpegurl",
@@ -222,6 +223,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
             "prompt": broadcast.prompt,
             "viewers": broadcast.viewers,
             **broadcast.about(),  # the channel's title, description and host name (null for a plain broadcast)
+            "host": broadcast.host,
         })
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:

@@ -232,9 +232,12 @@ async def control(request: web.Request) -> web.WebSocketResponse:
                             "orchestration": conn.broadcast.orchestrator.state(host=True),
                             "chat": conn.broadcast.audience.chat.state()})
         if conn.stream is not None and conn.stream.live:
+            # A console that reloaded joins a stream under way: how long it has left, too.
+            left = max(0.0, conn.stream.deadline - sessions.clock.monotonic())
             await ws.send_json({"type": "stream_started", "stream_id": conn.stream.stream_id,
                                 "prompt": conn.stream.prompt,
-                                "max_duration_seconds": conn.stream.max_duration_seconds})
+                                "max_duration_seconds": conn.stream.max_duration_seconds,
+                                "seconds_left": round(left, 1)})
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
                 continue
@@ -280,6 +283,9 @@ async def _handle_control_message(request: web.Request, host: HostCommands, data
         if not isinstance(kind, str):  # a list here would not even hash for the lookup below
             raise invalid_request("Control messages carry a string 'type'.", field="type")
         if kind == "keepalive":
+            return
+        if kind == "status":  # the console's control room asks every few seconds
+            await ws.send_json(conn.broadcast.status())
             return
         if kind == "refresh_token":
             sessions.refresh_client_token(conn)

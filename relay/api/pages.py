@@ -38,6 +38,7 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/host")
+@routes.get("/host/")  # as people type it; the page's own links are absolute
 async def host_console(request: web.Request) -> web.FileResponse:
     return page("host.html")
 

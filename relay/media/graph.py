@@ -186,6 +186,11 @@ class MediaGraph:
             recorder.done.add_done_callback(lambda _: self._finishing.discard(recorder))
         return True
 
+    @property
+    def keyframes_forced(self) -> int:
+        """Keyframes the live stream's encoder was asked for (joins, PLI/FIR), after coalescing."""
+        return self._pipeline.keyframes_forced if self._pipeline is not None else 0
+
     def record_event(self, event: dict) -> None:
         """Into the live stream's recording (its events log), if it is being recorded."""
         if self.recorder is not None:

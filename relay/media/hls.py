@@ -28,13 +28,16 @@ import asyncio
 import io
 import logging
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import av
 
 from ..worldmodel.base import VIDEO_TIME_BASE
+
+HLS_READERS_KEPT = 10_000     # addresses remembered as HLS viewers, at most
+READER_TARGET_DURATIONS = 3   # a player that has not re-read the playlist in this many is gone
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,9 @@ class HlsPublisher:
         self._size: tuple[int, int] = (0, 0)
         self._startable = asyncio.Event()
         self._on_segment = on_segment
+        # Who read the playlist lately (address -> when), oldest first: the host's count of HLS
+        # viewers. A CDN in front counts as one; bounded so a crowd of addresses costs little.
+        self._readers: OrderedDict[str, float] = OrderedDict()
         self.closed = False
 
     # -- hub side ------------------------------------------------------------------------
@@ -145,6 +151,20 @@ class HlsPublisher:
             lines.append(f"#EXTINF:{segment.duration:.3f},")
             lines.append(f"{segment.sequence}.ts{segment_query}")
         return "\n".join(lines) + "\n"
+
+    def note_reader(self, address: str, now: float) -> None:
+        """A player read the playlist (players re-read it every target duration while they play)."""
+        self._readers[address] = now
+        self._readers.move_to_end(address)
+        while len(self._readers) > HLS_READERS_KEPT:
+            self._readers.popitem(last=False)
+
+    def readers(self, now: float) -> int:
+        """Addresses that read the playlist within the last few target durations: HLS viewers now."""
+        horizon = now - READER_TARGET_DURATIONS * self.target_duration
+        while self._readers and next(iter(self._readers.values())) < horizon:
+            self._readers.popitem(last=False)
+        return len(self._readers)
 
     async def wait_for_segments(self, timeout: float) -> None:
         """Until the first MIN_SEGMENTS segments exist (at most ``timeout`` s): a playlist with fewer

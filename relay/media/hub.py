@@ -107,6 +107,7 @@ class FanoutHub:
         self._need_rebase = True
         self._sinks: list[Callable[[Media, bool], None]] = []
         self.published = 0
+        self.published_bytes = 0  # encoded bytes (packets only): the host console's bitrate
 
     @property
     def subscribers(self) -> int:
@@ -161,6 +162,8 @@ class FanoutHub:
         item.time_base = VIDEO_TIME_BASE
         self._last_out_pts = item.pts
         self.published += 1
+        if isinstance(item, av.Packet):
+            self.published_bytes += item.size
         for sink in self._sinks:
             sink(item, keyframe)
         for track in self._tracks:

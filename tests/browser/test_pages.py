@@ -139,8 +139,11 @@ async def test_host_console_runs_a_stream(relay_factory, open_page):
     await expect(page.locator("#connection-state")).to_have_text("Connected", timeout=UI_MS)
     conn = only_connection(relay)
     assert relay.sessions.streamers_free == streamers - 1
-    await expect(page.locator("#connection-id")).to_have_text(conn.connection_id)
-    await expect(page.locator("#broadcast-id")).to_have_text(conn.broadcast.broadcast_id)
+    # Short ids, the whole one a click away (its title, and the clipboard).
+    for selector, full in (("#connection-id", conn.connection_id), ("#broadcast-id", conn.broadcast.broadcast_id)):
+        chip = page.locator(f"{selector} .id-chip")
+        await expect(chip).to_have_text(f"{full[:8]}…")
+        await expect(chip).to_have_attribute("title", f"{full} (click to copy)")
 
     # The watch link is the broadcast's watch URL, spectator token included.
     b = conn.broadcast
@@ -160,7 +163,7 @@ async def test_host_console_runs_a_stream(relay_factory, open_page):
     await expect(status).to_have_attribute("data-state", "live", timeout=FIRST_FRAME_MS)
     stream = conn.stream
     assert stream is not None and stream.live and stream.prompt == "a calm ocean at sunset"
-    await expect(status).to_contain_text(stream.stream_id)
+    await expect(status).to_contain_text(stream.stream_id[:8])
     await assert_playing(page, "#preview")
     await expect(page.locator("#preview-state")).to_have_text("Live", timeout=UI_MS)
     await expect(page.locator("#history li")).to_have_count(1)
@@ -213,8 +216,8 @@ async def test_host_console_follows_the_relays_limits(relay_factory, open_page):
     status = page.locator("#stream-status")
     await expect(status).to_have_attribute("data-state", "live", timeout=UI_MS)
     await expect(status).to_have_attribute("data-state", "ended", timeout=UI_MS)
-    await expect(status).to_contain_text("duration_limit")
-    await expect(page.locator("#history .reason")).to_have_text("duration_limit")
+    await expect(status).to_contain_text("ended: it reached the time limit")  # words, not "duration_limit"
+    await expect(page.locator("#history .reason")).to_have_text("ended: it reached the time limit")
 
     # The ended stream's "Recording" opens its replay page (signed link fetched with the API key,
     # retried while the recording is still being finished).

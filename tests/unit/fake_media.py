@@ -7,6 +7,7 @@ track never starts its render thread), and a test decides when the upstream fail
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from aiortc.mediastreams import MediaStreamTrack
@@ -17,8 +18,16 @@ from relay.media.graph import MediaFeed, RecorderFactory
 from relay.media.rtp_fanout import IdleVideoTrack
 
 
+@dataclass
+class FakeHub:
+    """What a broadcast reads of its hub: how much was published (a test moves the counts)."""
+    published: int = 0
+    published_bytes: int = 0
+
+
 class FakeMedia:
     hls = None
+    keyframes_forced = 0
 
     def __init__(self, settings: Settings, clock: Clock, recorder: RecorderFactory | None = None) -> None:
         self.source: MediaStreamTrack | None = None
@@ -27,6 +36,7 @@ class FakeMedia:
         self.detached: list[str] = []  # the reasons, in order
         self.recorded: list[dict[str, Any]] = []  # what the live stream's recording would log
         self.feeds: list[MediaFeed] = []
+        self.hub = FakeHub()
         self.closed = False
 
     @property

@@ -13,7 +13,7 @@ import pytest
 from aiortc import RTCPeerConnection
 
 from relay.audience import STATE_PUSH_INTERVAL
-from relay.broadcast import Broadcast
+from relay.broadcast import STATUS_SPAN, Broadcast
 from relay.clock import FakeClock
 from relay.config import Settings
 from relay.errors import RelayError
@@ -195,6 +195,7 @@ async def test_no_events_socket_is_admitted_once_the_audience_closed():
     b = Broadcast("conn-1", make_settings(), FakeClock(), media=FakeMedia)
     early = b.audience.open_channel(address="10.0.0.1")
     await b.close()
+    assert json.loads(early.queue.get_nowait()) == {"type": "disconnected", "reason": "disconnected"}
     assert early.queue.get_nowait() is None  # told to finish
     with pytest.raises(RelayError) as info:
         b.audience.open_channel(address="10.0.0.1")
@@ -252,3 +253,22 @@ async def test_a_session_runs_its_streams_on_a_fake_media_graph(no_new_threads):
     finally:
         await manager.close()
     assert manager.connections == {} and media(conn.broadcast).closed
+
+
+# -- the host's control room -------------------------------------------------------------------
+
+async def test_the_control_room_status_counts_and_measures_the_stream():
+    clock = FakeClock()
+    b = Broadcast("conn-1", make_settings(), clock, media=FakeMedia)
+    b.audience.open_channel(address="10.0.0.1")
+    assert b.status() == {"type": "status", "viewers": {"webrtc": 0, "hls": 0}, "participants": 1, "stream": None}
+
+    b.attach_stream("s1", "hills", SyntheticTrack(64, 48, 25), 64, 48, 25)
+    assert b.status()["stream"] == {"stream_id": "s1", "fps": None, "bitrate_kbps": None, "keyframes_forced": 0}
+    clock.advance(STATUS_SPAN * 2)
+    b.media.hub.published += round(50 * STATUS_SPAN)  # 25 fps and 250 kB/s: 2000 kbps
+    b.media.hub.published_bytes += round(500_000 * STATUS_SPAN)
+    assert b.status()["stream"] == {"stream_id": "s1", "fps": 25.0, "bitrate_kbps": 2000, "keyframes_forced": 0}
+    clock.advance(STATUS_SPAN / 2)  # asked again soon: the same measure, not one over a sliver of time
+    assert b.status()["stream"]["fps"] == 25.0
+    await b.close()

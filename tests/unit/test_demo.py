@@ -65,3 +65,33 @@ async def test_demo_keeps_one_watch_url_across_connections_and_restarts(tmp_path
         assert await DemoHost(restarted, "another-key").open() == path
     finally:
         await restarted.close()
+
+
+async def test_demo_prompts_pause_while_the_audience_has_control():
+    settings = Settings.from_dict({
+        "auth": {"api_keys": ["k"]},
+        "limits": {"stream_max_seconds": 30},
+        "world_model": {"width": 64, "height": 48},
+    })
+    sessions = SessionManager(settings, SyntheticWorldModel(64, 48, 25))
+    demo = DemoHost(sessions, "k", prompt_every_seconds=0.05)
+    await demo.open()
+    conn = next(iter(sessions.connections.values()))
+    prompts: list[str] = []  # every prompt the demo applied, in order
+    conn.broadcast.prompt_applied = lambda prompt, source, participant_id=None: prompts.append(prompt)
+    task = asyncio.create_task(demo.run())
+    try:
+        await eventually(lambda: len(prompts) >= 2, timeout=5, what="the demo's scripted prompts")
+        for mode in ("queue", "vote", "turns"):
+            conn.broadcast.audience.configure({"mode": mode})
+            # Let a prompt under way land, then none may follow for several prompt intervals.
+            await asyncio.sleep(0.06)
+            paused_at = len(prompts)
+            await asyncio.sleep(0.3)
+            assert len(prompts) == paused_at, mode
+        conn.broadcast.audience.configure({"mode": "host"})
+        await eventually(lambda: len(prompts) > paused_at, timeout=5, what="the demo's prompts resumed")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sessions.close()

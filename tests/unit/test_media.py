@@ -8,6 +8,7 @@ import av
 import numpy as np
 
 from relay.media.encoder import VIDEO_TIME_BASE, H264Encoder
+from relay.media.hls import HLS_READERS_KEPT, READER_TARGET_DURATIONS, HlsPublisher
 from relay.media.hub import FanoutHub
 from relay.media.pipeline import KEYFRAME_MIN_INTERVAL, StreamPipeline
 from relay.media.rtp_fanout import HISTORY, RtpFanout
@@ -104,7 +105,6 @@ def test_rtp_history_serves_nacks_by_sequence_number():
 
 
 def test_hls_segments_cut_at_keyframes_within_a_fixed_target_and_count_discontinuities():
-    from relay.media.hls import HlsPublisher
 
     encoder = H264Encoder(64, 48, 25, 300, 1.0, preset="ultrafast")  # a keyframe every 25 frames
     hls = HlsPublisher(target_seconds=1.0, window=3, fps=25)
@@ -140,3 +140,18 @@ def test_hls_segments_cut_at_keyframes_within_a_fixed_target_and_count_discontin
     assert hls.segments == 6 + 3
     hls.close()
     assert hls.segments == 0
+
+
+def test_hls_counts_the_addresses_still_reading_its_playlist():
+    hls = HlsPublisher(target_seconds=1.0, window=3, fps=25)
+    gone_after = READER_TARGET_DURATIONS * hls.target_duration
+    hls.note_reader("10.0.0.1", 100.0)
+    hls.note_reader("10.0.0.2", 100.0)
+    hls.note_reader("10.0.0.1", 100.5)  # the same player re-reading: still one viewer
+    assert hls.readers(101.0) == 2
+    hls.note_reader("10.0.0.1", 100.0 + gone_after)
+    assert hls.readers(100.1 + gone_after) == 1  # .2 stopped reading: gone
+    for n in range(HLS_READERS_KEPT + 5):  # a crowd of addresses: remembered up to the bound
+        hls.note_reader(f"a{n}", 200.0)
+    assert hls.readers(200.0) == HLS_READERS_KEPT
+    hls.close()

@@ -1,0 +1,47 @@
+// tabstore.js: what the host console keeps for its tab (sessionStorage: gone when the tab
+// closes, never shared with another tab): the API key, and the open connection, so that a
+// reloaded console re-attaches to it (within the relay's idle timeout) instead of ending the
+// broadcast. Storage may be off: then a reload simply starts over.
+
+const KEY_STORAGE = 'relay.apiKey';
+const CONN_STORAGE = 'relay.connection'; // {id, clientToken, tokenLifeMs, tokenExpiresAt, expiresAt, broadcast}
+
+function read(name) {
+  try {
+    return sessionStorage.getItem(name);
+  } catch {
+    return null;
+  }
+}
+
+function write(name, value) {
+  try {
+    if (value) sessionStorage.setItem(name, value);
+    else sessionStorage.removeItem(name);
+  } catch {
+    // storage off: nothing kept
+  }
+}
+
+export const keptKey = () => read(KEY_STORAGE) ?? '';
+export const keepKey = (key) => write(KEY_STORAGE, key);
+
+export function keepConnection(c) {
+  const { id, clientToken, tokenLifeMs, tokenExpiresAt, expiresAt, broadcast } = c;
+  write(CONN_STORAGE, JSON.stringify({ id, clientToken, tokenLifeMs, tokenExpiresAt, expiresAt, broadcast }));
+}
+
+export const forgetConnection = () => write(CONN_STORAGE, '');
+
+/** This tab's connection, if one is kept and its client token can still open the control socket. */
+export function keptConnection() {
+  try {
+    const saved = JSON.parse(read(CONN_STORAGE) ?? 'null');
+    if (saved && typeof saved.id === 'string' && typeof saved.clientToken === 'string'
+      && Number(saved.tokenExpiresAt) > Date.now()) return saved;
+  } catch {
+    // unreadable: start over
+  }
+  forgetConnection();
+  return null;
+}
