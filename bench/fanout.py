@@ -49,7 +49,13 @@ sys.path.insert(0, ROOT)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-MODES = ("encode-once", "encode-once-sender", "per-spectator")
+# Each design the bench compares: the relay's [media] mode and any [media] lines that make it.
+MODES = {
+    "encode-once": ("encode-once", ""),  # the default: the compiled send loop where it was built
+    "encode-once-python": ("encode-once", 'send_loop = "python"\n'),  # the same design, the Python loop
+    "encode-once-sender": ("encode-once-sender", ""),
+    "per-spectator": ("per-spectator", ""),
+}
 OFF_KEY = "encode-once/recording-off"  # --recording both: the second encode-once run
 
 
@@ -179,14 +185,15 @@ class Server:
         self.log_path = os.path.join(workdir, f"server-{tag}.log")
         self.config_path = os.path.join(workdir, f"relay-{tag}.toml")
         self.data_dir = os.path.join(workdir, f"data-{tag}")
-        media_extra = f"bitrate_kbps = {args.bitrate}\n" if args.bitrate else ""
+        server_mode, media_extra = MODES[mode]
+        media_extra += f"bitrate_kbps = {args.bitrate}\n" if args.bitrate else ""
         if args.low_layer:  # the half-size layer, encoded once per stream (its cost is server CPU at N=0)
             media_extra += "low_layer = true\n"
         with open(self.config_path, "w") as f:
             f.write(CONFIG.format(
                 port=self.port, data_dir=self.data_dir, api_key=self.api_key,
                 stream_max=args.stream_max_seconds, width=args.width, height=args.height, fps=args.fps,
-                mode=mode, media_extra=media_extra, recordings="" if recording else RECORDINGS_OFF,
+                mode=server_mode, media_extra=media_extra, recordings="" if recording else RECORDINGS_OFF,
             ) + extra_config)
         self.proc: subprocess.Popen | None = None
 
@@ -993,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in MODES:
-            ap.error(f"unknown mode {m!r} (encode-once, per-spectator)")
+            ap.error(f"unknown mode {m!r} ({', '.join(MODES)})")
     if args.recording == "both" and "encode-once" not in modes:
         ap.error("--recording both runs encode-once twice: include it in --modes")
     if args.soak_only and args.soak <= 0:
@@ -1024,8 +1031,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, ModeResult] = {}
     try:
         for key, mode, recording in runs:
-            counts = {"encode-once": args.counts, "encode-once-sender": args.sender_counts}.get(
-                mode, args.per_spectator_counts)
+            counts = {"encode-once": args.counts, "encode-once-python": args.counts,
+                      "encode-once-sender": args.sender_counts}.get(mode, args.per_spectator_counts)
             results[key] = asyncio.run(run_mode(mode, counts, args, workdir, recording))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
