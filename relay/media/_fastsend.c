@@ -16,7 +16,12 @@
 #include <netinet/in.h>
 #include <stdint.h>
 #include <string.h>
+#include <netinet/udp.h>
 #include <sys/socket.h>
+
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103  /* Linux >= 4.18; older headers lack the name */
+#endif
 
 #define MAX_PACKETS 64   /* a frame larger than this is sent in several batches */
 #define SLOT 2048        /* header (<= 20) + payload (<= 1300) + SRTP trailer (<= 148) */
@@ -25,6 +30,72 @@ typedef int (*protect_fn)(void *ctx, void *packet, int *length);
 
 static protect_fn srtp_protect;
 static __thread unsigned char slots[MAX_PACKETS][SLOT];
+/* UDP GSO: a run of equal-sized datagrams (the last may be shorter) goes down the stack as one buffer
+ * and is cut into datagrams at the end (by the NIC, or late in software): the stack is walked once per
+ * run instead of once per packet. Cleared for good if the kernel or the route refuses it. */
+static int gso = 1;
+
+typedef union {
+    char buffer[CMSG_SPACE(sizeof(uint16_t))];
+    struct cmsghdr align;
+} control_t;
+
+/* Send datagrams vectors[0..count) to one address in one sendmmsg; with GSO each run of equal-sized
+ * datagrams is one message. Returns the datagrams the kernel took, or -errno if it took none. */
+static Py_ssize_t send_datagrams(int fd, const Py_buffer *address, struct iovec *vectors, Py_ssize_t count) {
+    struct mmsghdr messages[MAX_PACKETS];
+    control_t controls[MAX_PACKETS];
+    Py_ssize_t first[MAX_PACKETS + 1];
+    for (;;) {
+        int use_gso = gso, n_messages = 0;
+        for (Py_ssize_t i = 0; i < count;) {
+            Py_ssize_t j = i + 1;
+            size_t segment = vectors[i].iov_len, total = segment;
+            while (use_gso && j < count && vectors[j].iov_len <= segment && total + vectors[j].iov_len <= 65000) {
+                total += vectors[j].iov_len;
+                if (vectors[j++].iov_len < segment)
+                    break;  /* a shorter datagram ends a run */
+            }
+            struct msghdr *m = &messages[n_messages].msg_hdr;
+            memset(&messages[n_messages], 0, sizeof messages[n_messages]);
+            m->msg_name = address->buf;
+            m->msg_namelen = (socklen_t)address->len;
+            m->msg_iov = &vectors[i];
+            m->msg_iovlen = (size_t)(j - i);
+            if (j - i > 1) {
+                m->msg_control = controls[n_messages].buffer;
+                m->msg_controllen = sizeof controls[n_messages].buffer;
+                struct cmsghdr *c = CMSG_FIRSTHDR(m);
+                c->cmsg_level = SOL_UDP;
+                c->cmsg_type = UDP_SEGMENT;
+                c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+                uint16_t size = (uint16_t)segment;
+                memcpy(CMSG_DATA(c), &size, sizeof size);
+            }
+            first[n_messages++] = i;
+            i = j;
+        }
+        first[n_messages] = count;
+        int done = 0;
+        while (done < n_messages) {
+            int n = sendmmsg(fd, messages + done, (unsigned int)(n_messages - done), 0);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                break;
+            }
+            done += n;
+        }
+        if (done == n_messages)
+            return count;
+        int error = errno;
+        if (done == 0 && use_gso && (error == EIO || error == EINVAL || error == ENOPROTOOPT || error == EOPNOTSUPP)) {
+            gso = 0;  /* no UDP GSO on this kernel or route: one datagram per message from now on */
+            continue;
+        }
+        return done ? first[done] : -error;
+    }
+}
 
 static PyObject *set_protect(PyObject *self, PyObject *arg) {
     void *address = PyLong_AsVoidPtr(arg);
@@ -84,7 +155,6 @@ static PyObject *send_frame(PyObject *self, PyObject *args) {
     Py_ssize_t count = PyList_GET_SIZE(payloads);
     Py_ssize_t sent = 0, octets = 0;
     int error = 0;
-    struct mmsghdr messages[MAX_PACKETS];
     struct iovec vectors[MAX_PACKETS];
     int header_size = ast >= 0 ? 20 : 12;
     for (Py_ssize_t base = 0; base < count && !error; base += MAX_PACKETS) {
@@ -126,22 +196,15 @@ static PyObject *send_frame(PyObject *self, PyObject *args) {
             }
             vectors[i].iov_base = slots[i];
             vectors[i].iov_len = length;
-            memset(&messages[i], 0, sizeof messages[i]);
-            messages[i].msg_hdr.msg_name = address.buf;
-            messages[i].msg_hdr.msg_namelen = (socklen_t)address.len;
-            messages[i].msg_hdr.msg_iov = &vectors[i];
-            messages[i].msg_hdr.msg_iovlen = 1;
         }
-        while (protected_ok && done < batch) {
-            int n = sendmmsg(fd, messages + done, (unsigned int)(batch - done), 0);
-            if (n < 0) {
-                if (errno != EINTR) {
-                    error = errno;
-                    break;
-                }
-                continue;
+        if (protected_ok) {
+            done = send_datagrams(fd, &address, vectors, batch);
+            if (done < 0) {
+                error = (int)-done;
+                done = 0;
+            } else if (done < batch) {
+                error = EAGAIN;
             }
-            done += n;
         }
         Py_END_ALLOW_THREADS
         if (!protected_ok) {
