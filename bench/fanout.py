@@ -49,7 +49,14 @@ sys.path.insert(0, ROOT)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-MODES = ("encode-once", "encode-once-sender", "per-spectator")
+# Each design the bench compares: the relay's [media] mode and any [media] lines that make it.
+MODES = {
+    "encode-once": ("encode-once", ""),  # the default: the compiled send loop where it was built
+    "encode-once-python": ("encode-once", 'send_loop = "python"\n'),  # the same design, the Python loop
+    "encode-once-sender": ("encode-once-sender", ""),
+    "per-spectator": ("per-spectator", ""),
+    "janus": ("", ""),  # not the relay: Debian's Janus streaming plugin, started by bench/janus.py
+}
 OFF_KEY = "encode-once/recording-off"  # --recording both: the second encode-once run
 
 
@@ -179,14 +186,15 @@ class Server:
         self.log_path = os.path.join(workdir, f"server-{tag}.log")
         self.config_path = os.path.join(workdir, f"relay-{tag}.toml")
         self.data_dir = os.path.join(workdir, f"data-{tag}")
-        media_extra = f"bitrate_kbps = {args.bitrate}\n" if args.bitrate else ""
+        server_mode, media_extra = MODES[mode]
+        media_extra += f"bitrate_kbps = {args.bitrate}\n" if args.bitrate else ""
         if args.low_layer:  # the half-size layer, encoded once per stream (its cost is server CPU at N=0)
             media_extra += "low_layer = true\n"
         with open(self.config_path, "w") as f:
             f.write(CONFIG.format(
                 port=self.port, data_dir=self.data_dir, api_key=self.api_key,
                 stream_max=args.stream_max_seconds, width=args.width, height=args.height, fps=args.fps,
-                mode=mode, media_extra=media_extra, recordings="" if recording else RECORDINGS_OFF,
+                mode=server_mode, media_extra=media_extra, recordings="" if recording else RECORDINGS_OFF,
             ) + extra_config)
         self.proc: subprocess.Popen | None = None
 
@@ -646,9 +654,7 @@ async def run_mode(mode: str, counts: list[int], args: argparse.Namespace, workd
 
     result = ModeResult(mode, recording)
     server = Server(workdir, mode, args, recording)
-    workers: Workers | None = None
     keeper: asyncio.Task | None = None
-    profile_dir = workdir if args.profile else None
     async with aiohttp.ClientSession() as http:
         try:
             await server.start(http)
@@ -656,58 +662,9 @@ async def run_mode(mode: str, counts: list[int], args: argparse.Namespace, workd
             async with client.connect() as conn:
                 keeper = asyncio.create_task(keep_alive(conn))
                 await conn.start_stream("a calm ocean at sunset")
-                broadcast = conn.broadcast
                 print(f"[{mode}] server pid {server.pid} on {server.base_url}, {result.recording_label}, "
                       f"stream started; {args.workers} worker processes", flush=True)
-                workers = Workers(args.workers, broadcast["whep_url"], broadcast["spectator_token"], args.depth)
-                await asyncio.sleep(args.settle)
-                if args.soak_only:
-                    counts = []
-                else:
-                    result.base = await measure(server, workers, http, broadcast, 0, args.window, [], [], 0)
-                    print(f"[{mode}] N=0: server {result.base.cpu:.1f}% CPU, RSS {result.base.rss / 2**20:.0f} MB",
-                          flush=True)
-                current = 0
-                for n in counts:
-                    if n <= current:
-                        continue
-                    add = n - current
-                    joined = await workers.join(add, spread=add / args.join_rate)
-                    current = n
-                    ttff = [r["ttff"] for r in joined if r["ttff"] is not None and not r["error"]]
-                    answer = [r["answer"] for r in joined if r["answer"] is not None and not r["error"]]
-                    errors = [r["error"] for r in joined if r["error"]]
-                    for e in sorted(set(errors))[:3]:
-                        print(f"[{mode}]   join error: {e}", flush=True)
-                    await asyncio.sleep(args.settle)
-                    profile = profile_dir if n == max(counts) else None
-                    row = await measure(server, workers, http, broadcast, n, args.window, ttff, answer, len(errors),
-                                        profile)
-                    result.rows.append(row)
-                    print(f"[{mode}] N={n}: server {row.cpu:.1f}% CPU, fps median "
-                          f"{_f(row.fps_median)} min {_f(row.fps_min)} (world model {row.gen_fps:.1f}), "
-                          f"load generator {row.gen_cpu:.0f}% CPU", flush=True)
-                if args.storm and not args.soak_only and (mode == "encode-once" or args.storm_all_modes):
-                    await workers.leave_all()
-                    await asyncio.sleep(2.0)
-                    k0 = (await server.metrics(http)).get("relay_keyframes_forced_total", 0.0)
-                    joined = await workers.join(args.storm, spread=args.storm_spread)
-                    await asyncio.sleep(1.0)  # a coalesced request may still be pending
-                    k1 = (await server.metrics(http)).get("relay_keyframes_forced_total", 0.0)
-                    result.storm = Storm(
-                        size=args.storm, spread=args.storm_spread, forced=k1 - k0,
-                        ttff=[r["ttff"] for r in joined if r["ttff"] is not None and not r["error"]],
-                        answer=[r["answer"] for r in joined if r["answer"] is not None and not r["error"]],
-                        ok=sum(1 for r in joined if r["ttff"] is not None and not r["error"]),
-                        errors=[r["error"] for r in joined if r["error"]],
-                    )
-                    print(f"[{mode}] storm: {args.storm} joins in {args.storm_spread:g} s -> "
-                          f"{k1 - k0:g} keyframes forced", flush=True)
-                await workers.leave_all()
-                if args.soak:
-                    await asyncio.sleep(2.0)
-                    result.soak = await run_soak(server, workers, http, broadcast, args)
-                    await workers.leave_all()
+                await run_steps(server, http, conn.broadcast, counts, args, result)
         except Exception:
             print(f"[{mode}] server log tail:\n{server.log_tail()}", file=sys.stderr, flush=True)
             raise
@@ -715,11 +672,90 @@ async def run_mode(mode: str, counts: list[int], args: argparse.Namespace, workd
             if keeper is not None:
                 keeper.cancel()
                 await asyncio.gather(keeper, return_exceptions=True)
-            if workers is not None:
-                await asyncio.get_running_loop().run_in_executor(None, workers.stop)
             server.stop()
             result.recorded = dir_usage(os.path.join(server.data_dir, "recordings"))
     return result
+
+
+async def run_janus(counts: list[int], args: argparse.Namespace, workdir: str) -> ModeResult:
+    """The same steps against Janus's streaming plugin (bench/janus.py), fed the same H.264 size and rate."""
+    import aiohttp
+
+    from janus import JanusServer
+
+    result = ModeResult("janus", False)
+    server = JanusServer(workdir, args)
+    async with aiohttp.ClientSession() as http:
+        try:
+            await server.start(http)
+            print(f"[janus] pid {server.pid} on {server.base_url} (2 event loops, streaming plugin), "
+                  f"fed {args.width}x{args.height} H.264 over RTP; {args.workers} worker processes", flush=True)
+            await run_steps(server, http, {"whep_url": server.watch_url, "spectator_token": "", "broadcast_id": ""},
+                            counts, args, result)
+        except Exception:
+            print(f"[janus] log tail:\n{server.log_tail()}", file=sys.stderr, flush=True)
+            raise
+        finally:
+            server.stop()
+    return result
+
+
+async def run_steps(server, http, broadcast: dict, counts: list[int], args: argparse.Namespace,
+                    result: ModeResult) -> None:
+    """N=0, then each count of spectators (joined at --join-rate), the storm and the soak, into result."""
+    mode = result.mode
+    profile_dir = server.workdir if args.profile and hasattr(server, "workdir") else None
+    workers = Workers(args.workers, broadcast["whep_url"], broadcast["spectator_token"], args.depth)
+    try:
+        await asyncio.sleep(args.settle)
+        if args.soak_only:
+            counts = []
+        else:
+            result.base = await measure(server, workers, http, broadcast, 0, args.window, [], [], 0)
+            print(f"[{mode}] N=0: server {result.base.cpu:.1f}% CPU, RSS {result.base.rss / 2**20:.0f} MB",
+                  flush=True)
+        current = 0
+        for n in counts:
+            if n <= current:
+                continue
+            add = n - current
+            joined = await workers.join(add, spread=add / args.join_rate)
+            current = n
+            ttff = [r["ttff"] for r in joined if r["ttff"] is not None and not r["error"]]
+            answer = [r["answer"] for r in joined if r["answer"] is not None and not r["error"]]
+            errors = [r["error"] for r in joined if r["error"]]
+            for e in sorted(set(errors))[:3]:
+                print(f"[{mode}]   join error: {e}", flush=True)
+            await asyncio.sleep(args.settle)
+            profile = profile_dir if n == max(counts) else None
+            row = await measure(server, workers, http, broadcast, n, args.window, ttff, answer, len(errors), profile)
+            result.rows.append(row)
+            print(f"[{mode}] N={n}: server {row.cpu:.1f}% CPU, fps median "
+                  f"{_f(row.fps_median)} min {_f(row.fps_min)} (world model {row.gen_fps:.1f}), "
+                  f"load generator {row.gen_cpu:.0f}% CPU", flush=True)
+        if args.storm and not args.soak_only and (mode == "encode-once" or args.storm_all_modes):
+            await workers.leave_all()
+            await asyncio.sleep(2.0)
+            k0 = (await server.metrics(http)).get("relay_keyframes_forced_total", 0.0)
+            joined = await workers.join(args.storm, spread=args.storm_spread)
+            await asyncio.sleep(1.0)  # a coalesced request may still be pending
+            k1 = (await server.metrics(http)).get("relay_keyframes_forced_total", 0.0)
+            result.storm = Storm(
+                size=args.storm, spread=args.storm_spread, forced=k1 - k0,
+                ttff=[r["ttff"] for r in joined if r["ttff"] is not None and not r["error"]],
+                answer=[r["answer"] for r in joined if r["answer"] is not None and not r["error"]],
+                ok=sum(1 for r in joined if r["ttff"] is not None and not r["error"]),
+                errors=[r["error"] for r in joined if r["error"]],
+            )
+            print(f"[{mode}] storm: {args.storm} joins in {args.storm_spread:g} s -> "
+                  f"{k1 - k0:g} keyframes forced", flush=True)
+        await workers.leave_all()
+        if args.soak:
+            await asyncio.sleep(2.0)
+            result.soak = await run_soak(server, workers, http, broadcast, args)
+            await workers.leave_all()
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, workers.stop)
 
 
 # ------------------------------------------------------------------------------------ report
@@ -993,7 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in MODES:
-            ap.error(f"unknown mode {m!r} (encode-once, per-spectator)")
+            ap.error(f"unknown mode {m!r} ({', '.join(MODES)})")
     if args.recording == "both" and "encode-once" not in modes:
         ap.error("--recording both runs encode-once twice: include it in --modes")
     if args.soak_only and args.soak <= 0:
@@ -1024,9 +1060,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, ModeResult] = {}
     try:
         for key, mode, recording in runs:
-            counts = {"encode-once": args.counts, "encode-once-sender": args.sender_counts}.get(
-                mode, args.per_spectator_counts)
-            results[key] = asyncio.run(run_mode(mode, counts, args, workdir, recording))
+            counts = {"encode-once": args.counts, "encode-once-python": args.counts,
+                      "encode-once-sender": args.sender_counts}.get(mode, args.per_spectator_counts)
+            if mode == "janus":
+                results[key] = asyncio.run(run_janus(args.counts, args, workdir))
+            else:
+                results[key] = asyncio.run(run_mode(mode, counts, args, workdir, recording))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -32,6 +32,7 @@ asyncio (uvloop) loop with many receivers, driven by commands over a multiproces
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -276,6 +277,69 @@ class LightReceiver:
         }
 
 
+class JanusReceiver(LightReceiver):
+    """The same light spectator watching a Janus streaming mountpoint (bench/janus.py): Janus's own
+    HTTP API instead of WHEP, and Janus offers while the spectator answers. ``watch_url`` is
+    ``janus+{api base}#{mountpoint id}``."""
+
+    async def _janus(self, session, url: str, body: dict) -> dict:
+        body = {**body, "transaction": os.urandom(6).hex()}
+        async with session.post(url, json=body) as response:
+            reply = await response.json(content_type=None)
+        if reply.get("janus") not in ("success", "ack", "event"):
+            raise RuntimeError(f"janus: {reply}")
+        return reply
+
+    async def join(self, session) -> None:
+        import aioice.ice
+        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+        api, _, mountpoint = self.whep_url[len("janus+"):].partition("#")
+        self.post_started = time.monotonic()
+        created = await self._janus(session, api, {"janus": "create"})
+        self.location = f"{api}/{created['data']['id']}"  # leave() destroys the Janus session
+        attached = await self._janus(session, self.location, {"janus": "attach", "plugin": "janus.plugin.streaming"})
+        handle = f"{self.location}/{attached['data']['id']}"
+        await self._janus(session, handle, {"janus": "message", "body": {"request": "watch", "id": int(mountpoint)}})
+        offer = None
+        while offer is None:  # the offer comes as an event on the session's long poll
+            async with session.get(f"{self.location}?maxev=1") as response:
+                event = await response.json(content_type=None)
+            offer = event.get("jsep") if event.get("janus") == "event" else None
+        self.answered_at = time.monotonic()
+        match = re.search(r"a=rtpmap:(\d+) H264/90000", offer["sdp"])
+        if match is None:
+            raise RuntimeError("the offer has no H.264")
+        self.payload_type = int(match.group(1))
+        # Janus gathers no loopback candidates: gather on the address it offers (this host's).
+        janus_ip = re.search(r"c=IN IP4 (\S+)", offer["sdp"]).group(1)
+        aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: [janus_ip] if use_ipv4 else []
+        pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        await pc.setRemoteDescription(RTCSessionDescription(offer["sdp"], "offer"))
+        transceiver = pc.getTransceivers()[0]
+        await pc.setLocalDescription(await pc.createAnswer())  # gathers
+        if self.depth == "raw":
+            self._hook_raw(transceiver)
+        else:
+            self._hook_srtp(transceiver)
+        self._count_rtcp(transceiver)
+        await self._janus(session, handle, {"janus": "message", "body": {"request": "start"},
+                                            "jsep": {"type": "answer", "sdp": pc.localDescription.sdp}})
+        await asyncio.wait_for(self._first_frame.wait(), FIRST_FRAME_TIMEOUT)
+
+    async def leave(self, session) -> None:
+        if self.location is not None:
+            with contextlib.suppress(Exception):
+                await self._janus(session, self.location, {"janus": "destroy"})
+            self.location = None
+        await super().leave(session)
+
+
+def receiver_for(index: int, watch_url: str, token: str, depth: str) -> LightReceiver:
+    kind = JanusReceiver if watch_url.startswith("janus+") else LightReceiver
+    return kind(index, watch_url, token, depth)
+
+
 # ---------------------------------------------------------------------------------------- worker
 
 async def _worker(conn, worker_id: int, whep_url: str, token: str, depth: str) -> None:
@@ -333,7 +397,7 @@ async def _worker(conn, worker_id: int, whep_url: str, token: str, depth: str) -
                 receivers.remove(old)
                 spawn(old.leave(session))  # DELETE the WHEP session, close the pc
                 left += 1
-            receiver = LightReceiver(next_index, whep_url, token, depth)
+            receiver = receiver_for(next_index, whep_url, token, depth)
             next_index += 1
             receivers.append(receiver)
             new.append(receiver)
@@ -365,7 +429,7 @@ async def _worker(conn, worker_id: int, whep_url: str, token: str, depth: str) -
                 _, count, spread = command
                 new = []
                 for i in range(count):
-                    new.append(LightReceiver(next_index, whep_url, token, depth))
+                    new.append(receiver_for(next_index, whep_url, token, depth))
                     next_index += 1
                 receivers.extend(new)
                 step = spread / count if count else 0.0

@@ -281,6 +281,10 @@ class MediaSettings:
     # at keyframes, for players and CDNs; no encode, nothing per viewer. Not in per-spectator mode.
     hls: bool = True
     hls_window_segments: int = option(6, min=3, max=60)
+    # encode-once: "auto" sends each spectator's share of a frame through the compiled loop
+    # (relay/media/_fastsend.c: one sendmmsg per frame) when it was built, else the Python loop;
+    # "python" always uses the Python loop (a check on the compiled one, or to rule it out).
+    send_loop: Literal["auto", "python"] = "auto"
 
 
 def _blocked_words(key: str, value: Any) -> tuple[str, ...]:

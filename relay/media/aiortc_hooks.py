@@ -19,6 +19,8 @@ import queue
 from typing import Any, Awaitable, Callable
 
 import aioice.ice
+import pylibsrtp
+from pylibsrtp._binding import ffi as srtp_ffi, lib as srtp_lib
 from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpSendParameters
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
@@ -130,13 +132,15 @@ class SenderLink:
     nominated ICE pair's socket; aiortc itself awaits three coroutines per datagram), and the
     counters aiortc's RTCP loop puts into sender reports."""
 
-    __slots__ = ("_sender", "_dtls", "_ice", "ssrc")
+    __slots__ = ("_sender", "_dtls", "_ice", "ssrc", "_native_key", "_native")
 
     def __init__(self, sender: RTCRtpSender) -> None:
         self._sender = sender
         self._dtls = sender.transport
         self._ice = _ice_connection(sender)
         self.ssrc: int = sender._ssrc  # random, public only through stats and the SDP
+        self._native_key: tuple | None = None
+        self._native: tuple[int, bytes, int] | None = None
 
     def path(self) -> tuple[Callable[[bytes], bytes], Any, tuple[str, int]] | None:
         """(protect, datagram transport, remote address) once DTLS is connected and ICE has
@@ -148,6 +152,23 @@ class SenderLink:
             return None
         return self._dtls._tx_srtp.protect, pair.protocol.transport, pair.remote_addr
 
+    def native_path(self, sockaddr: Callable[[str, int], bytes]) -> tuple[int, bytes, int] | None:
+        """The same path for the compiled send loop (media/_fastsend.c): (the nominated pair's socket
+        fd, its remote address packed by ``sockaddr``, the address of the sender's libsrtp session,
+        which pylibsrtp keeps as a cffi pointer), computed again only when the pair or session changes."""
+        if self._dtls._state != DtlsState.CONNECTED:
+            return None
+        pair = self._ice._nominated.get(RTP_COMPONENT)
+        if pair is None or pair.protocol.transport is None:
+            return None
+        transport, session = pair.protocol.transport, self._dtls._tx_srtp
+        key = (transport, pair.remote_addr, session)
+        if key != self._native_key:
+            fd = transport.get_extra_info("socket").fileno()
+            self._native = (fd, sockaddr(*pair.remote_addr[:2]), srtp_session_address(session))
+            self._native_key = key
+        return self._native
+
     def report(self, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> None:
         """aiortc's RTCP loop builds each sender report from counters its own RTP loop keeps
         (name-mangled, so written by their mangled names); whoever sends instead must keep them."""
@@ -156,6 +177,17 @@ class SenderLink:
         sender._RTCRtpSender__rtp_timestamp = rtp_timestamp  # type: ignore[attr-defined]
         sender._RTCRtpSender__packet_count = packets  # type: ignore[attr-defined]
         sender._RTCRtpSender__octet_count = octets  # type: ignore[attr-defined]
+
+
+def srtp_protect_address() -> int:
+    """libsrtp's srtp_protect as a C function pointer: pylibsrtp links libsrtp into its cffi
+    binding, so the compiled send loop calls the very code (and session) aiortc negotiated."""
+    return int(srtp_ffi.cast("uintptr_t", srtp_ffi.addressof(srtp_lib, "srtp_protect")))
+
+
+def srtp_session_address(session: pylibsrtp.Session) -> int:
+    """The libsrtp context (srtp_t) behind a pylibsrtp Session: its private ``_srtp`` (srtp_t *)."""
+    return int(srtp_ffi.cast("uintptr_t", session._srtp[0]))
 
 
 def _ice_connection(sender: RTCRtpSender) -> aioice.ice.Connection:

@@ -99,9 +99,11 @@ class MediaGraph:
         if self.mode.fanout:
             if media.low_layer:
                 self.low_hub = FanoutHub(clock_of=self.hub)
-                self.low_fanout = RtpFanout(self.low_hub.request_keyframe, on_sent=metrics.count_sent)
+                self.low_fanout = RtpFanout(self.low_hub.request_keyframe, on_sent=metrics.count_sent,
+                                            compiled=media.send_loop == "auto")
                 self.low_hub.add_sink(self.low_fanout.publish)
-            self.fanout = RtpFanout(self.hub.request_keyframe, on_sent=metrics.count_sent, lower=self.low_fanout)
+            self.fanout = RtpFanout(self.hub.request_keyframe, on_sent=metrics.count_sent, lower=self.low_fanout,
+                                    compiled=media.send_loop == "auto")
             self.hub.add_sink(self.fanout.publish)
         # Live HLS: one more reader of the hub's packets, for players and CDNs (nothing per viewer).
         self.hls: HlsPublisher | None = None

@@ -33,10 +33,18 @@ from aiortc.codecs.h264 import H264Encoder as AiortcH264
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
 
-from .aiortc_hooks import SenderLink, observe_rtcp, observe_send_parameters, route_retransmissions
+from .aiortc_hooks import SenderLink, observe_rtcp, observe_send_parameters, route_retransmissions, srtp_protect_address
 from .layers import LayerPolicy
 
+try:  # the compiled send loop (setup.py builds it where a C compiler is; see _fastsend.c)
+    from . import _fastsend
+except ImportError:
+    _fastsend = None
+else:
+    _fastsend.set_protect(srtp_protect_address())
+
 log = logging.getLogger(__name__)
+COMPILED_SEND = _fastsend is not None  # [media] send_loop = "auto" uses it when it was built
 
 HISTORY = 1024  # packets kept for NACKs (~4 s at 2 Mbps); divides 2**16 so slots map cleanly
 # A spectator that becomes ready shortly after a keyframe starts at once from a replay of that
@@ -60,6 +68,9 @@ class Link(Protocol):
 
     def path(self) -> tuple[Callable[[bytes], bytes], Any, tuple[str, int]] | None:
         """(protect, datagram transport, address) while the peer can receive, else None."""
+
+    def native_path(self, sockaddr: Callable[[str, int], bytes]) -> tuple[int, bytes, int] | None:
+        """(socket fd, packed address, libsrtp session address) for the compiled loop, else None."""
 
     def report(self, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> None:
         """The clock and counters for the peer's next RTCP sender report."""
@@ -157,31 +168,59 @@ class RtpOutput:
             self._next_seq_index = first_index + self._seq_offset
             self._fanout.request_keyframe()
             return
-        pt = self.payload_type
-        ssrc = self.ssrc
         rtp_ts = (timestamp + self._ts_origin) & 0xFFFFFFFF
         seq = first_index + self._seq_offset
-        last = len(payloads) - 1
-        sendto = transport.sendto
-        size = 0
         ast = self._abs_send_time_word
-        if ast is None:
-            for i, payload in enumerate(payloads):
-                header = _HEADER.pack(0x80, pt | 0x80 if i == last else pt, (seq + i) & 0xFFFF, rtp_ts, ssrc)
-                sendto(protect(header + payload), addr)
-                size += len(payload)
-        else:
+        if ast is not None:
             ast |= (ntp >> 14) & 0xFFFFFF  # 6.18 fixed-point seconds, once per frame
-            pack = _HEADER_AST.pack
-            for i, payload in enumerate(payloads):
-                header = pack(0x90, pt | 0x80 if i == last else pt, (seq + i) & 0xFFFF, rtp_ts, ssrc, 0xBEDE, 1, ast)
-                sendto(protect(header + payload), addr)
-                size += len(payload)
+        native = self._fanout.compiled and self._link.native_path(_fastsend.sockaddr)
+        if native:
+            sent, size = self._send_compiled(native, payloads, seq, rtp_ts, ast)
+            if sent < len(payloads):  # the socket's buffer is full: as a backed-up transport
+                self._waiting_for_keyframe = True
+                self._next_seq_index = seq + sent
+                self._fanout.request_keyframe()
+                self.packets_sent += sent
+                return
+        else:
+            size = self._send_python(protect, transport.sendto, addr, payloads, seq, rtp_ts, ast)
         self._next_seq_index = seq + len(payloads)
         self.packets_sent += len(payloads)
         self.bytes_sent += size
         # aiortc's own RTCP loop sends the sender reports; give it our clock and counters.
         self._link.report(ntp, rtp_ts, self.packets_sent, self.bytes_sent)
+
+    def _send_compiled(self, native: tuple[int, bytes, int], payloads: list[bytes], seq: int, rtp_ts: int,
+                       ast: int | None) -> tuple[int, int]:
+        """A frame's packets in one call: headers, SRTP and one sendmmsg (_fastsend.c)."""
+        fd, address, srtp = native
+        try:
+            return _fastsend.send_frame(fd, address, srtp, payloads, self.payload_type, seq & 0xFFFF, rtp_ts,
+                                        self.ssrc, -1 if ast is None else ast)
+        except OSError as exc:  # the peer's socket is going away: its close follows
+            log.debug("send to spectator ssrc=%d failed: %s", self.ssrc, exc)
+            return 0, 0
+
+    def _send_python(self, protect, sendto, addr, payloads: list[bytes], seq: int, rtp_ts: int,
+                     ast: int | None) -> int:
+        """The same packets, one Python round trip and one syscall per packet (no compiler here)."""
+        pt = self.payload_type
+        ssrc = self.ssrc
+        last = len(payloads) - 1
+        size = 0
+        if ast is None:
+            pack = _HEADER.pack
+            for i, payload in enumerate(payloads):
+                sendto(protect(pack(0x80, pt | 0x80 if i == last else pt, (seq + i) & 0xFFFF, rtp_ts, ssrc) + payload),
+                       addr)
+                size += len(payload)
+        else:
+            pack = _HEADER_AST.pack
+            for i, payload in enumerate(payloads):
+                header = pack(0x90, pt | 0x80 if i == last else pt, (seq + i) & 0xFFFF, rtp_ts, ssrc, 0xBEDE, 1, ast)
+                sendto(protect(header + payload), addr)
+                size += len(payload)
+        return size
 
     async def retransmit(self, sequence_number: int) -> None:
         """A NACK: resend that packet from the shared history, if it is still there."""
@@ -213,7 +252,9 @@ class RtpFanout:
         request_keyframe: Callable[[], None],
         on_sent: Callable[[int, int], None] | None = None,
         lower: "RtpFanout | None" = None,
+        compiled: bool = COMPILED_SEND,
     ) -> None:
+        self.compiled = compiled and COMPILED_SEND  # the compiled send loop, when built and wanted
         self.lower = lower  # the broadcast's lower layer, if any: outputs may move there and back
         self._on_sent = on_sent
         self._packer = AiortcH264()  # only its pack(): Annex B split + FU-A/STAP-A, no encoder

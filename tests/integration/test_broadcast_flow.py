@@ -79,9 +79,11 @@ async def test_spectator_leave_is_immediate(relay):
         assert broadcast.media.hub.subscribers == 0 and broadcast.media.fanout.outputs == 0
 
 
-@pytest.mark.parametrize("mode", ["encode-once", "encode-once-sender", "per-spectator"])
-async def test_every_media_mode_delivers_across_streams(relay_factory, mode):
-    relay = await relay_factory(media={"mode": mode}, limits={"stream_max_seconds": 30})
+@pytest.mark.parametrize("mode,send_loop", [("encode-once", "auto"), ("encode-once", "python"),
+                                            ("encode-once-sender", "auto"), ("per-spectator", "auto")])
+async def test_every_media_mode_delivers_across_streams(relay_factory, mode, send_loop):
+    # encode-once with "auto" sends through the compiled loop where it was built; "python" never.
+    relay = await relay_factory(media={"mode": mode, "send_loop": send_loop}, limits={"stream_max_seconds": 30})
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
         await conn.start_stream("a green forest")
         b = conn.broadcast

@@ -1,0 +1,236 @@
+/* One spectator's share of a frame in one call: RTP headers, SRTP, one sendmmsg.
+ *
+ * rtp_fanout.py's pure-Python loop costs a Python round trip per packet per spectator (pack the
+ * header, concatenate, pylibsrtp's protect wrapper, the transport's sendto) and a syscall per packet.
+ * Here a frame's packets for one spectator are written into one buffer, protected in place by the
+ * spectator's own libsrtp session (the very session aiortc negotiated, reached through pylibsrtp's
+ * function pointer: nothing is linked against libsrtp here) and handed to the kernel in one
+ * sendmmsg(2), without the GIL. Optional: without a C compiler the package installs without it and
+ * rtp_fanout.py's Python loop is used (see FanoutSend in rtp_fanout.py).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <string.h>
+#include <netinet/udp.h>
+#include <sys/socket.h>
+
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103  /* Linux >= 4.18; older headers lack the name */
+#endif
+
+#define MAX_PACKETS 64   /* a frame larger than this is sent in several batches */
+#define SLOT 2048        /* header (<= 20) + payload (<= 1300) + SRTP trailer (<= 148) */
+
+typedef int (*protect_fn)(void *ctx, void *packet, int *length);
+
+static protect_fn srtp_protect;
+static __thread unsigned char slots[MAX_PACKETS][SLOT];
+/* UDP GSO: a run of equal-sized datagrams (the last may be shorter) goes down the stack as one buffer
+ * and is cut into datagrams at the end (by the NIC, or late in software): the stack is walked once per
+ * run instead of once per packet. Cleared for good if the kernel or the route refuses it. */
+static int gso = 1;
+
+typedef union {
+    char buffer[CMSG_SPACE(sizeof(uint16_t))];
+    struct cmsghdr align;
+} control_t;
+
+/* Send datagrams vectors[0..count) to one address in one sendmmsg; with GSO each run of equal-sized
+ * datagrams is one message. Returns the datagrams the kernel took, or -errno if it took none. */
+static Py_ssize_t send_datagrams(int fd, const Py_buffer *address, struct iovec *vectors, Py_ssize_t count) {
+    struct mmsghdr messages[MAX_PACKETS];
+    control_t controls[MAX_PACKETS];
+    Py_ssize_t first[MAX_PACKETS + 1];
+    for (;;) {
+        int use_gso = gso, n_messages = 0;
+        for (Py_ssize_t i = 0; i < count;) {
+            Py_ssize_t j = i + 1;
+            size_t segment = vectors[i].iov_len, total = segment;
+            while (use_gso && j < count && vectors[j].iov_len <= segment && total + vectors[j].iov_len <= 65000) {
+                total += vectors[j].iov_len;
+                if (vectors[j++].iov_len < segment)
+                    break;  /* a shorter datagram ends a run */
+            }
+            struct msghdr *m = &messages[n_messages].msg_hdr;
+            memset(&messages[n_messages], 0, sizeof messages[n_messages]);
+            m->msg_name = address->buf;
+            m->msg_namelen = (socklen_t)address->len;
+            m->msg_iov = &vectors[i];
+            m->msg_iovlen = (size_t)(j - i);
+            if (j - i > 1) {
+                m->msg_control = controls[n_messages].buffer;
+                m->msg_controllen = sizeof controls[n_messages].buffer;
+                struct cmsghdr *c = CMSG_FIRSTHDR(m);
+                c->cmsg_level = SOL_UDP;
+                c->cmsg_type = UDP_SEGMENT;
+                c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+                uint16_t size = (uint16_t)segment;
+                memcpy(CMSG_DATA(c), &size, sizeof size);
+            }
+            first[n_messages++] = i;
+            i = j;
+        }
+        first[n_messages] = count;
+        int done = 0;
+        while (done < n_messages) {
+            int n = sendmmsg(fd, messages + done, (unsigned int)(n_messages - done), 0);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                break;
+            }
+            done += n;
+        }
+        if (done == n_messages)
+            return count;
+        int error = errno;
+        if (done == 0 && use_gso && (error == EIO || error == EINVAL || error == ENOPROTOOPT || error == EOPNOTSUPP)) {
+            gso = 0;  /* no UDP GSO on this kernel or route: one datagram per message from now on */
+            continue;
+        }
+        return done ? first[done] : -error;
+    }
+}
+
+static PyObject *set_protect(PyObject *self, PyObject *arg) {
+    void *address = PyLong_AsVoidPtr(arg);
+    if (address == NULL && PyErr_Occurred())
+        return NULL;
+    srtp_protect = (protect_fn)address;
+    Py_RETURN_NONE;
+}
+
+/* sockaddr(host, port) -> bytes: an IPv4 or IPv6 socket address, computed once per path. */
+static PyObject *sockaddr(PyObject *self, PyObject *args) {
+    const char *host;
+    int port;
+    if (!PyArg_ParseTuple(args, "si", &host, &port))
+        return NULL;
+    struct sockaddr_in v4 = {0};
+    if (inet_pton(AF_INET, host, &v4.sin_addr) == 1) {
+        v4.sin_family = AF_INET;
+        v4.sin_port = htons((uint16_t)port);
+        return PyBytes_FromStringAndSize((const char *)&v4, sizeof v4);
+    }
+    struct sockaddr_in6 v6 = {0};
+    if (inet_pton(AF_INET6, host, &v6.sin6_addr) == 1) {
+        v6.sin6_family = AF_INET6;
+        v6.sin6_port = htons((uint16_t)port);
+        return PyBytes_FromStringAndSize((const char *)&v6, sizeof v6);
+    }
+    PyErr_Format(PyExc_ValueError, "not an IP address: %s", host);
+    return NULL;
+}
+
+static void put32(unsigned char *p, uint32_t v) {
+    p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
+}
+
+/* send_frame(fd, sockaddr, srtp, payloads, payload_type, seq, timestamp, ssrc, ast)
+ *   -> (packets sent, payload bytes sent)
+ * ast: the abs-send-time extension word (id, length and value), or -1 for a plain 12-byte header.
+ * Fewer packets than given means the socket's buffer is full (EAGAIN): the caller skips to a
+ * keyframe, as it does when a transport backs up. Other socket errors raise OSError. */
+static PyObject *send_frame(PyObject *self, PyObject *args) {
+    int fd, payload_type;
+    Py_buffer address;
+    unsigned long long srtp;
+    PyObject *payloads;
+    unsigned int seq;
+    unsigned long timestamp, ssrc;
+    long long ast;
+    if (!PyArg_ParseTuple(args, "iy*KO!iIkkL", &fd, &address, &srtp, &PyList_Type, &payloads, &payload_type,
+                          &seq, &timestamp, &ssrc, &ast))
+        return NULL;
+    if (srtp_protect == NULL) {
+        PyBuffer_Release(&address);
+        PyErr_SetString(PyExc_RuntimeError, "set_protect() was not called");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(payloads);
+    Py_ssize_t sent = 0, octets = 0;
+    int error = 0;
+    struct iovec vectors[MAX_PACKETS];
+    int header_size = ast >= 0 ? 20 : 12;
+    for (Py_ssize_t base = 0; base < count && !error; base += MAX_PACKETS) {
+        Py_ssize_t batch = count - base < MAX_PACKETS ? count - base : MAX_PACKETS;
+        Py_ssize_t batch_octets = 0;
+        /* Copy under the GIL (the payloads are Python bytes); protect and send without it. */
+        for (Py_ssize_t i = 0; i < batch; i++) {
+            PyObject *payload = PyList_GET_ITEM(payloads, base + i);
+            if (!PyBytes_Check(payload) || PyBytes_GET_SIZE(payload) > SLOT - header_size - 160) {
+                PyBuffer_Release(&address);
+                PyErr_SetString(PyExc_ValueError, "payloads must be bytes of at most one MTU");
+                return NULL;
+            }
+            Py_ssize_t size = PyBytes_GET_SIZE(payload);
+            unsigned char *p = slots[i];
+            int marker = base + i == count - 1;
+            p[0] = ast >= 0 ? 0x90 : 0x80;
+            p[1] = (unsigned char)(payload_type | (marker ? 0x80 : 0));
+            p[2] = (unsigned char)((seq + base + i) >> 8);
+            p[3] = (unsigned char)(seq + base + i);
+            put32(p + 4, (uint32_t)timestamp);
+            put32(p + 8, (uint32_t)ssrc);
+            if (ast >= 0) {
+                p[12] = 0xBE; p[13] = 0xDE; p[14] = 0; p[15] = 1;  /* RFC 8285 one-byte, 1 word */
+                put32(p + 16, (uint32_t)ast);
+            }
+            memcpy(p + header_size, PyBytes_AS_STRING(payload), size);
+            vectors[i].iov_len = header_size + size;
+            batch_octets += size;
+        }
+        int protected_ok = 1;
+        Py_ssize_t done = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < batch; i++) {
+            int length = (int)vectors[i].iov_len;
+            if (srtp_protect((void *)(uintptr_t)srtp, slots[i], &length) != 0) {
+                protected_ok = 0;
+                break;
+            }
+            vectors[i].iov_base = slots[i];
+            vectors[i].iov_len = length;
+        }
+        if (protected_ok) {
+            done = send_datagrams(fd, &address, vectors, batch);
+            if (done < 0) {
+                error = (int)-done;
+                done = 0;
+            } else if (done < batch) {
+                error = EAGAIN;
+            }
+        }
+        Py_END_ALLOW_THREADS
+        if (!protected_ok) {
+            PyBuffer_Release(&address);
+            PyErr_SetString(PyExc_RuntimeError, "SRTP protect failed");
+            return NULL;
+        }
+        sent += done;
+        octets += done == batch ? batch_octets : 0;  /* exact only when whole (the rare partial: approximate) */
+    }
+    PyBuffer_Release(&address);
+    if (error && error != EAGAIN && error != EWOULDBLOCK && error != ENOBUFS) {
+        errno = error;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return Py_BuildValue("nn", sent, octets);
+}
+
+static PyMethodDef methods[] = {
+    {"set_protect", set_protect, METH_O, "Use this srtp_protect (a C function pointer, as an int)."},
+    {"sockaddr", sockaddr, METH_VARARGS, "sockaddr(host, port) -> the packed socket address."},
+    {"send_frame", send_frame, METH_VARARGS,
+     "send_frame(fd, sockaddr, srtp, payloads, payload_type, seq, timestamp, ssrc, ast) -> (packets, octets)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastsend", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__fastsend(void) { return PyModule_Create(&module); }

@@ -1,0 +1,138 @@
+"""The compiled send loop (relay/media/_fastsend.c) against the Python loop, byte for byte.
+
+Two outputs with the same SSRC, payload type and SRTP key send the same frames over real loopback
+UDP sockets, one through each loop; SRTP is deterministic for the same key, SSRC and sequence
+numbers, so the datagrams must be identical, and each must unprotect to the RTP the Python loop
+writes. Where the extension was not built (no C compiler) the compiled half cannot run: the Python
+loop is then what the relay uses, and tests/unit/test_rtp_output.py covers it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+from aiortc.rtp import HeaderExtensionsMap, RtpPacket
+from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpSendParameters
+from pylibsrtp import Policy, Session
+
+from relay.media import rtp_fanout
+from relay.media.aiortc_hooks import srtp_session_address
+from relay.media.rtp_fanout import ABS_SEND_TIME_URI, RtpFanout, RtpOutput
+from tests.unit.test_media import encoded_packets
+
+needs_compiled = pytest.mark.skipif(rtp_fanout._fastsend is None,
+                                    reason="relay/media/_fastsend.c was not built here (no C compiler)")
+KEY = bytes(range(30))  # AES-128 key + salt
+SSRC = 0x1234ABCD
+
+
+def srtp_pair() -> tuple[Session, Session]:
+    tx = Session(Policy(key=KEY, ssrc_type=Policy.SSRC_ANY_OUTBOUND))
+    rx = Session(Policy(key=KEY, ssrc_type=Policy.SSRC_ANY_INBOUND))
+    return tx, rx
+
+
+class UdpLink:
+    """A spectator's link over a real loopback socket and a real libsrtp session."""
+
+    def __init__(self) -> None:
+        self.ssrc = SSRC
+        self.session, self.rx = srtp_pair()
+        self.out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.out.setblocking(False)
+        self.inbox = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.inbox.bind(("127.0.0.1", 0))
+        self.inbox.settimeout(2)
+        self.addr = self.inbox.getsockname()
+
+    def path(self):
+        return self.session.protect, self, self.addr
+
+    def native_path(self, sockaddr):
+        return self.out.fileno(), sockaddr(*self.addr), srtp_session_address(self.session)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def sendto(self, data: bytes, addr) -> None:
+        self.out.sendto(data, addr)
+
+    def report(self, *counters) -> None:
+        pass
+
+    def received(self, count: int) -> list[bytes]:
+        return [self.inbox.recv(4096) for _ in range(count)]
+
+    def close(self) -> None:
+        self.out.close()
+        self.inbox.close()
+
+
+def send_frames(compiled: bool, frames, abs_send_time_id: int | None):
+    fanout = RtpFanout(lambda: None, compiled=compiled)
+    if abs_send_time_id is not None:
+        fanout.lower = RtpFanout(lambda: None, compiled=compiled)  # abs-send-time is written with layers only
+    link = UdpLink()
+    output = RtpOutput(fanout, link)
+    output._seq_offset, output._ts_origin = 65530, 0xFFFFFF00  # both wrap within the test
+    fanout.adopt(output)
+    output.configure(96, abs_send_time_id)
+    total = 0
+    for packet in frames:
+        before = output.packets_sent
+        fanout.publish(packet, packet.is_keyframe)
+        total += output.packets_sent - before
+    datagrams = link.received(total)
+    plain = [link.rx.unprotect(d) for d in datagrams]
+    link.close()
+    return datagrams, plain, output
+
+
+@needs_compiled
+@pytest.mark.parametrize("abs_send_time_id", [None, 3])
+def test_the_compiled_loop_sends_exactly_the_python_loops_datagrams(abs_send_time_id):
+    frames = encoded_packets(8, noisy=True)  # a keyframe, then deltas: several packets each, large frames many
+    compiled, compiled_plain, out_c = send_frames(True, frames, abs_send_time_id)
+    python, python_plain, out_p = send_frames(False, frames, abs_send_time_id)
+    assert len(compiled) == len(python) > len(frames)
+    if abs_send_time_id is None:
+        assert compiled == python  # same key, SSRC, sequence numbers: same ciphertext and tags
+    else:  # abs-send-time is the clock at sending (header bytes 17-19): equal apart from it
+        def masked(plain):
+            return [p[:17] + p[20:] for p in plain]
+        assert masked(compiled_plain) == masked(python_plain)
+        assert [len(d) for d in compiled] == [len(d) for d in python]
+    assert out_c.packets_sent == out_p.packets_sent and out_c.bytes_sent == out_p.bytes_sent
+    extensions = HeaderExtensionsMap()
+    if abs_send_time_id is not None:
+        extensions.configure(RTCRtpSendParameters(headerExtensions=[
+            RTCRtpHeaderExtensionParameters(id=abs_send_time_id, uri=ABS_SEND_TIME_URI)]))
+    packets = [RtpPacket.parse(p, extensions) for p in compiled_plain]
+    seqs = [p.sequence_number for p in packets]
+    assert seqs == [(65530 + i) & 0xFFFF for i in range(len(packets))]  # gapless through the wrap
+    assert all(p.ssrc == SSRC and p.payload_type == 96 for p in packets)
+    assert sum(p.marker for p in packets) == len(frames)  # one marker per frame, on its last packet
+    if abs_send_time_id is not None:
+        assert all(p.extensions.abs_send_time is not None for p in packets)
+
+
+def test_the_python_loop_is_chosen_when_asked_or_when_nothing_was_built():
+    assert RtpFanout(lambda: None, compiled=False).compiled is False
+    assert RtpFanout(lambda: None).compiled is (rtp_fanout._fastsend is not None)
+
+
+@needs_compiled
+def test_the_compiled_loop_refuses_what_is_not_a_payload():
+    link = UdpLink()
+    native = link.native_path(rtp_fanout._fastsend.sockaddr)
+    with pytest.raises(ValueError):
+        rtp_fanout._fastsend.send_frame(*native, [b"x" * 5000], 96, 0, 0, SSRC, -1)
+    with pytest.raises(ValueError):
+        rtp_fanout._fastsend.send_frame(*native, ["text"], 96, 0, 0, SSRC, -1)
+    with pytest.raises(ValueError):
+        rtp_fanout._fastsend.sockaddr("not an address", 1)
+    assert rtp_fanout._fastsend.sockaddr("::1", 9)[:2] == socket.AF_INET6.to_bytes(2, "little")
+    link.close()
+    assert os.path.exists(rtp_fanout._fastsend.__file__)
