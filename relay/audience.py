@@ -53,8 +53,13 @@ class EventChannel:
     refused: int = 0  # messages refused for rate in a row
     flooded: bool = False  # refused so often in a row that the socket is to be closed (FLOODING_CLOSE_CODE)
     admitted: bool = True  # counted against its address until close_channel
+    # Set when the socket is at another node of a cluster (relay/cluster/audience_link.py): its pushes
+    # travel once per broadcast in Audience.published, and a close is told to that node.
+    relayed_close: Callable[[bool], None] | None = None
 
     def push(self, event: str) -> None:
+        if self.relayed_close is not None:
+            return
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
@@ -62,6 +67,9 @@ class EventChannel:
 
     def close(self, *, replaced: bool = False) -> None:
         self.replaced = replaced
+        if self.relayed_close is not None:
+            self.relayed_close(replaced)
+            return
         try:
             self.queue.put_nowait(None)  # tells the socket's sender to finish
         except asyncio.QueueFull:
@@ -84,6 +92,23 @@ def rate_limited_reply(kind: Any, wait: float) -> dict[str, Any]:
             "retry_after": retry_after}
 
 
+def take_token(channel: EventChannel, rate: float, burst: int, flood_messages: int) -> float:
+    """A message's token from its socket's bucket (see Audience.take_token); also where a cluster node
+    holding the socket of another node's broadcast limits it, before anything crosses Redis."""
+    limiter = channel.limiter
+    if limiter is None:
+        return 0.0
+    limiter.rate, limiter.burst = rate, burst
+    wait = limiter.take()
+    if not wait:
+        channel.refused = 0
+        return 0.0
+    channel.refused += 1
+    if channel.refused >= flood_messages:
+        channel.flooded = True
+    return wait
+
+
 class Audience:
     def __init__(self, broadcast_id: str, settings: Settings, clock: Clock, *, live: Callable[[], bool]) -> None:
         self._broadcast_id = broadcast_id
@@ -102,6 +127,9 @@ class Audience:
         # interact) and where host-only events go (the control socket).
         self.forward_input: Callable[[Forward], Awaitable[None]] | None = None
         self.host_event: Callable[[dict[str, Any]], None] | None = None
+        # Set by a cluster node that holds participants' sockets for this broadcast elsewhere: each
+        # event sent to everyone, once (as text), for the other nodes to fan out. None on one node.
+        self.published: Callable[[str], None] | None = None
 
     # -- identities ----------------------------------------------------------------------
 
@@ -184,11 +212,13 @@ class Audience:
             self.orchestrator.participant_left(channel.participant_id)
 
     def send(self, event: dict[str, Any]) -> None:
-        """To every participant's socket."""
+        """To every participant's socket (and, clustered, to the nodes holding the others)."""
         if self._channels:
             text = json.dumps(event)  # once, however many participants: the sockets send the same text
             for channel in self._channels.values():
                 channel.push(text)
+            if self.published is not None:
+                self.published(text)
 
     # -- participants' messages ----------------------------------------------------------
 
@@ -222,18 +252,9 @@ class Audience:
         """0 if this message may go on, else the seconds to wait. Refused messages cost a dict
         lookup and a small reply, nothing of the orchestrator's, so a flood slows no one else; a
         socket refused events_flood_messages times in a row is marked `flooded` for closing."""
-        limiter, settings = channel.limiter, self.orchestrator.settings
-        if limiter is None:
-            return 0.0
-        limiter.rate, limiter.burst = settings.participant_messages_per_second, settings.participant_messages_burst
-        wait = limiter.take()
-        if not wait:
-            channel.refused = 0
-            return 0.0
-        channel.refused += 1
-        if channel.refused >= self._settings.limits.events_flood_messages:
-            channel.flooded = True
-        return wait
+        settings = self.orchestrator.settings
+        return take_token(channel, settings.participant_messages_per_second, settings.participant_messages_burst,
+                          self._settings.limits.events_flood_messages)
 
     async def _forward(self, forward: Forward) -> None:
         if self.forward_input is None or not self._live():

@@ -11,6 +11,7 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from ..cluster import forward
+from ..cluster.audience_link import AudienceLink
 from ..cluster.edge import EdgeManager
 from ..cluster.node import Cluster
 from ..config import Settings, hosted_api_key
@@ -20,7 +21,7 @@ from ..odyssey.server import PREFIX as ODYSSEY_PREFIX, TWIN, create_odyssey_app
 from ..recordings import RecordingStore
 from ..sessions import SessionManager
 from ..simulations import Simulations
-from ..web import API_KEYS, CLUSTER, EDGES, IS_NODE, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS
+from ..web import API_KEYS, AUDIENCE_LINK, CLUSTER, EDGES, IS_NODE, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS
 from ..worldmodel.base import WorldModel
 from ..worldmodel.hosted import HostedWorldModel
 from ..worldmodel.synthetic import SyntheticWorldModel
@@ -219,17 +220,21 @@ def install_cluster(app: web.Application) -> None:
     app[IS_NODE] = lambda request: cluster.verify_node(request.headers.get("Authorization")) is not None
     # Other nodes' broadcasts, served here over WHEP and HLS from one feed each.
     app[EDGES] = EdgeManager(app[SETTINGS], cluster.origin_of, cluster.node_authorization)
+    # Participants of other nodes' broadcasts, served here; their origin's audience answers over Redis.
+    app[AUDIENCE_LINK] = AudienceLink(app[SETTINGS], cluster, sessions)
 
 
 def _cluster_lifecycle(odyssey: web.Application):
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         cluster, carrier = app[CLUSTER], app[forward.CARRIER]
         await cluster.start()
+        app[AUDIENCE_LINK].start()
         # /odyssey's JWTs signed with the cluster's secret: a token minted on one node holds on every node.
         odyssey[TWIN].use_secret(cluster.token_secret(b"relay/odyssey tokens"))
         await carrier.start()
         yield
         await carrier.close()
+        await app[AUDIENCE_LINK].close()
         await cluster.close()
 
     return lifecycle
@@ -272,6 +277,8 @@ async def _shut_down(app: web.Application) -> None:
         await asyncio.wait_for(app[SESSIONS].close(), seconds * 0.7)
     except asyncio.TimeoutError:
         log.warning("shutdown: connections still closing after %.1f s", seconds * 0.7)
+    if AUDIENCE_LINK in app:  # participants here of other nodes' broadcasts: closed "shutdown" too
+        await app[AUDIENCE_LINK].close()
 
 
 def _lifecycle(reaper_interval: float):
