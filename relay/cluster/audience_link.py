@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 MESSAGE_MAX_BYTES = 64 * 1024  # an event socket's message is at most 16 KiB; a push is one event
 OUTBOX_MAX = 4096  # an origin's replies and pushes awaiting Redis; past it they are dropped (Redis is away)
 REPLY_SECONDS = 5.0  # an origin that does not answer a request within this is unavailable
-TOKEN_MAX_CHARS = 256  # a resume token or invite longer than any we mint is no token (a new identity)
+TOKEN_MAX_CHARS = 256
+ORCHESTRATION_EVENT = '{"type": "orchestration"'  # how Audience.send's json.dumps starts a state push  # a resume token or invite longer than any we mint is no token (a new identity)
 
 
 def inbox(node_id: str) -> str:
@@ -65,11 +66,11 @@ class RelayedParticipant:
     hello: dict[str, Any] | None = None
 
     def take_token(self, channel: EventChannel) -> float:
-        return self.link.take_token(channel)
+        return self.link.take_token(self.broadcast_id, channel)
 
     async def participant_message(self, channel: EventChannel, message: dict[str, Any]) -> dict[str, Any] | None:
         """As Audience.participant_message, the token taken here: a flood never crosses Redis."""
-        wait = self.take_token(channel)
+        wait = self.link.take_token(self.broadcast_id, channel)
         if wait:
             return rate_limited_reply(message.get("type"), wait)
         reply = await self.link.request(self.origin, {"op": "message", "broadcast_id": self.broadcast_id,
@@ -104,10 +105,13 @@ class AudienceLink:
         self._sockets: dict[str, RelayedParticipant] = {}
         self._by_broadcast: dict[str, dict[str, RelayedParticipant]] = {}
         self._pending: dict[int, asyncio.Future] = {}
+        # The origin's participant rate per broadcast (the host may change it): from the hello, then pushes.
+        self._rates: dict[str, tuple[float, int]] = {}
         self._ids = itertools.count(1)
         # As an origin: other nodes' participants of our broadcasts, and how many each node holds.
         self._remote: dict[str, _Remote] = {}
         self._nodes_of: dict[str, Counter[str]] = {}
+        self._misses: Counter[str] = Counter()  # socket id -> sweeps in a row that did not see its other node
         self._outbox: asyncio.Queue[tuple[str, str]] = asyncio.Queue(OUTBOX_MAX)
         self._tasks: list[asyncio.Task] = []
         self._work: set[asyncio.Task] = set()
@@ -116,7 +120,8 @@ class AudienceLink:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._listen(), name="relay-audience-listen"),
-                       loop.create_task(self._send_outbox(), name="relay-audience-outbox")]
+                       loop.create_task(self._send_outbox(), name="relay-audience-outbox"),
+                       loop.create_task(self._sweep_forever(), name="relay-audience-sweep")]
 
     async def close(self) -> None:
         """Every relayed socket told to close, the tasks ended; safe to call twice."""
@@ -158,14 +163,22 @@ class AudienceLink:
             self._forget(participant)
             raise
         hello = reply["reply"]
+        self._learn_rate(broadcast_id, hello["orchestration"])
         channel.participant_id, channel.resumed = hello["participant_id"], hello["resumed"]
         participant.hello = hello
         return participant
 
-    def take_token(self, channel: EventChannel) -> float:
+    def take_token(self, broadcast_id: str, channel: EventChannel) -> float:
         orchestration = self._settings.orchestration
-        return take_token(channel, orchestration.participant_messages_per_second,
-                          orchestration.participant_messages_burst, self._settings.limits.events_flood_messages)
+        rate, burst = self._rates.get(broadcast_id, (orchestration.participant_messages_per_second,
+                                                     orchestration.participant_messages_burst))
+        return take_token(channel, rate, burst, self._settings.limits.events_flood_messages)
+
+    def _learn_rate(self, broadcast_id: str, state: Any) -> None:
+        settings = state.get("settings") if isinstance(state, dict) else None
+        if isinstance(settings, dict) and "participant_messages_per_second" in settings:
+            self._rates[broadcast_id] = (settings["participant_messages_per_second"],
+                                         settings["participant_messages_burst"])
 
     def leave(self, participant: RelayedParticipant) -> None:
         if self._forget(participant):
@@ -175,10 +188,12 @@ class AudienceLink:
     def _forget(self, participant: RelayedParticipant) -> bool:
         if self._sockets.pop(participant.socket_id, None) is None:
             return False
+        self._misses.pop(participant.socket_id, None)
         sockets = self._by_broadcast.get(participant.broadcast_id, {})
         sockets.pop(participant.socket_id, None)
         if not sockets:
             self._by_broadcast.pop(participant.broadcast_id, None)
+            self._rates.pop(participant.broadcast_id, None)
         return True
 
     async def request(self, node_id: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -215,8 +230,11 @@ class AudienceLink:
             if future is not None and not future.done():
                 future.set_result(message)
         elif op == "push":
-            event = message.get("event")
-            for participant in self._by_broadcast.get(message.get("broadcast_id"), {}).values():
+            event, broadcast_id = message.get("event"), message.get("broadcast_id")
+            sockets = self._by_broadcast.get(broadcast_id, {})
+            if sockets and isinstance(event, str) and event.startswith(ORCHESTRATION_EVENT):
+                self._learn_rate(broadcast_id, json.loads(event))  # the host may have changed the rate
+            for participant in sockets.values():
                 participant.channel.push(event)
         elif op == "close":
             participant = self._sockets.get(message.get("socket"))
@@ -232,6 +250,7 @@ class AudienceLink:
             return
         if op == "leave":
             remote = self._remote.pop(socket_id, None)
+            self._misses.pop(socket_id, None)
             if remote is not None:
                 self._drop(remote)
                 remote.audience.close_channel(remote.channel)
@@ -280,11 +299,13 @@ class AudienceLink:
         ends): its node closes the socket; here it gives back its place once the Audience is done."""
         if self._remote.get(socket_id) is remote:
             del self._remote[socket_id]
+            self._misses.pop(socket_id, None)
             self._drop(remote)
             self._post(remote.node, {"op": "close", "socket": socket_id, "replaced": replaced})
             asyncio.get_running_loop().call_soon(remote.audience.close_channel, remote.channel)
 
     def _drop(self, remote: _Remote) -> None:
+        """A relayed participant gone from the origin: its node counted once less for the broadcast's pushes."""
         nodes = self._nodes_of.get(remote.broadcast_id)
         if nodes is None:
             return
@@ -310,6 +331,41 @@ class AudienceLink:
             body["reply"] = reply
         self._post(node, body)
 
+    # -- nodes that left ---------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """What a node that left the cluster (killed, cut off) can no longer end itself: as an origin, the
+        participants whose sockets were there give back their places; as an edge, the sockets here of a
+        broadcast whose origin is gone are closed (a page opens a new one where the broadcast lives)."""
+        if not self._cluster.reachable:
+            return  # Redis away: nobody is seen, and nobody is presumed gone
+        alive = {node.node_id for node in self._cluster.nodes_seen}
+        for socket_id, remote in list(self._remote.items()):
+            if self._gone(socket_id, remote.node, alive):
+                del self._remote[socket_id]
+                self._drop(remote)
+                remote.audience.close_channel(remote.channel)
+        for participant in list(self._sockets.values()):
+            if participant.hello is not None and self._gone(participant.socket_id, participant.origin, alive):
+                self._forget(participant)
+                participant.channel.close()
+
+    def _gone(self, socket_id: str, node: str, alive: set[str]) -> bool:
+        """Absent from two sweeps in a row: a node that joined since our last look at the members is not gone."""
+        if node in alive:
+            self._misses.pop(socket_id, None)
+            return False
+        self._misses[socket_id] += 1
+        if self._misses[socket_id] < 2:
+            return False
+        del self._misses[socket_id]
+        return True
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._cluster.settings.heartbeat_seconds)
+            self.sweep()
+
     # -- Redis ------------------------------------------------------------------------------------
 
     def _post(self, node: str, body: dict[str, Any]) -> None:
@@ -322,10 +378,13 @@ class AudienceLink:
     async def _send_outbox(self) -> None:
         while True:
             channel, payload = await self._outbox.get()
-            try:
-                await self._cluster.redis.publish(channel, payload)
-            except (RedisError, OSError) as exc:
-                log.warning("audience link: publish failed (%s); dropped", exc)
+            for attempt in (1, 2):  # after a Redis restart the pool's first connection is a dead one
+                try:
+                    await self._cluster.redis.publish(channel, payload)
+                    break
+                except (RedisError, OSError) as exc:
+                    if attempt == 2:
+                        log.warning("audience link: publish failed (%s); dropped", exc)
 
     async def _listen(self) -> None:
         """Our inbox, subscribed again after Redis comes back."""

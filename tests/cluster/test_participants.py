@@ -45,8 +45,9 @@ async def join(http, node, broadcast: dict, name: str | None = None, resume: str
     return p
 
 
-async def live_broadcast(http, cluster, **orchestration):
-    nodes = await cluster(3)
+async def live_broadcast(http, cluster, n: int = 3, sections: dict | None = None, **orchestration):
+    """n nodes (config `sections`), a live stream at the first; `orchestration` set by the host."""
+    nodes = await cluster(n, **(sections or {}))
     await all_joined(http, nodes)
     origin = nodes[0]
     conn = await open_connection(http, origin)
@@ -118,7 +119,7 @@ async def test_queue_input_at_an_edge_reaches_the_stream_and_resume_works_on_ano
 
 
 async def test_redis_away_edge_input_is_refused_at_once_and_flows_again_when_it_returns(cluster, redis_server, http):
-    (a, b, _), broadcast, stream_id = await live_broadcast(http, cluster, mode="queue", cooldown_seconds=0)
+    (a, b), broadcast, stream_id = await live_broadcast(http, cluster, 2, mode="queue", cooldown_seconds=0)
     pb = await join(http, b, broadcast)
     await redis_server.stop()
     started = time.monotonic()
@@ -129,12 +130,42 @@ async def test_redis_away_edge_input_is_refused_at_once_and_flows_again_when_it_
     assert not pb.ws.closed
     await redis_server.start()  # empty: the nodes write it all back, the links subscribe again
 
-    async def goes_through() -> bool:
-        await pb.send(type="input", prompt="clear skies")
-        while (event := await pb.ws.receive_json(timeout=5))["type"] not in ("input_result", "error"):
-            pass
+    seen: list[dict] = []
+    attempts = iter(range(1000))
+
+    async def goes_through() -> bool:  # a new prompt each time: one that got through is a duplicate after
+        await pb.send(type="input", prompt=f"clear skies {next(attempts)}")
+        while (event := await pb.ws.receive_json(timeout=6))["type"] not in ("input_result", "error"):
+            seen.append(event)
         return event["type"] == "input_result" and event["status"] in ("queued", "forwarded")
-    await eventually(goes_through, timeout=10, what="an edge input after Redis is back")
-    applied = await pb.next("prompt_applied", where=lambda e: e["prompt"] == "clear skies")
-    assert applied["source"] == "participant"
+    await eventually(goes_through, timeout=15, what="an edge input after Redis is back")
+    if not any(e["type"] == "prompt_applied" and e["source"] == "participant" for e in seen):
+        await pb.next("prompt_applied", where=lambda e: e["source"] == "participant")  # pushes flow again
     await pb.ws.close()
+
+
+async def test_an_edge_limits_its_sockets_before_redis_and_closes_them_when_the_origin_dies(cluster, http):
+    (a, b), broadcast, _ = await live_broadcast(
+        http, cluster, 2, {"limits": {"events_flood_messages": 40}},  # the host's rate, enforced at the edge:
+        participant_messages_per_second=1, participant_messages_burst=3)
+    pb = await join(http, b, broadcast)
+    for _ in range(6):  # past the burst: refused at the edge, in the shape a single node answers
+        await pb.send(type="raise_hand")
+    replies = [await pb.next("turn_result") for _ in range(6)]
+    refused = [r for r in replies if r.get("code") == "RATE_LIMITED"]
+    assert len(refused) >= 2 and all(r["retry_after"] > 0 for r in refused)
+    for _ in range(60):  # kept flooding: closed as on one node
+        if pb.ws.closed:
+            break
+        await pb.send(type="raise_hand")
+    closed = await pb.ws.receive(timeout=5)
+    while closed.type == aiohttp.WSMsgType.TEXT:
+        closed = await pb.ws.receive(timeout=5)
+    assert pb.ws.close_code == 4029
+
+    again = await join(http, b, broadcast)
+    a.kill()  # the origin dies: the edge's socket is closed within node_timeout, not left hanging
+    started = time.monotonic()
+    while (msg := await again.ws.receive(timeout=8)).type == aiohttp.WSMsgType.TEXT:
+        pass
+    assert msg.type == aiohttp.WSMsgType.CLOSE and time.monotonic() - started < 6
