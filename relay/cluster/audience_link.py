@@ -112,7 +112,8 @@ class AudienceLink:
         self._remote: dict[str, _Remote] = {}
         self._nodes_of: dict[str, Counter[str]] = {}
         self._misses: Counter[str] = Counter()  # socket id -> sweeps in a row that did not see its other node
-        self._outbox: asyncio.Queue[tuple[str, str]] = asyncio.Queue(OUTBOX_MAX)
+        self._outbox: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue(OUTBOX_MAX)
+        self._unsent: list[tuple[str, str, int]] = []  # leaves that met Redis away: sent again when it is back
         self._tasks: list[asyncio.Task] = []
         self._work: set[asyncio.Task] = set()
         self.closed = False
@@ -183,7 +184,7 @@ class AudienceLink:
     def leave(self, participant: RelayedParticipant) -> None:
         if self._forget(participant):
             self._post(participant.origin, {"op": "leave", "broadcast_id": participant.broadcast_id,
-                                            "socket": participant.socket_id})
+                                            "socket": participant.socket_id}, keep=True)
 
     def _forget(self, participant: RelayedParticipant) -> bool:
         if self._sockets.pop(participant.socket_id, None) is None:
@@ -285,6 +286,8 @@ class AudienceLink:
 
     async def _message(self, node: str, socket_id: str, message: dict[str, Any]) -> None:
         remote = self._remote.get(socket_id)
+        if remote is None:  # its close (replaced, swept) was lost with Redis: its node closes the socket now
+            self._post(node, {"op": "close", "socket": socket_id, "replaced": False})
         try:
             if remote is None or not isinstance(message.get("message"), dict):
                 raise not_found("participant", socket_id)
@@ -340,6 +343,7 @@ class AudienceLink:
         if not self._cluster.reachable:
             return  # Redis away: nobody is seen, and nobody is presumed gone
         alive = {node.node_id for node in self._cluster.nodes_seen}
+        self._resend(alive)
         for socket_id, remote in list(self._remote.items()):
             if self._gone(socket_id, remote.node, alive):
                 del self._remote[socket_id]
@@ -368,23 +372,42 @@ class AudienceLink:
 
     # -- Redis ------------------------------------------------------------------------------------
 
-    def _post(self, node: str, body: dict[str, Any]) -> None:
-        """In order, from one task: a reply never overtakes the push before it."""
+    def _post(self, node: str, body: dict[str, Any], *, keep: bool = False) -> None:
+        """In order, from one task: a reply never overtakes the push before it. `keep`: sent again after
+        Redis returns if it cannot be sent now (a leave: else the origin would hold the place for good)."""
         try:
-            self._outbox.put_nowait((inbox(node), json.dumps(body)))
+            self._outbox.put_nowait((inbox(node), json.dumps({**body, "from": self.node_id}), keep))
         except asyncio.QueueFull:
             log.warning("audience link: outbox full (Redis away?); a message to %s dropped", node)
 
     async def _send_outbox(self) -> None:
         while True:
-            channel, payload = await self._outbox.get()
+            channel, payload, keep = await self._outbox.get()
             for attempt in (1, 2):  # after a Redis restart the pool's first connection is a dead one
                 try:
-                    await self._cluster.redis.publish(channel, payload)
-                    break
-                except (RedisError, OSError) as exc:
-                    if attempt == 2:
-                        log.warning("audience link: publish failed (%s); dropped", exc)
+                    if await self._cluster.redis.publish(channel, payload) or not keep:
+                        break
+                    exc: Exception = RedisError("nobody listens there yet")  # Redis is back, that node not yet
+                except (RedisError, OSError) as error:
+                    exc = error
+                if attempt == 2 and keep and len(self._unsent) < OUTBOX_MAX:
+                    self._unsent.append((channel, payload, 0))
+                elif attempt == 2:
+                    log.warning("audience link: publish failed (%s); dropped", exc)
+
+    def _resend(self, alive: set[str]) -> None:
+        """The kept messages again; one for a node absent from three sweeps in a row (gone) is dropped."""
+        unsent, self._unsent = self._unsent, []
+        inboxes = {inbox(node) for node in alive}
+        for channel, payload, misses in unsent:
+            if channel not in inboxes:
+                if misses < 2:
+                    self._unsent.append((channel, payload, misses + 1))
+                continue
+            try:
+                self._outbox.put_nowait((channel, payload, True))
+            except asyncio.QueueFull:
+                self._unsent.append((channel, payload, misses))
 
     async def _listen(self) -> None:
         """Our inbox, subscribed again after Redis comes back."""

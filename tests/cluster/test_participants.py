@@ -119,9 +119,11 @@ async def test_queue_input_at_an_edge_reaches_the_stream_and_resume_works_on_ano
 
 
 async def test_redis_away_edge_input_is_refused_at_once_and_flows_again_when_it_returns(cluster, redis_server, http):
-    (a, b), broadcast, stream_id = await live_broadcast(http, cluster, 2, mode="queue", cooldown_seconds=0)
-    pb = await join(http, b, broadcast)
+    (a, b), broadcast, stream_id = await live_broadcast(http, cluster, 2, {"limits": {"participants_per_broadcast": 2}},
+                                                        mode="queue", cooldown_seconds=0)
+    pb, leaving = await join(http, b, broadcast), await join(http, b, broadcast)
     await redis_server.stop()
+    await leaving.ws.close()  # its leave cannot reach the origin now: sent when Redis is back
     started = time.monotonic()
     await pb.send(type="input", prompt="fog")
     error = await pb.next("error")
@@ -141,12 +143,16 @@ async def test_redis_away_edge_input_is_refused_at_once_and_flows_again_when_it_
     await eventually(goes_through, timeout=15, what="an edge input after Redis is back")
     if not any(e["type"] == "prompt_applied" and e["source"] == "participant" for e in seen):
         await pb.next("prompt_applied", where=lambda e: e["source"] == "participant")  # pushes flow again
+
+    # 2 places: pb's, and the one `leaving` held until its leave landed
+    await eventually(lambda: _admitted(http, a, broadcast), timeout=5, what="the leave sent when Redis came back")
     await pb.ws.close()
 
 
 async def test_an_edge_limits_its_sockets_before_redis_and_closes_them_when_the_origin_dies(cluster, http):
     (a, b), broadcast, _ = await live_broadcast(
-        http, cluster, 2, {"limits": {"events_flood_messages": 40}},  # the host's rate, enforced at the edge:
+        http, cluster, 2, {"limits": {"events_flood_messages": 40, "participants_per_broadcast": 2}},
+        # the host's rate, enforced at the edge:
         participant_messages_per_second=1, participant_messages_burst=3)
     pb = await join(http, b, broadcast)
     for _ in range(6):  # past the burst: refused at the edge, in the shape a single node answers
@@ -164,8 +170,19 @@ async def test_an_edge_limits_its_sockets_before_redis_and_closes_them_when_the_
     assert pb.ws.close_code == 4029
 
     again = await join(http, b, broadcast)
+    await eventually(lambda: _admitted(http, a, broadcast), timeout=5, what="the flooder's leave giving back its place")
     a.kill()  # the origin dies: the edge's socket is closed within node_timeout, not left hanging
     started = time.monotonic()
     while (msg := await again.ws.receive(timeout=8)).type == aiohttp.WSMsgType.TEXT:
         pass
     assert msg.type == aiohttp.WSMsgType.CLOSE and time.monotonic() - started < 6
+
+
+async def _admitted(http, node, broadcast) -> bool:
+    """A participant admitted at `node` (and gone again), or refused 503 for want of a place."""
+    try:
+        await (await join(http, node, broadcast)).ws.close()
+        return True
+    except aiohttp.WSServerHandshakeError as refused:
+        assert refused.status == 503
+        return False
