@@ -19,6 +19,7 @@ Redis returns, and the next push catches the socket up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MESSAGE_MAX_BYTES = 64 * 1024  # an event socket's message is at most 16 KiB; a push is one event
 OUTBOX_MAX = 4096  # an origin's replies and pushes awaiting Redis; past it they are dropped (Redis is away)
+CLOSE_FLUSH_SECONDS = 1.0  # at shutdown, the outbox is given this long to reach Redis
 REPLY_SECONDS = 5.0  # an origin that does not answer a request within this is unavailable
 TOKEN_MAX_CHARS = 256
 ORCHESTRATION_EVENT = '{"type": "orchestration"'  # how Audience.send's json.dumps starts a state push  # a resume token or invite longer than any we mint is no token (a new identity)
@@ -131,6 +133,9 @@ class AudienceLink:
         self.closed = True
         for participant in list(self._sockets.values()):
             participant.channel.close()
+        if self._tasks:  # what the closing broadcasts told other nodes (their sockets' closes) goes out first
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._outbox.join(), CLOSE_FLUSH_SECONDS)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._work, return_exceptions=True)
@@ -383,17 +388,23 @@ class AudienceLink:
     async def _send_outbox(self) -> None:
         while True:
             channel, payload, keep = await self._outbox.get()
-            for attempt in (1, 2):  # after a Redis restart the pool's first connection is a dead one
-                try:
-                    if await self._cluster.redis.publish(channel, payload) or not keep:
-                        break
-                    exc: Exception = RedisError("nobody listens there yet")  # Redis is back, that node not yet
-                except (RedisError, OSError) as error:
-                    exc = error
-                if attempt == 2 and keep and len(self._unsent) < OUTBOX_MAX:
-                    self._unsent.append((channel, payload, 0))
-                elif attempt == 2:
-                    log.warning("audience link: publish failed (%s); dropped", exc)
+            try:
+                await self._publish(channel, payload, keep)
+            finally:
+                self._outbox.task_done()
+
+    async def _publish(self, channel: str, payload: str, keep: bool) -> None:
+        for _ in range(2):  # after a Redis restart the pool's first connection is a dead one
+            try:
+                if await self._cluster.redis.publish(channel, payload) or not keep:
+                    return
+                exc: Exception = RedisError("nobody listens there yet")  # Redis is back, that node not yet
+            except (RedisError, OSError) as error:
+                exc = error
+        if keep and len(self._unsent) < OUTBOX_MAX:
+            self._unsent.append((channel, payload, 0))
+        else:
+            log.warning("audience link: publish failed (%s); dropped", exc)
 
     def _resend(self, alive: set[str]) -> None:
         """The kept messages again; one for a node absent from three sweeps in a row (gone) is dropped."""

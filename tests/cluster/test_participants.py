@@ -116,6 +116,9 @@ async def test_queue_input_at_an_edge_reaches_the_stream_and_resume_works_on_ano
     assert pa.hello["participant_id"] == pb.hello["participant_id"]
     assert (await pc.ws.receive(timeout=5)).data == 4001
     await pa.ws.close()
+    stranger = await join(http, b, broadcast, resume="x" * 300)  # longer than any token: a new identity
+    assert stranger.hello["resumed"] is False and stranger.hello["participant_id"] != pb.hello["participant_id"]
+    await stranger.ws.close()
 
 
 async def test_redis_away_edge_input_is_refused_at_once_and_flows_again_when_it_returns(cluster, redis_server, http):
