@@ -165,8 +165,8 @@ class AudienceLink:
             reply = await self.request(origin.node_id, {
                 "op": "join", "broadcast_id": broadcast_id, "socket": participant.socket_id, "address": address,
                 "resume": _token(resume), "invite": _token(invite)})
-        except BaseException:
-            self._forget(participant)
+        except BaseException:  # refused, timed out, cancelled: a leave, in case the origin admitted it after all
+            self.leave(participant)
             raise
         hello = reply["reply"]
         self._learn_rate(broadcast_id, hello["orchestration"])

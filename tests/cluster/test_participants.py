@@ -148,7 +148,7 @@ async def test_redis_away_edge_input_is_refused_at_once_and_flows_again_when_it_
         await pb.next("prompt_applied", where=lambda e: e["source"] == "participant")  # pushes flow again
 
     # 2 places: pb's, and the one `leaving` held until its leave landed
-    await eventually(lambda: _admitted(http, a, broadcast), timeout=5, what="the leave sent when Redis came back")
+    await eventually(lambda: _admitted(http, b, broadcast), timeout=5, what="the leave sent when Redis came back")
     await pb.ws.close()
 
 
