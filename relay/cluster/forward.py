@@ -8,8 +8,9 @@ A forwarded call carries `X-Relay-Node` (the sending node's signed header) and `
 caller's address, which the per-address caps count): the owner believes the latter only with the former,
 and never forwards a forwarded call again (no loops).
 
-WHEP and HLS for a broadcast of another node are the edge's (request.app[EDGES]), served here; until an
-edge is installed they are forwarded like any call.
+WHEP and HLS for a broadcast of another node are the edge's (request.app[EDGES]), and its events socket the
+audience link's (relay/cluster/audience_link.py), served here; until they are installed they are forwarded
+like any call.
 """
 
 from __future__ import annotations
