@@ -56,8 +56,13 @@ class EventChannel:
     refused: int = 0  # messages refused for rate in a row
     flooded: bool = False  # refused so often in a row that the socket is to be closed (FLOODING_CLOSE_CODE)
     admitted: bool = True  # counted against its address until close_channel
+    # Set when the socket is at another node of a cluster (relay/cluster/audience_link.py): its pushes
+    # travel once per broadcast in Audience.published, and a close is told to that node.
+    relayed_close: Callable[[bool], None] | None = None
 
     def push(self, event: str) -> None:
+        if self.relayed_close is not None:
+            return
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
@@ -65,6 +70,9 @@ class EventChannel:
 
     def close(self, *, replaced: bool = False) -> None:
         self.replaced = replaced
+        if self.relayed_close is not None:
+            self.relayed_close(replaced)
+            return
         try:
             self.queue.put_nowait(None)  # tells the socket's sender to finish
         except asyncio.QueueFull:
@@ -90,6 +98,25 @@ def rate_limited_reply(kind: Any, wait: float) -> dict[str, Any]:
             "retry_after": retry_after}
 
 
+def take_token(channel: EventChannel, limiter: TokenBucket | None, flood_messages: int,
+               rate: float | None = None, burst: int | None = None) -> float:
+    """A message's token from one of its socket's buckets (see Audience.take_token), at ``rate`` and
+    ``burst`` when given (the host may have changed them since the socket opened); also where a cluster
+    node holding the socket of another node's broadcast limits it, before anything crosses Redis."""
+    if limiter is None:
+        return 0.0
+    if rate is not None:
+        limiter.rate, limiter.burst = rate, burst
+    wait = limiter.take()
+    if not wait:
+        channel.refused = 0
+        return 0.0
+    channel.refused += 1
+    if channel.refused >= flood_messages:
+        channel.flooded = True
+    return wait
+
+
 class Audience:
     def __init__(self, broadcast_id: str, settings: Settings, clock: Clock, *, live: Callable[[], bool]) -> None:
         self._broadcast_id = broadcast_id
@@ -111,6 +138,9 @@ class Audience:
         self.host_event: Callable[[dict[str, Any]], None] | None = None
         # Set by the broadcast: into the live stream's recording (its events log), if any.
         self.record_event: Callable[[dict[str, Any]], None] | None = None
+        # Set by a cluster node that holds participants' sockets for this broadcast elsewhere: each
+        # event sent to everyone, once (as text), for the other nodes to fan out. None on one node.
+        self.published: Callable[[str], None] | None = None
 
     # -- identities ----------------------------------------------------------------------
 
@@ -200,11 +230,13 @@ class Audience:
         return len(self._channels)
 
     def send(self, event: dict[str, Any]) -> None:
-        """To every participant's socket."""
+        """To every participant's socket (and, clustered, to the nodes holding the others)."""
         if self._channels:
             text = json.dumps(event)  # once, however many participants: the sockets send the same text
             for channel in self._channels.values():
                 channel.push(text)
+            if self.published is not None:
+                self.published(text)
 
     # -- participants' messages ----------------------------------------------------------
 
@@ -247,22 +279,10 @@ class Audience:
         socket refused events_flood_messages times in a row (chat or not) is marked `flooded` for
         closing. ``chat``: a chat message or reaction, which takes a chat token instead."""
         if chat:
-            limiter = channel.chat_limiter
-        else:
-            limiter, settings = channel.limiter, self.orchestrator.settings
-            if limiter is not None:  # the host may have changed the rate since the socket opened
-                limiter.rate = settings.participant_messages_per_second
-                limiter.burst = settings.participant_messages_burst
-        if limiter is None:
-            return 0.0
-        wait = limiter.take()
-        if not wait:
-            channel.refused = 0
-            return 0.0
-        channel.refused += 1
-        if channel.refused >= self._settings.limits.events_flood_messages:
-            channel.flooded = True
-        return wait
+            return take_token(channel, channel.chat_limiter, self._settings.limits.events_flood_messages)
+        settings = self.orchestrator.settings
+        return take_token(channel, channel.limiter, self._settings.limits.events_flood_messages,
+                          settings.participant_messages_per_second, settings.participant_messages_burst)
 
     async def _forward(self, forward: Forward) -> None:
         if self.forward_input is None or not self._live():

@@ -142,6 +142,16 @@ class Broadcast:
             "orchestration": self.orchestration,
         }
 
+    def hello(self, participant_id: str, resumed: bool) -> dict[str, Any]:
+        """A participant's first event on its events socket (at this node or, clustered, at another)."""
+        return {"type": "hello", "participant_id": participant_id,
+                "resume_token": self.audience.resume_token(participant_id), "resumed": resumed,
+                "invited": self.orchestrator.is_invited(participant_id), "orchestration": self.orchestration,
+                "chat": self.audience.chat.state(), "live": self.live, "stream_id": self.stream_id,
+                "prompt": self.prompt, "viewers": self.viewers,
+                **self.about(),  # the channel's title, description and host name (null for a plain broadcast)
+                "host": self.host}
+
     def media_feed(self) -> MediaFeed:
         """A peer that takes this broadcast's media without being one of its spectators (the
         hosted-API owner peer): not counted, nor capped."""

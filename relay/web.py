@@ -31,6 +31,8 @@ SIMULATIONS = web.AppKey("simulations", Simulations)
 CLUSTER = web.AppKey("cluster", object)
 IS_NODE = web.AppKey("is_node", Callable[[web.Request], bool])
 EDGES = web.AppKey("edges", object)
+# Clustered only: the relay.cluster.audience_link.AudienceLink serving participants of other nodes' broadcasts here.
+AUDIENCE_LINK = web.AppKey("audience_link", object)
 FORWARDED_CLIENT = "relay.forwarded_client"  # request key: the caller's address, when another node forwarded it
 FROM_NODE = "relay.from_node"  # request key: set when another node of the cluster (or this one's merge) asks
 

@@ -12,6 +12,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from ..channels import ChannelStore
 from ..cluster import forward, spread
+from ..cluster.audience_link import AudienceLink
 from ..cluster.edge import EdgeManager
 from ..cluster.node import Cluster
 from ..config import Settings, hosted_api_key
@@ -21,7 +22,7 @@ from ..odyssey.server import PREFIX as ODYSSEY_PREFIX, TWIN, create_odyssey_app
 from ..recordings import RecordingStore
 from ..sessions import SessionManager
 from ..simulations import Simulations
-from ..web import API_KEYS, CLUSTER, EDGES, IS_NODE, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS
+from ..web import API_KEYS, AUDIENCE_LINK, CLUSTER, EDGES, IS_NODE, RECORDINGS, SESSIONS, SETTINGS, SIMULATIONS
 from ..worldmodel.base import WorldModel
 from ..worldmodel.hosted import HostedWorldModel
 from ..worldmodel.synthetic import SyntheticWorldModel
@@ -228,12 +229,15 @@ def install_cluster(app: web.Application) -> None:
     # Other nodes' broadcasts, served here over WHEP and HLS from one feed each.
     app[EDGES] = EdgeManager(app[SETTINGS], cluster.origin_of, cluster.node_authorization,
                              seats=cluster.spectators.for_broadcast)
+    # Participants of other nodes' broadcasts, served here; their origin's audience answers over Redis.
+    app[AUDIENCE_LINK] = AudienceLink(app[SETTINGS], cluster, sessions)
 
 
 def _cluster_lifecycle(odyssey: web.Application):
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         cluster, carrier = app[CLUSTER], app[forward.CARRIER]
         await cluster.start()
+        app[AUDIENCE_LINK].start()
 
         def derive_keys() -> None:
             # /odyssey's JWTs and recording links signed with the cluster's secret: minted on one node, they
@@ -246,6 +250,7 @@ def _cluster_lifecycle(odyssey: web.Application):
         await carrier.start()
         yield
         await carrier.close()
+        await app[AUDIENCE_LINK].close()
         await cluster.close()
 
     return lifecycle
@@ -288,6 +293,8 @@ async def _shut_down(app: web.Application) -> None:
         await asyncio.wait_for(app[SESSIONS].close(), seconds * 0.7)
     except asyncio.TimeoutError:
         log.warning("shutdown: connections still closing after %.1f s", seconds * 0.7)
+    if AUDIENCE_LINK in app:  # participants here of other nodes' broadcasts: closed "shutdown" too
+        await app[AUDIENCE_LINK].close()
 
 
 def _lifecycle(reaper_interval: float):

@@ -17,7 +17,7 @@ from ..broadcast import Broadcast
 from ..errors import RelayError, invalid_request, too_large, unsupported_media_type
 from ..inputs import parse_json
 from ..media.hls import HlsPublisher
-from ..web import (API_KEYS, EDGES, GOING_AWAY, IS_NODE, SESSIONS, SETTINGS, STALLED, TOO_SLOW, body_limit,
+from ..web import (API_KEYS, AUDIENCE_LINK, EDGES, GOING_AWAY, IS_NODE, SESSIONS, SETTINGS, STALLED, TOO_SLOW, body_limit,
                    client_address, close_within, json_response, next_for, send_within, token_of)
 
 # The events socket's close code when the same participant resumed on a newer socket: the
@@ -195,40 +195,44 @@ async def hls_segment(request: web.Request) -> web.Response:
 
 @routes.get("/v1/broadcasts/{broadcast_id}/events")
 async def events(request: web.Request) -> web.WebSocketResponse:
-    broadcast = spectator_broadcast(request)
     # Admitted before the upgrade, so the caps answer in HTTP (429/503 in the error shape) and a
     # crowd of sockets opening at once cannot all slip past a count taken before an await.
-    channel = broadcast.audience.open_channel(request.query.get("resume"), address=client_address(request),
-                                              invite=request.query.get("invite"))
+    resume, invite, address = request.query.get("resume"), request.query.get("invite"), client_address(request)
+    if (link := _link_for(request)) is not None:  # another node's broadcast: its audience answers over Redis
+        relayed = await link.join(request.match_info["broadcast_id"], token_of(request), resume=resume,
+                                  invite=invite, address=address)
+        return await _converse(request, relayed, relayed.channel, relayed.hello, relayed.close)
+    broadcast = spectator_broadcast(request)
+    audience = broadcast.audience
+    channel = audience.open_channel(resume, address=address, invite=invite)
+    return await _converse(request, audience, channel, broadcast.hello(channel.participant_id, channel.resumed),
+                           lambda: audience.close_channel(channel))
+
+
+def _link_for(request: web.Request):
+    """This node's audience link when the broadcast lives on another node (a cluster); else None."""
+    if AUDIENCE_LINK in request.app and request.match_info["broadcast_id"] not in request.app[SESSIONS].broadcasts:
+        return request.app[AUDIENCE_LINK]
+    return None
+
+
+async def _converse(request: web.Request, audience, channel, hello: dict, close) -> web.WebSocketResponse:
+    """The socket's life: the hello, then each message bounded, rate-limited and answered by `audience`
+    (the broadcast's Audience, or a participant relayed to another node's); `close()` once at the end."""
     ws = web.WebSocketResponse(heartbeat=20, max_msg_size=16 * 1024)
     try:
         await ws.prepare(request)
     except BaseException:
-        broadcast.audience.close_channel(channel)
+        close()
         raise
-    participant_id = channel.participant_id
     sender = asyncio.create_task(_pump(request, ws, channel), name="relay-events-send")
     max_depth = request.app[SETTINGS].server.max_json_depth
     try:
-        await ws.send_json({
-            "type": "hello",
-            "participant_id": participant_id,
-            "resume_token": broadcast.audience.resume_token(participant_id),
-            "resumed": channel.resumed,
-            "invited": broadcast.orchestrator.is_invited(participant_id),
-            "orchestration": broadcast.orchestration,
-            "chat": broadcast.audience.chat.state(),
-            "live": broadcast.live,
-            "stream_id": broadcast.stream_id,
-            "prompt": broadcast.prompt,
-            "viewers": broadcast.viewers,
-            **broadcast.about(),  # the channel's title, description and host name (null for a plain broadcast)
-            "host": broadcast.host,
-        })
+        await ws.send_json(hello)
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
                 if msg.type == WSMsgType.BINARY:  # not read, but not free either: a token, unanswered
-                    broadcast.audience.take_token(channel)
+                    audience.take_token(channel)
                 reply = None
             else:
                 try:
@@ -236,11 +240,11 @@ async def events(request: web.Request) -> web.WebSocketResponse:
                     if not isinstance(message, dict):
                         raise invalid_request("Events messages are JSON objects.")
                 except RelayError as err:  # answered, and the socket stays open
-                    wait = broadcast.audience.take_token(channel)  # garbage is no free flood
+                    wait = audience.take_token(channel)  # garbage is no free flood
                     reply = rate_limited_reply(None, wait) if wait else _error_reply(err)
                 else:
                     try:  # participant_message takes the message's token itself
-                        reply = await broadcast.audience.participant_message(channel, message)
+                        reply = await audience.participant_message(channel, message)
                     except RelayError as err:
                         reply = _error_reply(err)
             if reply is not None:
@@ -249,7 +253,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
                 await ws.close(code=FLOODING_CLOSE_CODE, message=b"rate limited")
                 break
     finally:
-        broadcast.audience.close_channel(channel)  # before any await: this handler may be cancelled
+        close()  # before any await: this handler may be cancelled
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
         await ws.close()
@@ -257,7 +261,10 @@ async def events(request: web.Request) -> web.WebSocketResponse:
 
 
 def _error_reply(err: RelayError) -> dict:
-    return {"type": "error", "code": err.code, "message": err.message, "fatal": False, "details": err.details}
+    reply = {"type": "error", "code": err.code, "message": err.message, "fatal": False, "details": err.details}
+    if err.retry_after is not None:  # CLUSTER_UNAVAILABLE, NODE_UNAVAILABLE: the socket stays, retry then
+        reply["retry_after"] = err.retry_after
+    return reply
 
 
 async def _pump(request: web.Request, ws: web.WebSocketResponse, channel) -> None:

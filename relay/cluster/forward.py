@@ -8,8 +8,9 @@ A forwarded call carries `X-Relay-Node` (the sending node's signed header) and `
 caller's address, which the per-address caps count): the owner believes the latter only with the former,
 and never forwards a forwarded call again (no loops).
 
-WHEP and HLS for a broadcast of another node are the edge's (request.app[EDGES]), served here; until an
-edge is installed they are forwarded like any call.
+WHEP and HLS for a broadcast of another node are the edge's (request.app[EDGES]), and its events socket the
+audience link's (relay/cluster/audience_link.py), served here; until they are installed they are forwarded
+like any call.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ _ROUTES = (
     (re.compile(r"^/v1/simulations/([^/]{1,128})(/.*)?$"), "job"),
     (re.compile(r"^/odyssey/simulation-jobs/([^/]{1,128})$"), "job"),
 )
-_EDGE_PATH = re.compile(r"^/v1/broadcasts/[^/]+/(whep(/[^/]+)?|hls/.*)$")
+_EDGE_PATH = re.compile(r"^/v1/broadcasts/[^/]+/(whep(/[^/]+)?|hls/.*|events)$")
 
 
 def _named(path: str) -> tuple[str, str] | None:
@@ -87,7 +88,7 @@ async def forward(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     kind, ident = named
     if EDGES in request.app and kind == "broadcast" and _EDGE_PATH.match(request.path):
-        return await handler(request)  # WHEP and HLS of another node's broadcast: served here, as its edge
+        return await handler(request)  # WHEP, HLS, events of another node's broadcast: served here, as its edge
     owner = await cluster.owner(kind, ident)
     if owner is None or owner.node_id == cluster.node_id:
         return await handler(request)  # unknown, gone with its node, or closing here: 401/404 as ever

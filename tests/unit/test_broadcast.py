@@ -202,6 +202,25 @@ async def test_no_events_socket_is_admitted_once_the_audience_closed():
     assert info.value.status == 404 and b.audience._channels == {}
 
 
+async def test_the_cluster_seams_publish_each_event_once_and_tell_a_relayed_participants_close(broadcast):
+    # A participant whose socket is at another node (relay/cluster/audience_link.py): its events travel in
+    # `published`, once per event however many such participants; its close is told, not queued.
+    audience, published, told = broadcast.audience, [], []
+    local = audience.open_channel(address="10.0.0.1")
+    relayed = [audience.open_channel(address="10.0.0.2") for _ in range(3)]
+    for channel in relayed:
+        channel.relayed_close = told.append
+    audience.published = published.append
+    broadcast.emit({"type": "viewers", "count": 7})
+    assert [json.loads(text) for text in published] == [{"type": "viewers", "count": 7}]
+    assert drain(local.queue) == [{"type": "viewers", "count": 7}]
+    assert all(channel.queue.empty() for channel in relayed)
+    again = audience.open_channel(audience.resume_token(relayed[0].participant_id), address="10.0.0.3")
+    assert again.resumed and told == [True] and relayed[0].replaced  # replaced: its node closes it 4001
+    await broadcast.close()
+    assert told == [True, False, False] and local.queue.get_nowait() is None
+
+
 async def test_pending_sessions_are_capped_per_address_and_none_outlives_the_close(no_new_threads):
     restrict_ice_host_addresses(("127.0.0.1",))
     b = Broadcast("conn-1", make_settings(limits={"pending_whep_per_address": 1}), FakeClock(), media=FakeMedia)
