@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import weakref
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 REGISTRY = CollectorRegistry()
@@ -38,6 +42,25 @@ CLUSTER_REDIS_UP = Gauge("relay_cluster_redis_up", "1 while the cluster's Redis 
                          registry=REGISTRY)
 CLUSTER_FORWARDED = Counter("relay_cluster_forwarded", "Calls carried to the node that owns their resource",
                             registry=REGISTRY)
+CLUSTER_EDGE_FEEDS = Gauge("relay_cluster_edge_feeds", "Broadcasts of other nodes this node serves as an edge "
+                           "(one feed from the origin each)", registry=REGISTRY)
+# Taken at scrape time, so a leak (a peer, task or thread left behind by a closed session) shows as a level
+# that never comes back down.
+PEER_CONNECTIONS = Gauge("relay_peer_connections", "Open WebRTC peer connections (spectators' and edge feeds')",
+                         registry=REGISTRY)
+TASKS = Gauge("relay_tasks", "asyncio tasks alive on the relay's event loop", registry=REGISTRY)
+THREADS = Gauge("relay_threads", "Threads alive in the relay's process", registry=REGISTRY)
+
+_peers: weakref.WeakSet = weakref.WeakSet()  # every peer connection made for a spectator or an edge feed
+
+
+def track_peer(pc) -> None:
+    """Counted in relay_peer_connections until closed (or collected)."""
+    _peers.add(pc)
+
+
+def open_peers() -> int:
+    return sum(1 for pc in list(_peers) if pc.connectionState != "closed")
 
 
 def count_sent(packets: int, size: int) -> None:
@@ -46,4 +69,8 @@ def count_sent(packets: int, size: int) -> None:
 
 
 def render() -> bytes:
+    """The exposition; called on the event loop (the task count is that loop's)."""
+    PEER_CONNECTIONS.set(open_peers())
+    TASKS.set(len(asyncio.all_tasks()))
+    THREADS.set(threading.active_count())
     return generate_latest(REGISTRY)

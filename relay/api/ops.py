@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import metrics
-from ..web import CLUSTER, SESSIONS, json_response
+from ..web import CLUSTER, EDGES, SESSIONS, json_response
 
 routes = web.RouteTableDef()
 
@@ -22,11 +22,13 @@ async def readyz(request: web.Request) -> web.Response:
     body = {"status": "ready" if ready else "unavailable", "streamers_free": sessions.streamers_free}
     cluster = request.app[CLUSTER]
     if cluster is not None:  # membership as the last heartbeat saw it; ready without Redis (streams go on)
-        body["cluster"] = cluster.describe()
+        body["cluster"] = {**cluster.describe(), "edge_feeds": len(request.app[EDGES].edges)}
     return json_response(body, status=200 if ready else 503)
 
 
 @routes.get("/metrics")
 async def prometheus(request: web.Request) -> web.Response:
+    if EDGES in request.app:
+        metrics.CLUSTER_EDGE_FEEDS.set(len(request.app[EDGES].edges))
     return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
