@@ -218,7 +218,8 @@ def install_cluster(app: web.Application) -> None:
     # Another node's edge feed presents the node credential: served, uncounted, uncapped.
     app[IS_NODE] = lambda request: cluster.verify_node(request.headers.get("Authorization")) is not None
     # Other nodes' broadcasts, served here over WHEP and HLS from one feed each.
-    app[EDGES] = EdgeManager(app[SETTINGS], cluster.origin_of, cluster.node_authorization)
+    app[EDGES] = edges = EdgeManager(app[SETTINGS], cluster.origin_of, cluster.node_authorization)
+    cluster.edge_viewers = lambda: edges.viewers  # a node's load counts its edges' spectators too
 
 
 def _cluster_lifecycle(odyssey: web.Application):

@@ -45,7 +45,8 @@ _ROUTES = (
     (re.compile(r"^/v1/broadcasts/([^/]{1,128})(/.*)?$"), "broadcast"),
     (re.compile(r"^/odyssey/signalling/client/([^/]{1,128})$"), "connection"),
 )
-_EDGE_PATH = re.compile(r"^/v1/broadcasts/[^/]+/(whep(/[^/]+)?|hls/.*)$")
+# Served by the node asked, whoever the origin: WHEP and HLS (as the broadcast's edge), and where to watch.
+_EDGE_PATH = re.compile(r"^/v1/broadcasts/[^/]+/(whep(/[^/]+)?|hls/.*|nodes)$")
 
 
 def _named(path: str) -> tuple[str, str] | None:
@@ -80,7 +81,7 @@ async def forward(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     kind, ident = named
     if EDGES in request.app and kind == "broadcast" and _EDGE_PATH.match(request.path):
-        return await handler(request)  # WHEP and HLS of another node's broadcast: served here, as its edge
+        return await handler(request)  # WHEP and HLS of another node's broadcast (served here, as its edge), nodes
     owner = await cluster.owner(kind, ident)
     if owner is None or owner.node_id == cluster.node_id:
         return await handler(request)  # unknown, gone with its node, or closing here: 401/404 as ever

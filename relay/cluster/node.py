@@ -54,6 +54,7 @@ class Cluster:
         self._sessions, self._active_jobs = sessions, active_jobs
         self.reachable = False
         self.nodes_seen: list[NodeInfo] = []
+        self.edge_viewers: Callable[[], int] = lambda: 0  # spectators here through edges (set by create_app)
         self._task: asyncio.Task | None = None
         self._writes: set[asyncio.Task] = set()
 
@@ -99,7 +100,7 @@ class Cluster:
     async def beat(self) -> None:
         sessions = self._sessions
         load = {"connections": len(sessions.connections),
-                "spectators": sum(b.viewers for b in sessions.broadcasts.values())}
+                "spectators": sum(b.viewers for b in sessions.broadcasts.values()) + self.edge_viewers()}
         try:
             await self.membership.join_secret()  # offers ours again: the same secret after a Redis restart
             await self.membership.beat(NodeInfo(self.node_id, self.public_url, sessions.streamers_free, load))
@@ -205,6 +206,15 @@ class Cluster:
 
     async def release_stream(self, slot: str) -> None:
         await self.streams.give_back(slot)  # Redis away: it lapses, no longer refreshed
+
+    def watch_nodes(self, limit: int) -> list[dict[str, str]]:
+        """Where a spectator may watch: the live nodes as the last beat saw them, least-loaded first (at
+        most `limit`), this node among them even with Redis away. No Redis call: a page may ask often."""
+        seen = {n.node_id: n for n in self.nodes_seen}
+        if self.node_id not in seen:
+            seen[self.node_id] = NodeInfo(self.node_id, self.public_url, 0, {"spectators": 0})
+        ordered = sorted(seen.values(), key=lambda n: (int(n.load.get("spectators", 0)), n.node_id))
+        return [{"node_id": n.node_id, "url": n.public_url} for n in ordered[:limit]]
 
     def describe(self) -> dict[str, Any]:
         """For /readyz: who we are and whom we see."""
