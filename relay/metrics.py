@@ -49,7 +49,9 @@ CLUSTER_EDGE_FEEDS = Gauge("relay_cluster_edge_feeds", "Broadcasts of other node
 PEER_CONNECTIONS = Gauge("relay_peer_connections", "Open WebRTC peer connections (spectators' and edge feeds')",
                          registry=REGISTRY)
 TASKS = Gauge("relay_tasks", "asyncio tasks alive on the relay's event loop", registry=REGISTRY)
-THREADS = Gauge("relay_threads", "Threads alive in the relay's process", registry=REGISTRY)
+THREADS = Gauge("relay_threads", "Threads alive in the relay's process, not counting thread pools' workers (a pool "
+                "keeps up to its bound of idle ones)", registry=REGISTRY)
+POOL_THREAD_PREFIXES = ("asyncio_", "ThreadPoolExecutor-")  # the loop's default executor, other pools
 
 _peers: weakref.WeakSet = weakref.WeakSet()  # every peer connection made for a spectator or an edge feed
 
@@ -72,5 +74,5 @@ def render() -> bytes:
     """The exposition; called on the event loop (the task count is that loop's)."""
     PEER_CONNECTIONS.set(open_peers())
     TASKS.set(len(asyncio.all_tasks()))
-    THREADS.set(threading.active_count())
+    THREADS.set(sum(1 for t in threading.enumerate() if not t.name.startswith(POOL_THREAD_PREFIXES)))
     return generate_latest(REGISTRY)

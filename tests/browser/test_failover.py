@@ -5,6 +5,8 @@ on the survivors). Heartbeat 0.25 s and node_timeout 1.5 s (tests/cluster/confte
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 
 import aiohttp
@@ -64,7 +66,20 @@ async def test_edge_killed_the_watch_page_plays_again_through_another_node(clust
     a, b, c = await cluster(3, **SECTIONS)
     await all_joined(http, [a, b, c])
     broadcast = await live_broadcast(http, a)
-    page = await watch(open_page, b, broadcast)  # B is an edge for A's broadcast
+    page = await open_page()
+    hellos: list[dict] = []  # the events sockets' hellos, wherever the page opens them
+
+    def on_socket(ws) -> None:
+        def on_frame(payload) -> None:
+            msg = json.loads(payload) if isinstance(payload, str) else {}
+            if msg.get("type") == "hello":
+                hellos.append({**msg, "at": ws.url.split("/v1/")[0]})
+        ws.on("framereceived", on_frame)
+    page.on("websocket", on_socket)
+    await page.goto(f"{b.url}/watch/{broadcast['broadcast_id']}?token={broadcast['spectator_token']}")
+    await assert_playing(page, size=SIZE)  # through B, an edge for A's broadcast
+    await expect(page.locator("#stage")).to_have_attribute("data-nodes", "3", timeout=5000)
+    assert len(hellos) == 1 and hellos[0]["at"] == b.url.replace("http", "ws", 1)
 
     b.kill()
     killed = time.monotonic()
@@ -83,6 +98,11 @@ async def test_edge_killed_the_watch_page_plays_again_through_another_node(clust
     print(f"\nwatch page playing again through {home} {back:.2f} s after its edge was killed")
     assert back < 8, f"the page took {back:.1f} s to play again"
     await expect(page.locator("#state")).to_have_attribute("data-state", "live")
+    # Its events socket came back at the new node as the same participant (the resume token held).
+    await eventually(lambda: len(hellos) >= 2, timeout=5, what="the events socket's hello at the new node")
+    again = hellos[-1]
+    assert again["at"] == home.replace("http", "ws", 1)
+    assert again["resumed"] is True and again["participant_id"] == hellos[0]["participant_id"]
 
     # On the survivors: the page's one peer where it watches now, plus (if that is C, an edge) C's feed
     # at A; the dead B's feed peer at A is gone. Nothing else.
@@ -100,7 +120,7 @@ async def test_origin_killed_pages_say_ended_whep_404_everywhere_and_nothing_lea
     await all_joined(http, [a, b, c])
     before = {node.url: await gauges(http, node) for node in (b, c)}
     broadcast = await live_broadcast(http, a)
-    pages = [await watch(open_page, b, broadcast), await watch(open_page, c, broadcast)]
+    pages = await asyncio.gather(watch(open_page, b, broadcast), watch(open_page, c, broadcast))
     for node in (b, c):
         got = await gauges(http, node)
         assert got["relay_cluster_edge_feeds"] == 1 and got["relay_peer_connections"] == 2  # feed + page
