@@ -51,7 +51,8 @@ PEER_CONNECTIONS = Gauge("relay_peer_connections", "Open WebRTC peer connections
 TASKS = Gauge("relay_tasks", "asyncio tasks alive on the relay's event loop", registry=REGISTRY)
 THREADS = Gauge("relay_threads", "Threads alive in the relay's process, not counting thread pools' workers (a pool "
                 "keeps up to its bound of idle ones)", registry=REGISTRY)
-POOL_THREAD_PREFIXES = ("asyncio_", "ThreadPoolExecutor-")  # the loop's default executor, other pools
+# The loop's default executor (asyncio's or uvloop's), other pools.
+POOL_THREAD_PREFIXES = ("asyncio_", "uvloop_", "ThreadPoolExecutor-")
 
 _peers: weakref.WeakSet = weakref.WeakSet()  # every peer connection made for a spectator or an edge feed
 

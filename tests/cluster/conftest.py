@@ -126,19 +126,13 @@ async def cluster(redis_server, tmp_path):
     nodes: list[Node] = []
 
     async def start(n: int = 3, **sections) -> list[Node]:
-        configs = [node_config(tmp_path, redis_server.url, f"node{len(nodes) + i + 1}", **sections) for i in range(n)]
-        # Started side by side (each takes a second or so to import and listen); named in order.
-        procs = await asyncio.gather(*(start_relay_process(path) for path, _ in configs), return_exceptions=True)
         started = []
-        for (path, name), proc in zip(configs, procs):
-            if isinstance(proc, BaseException):
-                continue
-            node = Node(proc[0], proc[1], name)
+        for i in range(n):
+            path, name = node_config(tmp_path, redis_server.url, f"node{len(nodes) + 1}", **sections)
+            proc, url = await start_relay_process(path)
+            node = Node(proc, url, name)
             nodes.append(node)
             started.append(node)
-        failed = [p for p in procs if isinstance(p, BaseException)]
-        if failed:
-            raise failed[0]  # the ones that did start are stopped at teardown
         return started
 
     yield start
