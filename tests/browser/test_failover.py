@@ -120,17 +120,20 @@ async def test_origin_killed_pages_say_ended_whep_404_everywhere_and_nothing_lea
     await all_joined(http, [a, b, c])
     before = {node.url: await gauges(http, node) for node in (b, c)}
     broadcast = await live_broadcast(http, a)
-    pages = await asyncio.gather(watch(open_page, b, broadcast), watch(open_page, c, broadcast))
+    # A page at each edge, and one at the origin itself (which must move to a survivor to learn it ended).
+    pages = await asyncio.gather(watch(open_page, b, broadcast), watch(open_page, c, broadcast),
+                                 watch(open_page, a, broadcast))
     for node in (b, c):
         got = await gauges(http, node)
         assert got["relay_cluster_edge_feeds"] == 1 and got["relay_peer_connections"] == 2  # feed + page
+    assert (await gauges(http, a))["relay_peer_connections"] == 3  # the page's, and a feed for each edge
 
     a.kill()
     killed = time.monotonic()
-    for page in pages:
+    for page in pages:  # (the one at A has moved to B or C to hear it)
         await expect(page.locator("#state")).to_have_attribute("data-state", "ended", timeout=10_000)
         await expect(page.locator("#message")).to_contain_text("ended")
-    print(f"\nboth pages said the broadcast ended {time.monotonic() - killed:.2f} s after its origin was killed")
+    print(f"\nall three pages said the broadcast ended {time.monotonic() - killed:.2f} s after its origin was killed")
     for node in (b, c):
         assert await whep_status(http, node, broadcast) == 404
         async with http.get(f"{node.url}/v1/broadcasts/{broadcast['broadcast_id']}",
