@@ -44,6 +44,7 @@ const base = `/v1/broadcasts/${encodeURIComponent(broadcastId)}`;
 const NODE_PROBE_MS = 2000;       // a node that has not answered /healthz by then counts as dead
 const NODE_DEAD_MS = 30000;       // ...and is skipped this long (then tried again, if nothing else is left)
 const NODES_REFRESH_MS = 30000;   // nodes join and leave: refresh the list this often
+const NODES_RETRY_MS = 2000;      // ...and sooner after a failed refresh (a busy node, Redis away a moment)
 const NODES_MAX = 16;
 
 const nodes = {
@@ -59,24 +60,32 @@ function at(path) {
   return new URL(path, nodes.home).href;
 }
 
+/** Fetches the list now, and again in NODES_REFRESH_MS (NODES_RETRY_MS after a failure). */
 async function refreshNodes() {
+  clearTimeout(nodes.refreshTimer);
+  nodes.refreshTimer = null;
+  let ok = false;
   try {
     const body = await fetchJson(at(`${base}/nodes?token=${encodeURIComponent(token)}`));
-    if (!body || !Array.isArray(body.nodes)) return;
-    const origins = [];
-    for (const node of body.nodes.slice(0, NODES_MAX)) {
-      try {
-        const url = new URL(node.url);
-        if (url.protocol === 'http:' || url.protocol === 'https:') origins.push(url.origin);
-      } catch {
-        // not a URL: skip it
+    if (body && Array.isArray(body.nodes)) {
+      const origins = [];
+      for (const node of body.nodes.slice(0, NODES_MAX)) {
+        try {
+          const url = new URL(node.url);
+          if (url.protocol === 'http:' || url.protocol === 'https:') origins.push(url.origin);
+        } catch {
+          // not a URL: skip it
+        }
       }
+      nodes.list = origins;
+      els.stage.dataset.nodes = String(origins.length);
+      ok = true;
     }
-    nodes.list = origins;
-    els.stage.dataset.nodes = String(origins.length);
   } catch {
-    // keep the last list: the next refresh, or a failover, tries again
+    // keep the last list: try again soon
   }
+  if (events.stopped || nodes.refreshTimer !== null) return; // the page stopped, or a newer refresh is due
+  nodes.refreshTimer = setTimeout(refreshNodes, ok ? NODES_REFRESH_MS : NODES_RETRY_MS);
 }
 
 async function homeAnswers() {
@@ -346,7 +355,7 @@ function stopEvents() {
   events.stopped = true;
   clearTimeout(events.retryTimer);
   stopPolling();
-  clearInterval(nodes.refreshTimer);
+  clearTimeout(nodes.refreshTimer);
   nodes.refreshTimer = null;
   const ws = events.socket;
   events.socket = null;
@@ -502,8 +511,6 @@ function start() {
   openEvents();
   poll(); // first paint of live/prompt/viewers without waiting for the socket's hello
   refreshNodes();
-  clearInterval(nodes.refreshTimer);
-  nodes.refreshTimer = setInterval(refreshNodes, NODES_REFRESH_MS);
   render();
 }
 
