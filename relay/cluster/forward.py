@@ -81,7 +81,7 @@ async def forward(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     kind, ident = named
     if EDGES in request.app and kind == "broadcast" and _EDGE_PATH.match(request.path):
-        return await handler(request)  # WHEP and HLS of another node's broadcast (served here, as its edge), nodes
+        return await handler(request)  # WHEP and HLS (served here, as its edge), and /nodes
     owner = await cluster.owner(kind, ident)
     if owner is None or owner.node_id == cluster.node_id:
         return await handler(request)  # unknown, gone with its node, or closing here: 401/404 as ever
