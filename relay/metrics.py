@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import weakref
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 REGISTRY = CollectorRegistry()
@@ -42,6 +46,26 @@ CLUSTER_EDGE_FEEDS = Gauge("relay_cluster_edge_feeds", "Broadcasts of other node
                            "(one feed from the origin each)", registry=REGISTRY)
 CLUSTER_FORWARDED = Counter("relay_cluster_forwarded", "Calls carried to the node that owns their resource",
                             registry=REGISTRY)
+# Taken at scrape time, so a leak (a peer, task or thread left behind by a closed session) shows as a level
+# that never comes back down.
+PEER_CONNECTIONS = Gauge("relay_peer_connections", "Open WebRTC peer connections (spectators' and edge feeds')",
+                         registry=REGISTRY)
+TASKS = Gauge("relay_tasks", "asyncio tasks alive on the relay's event loop", registry=REGISTRY)
+THREADS = Gauge("relay_threads", "Threads alive in the relay's process, not counting thread pools' workers (a pool "
+                "keeps up to its bound of idle ones)", registry=REGISTRY)
+# The loop's default executor (asyncio's or uvloop's), other pools.
+POOL_THREAD_PREFIXES = ("asyncio_", "uvloop_", "ThreadPoolExecutor-")
+
+_peers: weakref.WeakSet = weakref.WeakSet()  # every peer connection made for a spectator or an edge feed
+
+
+def track_peer(pc) -> None:
+    """Counted in relay_peer_connections until closed (or collected)."""
+    _peers.add(pc)
+
+
+def open_peers() -> int:
+    return sum(1 for pc in list(_peers) if pc.connectionState != "closed")
 
 
 def count_sent(packets: int, size: int) -> None:
@@ -50,4 +74,8 @@ def count_sent(packets: int, size: int) -> None:
 
 
 def render() -> bytes:
+    """The exposition; called on the event loop (the task count is that loop's)."""
+    PEER_CONNECTIONS.set(open_peers())
+    TASKS.set(len(asyncio.all_tasks()))
+    THREADS.set(sum(1 for t in threading.enumerate() if not t.name.startswith(POOL_THREAD_PREFIXES)))
     return generate_latest(REGISTRY)

@@ -7,6 +7,8 @@
 //   * state: the broadcast's events WebSocket (live, prompt, viewers), with GET
 //     polling every 3 s whenever the socket is not open.
 // render() folds both into the badge; nothing user-supplied is ever set as HTML.
+// In a cluster every node serves the broadcast: both feeds go to one "home" node (at first the
+// page's own), and when home stops answering the page moves both to the next live node it knows.
 // The same socket makes the spectator a participant: participate.js shows the
 // orchestration (queue, vote, turns) and sends inputs when the host's mode allows.
 
@@ -52,6 +54,86 @@ const token = new URLSearchParams(window.location.search).get('token') ?? '';
 // A host's invite link (&invite=CODE) makes this page that invited participant on every (re)connect.
 const invite = new URLSearchParams(window.location.search).get('invite') ?? '';
 const base = `/v1/broadcasts/${encodeURIComponent(broadcastId)}`;
+
+// ---------- nodes: where the page watches, and where it goes when that node dies ----------
+// GET {base}/nodes lists the live nodes, least-loaded first. A dropped socket or a failed WHEP
+// attempt makes the page ask home whether it still answers; if not, it rejoins at the next node.
+const NODE_PROBE_MS = 2000;       // a node that has not answered /healthz by then counts as dead
+const NODE_DEAD_MS = 30000;       // ...and is skipped this long (then tried again, if nothing else is left)
+const NODES_REFRESH_MS = 30000;   // nodes join and leave: refresh the list this often
+const NODES_RETRY_MS = 2000;      // ...and sooner after a failed refresh (a busy node, Redis away a moment)
+const NODES_MAX = 16;
+
+const nodes = {
+  home: window.location.origin,   // media, events and polls all go here
+  list: [],                       // origins of the live nodes, least-loaded first
+  dead: new Map(),                // origin -> performance.now() when it failed to answer
+  probing: null,                  // the probe under way (one at a time)
+  refreshTimer: null,
+};
+
+/** The URL of `path` at the home node. */
+function at(path) {
+  return new URL(path, nodes.home).href;
+}
+
+/** Fetches the list now, and again in NODES_REFRESH_MS (NODES_RETRY_MS after a failure). */
+async function refreshNodes() {
+  clearTimeout(nodes.refreshTimer);
+  nodes.refreshTimer = null;
+  let ok = false;
+  try {
+    const body = await fetchJson(at(`${base}/nodes?token=${encodeURIComponent(token)}`));
+    if (body && Array.isArray(body.nodes)) {
+      const origins = [];
+      for (const node of body.nodes.slice(0, NODES_MAX)) {
+        try {
+          const url = new URL(node.url);
+          if (url.protocol === 'http:' || url.protocol === 'https:') origins.push(url.origin);
+        } catch {
+          // not a URL: skip it
+        }
+      }
+      nodes.list = origins;
+      els.stage.dataset.nodes = String(origins.length);
+      ok = true;
+    }
+  } catch {
+    // keep the last list: try again soon
+  }
+  if (events.stopped || nodes.refreshTimer !== null) return; // the page stopped, or a newer refresh is due
+  nodes.refreshTimer = setTimeout(refreshNodes, ok ? NODES_REFRESH_MS : NODES_RETRY_MS);
+}
+
+async function homeAnswers() {
+  try {
+    const response = await fetch(at('/healthz'), { cache: 'no-store', signal: AbortSignal.timeout(NODE_PROBE_MS) });
+    return response.ok;
+  } catch {
+    return false;
+  }
+}
+
+/** Something failed at home: if home itself is gone, move media and events to the next live node. */
+function checkHome() {
+  if (nodes.probing || state.fatal) return;
+  const home = nodes.home;
+  nodes.probing = homeAnswers().then((answers) => {
+    nodes.probing = null;
+    if (answers || state.fatal || nodes.home !== home) return;
+    nodes.dead.set(home, performance.now());
+    const now = performance.now();
+    const next = nodes.list.find((origin) => origin !== home
+      && !(now - (nodes.dead.get(origin) ?? -Infinity) < NODE_DEAD_MS));
+    if (!next) return; // nowhere else known: the usual retries keep trying home
+    nodes.home = next;
+    els.stage.dataset.node = next;
+    refreshNodes();
+    if (state.media !== 'hls') player.restart();
+    else playHls();
+    reopenEvents();
+  });
+}
 
 // Everything the badge depends on. `live` is null until the relay has told us.
 const state = {
@@ -220,7 +302,7 @@ const chat = new ChatPanel({ send: sendEvent });
 async function poll() {
   const seq = events.seq;
   try {
-    const b = await fetchJson(`${base}?token=${encodeURIComponent(token)}`);
+    const b = await fetchJson(at(`${base}?token=${encodeURIComponent(token)}`));
     // A socket message that arrived while this request was in flight is newer: keep it.
     if (events.seq !== seq) return;
     applyState({
@@ -238,6 +320,7 @@ async function poll() {
   } catch (err) {
     // A broadcast that is gone (host disconnected) or a bad token will not come back.
     if (err instanceof HttpError && [401, 403, 404].includes(err.status)) fail(err.message, err.status);
+    else if (!(err instanceof HttpError)) checkHome();
   }
 }
 
@@ -278,7 +361,7 @@ function openEvents() {
   const resume = resumeToken();
   const query = `token=${encodeURIComponent(token)}${resume ? `&resume=${encodeURIComponent(resume)}` : ''}`
     + (invite ? `&invite=${encodeURIComponent(invite)}` : '');
-  const ws = new WebSocket(wsUrl(`${base}/events?${query}`));
+  const ws = new WebSocket(wsUrl(at(`${base}/events?${query}`)));
   events.socket = ws;
   ws.addEventListener('open', () => {
     events.attempt = 0;
@@ -308,12 +391,25 @@ function openEvents() {
     participation.setConnected(false);
     chat.setConnected(false);
     if (events.stopped) return;
-    // Couldn't open, or dropped: keep the page current by polling while we retry.
+    // Couldn't open, or dropped: keep the page current by polling while we retry, and find out
+    // whether home itself is gone (then checkHome moves us on at once).
+    if (e.code !== 1000 && e.code !== REPLACED_CLOSE_CODE) checkHome();
     startPolling();
     const delay = Math.min(1000 * 2 ** events.attempt, SOCKET_BACKOFF_MAX_MS);
     events.attempt += 1;
     events.retryTimer = setTimeout(openEvents, delay);
   });
+}
+
+/** A new socket at (a new) home now, keeping the resume token: the same participant. */
+function reopenEvents() {
+  if (events.stopped) return;
+  clearTimeout(events.retryTimer);
+  events.attempt = 0;
+  const ws = events.socket;
+  events.socket = null;
+  if (ws) ws.close();
+  openEvents();
 }
 
 function startPolling() {
@@ -331,6 +427,8 @@ function stopEvents() {
   events.stopped = true;
   clearTimeout(events.retryTimer);
   stopPolling();
+  clearTimeout(nodes.refreshTimer);
+  nodes.refreshTimer = null;
   const ws = events.socket;
   events.socket = null;
   if (ws) ws.close();
@@ -374,8 +472,13 @@ function fail(message, status = 0) {
 // ---------- media ----------
 
 const player = new WhepPlayer({
-  endpoint: `${base}/whep`,
+  endpoint: () => at(`${base}/whep`),
+  configUrl: () => at('/config'),
   token,
+  // A network error, or a session that dropped: is home still there?
+  onRetry: (error) => {
+    if (!(error instanceof HttpError)) checkHome();
+  },
   video: els.video,
   onStatus: ({ state: media, message, retryInMs, error }) => {
     if (media === 'stopped') return;
@@ -584,7 +687,7 @@ els.shareCopy.addEventListener('click', async () => {
 // stream, a few seconds behind) and says so. A reload tries WebRTC again.
 const HLS_FALLBACK_MS = 8000;
 const HLS_RETRY_MS = 3000;
-const hlsUrl = `${base}/hls/index.m3u8?token=${encodeURIComponent(token)}`;
+const hlsUrl = () => at(`${base}/hls/index.m3u8?token=${encodeURIComponent(token)}`);
 const canPlayHls = els.video.canPlayType('application/vnd.apple.mpegurl') !== '';
 let fallbackTimer = null;
 let hlsRetryTimer = null;
@@ -610,7 +713,7 @@ function maybeFallBack() {
 function playHls() {
   clearTimeout(hlsRetryTimer);
   els.video.srcObject = null;
-  els.video.src = hlsUrl;
+  els.video.src = hlsUrl();
   els.video.play().catch(() => {});
 }
 
@@ -650,6 +753,7 @@ function start() {
   }
   openEvents();
   poll(); // first paint of live/prompt/viewers without waiting for the socket's hello
+  refreshNodes();
   render();
 }
 

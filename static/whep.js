@@ -98,9 +98,9 @@ let lastIceServers = [];
  * may rotate); on failure the last good list is used, since an empty list still
  * works on a LAN.
  */
-export async function getIceServers() {
+export async function getIceServers(configUrl = '/config') {
   try {
-    const config = await fetchJson('/config');
+    const config = await fetchJson(configUrl);
     if (config && Array.isArray(config.iceServers)) lastIceServers = config.iceServers;
   } catch {
     // Keep lastIceServers.
@@ -267,6 +267,10 @@ export class WhepSession {
  *   "stopped"      stop() was called
  * onAudio(hasAudio): whether audible audio is arriving (decides the Unmute button).
  * token: a string, or a function giving the token for each attempt (it may change over time).
+ * endpoint, configUrl: strings, or functions giving them for each attempt (the watch page moves to
+ *   another node of a cluster when its node dies).
+ * onRetry(error): an attempt failed or a session dropped (error: an HttpError, another Error for a
+ *   network failure, or null for a lost connection); a retry is scheduled.
  * sessionAuth: see WhepSession.open.
  */
 export class WhepPlayer {
@@ -275,6 +279,8 @@ export class WhepPlayer {
   #video;
   #onStatus;
   #onAudio;
+  #onRetry;
+  #configUrl;
   #sessionAuth;
 
   #running = false;
@@ -299,8 +305,13 @@ export class WhepPlayer {
   #jitter = { delay: 0, emitted: 0 }; // the video jitter buffer's running totals, for a per-tick average
   #behindMs = null;
 
-  constructor({ endpoint, token, video, onStatus = () => {}, onAudio = () => {}, sessionAuth = true }) {
+  constructor({
+    endpoint, token, video, onStatus = () => {}, onAudio = () => {}, onRetry = () => {}, configUrl = '/config',
+    sessionAuth = true,
+  }) {
     this.#endpoint = endpoint;
+    this.#configUrl = configUrl;
+    this.#onRetry = onRetry;
     this.#token = token;
     this.#sessionAuth = sessionAuth;
     this.#video = video;
@@ -367,15 +378,16 @@ export class WhepPlayer {
   async #connect() {
     const gen = ++this.#gen;
     this.#emit(this.#everConnected ? 'reconnecting' : 'connecting');
-    const iceServers = await getIceServers();
+    const resolve = (value) => (typeof value === 'function' ? value() : value);
+    const iceServers = await getIceServers(resolve(this.#configUrl));
     if (gen !== this.#gen) return;
 
     const stream = new MediaStream();
     let session;
     try {
       session = await WhepSession.open({
-        endpoint: this.#endpoint,
-        token: typeof this.#token === 'function' ? this.#token() : this.#token,
+        endpoint: resolve(this.#endpoint),
+        token: resolve(this.#token),
         sessionAuth: this.#sessionAuth,
         iceServers,
         onTrack: (e) => {
@@ -442,6 +454,7 @@ export class WhepPlayer {
       this.#retryTimer = null;
       if (this.#running) this.#connect();
     }, delay);
+    this.#onRetry(error);  // it may restart() (at another node) before the timer fires: that cancels it
   }
 
   /** Closes the current session (if any) and cancels every timer of the current attempt. */

@@ -14,11 +14,12 @@ from .. import metrics
 from ..auth import check_spectator, is_api_key
 from ..audience import rate_limited_reply
 from ..broadcast import Broadcast
-from ..errors import RelayError, invalid_request, too_large, unsupported_media_type
+from ..errors import RelayError, invalid_request, not_found, too_large, unsupported_media_type
 from ..inputs import parse_json
 from ..media.hls import HlsPublisher
-from ..web import (API_KEYS, AUDIENCE_LINK, EDGES, GOING_AWAY, IS_NODE, SESSIONS, SETTINGS, STALLED, TOO_SLOW, body_limit,
-                   client_address, close_within, json_response, next_for, send_within, token_of)
+from ..web import (API_KEYS, AUDIENCE_LINK, CLUSTER, EDGES, GOING_AWAY, IS_NODE, SESSIONS, SETTINGS, STALLED, TOO_SLOW,
+                   body_limit, client_address, close_within, json_response, next_for, public_url, send_within,
+                   token_of)
 
 # The events socket's close code when the same participant resumed on a newer socket: the
 # page that gets it should not resume again (two tabs would take turns replacing each other).
@@ -27,6 +28,7 @@ REPLACED_CLOSE_CODE = 4001
 # ([limits] events_flood_messages refused in a row); 4000 + HTTP 429.
 FLOODING_CLOSE_CODE = 4029
 HLS_FIRST_WAIT_SEGMENTS = 4  # segment durations an early playlist request may be held
+WATCH_NODES_MAX = 16  # a page needs a few places to rejoin, not the whole cluster
 
 routes = web.RouteTableDef()
 
@@ -49,6 +51,30 @@ async def client_config(request: web.Request) -> web.Response:
 @routes.get("/v1/broadcasts/{broadcast_id}")
 async def get_broadcast(request: web.Request) -> web.Response:
     return json_response(spectator_broadcast(request).state())
+
+
+@routes.get("/v1/broadcasts/{broadcast_id}/nodes")
+async def watch_nodes(request: web.Request) -> web.Response:
+    """Where the broadcast can be watched: the live nodes, least-loaded first. The watch page rejoins
+    through the next one when the node it watches at dies. Answered by the node asked (no forwarding),
+    from its last heartbeat's view: no secrets, and cacheable for that long."""
+    broadcast_id = request.match_info["broadcast_id"]
+    cluster = request.app[CLUSTER]
+    if cluster is None or broadcast_id in request.app[SESSIONS].broadcasts:
+        spectator_broadcast(request)  # 404 / 401 as the broadcast's other endpoints
+    else:
+        origin = await cluster.origin_of(broadcast_id)
+        if origin is None:
+            raise not_found("broadcast", broadcast_id)
+        check_spectator(token_of(request), origin.spectator_token)
+    if cluster is None:
+        nodes = [{"node_id": "", "url": public_url(request)}]
+        max_age = 60
+    else:
+        nodes = cluster.watch_nodes(WATCH_NODES_MAX)
+        max_age = max(1, int(cluster.settings.heartbeat_seconds))
+    return json_response({"broadcast_id": broadcast_id, "nodes": nodes},
+                         headers={"Cache-Control": f"private, max-age={max_age}"})
 
 
 def _host_preview(request: web.Request, broadcast: Broadcast) -> bool:

@@ -29,5 +29,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def prometheus(request: web.Request) -> web.Response:
+    if EDGES in request.app:
+        metrics.CLUSTER_EDGE_FEEDS.set(len(request.app[EDGES].edges))
     return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})

@@ -7,7 +7,9 @@ source (no decode, no encode), and the local spectators are ordinary WHEP sessio
 (relay/spectators.py: pending vs connected, caps, timeouts; NACKs served from this node's fan-out
 history; their keyframe requests coalesced into one PLI upstream). The feed is dropped
 ``[cluster] edge_linger_seconds`` after the last local spectator leaves, and at once if the origin
-goes away (its spectators here are closed with it).
+goes away (its spectators here are closed with it). An origin killed -9 says nothing, and the feed's
+ICE would take ~30 s to give up, so the manager also asks the directory every heartbeat: once the
+origin's entry lapsed (node_timeout_seconds after its last beat) the feed is dropped.
 
 The API adapter calls join/trickle/leave; who the origin is comes from the cluster's directory
 (``origin_of``) and how one node proves itself to another from ``node_authorization``.
@@ -27,7 +29,7 @@ from .. import metrics
 from ..auth import check_spectator
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Settings
-from ..errors import not_found
+from ..errors import RelayError, not_found
 from ..media.edge_feed import EdgeFeed
 from ..media.graph import MediaGraph
 from ..media.hls import HlsPublisher
@@ -105,6 +107,7 @@ class EdgeManager:
         self._edges: dict[str, EdgeBroadcast] = {}
         self._http: aiohttp.ClientSession | None = None
         self._ticker: asyncio.Task | None = None
+        self._origins_checked = clock.monotonic()
         self.closed = False
 
     @property
@@ -112,8 +115,10 @@ class EdgeManager:
         return dict(self._edges)
 
     def _start(self) -> aiohttp.ClientSession:
+        """The feeds' HTTP client, and the housekeeping task, which runs only while this node holds feeds."""
         if self._http is None:
             self._http = aiohttp.ClientSession()
+        if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(self._tick_forever(), name="relay-edges")
         return self._http
 
@@ -203,6 +208,9 @@ class EdgeManager:
         """Spectators' timeouts; drop feeds lost by their origin, or idle past the linger."""
         now = self._clock.monotonic()
         linger = self._settings.cluster.edge_linger_seconds
+        if now - self._origins_checked >= self._settings.cluster.heartbeat_seconds:
+            self._origins_checked = now
+            await self._check_origins()
         for broadcast_id, edge in list(self._edges.items()):
             if not edge.ready.done():
                 continue  # still opening: its first joiner is on its way
@@ -216,6 +224,19 @@ class EdgeManager:
                 await edge.close()
         metrics.CLUSTER_EDGE_FEEDS.set(len(self._edges))
 
+    async def _check_origins(self) -> None:
+        """Mark lost every feed whose origin left the directory (or whose broadcast moved to another node)."""
+        for broadcast_id, edge in list(self._edges.items()):
+            if not edge.ready.done() or edge.lost:
+                continue
+            try:
+                origin = await self._origin_of(broadcast_id)
+            except RelayError:
+                return  # Redis away: live feeds go on; a later check decides
+            if origin is None or origin.node_id != edge.origin.node_id:
+                log.info("edge feed's origin left the cluster", extra={"broadcast_id": broadcast_id})
+                edge.lost = True
+
     async def _tick_forever(self) -> None:
         while True:
             await asyncio.sleep(TICK_SECONDS)
@@ -223,6 +244,9 @@ class EdgeManager:
                 await self.tick()
             except Exception:  # one edge's failure must not stop the others' housekeeping
                 log.exception("edge tick failed")
+            if not self._edges:  # nothing left to keep: the next feed starts another (no await between)
+                self._ticker = None
+                return
 
     async def close(self) -> None:
         """Every feed and local spectator closed; safe to call twice."""

@@ -49,7 +49,9 @@ _ROUTES = (
     (re.compile(r"^/v1/simulations/([^/]{1,128})(/.*)?$"), "job"),
     (re.compile(r"^/odyssey/simulation-jobs/([^/]{1,128})$"), "job"),
 )
-_EDGE_PATH = re.compile(r"^/v1/broadcasts/[^/]+/(whep(/[^/]+)?|hls/.*|events)$")
+# Served by the node asked, whoever the origin: WHEP and HLS (as the broadcast's edge), the events socket
+# (its origin's audience answers over Redis) and where to watch.
+_EDGE_PATH = re.compile(r"^/v1/broadcasts/[^/]+/(whep(/[^/]+)?|hls/.*|events|nodes)$")
 
 
 def _named(path: str) -> tuple[str, str] | None:
@@ -88,7 +90,7 @@ async def forward(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     kind, ident = named
     if EDGES in request.app and kind == "broadcast" and _EDGE_PATH.match(request.path):
-        return await handler(request)  # WHEP, HLS, events of another node's broadcast: served here, as its edge
+        return await handler(request)  # WHEP, HLS, events of another node's broadcast, /nodes: served here
     owner = await cluster.owner(kind, ident)
     if owner is None or owner.node_id == cluster.node_id:
         return await handler(request)  # unknown, gone with its node, or closing here: 401/404 as ever

@@ -116,6 +116,8 @@ class Cluster:
 
     async def beat(self) -> None:
         sessions = self._sessions
+        # A node's load: its connections, and the spectators it serves, its own broadcasts' and as an edge's
+        # (the seats count both), which orders where-to-watch lists least-loaded first.
         load = {"connections": len(sessions.connections), "spectators": self.spectators.viewers_here}
         try:
             secret = self.membership.secret
@@ -250,6 +252,15 @@ class Cluster:
 
     async def release_stream(self, slot: str) -> None:
         await self.streams.give_back(slot)  # Redis away: it lapses, no longer refreshed
+
+    def watch_nodes(self, limit: int) -> list[dict[str, str]]:
+        """Where a spectator may watch: the live nodes as the last beat saw them, least-loaded first (at
+        most `limit`), this node among them even with Redis away. No Redis call: a page may ask often."""
+        seen = {n.node_id: n for n in self.nodes_seen}
+        if self.node_id not in seen:
+            seen[self.node_id] = NodeInfo(self.node_id, self.public_url, 0, {"spectators": 0})
+        ordered = sorted(seen.values(), key=lambda n: (int(n.load.get("spectators", 0)), n.node_id))
+        return [{"node_id": n.node_id, "url": n.public_url} for n in ordered[:limit]]
 
     def describe(self) -> dict[str, Any]:
         """For /readyz: who we are and whom we see."""

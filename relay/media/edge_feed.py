@@ -24,6 +24,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtp import RtpPacket
 from aiortc.sdp import SessionDescription
 
+from .. import metrics
 from ..errors import RelayError, not_found
 from .aiortc_hooks import receive_rtp_undecoded, send_picture_loss
 from .depacketizer import H264Depacketizer
@@ -74,6 +75,7 @@ class EdgeFeed:
     async def open(self) -> None:
         """Offer, POST to the origin, apply its answer (ICE and DTLS then complete on their own)."""
         pc = self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        metrics.track_peer(pc)
         transceiver = pc.addTransceiver("video", direction="recvonly")
         transceiver.setCodecPreferences(h264_preferences())
         self._receiver = transceiver.receiver

@@ -16,6 +16,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSession
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
+from .. import metrics
 from ..errors import RelayError, invalid_request, unprocessable
 from .aiortc_hooks import observe_rtcp, observe_stun_requests, replace_host_address_lookup, route_keyframe_requests
 
@@ -118,6 +119,7 @@ async def answer_spectator(
 ) -> SpectatorPeer:
     parse_offer(offer_sdp, max_candidates)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    metrics.track_peer(pc)
     try:
         # aiortc picks the answer's codecs in setRemoteDescription: the transceiver and its
         # preferences must exist before the offer is applied.

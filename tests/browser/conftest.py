@@ -12,6 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from tests.cluster import conftest as cluster_kit
+
+# A real Redis and `relay serve` nodes of one cluster, for the pages that outlive a node (test_failover.py).
+redis_server = cluster_kit.redis_server
+cluster = cluster_kit.cluster
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",

@@ -9,6 +9,10 @@ from playwright.async_api import Page
 
 from tests.browser.conftest import DESKTOP, PHONE, SHOTS_DIR
 
+# Generous for a loaded 2-core CI machine; the common case takes about a second.
+FIRST_FRAME_MS = 15_000
+ADVANCE_MS = 10_000
+
 
 async def assert_no_horizontal_overflow(page: Page) -> None:
     overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
@@ -73,3 +77,39 @@ class CuttableLink:
 
         await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer))
         self._open -= pair
+
+
+async def video_reading(page: Page, selector: str) -> dict:
+    return await page.evaluate(
+        """sel => {
+            const v = document.querySelector(sel);
+            return {t: v.currentTime, frames: v.getVideoPlaybackQuality().totalVideoFrames,
+                    width: v.videoWidth, height: v.videoHeight};
+        }""",
+        selector,
+    )
+
+
+async def assert_playing(page: Page, selector: str = "#video", *, first_frame_ms: int = FIRST_FRAME_MS,
+                         size: tuple[int, int] | None = (320, 176)) -> dict:
+    """The <video> has a picture and keeps playing: currentTime *and* decoded frames advance.
+
+    currentTime alone is not proof: for a MediaStream it keeps counting while no frame arrives.
+    """
+    await page.wait_for_function(
+        "sel => document.querySelector(sel).videoWidth > 0", arg=selector, timeout=first_frame_ms
+    )
+    first = await video_reading(page, selector)
+    await page.wait_for_function(
+        """([sel, t, frames]) => {
+            const v = document.querySelector(sel);
+            return v.currentTime > t + 0.3 && v.getVideoPlaybackQuality().totalVideoFrames >= frames + 5;
+        }""",
+        arg=[selector, first["t"], first["frames"]],
+        timeout=ADVANCE_MS,
+    )
+    second = await video_reading(page, selector)
+    assert second["t"] > first["t"] and second["frames"] > first["frames"]
+    if size is not None:
+        assert (second["width"], second["height"]) == size
+    return second

@@ -15,7 +15,7 @@ from playwright.async_api import Page, expect
 
 from relay.client import RelayClient
 from tests.browser.conftest import CHROMIUM, DESKTOP, HAVE_CHROMIUM, PHONE, SHOTS_DIR
-from tests.browser.helpers import CuttableLink
+from tests.browser.helpers import ADVANCE_MS, FIRST_FRAME_MS, CuttableLink, assert_playing, video_reading
 from tests.conftest import API_KEY, eventually
 
 pytestmark = [
@@ -23,8 +23,6 @@ pytestmark = [
     pytest.mark.skipif(not HAVE_CHROMIUM, reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
 ]
 
-FIRST_FRAME_MS = 15_000
-ADVANCE_MS = 10_000
 UI_MS = 10_000
 
 # Generous for every expect() without its own timeout: CI machines are small and busy.
@@ -38,40 +36,6 @@ XSS = "<img src=x onerror=window.__xss=1>"
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-async def video_reading(page: Page, selector: str) -> dict:
-    return await page.evaluate(
-        """sel => {
-            const v = document.querySelector(sel);
-            return {t: v.currentTime, frames: v.getVideoPlaybackQuality().totalVideoFrames,
-                    width: v.videoWidth, height: v.videoHeight};
-        }""",
-        selector,
-    )
-
-
-async def assert_playing(page: Page, selector: str = "#video", *, first_frame_ms: int = FIRST_FRAME_MS) -> dict:
-    """The <video> has a picture and keeps playing: currentTime *and* decoded frames advance.
-
-    currentTime alone is not proof: for a MediaStream it keeps counting while no frame arrives.
-    """
-    await page.wait_for_function(
-        "sel => document.querySelector(sel).videoWidth > 0", arg=selector, timeout=first_frame_ms
-    )
-    first = await video_reading(page, selector)
-    await page.wait_for_function(
-        """([sel, t, frames]) => {
-            const v = document.querySelector(sel);
-            return v.currentTime > t + 0.3 && v.getVideoPlaybackQuality().totalVideoFrames >= frames + 5;
-        }""",
-        arg=[selector, first["t"], first["frames"]],
-        timeout=ADVANCE_MS,
-    )
-    second = await video_reading(page, selector)
-    assert second["t"] > first["t"] and second["frames"] > first["frames"]
-    assert (second["width"], second["height"]) == (320, 176)
-    return second
-
 
 async def expect_badge(page: Page, state: str, text: str | None = None, timeout: int = UI_MS) -> None:
     badge = page.locator("#state")

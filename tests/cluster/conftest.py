@@ -8,9 +8,10 @@ import json
 import shutil
 import socket
 
+import aiohttp
 import pytest
 
-from tests.conftest import start_relay_process
+from tests.conftest import eventually, start_relay_process
 
 
 def free_port() -> int:
@@ -66,6 +67,7 @@ async def redis_server(tmp_path):
 
 
 CLUSTER_KEY = "cluster-key-1"
+AUTH = {"Authorization": f"Bearer {CLUSTER_KEY}"}
 
 
 class Node:
@@ -135,3 +137,22 @@ async def cluster(redis_server, tmp_path):
 
     yield start
     await asyncio.gather(*(node.stop() for node in nodes))
+
+
+async def open_connection(http: aiohttp.ClientSession, node) -> dict:
+    async with http.post(f"{node.url}/v1/connections", headers=AUTH) as r:
+        assert r.status == 201, await r.text()
+        return await r.json()
+
+
+async def members(http: aiohttp.ClientSession, node) -> set[str]:
+    async with http.get(f"{node.url}/readyz") as r:
+        return {n["node_id"] for n in (await r.json())["cluster"]["nodes"]}
+
+
+async def all_joined(http, nodes) -> None:
+    names = {n.node_id for n in nodes}
+
+    async def joined():
+        return all([await members(http, n) == names for n in nodes])
+    await eventually(joined, timeout=10, what="every node sees every node")

@@ -11,29 +11,8 @@ import aiohttp
 import pytest
 
 from relay.client import Spectator
-from tests.cluster.conftest import CLUSTER_KEY
+from tests.cluster.conftest import AUTH, CLUSTER_KEY, all_joined, members, open_connection
 from tests.conftest import eventually
-
-AUTH = {"Authorization": f"Bearer {CLUSTER_KEY}"}
-
-
-async def open_connection(http: aiohttp.ClientSession, node) -> dict:
-    async with http.post(f"{node.url}/v1/connections", headers=AUTH) as r:
-        assert r.status == 201, await r.text()
-        return await r.json()
-
-
-async def members(http: aiohttp.ClientSession, node) -> set[str]:
-    async with http.get(f"{node.url}/readyz") as r:
-        return {n["node_id"] for n in (await r.json())["cluster"]["nodes"]}
-
-
-async def all_joined(http, nodes) -> None:
-    names = {n.node_id for n in nodes}
-
-    async def joined():
-        return all([await members(http, n) == names for n in nodes])
-    await eventually(joined, timeout=10, what="every node sees every node")
 
 
 async def test_any_node_answers_a_hosts_rest_calls_and_control_socket(cluster, http):

@@ -16,19 +16,22 @@ from relay.api.app import create_app
 from relay.client import RelayAPIError, RelayClient, Spectator
 from relay.cluster.directory import Origin
 from relay.cluster.edge import EdgeManager
+from relay.errors import cluster_unavailable
 from relay.web import EDGES, IS_NODE, SESSIONS
 from tests.conftest import API_KEY, eventually, frames_for, make_settings, mean_rgb
 
 NODE_AUTHORIZATION = "Node test-cluster-secret"
 LINGER = 1.0
+HEARTBEAT = 0.2  # how often an edge asks the directory whether its feeds' origins still live
 
 
 def is_node(request: web.Request) -> bool:
     return request.headers.get("Authorization") == NODE_AUTHORIZATION
 
 
-async def start(aiohttp_server, tmp_path, name: str, origins: dict[str, Origin] | None = None, **sections):
-    settings = make_settings(tmp_path / name, cluster={"edge_linger_seconds": LINGER},
+async def start(aiohttp_server, tmp_path, name: str, origins: dict[str, Origin] | None = None, *,
+                origin_of=None, **sections):
+    settings = make_settings(tmp_path / name, cluster={"edge_linger_seconds": LINGER, "heartbeat_seconds": HEARTBEAT},
                              limits={"stream_max_seconds": 60, "idle_timeout_seconds": 60}, **sections)
     app = create_app(settings)
     app[IS_NODE] = is_node
@@ -36,7 +39,7 @@ async def start(aiohttp_server, tmp_path, name: str, origins: dict[str, Origin] 
     if origins is not None:
         async def origin_of(broadcast_id: str) -> Origin | None:
             return origins.get(broadcast_id)
-
+    if origin_of is not None:
         edges = app[EDGES] = EdgeManager(settings, origin_of, lambda: NODE_AUTHORIZATION)
     server = await aiohttp_server(app)
     return app, str(server.make_url("")).rstrip("/"), edges
@@ -243,5 +246,48 @@ async def test_edge_cuts_hls_from_the_same_packets_and_lingers_out_without_reque
             await eventually(lambda: not edges.edges, timeout=LINGER + 3, what="the HLS-only edge lingering out")
             await eventually(lambda: len(origin_peers(origin_app, b["broadcast_id"])) == 0, timeout=3,
                              what="the origin's node peer closing")
+    finally:
+        await edges.close()
+
+
+async def test_an_origin_gone_from_the_directory_drops_the_feed_even_while_its_peer_still_flows(
+        aiohttp_server, tmp_path, http):
+    # What an origin killed -9 looks like to an edge: its peer says nothing for ~30 s (ICE consent), but
+    # its directory entry lapses within node_timeout. The edge believes the directory; with Redis away
+    # (origin_of raises) it keeps the feed: live streams go on.
+    origin_app, origin_url, _ = await start(aiohttp_server, tmp_path, "a")
+    directory: dict[str, Origin | Exception] = {}
+
+    async def origin_of(broadcast_id: str) -> Origin | None:
+        found = directory.get(broadcast_id)
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    edge_app, edge_url, edges = await start(aiohttp_server, tmp_path, "b", origin_of=origin_of)
+    try:
+        async with RelayClient(origin_url, API_KEY) as client, client.connect() as conn:
+            await conn.start_stream("a calm ocean")
+            b = conn.broadcast
+            directory[b["broadcast_id"]] = Origin("a", origin_url, b["spectator_token"])
+            async with Spectator(edge_whep(edge_url, b), b["spectator_token"]) as viewer:
+                await asyncio.wait_for(viewer.track.recv(), 10)
+                feed = edges.edges[b["broadcast_id"]].feed
+                directory[b["broadcast_id"]] = cluster_unavailable(1.0)  # Redis away: kept
+                await frames_for(viewer.track, 4 * HEARTBEAT)
+                assert edges.edges[b["broadcast_id"]].feed is feed and not feed.closed
+                directory[b["broadcast_id"]] = Origin("c", origin_url, b["spectator_token"])  # moved: dropped
+                await eventually(lambda: not edges.edges, timeout=3 * HEARTBEAT + 1, what="the feed dropped")
+                assert feed.closed
+                await eventually(lambda: len(origin_peers(origin_app, b["broadcast_id"])) == 0, timeout=3,
+                                 what="the origin's node peer closing")
+                del directory[b["broadcast_id"]]  # gone: WHEP at the edge is 404 from now on
+                with pytest.raises(RelayAPIError) as refused:
+                    async with Spectator(edge_whep(edge_url, b), b["spectator_token"]):
+                        pass
+                assert refused.value.status == 404
+        # No feed, no housekeeping task: nothing of the edge's runs on.
+        await eventually(lambda: not [t for t in asyncio.all_tasks() if t.get_name() == "relay-edges"], timeout=1,
+                         what="the edges' ticker ending")
     finally:
         await edges.close()
