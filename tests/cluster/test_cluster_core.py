@@ -8,11 +8,12 @@ import asyncio
 import time
 
 import aiohttp
+import numpy as np
 import pytest
 
 from relay.client import Spectator
 from tests.cluster.conftest import AUTH, CLUSTER_KEY, all_joined, members, open_connection
-from tests.conftest import eventually
+from tests.conftest import eventually, frames_for, mean_rgb
 
 
 async def test_any_node_answers_a_hosts_rest_calls_and_control_socket(cluster, http):
@@ -228,13 +229,12 @@ async def test_odyssey_tokens_hold_on_every_node_and_signalling_reaches_the_owne
 
 async def test_spectators_at_every_node_watch_one_broadcast_through_edges(cluster, http):
     # The origin (A) holds the stream; B and C serve it as edges, each from one uncounted feed.
-    from tests.conftest import frames_for
-
     a, b, c = await cluster(3)
     conn = await open_connection(http, a)
     async with http.post(f"{a.url}/v1/connections/{conn['connection_id']}/streams", headers=AUTH,
                          json={"prompt": "a calm ocean"}) as r:
         assert r.status == 201, await r.text()
+        stream_id = (await r.json())["stream_id"]
     broadcast = conn["broadcast"]
     whep = {node: f"{node.url}/v1/broadcasts/{broadcast['broadcast_id']}/whep" for node in (a, b, c)}
     async with Spectator(whep[a], broadcast["spectator_token"], session=http) as at_a, \
@@ -242,6 +242,23 @@ async def test_spectators_at_every_node_watch_one_broadcast_through_edges(cluste
             Spectator(whep[c], broadcast["spectator_token"], session=http) as at_c:
         seen = await asyncio.gather(*(frames_for(s.track, 2.0) for s in (at_a, at_b, at_c)))
         assert all(len(frames) >= 44 for frames in seen), [len(f) for f in seen]  # >= 22 fps at every node
+        # A host prompt at the origin changes the picture at every node, far beyond its natural motion.
+        before = [mean_rgb(frames[-1]) for frames in seen]
+        drift = max(np.abs(mean_rgb(frames[0]) - mean_rgb(frames[-1])).sum() for frames in seen)
+        async with http.post(f"{a.url}/v1/streams/{stream_id}/interact", headers=AUTH,
+                             json={"prompt": "neon night over a lava desert"}) as r:
+            assert r.status == 200, await r.text()
+
+        async def changed(spectator, reference) -> float:
+            change = 0.0
+            for _ in range(75):  # up to 3 s of frames for the ~1 s transition
+                change = np.abs(mean_rgb(await spectator.track.recv()) - reference).sum()
+                if change > max(30.0, 4 * drift):
+                    break
+            return change
+
+        changes = await asyncio.gather(*(changed(s, ref) for s, ref in zip((at_a, at_b, at_c), before)))
+        assert all(change > max(30.0, 4 * drift) for change in changes), (changes, drift)
         # Every node's spectators count, the edges' feeds not (tests/cluster/test_counts.py for more).
         await eventually(lambda: _counted(http, a, broadcast, 3), timeout=5, what="3 spectators at the origin")
     async with http.post(whep[b], data="v=0\r\n", params={"token": "wrong"},
