@@ -982,7 +982,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="spectator counts for per-spectator (default 1,2,4: each costs ~45%% of a core)")
     ap.add_argument("--sender-counts", type=parse_counts,
                     help="spectator counts for encode-once-sender (aiortc packetizes per spectator; default 1,10,50)")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ",".join(MODES))
+    ap.add_argument("--modes", default=",".join(m for m in MODES if m != "janus"),
+                    help="comma-separated: " + ",".join(MODES) + " (janus needs Debian's janus; not in the default)")
     ap.add_argument("--window", type=float, help="measurement window per count, seconds (default 10)")
     ap.add_argument("--settle", type=float, help="wait after the joins before measuring, seconds (default 3)")
     ap.add_argument("--storm", type=int, default=50, help="spectators in the join storm (0: skip; default 50)")
