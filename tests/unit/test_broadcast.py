@@ -218,7 +218,10 @@ async def test_the_cluster_seams_publish_each_event_once_and_tell_a_relayed_part
     again = audience.open_channel(audience.resume_token(relayed[0].participant_id), address="10.0.0.3")
     assert again.resumed and told == [True] and relayed[0].replaced  # replaced: its node closes it 4001
     await broadcast.close()
-    assert told == [True, False, False] and local.queue.get_nowait() is None
+    # The local socket hears why (the audience's `disconnected`), then its queue ends; the relayed ones' nodes
+    # hear it in `published` and are told to close.
+    assert told == [True, False, False] and drain(local.queue) == [{"type": "disconnected", "reason": "disconnected"}, None]
+    assert json.loads(published[-1]) == {"type": "disconnected", "reason": "disconnected"}
 
 
 async def test_pending_sessions_are_capped_per_address_and_none_outlives_the_close(no_new_threads):
