@@ -32,26 +32,33 @@ static protect_fn srtp_protect;
 static __thread unsigned char slots[MAX_PACKETS][SLOT];
 /* UDP GSO: a run of equal-sized datagrams (the last may be shorter) goes down the stack as one buffer
  * and is cut into datagrams at the end (by the NIC, or late in software): the stack is walked once per
- * run instead of once per packet. Cleared for good if the kernel or the route refuses it. */
-static int gso = 1;
-
+ * run instead of once per packet. The caller keeps the flag per spectator: a route that refuses it (an
+ * old kernel, a path whose MTU is smaller than a segment) turns it off for that spectator only. */
 typedef union {
     char buffer[CMSG_SPACE(sizeof(uint16_t))];
     struct cmsghdr align;
 } control_t;
 
-/* Send datagrams vectors[0..count) to one address in one sendmmsg; with GSO each run of equal-sized
- * datagrams is one message. Returns the datagrams the kernel took, or -errno if it took none. */
-static Py_ssize_t send_datagrams(int fd, const Py_buffer *address, struct iovec *vectors, Py_ssize_t count) {
+static int refuses_gso(int error) {
+    return error == EIO || error == EINVAL || error == ENOPROTOOPT || error == EOPNOTSUPP || error == EMSGSIZE;
+}
+
+/* Send datagrams vectors[0..count) to one address in one sendmmsg; with *gso each run of equal-sized
+ * datagrams is one message. Returns the datagrams the kernel took; *error is the errno that stopped it
+ * (0 when all were taken). A message refused for its GSO is sent again without, and *gso cleared. */
+static Py_ssize_t send_datagrams(int fd, const Py_buffer *address, struct iovec *vectors, Py_ssize_t count,
+                                 int *gso, int *error) {
     struct mmsghdr messages[MAX_PACKETS];
     control_t controls[MAX_PACKETS];
     Py_ssize_t first[MAX_PACKETS + 1];
-    for (;;) {
-        int use_gso = gso, n_messages = 0;
-        for (Py_ssize_t i = 0; i < count;) {
+    Py_ssize_t offset = 0;  /* datagrams already taken by the kernel */
+    *error = 0;
+    while (offset < count) {
+        int n_messages = 0;
+        for (Py_ssize_t i = offset; i < count;) {
             Py_ssize_t j = i + 1;
             size_t segment = vectors[i].iov_len, total = segment;
-            while (use_gso && j < count && vectors[j].iov_len <= segment && total + vectors[j].iov_len <= 65000) {
+            while (*gso && j < count && vectors[j].iov_len <= segment && total + vectors[j].iov_len <= 65000) {
                 total += vectors[j].iov_len;
                 if (vectors[j++].iov_len < segment)
                     break;  /* a shorter datagram ends a run */
@@ -82,19 +89,22 @@ static Py_ssize_t send_datagrams(int fd, const Py_buffer *address, struct iovec 
             if (n < 0) {
                 if (errno == EINTR)
                     continue;
+                *error = errno;
                 break;
             }
             done += n;
         }
-        if (done == n_messages)
-            return count;
-        int error = errno;
-        if (done == 0 && use_gso && (error == EIO || error == EINVAL || error == ENOPROTOOPT || error == EOPNOTSUPP)) {
-            gso = 0;  /* no UDP GSO on this kernel or route: one datagram per message from now on */
+        offset = first[done];
+        if (!*error)
+            break;
+        if (messages[done].msg_hdr.msg_iovlen > 1 && refuses_gso(*error)) {
+            *gso = 0;  /* this route takes no GSO: the rest again, one datagram per message */
+            *error = 0;
             continue;
         }
-        return done ? first[done] : -error;
+        break;
     }
+    return offset;
 }
 
 static PyObject *set_protect(PyObject *self, PyObject *arg) {
@@ -131,11 +141,13 @@ static void put32(unsigned char *p, uint32_t v) {
     p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
 }
 
-/* send_frame(fd, sockaddr, srtp, payloads, payload_type, seq, timestamp, ssrc, ast)
- *   -> (packets sent, payload bytes sent)
+/* send_frame(fd, sockaddr, srtp, payloads, payload_type, seq, timestamp, ssrc, ast, gso)
+ *   -> (packets sent, payload bytes sent, errno, gso)
  * ast: the abs-send-time extension word (id, length and value), or -1 for a plain 12-byte header.
- * Fewer packets than given means the socket's buffer is full (EAGAIN): the caller skips to a
- * keyframe, as it does when a transport backs up. Other socket errors raise OSError. */
+ * gso: whether to try UDP GSO for this spectator; the answer's gso is False once its route refused it.
+ * Fewer packets than given come with the errno that stopped them: EAGAIN/ENOBUFS when the socket's
+ * buffer is full (the caller skips to a keyframe, as for a backed-up transport), anything else a
+ * failing route (the rest of the frame is lost, as a network would lose it). Nothing raises for it. */
 static PyObject *send_frame(PyObject *self, PyObject *args) {
     int fd, payload_type;
     Py_buffer address;
@@ -144,8 +156,9 @@ static PyObject *send_frame(PyObject *self, PyObject *args) {
     unsigned int seq;
     unsigned long timestamp, ssrc;
     long long ast;
-    if (!PyArg_ParseTuple(args, "iy*KO!iIkkL", &fd, &address, &srtp, &PyList_Type, &payloads, &payload_type,
-                          &seq, &timestamp, &ssrc, &ast))
+    int gso;
+    if (!PyArg_ParseTuple(args, "iy*KO!iIkkLp", &fd, &address, &srtp, &PyList_Type, &payloads, &payload_type,
+                          &seq, &timestamp, &ssrc, &ast, &gso))
         return NULL;
     if (srtp_protect == NULL) {
         PyBuffer_Release(&address);
@@ -156,10 +169,10 @@ static PyObject *send_frame(PyObject *self, PyObject *args) {
     Py_ssize_t sent = 0, octets = 0;
     int error = 0;
     struct iovec vectors[MAX_PACKETS];
+    Py_ssize_t sizes[MAX_PACKETS];  /* payload bytes of each datagram of the batch */
     int header_size = ast >= 0 ? 20 : 12;
     for (Py_ssize_t base = 0; base < count && !error; base += MAX_PACKETS) {
         Py_ssize_t batch = count - base < MAX_PACKETS ? count - base : MAX_PACKETS;
-        Py_ssize_t batch_octets = 0;
         /* Copy under the GIL (the payloads are Python bytes); protect and send without it. */
         for (Py_ssize_t i = 0; i < batch; i++) {
             PyObject *payload = PyList_GET_ITEM(payloads, base + i);
@@ -183,7 +196,7 @@ static PyObject *send_frame(PyObject *self, PyObject *args) {
             }
             memcpy(p + header_size, PyBytes_AS_STRING(payload), size);
             vectors[i].iov_len = header_size + size;
-            batch_octets += size;
+            sizes[i] = size;
         }
         int protected_ok = 1;
         Py_ssize_t done = 0;
@@ -197,15 +210,8 @@ static PyObject *send_frame(PyObject *self, PyObject *args) {
             vectors[i].iov_base = slots[i];
             vectors[i].iov_len = length;
         }
-        if (protected_ok) {
-            done = send_datagrams(fd, &address, vectors, batch);
-            if (done < 0) {
-                error = (int)-done;
-                done = 0;
-            } else if (done < batch) {
-                error = EAGAIN;
-            }
-        }
+        if (protected_ok)
+            done = send_datagrams(fd, &address, vectors, batch, &gso, &error);
         Py_END_ALLOW_THREADS
         if (!protected_ok) {
             PyBuffer_Release(&address);
@@ -213,21 +219,19 @@ static PyObject *send_frame(PyObject *self, PyObject *args) {
             return NULL;
         }
         sent += done;
-        octets += done == batch ? batch_octets : 0;  /* exact only when whole (the rare partial: approximate) */
+        for (Py_ssize_t i = 0; i < done; i++)
+            octets += sizes[i];
     }
     PyBuffer_Release(&address);
-    if (error && error != EAGAIN && error != EWOULDBLOCK && error != ENOBUFS) {
-        errno = error;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return Py_BuildValue("nn", sent, octets);
+    return Py_BuildValue("nniO", sent, octets, error, gso ? Py_True : Py_False);
 }
 
 static PyMethodDef methods[] = {
     {"set_protect", set_protect, METH_O, "Use this srtp_protect (a C function pointer, as an int)."},
     {"sockaddr", sockaddr, METH_VARARGS, "sockaddr(host, port) -> the packed socket address."},
     {"send_frame", send_frame, METH_VARARGS,
-     "send_frame(fd, sockaddr, srtp, payloads, payload_type, seq, timestamp, ssrc, ast) -> (packets, octets)"},
+     "send_frame(fd, sockaddr, srtp, payloads, payload_type, seq, timestamp, ssrc, ast, gso)"
+     " -> (packets, octets, errno, gso)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -20,6 +20,7 @@ sends REMB) and moves between the two fan-outs as its estimate dictates (see lay
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import struct
@@ -44,6 +45,7 @@ else:
     _fastsend.set_protect(srtp_protect_address())
 
 log = logging.getLogger(__name__)
+BACKED_UP = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})  # the kernel's buffer is full: wait
 COMPILED_SEND = _fastsend is not None  # [media] send_loop = "auto" uses it when it was built
 
 HISTORY = 1024  # packets kept for NACKs (~4 s at 2 Mbps); divides 2**16 so slots map cleanly
@@ -91,6 +93,7 @@ class RtpOutput:
         self._was_ready = False
         self.packets_sent = 0
         self.bytes_sent = 0
+        self._gso = True  # UDP GSO in the compiled loop, until this spectator's route refuses it
         self.closed = False
         # Layers (only when the broadcast has a lower one): the policy picks, REMB feeds it.
         self._layers = (fanout, fanout.lower) if fanout.lower is not None else None
@@ -175,13 +178,16 @@ class RtpOutput:
             ast |= (ntp >> 14) & 0xFFFFFF  # 6.18 fixed-point seconds, once per frame
         native = self._fanout.compiled and self._link.native_path(_fastsend.sockaddr)
         if native:
-            sent, size = self._send_compiled(native, payloads, seq, rtp_ts, ast)
-            if sent < len(payloads):  # the socket's buffer is full: as a backed-up transport
+            sent, size, error = self._send_compiled(native, payloads, seq, rtp_ts, ast)
+            if error in BACKED_UP:  # the socket's buffer is full: as a backed-up transport, gapless
                 self._waiting_for_keyframe = True
                 self._next_seq_index = seq + sent
                 self._fanout.request_keyframe()
                 self.packets_sent += sent
+                self.bytes_sent += size
                 return
+            if error:  # a failing route: the rest of the frame is lost, as on a network (NACKs may recover it)
+                log.debug("send to spectator ssrc=%d failed: %s", self.ssrc, os.strerror(error))
         else:
             size = self._send_python(protect, transport.sendto, addr, payloads, seq, rtp_ts, ast)
         self._next_seq_index = seq + len(payloads)
@@ -191,15 +197,14 @@ class RtpOutput:
         self._link.report(ntp, rtp_ts, self.packets_sent, self.bytes_sent)
 
     def _send_compiled(self, native: tuple[int, bytes, int], payloads: list[bytes], seq: int, rtp_ts: int,
-                       ast: int | None) -> tuple[int, int]:
-        """A frame's packets in one call: headers, SRTP and one sendmmsg (_fastsend.c)."""
+                       ast: int | None) -> tuple[int, int, int]:
+        """A frame's packets in one call: headers, SRTP and one sendmmsg (_fastsend.c); (packets sent,
+        payload bytes sent, the errno that stopped the rest or 0)."""
         fd, address, srtp = native
-        try:
-            return _fastsend.send_frame(fd, address, srtp, payloads, self.payload_type, seq & 0xFFFF, rtp_ts,
-                                        self.ssrc, -1 if ast is None else ast)
-        except OSError as exc:  # the peer's socket is going away: its close follows
-            log.debug("send to spectator ssrc=%d failed: %s", self.ssrc, exc)
-            return 0, 0
+        sent, size, error, self._gso = _fastsend.send_frame(
+            fd, address, srtp, payloads, self.payload_type, seq & 0xFFFF, rtp_ts, self.ssrc,
+            -1 if ast is None else ast, self._gso)
+        return sent, size, error
 
     def _send_python(self, protect, sendto, addr, payloads: list[bytes], seq: int, rtp_ts: int,
                      ast: int | None) -> int:

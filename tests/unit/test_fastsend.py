@@ -128,11 +128,55 @@ def test_the_compiled_loop_refuses_what_is_not_a_payload():
     link = UdpLink()
     native = link.native_path(rtp_fanout._fastsend.sockaddr)
     with pytest.raises(ValueError):
-        rtp_fanout._fastsend.send_frame(*native, [b"x" * 5000], 96, 0, 0, SSRC, -1)
+        rtp_fanout._fastsend.send_frame(*native, [b"x" * 5000], 96, 0, 0, SSRC, -1, True)
     with pytest.raises(ValueError):
-        rtp_fanout._fastsend.send_frame(*native, ["text"], 96, 0, 0, SSRC, -1)
+        rtp_fanout._fastsend.send_frame(*native, ["text"], 96, 0, 0, SSRC, -1, True)
     with pytest.raises(ValueError):
         rtp_fanout._fastsend.sockaddr("not an address", 1)
     assert rtp_fanout._fastsend.sockaddr("::1", 9)[:2] == socket.AF_INET6.to_bytes(2, "little")
     link.close()
     assert os.path.exists(rtp_fanout._fastsend.__file__)
+
+
+def output_for(link, compiled: bool = True) -> tuple[RtpFanout, RtpOutput, list[int]]:
+    asked: list[int] = []
+    fanout = RtpFanout(lambda: asked.append(1), compiled=compiled)
+    output = RtpOutput(fanout, link)
+    fanout.adopt(output)
+    output.configure(96)
+    return fanout, output, asked
+
+
+@needs_compiled
+def test_a_route_that_refuses_gso_gets_every_datagram_without_it():
+    # SO_NO_CHECK (no UDP checksums) makes the kernel refuse UDP GSO with EINVAL: the compiled loop sends the
+    # frame again one datagram per message and keeps GSO off for this spectator only.
+    frames = encoded_packets(3, noisy=True)
+    link = UdpLink()
+    link.out.setsockopt(socket.SOL_SOCKET, 11, 1)  # SO_NO_CHECK
+    fanout, output, asked = output_for(link)
+    other = UdpLink()
+    fanout_b, output_b, _ = output_for(other)
+    for packet in frames:
+        fanout.publish(packet, packet.is_keyframe)
+        fanout_b.publish(packet, packet.is_keyframe)
+    assert output._gso is False and output_b._gso is True
+    assert output.packets_sent == output_b.packets_sent > len(frames) and not asked
+    assert len(link.received(output.packets_sent)) == output.packets_sent
+    link.close()
+    other.close()
+
+
+@needs_compiled
+def test_a_failing_route_loses_the_frame_but_never_reuses_a_sequence_number_or_asks_for_keyframes():
+    # A broadcast address without SO_BROADCAST: EACCES from the kernel on every send, as a broken route.
+    frames = encoded_packets(3, noisy=True)
+    link = UdpLink()
+    link.addr = ("255.255.255.255", 9)
+    fanout, output, asked = output_for(link)
+    for packet in frames:
+        fanout.publish(packet, packet.is_keyframe)
+    expected = sum(len(fanout._packer.pack(p)[0]) for p in frames)  # as if lost on the way
+    assert output._next_seq_index - output._seq_offset == expected
+    assert not asked and not output._waiting_for_keyframe and output.bytes_sent == 0
+    link.close()
