@@ -90,7 +90,7 @@ async def test_edge_serves_spectators_from_one_uncounted_origin_peer(cluster):
         assert edge.spectators.viewers == 3
         assert edge.media.fanout.outputs == 3  # packetized once at the edge, for its three peers
         # Three joiners' keyframe requests went upstream as few PLIs (coalesced), and nothing was lost.
-        assert edge.feed.plis_sent <= 3 and edge.feed.frames >= 50
+        assert edge.feed.plis_sent <= 3 and edge.feed.frames >= max(len(frames) for frames in counts)
         assert edge.feed._depacketizer.dropped == 0
 
         # A prompt at the origin changes the picture seen through the edge.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from relay.client import RelayClient, Spectator
+from relay.sessions import ConnectionState
 from tests.conftest import API_KEY, eventually, frames_for, mean_rgb
 
 
@@ -49,7 +50,11 @@ async def test_three_spectators_watch_prompts_and_consecutive_streams(relay_fact
             state = await client.get_stream(first_stream)
             assert state["status"] == "ended" and state["end_reason"] == "duration_limit"
 
-            # The next stream reaches the same spectators, same peer connections, no rejoin.
+            # The next stream reaches the same spectators, same peer connections, no rejoin. (A stream reads
+            # ended as soon as it stops; its connection takes another once the world model has let it go.)
+            connection = relay.sessions.connections[conn.connection_id]
+            await eventually(lambda: connection.state is ConnectionState.CONNECTED, timeout=5,
+                             what="the connection ready for the next stream")
             pcs = [v.pc for v in viewers]
             second = await conn.start_stream("snowy mountains at dawn")
             assert second["stream_id"] != first_stream
