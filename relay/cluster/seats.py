@@ -103,6 +103,7 @@ class SpectatorCounts:
             try:
                 await self._write(dirty)
             except (RedisError, OSError) as exc:
+                self._dirty |= dirty  # a count gone to 0 is in no `local`: only this set remembers to HDEL it
                 log.warning("cluster: viewer count write failed (%s); the next heartbeat retries", exc)
                 return
 
@@ -121,8 +122,13 @@ class SpectatorCounts:
         """The heartbeat's: seats refreshed, this node's counts rewritten; for each broadcast this node is
         the origin of, the viewers at the other live nodes (the fields of nodes that left, dropped)."""
         await self.seats.refresh()
-        self._dirty.clear()
-        await self._write(list(self.local))
+        # Every count held here, and those that went to 0 since the last write (HDEL'd: absent from local).
+        dirty, self._dirty = self._dirty, set()
+        try:
+            await self._write(set(self.local) | dirty)
+        except BaseException:
+            self._dirty |= dirty
+            raise
         origin_ids = list(origin_of)
         if not origin_ids:
             return {}
