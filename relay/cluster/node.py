@@ -21,14 +21,14 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 
 from .. import metrics
 from ..config import Settings
-from ..errors import cluster_unavailable
+from ..errors import cluster_busy, cluster_unavailable
 from .directory import Directory, Entry, Origin
 from .membership import Membership, NodeInfo, derive_node_id
+from .pool import connect
 from .quota import ClusterQuota
 from .seats import SpectatorCounts
 
@@ -52,7 +52,7 @@ class Cluster:
         self.node_id = cluster.node_id or derive_node_id(self.public_url)
         # Every Redis call is short: a Redis that does not answer within a beat is away (fail fast).
         seconds = min(cluster.heartbeat_seconds, 2.0)
-        self.redis = aioredis.from_url(cluster.redis_url, socket_timeout=seconds, socket_connect_timeout=seconds)
+        self.redis = connect(cluster.redis_url, cluster.redis_max_connections, seconds)
         self.membership = Membership(self.redis, self.node_id, cluster.node_timeout_seconds)
         self.directory = Directory(self.redis, self.membership, cluster.node_timeout_seconds)
         self.streams = ClusterQuota(self.redis, "streams", cluster.node_timeout_seconds)
@@ -136,6 +136,8 @@ class Cluster:
             if not self.reachable:
                 log.info("cluster: Redis reachable, %d nodes", len(self.nodes_seen))
             self.reachable = True
+        except MaxConnectionsError as exc:  # Redis answers, this node's burst of calls held every connection
+            log.warning("cluster: heartbeat found Redis busy (%s); the next one retries", exc)
         except (RedisError, OSError) as exc:
             if self.reachable:
                 log.warning("cluster: Redis unreachable (%s); live streams go on", exc)
@@ -179,9 +181,12 @@ class Cluster:
 
     @contextlib.asynccontextmanager
     async def guarded(self) -> AsyncIterator[None]:
-        """Around a call that needs Redis: unreachable is 503 CLUSTER_UNAVAILABLE, at once."""
+        """Around a call that needs Redis: unreachable is 503 CLUSTER_UNAVAILABLE, at once; every connection
+        busy past the pool's wait, 503 CLUSTER_BUSY."""
         try:
             yield
+        except MaxConnectionsError:
+            raise cluster_busy() from None
         except (RedisError, OSError) as exc:
             self.reachable = False
             log.warning("cluster: Redis call failed: %s", exc)
@@ -231,7 +236,7 @@ class Cluster:
         try:
             await self.directory.publish(entries)
         except (RedisError, OSError) as exc:
-            self.reachable = False
+            self.reachable = isinstance(exc, MaxConnectionsError)  # busy is not away
             log.warning("cluster: directory write failed (%s); the next heartbeat retries", exc)
 
     def _write(self, coro) -> None:
