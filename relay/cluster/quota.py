@@ -91,6 +91,13 @@ class ClusterQuota:
             with contextlib.suppress(RedisError, OSError):
                 await self._redis.zrem(quota_key(self.name, owner), member)
 
+    async def remove(self, slots: dict[str, str]) -> None:
+        """Free slots this node no longer holds (member -> owner) in one pipelined round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for member, owner in slots.items():
+                pipe.zrem(quota_key(self.name, owner), member)
+            await pipe.execute()
+
     async def refresh(self) -> None:
         """The heartbeat's: this node still holds these (re-added if Redis lost them)."""
         if not self.held:

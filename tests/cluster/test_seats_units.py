@@ -72,8 +72,17 @@ async def test_a_burst_of_joins_waits_for_a_connection_and_holds_the_cap(redis_s
             for connection in busy:
                 await pool.release(connection)
         assert await seats.take("one-more", 1000)
+        # And they all leave at once (a broadcast closing): every seat is free, none left behind.
+        for spectator_id in [f"s{i}" for i in range(400)] + ["one-more"]:
+            seats.give_back(spectator_id)
+        assert cluster.spectators.seats.held == {}
+        await eventually(lambda: _zcard_is(cluster.redis, "bc1", 0), timeout=5, what="every seat given back")
     finally:
         await cluster.close()
+
+
+async def _zcard_is(redis, broadcast_id: str, count: int) -> bool:
+    return await redis.zcard(quota_key("spectators", broadcast_id)) == count
 
 
 _IDLE = SimpleNamespace(connections={}, broadcasts={}, streamers_free=1, stream_ids=lambda: [])
