@@ -104,15 +104,25 @@ class Cluster:
             await self.beat()
 
     def _owned(self) -> list[Entry]:
-        entries = [e for conn in self._sessions.connections.values() for e in self._entries_of(conn)]
+        store = self._sessions.channels
+        # Channels first: a connection's record of the same broadcast (which names it) is written after.
+        entries = [e for channel in (store.every() if store is not None else []) for e in self.channel_entries(channel)]
+        entries += [e for conn in self._sessions.connections.values() for e in self._entries_of(conn)]
         return entries + [Entry("stream", stream_id) for stream_id in self._sessions.stream_ids()]
 
     def _entries_of(self, conn: Any) -> list[Entry]:
         broadcast = conn.broadcast
         return [Entry("connection", conn.connection_id),
-                Entry("broadcast", broadcast.broadcast_id, {
-                    "node_id": self.node_id, "origin_url": self.public_url,
-                    "spectator_token": broadcast.spectator_token, "connection_id": conn.connection_id})]
+                self._broadcast_entry(broadcast.broadcast_id, broadcast.spectator_token, conn.connection_id)]
+
+    def channel_entries(self, channel: Any) -> list[Entry]:
+        """A channel and its broadcast, owned here even between hosts (its watch link works at any node)."""
+        return [Entry("channel", channel.channel_id),
+                self._broadcast_entry(channel.broadcast_id, channel.spectator_token, None)]
+
+    def _broadcast_entry(self, broadcast_id: str, spectator_token: str, connection_id: str | None) -> Entry:
+        return Entry("broadcast", broadcast_id, {"node_id": self.node_id, "origin_url": self.public_url,
+                                                 "spectator_token": spectator_token, "connection_id": connection_id})
 
     async def beat(self) -> None:
         sessions = self._sessions
@@ -225,7 +235,19 @@ class Cluster:
 
     def connection_closed(self, conn: Any) -> None:
         # Not awaited: until it lands, a forwarded call finds the connection gone at its owner (404 there).
-        self._write(self.directory.remove(self._entries_of(conn)))  # its streams stay answerable here
+        channel = conn.broadcast.channel
+        if channel is not None and self._sessions.channels is not None and self._sessions.channels.has(channel.channel_id):
+            # A channel's broadcast stays, hostless: its record no longer names the connection.
+            self._write(self.directory.remove([Entry("connection", conn.connection_id)]))
+            self._write(self.directory.publish(self.channel_entries(channel)))
+        else:
+            self._write(self.directory.remove(self._entries_of(conn)))  # its streams stay answerable here
+
+    async def channel_created(self, channel: Any) -> None:
+        await self._publish(self.channel_entries(channel))
+
+    def channel_deleted(self, channel: Any) -> None:
+        self._write(self.directory.remove(self.channel_entries(channel)))
 
     async def _publish(self, entries: list[Entry]) -> None:
         """In the directory before the host hears of it (its next call may reach any node). With Redis

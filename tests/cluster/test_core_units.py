@@ -190,7 +190,7 @@ async def test_a_node_whose_secret_changed_derives_its_keys_again(redis_server):
     settings = Settings.from_dict({"server": {"public_url": "http://127.0.0.1:1"},
                                    "cluster": {"redis_url": redis_server.url, "heartbeat_seconds": 0.1,
                                                "node_timeout_seconds": 1}})
-    idle = SimpleNamespace(connections={}, broadcasts={}, streamers_free=1, stream_ids=lambda: [])
+    idle = SimpleNamespace(connections={}, broadcasts={}, channels=None, streamers_free=1, stream_ids=lambda: [])
     cluster = Cluster(settings, idle)
     client = aioredis.from_url(redis_server.url)
     try:

@@ -85,7 +85,7 @@ async def _zcard_is(redis, broadcast_id: str, count: int) -> bool:
     return await redis.zcard(quota_key("spectators", broadcast_id)) == count
 
 
-_IDLE = SimpleNamespace(connections={}, broadcasts={}, streamers_free=1, stream_ids=lambda: [])
+_IDLE = SimpleNamespace(connections={}, broadcasts={}, channels=None, streamers_free=1, stream_ids=lambda: [])
 
 
 def _settings(redis_server, **cluster) -> Settings:
