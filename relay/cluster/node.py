@@ -9,7 +9,8 @@ through seams: SessionManager's `observer`, `stream_quota` and `spectator_seats`
 spectators' Seats, the edges' too), Simulations' `cluster_quota` and `cluster_directory` (set by create_app).
 
 Redis going away never stops what runs: live streams go on; what needs Redis fails fast with 503
-CLUSTER_UNAVAILABLE (see `guarded`), and the next beat that succeeds heals it.
+CLUSTER_UNAVAILABLE (see `guarded`), and the next beat that succeeds heals it. A burst of calls beyond this
+node's Redis connections waits for one (pool.py), then is 503 CLUSTER_BUSY: busy is not away.
 """
 
 from __future__ import annotations
