@@ -95,6 +95,14 @@ class ChannelStore:
     def by_broadcast(self, broadcast_id: str) -> Channel | None:
         return self._by_broadcast.get(broadcast_id)
 
+    def has(self, channel_id: str) -> bool:
+        """Whether this node keeps the channel (whosever it is: the owner check is the handler's)."""
+        return channel_id in self._channels
+
+    def every(self) -> list[Channel]:
+        """Every key's channels (what a cluster node writes into the directory)."""
+        return list(self._channels.values())
+
     # -- changes (write the file: run them in a thread) -----------------------------------
 
     def create(self, owner: str, body: dict[str, Any], now: float) -> Channel:

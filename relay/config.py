@@ -409,6 +409,9 @@ class ClusterSettings:
     # A node asked for its part of a listing (or whether it holds a recording) answers within this, or
     # the listing is marked partial without it (the lookup: 503 NODE_UNAVAILABLE).
     fanout_timeout_seconds: float = option(2.0, min=0.05, max=60)
+    # Connections this node opens to Redis at most; a call finding all busy waits (up to a beat, at most 2 s)
+    # for one to free, then answers 503 CLUSTER_BUSY: a burst of joins queues instead of reading as Redis away.
+    redis_max_connections: int = option(50, min=2, max=10000)
 
     @property
     def enabled(self) -> bool:

@@ -114,6 +114,12 @@ def cluster_unavailable(retry_after: float = 2.0) -> RelayError:
                       action="Retry shortly; streams already running go on.", retry_after=retry_after)
 
 
+def cluster_busy(retry_after: float = 1.0) -> RelayError:
+    """503 when every connection this node has to Redis stayed busy for a beat: Redis is there, the burst too big."""
+    return RelayError("CLUSTER_BUSY", 503, "This node's connections to the cluster's shared state are all busy.",
+                      action="Retry in a moment.", retry_after=retry_after)
+
+
 def _rebuild(code: str, status: int, message: str, action: str, details: dict[str, Any],
              retry_after: float | None) -> RelayError:
     return RelayError(code, status, message, action=action, details=details, retry_after=retry_after)

@@ -44,7 +44,7 @@ class Seats(Protocol):
 
     async def take(self, spectator_id: str, limit: int) -> bool: ...  # False: every seat is taken
 
-    async def give_back(self, spectator_id: str) -> None: ...
+    def give_back(self, spectator_id: str) -> None: ...  # not awaited: a leaver never waits on the cluster
 
     def viewers(self, count: int) -> None: ...
 
@@ -178,7 +178,7 @@ class Spectators(Mapping[str, Spectator]):
         except BaseException:
             feed.close()
             if seated:
-                await self._give_back(spectator_id)
+                self._give_back(spectator_id)
             raise
         finally:
             del self._joins[join]
@@ -206,9 +206,9 @@ class Spectators(Mapping[str, Spectator]):
             raise spectator_limit_reached(limit)
         return True
 
-    async def _give_back(self, spectator_id: str) -> None:
+    def _give_back(self, spectator_id: str) -> None:
         if self.seats is not None:
-            await self.seats.give_back(spectator_id)
+            self.seats.give_back(spectator_id)
 
     def _viewers_changed(self) -> None:
         self._on_viewers(self.viewers)
@@ -255,7 +255,7 @@ class Spectators(Mapping[str, Spectator]):
             metrics.SPECTATORS.dec()
             self._viewers_changed()
         if spectator.counted:
-            await self._give_back(spectator_id)
+            self._give_back(spectator_id)  # no await before the close: the peer is closed whatever Redis does
         await spectator.close()
         log.info("spectator left", extra={"broadcast_id": self._broadcast_id, "spectator_id": spectator_id})
         return True

@@ -12,7 +12,7 @@ from ..channels import Channel
 from ..errors import RelayError
 from ..host import broadcast_links
 from ..recordings import owner_id
-from ..web import API_KEYS, SESSIONS, json_response, public_url, read_json, token_of
+from ..web import API_KEYS, CLUSTER, SESSIONS, json_response, public_url, read_json, token_of
 
 routes = web.RouteTableDef()
 
@@ -41,13 +41,16 @@ async def create_channel(request: web.Request) -> web.Response:
     body = await read_json(request)
     clock = request.app[SESSIONS].clock
     channel = await asyncio.to_thread(store.create, owner, body, clock.time())
+    if (cluster := request.app[CLUSTER]) is not None:  # in the directory before its 201: any node answers for it
+        await cluster.channel_created(channel)
     return json_response(channel_body(request, channel), status=201)
 
 
 @routes.get("/v1/channels")
 async def list_channels(request: web.Request) -> web.Response:
     owner = channel_owner(request)
-    return json_response({"channels": [channel_body(request, c) for c in channels_of(request).list(owner)]})
+    channels = [channel_body(request, c) for c in channels_of(request).list(owner)]
+    return json_response({"channels": channels, "total": len(channels)})
 
 
 @routes.get("/v1/channels/{channel_id}")
@@ -73,5 +76,7 @@ async def delete_channel(request: web.Request) -> web.Response:
     store = channels_of(request)
     channel = store.get(owner, request.match_info["channel_id"])
     await asyncio.to_thread(store.delete, channel)
+    if (cluster := request.app[CLUSTER]) is not None:
+        cluster.channel_deleted(channel)
     await request.app[SESSIONS].drop_channel(channel)  # its connection and spectators: the link is gone
     return web.Response(status=204)

@@ -23,7 +23,8 @@ async def readyz(request: web.Request) -> web.Response:
     cluster = request.app[CLUSTER]
     if cluster is not None:  # membership as the last heartbeat saw it; ready without Redis (streams go on)
         body["cluster"] = cluster.describe()
-        body["cluster"]["edge_feeds"] = request.app[EDGES].describe() if EDGES in request.app else []
+        body["cluster"].update(request.app[EDGES].describe() if EDGES in request.app
+                               else {"edge_feeds": 0, "edge_spectators": 0})
     return json_response(body, status=200 if ready else 503)
 
 

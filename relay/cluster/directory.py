@@ -1,4 +1,5 @@
-"""The directory: which node owns each connection, stream and broadcast, and a broadcast's record for edges.
+"""The directory: which node owns each connection, stream, broadcast and channel, and a broadcast's record
+for edges (a channel's broadcast is its channel's node's, with or without a host).
 
 Keys: ``relay:owner:<kind>:<id>`` -> node id and ``relay:broadcast:<id>`` -> JSON record, each with a TTL of
 node_timeout_seconds that the owner's heartbeat refreshes (and rewrites, so a Redis that lost its data is
@@ -20,7 +21,7 @@ from redis.asyncio import Redis
 
 from .membership import Membership, NodeInfo
 
-KINDS = ("connection", "stream", "broadcast", "job")
+KINDS = ("connection", "stream", "broadcast", "job", "channel")
 
 # A simulation job lives on (durably, in its node's data_dir) long past any heartbeat: its entry is written
 # at submit with this TTL and re-registered wholesale every JOB_REFRESH_SECONDS (and at once when the

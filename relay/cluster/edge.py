@@ -199,10 +199,11 @@ class EdgeManager:
         spectators.spectator(session_id)  # 404 for an unknown session
         await spectators.remove(session_id)
 
-    def describe(self) -> list[dict]:
-        """For /readyz: the feeds held, each with its origin node and this node's viewers of it."""
-        return [{"broadcast_id": broadcast_id, "origin": edge.origin.node_id, "spectators": edge.spectators.viewers}
-                for broadcast_id, edge in self._edges.items()]
+    def describe(self) -> dict[str, int]:
+        """For /readyz, which anyone may read: counts only (the feeds held, the viewers through them), no
+        broadcast id (the spectator token guards who learns a broadcast exists)."""
+        return {"edge_feeds": len(self._edges),
+                "edge_spectators": sum(edge.spectators.viewers for edge in self._edges.values())}
 
     async def tick(self) -> None:
         """Spectators' timeouts; drop feeds lost by their origin, or idle past the linger."""

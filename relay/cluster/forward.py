@@ -48,6 +48,7 @@ _ROUTES = (
     (re.compile(r"^/odyssey/signalling/client/([^/]{1,128})$"), "connection"),
     (re.compile(r"^/v1/simulations/([^/]{1,128})(/.*)?$"), "job"),
     (re.compile(r"^/odyssey/simulation-jobs/([^/]{1,128})$"), "job"),
+    (re.compile(r"^/v1/channels/([^/]{1,128})$"), "channel"),  # by channel_id (a slug is its node's alone)
 )
 # Served by the node asked, whoever the origin: WHEP and HLS (as the broadcast's edge), the events socket
 # (its origin's audience answers over Redis) and where to watch.
@@ -66,6 +67,8 @@ async def _local(request: web.Request, kind: str, ident: str) -> bool:
         store = request.app[SIMULATIONS].store
         return store is not None and await asyncio.to_thread(store.get, ident) is not None
     sessions = request.app[SESSIONS]
+    if kind == "channel":
+        return sessions.channels is not None and sessions.channels.has(ident)
     if kind == "connection":
         return ident in sessions.connections
     if kind == "broadcast":

@@ -9,7 +9,8 @@ through seams: SessionManager's `observer`, `stream_quota` and `spectator_seats`
 spectators' Seats, the edges' too), Simulations' `cluster_quota` and `cluster_directory` (set by create_app).
 
 Redis going away never stops what runs: live streams go on; what needs Redis fails fast with 503
-CLUSTER_UNAVAILABLE (see `guarded`), and the next beat that succeeds heals it.
+CLUSTER_UNAVAILABLE (see `guarded`), and the next beat that succeeds heals it. A burst of calls beyond this
+node's Redis connections waits for one (pool.py), then is 503 CLUSTER_BUSY: busy is not away.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 
 from .. import metrics
 from ..config import Settings
-from ..errors import cluster_unavailable
+from ..errors import cluster_busy, cluster_unavailable
 from .directory import Directory, Entry, Origin
 from .membership import Membership, NodeInfo, derive_node_id
+from .pool import connect
 from .quota import ClusterQuota
 from .seats import SpectatorCounts
 
@@ -52,7 +53,7 @@ class Cluster:
         self.node_id = cluster.node_id or derive_node_id(self.public_url)
         # Every Redis call is short: a Redis that does not answer within a beat is away (fail fast).
         seconds = min(cluster.heartbeat_seconds, 2.0)
-        self.redis = aioredis.from_url(cluster.redis_url, socket_timeout=seconds, socket_connect_timeout=seconds)
+        self.redis = connect(cluster.redis_url, cluster.redis_max_connections, seconds)
         self.membership = Membership(self.redis, self.node_id, cluster.node_timeout_seconds)
         self.directory = Directory(self.redis, self.membership, cluster.node_timeout_seconds)
         self.streams = ClusterQuota(self.redis, "streams", cluster.node_timeout_seconds)
@@ -104,15 +105,25 @@ class Cluster:
             await self.beat()
 
     def _owned(self) -> list[Entry]:
-        entries = [e for conn in self._sessions.connections.values() for e in self._entries_of(conn)]
+        store = self._sessions.channels
+        # Channels first: a connection's record of the same broadcast (which names it) is written after.
+        entries = [e for channel in (store.every() if store is not None else []) for e in self.channel_entries(channel)]
+        entries += [e for conn in self._sessions.connections.values() for e in self._entries_of(conn)]
         return entries + [Entry("stream", stream_id) for stream_id in self._sessions.stream_ids()]
 
     def _entries_of(self, conn: Any) -> list[Entry]:
         broadcast = conn.broadcast
         return [Entry("connection", conn.connection_id),
-                Entry("broadcast", broadcast.broadcast_id, {
-                    "node_id": self.node_id, "origin_url": self.public_url,
-                    "spectator_token": broadcast.spectator_token, "connection_id": conn.connection_id})]
+                self._broadcast_entry(broadcast.broadcast_id, broadcast.spectator_token, conn.connection_id)]
+
+    def channel_entries(self, channel: Any) -> list[Entry]:
+        """A channel and its broadcast, owned here even between hosts (its watch link works at any node)."""
+        return [Entry("channel", channel.channel_id),
+                self._broadcast_entry(channel.broadcast_id, channel.spectator_token, None)]
+
+    def _broadcast_entry(self, broadcast_id: str, spectator_token: str, connection_id: str | None) -> Entry:
+        return Entry("broadcast", broadcast_id, {"node_id": self.node_id, "origin_url": self.public_url,
+                                                 "spectator_token": spectator_token, "connection_id": connection_id})
 
     async def beat(self) -> None:
         sessions = self._sessions
@@ -136,6 +147,8 @@ class Cluster:
             if not self.reachable:
                 log.info("cluster: Redis reachable, %d nodes", len(self.nodes_seen))
             self.reachable = True
+        except MaxConnectionsError as exc:  # Redis answers, this node's burst of calls held every connection
+            log.warning("cluster: heartbeat found Redis busy (%s); the next one retries", exc)
         except (RedisError, OSError) as exc:
             if self.reachable:
                 log.warning("cluster: Redis unreachable (%s); live streams go on", exc)
@@ -179,9 +192,12 @@ class Cluster:
 
     @contextlib.asynccontextmanager
     async def guarded(self) -> AsyncIterator[None]:
-        """Around a call that needs Redis: unreachable is 503 CLUSTER_UNAVAILABLE, at once."""
+        """Around a call that needs Redis: unreachable is 503 CLUSTER_UNAVAILABLE, at once; every connection
+        busy past the pool's wait, 503 CLUSTER_BUSY."""
         try:
             yield
+        except MaxConnectionsError:
+            raise cluster_busy() from None
         except (RedisError, OSError) as exc:
             self.reachable = False
             log.warning("cluster: Redis call failed: %s", exc)
@@ -220,7 +236,19 @@ class Cluster:
 
     def connection_closed(self, conn: Any) -> None:
         # Not awaited: until it lands, a forwarded call finds the connection gone at its owner (404 there).
-        self._write(self.directory.remove(self._entries_of(conn)))  # its streams stay answerable here
+        channel = conn.broadcast.channel
+        if channel is not None and self._sessions.channels is not None and self._sessions.channels.has(channel.channel_id):
+            # A channel's broadcast stays, hostless: its record no longer names the connection.
+            self._write(self.directory.remove([Entry("connection", conn.connection_id)]))
+            self._write(self.directory.publish(self.channel_entries(channel)))
+        else:
+            self._write(self.directory.remove(self._entries_of(conn)))  # its streams stay answerable here
+
+    async def channel_created(self, channel: Any) -> None:
+        await self._publish(self.channel_entries(channel))
+
+    def channel_deleted(self, channel: Any) -> None:
+        self._write(self.directory.remove(self.channel_entries(channel)))
 
     async def _publish(self, entries: list[Entry]) -> None:
         """In the directory before the host hears of it (its next call may reach any node). With Redis
@@ -231,7 +259,7 @@ class Cluster:
         try:
             await self.directory.publish(entries)
         except (RedisError, OSError) as exc:
-            self.reachable = False
+            self.reachable = isinstance(exc, MaxConnectionsError)  # busy is not away
             log.warning("cluster: directory write failed (%s); the next heartbeat retries", exc)
 
     def _write(self, coro) -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 
-from ..errors import cluster_unavailable
+from ..errors import cluster_busy, cluster_unavailable
 
 # KEYS[1] the set; ARGV: member, limit, ttl_ms. Returns {admitted (0/1), held after}.
 _TAKE = """
@@ -68,9 +68,12 @@ class ClusterQuota:
         self.submitting: set[str] = set()  # taken for something not yet where reconcile looks (a job in flight)
 
     async def take(self, owner: str, member: str, limit: int) -> tuple[bool, int]:
-        """(admitted, slots the owner holds now across the cluster); 503 CLUSTER_UNAVAILABLE without Redis."""
+        """(admitted, slots the owner holds now across the cluster); 503 CLUSTER_UNAVAILABLE without Redis,
+        CLUSTER_BUSY when this node's connections to it stayed busy."""
         try:
             admitted, held = await self._take(keys=[quota_key(self.name, owner)], args=[member, limit, self._ttl_ms])
+        except MaxConnectionsError:  # Redis is there: a joiner is refused for now, not admitted on a local count
+            raise cluster_busy() from None
         except (RedisError, OSError):
             raise cluster_unavailable() from None
         if admitted:
@@ -87,6 +90,13 @@ class ClusterQuota:
         if owner is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._redis.zrem(quota_key(self.name, owner), member)
+
+    async def remove(self, slots: dict[str, str]) -> None:
+        """Free slots this node no longer holds (member -> owner) in one pipelined round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for member, owner in slots.items():
+                pipe.zrem(quota_key(self.name, owner), member)
+            await pipe.execute()
 
     async def refresh(self) -> None:
         """The heartbeat's: this node still holds these (re-added if Redis lost them)."""

@@ -39,8 +39,8 @@ class BroadcastSeats:
     async def take(self, spectator_id: str, limit: int) -> bool:
         return await self._counts.take(self.broadcast_id, spectator_id, limit)
 
-    async def give_back(self, spectator_id: str) -> None:
-        await self._counts.give_back(spectator_id)
+    def give_back(self, spectator_id: str) -> None:
+        self._counts.give_back(spectator_id)
 
     def viewers(self, count: int) -> None:
         self._counts.changed(self.broadcast_id, count)
@@ -57,6 +57,8 @@ class SpectatorCounts:
         self.local: dict[str, int] = {}  # broadcast id -> viewers connected here (none: absent)
         self._dirty: set[str] = set()  # counts changed since the last write
         self._flusher: asyncio.Task | None = None
+        self._leaving: dict[str, str] = {}  # seats given back, not yet removed in Redis: spectator -> broadcast
+        self._returner: asyncio.Task | None = None
 
     def for_broadcast(self, broadcast_id: str) -> BroadcastSeats:
         return BroadcastSeats(self, broadcast_id)
@@ -78,13 +80,24 @@ class SpectatorCounts:
         self.seats.hold(broadcast_id, spectator_id)
         return True
 
-    async def give_back(self, spectator_id: str) -> None:
-        """With Redis away, only forgotten here (no longer refreshed, it lapses): a leaving spectator, the
-        reaper's tick or a shutdown must not wait on a Redis the last beat found gone."""
-        if self._reachable():
-            await self.seats.give_back(spectator_id)
-        else:
-            self.seats.held.pop(spectator_id, None)
+    def give_back(self, spectator_id: str) -> None:
+        """Forgotten here at once (no longer refreshed, it lapses within node_timeout_seconds at worst), removed
+        in Redis by one task owned here: a leaving spectator, the reaper's tick or a broadcast's close never
+        waits on Redis, and the seats given back together (a closing broadcast's) go in one pipelined ZREM."""
+        broadcast_id = self.seats.held.pop(spectator_id, None)
+        if broadcast_id is None or not self._reachable():
+            return
+        self._leaving[spectator_id] = broadcast_id
+        if self._returner is None or self._returner.done():
+            self._returner = asyncio.get_running_loop().create_task(self._return_seats(), name="relay-cluster-seats")
+
+    async def _return_seats(self) -> None:
+        while self._leaving:
+            leaving, self._leaving = self._leaving, {}
+            try:
+                await self.seats.remove(leaving)
+            except (RedisError, OSError) as exc:  # not refreshed any more: they lapse
+                log.warning("cluster: %d seats not given back (%s); they lapse", len(leaving), exc)
 
     def changed(self, broadcast_id: str, count: int) -> None:
         """This node's viewers of the broadcast now: written at once by one writer task (so writes land in
@@ -103,6 +116,7 @@ class SpectatorCounts:
             try:
                 await self._write(dirty)
             except (RedisError, OSError) as exc:
+                self._dirty |= dirty  # a count gone to 0 is in no `local`: only this set remembers to HDEL it
                 log.warning("cluster: viewer count write failed (%s); the next heartbeat retries", exc)
                 return
 
@@ -121,8 +135,13 @@ class SpectatorCounts:
         """The heartbeat's: seats refreshed, this node's counts rewritten; for each broadcast this node is
         the origin of, the viewers at the other live nodes (the fields of nodes that left, dropped)."""
         await self.seats.refresh()
-        self._dirty.clear()
-        await self._write(list(self.local))
+        # Every count held here, and those that went to 0 since the last write (HDEL'd: absent from local).
+        dirty, self._dirty = self._dirty, set()
+        try:
+            await self._write(set(self.local) | dirty)
+        except BaseException:
+            self._dirty |= dirty
+            raise
         origin_ids = list(origin_of)
         if not origin_ids:
             return {}
@@ -140,6 +159,8 @@ class SpectatorCounts:
         return elsewhere
 
     async def close(self) -> None:
+        if self._returner is not None:  # seats given back at the end (each call bounded by the Redis timeout)
+            await asyncio.gather(self._returner, return_exceptions=True)
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)

@@ -1,5 +1,5 @@
-"""What no one node holds: a key's recordings and jobs listed across the cluster, and a recording found
-on the node whose data_dir holds it (for /v1 and /odyssey alike).
+"""What no one node holds: a key's recordings, jobs and channels listed across the cluster, and a recording
+found on the node whose data_dir holds it (for /v1 and /odyssey alike).
 
 A listing (`GET /v1/recordings`, `/v1/simulations`, `/odyssey/stream-recordings`, `/odyssey/simulation-jobs`)
 at any node is answered here first (so the caller's credential and query are checked before any other node
@@ -63,6 +63,8 @@ async def spread(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     if request.path in LISTINGS and request.method == "GET":
         return await _merged(request, handler, *LISTINGS[request.path])
+    if request.path == "/v1/channels" and request.method == "GET":
+        return await _channels(request, handler)
     if _RECORDING.match(request.path):
         return await _recording(request, handler)
     return await handler(request)
@@ -112,6 +114,25 @@ async def _merged(request: web.Request, handler, field: str, order) -> web.Respo
     items.sort(key=order, reverse=True)  # stable: one node's own order holds within equal times
     return web.json_response({field: items[offset:offset + limit], "total": total, "limit": limit, "offset": offset,
                               "partial": bool(missing), "missing_nodes": missing})
+
+
+async def _channels(request: web.Request, handler) -> web.Response:
+    """A key's channels at every node, oldest first as on one node; not paged (a key has few: [limits]
+    channels_per_key at each node). A node that does not answer in time is left out (partial)."""
+    own = request.clone()
+    own[FROM_NODE] = request.app[CLUSTER].node_id
+    answer = await handler(own)  # a stranger's 401 before any other node is asked
+    if answer.status != 200:
+        return answer
+    channels = json.loads(answer.body)["channels"]
+    others = await _others(request)
+    parts = await asyncio.gather(*(_part(request, node, dict(request.query), "channels") for node in others))
+    missing = [node.node_id for node, part in zip(others, parts) if part is None]
+    for part in parts:
+        channels += part["channels"] if part is not None else []
+    channels.sort(key=lambda channel: channel.get("created_at") or "")
+    return web.json_response({"channels": channels, "total": len(channels), "partial": bool(missing),
+                              "missing_nodes": missing})
 
 
 async def _part(request: web.Request, node: NodeInfo, query: dict[str, str], field: str) -> dict[str, Any] | None:
