@@ -286,10 +286,11 @@ class SessionManager:
         return broadcast
 
     def channel_changed(self, channel: Channel) -> None:
-        """A channel's title, description or host name changed: its broadcast tells them from now on."""
+        """A channel's title, description or host name changed: open watch pages learn it at once."""
         broadcast = self.broadcasts.get(channel.broadcast_id)
         if broadcast is not None:
             broadcast.channel = channel
+            broadcast.audience.send({"type": "about", **broadcast.about()})
 
     async def drop_channel(self, channel: Channel) -> None:
         """After the channel was deleted: its connection closes, then its broadcast (spectators and all)."""

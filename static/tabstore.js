@@ -5,6 +5,7 @@
 
 const KEY_STORAGE = 'relay.apiKey';
 const CONN_STORAGE = 'relay.connection'; // {id, clientToken, tokenLifeMs, tokenExpiresAt, expiresAt, broadcast}
+const CHANNEL_STORAGE = 'relay.channel';   // the channel_id the picker had chosen ('' for none)
 
 function read(name) {
   try {
@@ -25,6 +26,8 @@ function write(name, value) {
 
 export const keptKey = () => read(KEY_STORAGE) ?? '';
 export const keepKey = (key) => write(KEY_STORAGE, key);
+export const keptChannel = () => read(CHANNEL_STORAGE) ?? '';
+export const keepChannel = (channelId) => write(CHANNEL_STORAGE, channelId);
 
 export function keepConnection(c) {
   const { id, clientToken, tokenLifeMs, tokenExpiresAt, expiresAt, broadcast } = c;
