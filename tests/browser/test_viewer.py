@@ -175,6 +175,33 @@ async def test_share_qr_code_decodes_to_the_watch_link(relay_factory, open_page,
             assert (await response.json())["error"]["code"] == "NOT_FOUND"
 
 
+
+async def test_a_channels_watch_page_shows_its_title_and_host_name(relay_factory, open_page, http):
+    relay = await relay_factory(limits=LONG)
+    async with RelayClient(relay.url, API_KEY) as client:
+        channel = await client.create_channel("Worlds <b>live</b>", description="Every Friday",
+                                              host_name="Ada & <i>co</i>")
+        watch_url = channel["broadcast"]["watch_url"]
+        page = await open_page(watch_url, viewport=PHONE)
+        about = page.locator("#about")
+        await expect(about).to_be_visible()
+        await expect(page.locator("#broadcast-title")).to_have_text("Worlds <b>live</b>")  # as text, not markup
+        await expect(page.locator("#broadcast-host")).to_have_text("Hosted by Ada & <i>co</i>")
+        assert await page.title() == "Worlds <b>live</b> · relay"
+        async with client.connect(channel["channel_id"]) as conn:  # live, the same words stay
+            await conn.start_stream("a calm ocean at sunset")
+            await has_picture(page)
+            await expect(page.locator("#broadcast-title")).to_have_text("Worlds <b>live</b>")
+            await expect(page.locator("#broadcast-host")).to_be_visible()
+        async with http.get(watch_url) as response:  # and a link preview reads them
+            tags = meta_tags(await response.text())
+        assert tags["og:title"] == "Worlds <b>live</b>" and tags["og:description"] == "Every Friday"
+        # A plain connection's page has neither: no empty heading.
+        async with client.connect() as conn:
+            plain = await open_page(conn.broadcast["watch_url"])
+            await expect(plain.locator("#state")).to_have_attribute("data-state", "waiting")
+            await expect(plain.locator("#about")).to_be_hidden()
+
 async def test_a_vote_rounds_winner_is_told_to_its_author_and_to_everyone(relay_factory, open_page):
     relay = await relay_factory(limits=LONG)
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
