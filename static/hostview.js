@@ -25,9 +25,10 @@ export function showId(target, id) {
   const button = document.createElement('button');
   button.type = 'button';
   button.className = 'id-chip';
-  button.textContent = id.length > 10 ? `${id.slice(0, 8)}…` : id;
+  button.textContent = short(id);
   button.title = `${id} (click to copy)`;
-  button.setAttribute('aria-label', `Copy the id ${id}`);
+  // The name starts with the words shown (WCAG 2.5.3, label in name), then says what a click does.
+  button.setAttribute('aria-label', `${button.textContent}: copy the whole id`);
   button.addEventListener('click', async () => {
     const ok = await copyText(id);
     button.dataset.copied = ok ? 'yes' : 'no';
