@@ -6,6 +6,8 @@
 const KEY_STORAGE = 'relay.apiKey';
 const CONN_STORAGE = 'relay.connection'; // {id, clientToken, tokenLifeMs, tokenExpiresAt, expiresAt, broadcast}
 const CHANNEL_STORAGE = 'relay.channel';   // the channel_id the picker had chosen ('' for none)
+const HISTORY_STORAGE = 'relay.history';   // "Streams this session": [{id, prompt, reason}], newest first
+const HISTORY_KEPT = 50;
 
 function read(name) {
   try {
@@ -47,4 +49,17 @@ export function keptConnection() {
   }
   forgetConnection();
   return null;
+}
+
+export const keepHistory = (rows) => write(HISTORY_STORAGE, JSON.stringify(rows.slice(0, HISTORY_KEPT)));
+
+/** The streams this tab has run, newest first, as keepHistory() left them. */
+export function keptHistory() {
+  try {
+    const rows = JSON.parse(read(HISTORY_STORAGE) ?? '[]');
+    if (Array.isArray(rows)) return rows.filter((r) => r && typeof r.id === 'string').slice(0, HISTORY_KEPT);
+  } catch {
+    // unreadable: start over
+  }
+  return [];
 }
