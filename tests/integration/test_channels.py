@@ -138,7 +138,16 @@ async def test_update_a_channel_keeps_its_links(relay_factory, http):
         await client.create_channel("Other", slug="taken")
         b = channel["broadcast"]
         watching = relay.sessions.broadcast(b["broadcast_id"])  # a spectator made it already
+        events = await http.ws_connect(f"{relay.url}/v1/broadcasts/{b['broadcast_id']}/events"
+                                       f"?token={b['spectator_token']}")  # an open watch page
+        hello = await events.receive_json(timeout=5)
+        assert (hello["type"], hello["title"], hello["host_name"]) == ("hello", "Tpyo", "Ada")
         changed = await client.update_channel("first", title="Typo fixed", slug="second", host_name=None)
+        while (pushed := await events.receive_json(timeout=5))["type"] != "about":
+            pass  # told at once, not on the next hello
+        assert pushed == {"type": "about", "channel": True, "title": "Typo fixed", "description": None,
+                          "host_name": None}
+        await events.close()
         assert (changed["title"], changed["slug"], changed["host_name"]) == ("Typo fixed", "second", None)
         assert changed["broadcast"] == b and changed["channel_id"] == channel["channel_id"]
         assert watching.state()["title"] == "Typo fixed"
