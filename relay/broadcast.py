@@ -76,6 +76,9 @@ class Broadcast:
         # Whether the host's console is there: "reconnecting" while its last control socket is gone
         # (a reload, a dropped network) and the connection waits for it until the idle timeout.
         self.host = "connected"
+        # When it was last needed (asked for, watched, hosted): a channel's, unused channel_release_seconds
+        # with no host, is released by the reaper and made again, with the same ids, on the next ask.
+        self.needed_at = clock.monotonic()
         self.closed = False
 
     @property
@@ -222,6 +225,13 @@ class Broadcast:
         hls = self.hls.readers(now) if self.hls is not None else 0
         return {"type": "status", "viewers": {"webrtc": self.viewers, "hls": hls},
                 "participants": self.audience.participants, "stream": stream}
+
+    def unused_for(self, now: float) -> float:
+        """How long nobody has needed it: no host, spectator session or join, events socket, HLS reader."""
+        if (self.connection_id is not None or not self.spectators.idle or self.audience.participants
+                or (self.hls is not None and self.hls.readers(now))):
+            self.needed_at = now
+        return now - self.needed_at
 
     async def tick(self) -> None:
         """Drop silent spectators; publish the viewer count when it changed; run the orchestration."""

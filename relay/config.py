@@ -238,6 +238,8 @@ class LimitsSettings:
     pending_whep_per_address: int = option(20, min=1)
     whep_connect_seconds: float = option(10.0, min=1)
     channels_per_key: int = option(20, min=0, max=10000)  # lasting watch links an API key may keep
+    # A channel's broadcast with no host and nobody watching is released (its memory freed) after this long.
+    channel_release_seconds: float = option(60.0, min=0.1)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import Counter
 
 from .channels import Channel
 from .errors import RelayError
@@ -42,6 +43,9 @@ class DemoHost:
         self._api_key = api_key
         self._prompt_every = prompt_every_seconds
         self._conn: Connection | None = None
+        # Its prompt intervals so far: "prompted", or "paused" (the audience had control): what a test
+        # counts, instead of hoping a sleep spans enough of them.
+        self.beats: Counter[str] = Counter()
 
     async def open(self) -> str:
         """Open the demo connection; returns the watch page's path (with its token)."""
@@ -98,6 +102,9 @@ class DemoHost:
                         break
                     if conn.broadcast.orchestrator.mode == "host":  # else the audience is steering
                         await self._sessions.interact(stream, next(prompts))
+                        self.beats["prompted"] += 1
+                    else:
+                        self.beats["paused"] += 1
         finally:
             conn.unlisten(events)
 

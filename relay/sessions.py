@@ -268,6 +268,7 @@ class SessionManager:
                 broadcast = self.channel_broadcast(channel)
         if broadcast is None:
             raise not_found("broadcast", broadcast_id)
+        broadcast.needed_at = self.clock.monotonic()  # a handler about to join it must find it still there
         return broadcast
 
     def has_broadcast(self, broadcast_id: str) -> bool:
@@ -285,10 +286,11 @@ class SessionManager:
         return broadcast
 
     def channel_changed(self, channel: Channel) -> None:
-        """A channel's title, description or host name changed: its broadcast tells them from now on."""
+        """A channel's title, description or host name changed: open watch pages learn it at once."""
         broadcast = self.broadcasts.get(channel.broadcast_id)
         if broadcast is not None:
             broadcast.channel = channel
+            broadcast.audience.send({"type": "about", **broadcast.about()})
 
     async def drop_channel(self, channel: Channel) -> None:
         """After the channel was deleted: its connection closes, then its broadcast (spectators and all)."""
@@ -443,6 +445,7 @@ class SessionManager:
         kept = self._keeps_broadcast(conn)
         if kept:  # the channel's spectators and participants stay for its next connection
             broadcast.connection_id = None
+            broadcast.needed_at = self.clock.monotonic()  # the release grace counts from the host's leaving
             broadcast.audience.forward_input = None
             broadcast.audience.host_event = None
         else:
@@ -633,6 +636,10 @@ class SessionManager:
         for broadcast in list(self.broadcasts.values()):
             if broadcast.connection_id is None:  # a channel's, between hosts: its spectators still come and go
                 await broadcast.tick()
+                if (broadcast.unused_for(now) >= self._limits.channel_release_seconds  # free its memory (HLS)
+                        and self.broadcasts.pop(broadcast.broadcast_id, None) is broadcast):  # made again on ask
+                    log.info("unused channel broadcast released", extra={"broadcast_id": broadcast.broadcast_id})
+                    await broadcast.close()
 
     async def run_reaper(self, interval: float = 0.1) -> None:
         while True:

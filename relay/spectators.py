@@ -116,6 +116,11 @@ class Spectators(Mapping[str, Spectator]):
         """Spectators who count: everyone connected and watching but the host's own preview."""
         return sum(1 for s in self._sessions.values() if s.counted and s.connected)
 
+    @property
+    def idle(self) -> bool:
+        """No session (pending or connected, the host's preview included) and no join answering its offer."""
+        return not self._sessions and not self._joins
+
     def spectator(self, spectator_id: str) -> Spectator:
         spectator = self._sessions.get(spectator_id)
         if spectator is None:

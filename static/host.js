@@ -13,11 +13,12 @@
 //
 // This module is the console itself: the connection (kept for the tab by tabstore.js: a reload
 // re-attaches), its control socket, the stream controls, the control room and the log. Beside
-// it: orchestration.js (audience), simulations.js, recordings.js (history, library), preview.js
-// (watch link, preview) and hostview.js (the console's words).
+// it: orchestration.js (audience), simulations.js, recordings.js (history, library), channels.js
+// (the channel picker), preview.js (watch link, preview) and hostview.js (the console's words).
 
 import { HttpError, fetchJson, wsUrl } from '/static/whep.js';
-import { endedText, formatSeconds, hostErrorText, short, showId, showRoom } from '/static/hostview.js';
+import { ChannelPicker } from '/static/channels.js';
+import { appendLog, endedText, formatSeconds, hostErrorText, short, showId, showRoom } from '/static/hostview.js';
 import { HostPreview, WatchLink } from '/static/preview.js';
 import { OrchestrationPanel } from '/static/orchestration.js';
 import { RecordingsLibrary, StreamHistory } from '/static/recordings.js';
@@ -88,7 +89,6 @@ const conn = {
   warned: new Set(),   // the warnings already given: 'stream:<id>', 'connection'
 };
 
-
 const preview = new HostPreview({
   video: els.preview, stage: els.previewStage, badge: els.previewState, token: previewToken, log,
 });
@@ -108,17 +108,7 @@ const orchestration = new OrchestrationPanel({
 // ---------- small view helpers ----------
 
 function log(text, kind = '') {
-  const li = document.createElement('li');
-  if (kind) li.dataset.kind = kind;
-  const time = document.createElement('time');
-  const now = new Date();
-  time.dateTime = now.toISOString();
-  time.textContent = now.toLocaleTimeString();
-  li.append(time, document.createTextNode(text)); // textContent only: messages carry user prompts
-  const atBottom = els.log.scrollHeight - els.log.scrollTop - els.log.clientHeight < 24;
-  els.log.append(li);
-  while (els.log.childElementCount > LOG_MAX) els.log.firstElementChild.remove();
-  if (atBottom) els.log.scrollTop = els.log.scrollHeight;
+  appendLog(els.log, text, kind, LOG_MAX);
 }
 
 function showMessage(text, kind = 'error') {
@@ -136,6 +126,7 @@ function render() {
   const streaming = Boolean(conn.stream);
 
   els.apiKey.disabled = conn.phase !== 'disconnected';
+  channels.disabled = conn.phase !== 'disconnected';
   els.connect.disabled = conn.phase !== 'disconnected';
   els.disconnect.disabled = !(connected || conn.phase === 'lost');
   els.start.disabled = !canControl || streaming || conn.pending !== null;
@@ -213,10 +204,7 @@ function previewToken() {
   return conn.broadcast?.spectator_token ?? '';
 }
 
-
 // ---------- streams and history ----------
-
-
 
 function setPending(kind) {
   clearTimeout(conn.pendingTimer);
@@ -476,10 +464,11 @@ async function connect() {
 
   let res;
   try {
+    const body = JSON.stringify(await channels.connectBody()); // on a channel: a watch link that lasts
     res = await fetchJson('/v1/connections', {
       method: 'POST',
       headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' },
-      body: '{}',
+      body,
     });
   } catch (err) {
     conn.phase = 'disconnected';
@@ -657,8 +646,8 @@ els.prompt.addEventListener('keydown', (e) => {
   else if (!els.start.disabled) startStream();
 });
 els.apiKey.addEventListener('change', () => {
-  const key = els.apiKey.value.trim();
-  keepKey(key);
+  keepKey(els.apiKey.value.trim());
+  channels.refresh();
 });
 
 // Leaving (or reloading) the page does not end the broadcast: the connection waits for this
@@ -693,6 +682,7 @@ window.addEventListener('pageshow', (e) => {
 els.apiKey.value = keptKey();
 const simulations = new Simulations({ keyField: els.apiKey, connectionKey: () => conn.apiKey, log });
 const library = new RecordingsLibrary({ key: () => conn.apiKey || els.apiKey.value.trim(), log });
+const channels = new ChannelPicker({ key: () => conn.apiKey || els.apiKey.value.trim(), log });
 const saved = keptConnection();
 if (saved && els.apiKey.value) {
   // A reload: back onto this tab's connection; the control socket (or its recovery) finds out
@@ -705,3 +695,4 @@ if (saved && els.apiKey.value) {
 }
 simulations.refresh();
 library.refresh();
+channels.refresh();

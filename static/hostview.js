@@ -25,9 +25,10 @@ export function showId(target, id) {
   const button = document.createElement('button');
   button.type = 'button';
   button.className = 'id-chip';
-  button.textContent = id.length > 10 ? `${id.slice(0, 8)}…` : id;
+  button.textContent = short(id);
   button.title = `${id} (click to copy)`;
-  button.setAttribute('aria-label', `Copy the id ${id}`);
+  // The name starts with the words shown (WCAG 2.5.3, label in name), then says what a click does.
+  button.setAttribute('aria-label', `${button.textContent}: copy the whole id`);
   button.addEventListener('click', async () => {
     const ok = await copyText(id);
     button.dataset.copied = ok ? 'yes' : 'no';
@@ -89,9 +90,25 @@ export function showRoom(msg) {
 
 /** What a host reads for a failed call: plain words for the usual causes, else the relay's. */
 export function hostErrorText(err) {
+  if (err?.plain) return err.message; // the console's own words (channels.js: a missing title)
   if (err instanceof HttpError && err.status === 401) {
     return 'The relay did not accept this API key. Check that you pasted all of it, then try again.';
   }
   if (err instanceof HttpError && err.status === 403) return 'This API key may not do that.';
   return errorText(err);
+}
+
+/** One line of the console's log (as text: lines carry user prompts), kept to the newest `max`. */
+export function appendLog(list, text, kind, max) {
+  const li = document.createElement('li');
+  if (kind) li.dataset.kind = kind;
+  const time = document.createElement('time');
+  const now = new Date();
+  time.dateTime = now.toISOString();
+  time.textContent = now.toLocaleTimeString();
+  li.append(time, document.createTextNode(text));
+  const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 24;
+  list.append(li);
+  while (list.childElementCount > max) list.firstElementChild.remove();
+  if (atBottom) list.scrollTop = list.scrollHeight;
 }

@@ -1,11 +1,12 @@
 // recordings.js: the host console's way to recordings: the "Recording" button of each stream in
-// its history, and the library of the key's past recordings (GET /v1/recordings), which unlike the
-// history survives a reload.
+// its history (kept for the tab by tabstore.js, so a reload shows it again), and the library of the
+// key's past recordings (GET /v1/recordings).
 //
 // A replay link is signed by the relay (GET /v1/recordings/{id} with the API key) and expires,
 // so it is asked for on each click, never kept.
 
 import { endedText, showId } from '/static/hostview.js';
+import { keepHistory, keptHistory } from '/static/tabstore.js';
 import { HttpError, errorText, fetchJson } from '/static/whep.js';
 
 const RECORDING_WAIT_MS = 15000;      // a recording finishes about a second after its stream
@@ -85,16 +86,32 @@ async function openRecording(id, button, key, log) {
 /** "Streams this session": each stream as it starts, its end in words, then its recording. */
 export class StreamHistory {
   #rows = new Map(); // stream_id -> <li>
+  #kept = [];        // what the tab keeps of them (tabstore.js), newest first: a reload shows them again
 
-  /** key() is the API key to ask with; log(text, kind) is the console's log. */
+  /**
+   * key() is the API key to ask with; log(text, kind) is the console's log. A stream that was live at
+   * the reload reads "ended" until the re-attached console hears it is still live (add() again).
+   */
   constructor(list, { key, log }) {
     this.list = list;
     this.key = key;
     this.log = log;
+    for (const row of keptHistory().reverse()) {
+      this.add(row.id, row.prompt);
+      this.end(row.id, row.reason || 'ended');
+    }
   }
 
   add(id, prompt) {
-    if (this.#rows.has(id)) return;
+    const row = this.#rows.get(id);
+    if (row) { // the reloaded console's live stream
+      const reason = row.querySelector('.reason');
+      reason.dataset.live = '';
+      reason.textContent = 'live';
+      row.querySelector('.recording').hidden = true;
+      this.#keep(id, null);
+      return;
+    }
     const li = document.createElement('li');
     const idEl = document.createElement('span');
     idEl.className = 'id';
@@ -109,6 +126,8 @@ export class StreamHistory {
     li.append(idEl, reason, p, recordingButton(id, { key: this.key, log: this.log }));
     this.list.prepend(li); // newest first
     this.#rows.set(id, li);
+    this.#kept.unshift({ id, prompt: prompt || '', reason: null });
+    keepHistory(this.#kept);
   }
 
   end(id, reasonCode) {
@@ -118,6 +137,13 @@ export class StreamHistory {
     delete reason.dataset.live;
     reason.textContent = endedText(reasonCode);
     row.querySelector('.recording').hidden = false;
+    this.#keep(id, reasonCode);
+  }
+
+  #keep(id, reason) {
+    const kept = this.#kept.find((r) => r.id === id);
+    if (kept) kept.reason = reason;
+    keepHistory(this.#kept);
   }
 }
 

@@ -5,6 +5,9 @@
 
 const KEY_STORAGE = 'relay.apiKey';
 const CONN_STORAGE = 'relay.connection'; // {id, clientToken, tokenLifeMs, tokenExpiresAt, expiresAt, broadcast}
+const CHANNEL_STORAGE = 'relay.channel';   // the channel_id the picker had chosen ('' for none)
+const HISTORY_STORAGE = 'relay.history';   // "Streams this session": [{id, prompt, reason}], newest first
+const HISTORY_KEPT = 50;
 
 function read(name) {
   try {
@@ -25,6 +28,8 @@ function write(name, value) {
 
 export const keptKey = () => read(KEY_STORAGE) ?? '';
 export const keepKey = (key) => write(KEY_STORAGE, key);
+export const keptChannel = () => read(CHANNEL_STORAGE) ?? '';
+export const keepChannel = (channelId) => write(CHANNEL_STORAGE, channelId);
 
 export function keepConnection(c) {
   const { id, clientToken, tokenLifeMs, tokenExpiresAt, expiresAt, broadcast } = c;
@@ -44,4 +49,17 @@ export function keptConnection() {
   }
   forgetConnection();
   return null;
+}
+
+export const keepHistory = (rows) => write(HISTORY_STORAGE, JSON.stringify(rows.slice(0, HISTORY_KEPT)));
+
+/** The streams this tab has run, newest first, as keepHistory() left them. */
+export function keptHistory() {
+  try {
+    const rows = JSON.parse(read(HISTORY_STORAGE) ?? '[]');
+    if (Array.isArray(rows)) return rows.filter((r) => r && typeof r.id === 'string').slice(0, HISTORY_KEPT);
+  } catch {
+    // unreadable: start over
+  }
+  return [];
 }

@@ -258,6 +258,7 @@ function onEvent(msg) {
         live: msg.live, streamId: msg.stream_id, prompt: msg.prompt ?? undefined, viewers: msg.viewers, host: msg.host,
         channel: msg.channel, title: msg.title ?? undefined,
       });
+      if (msg.channel !== undefined) showAbout(msg);
       // The contract's hello only promises participant_id and orchestration: fill the rest once.
       if (msg.live === undefined) poll();
       break;
@@ -275,6 +276,10 @@ function onEvent(msg) {
       break;
     case 'host':
       applyState({ host: msg.host });
+      break;
+    case 'about': // the host renamed the channel (PATCH /v1/channels/{id}): no reload needed
+      applyState({ title: msg.title ?? '' });
+      showAbout(msg);
       break;
     case 'disconnected':
       // The broadcast's last word: the host ended it, or the relay is going away (a restart).

@@ -2,7 +2,8 @@
 live node owns is carried out by that node. This middleware forwards it (method, path, query, headers with the caller's
 Authorization, body) and answers with the owner's status, headers and body, unchanged: not a redirect,
 which clients follow without the Authorization header. WebSockets are proxied frame by frame, close codes
-passed through. POST /v1/connections at a node with no free streamer goes to a node that has one.
+passed through. POST /v1/connections at a node with no free streamer goes to a node that has one, unless it names a
+channel: channels live on one node (until they are kept in Redis), so that one answers 503 itself.
 
 A forwarded call carries `X-Relay-Node` (the sending node's signed header) and `X-Relay-Client` (the
 caller's address, which the per-address caps count): the owner believes the latter only with the former,
@@ -25,6 +26,7 @@ from aiohttp import WSMsgType, web
 from .. import metrics
 from ..auth import require_api_key
 from ..errors import RelayError, not_found, unauthorized
+from ..inputs import parse_json
 from ..web import (API_KEYS, CLUSTER, EDGES, FORWARDED_CLIENT, FROM_NODE, SESSIONS, SETTINGS, SIMULATIONS,
                    client_address, token_of)
 from .membership import NodeInfo
@@ -107,6 +109,8 @@ async def _place(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     require_api_key(token_of(request), request.app[API_KEYS])  # a stranger costs no other node a call
     body = await request.read()
+    if _names_a_channel(request, body):  # channels are per node: another node would answer 404
+        return await handler(request)  # this node's own answer: 503 STREAMER_NOT_AVAILABLE, or 400/404
     others = sorted((n for n in await cluster.nodes() if n.node_id != cluster.node_id and n.streamers_free > 0),
                     key=lambda n: -n.streamers_free)
     for node in others:
@@ -114,6 +118,15 @@ async def _place(request: web.Request, handler) -> web.StreamResponse:
         if response is not None:
             return response
     return await handler(request)  # nobody had one: this node's own 503 STREAMER_NOT_AVAILABLE
+
+
+def _names_a_channel(request: web.Request, body: bytes) -> bool:
+    """Whether the connection is asked for on a channel (or the body is bad: the handler says so, here)."""
+    try:
+        parsed = parse_json(body, request.app[SETTINGS].server.max_json_depth) if body.strip() else {}
+    except RelayError:
+        return True
+    return isinstance(parsed, dict) and "channel_id" in parsed
 
 
 def headers_out(request: web.Request) -> dict[str, str]:

@@ -146,6 +146,34 @@ async def test_the_control_room_counts_a_real_spectator_and_lists_recordings_aft
     await expect(host.locator("#library .recording").first).to_have_text("Replay")
 
 
+
+async def test_streams_this_session_survive_a_reload(relay_factory, open_page):
+    relay = await relay_factory(limits={"stream_max_seconds": 30, "idle_timeout_seconds": 10})
+    host = await open_page(f"{relay.url}/host")
+    await connect_and_start(host, "a harbour at night")
+    first = only_connection(relay).stream.stream_id
+    await host.click("#end")
+    await expect(host.locator("#stream-status")).to_have_attribute("data-state", "ended")
+    await host.fill("#prompt", "a lighthouse in a storm")
+    await host.click("#start")
+    await expect(host.locator("#stream-status")).to_have_attribute("data-state", "live")
+    second = only_connection(relay).stream.stream_id
+    host.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))  # live: the browser asks
+    await host.reload()
+    await expect(host.locator("#connection-state")).to_have_text("Connected")
+    rows = host.locator("#history li")
+    await expect(rows).to_have_count(2)
+    # Newest first: the live one (live again once the console re-attached), then the ended one.
+    await expect(rows.nth(0).locator(".id-chip")).to_have_attribute("title", f"{second} (click to copy)")
+    await expect(rows.nth(0).locator(".reason")).to_have_text("live")
+    await expect(rows.nth(0).locator(".prompt")).to_have_text("a lighthouse in a storm")
+    await expect(rows.nth(1).locator(".id-chip")).to_have_attribute("title", f"{first} (click to copy)")
+    await expect(rows.nth(1).locator(".reason")).to_have_text("ended")
+    await expect(rows.nth(1).locator(".recording")).to_be_visible()
+    await host.click("#end")
+    await expect(rows.nth(0).locator(".reason")).to_have_text("ended")
+    await expect(rows.nth(0).locator(".recording")).to_be_visible()
+
 async def test_viewers_read_unavailable_not_ended_when_the_relay_shuts_down(relay_factory, open_page):
     relay = await relay_factory(limits={"stream_max_seconds": 30})
     host = await open_page(f"{relay.url}/host")

@@ -175,6 +175,33 @@ async def test_share_qr_code_decodes_to_the_watch_link(relay_factory, open_page,
             assert (await response.json())["error"]["code"] == "NOT_FOUND"
 
 
+
+async def test_a_channels_watch_page_shows_its_title_and_host_name(relay_factory, open_page, http):
+    relay = await relay_factory(limits=LONG)
+    async with RelayClient(relay.url, API_KEY) as client:
+        channel = await client.create_channel("Worlds <b>live</b>", description="Every Friday",
+                                              host_name="Ada & <i>co</i>")
+        watch_url = channel["broadcast"]["watch_url"]
+        page = await open_page(watch_url, viewport=PHONE)
+        about = page.locator("#about")
+        await expect(about).to_be_visible()
+        await expect(page.locator("#broadcast-title")).to_have_text("Worlds <b>live</b>")  # as text, not markup
+        await expect(page.locator("#broadcast-host")).to_have_text("Hosted by Ada & <i>co</i>")
+        assert await page.title() == "Worlds <b>live</b> · relay"
+        async with client.connect(channel["channel_id"]) as conn:  # live, the same words stay
+            await conn.start_stream("a calm ocean at sunset")
+            await has_picture(page)
+            await expect(page.locator("#broadcast-title")).to_have_text("Worlds <b>live</b>")
+            await expect(page.locator("#broadcast-host")).to_be_visible()
+        async with http.get(watch_url) as response:  # and a link preview reads them
+            tags = meta_tags(await response.text())
+        assert tags["og:title"] == "Worlds <b>live</b>" and tags["og:description"] == "Every Friday"
+        # A plain connection's page has neither: no empty heading.
+        async with client.connect() as conn:
+            plain = await open_page(conn.broadcast["watch_url"])
+            await expect(plain.locator("#state")).to_have_attribute("data-state", "waiting")
+            await expect(plain.locator("#about")).to_be_hidden()
+
 async def test_a_vote_rounds_winner_is_told_to_its_author_and_to_everyone(relay_factory, open_page):
     relay = await relay_factory(limits=LONG)
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
@@ -204,11 +231,21 @@ async def test_a_vote_rounds_winner_is_told_to_its_author_and_to_everyone(relay_
 
 
 async def axe_scan(page: Page) -> list[dict]:
-    await page.add_script_tag(path=str(AXE))
+    """axe-core's serious and critical violations (WCAG 2.2's target size included), and every visible
+    button, copy-id chip, checkbox or select smaller than 24 x 24 px (AA's target size, no spacing excuse)."""
+    if not await page.evaluate("typeof axe !== 'undefined'"):
+        await page.add_script_tag(path=str(AXE))
     result = await page.evaluate("""async () => {
-        const r = await axe.run(document, {resultTypes: ['violations']});
-        return r.violations.map((v) => ({id: v.id, impact: v.impact, help: v.help,
-                                          nodes: v.nodes.map((n) => n.target.join(' ')).slice(0, 5)}));
+        const r = await axe.run(document, {resultTypes: ['violations'], rules: {'target-size': {enabled: true}}});
+        const found = r.violations.map((v) => ({id: v.id, impact: v.impact, help: v.help,
+                                                nodes: v.nodes.map((n) => n.target.join(' ')).slice(0, 5)}));
+        const small = [...document.querySelectorAll('button, [role=button], input[type=checkbox], select')]
+            .filter((e) => e.getClientRects().length && getComputedStyle(e).visibility !== 'hidden')
+            .map((e) => [e, e.getBoundingClientRect()])
+            .filter(([, r]) => r.width < 24 || r.height < 24)
+            .map(([e, r]) => `${e.id ? '#' + e.id : e.className || e.tagName} ${r.width}x${r.height}`);
+        if (small.length) found.push({id: 'target-24px', impact: 'serious', nodes: small.slice(0, 8)});
+        return found;
     }""")
     return [v for v in result if v["impact"] in BLOCKING]
 
@@ -220,7 +257,8 @@ async def test_axe_finds_no_serious_violation_on_watch_host_and_replay_pages(rel
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
         await set_mode(client, conn.broadcast["broadcast_id"], "vote", vote_window_seconds=20)
         host = await open_page(f"{relay.url}/host")
-        await expect(host.locator("body")).to_be_visible()
+        await host.select_option("#channel", "new")  # the channel picker's fields too
+        await expect(host.locator("#channel-title")).to_be_visible()
         found["host"] = await axe_scan(host)
         await conn.start_stream("a calm ocean at sunset")
         watch = await open_page(conn.broadcast["watch_url"])
@@ -228,6 +266,23 @@ async def test_axe_finds_no_serious_violation_on_watch_host_and_replay_pages(rel
         await has_picture(watch)
         await expect(watch.locator("#state")).to_have_attribute("data-state", "live")  # the Live badge's contrast
         found["watch live"] = await axe_scan(watch)
+        # The chat panel open, with a message in it (and its reactions).
+        await expect(watch.locator("#chat")).to_be_visible()
+        await watch.fill("#chat-text", "hello from the front row")
+        await watch.click("#chat-send")
+        await expect(watch.locator("#chat-log")).to_contain_text("hello from the front row")
+        found["watch chat"] = await axe_scan(watch)
+        # The host console connected and live: its control room, the audience panel, the chat.
+        console = await open_page(f"{relay.url}/host")
+        await console.fill("#api-key", API_KEY)
+        await console.click("#connect")
+        await expect(console.locator("#connection-state")).to_have_text("Connected")
+        await console.fill("#prompt", "a lighthouse in a storm")
+        await console.click("#start")
+        await expect(console.locator("#stream-status")).to_have_attribute("data-state", "live")
+        await expect(console.locator("#room")).to_be_visible()
+        await expect(console.locator("#watch-url")).to_be_visible()
+        found["host live"] = await axe_scan(console)
         await conn.end_stream()
         await expect(watch.locator("#ended")).to_be_visible()
         await shoot("watch-ended", watch)
@@ -242,4 +297,5 @@ async def test_axe_finds_no_serious_violation_on_watch_host_and_replay_pages(rel
     replay = await open_page(recording["replay_url"])
     await expect(replay.locator("#rec-state")).to_have_text("Replay")
     found["replay"] = await axe_scan(replay)
-    assert found == {"host": [], "watch live": [], "watch ended": [], "replay": []}, found
+    assert found == {"host": [], "watch live": [], "watch chat": [], "host live": [], "watch ended": [],
+                     "replay": []}, found

@@ -138,7 +138,16 @@ async def test_update_a_channel_keeps_its_links(relay_factory, http):
         await client.create_channel("Other", slug="taken")
         b = channel["broadcast"]
         watching = relay.sessions.broadcast(b["broadcast_id"])  # a spectator made it already
+        events = await http.ws_connect(f"{relay.url}/v1/broadcasts/{b['broadcast_id']}/events"
+                                       f"?token={b['spectator_token']}")  # an open watch page
+        hello = await events.receive_json(timeout=5)
+        assert (hello["type"], hello["title"], hello["host_name"]) == ("hello", "Tpyo", "Ada")
         changed = await client.update_channel("first", title="Typo fixed", slug="second", host_name=None)
+        while (pushed := await events.receive_json(timeout=5))["type"] != "about":
+            pass  # told at once, not on the next hello
+        assert pushed == {"type": "about", "channel": True, "title": "Typo fixed", "description": None,
+                          "host_name": None}
+        await events.close()
         assert (changed["title"], changed["slug"], changed["host_name"]) == ("Typo fixed", "second", None)
         assert changed["broadcast"] == b and changed["channel_id"] == channel["channel_id"]
         assert watching.state()["title"] == "Typo fixed"
@@ -153,6 +162,40 @@ async def test_update_a_channel_keeps_its_links(relay_factory, http):
     async with http.get(url, headers=AUTH) as r:
         assert (await r.json())["title"] == "Typo fixed"
 
+
+
+def left_behind(baseline: set[asyncio.Task]) -> set[asyncio.Task]:
+    """Tasks started since ``baseline`` and still running, but the test's own and aiohttp's keep-alive
+    handlers of the client's open HTTP connections."""
+    return {t for t in asyncio.all_tasks() - baseline - {asyncio.current_task()}
+            if t.get_coro().__qualname__ != "RequestHandler.start"}
+
+
+async def test_an_unused_channel_broadcast_is_released_and_plays_again_when_a_spectator_comes(relay_factory):
+    relay = await relay_factory(limits={"channel_release_seconds": 0.3, "stream_max_seconds": 30})
+    baseline = set(asyncio.all_tasks())
+    async with RelayClient(relay.url, API_KEY) as client:
+        channel = await client.create_channel("Comes and goes")
+        b = channel["broadcast"]
+        async with client.connect(channel["channel_id"]) as conn:  # one stream: HLS segments to free
+            await conn.start_stream("a calm ocean at sunset")
+            async with Spectator(b["whep_url"], b["spectator_token"]) as viewer:
+                await receives_frames(viewer)
+        first = relay.sessions.broadcasts[b["broadcast_id"]]  # the host and the viewer left; it stays a while
+        await eventually(lambda: b["broadcast_id"] not in relay.sessions.broadcasts, timeout=5,
+                         what="the unused broadcast released")
+        assert first.closed and len(first.spectators) == 0 and first.audience.participants == 0
+        await eventually(lambda: not left_behind(baseline), timeout=5,
+                         what="no task left behind by the released broadcast")
+
+        # The same watch link still works: a spectator arriving after the release plays once the host is live.
+        async with Spectator(b["whep_url"], b["spectator_token"]) as viewer:
+            again = relay.sessions.broadcasts[b["broadcast_id"]]
+            assert again is not first and again.spectator_token == b["spectator_token"]
+            async with client.connect(channel["channel_id"]) as conn:
+                assert conn.broadcast == b
+                await conn.start_stream("snowy mountains at dawn")
+                await receives_frames(viewer)
 
 @pytest.fixture
 def disk(tmp_path):

@@ -84,11 +84,13 @@ async def test_demo_prompts_pause_while_the_audience_has_control():
         await eventually(lambda: len(prompts) >= 2, timeout=5, what="the demo's scripted prompts")
         for mode in ("queue", "vote", "turns"):
             conn.broadcast.audience.configure({"mode": mode})
-            # Let a prompt under way land, then none may follow for several prompt intervals.
-            await asyncio.sleep(0.06)
-            paused_at = len(prompts)
-            await asyncio.sleep(0.3)
-            assert len(prompts) == paused_at, mode
+            # The demo's first interval in this mode: a prompt under way before the switch has landed.
+            start = demo.beats["paused"]
+            await eventually(lambda: demo.beats["paused"] > start, timeout=5, what=f"the demo paused ({mode})")
+            sent, paused_at = demo.beats["prompted"], len(prompts)
+            # Three more of its own intervals, and not one prompt.
+            await eventually(lambda: demo.beats["paused"] >= start + 4, timeout=5, what="three more intervals")
+            assert (demo.beats["prompted"], len(prompts)) == (sent, paused_at), mode
         conn.broadcast.audience.configure({"mode": "host"})
         await eventually(lambda: len(prompts) > paused_at, timeout=5, what="the demo's prompts resumed")
     finally:
