@@ -51,8 +51,9 @@ class Cluster:
         self.settings = cluster
         self.public_url = settings.server.public_url
         self.node_id = cluster.node_id or derive_node_id(self.public_url)
-        # Every Redis call is short: a Redis that does not answer within a beat is away (fail fast).
-        seconds = min(cluster.heartbeat_seconds, 2.0)
+        # Every Redis call is short: a Redis that does not answer within a beat is away (fail fast); within
+        # a second at least, since a busy machine's Redis may well take longer than a very short beat's.
+        seconds = min(max(cluster.heartbeat_seconds, 1.0), 2.0)
         self.redis = connect(cluster.redis_url, cluster.redis_max_connections, seconds)
         self.membership = Membership(self.redis, self.node_id, cluster.node_timeout_seconds)
         self.directory = Directory(self.redis, self.membership, cluster.node_timeout_seconds)
