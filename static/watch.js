@@ -69,6 +69,7 @@ const nodes = {
   list: [],                       // origins of the live nodes, least-loaded first
   dead: new Map(),                // origin -> performance.now() when it failed to answer
   probing: null,                  // the probe under way (one at a time)
+  moved: false,                   // the page left a node that died (a broadcast gone now went with its origin)
   refreshTimer: null,
 };
 
@@ -127,6 +128,7 @@ function checkHome() {
       && !(now - (nodes.dead.get(origin) ?? -Infinity) < NODE_DEAD_MS));
     if (!next) return; // nowhere else known: the usual retries keep trying home
     nodes.home = next;
+    nodes.moved = true;
     els.stage.dataset.node = next;
     refreshNodes();
     if (state.media !== 'hls') player.restart();
@@ -448,11 +450,13 @@ const END_MESSAGES = {
   disconnected: 'The host has ended this broadcast. Thanks for watching!',
   idle_timeout: 'The host lost their connection, so this broadcast has ended. Thanks for watching!',
   expired: 'This broadcast reached its maximum length and has ended. Thanks for watching!',
+  // In a cluster: the node that carried it stopped, and the broadcast is gone from every node.
+  origin_lost: 'This broadcast has ended: the server that carried it stopped. Thanks for watching!',
 };
 const UNAVAILABLE = 'This broadcast is unavailable: the relay restarted or lost it. Ask the host for the link again.';
 
 function spectatorMessage(status, message, ended) {
-  if (ended) return END_MESSAGES[state.endReason] ?? UNAVAILABLE;
+  if (ended) return END_MESSAGES[state.endReason] ?? (nodes.moved ? END_MESSAGES.origin_lost : UNAVAILABLE);
   if (status === 401 || status === 403) {
     return 'This watch link is not valid: its token is wrong or incomplete. Ask the host for the link again.';
   }
@@ -466,7 +470,9 @@ function fail(message, status = 0) {
   // A broadcast that worked and is now unknown is over: ended (the host, a timeout), or lost to a
   // relay restart; its last event says which, and without one it is only "unavailable".
   const gone = status === 404 && state.seen;
-  state.fatalEnded = gone && state.endReason in END_MESSAGES;
+  // A page that moved to another node of a cluster (its own died) and finds the broadcast gone there too
+  // knows why: the broadcast's origin died with it.
+  state.fatalEnded = gone && (state.endReason in END_MESSAGES || nodes.moved);
   state.fatal = spectatorMessage(status, message, gone);
   player.stop();
   stopHls();

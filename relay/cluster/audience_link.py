@@ -56,6 +56,9 @@ def node_unavailable(node_id: str) -> RelayError:
                       action="Retry shortly.", details={"node_id": node_id}, retry_after=2)
 
 
+ORIGIN_LOST = json.dumps({"type": "disconnected", "reason": "origin_lost"})
+
+
 @dataclass(eq=False)
 class RelayedParticipant:
     """A participant's socket here for another node's broadcast: the local outbox and rate, the origin's identity."""
@@ -363,6 +366,8 @@ class AudienceLink:
         for participant in list(self._sockets.values()):
             if participant.hello is not None and self._gone(participant.socket_id, participant.origin, alive):
                 self._forget(participant)
+                # The broadcast's last word, as a host's end gives one: its origin is gone, and the broadcast with it.
+                participant.channel.push(ORIGIN_LOST)
                 participant.channel.close()
 
     def _gone(self, socket_id: str, node: str, alive: set[str]) -> bool:
