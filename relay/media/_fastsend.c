@@ -25,11 +25,12 @@
 
 #define MAX_PACKETS 64   /* a frame larger than this is sent in several batches */
 #define SLOT 2048        /* header (<= 20) + payload (<= 1300) + SRTP trailer (<= 148) */
+#define MAX_DATAGRAMS (MAX_PACKETS + 1)  /* a batch's packets and, now and then, a sender report */
 
 typedef int (*protect_fn)(void *ctx, void *packet, int *length);
 
 static protect_fn srtp_protect;
-static __thread unsigned char slots[MAX_PACKETS][SLOT];
+static __thread unsigned char slots[MAX_DATAGRAMS][SLOT];
 /* UDP GSO: a run of equal-sized datagrams (the last may be shorter) goes down the stack as one buffer
  * and is cut into datagrams at the end (by the NIC, or late in software): the stack is walked once per
  * run instead of once per packet. Cleared for good if the kernel or the route refuses it. */
@@ -41,17 +42,19 @@ typedef union {
 } control_t;
 
 /* Send datagrams vectors[0..count) to one address in one sendmmsg; with GSO each run of equal-sized
- * datagrams is one message. Returns the datagrams the kernel took, or -errno if it took none. */
-static Py_ssize_t send_datagrams(int fd, const Py_buffer *address, struct iovec *vectors, Py_ssize_t count) {
-    struct mmsghdr messages[MAX_PACKETS];
-    control_t controls[MAX_PACKETS];
-    Py_ssize_t first[MAX_PACKETS + 1];
+ * datagrams among the first `runs` is one message (the rest, an RTCP packet, go alone). Returns the
+ * datagrams the kernel took, or -errno if it took none. */
+static Py_ssize_t send_datagrams(int fd, const Py_buffer *address, struct iovec *vectors, Py_ssize_t count,
+                                 Py_ssize_t runs) {
+    struct mmsghdr messages[MAX_DATAGRAMS];
+    control_t controls[MAX_DATAGRAMS];
+    Py_ssize_t first[MAX_DATAGRAMS + 1];
     for (;;) {
         int use_gso = gso, n_messages = 0;
         for (Py_ssize_t i = 0; i < count;) {
             Py_ssize_t j = i + 1;
             size_t segment = vectors[i].iov_len, total = segment;
-            while (use_gso && j < count && vectors[j].iov_len <= segment && total + vectors[j].iov_len <= 65000) {
+            while (use_gso && j < runs && vectors[j].iov_len <= segment && total + vectors[j].iov_len <= 65000) {
                 total += vectors[j].iov_len;
                 if (vectors[j++].iov_len < segment)
                     break;  /* a shorter datagram ends a run */
@@ -131,9 +134,11 @@ static void put32(unsigned char *p, uint32_t v) {
     p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
 }
 
-/* send_frame(fd, sockaddr, srtp, payloads, payload_type, seq, timestamp, ssrc, ast)
+/* send_frame(fd, sockaddr, srtp, payloads, payload_type, seq, timestamp, ssrc, ast[, rtcp])
  *   -> (packets sent, payload bytes sent)
  * ast: the abs-send-time extension word (id, length and value), or -1 for a plain 12-byte header.
+ * rtcp: an already protected RTCP compound (the spectator's sender report, about once a second), sent
+ * after the frame's packets in the same sendmmsg instead of a syscall of its own; not counted.
  * Fewer packets than given means the socket's buffer is full (EAGAIN): the caller skips to a
  * keyframe, as it does when a transport backs up. Other socket errors raise OSError. */
 static PyObject *send_frame(PyObject *self, PyObject *args) {
@@ -144,9 +149,15 @@ static PyObject *send_frame(PyObject *self, PyObject *args) {
     unsigned int seq;
     unsigned long timestamp, ssrc;
     long long ast;
-    if (!PyArg_ParseTuple(args, "iy*KO!iIkkL", &fd, &address, &srtp, &PyList_Type, &payloads, &payload_type,
-                          &seq, &timestamp, &ssrc, &ast))
+    PyObject *rtcp = Py_None;
+    if (!PyArg_ParseTuple(args, "iy*KO!iIkkL|O", &fd, &address, &srtp, &PyList_Type, &payloads, &payload_type,
+                          &seq, &timestamp, &ssrc, &ast, &rtcp))
         return NULL;
+    if (rtcp != Py_None && (!PyBytes_Check(rtcp) || PyBytes_GET_SIZE(rtcp) > SLOT)) {
+        PyBuffer_Release(&address);
+        PyErr_SetString(PyExc_ValueError, "rtcp must be bytes of at most one MTU, or None");
+        return NULL;
+    }
     if (srtp_protect == NULL) {
         PyBuffer_Release(&address);
         PyErr_SetString(PyExc_RuntimeError, "set_protect() was not called");
@@ -155,7 +166,7 @@ static PyObject *send_frame(PyObject *self, PyObject *args) {
     Py_ssize_t count = PyList_GET_SIZE(payloads);
     Py_ssize_t sent = 0, octets = 0;
     int error = 0;
-    struct iovec vectors[MAX_PACKETS];
+    struct iovec vectors[MAX_DATAGRAMS];
     int header_size = ast >= 0 ? 20 : 12;
     for (Py_ssize_t base = 0; base < count && !error; base += MAX_PACKETS) {
         Py_ssize_t batch = count - base < MAX_PACKETS ? count - base : MAX_PACKETS;
@@ -185,6 +196,13 @@ static PyObject *send_frame(PyObject *self, PyObject *args) {
             vectors[i].iov_len = header_size + size;
             batch_octets += size;
         }
+        Py_ssize_t datagrams = batch;
+        if (rtcp != Py_None && base + batch == count) {  /* the last batch carries the sender report */
+            memcpy(slots[batch], PyBytes_AS_STRING(rtcp), PyBytes_GET_SIZE(rtcp));
+            vectors[batch].iov_base = slots[batch];
+            vectors[batch].iov_len = PyBytes_GET_SIZE(rtcp);
+            datagrams++;
+        }
         int protected_ok = 1;
         Py_ssize_t done = 0;
         Py_BEGIN_ALLOW_THREADS
@@ -198,10 +216,12 @@ static PyObject *send_frame(PyObject *self, PyObject *args) {
             vectors[i].iov_len = length;
         }
         if (protected_ok) {
-            done = send_datagrams(fd, &address, vectors, batch);
+            done = send_datagrams(fd, &address, vectors, datagrams, batch);
             if (done < 0) {
                 error = (int)-done;
                 done = 0;
+            } else if (done > batch) {
+                done = batch;  /* the sender report went too */
             } else if (done < batch) {
                 error = EAGAIN;
             }
@@ -227,7 +247,7 @@ static PyMethodDef methods[] = {
     {"set_protect", set_protect, METH_O, "Use this srtp_protect (a C function pointer, as an int)."},
     {"sockaddr", sockaddr, METH_VARARGS, "sockaddr(host, port) -> the packed socket address."},
     {"send_frame", send_frame, METH_VARARGS,
-     "send_frame(fd, sockaddr, srtp, payloads, payload_type, seq, timestamp, ssrc, ast) -> (packets, octets)"},
+     "send_frame(fd, sockaddr, srtp, payloads, payload_type, seq, timestamp, ssrc, ast[, rtcp]) -> (packets, octets)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -15,7 +15,9 @@ rtp_fanout.py.
 
 from __future__ import annotations
 
+import asyncio
 import queue
+import time
 from typing import Any, Awaitable, Callable
 
 import aioice.ice
@@ -25,7 +27,8 @@ from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpSendParameters
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 from aiortc.rtcrtpsender import RTCRtpSender
-from aiortc.rtp import AnyRtcpPacket, RtpPacket
+from aiortc.rtp import (AnyRtcpPacket, RtcpByePacket, RtcpSdesPacket, RtcpSenderInfo, RtcpSourceInfo, RtcpSrPacket,
+                       RtpPacket)
 
 RTP_COMPONENT = 1  # aiortc bundles and muxes RTCP: one ICE component carries everything
 
@@ -85,6 +88,25 @@ def observe_send_parameters(sender: RTCRtpSender, observe: Callable[[RTCRtpSendP
     sender.send = send  # type: ignore[method-assign]
 
 
+def take_over_sender_reports(sender: RTCRtpSender) -> None:
+    """aiortc's ``send()`` starts ``_run_rtcp()`` per sender: a task that wakes every 0.5-1.5 s, builds
+    a sender report (SR + SDES CNAME) from the counters its own RTP loop keeps and sends it in a
+    syscall of its own (per spectator: a timer, objects and a sendmsg each second). Whoever sends the
+    media sends the reports with it instead (SenderLink.report); this task then only waits for
+    ``stop()`` to cancel it and sends the BYE, as aiortc's does. Call it before ``send()``."""
+
+    async def run_rtcp() -> None:
+        sender._RTCRtpSender__rtcp_started.set()  # type: ignore[attr-defined]  # stop() awaits it
+        try:
+            await asyncio.get_running_loop().create_future()  # never set: only cancel() ends it
+        except asyncio.CancelledError:
+            pass
+        await sender._send_rtcp([RtcpByePacket(sources=[sender._ssrc])])
+        sender._RTCRtpSender__rtcp_exited.set()  # type: ignore[attr-defined]
+
+    sender._run_rtcp = run_rtcp  # type: ignore[method-assign]
+
+
 def route_retransmissions(sender: RTCRtpSender, retransmit: Callable[[int], Awaitable[None]]) -> None:
     """aiortc answers each NACKed sequence number with ``await _retransmit(seq)`` from the
     history its own RTP loop fills; when another sender writes the packets, that history is empty."""
@@ -129,8 +151,8 @@ async def send_picture_loss(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
 class SenderLink:
     """What a sender that bypasses RTCRtpSender's RTP loop needs of it: the SSRC aiortc chose
     (and signalled in the SDP), a synchronous way to send (the sender's SRTP session and the
-    nominated ICE pair's socket; aiortc itself awaits three coroutines per datagram), and the
-    counters aiortc's RTCP loop puts into sender reports."""
+    nominated ICE pair's socket; aiortc itself awaits three coroutines per datagram), and its sender
+    reports (see take_over_sender_reports)."""
 
     __slots__ = ("_sender", "_dtls", "_ice", "ssrc", "_native_key", "_native")
 
@@ -169,14 +191,28 @@ class SenderLink:
             self._native_key = key
         return self._native
 
-    def report(self, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> None:
-        """aiortc's RTCP loop builds each sender report from counters its own RTP loop keeps
-        (name-mangled, so written by their mangled names); whoever sends instead must keep them."""
+    def report(self, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> bytes | None:
+        """The sender report (SR + SDES CNAME, SRTCP-protected) for this clock and these counters,
+        as aiortc's ``_run_rtcp`` builds it, or None before DTLS is up. The sender keeps what its
+        stats and RTT estimate read (name-mangled, so written by their mangled names): the counters
+        for getStats, and when the last report left (LSR) for the receivers' replies."""
+        if self._dtls._state != DtlsState.CONNECTED:
+            return None
         sender = self._sender
+        packets &= 0xFFFFFFFF
+        octets &= 0xFFFFFFFF
+        data = bytes(RtcpSrPacket(ssrc=self.ssrc, sender_info=RtcpSenderInfo(
+            ntp_timestamp=ntp, rtp_timestamp=rtp_timestamp, packet_count=packets, octet_count=octets)))
+        cname = sender._RTCRtpSender__cname  # type: ignore[attr-defined]
+        if cname is not None:
+            data += bytes(RtcpSdesPacket(chunks=[RtcpSourceInfo(ssrc=self.ssrc, items=[(1, cname.encode())])]))
         sender._RTCRtpSender__ntp_timestamp = ntp  # type: ignore[attr-defined]
         sender._RTCRtpSender__rtp_timestamp = rtp_timestamp  # type: ignore[attr-defined]
         sender._RTCRtpSender__packet_count = packets  # type: ignore[attr-defined]
         sender._RTCRtpSender__octet_count = octets  # type: ignore[attr-defined]
+        sender._RTCRtpSender__lsr = (ntp >> 16) & 0xFFFFFFFF  # type: ignore[attr-defined]
+        sender._RTCRtpSender__lsr_time = time.time()  # type: ignore[attr-defined]
+        return self._dtls._tx_srtp.protect_rtcp(data)
 
 
 def srtp_protect_address() -> int:

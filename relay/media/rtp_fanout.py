@@ -8,7 +8,9 @@ marker) is written, SRTP-protected and sent, in one synchronous loop over specta
 
 aiortc still owns everything else for each spectator: SDP, ICE, DTLS, the SRTP keys, and
 RTCP. We hook its sender (through aiortc_hooks.py) so that NACKs are served from the shared
-packet history, PLI/FIR reach the shared encoder, and its sender reports carry our counters.
+packet history and PLI/FIR reach the shared encoder; its sender reports, built from our counters,
+leave with a frame's packets (in the same sendmmsg on the compiled path) instead of from a timer
+task and a syscall of their own per spectator.
 An output sends through a link (aiortc_hooks.SenderLink for a real sender), so its bytes can be
 tested without sockets.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import struct
 import time
 from typing import Any, Callable, Protocol
@@ -33,7 +36,8 @@ from aiortc.codecs.h264 import H264Encoder as AiortcH264
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
 
-from .aiortc_hooks import SenderLink, observe_rtcp, observe_send_parameters, route_retransmissions, srtp_protect_address
+from .aiortc_hooks import (SenderLink, observe_rtcp, observe_send_parameters, route_retransmissions,
+                           srtp_protect_address, take_over_sender_reports)
 from .layers import LayerPolicy
 
 try:  # the compiled send loop (setup.py builds it where a C compiler is; see _fastsend.c)
@@ -59,6 +63,7 @@ _HEADER = struct.Struct("!BBHII")
 _HEADER_AST = struct.Struct("!BBHIIHHI")
 ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 RATE_WINDOW = 2.0  # seconds over which a layer's sending rate is measured (spans a keyframe)
+NTP_SECOND = 1 << 32  # NTP timestamps are 32.32 fixed-point seconds
 
 
 class Link(Protocol):
@@ -72,8 +77,9 @@ class Link(Protocol):
     def native_path(self, sockaddr: Callable[[str, int], bytes]) -> tuple[int, bytes, int] | None:
         """(socket fd, packed address, libsrtp session address) for the compiled loop, else None."""
 
-    def report(self, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> None:
-        """The clock and counters for the peer's next RTCP sender report."""
+    def report(self, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> bytes | None:
+        """The peer's RTCP sender report for this clock and these counters, protected and ready to
+        send, or None when there is none to send."""
 
 
 class RtpOutput:
@@ -102,6 +108,7 @@ class RtpOutput:
         self._previous: tuple[RtpFanout, int] | None = None
         self._layer_started = False
         self._layer_start = 0
+        self._report_at = 0  # NTP time of the next sender report: the first goes with the first frame
 
     def configure(self, payload_type: int, abs_send_time_id: int | None = None) -> None:
         self.payload_type = payload_type
@@ -173,9 +180,14 @@ class RtpOutput:
         ast = self._abs_send_time_word
         if ast is not None:
             ast |= (ntp >> 14) & 0xFFFFFF  # 6.18 fixed-point seconds, once per frame
+        report = None
+        if ntp >= self._report_at:  # about once a second, randomized over 0.5-1.5 s as RFC 3550 (and aiortc) do
+            self._report_at = ntp + int((0.5 + random.random()) * NTP_SECOND)
+            report = self._link.report(ntp, rtp_ts, self.packets_sent + len(payloads),
+                                       self.bytes_sent + sum(map(len, payloads)))
         native = self._fanout.compiled and self._link.native_path(_fastsend.sockaddr)
         if native:
-            sent, size = self._send_compiled(native, payloads, seq, rtp_ts, ast)
+            sent, size = self._send_compiled(native, payloads, seq, rtp_ts, ast, report)
             if sent < len(payloads):  # the socket's buffer is full: as a backed-up transport
                 self._waiting_for_keyframe = True
                 self._next_seq_index = seq + sent
@@ -184,19 +196,19 @@ class RtpOutput:
                 return
         else:
             size = self._send_python(protect, transport.sendto, addr, payloads, seq, rtp_ts, ast)
+            if report is not None:
+                transport.sendto(report, addr)
         self._next_seq_index = seq + len(payloads)
         self.packets_sent += len(payloads)
         self.bytes_sent += size
-        # aiortc's own RTCP loop sends the sender reports; give it our clock and counters.
-        self._link.report(ntp, rtp_ts, self.packets_sent, self.bytes_sent)
 
     def _send_compiled(self, native: tuple[int, bytes, int], payloads: list[bytes], seq: int, rtp_ts: int,
-                       ast: int | None) -> tuple[int, int]:
-        """A frame's packets in one call: headers, SRTP and one sendmmsg (_fastsend.c)."""
+                       ast: int | None, report: bytes | None) -> tuple[int, int]:
+        """A frame's packets (and a due sender report) in one call: headers, SRTP and one sendmmsg (_fastsend.c)."""
         fd, address, srtp = native
         try:
             return _fastsend.send_frame(fd, address, srtp, payloads, self.payload_type, seq & 0xFFFF, rtp_ts,
-                                        self.ssrc, -1 if ast is None else ast)
+                                        self.ssrc, -1 if ast is None else ast, report)
         except OSError as exc:  # the peer's socket is going away: its close follows
             log.debug("send to spectator ssrc=%d failed: %s", self.ssrc, exc)
             return 0, 0
@@ -349,7 +361,7 @@ class RtpFanout:
 
 def hook_output(sender: RTCRtpSender, output: RtpOutput) -> None:
     """Route the sender's negotiated payload type and extensions, its NACKs and its receiver's
-    bandwidth estimates (REMB) to our output."""
+    bandwidth estimates (REMB) to our output, which also sends its sender reports."""
 
     def configure(parameters) -> None:
         ast = [e.id for e in parameters.headerExtensions if e.uri == ABS_SEND_TIME_URI]
@@ -368,6 +380,7 @@ def hook_output(sender: RTCRtpSender, output: RtpOutput) -> None:
     observe_send_parameters(sender, configure)
     route_retransmissions(sender, output.retransmit)
     observe_rtcp(sender, read_remb)
+    take_over_sender_reports(sender)
 
 
 class IdleVideoTrack(MediaStreamTrack):
