@@ -154,14 +154,14 @@ class SenderLink:
     nominated ICE pair's socket; aiortc itself awaits three coroutines per datagram), and its sender
     reports (see take_over_sender_reports)."""
 
-    __slots__ = ("_sender", "_dtls", "_ice", "ssrc", "_native_key", "_native")
+    __slots__ = ("_sender", "_dtls", "_ice", "ssrc", "_native_for", "_native")
 
     def __init__(self, sender: RTCRtpSender) -> None:
         self._sender = sender
         self._dtls = sender.transport
         self._ice = _ice_connection(sender)
         self.ssrc: int = sender._ssrc  # random, public only through stats and the SDP
-        self._native_key: tuple | None = None
+        self._native_for: tuple = (None, None, None)  # the (pair, transport, session) _native was computed for
         self._native: tuple[int, bytes, int] | None = None
 
     def path(self) -> tuple[Callable[[bytes], bytes], Any, tuple[str, int]] | None:
@@ -177,18 +177,22 @@ class SenderLink:
     def native_path(self, sockaddr: Callable[[str, int], bytes]) -> tuple[int, bytes, int] | None:
         """The same path for the compiled send loop (media/_fastsend.c): (the nominated pair's socket
         fd, its remote address packed by ``sockaddr``, the address of the sender's libsrtp session,
-        which pylibsrtp keeps as a cffi pointer), computed again only when the pair or session changes."""
+        which pylibsrtp keeps as a cffi pointer), computed again only when the pair or session changes.
+        Called per frame per spectator: identity checks only (a pair's remote address never changes)."""
         if self._dtls._state != DtlsState.CONNECTED:
             return None
         pair = self._ice._nominated.get(RTP_COMPONENT)
-        if pair is None or pair.protocol.transport is None:
+        if pair is None:
             return None
-        transport, session = pair.protocol.transport, self._dtls._tx_srtp
-        key = (transport, pair.remote_addr, session)
-        if key != self._native_key:
+        transport = pair.protocol.transport
+        if transport is None:
+            return None
+        session = self._dtls._tx_srtp
+        cached_pair, cached_transport, cached_session = self._native_for
+        if pair is not cached_pair or transport is not cached_transport or session is not cached_session:
             fd = transport.get_extra_info("socket").fileno()
             self._native = (fd, sockaddr(*pair.remote_addr[:2]), srtp_session_address(session))
-            self._native_key = key
+            self._native_for = (pair, transport, session)
         return self._native
 
     def report(self, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> bytes | None:

@@ -151,14 +151,23 @@ class RtpOutput:
         return self._link.path()
 
     def send_frame(self, first_index: int, payloads: list[bytes], timestamp: int, keyframe: bool, ntp: int) -> None:
-        path = self._path()
-        if path is None:
+        # One lookup per frame: the compiled loop needs only its native path (and sees a full socket
+        # itself, as a short send), the Python loop the transport.
+        if self.payload_type is None:
             return
+        native = path = None
+        if self._fanout.compiled:
+            native = self._link.native_path(_fastsend.sockaddr)
+            if native is None:
+                return
+        else:
+            path = self._link.path()
+            if path is None:
+                return
         if not self._was_ready:
             self._was_ready = True  # DTLS just came up: start this spectator on a keyframe
             if not keyframe and not self._fanout.replay_to(self):
                 self._fanout.request_keyframe()
-        protect, transport, addr = path
         if self._waiting_for_keyframe:
             if not keyframe:
                 return
@@ -170,7 +179,7 @@ class RtpOutput:
             if not self._layer_started:
                 self._layer_started = True
                 self._layer_start = (first_index + self._seq_offset) & 0xFFFF
-        elif transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+        elif path is not None and path[1].get_write_buffer_size() > WRITE_BUFFER_LIMIT:
             self._waiting_for_keyframe = True  # the kernel cannot take more: skip to a keyframe
             self._next_seq_index = first_index + self._seq_offset
             self._fanout.request_keyframe()
@@ -185,8 +194,7 @@ class RtpOutput:
             self._report_at = ntp + int((0.5 + random.random()) * NTP_SECOND)
             report = self._link.report(ntp, rtp_ts, self.packets_sent + len(payloads),
                                        self.bytes_sent + sum(map(len, payloads)))
-        native = self._fanout.compiled and self._link.native_path(_fastsend.sockaddr)
-        if native:
+        if native is not None:
             sent, size = self._send_compiled(native, payloads, seq, rtp_ts, ast, report)
             if sent < len(payloads):  # the socket's buffer is full: as a backed-up transport
                 self._waiting_for_keyframe = True
@@ -195,6 +203,7 @@ class RtpOutput:
                 self.packets_sent += sent
                 return
         else:
+            protect, transport, addr = path
             size = self._send_python(protect, transport.sendto, addr, payloads, seq, rtp_ts, ast)
             if report is not None:
                 transport.sendto(report, addr)

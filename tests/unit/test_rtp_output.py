@@ -39,7 +39,7 @@ class Link:
         return (self.protect, self, ADDRESS) if self.ready else None
 
     def native_path(self, sockaddr):
-        return None  # these tests read the Python loop's bytes; test_fastsend.py compares the two loops
+        raise AssertionError("these tests read the Python loop's bytes (compiled=False); test_fastsend.py compares the two loops")
 
     def protect(self, packet: bytes) -> bytes:
         return packet + AUTH_TAG
@@ -102,7 +102,7 @@ def test_each_output_writes_its_own_header_over_the_shared_payloads():
     packets = encoded_packets(8, size=(160, 96), noisy=True)
     expected = payloads_of(packets)
     assert all(len(p) > 1 for p in expected), "noisy frames span several RTP packets"
-    fanout = RtpFanout(lambda: None)
+    fanout = RtpFanout(lambda: None, compiled=False)
     links = Link(0x0A0A0A0A), Link(0x0B0B0B0B)
     outputs = output_on(fanout, links[0], 102), output_on(fanout, links[1], 96)
     for packet in packets:
@@ -130,7 +130,7 @@ def test_a_joiner_starts_on_a_keyframe_and_a_backed_up_socket_skips_to_the_next_
     packets = encoded_packets(12, keyframes_at={0, 9}, size=(160, 96), noisy=True)
     expected = payloads_of(packets)
     requests = []
-    fanout = RtpFanout(lambda: requests.append(1))
+    fanout = RtpFanout(lambda: requests.append(1), compiled=False)
     link = Link(0x1234)
     link.ready = False  # DTLS still connecting
     output_on(fanout, link, 102)
@@ -162,8 +162,8 @@ async def test_layer_switches_keep_sequence_numbers_gapless_and_nacks_find_the_r
     low_packets = encoded_packets(30, keyframes_at={0, 10}, size=(80, 48), noisy=True)
     main_payloads, low_payloads = payloads_of(main_packets), payloads_of(low_packets)
     requests = {MAIN: 0, LOW: 0}
-    low = RtpFanout(lambda: requests.__setitem__(LOW, requests[LOW] + 1))
-    main = RtpFanout(lambda: requests.__setitem__(MAIN, requests[MAIN] + 1), lower=low)
+    low = RtpFanout(lambda: requests.__setitem__(LOW, requests[LOW] + 1), compiled=False)
+    main = RtpFanout(lambda: requests.__setitem__(MAIN, requests[MAIN] + 1), lower=low, compiled=False)
     link = Link(0x5EED)
     output = output_on(main, link, 102, abs_send_time_id=AST_ID)
     output.policy = steer = Steer()
@@ -216,7 +216,7 @@ async def test_layer_switches_keep_sequence_numbers_gapless_and_nacks_find_the_r
 
 async def test_a_nack_through_aiortcs_sender_resends_the_packet_byte_for_byte():
     packets = encoded_packets(10, size=(160, 96), noisy=True)
-    fanout = RtpFanout(lambda: None)
+    fanout = RtpFanout(lambda: None, compiled=False)
     pc = RTCPeerConnection()
     try:
         sender = pc.addTransceiver(IdleVideoTrack(), direction="sendonly").sender
@@ -237,7 +237,7 @@ async def test_a_nack_through_aiortcs_sender_resends_the_packet_byte_for_byte():
 
 @pytest.mark.parametrize("ready", [False, True])
 async def test_nothing_is_sent_before_the_answer_gives_the_payload_type(ready):
-    fanout = RtpFanout(lambda: None)
+    fanout = RtpFanout(lambda: None, compiled=False)
     link = Link(1)
     link.ready = ready
     output = RtpOutput(fanout, link)
@@ -252,7 +252,7 @@ def test_sender_reports_leave_after_a_frames_packets_about_once_a_second_countin
     clock = [1 << 40]  # NTP time, stepped by the test: 0.3 s per frame
     monkeypatch.setattr(rtp_fanout, "current_ntp_time", lambda: clock[0])
     packets = encoded_packets(12, size=(160, 96), noisy=True)
-    fanout = RtpFanout(lambda: None)
+    fanout = RtpFanout(lambda: None, compiled=False)
     link = Link(0x0C0C0C0C)
     link.sends_reports = True
     output_on(fanout, link, 96)
