@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from relay.client import RelayClient, Spectator
 from tests.conftest import API_KEY, eventually
 
@@ -14,9 +16,10 @@ async def stats_of(pc, kind: str) -> list:
     return [s for s in (await pc.getStats()).values() if s.type == kind]
 
 
+@pytest.mark.parametrize("send_loop", ["auto", "python"])  # the compiled loop where built, and the fallback
 async def test_a_spectator_gets_sender_reports_of_what_it_was_sent_and_the_relay_measures_the_round_trip(
-        relay_factory):
-    relay = await relay_factory(limits={"stream_max_seconds": 60})
+        relay_factory, send_loop):
+    relay = await relay_factory(media={"send_loop": send_loop}, limits={"stream_max_seconds": 60})
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
         await conn.start_stream("a calm ocean")
         b = conn.broadcast

@@ -39,7 +39,8 @@ class Link:
         return (self.protect, self, ADDRESS) if self.ready else None
 
     def native_path(self, sockaddr):
-        raise AssertionError("these tests read the Python loop's bytes (compiled=False); test_fastsend.py compares the two loops")
+        # These tests read the Python loop's bytes (compiled=False); test_fastsend.py compares the two loops.
+        raise AssertionError("the compiled loop was asked for")
 
     def protect(self, packet: bytes) -> bytes:
         return packet + AUTH_TAG
