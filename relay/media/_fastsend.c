@@ -253,4 +253,12 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastsend", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__fastsend(void) { return PyModule_Create(&module); }
+/* API: what rtp_fanout.py checks before using a build (2: send_frame takes the optional rtcp). */
+PyMODINIT_FUNC PyInit__fastsend(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "API", 2) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

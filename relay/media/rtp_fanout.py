@@ -40,14 +40,21 @@ from .aiortc_hooks import (SenderLink, observe_rtcp, observe_send_parameters, ro
                            srtp_protect_address, take_over_sender_reports)
 from .layers import LayerPolicy
 
+log = logging.getLogger(__name__)
+FASTSEND_API = 2  # the _fastsend.c this module calls (2: send_frame carries a sender report)
+
 try:  # the compiled send loop (setup.py builds it where a C compiler is; see _fastsend.c)
     from . import _fastsend
 except ImportError:
     _fastsend = None
 else:
-    _fastsend.set_protect(srtp_protect_address())
+    if getattr(_fastsend, "API", 1) != FASTSEND_API:  # a build left from another _fastsend.c
+        log.warning("relay/media/_fastsend was built from another version (rebuild: python setup.py build_ext "
+                    "--inplace, or pip install -e .); using the Python send loop")
+        _fastsend = None
+    else:
+        _fastsend.set_protect(srtp_protect_address())
 
-log = logging.getLogger(__name__)
 COMPILED_SEND = _fastsend is not None  # [media] send_loop = "auto" uses it when it was built
 
 HISTORY = 1024  # packets kept for NACKs (~4 s at 2 Mbps); divides 2**16 so slots map cleanly

@@ -131,6 +131,11 @@ def test_the_compiled_loop_sends_exactly_the_python_loops_datagrams(abs_send_tim
         assert all(p.extensions.abs_send_time is not None for p in packets)
 
 
+@needs_compiled
+def test_the_build_is_of_the_c_source_this_module_calls():
+    assert rtp_fanout._fastsend.API == rtp_fanout.FASTSEND_API  # else rtp_fanout falls back to Python
+
+
 def test_the_python_loop_is_chosen_when_asked_or_when_nothing_was_built():
     assert RtpFanout(lambda: None, compiled=False).compiled is False
     assert RtpFanout(lambda: None).compiled is (rtp_fanout._fastsend is not None)
