@@ -25,11 +25,12 @@
 
 #define MAX_PACKETS 64   /* a frame larger than this is sent in several batches */
 #define SLOT 2048        /* header (<= 20) + payload (<= 1300) + SRTP trailer (<= 148) */
+#define MAX_DATAGRAMS (MAX_PACKETS + 1)  /* a batch's packets and, now and then, a sender report */
 
 typedef int (*protect_fn)(void *ctx, void *packet, int *length);
 
 static protect_fn srtp_protect;
-static __thread unsigned char slots[MAX_PACKETS][SLOT];
+static __thread unsigned char slots[MAX_DATAGRAMS][SLOT];
 /* UDP GSO: a run of equal-sized datagrams (the last may be shorter) goes down the stack as one buffer
  * and is cut into datagrams at the end (by the NIC, or late in software): the stack is walked once per
  * run instead of once per packet. The caller keeps the flag per spectator: a route that refuses it (an
@@ -44,13 +45,14 @@ static int refuses_gso(int error) {
 }
 
 /* Send datagrams vectors[0..count) to one address in one sendmmsg; with *gso each run of equal-sized
- * datagrams is one message. Returns the datagrams the kernel took; *error is the errno that stopped it
- * (0 when all were taken). A message refused for its GSO is sent again without, and *gso cleared. */
+ * datagrams among the first `runs` is one message (the rest, a sender report, go alone). Returns the
+ * datagrams the kernel took; *error is the errno that stopped it (0 when all were taken). A message
+ * refused for its GSO is sent again without, and *gso cleared. */
 static Py_ssize_t send_datagrams(int fd, const Py_buffer *address, struct iovec *vectors, Py_ssize_t count,
-                                 int *gso, int *error) {
-    struct mmsghdr messages[MAX_PACKETS];
-    control_t controls[MAX_PACKETS];
-    Py_ssize_t first[MAX_PACKETS + 1];
+                                 Py_ssize_t runs, int *gso, int *error) {
+    struct mmsghdr messages[MAX_DATAGRAMS];
+    control_t controls[MAX_DATAGRAMS];
+    Py_ssize_t first[MAX_DATAGRAMS + 1];
     Py_ssize_t offset = 0;  /* datagrams already taken by the kernel */
     *error = 0;
     while (offset < count) {
@@ -58,7 +60,7 @@ static Py_ssize_t send_datagrams(int fd, const Py_buffer *address, struct iovec 
         for (Py_ssize_t i = offset; i < count;) {
             Py_ssize_t j = i + 1;
             size_t segment = vectors[i].iov_len, total = segment;
-            while (*gso && j < count && vectors[j].iov_len <= segment && total + vectors[j].iov_len <= 65000) {
+            while (*gso && j < runs && vectors[j].iov_len <= segment && total + vectors[j].iov_len <= 65000) {
                 total += vectors[j].iov_len;
                 if (vectors[j++].iov_len < segment)
                     break;  /* a shorter datagram ends a run */
@@ -141,10 +143,12 @@ static void put32(unsigned char *p, uint32_t v) {
     p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
 }
 
-/* send_frame(fd, sockaddr, srtp, payloads, payload_type, seq, timestamp, ssrc, ast, gso)
+/* send_frame(fd, sockaddr, srtp, payloads, payload_type, seq, timestamp, ssrc, ast, gso[, rtcp])
  *   -> (packets sent, payload bytes sent, errno, gso)
  * ast: the abs-send-time extension word (id, length and value), or -1 for a plain 12-byte header.
  * gso: whether to try UDP GSO for this spectator; the answer's gso is False once its route refused it.
+ * rtcp: an already protected RTCP compound (the spectator's sender report, about once a second), sent
+ * after the frame's packets in the same sendmmsg instead of a syscall of its own; not counted.
  * Fewer packets than given come with the errno that stopped them: EAGAIN/ENOBUFS when the socket's
  * buffer is full (the caller skips to a keyframe, as for a backed-up transport), anything else a
  * failing route (the rest of the frame is lost, as a network would lose it). Nothing raises for it. */
@@ -157,9 +161,15 @@ static PyObject *send_frame(PyObject *self, PyObject *args) {
     unsigned long timestamp, ssrc;
     long long ast;
     int gso;
-    if (!PyArg_ParseTuple(args, "iy*KO!iIkkLp", &fd, &address, &srtp, &PyList_Type, &payloads, &payload_type,
-                          &seq, &timestamp, &ssrc, &ast, &gso))
+    PyObject *rtcp = Py_None;
+    if (!PyArg_ParseTuple(args, "iy*KO!iIkkLp|O", &fd, &address, &srtp, &PyList_Type, &payloads, &payload_type,
+                          &seq, &timestamp, &ssrc, &ast, &gso, &rtcp))
         return NULL;
+    if (rtcp != Py_None && (!PyBytes_Check(rtcp) || PyBytes_GET_SIZE(rtcp) > SLOT)) {
+        PyBuffer_Release(&address);
+        PyErr_SetString(PyExc_ValueError, "rtcp must be bytes of at most one MTU, or None");
+        return NULL;
+    }
     if (srtp_protect == NULL) {
         PyBuffer_Release(&address);
         PyErr_SetString(PyExc_RuntimeError, "set_protect() was not called");
@@ -168,7 +178,7 @@ static PyObject *send_frame(PyObject *self, PyObject *args) {
     Py_ssize_t count = PyList_GET_SIZE(payloads);
     Py_ssize_t sent = 0, octets = 0;
     int error = 0;
-    struct iovec vectors[MAX_PACKETS];
+    struct iovec vectors[MAX_DATAGRAMS];
     Py_ssize_t sizes[MAX_PACKETS];  /* payload bytes of each datagram of the batch */
     int header_size = ast >= 0 ? 20 : 12;
     for (Py_ssize_t base = 0; base < count && !error; base += MAX_PACKETS) {
@@ -198,6 +208,13 @@ static PyObject *send_frame(PyObject *self, PyObject *args) {
             vectors[i].iov_len = header_size + size;
             sizes[i] = size;
         }
+        Py_ssize_t datagrams = batch;
+        if (rtcp != Py_None && base + batch == count) {  /* the last batch carries the sender report */
+            memcpy(slots[batch], PyBytes_AS_STRING(rtcp), PyBytes_GET_SIZE(rtcp));
+            vectors[batch].iov_base = slots[batch];
+            vectors[batch].iov_len = PyBytes_GET_SIZE(rtcp);
+            datagrams++;
+        }
         int protected_ok = 1;
         Py_ssize_t done = 0;
         Py_BEGIN_ALLOW_THREADS
@@ -210,8 +227,11 @@ static PyObject *send_frame(PyObject *self, PyObject *args) {
             vectors[i].iov_base = slots[i];
             vectors[i].iov_len = length;
         }
-        if (protected_ok)
-            done = send_datagrams(fd, &address, vectors, batch, &gso, &error);
+        if (protected_ok) {
+            done = send_datagrams(fd, &address, vectors, datagrams, batch, &gso, &error);
+            if (done > batch)
+                done = batch;  /* the sender report went too: not a packet of the frame */
+        }
         Py_END_ALLOW_THREADS
         if (!protected_ok) {
             PyBuffer_Release(&address);
@@ -230,11 +250,20 @@ static PyMethodDef methods[] = {
     {"set_protect", set_protect, METH_O, "Use this srtp_protect (a C function pointer, as an int)."},
     {"sockaddr", sockaddr, METH_VARARGS, "sockaddr(host, port) -> the packed socket address."},
     {"send_frame", send_frame, METH_VARARGS,
-     "send_frame(fd, sockaddr, srtp, payloads, payload_type, seq, timestamp, ssrc, ast, gso)"
+     "send_frame(fd, sockaddr, srtp, payloads, payload_type, seq, timestamp, ssrc, ast, gso[, rtcp])"
      " -> (packets, octets, errno, gso)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastsend", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__fastsend(void) { return PyModule_Create(&module); }
+/* API: what rtp_fanout.py checks before using a build (3: send_frame takes gso, an optional rtcp, and
+ * answers (packets, octets, errno, gso)). */
+PyMODINIT_FUNC PyInit__fastsend(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "API", 3) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

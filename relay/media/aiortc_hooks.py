@@ -15,7 +15,9 @@ rtp_fanout.py.
 
 from __future__ import annotations
 
+import asyncio
 import queue
+import time
 from typing import Any, Awaitable, Callable
 
 import aioice.ice
@@ -25,7 +27,8 @@ from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpSendParameters
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 from aiortc.rtcrtpsender import RTCRtpSender
-from aiortc.rtp import AnyRtcpPacket, RtpPacket
+from aiortc.rtp import (AnyRtcpPacket, RtcpByePacket, RtcpSdesPacket, RtcpSenderInfo, RtcpSourceInfo, RtcpSrPacket,
+                       RtpPacket)
 
 RTP_COMPONENT = 1  # aiortc bundles and muxes RTCP: one ICE component carries everything
 
@@ -85,6 +88,25 @@ def observe_send_parameters(sender: RTCRtpSender, observe: Callable[[RTCRtpSendP
     sender.send = send  # type: ignore[method-assign]
 
 
+def take_over_sender_reports(sender: RTCRtpSender) -> None:
+    """aiortc's ``send()`` starts ``_run_rtcp()`` per sender: a task that wakes every 0.5-1.5 s, builds
+    a sender report (SR + SDES CNAME) from the counters its own RTP loop keeps and sends it in a
+    syscall of its own (per spectator: a timer, objects and a sendmsg each second). Whoever sends the
+    media sends the reports with it instead (SenderLink.report); this task then only waits for
+    ``stop()`` to cancel it and sends the BYE, as aiortc's does. Call it before ``send()``."""
+
+    async def run_rtcp() -> None:
+        sender._RTCRtpSender__rtcp_started.set()  # type: ignore[attr-defined]  # stop() awaits it
+        try:
+            await asyncio.get_running_loop().create_future()  # never set: only cancel() ends it
+        except asyncio.CancelledError:
+            pass
+        await sender._send_rtcp([RtcpByePacket(sources=[sender._ssrc])])
+        sender._RTCRtpSender__rtcp_exited.set()  # type: ignore[attr-defined]
+
+    sender._run_rtcp = run_rtcp  # type: ignore[method-assign]
+
+
 def route_retransmissions(sender: RTCRtpSender, retransmit: Callable[[int], Awaitable[None]]) -> None:
     """aiortc answers each NACKed sequence number with ``await _retransmit(seq)`` from the
     history its own RTP loop fills; when another sender writes the packets, that history is empty."""
@@ -129,17 +151,17 @@ async def send_picture_loss(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
 class SenderLink:
     """What a sender that bypasses RTCRtpSender's RTP loop needs of it: the SSRC aiortc chose
     (and signalled in the SDP), a synchronous way to send (the sender's SRTP session and the
-    nominated ICE pair's socket; aiortc itself awaits three coroutines per datagram), and the
-    counters aiortc's RTCP loop puts into sender reports."""
+    nominated ICE pair's socket; aiortc itself awaits three coroutines per datagram), and its sender
+    reports (see take_over_sender_reports)."""
 
-    __slots__ = ("_sender", "_dtls", "_ice", "ssrc", "_native_key", "_native")
+    __slots__ = ("_sender", "_dtls", "_ice", "ssrc", "_native_for", "_native")
 
     def __init__(self, sender: RTCRtpSender) -> None:
         self._sender = sender
         self._dtls = sender.transport
         self._ice = _ice_connection(sender)
         self.ssrc: int = sender._ssrc  # random, public only through stats and the SDP
-        self._native_key: tuple | None = None
+        self._native_for: tuple = (None, None, None)  # the (pair, transport, session) _native was computed for
         self._native: tuple[int, bytes, int] | None = None
 
     def path(self) -> tuple[Callable[[bytes], bytes], Any, tuple[str, int]] | None:
@@ -155,28 +177,46 @@ class SenderLink:
     def native_path(self, sockaddr: Callable[[str, int], bytes]) -> tuple[int, bytes, int] | None:
         """The same path for the compiled send loop (media/_fastsend.c): (the nominated pair's socket
         fd, its remote address packed by ``sockaddr``, the address of the sender's libsrtp session,
-        which pylibsrtp keeps as a cffi pointer), computed again only when the pair or session changes."""
+        which pylibsrtp keeps as a cffi pointer), computed again only when the pair or session changes.
+        Called per frame per spectator: identity checks only (a pair's remote address never changes)."""
         if self._dtls._state != DtlsState.CONNECTED:
             return None
         pair = self._ice._nominated.get(RTP_COMPONENT)
-        if pair is None or pair.protocol.transport is None:
+        if pair is None:
             return None
-        transport, session = pair.protocol.transport, self._dtls._tx_srtp
-        key = (transport, pair.remote_addr, session)
-        if key != self._native_key:
+        transport = pair.protocol.transport
+        if transport is None:
+            return None
+        session = self._dtls._tx_srtp
+        cached_pair, cached_transport, cached_session = self._native_for
+        if pair is not cached_pair or transport is not cached_transport or session is not cached_session:
             fd = transport.get_extra_info("socket").fileno()
             self._native = (fd, sockaddr(*pair.remote_addr[:2]), srtp_session_address(session))
-            self._native_key = key
+            self._native_for = (pair, transport, session)
         return self._native
 
-    def report(self, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> None:
-        """aiortc's RTCP loop builds each sender report from counters its own RTP loop keeps
-        (name-mangled, so written by their mangled names); whoever sends instead must keep them."""
+    def report(self, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> bytes | None:
+        """The sender report (SR + SDES CNAME, SRTCP-protected) for this clock and these counters,
+        as aiortc's ``_run_rtcp`` builds it, or None before DTLS is up. The sender keeps what its
+        stats and RTT estimate read (name-mangled, so written by their mangled names): the counters
+        for getStats, and when the last report left (LSR) for the receivers' replies."""
+        if self._dtls._state != DtlsState.CONNECTED:
+            return None
         sender = self._sender
+        packets &= 0xFFFFFFFF
+        octets &= 0xFFFFFFFF
+        data = bytes(RtcpSrPacket(ssrc=self.ssrc, sender_info=RtcpSenderInfo(
+            ntp_timestamp=ntp, rtp_timestamp=rtp_timestamp, packet_count=packets, octet_count=octets)))
+        cname = sender._RTCRtpSender__cname  # type: ignore[attr-defined]
+        if cname is not None:
+            data += bytes(RtcpSdesPacket(chunks=[RtcpSourceInfo(ssrc=self.ssrc, items=[(1, cname.encode())])]))
         sender._RTCRtpSender__ntp_timestamp = ntp  # type: ignore[attr-defined]
         sender._RTCRtpSender__rtp_timestamp = rtp_timestamp  # type: ignore[attr-defined]
         sender._RTCRtpSender__packet_count = packets  # type: ignore[attr-defined]
         sender._RTCRtpSender__octet_count = octets  # type: ignore[attr-defined]
+        sender._RTCRtpSender__lsr = (ntp >> 16) & 0xFFFFFFFF  # type: ignore[attr-defined]
+        sender._RTCRtpSender__lsr_time = time.time()  # type: ignore[attr-defined]
+        return self._dtls._tx_srtp.protect_rtcp(data)
 
 
 def srtp_protect_address() -> int:

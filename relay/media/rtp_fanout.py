@@ -8,7 +8,9 @@ marker) is written, SRTP-protected and sent, in one synchronous loop over specta
 
 aiortc still owns everything else for each spectator: SDP, ICE, DTLS, the SRTP keys, and
 RTCP. We hook its sender (through aiortc_hooks.py) so that NACKs are served from the shared
-packet history, PLI/FIR reach the shared encoder, and its sender reports carry our counters.
+packet history and PLI/FIR reach the shared encoder; its sender reports, built from our counters,
+leave with a frame's packets (in the same sendmmsg on the compiled path) instead of from a timer
+task and a syscall of their own per spectator.
 An output sends through a link (aiortc_hooks.SenderLink for a real sender), so its bytes can be
 tested without sockets.
 
@@ -23,6 +25,7 @@ import asyncio
 import errno
 import logging
 import os
+import random
 import struct
 import time
 from typing import Any, Callable, Protocol
@@ -34,17 +37,25 @@ from aiortc.codecs.h264 import H264Encoder as AiortcH264
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, unpack_remb_fci
 
-from .aiortc_hooks import SenderLink, observe_rtcp, observe_send_parameters, route_retransmissions, srtp_protect_address
+from .aiortc_hooks import (SenderLink, observe_rtcp, observe_send_parameters, route_retransmissions,
+                           srtp_protect_address, take_over_sender_reports)
 from .layers import LayerPolicy
+
+log = logging.getLogger(__name__)
+FASTSEND_API = 3  # the _fastsend.c this module calls (3: per-spectator GSO, errors answered, a sender report)
 
 try:  # the compiled send loop (setup.py builds it where a C compiler is; see _fastsend.c)
     from . import _fastsend
 except ImportError:
     _fastsend = None
 else:
-    _fastsend.set_protect(srtp_protect_address())
+    if getattr(_fastsend, "API", 1) != FASTSEND_API:  # a build left from another _fastsend.c
+        log.warning("relay/media/_fastsend was built from another version (rebuild: python setup.py build_ext "
+                    "--inplace, or pip install -e .); using the Python send loop")
+        _fastsend = None
+    else:
+        _fastsend.set_protect(srtp_protect_address())
 
-log = logging.getLogger(__name__)
 BACKED_UP = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})  # the kernel's buffer is full: wait
 COMPILED_SEND = _fastsend is not None  # [media] send_loop = "auto" uses it when it was built
 
@@ -61,6 +72,7 @@ _HEADER = struct.Struct("!BBHII")
 _HEADER_AST = struct.Struct("!BBHIIHHI")
 ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 RATE_WINDOW = 2.0  # seconds over which a layer's sending rate is measured (spans a keyframe)
+NTP_SECOND = 1 << 32  # NTP timestamps are 32.32 fixed-point seconds
 
 
 class Link(Protocol):
@@ -74,8 +86,9 @@ class Link(Protocol):
     def native_path(self, sockaddr: Callable[[str, int], bytes]) -> tuple[int, bytes, int] | None:
         """(socket fd, packed address, libsrtp session address) for the compiled loop, else None."""
 
-    def report(self, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> None:
-        """The clock and counters for the peer's next RTCP sender report."""
+    def report(self, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> bytes | None:
+        """The peer's RTCP sender report for this clock and these counters, protected and ready to
+        send, or None when there is none to send."""
 
 
 class RtpOutput:
@@ -105,6 +118,7 @@ class RtpOutput:
         self._previous: tuple[RtpFanout, int] | None = None
         self._layer_started = False
         self._layer_start = 0
+        self._report_at = 0  # NTP time of the next sender report: the first goes with the first frame
 
     def configure(self, payload_type: int, abs_send_time_id: int | None = None) -> None:
         self.payload_type = payload_type
@@ -147,14 +161,23 @@ class RtpOutput:
         return self._link.path()
 
     def send_frame(self, first_index: int, payloads: list[bytes], timestamp: int, keyframe: bool, ntp: int) -> None:
-        path = self._path()
-        if path is None:
+        # One lookup per frame: the compiled loop needs only its native path (and sees a full socket
+        # itself, as a short send), the Python loop the transport.
+        if self.payload_type is None:
             return
+        native = path = None
+        if self._fanout.compiled:
+            native = self._link.native_path(_fastsend.sockaddr)
+            if native is None:
+                return
+        else:
+            path = self._link.path()
+            if path is None:
+                return
         if not self._was_ready:
             self._was_ready = True  # DTLS just came up: start this spectator on a keyframe
             if not keyframe and not self._fanout.replay_to(self):
                 self._fanout.request_keyframe()
-        protect, transport, addr = path
         if self._waiting_for_keyframe:
             if not keyframe:
                 return
@@ -166,7 +189,7 @@ class RtpOutput:
             if not self._layer_started:
                 self._layer_started = True
                 self._layer_start = (first_index + self._seq_offset) & 0xFFFF
-        elif transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+        elif path is not None and path[1].get_write_buffer_size() > WRITE_BUFFER_LIMIT:
             self._waiting_for_keyframe = True  # the kernel cannot take more: skip to a keyframe
             self._next_seq_index = first_index + self._seq_offset
             self._fanout.request_keyframe()
@@ -176,9 +199,13 @@ class RtpOutput:
         ast = self._abs_send_time_word
         if ast is not None:
             ast |= (ntp >> 14) & 0xFFFFFF  # 6.18 fixed-point seconds, once per frame
-        native = self._fanout.compiled and self._link.native_path(_fastsend.sockaddr)
-        if native:
-            sent, size, error = self._send_compiled(native, payloads, seq, rtp_ts, ast)
+        report = None
+        if ntp >= self._report_at:  # about once a second, randomized over 0.5-1.5 s as RFC 3550 (and aiortc) do
+            self._report_at = ntp + int((0.5 + random.random()) * NTP_SECOND)
+            report = self._link.report(ntp, rtp_ts, self.packets_sent + len(payloads),
+                                       self.bytes_sent + sum(map(len, payloads)))
+        if native is not None:
+            sent, size, error = self._send_compiled(native, payloads, seq, rtp_ts, ast, report)
             if error in BACKED_UP:  # the socket's buffer is full: as a backed-up transport, gapless
                 self._waiting_for_keyframe = True
                 self._next_seq_index = seq + sent
@@ -189,21 +216,22 @@ class RtpOutput:
             if error:  # a failing route: the rest of the frame is lost, as on a network (NACKs may recover it)
                 log.debug("send to spectator ssrc=%d failed: %s", self.ssrc, os.strerror(error))
         else:
+            protect, transport, addr = path
             size = self._send_python(protect, transport.sendto, addr, payloads, seq, rtp_ts, ast)
+            if report is not None:
+                transport.sendto(report, addr)
         self._next_seq_index = seq + len(payloads)
         self.packets_sent += len(payloads)
         self.bytes_sent += size
-        # aiortc's own RTCP loop sends the sender reports; give it our clock and counters.
-        self._link.report(ntp, rtp_ts, self.packets_sent, self.bytes_sent)
 
     def _send_compiled(self, native: tuple[int, bytes, int], payloads: list[bytes], seq: int, rtp_ts: int,
-                       ast: int | None) -> tuple[int, int, int]:
-        """A frame's packets in one call: headers, SRTP and one sendmmsg (_fastsend.c); (packets sent,
-        payload bytes sent, the errno that stopped the rest or 0)."""
+                       ast: int | None, report: bytes | None) -> tuple[int, int, int]:
+        """A frame's packets (and a due sender report) in one call: headers, SRTP and one sendmmsg
+        (_fastsend.c); (packets sent, payload bytes sent, the errno that stopped the rest or 0)."""
         fd, address, srtp = native
         sent, size, error, self._gso = _fastsend.send_frame(
             fd, address, srtp, payloads, self.payload_type, seq & 0xFFFF, rtp_ts, self.ssrc,
-            -1 if ast is None else ast, self._gso)
+            -1 if ast is None else ast, self._gso, report)
         return sent, size, error
 
     def _send_python(self, protect, sendto, addr, payloads: list[bytes], seq: int, rtp_ts: int,
@@ -354,7 +382,7 @@ class RtpFanout:
 
 def hook_output(sender: RTCRtpSender, output: RtpOutput) -> None:
     """Route the sender's negotiated payload type and extensions, its NACKs and its receiver's
-    bandwidth estimates (REMB) to our output."""
+    bandwidth estimates (REMB) to our output, which also sends its sender reports."""
 
     def configure(parameters) -> None:
         ast = [e.id for e in parameters.headerExtensions if e.uri == ABS_SEND_TIME_URI]
@@ -373,6 +401,7 @@ def hook_output(sender: RTCRtpSender, output: RtpOutput) -> None:
     observe_send_parameters(sender, configure)
     route_retransmissions(sender, output.retransmit)
     observe_rtcp(sender, read_remb)
+    take_over_sender_reports(sender)
 
 
 class IdleVideoTrack(MediaStreamTrack):

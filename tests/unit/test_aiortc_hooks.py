@@ -91,6 +91,37 @@ async def test_sender_ssrc_and_report_counters_exist_and_feed_its_sender_reports
         assert counter in names_used(RTCRtpSender._run_rtcp), counter
 
 
+def test_sender_reports_are_taken_from_a_task_send_starts_and_stop_waits_for():
+    """take_over_sender_reports replaces ``_run_rtcp`` (started by send(), flagged to stop()) and
+    SenderLink.report keeps what aiortc's loop kept: the counters, the CNAME, LSR for the RTT."""
+    assert "_run_rtcp" in names_used(RTCRtpSender.send) and "_RTCRtpSender__cname" in names_used(RTCRtpSender.send)
+    flags = {"_RTCRtpSender__rtcp_started", "_RTCRtpSender__rtcp_exited"}
+    assert flags <= names_used(RTCRtpSender.stop)
+    rtcp_loop = names_used(RTCRtpSender._run_rtcp)
+    assert flags | {"_RTCRtpSender__cname", "_RTCRtpSender__lsr", "_RTCRtpSender__lsr_time", "_send_rtcp"} <= rtcp_loop
+    assert {"_RTCRtpSender__lsr", "_RTCRtpSender__lsr_time"} <= names_used(RTCRtpSender._handle_rtcp_packet)
+    assert {"_RTCRtpSender__packet_count", "_RTCRtpSender__octet_count"} <= names_used(RTCRtpSender.getStats)
+    assert inspect.iscoroutinefunction(RTCRtpSender._send_rtcp) and parameters(RTCRtpSender._send_rtcp) == [
+        "self", "packets"]
+    assert callable(pylibsrtp.Session.protect_rtcp) and "protect_rtcp" in names_used(RTCDtlsTransport._send_rtp)
+
+
+async def test_a_sender_whose_reports_are_taken_over_starts_and_stops_without_its_rtcp_loop(sender):
+    aiortc_hooks.take_over_sender_reports(sender)
+    sent = []
+
+    async def send_rtcp(packets) -> None:
+        sent.extend(packets)
+
+    sender._send_rtcp = send_rtcp
+    sender.transport._register_rtp_sender = lambda *args: None  # no DTLS here: only the tasks are under test
+    sender.transport._unregister_rtp_sender = lambda *args: None
+    await sender.send(RTCRtpSendParameters(codecs=[RTCRtpCodecParameters(
+        mimeType="video/H264", clockRate=90000, payloadType=102)], rtcp=RTCRtcpParameters(cname="c")))
+    await asyncio.wait_for(sender.stop(), 2)  # returns once our task has said BYE
+    assert [type(p).__name__ for p in sent] == ["RtcpByePacket"] and sent[0].sources == [sender._ssrc]
+
+
 async def test_dtls_state_srtp_session_and_ice_connection_under_a_sender(sender):
     dtls = sender.transport
     assert dtls._state == DtlsState.NEW and DtlsState.CONNECTED.name == "CONNECTED"
@@ -169,11 +200,10 @@ async def test_host_address_lookup_is_replaced_for_the_whole_process(monkeypatch
     await connection.close()
 
 
-async def test_a_sender_link_is_not_ready_before_dtls_and_keeps_the_report_counters(sender):
+async def test_a_sender_link_is_not_ready_before_dtls_and_has_no_report_to_send(sender):
     link = aiortc_hooks.SenderLink(sender)
     assert link.ssrc == sender._ssrc and link.path() is None
-    link.report(ntp=1 << 40, rtp_timestamp=90000, packets=3, octets=3000)
-    assert [getattr(sender, c) for c in REPORT_COUNTERS] == [1 << 40, 90000, 3, 3000]
+    assert link.report(ntp=1 << 40, rtp_timestamp=90000, packets=3, octets=3000) is None
 
 
 # ----------------------------------------------------------------- the receiver (a cluster edge's feed)

@@ -13,7 +13,7 @@ import os
 import socket
 
 import pytest
-from aiortc.rtp import HeaderExtensionsMap, RtpPacket
+from aiortc.rtp import HeaderExtensionsMap, RtcpPacket, RtcpSenderInfo, RtcpSrPacket, RtpPacket
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpSendParameters
 from pylibsrtp import Policy, Session
 
@@ -46,6 +46,7 @@ class UdpLink:
         self.inbox.bind(("127.0.0.1", 0))
         self.inbox.settimeout(2)
         self.addr = self.inbox.getsockname()
+        self.reports: list[tuple[int, int, int]] = []
 
     def path(self):
         return self.session.protect, self, self.addr
@@ -59,8 +60,11 @@ class UdpLink:
     def sendto(self, data: bytes, addr) -> None:
         self.out.sendto(data, addr)
 
-    def report(self, *counters) -> None:
-        pass
+    def report(self, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> bytes:
+        """A real SRTCP sender report; its NTP time left out, so that both loops send the same bytes."""
+        self.reports.append((rtp_timestamp, packets, octets))
+        info = RtcpSenderInfo(ntp_timestamp=0, rtp_timestamp=rtp_timestamp, packet_count=packets, octet_count=octets)
+        return self.session.protect_rtcp(bytes(RtcpSrPacket(ssrc=self.ssrc, sender_info=info)))
 
     def received(self, count: int) -> list[bytes]:
         return [self.inbox.recv(4096) for _ in range(count)]
@@ -79,15 +83,24 @@ def send_frames(compiled: bool, frames, abs_send_time_id: int | None):
     output._seq_offset, output._ts_origin = 65530, 0xFFFFFF00  # both wrap within the test
     fanout.adopt(output)
     output.configure(96, abs_send_time_id)
-    total = 0
+    total, first_frame = 0, None
     for packet in frames:
         before = output.packets_sent
         fanout.publish(packet, packet.is_keyframe)
         total += output.packets_sent - before
-    datagrams = link.received(total)
-    plain = [link.rx.unprotect(d) for d in datagrams]
+        first_frame = first_frame or output.packets_sent
+    # The frames follow each other faster than a report interval: only the first frame carries one.
+    assert len(link.reports) == 1 and link.reports[0][1] == first_frame
+    received = link.received(total + 1)
+    reports = [i for i, d in enumerate(received) if d[1] == 200]  # RTCP SR (the header is not encrypted)
+    assert reports == [first_frame], "the sender report leaves right after the first frame's packets"
+    rtcp = received.pop(first_frame)
+    report = RtcpPacket.parse(link.rx.unprotect_rtcp(rtcp))[0]
+    assert (report.ssrc, report.sender_info.rtp_timestamp, report.sender_info.packet_count,
+            report.sender_info.octet_count) == (SSRC, *link.reports[0])
+    plain = [link.rx.unprotect(d) for d in received]
     link.close()
-    return datagrams, plain, output
+    return received + [rtcp], plain, output
 
 
 @needs_compiled
@@ -116,6 +129,11 @@ def test_the_compiled_loop_sends_exactly_the_python_loops_datagrams(abs_send_tim
     assert sum(p.marker for p in packets) == len(frames)  # one marker per frame, on its last packet
     if abs_send_time_id is not None:
         assert all(p.extensions.abs_send_time is not None for p in packets)
+
+
+@needs_compiled
+def test_the_build_is_of_the_c_source_this_module_calls():
+    assert rtp_fanout._fastsend.API == rtp_fanout.FASTSEND_API  # else rtp_fanout falls back to Python
 
 
 def test_the_python_loop_is_chosen_when_asked_or_when_nothing_was_built():

@@ -11,9 +11,10 @@ from aiortc.codecs.h264 import H264Encoder as AiortcH264
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpSendParameters
 from aiortc.rtp import RTCP_RTPFB_NACK, HeaderExtensionsMap, RtcpRtpfbPacket, RtpPacket
 
+from relay.media import rtp_fanout
 from relay.media.layers import LOW, MAIN
-from relay.media.rtp_fanout import (ABS_SEND_TIME_URI, WRITE_BUFFER_LIMIT, IdleVideoTrack, RtpFanout, RtpOutput,
-                                    hook_output)
+from relay.media.rtp_fanout import (ABS_SEND_TIME_URI, NTP_SECOND, WRITE_BUFFER_LIMIT, IdleVideoTrack, RtpFanout,
+                                    RtpOutput, hook_output)
 from tests.unit.test_media import encoded_packets
 
 ADDRESS = ("192.0.2.7", 40000)
@@ -32,12 +33,14 @@ class Link:
         self.backlog = 0  # bytes the 'kernel' has not sent yet
         self.datagrams: list[bytes] = []
         self.reports: list[tuple[int, int, int, int]] = []
+        self.sends_reports = False  # when True, each report is a datagram b"SR<n>" sent with the media
 
     def path(self):
         return (self.protect, self, ADDRESS) if self.ready else None
 
     def native_path(self, sockaddr):
-        return None  # these tests read the Python loop's bytes; test_fastsend.py compares the two loops
+        # These tests read the Python loop's bytes (compiled=False); test_fastsend.py compares the two loops.
+        raise AssertionError("the compiled loop was asked for")
 
     def protect(self, packet: bytes) -> bytes:
         return packet + AUTH_TAG
@@ -49,8 +52,9 @@ class Link:
         assert address == ADDRESS and data.endswith(AUTH_TAG)
         self.datagrams.append(data[: -len(AUTH_TAG)])
 
-    def report(self, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> None:
+    def report(self, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> bytes | None:
         self.reports.append((ntp, rtp_timestamp, packets, octets))
+        return self.protect(b"SR%d" % len(self.reports)) if self.sends_reports else None
 
     def packets(self, extensions: HeaderExtensionsMap | None = None) -> list[RtpPacket]:
         return [RtpPacket.parse(d, extensions or HeaderExtensionsMap()) for d in self.datagrams]
@@ -99,7 +103,7 @@ def test_each_output_writes_its_own_header_over_the_shared_payloads():
     packets = encoded_packets(8, size=(160, 96), noisy=True)
     expected = payloads_of(packets)
     assert all(len(p) > 1 for p in expected), "noisy frames span several RTP packets"
-    fanout = RtpFanout(lambda: None)
+    fanout = RtpFanout(lambda: None, compiled=False)
     links = Link(0x0A0A0A0A), Link(0x0B0B0B0B)
     outputs = output_on(fanout, links[0], 102), output_on(fanout, links[1], 96)
     for packet in packets:
@@ -114,9 +118,9 @@ def test_each_output_writes_its_own_header_over_the_shared_payloads():
         for i, frame in enumerate(frames):
             assert {(p.ssrc, p.payload_type) for p in frame} == {(link.ssrc, payload_type)}
             assert {p.timestamp for p in frame} == {(sent[0].timestamp + i * FRAME_TICKS) & 0xFFFFFFFF}
-        # The sender report aiortc sends next carries this output's clock and counters.
+        # The first frame took the first sender report along: its clock and the counters up to it.
+        assert link.reports[0][1:] == (frames[0][0].timestamp, len(frames[0]), sum(map(len, expected[0])))
         octets = sum(map(len, sum(expected, [])))
-        assert link.reports[-1][1:] == (sent[-1].timestamp, len(sent), octets)
         assert (output.packets_sent, output.bytes_sent) == (len(sent), octets)
     # Sequence numbers and timestamps start at random points per spectator.
     a, b = (link.packets()[0] for link in links)
@@ -127,7 +131,7 @@ def test_a_joiner_starts_on_a_keyframe_and_a_backed_up_socket_skips_to_the_next_
     packets = encoded_packets(12, keyframes_at={0, 9}, size=(160, 96), noisy=True)
     expected = payloads_of(packets)
     requests = []
-    fanout = RtpFanout(lambda: requests.append(1))
+    fanout = RtpFanout(lambda: requests.append(1), compiled=False)
     link = Link(0x1234)
     link.ready = False  # DTLS still connecting
     output_on(fanout, link, 102)
@@ -159,8 +163,8 @@ async def test_layer_switches_keep_sequence_numbers_gapless_and_nacks_find_the_r
     low_packets = encoded_packets(30, keyframes_at={0, 10}, size=(80, 48), noisy=True)
     main_payloads, low_payloads = payloads_of(main_packets), payloads_of(low_packets)
     requests = {MAIN: 0, LOW: 0}
-    low = RtpFanout(lambda: requests.__setitem__(LOW, requests[LOW] + 1))
-    main = RtpFanout(lambda: requests.__setitem__(MAIN, requests[MAIN] + 1), lower=low)
+    low = RtpFanout(lambda: requests.__setitem__(LOW, requests[LOW] + 1), compiled=False)
+    main = RtpFanout(lambda: requests.__setitem__(MAIN, requests[MAIN] + 1), lower=low, compiled=False)
     link = Link(0x5EED)
     output = output_on(main, link, 102, abs_send_time_id=AST_ID)
     output.policy = steer = Steer()
@@ -213,7 +217,7 @@ async def test_layer_switches_keep_sequence_numbers_gapless_and_nacks_find_the_r
 
 async def test_a_nack_through_aiortcs_sender_resends_the_packet_byte_for_byte():
     packets = encoded_packets(10, size=(160, 96), noisy=True)
-    fanout = RtpFanout(lambda: None)
+    fanout = RtpFanout(lambda: None, compiled=False)
     pc = RTCPeerConnection()
     try:
         sender = pc.addTransceiver(IdleVideoTrack(), direction="sendonly").sender
@@ -234,7 +238,7 @@ async def test_a_nack_through_aiortcs_sender_resends_the_packet_byte_for_byte():
 
 @pytest.mark.parametrize("ready", [False, True])
 async def test_nothing_is_sent_before_the_answer_gives_the_payload_type(ready):
-    fanout = RtpFanout(lambda: None)
+    fanout = RtpFanout(lambda: None, compiled=False)
     link = Link(1)
     link.ready = ready
     output = RtpOutput(fanout, link)
@@ -243,3 +247,33 @@ async def test_nothing_is_sent_before_the_answer_gives_the_payload_type(ready):
         fanout.publish(packet, packet.is_keyframe)
     await output.retransmit(0)
     assert not link.datagrams and not link.reports
+
+
+def test_sender_reports_leave_after_a_frames_packets_about_once_a_second_counting_that_frame(monkeypatch):
+    clock = [1 << 40]  # NTP time, stepped by the test: 0.3 s per frame
+    monkeypatch.setattr(rtp_fanout, "current_ntp_time", lambda: clock[0])
+    packets = encoded_packets(12, size=(160, 96), noisy=True)
+    fanout = RtpFanout(lambda: None, compiled=False)
+    link = Link(0x0C0C0C0C)
+    link.sends_reports = True
+    output_on(fanout, link, 96)
+    for i, packet in enumerate(packets):
+        clock[0] = (1 << 40) + i * 3 * NTP_SECOND // 10
+        fanout.publish(packet, packet.is_keyframe)
+    sent, reports = [], []
+    for datagram in link.datagrams:
+        if datagram.startswith(b"SR"):  # right after the last packet of the frame it counts
+            reports.append(datagram)
+            assert sent[-1].marker and link.reports[len(reports) - 1][2] == len(sent)
+        else:
+            sent.append(RtpPacket.parse(datagram))
+    assert reports == [b"SR%d" % (i + 1) for i in range(len(link.reports))]
+    assert link.reports[0][0] == 1 << 40  # the first goes with the first frame
+    times = [ntp for ntp, *_ in link.reports]
+    gaps = [(b - a) / NTP_SECOND for a, b in zip(times, times[1:])]
+    assert len(gaps) >= 2 and all(0.5 <= gap < 1.5 + 0.3 for gap in gaps), gaps  # RFC 3550's 0.5-1.5 s
+    frames = frames_of(sent)
+    for ntp, rtp_timestamp, packets_sent, octets in link.reports:
+        upto = frames[: round((ntp - (1 << 40)) * 10 / (3 * NTP_SECOND)) + 1]  # up to the frame sent at ntp
+        assert rtp_timestamp == upto[-1][0].timestamp
+        assert (packets_sent, octets) == (sum(map(len, upto)), sum(len(p.payload) for f in upto for p in f))
