@@ -204,10 +204,12 @@ async def test_a_silent_upstream_times_out_cleanly(relay_factory, tmp_path, monk
     a, b = await start_pair(relay_factory, tmp_path, monkeypatch)
     model: HostedWorldModel = a.app[WORLD_MODEL]
     patient, impatient = model.timeouts, dataclasses.replace(model.timeouts, command=0.5)
+    gates: list[asyncio.Event] = []  # all opened at the end, pass or fail: a held call must not hold the teardown
 
     def hold(name: str) -> asyncio.Event:
         """B's core holds this call until the returned gate opens: an upstream that is late."""
         method, gate = getattr(b.sessions, name), asyncio.Event()
+        gates.append(gate)
 
         async def held(*args, **kwargs):
             await gate.wait()
@@ -215,6 +217,16 @@ async def test_a_silent_upstream_times_out_cleanly(relay_factory, tmp_path, monk
         setattr(b.sessions, name, held)
         return gate
 
+    try:
+        await _late_upstream(a, b, model, hold, patient, impatient)
+    finally:
+        for gate in gates:
+            gate.set()
+    await eventually(lambda: b.sessions.connections == {} and model._background == set())
+    assert model.streamers == set() and hosted_tasks() == []
+
+
+async def _late_upstream(a, b, model, hold, patient, impatient) -> None:
     async with RelayClient(a.url, API_KEY) as client:
         async with client.connect() as conn:
             (b_conn,) = b.sessions.connections.values()
@@ -247,8 +259,6 @@ async def test_a_silent_upstream_times_out_cleanly(relay_factory, tmp_path, monk
             assert await conn.interact("snow begins to fall") == "snow begins to fall"
             assert b_conn2.stream.last_applied_prompt == "snow begins to fall"
             assert (await conn.state())["stream"]["status"] == "live"
-    await eventually(lambda: b.sessions.connections == {} and model._background == set())
-    assert model.streamers == set() and hosted_tasks() == []
 
 
 async def test_a_wrong_upstream_key_fails_the_open_clearly_and_holds_nothing(relay_factory, tmp_path, monkeypatch):
