@@ -1,0 +1,121 @@
+"""Chromium as a WHIP publisher, the most common one: a page draws a moving canvas, captures it
+(`captureStream`) and publishes it to a kind = "whip" connection with its own fetch; a real aiortc
+spectator of the broadcast receives the picture at rate, and it moves.
+
+The page is served by the test from its own origin, not by the relay: a publisher page is the
+publisher's (a world model's front end, a streaming tool), and a page on another origin is what
+the relay's CORS must let through (the preflight of a POST with Authorization, Location exposed).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from aiohttp import web
+
+from relay.client import RelayClient, Spectator
+from tests.browser.conftest import CHROMIUM, HAVE_CHROMIUM
+from tests.conftest import API_KEY, frames_for, mean_rgb
+from tests.integration.test_whip_client import whip_ingest_merged
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not HAVE_CHROMIUM, reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
+    pytest.mark.skipif(not whip_ingest_merged(), reason='the relay here has no [world_model] kind = "whip"'),
+]
+
+FPS = 25
+WINDOW = 3.0  # seconds of the broadcast a spectator counts
+LONG = {"stream_max_seconds": 30, "idle_timeout_seconds": 60}
+
+PAGE = """<!doctype html>
+<title>canvas publisher</title>
+<canvas id="c" width="320" height="176"></canvas>
+<script>
+let pc = null, session = null;
+// A hue that cycles and a square that slides: every frame differs from the one before.
+function draw() {
+  const ctx = document.getElementById('c').getContext('2d');
+  let t = 0;
+  setInterval(() => {
+    t += 1;
+    ctx.fillStyle = `hsl(${(t * 9) % 360}, 80%, 50%)`;
+    ctx.fillRect(0, 0, 320, 176);
+    ctx.fillStyle = '#fff';
+    ctx.fillRect((t * 4) % 280, 68, 40, 40);
+  }, 1000 / %(fps)d);
+}
+// The codec asked for first, the browser's others after it: the relay picks what it takes.
+function prefer(transceiver, codec) {
+  const all = RTCRtpSender.getCapabilities('video').codecs;
+  const first = all.filter(c => c.mimeType === 'video/' + codec && !/packetization-mode=0/.test(c.sdpFmtpLine || ''));
+  transceiver.setCodecPreferences([...first, ...all.filter(c => !first.includes(c))]);
+}
+async function publish(whipUrl, token, codec) {
+  draw();
+  const track = document.getElementById('c').captureStream(%(fps)d).getVideoTracks()[0];
+  pc = new RTCPeerConnection();
+  prefer(pc.addTransceiver(track, {direction: 'sendonly'}), codec);
+  await pc.setLocalDescription(await pc.createOffer());
+  if (pc.iceGatheringState !== 'complete') {  // one offer with every candidate: no PATCH needed
+    await new Promise(done => pc.addEventListener('icegatheringstatechange',
+      () => pc.iceGatheringState === 'complete' && done()));
+  }
+  const response = await fetch(whipUrl, {
+    method: 'POST', body: pc.localDescription.sdp,
+    headers: {'Content-Type': 'application/sdp', 'Authorization': 'Bearer ' + token},
+  });
+  if (response.status !== 201) return {status: response.status, body: await response.text()};
+  session = new URL(response.headers.get('Location'), whipUrl).href;
+  await pc.setRemoteDescription({type: 'answer', sdp: await response.text()});
+  return {status: 201, location: session};
+}
+async function sentCodec() {
+  for (const report of (await pc.getStats()).values()) {
+    if (report.type === 'outbound-rtp' && report.kind === 'video' && report.codecId) {
+      return (await pc.getStats()).get(report.codecId).mimeType;
+    }
+  }
+  return null;
+}
+async function unpublish(token) {
+  const response = await fetch(session, {method: 'DELETE', headers: {'Authorization': 'Bearer ' + token}});
+  pc.close();
+  return response.status;
+}
+</script>
+""".replace("%(fps)d", str(FPS))
+
+
+@pytest.fixture
+async def page_url(aiohttp_server) -> str:
+    app = web.Application()
+    app.router.add_get("/publish.html", lambda request: web.Response(text=PAGE, content_type="text/html"))
+    server = await aiohttp_server(app)
+    return str(server.make_url("/publish.html"))
+
+
+@pytest.mark.parametrize("codec", ["H264", "VP8"])
+async def test_a_canvas_published_from_chromium_reaches_a_spectator_at_rate(codec, relay_factory, open_page,
+                                                                           page_url):
+    relay = await relay_factory(world_model={"kind": "whip"}, limits=LONG)
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        assert conn.whip_url and conn.publish_token
+        page = await open_page(page_url)
+        published = await page.evaluate("([url, token, codec]) => publish(url, token, codec)",
+                                        [conn.whip_url, conn.publish_token, codec])
+        assert published["status"] == 201, published
+        await page.wait_for_function("pc.connectionState === 'connected'", timeout=15_000)
+        # H.264 is what the relay forwards as it is; VP8 (what browsers offer first) is transcoded once.
+        sent = await page.wait_for_function("async () => await sentCodec()", timeout=10_000)
+        assert await sent.json_value() == f"video/{codec}"
+
+        await conn.start_stream("a canvas from a browser")
+        async with Spectator(conn.broadcast["whep_url"], conn.broadcast["spectator_token"], audio=False) as viewer:
+            await viewer.track.recv()  # the first picture; then count a window of them
+            frames = await frames_for(viewer.track, WINDOW)
+        assert len(frames) >= 0.5 * FPS * WINDOW, f"{len(frames)} frames in {WINDOW} s of a {FPS} fps canvas"
+        colours = {tuple(np.round(mean_rgb(frame), -1)) for frame in frames}
+        assert len(colours) >= 5, f"the picture does not move: {colours}"
+
+        assert await page.evaluate("token => unpublish(token)", conn.publish_token) in (200, 204)
