@@ -1,0 +1,241 @@
+"""One WHIP publisher's peer connection: the relay receives a live source's video.
+
+The publisher offers (sendonly video, optionally a data channel labelled ``prompts``); the relay
+answers with the codec the offer put first among those it can take:
+
+- H.264 (packetization-mode 1) is *passed through*: as at a cluster edge (edge_feed.py), the
+  receiver is hooked (aiortc_hooks.receive_rtp_undecoded), each RTP packet goes to an
+  :class:`H264Depacketizer`, and each access unit is handed on as an ``av.Packet`` for the
+  broadcast's graph; nothing is decoded or encoded again. Keyframe requests go back to the
+  publisher as one PLI at most every KEYFRAME_MIN_INTERVAL.
+- VP8 is *transcoded*: aiortc decodes it and the frames go to the stream's pipeline, which encodes
+  them once, like any world model's.
+
+RTX is not offered: the depacketizer reads packets by their media payload type, so a publisher
+resends NACKed packets with it. Audio and further video m-lines are answered inactive: nothing reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from typing import Any, Callable
+
+import av
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import RtpPacket
+from aiortc.sdp import SessionDescription
+
+from .. import metrics
+from ..errors import RelayError, invalid_request, unprocessable
+from .aiortc_hooks import receive_rtp_undecoded, send_picture_loss
+from .depacketizer import H264Depacketizer
+from .pipeline import KEYFRAME_MIN_INTERVAL
+from .webrtc import add_trickled_candidates, count_candidates, too_many_candidates
+
+log = logging.getLogger(__name__)
+
+PASSTHROUGH = "passthrough"
+TRANSCODE = "transcode"
+PATHS = {"video/h264": PASSTHROUGH, "video/vp8": TRANSCODE}
+PROMPTS_LABEL = "prompts"
+
+
+def parse_publish_offer(sdp: str, max_candidates: int) -> SessionDescription:
+    """400 for text that is not SDP; 422 for an offer that sends no video the relay can take."""
+    if not sdp.lstrip().startswith("v=0"):
+        raise invalid_request("The body is not an SDP offer (it must start with 'v=0').")
+    candidates = count_candidates(sdp)  # before parsing: applying n candidates costs n² (see webrtc.py)
+    if candidates > max_candidates:
+        raise too_many_candidates(max_candidates, candidates)
+    try:
+        parsed = SessionDescription.parse(sdp)
+    except Exception as exc:  # aiortc's parser raises assorted errors on broken SDP
+        raise invalid_request(f"Malformed SDP offer: {str(exc) or type(exc).__name__}.") from exc
+    video = [m for m in parsed.media if m.kind == "video"]
+    if not video:
+        raise unprocessable("The offer has no video m-line: a publisher must send video.")
+    first = video[0]
+    offered = sorted({c.mimeType for c in first.rtp.codecs})
+    if not any(c.mimeType.lower() in PATHS for c in first.rtp.codecs):
+        raise unprocessable("No codec in common: the relay takes H.264 (packetization-mode 1) or VP8.",
+                            offered=offered)
+    if first.port == 0 or first.direction not in (None, "sendrecv", "sendonly"):
+        raise unprocessable(f"The offer's video m-line is {first.direction or 'rejected'}: a publisher must send "
+                            "video (sendonly).", direction=first.direction)
+    if first.dtls is None or not first.dtls.fingerprints:
+        raise unprocessable(
+            "The offer has no DTLS fingerprint and setup role (a=fingerprint, a=setup): media cannot be secured.")
+    return parsed
+
+
+def ingest_preferences() -> list:
+    codecs = RTCRtpReceiver.getCapabilities("video").codecs
+    return [c for c in codecs if c.mimeType.lower() in PATHS
+            and (c.parameters or {}).get("packetization-mode", "1") == "1"]
+
+
+class Ingest:
+    """The publisher's peer: ``on_packet`` gets its access units (pass-through), ``on_frame`` its decoded
+    frames (transcode), ``on_gone`` is called once if its peer fails or closes without us closing it."""
+
+    def __init__(
+        self,
+        *,
+        on_packet: Callable[[av.Packet, bool], None],
+        on_frame: Callable[[av.VideoFrame], None],
+        on_gone: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.session_id = secrets.token_urlsafe(12)
+        self._on_packet = on_packet
+        self._on_frame = on_frame
+        self._on_gone = on_gone
+        self._clock = clock
+        self.path: str | None = None
+        self.last_media = clock()  # the publisher's last packet or frame
+        self.gone = False
+        self.closed = False
+        self._pc: RTCPeerConnection | None = None
+        self._receiver: RTCRtpReceiver | None = None
+        self._payload_type: int | None = None
+        self._media_ssrc: int | None = None
+        self._depacketizer = H264Depacketizer(on_packet, self.request_keyframe, clock=clock)
+        self._remote_track: MediaStreamTrack | None = None
+        self._reader: asyncio.Task | None = None
+        self._prompts = None  # the publisher's data channel labelled "prompts", if it opened one
+        self._pli_task: asyncio.Task | None = None
+        self._pli_owed = False  # asked for before the publisher's first packet named its SSRC
+        self._last_pli = -1e9
+        self.plis_sent = 0
+
+    @property
+    def frames(self) -> int:
+        return self._depacketizer.frames
+
+    async def answer(self, offer_sdp: str) -> str:
+        """Apply the (checked) offer and return the answer; 422 if no video codec could be agreed."""
+        pc = self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        metrics.track_peer(pc)
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "video" and self._remote_track is None:
+                self._remote_track = track
+
+        @pc.on("datachannel")
+        def on_datachannel(channel: Any) -> None:
+            if channel.label == PROMPTS_LABEL and self._prompts is None:
+                self._prompts = channel  # written to only: what the publisher sends on it is not read
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            if pc.connectionState in ("failed", "closed") and not self.closed and not self.gone:
+                self.gone = True
+                log.info("WHIP publisher gone", extra={"session_id": self.session_id})
+                self._on_gone()
+
+        await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        video = None
+        for transceiver in pc.getTransceivers():
+            if transceiver.kind == "video" and video is None:
+                video = transceiver
+                transceiver.setCodecPreferences(ingest_preferences())
+            else:  # audio, or a second video: answered inactive, nothing reads it
+                transceiver.direction = "inactive"
+        answer = await pc.createAnswer()
+        negotiated = [c for m in SessionDescription.parse(answer.sdp).media if m.kind == "video"
+                      for c in m.rtp.codecs if c.mimeType.lower() in PATHS]
+        if video is None or not negotiated:
+            raise unprocessable("No codec in common: the relay takes H.264 (constrained baseline or baseline, "
+                                "packetization-mode 1) or VP8.")
+        self.path = PATHS[negotiated[0].mimeType.lower()]
+        self._payload_type = negotiated[0].payloadType
+        self._receiver = video.receiver
+        if self.path == PASSTHROUGH:
+            receive_rtp_undecoded(self._receiver, self._on_rtp)  # before the receiver starts (connect, below)
+        await pc.setLocalDescription(answer)
+        if self.path == TRANSCODE and self._remote_track is not None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_frames(self._remote_track),
+                                                                  name="relay-whip-frames")
+        metrics.WHIP_PUBLISHERS.labels(path=self.path).inc()
+        log.info("WHIP publisher connected: %s %s", negotiated[0].mimeType,
+                 "passed through as packets" if self.path == PASSTHROUGH else "decoded and encoded once",
+                 extra={"session_id": self.session_id, "path": self.path})
+        return pc.localDescription.sdp
+
+    async def trickle(self, fragment: str) -> None:
+        if self._pc is not None:
+            await add_trickled_candidates(self._pc, fragment)
+
+    def _on_rtp(self, packet: RtpPacket) -> None:
+        if packet.payload_type != self._payload_type or self.closed:
+            return
+        self._media_ssrc = packet.ssrc
+        self.last_media = self._clock()
+        if self._pli_owed:
+            self._pli_owed = False
+            self.request_keyframe()
+        self._depacketizer.add(packet.sequence_number, packet.timestamp, packet.marker, packet.payload)
+
+    async def _read_frames(self, track: MediaStreamTrack) -> None:
+        try:
+            while True:
+                frame = await track.recv()
+                self.last_media = self._clock()
+                self._on_frame(frame)
+        except MediaStreamError:
+            pass  # the peer closed: connectionstatechange tells the streamer
+
+    def send_prompt(self, message: dict[str, Any]) -> bool:
+        """To the publisher's ``prompts`` channel, if it opened one (False: it simply broadcasts)."""
+        channel = self._prompts
+        if channel is None or channel.readyState != "open" or self.closed:
+            return False
+        channel.send(json.dumps(message))
+        return True
+
+    def request_keyframe(self) -> None:
+        """A keyframe for the spectators: one PLI to the publisher, coalesced with others in the window."""
+        if self.closed or self._pli_task is not None or self.path != PASSTHROUGH:
+            return  # transcoded: the relay's own encoder makes the keyframes
+        self._pli_task = asyncio.get_running_loop().create_task(self._send_pli(), name="relay-whip-pli")
+
+    async def _send_pli(self) -> None:
+        try:
+            wait = self._last_pli + KEYFRAME_MIN_INTERVAL - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if self._media_ssrc is None or self._receiver is None:
+                self._pli_owed = True  # sent with the first packet: a stream may start before media flows
+                return
+            self._last_pli = time.monotonic()
+            self.plis_sent += 1
+            await send_picture_loss(self._receiver, self._media_ssrc)
+        finally:
+            self._pli_task = None
+
+    async def close(self) -> None:
+        """Close the publisher's peer and every task of it; safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.path is not None:
+            metrics.WHIP_PUBLISHERS.labels(path=self.path).dec()
+        tasks = [t for t in (self._pli_task, self._reader) if t is not None]
+        self._pli_task = self._reader = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._pc is not None:
+            await self._pc.close()
+
+
+def publisher_conflict(session_id: str) -> RelayError:
+    return RelayError("PUBLISHER_CONNECTED", 409, "This connection already has a publisher: one at a time.",
+                      action="DELETE the publishing session first (its Location), or wait for it to time out.",
+                      details={"session_id": session_id})
