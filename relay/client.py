@@ -304,9 +304,11 @@ def codec_preferences(codec: str) -> list:
 class Publisher:
     """Publish a video track to a connection over WHIP (RFC 9725) with aiortc, as Spectator watches by WHEP.
 
-    With `on_prompt`, it opens the `prompts` data channel, and each prompt the relay delivers there (the
-    hosted protocol's update JSON, e.g. {"type": "update", "prompt": "night falls"}) is passed to it as a
-    dict; a message that is not a JSON object is dropped. Without it, the publisher simply broadcasts.
+    With `on_prompt`, it opens the `prompts` data channel, and each message the relay delivers there is
+    passed to it as a dict: the hosted protocol's messages, {"type": "interactive_stream_start", "prompt",
+    "portrait"} when a stream starts, {"type": "update", "prompt"} for each host's or audience's prompt,
+    {"type": "interactive_stream_end"} when it ends; one that is not a JSON object is dropped. Without
+    `on_prompt`, the publisher simply broadcasts.
     `close()` ends publishing (DELETE on the session's Location) and is safe to call twice.
     """
 

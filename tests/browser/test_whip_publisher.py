@@ -9,6 +9,8 @@ the relay's CORS must let through (the preflight of a POST with Authorization, L
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from aiohttp import web
@@ -87,17 +89,28 @@ async function unpublish(token) {
 """.replace("%(fps)d", str(FPS))
 
 
+async def serve_page(request: web.Request) -> web.Response:
+    return web.Response(text=PAGE, content_type="text/html")
+
+
 @pytest.fixture
 async def page_url(aiohttp_server) -> str:
     app = web.Application()
-    app.router.add_get("/publish.html", lambda request: web.Response(text=PAGE, content_type="text/html"))
+    app.router.add_get("/publish.html", serve_page)
     server = await aiohttp_server(app)
     return str(server.make_url("/publish.html"))
 
 
-@pytest.mark.parametrize("codec", ["H264", "VP8"])
-async def test_a_canvas_published_from_chromium_reaches_a_spectator_at_rate(codec, relay_factory, open_page,
-                                                                           page_url):
+async def publishers_by_path(http, relay_url: str) -> dict[str, float]:
+    async with http.get(f"{relay_url}/metrics") as response:
+        text = await response.text()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r'relay_whip_publishers\{path="(\w+)"\} (\S+)', text)}
+
+
+# H.264 is what the relay forwards as it is; VP8 (what browsers offer first) is decoded and encoded once.
+@pytest.mark.parametrize("codec, path", [("H264", "passthrough"), ("VP8", "transcode")])
+async def test_a_canvas_published_from_chromium_reaches_a_spectator_at_rate(codec, path, relay_factory, open_page,
+                                                                           page_url, http):
     relay = await relay_factory(world_model={"kind": "whip"}, limits=LONG)
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
         assert conn.whip_url and conn.publish_token
@@ -106,9 +119,9 @@ async def test_a_canvas_published_from_chromium_reaches_a_spectator_at_rate(code
                                         [conn.whip_url, conn.publish_token, codec])
         assert published["status"] == 201, published
         await page.wait_for_function("pc.connectionState === 'connected'", timeout=15_000)
-        # H.264 is what the relay forwards as it is; VP8 (what browsers offer first) is transcoded once.
         sent = await page.wait_for_function("async () => await sentCodec()", timeout=10_000)
         assert await sent.json_value() == f"video/{codec}"
+        assert (await publishers_by_path(http, relay.url)).get(path) == 1
 
         await conn.start_stream("a canvas from a browser")
         async with Spectator(conn.broadcast["whep_url"], conn.broadcast["spectator_token"], audio=False) as viewer:
