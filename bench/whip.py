@@ -8,11 +8,12 @@ bench/fanout.py: loopback, a free port, large limits, recordings and HLS as conf
 
 1. ``[world_model] kind = "whip"``: opens a connection, publishes to its ``whip_url`` with
    relay.client.Publisher (aiortc, H.264: the relay forwards it without decoding), starts a stream
-   and adds one light spectator (bench/receiver.py: counts RTP, decodes nothing).  Over a window it
+   and adds one light spectator in a process of its own (bench/receiver.py: counts RTP, decodes
+   nothing; its own process, so the publisher's encoder thread cannot delay it).  Over a window it
    reads the server process's CPU (utime+stime of all its threads, % of one core) and, per frame,
    the publisher-to-spectator latency: the publisher stamps the moment the last RTP packet of each
    access unit leaves it (keyed by the unit's last 16 bytes, which pass-through keeps) and the
-   spectator the moment that packet arrives, decrypted; both on this process's monotonic clock.
+   spectator the moment that packet arrives, decrypted; both on the machine's monotonic clock.
    A frame whose bytes changed on the way (a transcode) never matches: ``matched`` says how many did.
 2. The default synthetic world model at the same size and rate, with the same one spectator: the
    server's CPU for rendering + encoding, which a publisher's stream does not cost the relay.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -78,26 +80,25 @@ class MovingTrack(VideoStreamTrack):
         return frame
 
 
-def stamp_sent(publisher: Publisher, sent: dict[bytes, float]) -> None:
+def stamp_sent(publisher: Publisher, sent: dict[bytes, list[float]]) -> None:
     """Record when the last RTP packet of each access unit leaves the publisher (before SRTP)."""
     dtls = publisher.pc.getTransceivers()[0].sender.transport
     send = dtls._send_rtp
 
     async def send_rtp(data: bytes) -> None:
-        if data[1] & 0x80:  # marker: the unit's last packet; a retransmission keeps the first stamp
-            sent.setdefault(bytes(data[-TAIL:]), time.monotonic())
+        if data[1] & 0x80:  # marker: the unit's last packet (a retransmission's stamp is later, never chosen)
+            sent.setdefault(bytes(data[-TAIL:]), []).append(time.monotonic())
         await send(data)
 
     dtls._send_rtp = send_rtp
 
 
 class StampReader(LightReceiver):
-    """The light spectator, also noting when each stamped access unit arrives."""
+    """The light spectator, also noting when each access unit's last packet arrives (by its last bytes)."""
 
-    def __init__(self, whep_url: str, token: str, sent: dict[bytes, float]) -> None:
+    def __init__(self, whep_url: str, token: str) -> None:
         super().__init__(0, whep_url, token, depth="srtp")
-        self.sent = sent
-        self.delays: list[float] = []
+        self.arrivals: list[tuple[bytes, float]] = []
         self.recording = False
 
     def _hook_srtp(self, transceiver) -> None:
@@ -106,13 +107,46 @@ class StampReader(LightReceiver):
         count = receiver._handle_rtp_packet
 
         async def handle_rtp_packet(packet, arrival_time_ms: int) -> None:
-            if packet.marker and packet.payload_type == self.payload_type:
-                stamped = self.sent.pop(bytes(packet.payload[-TAIL:]), None)
-                if stamped is not None and self.recording:
-                    self.delays.append(time.monotonic() - stamped)
+            if self.recording and packet.marker and packet.payload_type == self.payload_type:
+                self.arrivals.append((bytes(packet.payload[-TAIL:]), time.monotonic()))
             await count(packet, arrival_time_ms)
 
         receiver._handle_rtp_packet = handle_rtp_packet
+
+
+def spectate(whep_url: str, token: str, settle: float, window: float, pipe) -> None:
+    """A process of its own: the publisher's encoder (a thread of the bench's process) must not delay
+    what the spectator reads. CLOCK_MONOTONIC is one clock for every process of the machine."""
+
+    async def watch() -> dict:
+        _patch_aiortc_for_light_receivers()
+        reader = StampReader(whep_url, token)
+        async with aiohttp.ClientSession() as http:
+            try:
+                await reader.join(http)
+                await asyncio.sleep(settle)
+                pipe.send("recording")
+                frames0, bytes0, t0 = reader.frames, reader.bytes, time.monotonic()
+                reader.recording = True
+                await asyncio.sleep(window)
+                reader.recording = False
+                elapsed = time.monotonic() - t0
+                return {"frames": reader.frames - frames0, "bytes": reader.bytes - bytes0, "elapsed": elapsed,
+                        "arrivals": reader.arrivals}
+            finally:
+                await reader.leave(http)
+
+    pipe.send(asyncio.run(watch()))
+
+
+def delays(sent: dict[bytes, list[float]], arrivals: list[tuple[bytes, float]]) -> list[float]:
+    """Each arrival against the latest sending of the same bytes before it."""
+    out = []
+    for key, arrived in arrivals:
+        earlier = [t for t in sent.get(key, ()) if t <= arrived]
+        if earlier:
+            out.append(arrived - max(earlier))
+    return out
 
 
 @dataclass
@@ -140,10 +174,11 @@ async def run(kind: str, args: argparse.Namespace, workdir: str) -> Run:
             text = f.read().replace("[world_model]\n", '[world_model]\nkind = "whip"\n', 1)
         with open(server.config_path, "w") as f:
             f.write(text)
-    sent: dict[bytes, float] = {}
+    sent: dict[bytes, list[float]] = {}
     keeper: asyncio.Task | None = None
     publisher: Publisher | None = None
-    reader: StampReader | None = None
+    spectator: multiprocessing.process.BaseProcess | None = None
+    loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession() as http:
         try:
             await server.start(http)
@@ -157,24 +192,26 @@ async def run(kind: str, args: argparse.Namespace, workdir: str) -> Run:
                     await publisher.publish()
                     stamp_sent(publisher, sent)
                 await conn.start_stream("a calm ocean at sunset")
-                reader = StampReader(conn.broadcast["whep_url"], conn.broadcast["spectator_token"], sent)
-                await reader.join(http)
-                await asyncio.sleep(args.settle)
-                frames0, bytes0, t0 = reader.frames, reader.bytes, time.monotonic()
-                reader.recording = True
+                ours, theirs = multiprocessing.Pipe()
+                spectator = multiprocessing.get_context("spawn").Process(
+                    target=spectate, args=(conn.broadcast["whep_url"], conn.broadcast["spectator_token"],
+                                           args.settle, args.window, theirs), daemon=True)
+                spectator.start()
+                assert await loop.run_in_executor(None, ours.recv) == "recording"
                 result.stream_cpu = await server_cpu(server.pid, args.window)
-                reader.recording = False
-                elapsed = time.monotonic() - t0
-                result.frames = reader.frames - frames0
-                result.fps = result.frames / elapsed
-                result.kbps = 8 * (reader.bytes - bytes0) / elapsed / 1000
-                result.delays = reader.delays
+                seen = await loop.run_in_executor(None, ours.recv)
+                result.frames = seen["frames"]
+                result.fps = seen["frames"] / seen["elapsed"]
+                result.kbps = 8 * seen["bytes"] / seen["elapsed"] / 1000
+                result.delays = delays(sent, seen["arrivals"])
         except Exception:
             print(f"[{kind}] server log tail:\n{server.log_tail()}", file=sys.stderr, flush=True)
             raise
         finally:
-            if reader is not None:
-                await reader.leave(http)
+            if spectator is not None:
+                spectator.join(10)
+                if spectator.is_alive():
+                    spectator.terminate()
             if publisher is not None:
                 await publisher.close()
             if keeper is not None:
