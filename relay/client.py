@@ -328,6 +328,8 @@ class Publisher:
         self._prompts_open = asyncio.Event()
 
     async def publish(self) -> None:
+        if self.pc is not None:
+            raise RuntimeError("already publishing: close() first")  # a second peer would leak the first
         if self._session is None:
             self._session = aiohttp.ClientSession()
         pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))

@@ -150,6 +150,9 @@ async def test_refusal_raises_the_error_shape_and_leaves_nothing_open(whip):
 async def test_close_is_idempotent_and_survives_a_gone_relay(whip, aiohttp_server):
     publisher = Publisher(whip.url, TOKEN, SmallTrack())
     await publisher.publish()
+    with pytest.raises(RuntimeError, match="already publishing"):
+        await publisher.publish()
+    assert len(whip.pcs) == 1
     await publisher.close()
     await publisher.close()
     assert whip.deleted == ["s1"]
