@@ -268,10 +268,35 @@ async def test_delete_and_closing_the_connection_leave_no_peer(relay_factory, ht
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("relay-whip")]
 
 
+async def test_a_publisher_that_never_connects_frees_the_slot(relay_factory, http):
+    relay = await relay_factory(world_model={"kind": "whip", "publisher_silence_seconds": SILENCE},
+                                limits={"whep_connect_seconds": 1})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        vanished = RTCPeerConnection()  # offers, then never applies the answer: no ICE, no media
+        vanished.addTransceiver("video", direction="sendonly")
+        try:
+            status, _ = await sdp_post(http, conn.info["whip_url"], conn.info["publish_token"],
+                                       await offer_of(vanished))
+            assert status == 201
+        finally:
+            await vanished.close()
+        publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"])
+        try:
+            assert (await publisher.post(http)).status == 409  # still within its chance to connect
+            streamer = relay.sessions.connection(conn.connection_id).streamer
+            stale = streamer.ingest.last_media + 1.0
+            await eventually(lambda: time.monotonic() > stale, what="the silent session's window passed")
+            again = Publisher(conn.info["whip_url"], conn.info["publish_token"])
+            assert (await again.post(http)).status == 201
+            await again.close()
+        finally:
+            await publisher.close()
+
+
 async def sdp_post(http, url: str, token: str, body: str, content_type: str = "application/sdp"):
     async with http.post(url, data=body, headers={"Content-Type": content_type,
                                                   "Authorization": f"Bearer {token}"}) as r:
-        return r.status, await r.json(content_type=None)
+        return r.status, (await r.text() if r.status == 201 else await r.json(content_type=None))
 
 
 async def offer_of(pc: RTCPeerConnection) -> str:
