@@ -7,6 +7,7 @@ import json
 import time
 
 import aiohttp
+import av
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
@@ -16,9 +17,11 @@ from relay.client import RelayClient, Spectator
 from relay.media.aiortc_hooks import receive_rtp_undecoded
 from relay.media.depacketizer import H264Depacketizer
 from relay.media.webrtc import h264_preferences
+from relay.web import RECORDINGS
 from relay.worldmodel.synthetic import SyntheticTrack
 from tests.conftest import API_KEY, eventually, frames_for
 from tests.integration.test_orchestration_api import join, set_mode
+from tests.integration.test_recordings_api import finished_recording
 
 SILENCE = 1.0
 
@@ -28,9 +31,9 @@ class PausableTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 320, height: int = 176) -> None:
         super().__init__()
-        self.source = SyntheticTrack(320, 176, 25)
+        self.source = SyntheticTrack(width, height, 25)
         self.running = asyncio.Event()
         self.running.set()
 
@@ -46,9 +49,10 @@ class PausableTrack(MediaStreamTrack):
 class Publisher:
     """A minimal WHIP publisher (aiortc): its encoder's access units are kept for comparison."""
 
-    def __init__(self, whip_url: str, token: str, codec: str = "video/H264", prompts: bool = False) -> None:
+    def __init__(self, whip_url: str, token: str, codec: str = "video/H264", prompts: bool = False,
+                 size: tuple[int, int] = (320, 176)) -> None:
         self.whip_url, self.token, self.codec = whip_url, token, codec
-        self.track = PausableTrack()
+        self.track = PausableTrack(*size)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("prompts") if prompts else None
         self.messages: list[dict] = []
@@ -143,7 +147,8 @@ async def test_connection_answer_carries_the_publish_slot(whip):
 
 async def test_h264_is_passed_through_byte_for_byte(whip, http):
     relay, _, conn = whip
-    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"])
+    # Not the configured 320x176: a passed-through stream keeps the publisher's own size.
+    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], size=(384, 216))
     viewer = None
     before = gauge("passthrough")
     try:
@@ -163,6 +168,13 @@ async def test_h264_is_passed_through_byte_for_byte(whip, http):
         # The stream's start asked the publisher for a keyframe (a PLI), coalesced with the joiner's.
         ingest = relay.sessions.connection(conn.connection_id).streamer.ingest
         assert 1 <= ingest.plis_sent <= 2 and ingest._depacketizer.dropped == 0
+        # The recorder muxed the same packets, at the size the publisher's SPS declares.
+        await conn.end_stream()
+        rec = await finished_recording(http, relay.url, conn.stream_id)
+        assert rec["status"] == "complete" and (rec["width"], rec["height"]) == (384, 216), rec
+        with av.open(str(relay.app[RECORDINGS].path(conn.stream_id, "video.mp4"))) as container:
+            frames = list(container.decode(video=0))
+        assert len(frames) >= 25 and (frames[0].width, frames[0].height) == (384, 216)
     finally:
         if viewer is not None:
             await viewer.pc.close()
