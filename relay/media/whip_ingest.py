@@ -105,7 +105,6 @@ class Ingest:
         self._payload_type: int | None = None
         self._media_ssrc: int | None = None
         self._depacketizer = H264Depacketizer(on_packet, self.request_keyframe, clock=clock)
-        self._remote_track: MediaStreamTrack | None = None
         self._reader: asyncio.Task | None = None
         self._prompts = None  # the publisher's data channel labelled "prompts", if it opened one
         self._pli_task: asyncio.Task | None = None
@@ -122,11 +121,6 @@ class Ingest:
         pc = self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         metrics.track_peer(pc)
 
-        @pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "video" and self._remote_track is None:
-                self._remote_track = track
-
         @pc.on("datachannel")
         def on_datachannel(channel: Any) -> None:
             if channel.label == PROMPTS_LABEL and self._prompts is None:
@@ -139,18 +133,22 @@ class Ingest:
                 log.info("WHIP publisher gone", extra={"session_id": self.session_id})
                 self._on_gone()
 
-        await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
-        video = None
+        # aiortc picks the answer's codecs in setRemoteDescription: the video transceiver and its
+        # preferences (no RTX) must exist before the offer is applied.
+        video = pc.addTransceiver("video", direction="recvonly")
+        video.setCodecPreferences(ingest_preferences())
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        except Exception as exc:  # aiortc refuses m-lines it shares no codec with
+            raise unprocessable("No codec in common: the relay takes H.264 (constrained baseline or baseline, "
+                                f"packetization-mode 1) or VP8 ({str(exc) or type(exc).__name__}).") from exc
         for transceiver in pc.getTransceivers():
-            if transceiver.kind == "video" and video is None:
-                video = transceiver
-                transceiver.setCodecPreferences(ingest_preferences())
-            else:  # audio, or a second video: answered inactive, nothing reads it
+            if transceiver is not video:  # audio, or a second video: answered inactive, nothing reads it
                 transceiver.direction = "inactive"
         answer = await pc.createAnswer()
         negotiated = [c for m in SessionDescription.parse(answer.sdp).media if m.kind == "video"
                       for c in m.rtp.codecs if c.mimeType.lower() in PATHS]
-        if video is None or not negotiated:
+        if not negotiated:
             raise unprocessable("No codec in common: the relay takes H.264 (constrained baseline or baseline, "
                                 "packetization-mode 1) or VP8.")
         self.path = PATHS[negotiated[0].mimeType.lower()]
@@ -159,8 +157,8 @@ class Ingest:
         if self.path == PASSTHROUGH:
             receive_rtp_undecoded(self._receiver, self._on_rtp)  # before the receiver starts (connect, below)
         await pc.setLocalDescription(answer)
-        if self.path == TRANSCODE and self._remote_track is not None:
-            self._reader = asyncio.get_running_loop().create_task(self._read_frames(self._remote_track),
+        if self.path == TRANSCODE:
+            self._reader = asyncio.get_running_loop().create_task(self._read_frames(video.receiver.track),
                                                                   name="relay-whip-frames")
         metrics.WHIP_PUBLISHERS.labels(path=self.path).inc()
         log.info("WHIP publisher connected: %s %s", negotiated[0].mimeType,

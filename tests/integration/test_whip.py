@@ -154,6 +154,8 @@ async def test_h264_is_passed_through_byte_for_byte(whip, http):
     try:
         r = await publisher.post(http)
         assert r.status == 201 and r.headers["Location"].startswith(f"/v1/connections/{conn.connection_id}/whip/")
+        # No RTX: a resent packet keeps the media payload type, which is all the depacketizer reads.
+        assert "rtx/90000" not in publisher.pc.remoteDescription.sdp
         assert gauge("passthrough") == before + 1
         async with http.get(f"{relay.url}/metrics") as m:
             assert f'relay_whip_publishers{{path="passthrough"}} {before + 1}' in await m.text()
