@@ -6,10 +6,28 @@ it for the MP4 track header before the first packet is muxed. ITU-T H.264 sectio
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 NAL_SPS = 7
 # profile_idc values whose SPS carries chroma format, bit depths and scaling matrices.
 HIGH_PROFILES = frozenset({100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135})
 MAX_SPS_BYTES = 512  # a real SPS is tens of bytes; longer is read no further
+
+
+PROFILE_BASELINE = 66
+
+
+@dataclass(frozen=True)
+class Sps:
+    profile_idc: int
+    constraint_set0: bool  # the stream keeps to the baseline profile's constraints, whatever its profile
+    width: int
+    height: int
+
+    @property
+    def baseline(self) -> bool:
+        """Baseline or constrained baseline: no B-frames, what every WebRTC spectator decodes."""
+        return self.profile_idc == PROFILE_BASELINE or self.constraint_set0
 
 
 class _Bits:
@@ -57,6 +75,12 @@ def _unescape(rbsp: bytes) -> bytes:
 
 def sps_size(access_unit: bytes) -> tuple[int, int] | None:
     """(width, height) from the access unit's SPS, cropping applied; None without a readable SPS."""
+    sps = read_sps(access_unit)
+    return (sps.width, sps.height) if sps is not None else None
+
+
+def read_sps(access_unit: bytes) -> Sps | None:
+    """The access unit's SPS (its profile and picture size); None without a readable one."""
     for nal in _nal_units(access_unit):
         if nal and nal[0] & 0x1F == NAL_SPS:
             try:
@@ -66,10 +90,11 @@ def sps_size(access_unit: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _parse(sps: bytes) -> tuple[int, int]:
+def _parse(sps: bytes) -> Sps:
     bits = _Bits(sps)
     profile_idc = bits.u(8)
-    bits.u(16)  # constraint flags, level_idc
+    constraint_set0 = bool(bits.u(1))
+    bits.u(15)  # the other constraint flags, level_idc
     bits.ue()  # seq_parameter_set_id
     chroma_format_idc = 1
     if profile_idc in HIGH_PROFILES:
@@ -112,7 +137,7 @@ def _parse(sps: bytes) -> tuple[int, int]:
         height -= unit_y * (top + bottom)
     if width <= 0 or height <= 0:
         raise ValueError("SPS crops the picture away")
-    return width, height
+    return Sps(profile_idc, constraint_set0, width, height)
 
 
 def _skip_scaling_list(bits: _Bits, size: int) -> None:

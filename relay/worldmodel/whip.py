@@ -14,6 +14,7 @@ for the publisher's next session, which the next stream carries.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import secrets
 import time
@@ -159,7 +160,12 @@ class WhipStreamer:
         if self._disconnected:
             raise RuntimeError("streamer is disconnected")
         ingest = self.ingest
-        if ingest is None or ingest.gone or ingest.closed:
+        if ingest is not None and not ingest.ready.is_set():  # its first keyframe tells how it will be carried
+            try:
+                await asyncio.wait_for(ingest.ready.wait(), self._stale)
+            except asyncio.TimeoutError:
+                pass
+        if ingest is None or ingest is not self.ingest or ingest.gone or ingest.closed or ingest.path is None:
             raise RelayError("PUBLISHER_NOT_CONNECTED", 409, "No publisher is sending video to this connection.",
                              action="POST a WHIP offer to the connection's whip_url with its publish_token, "
                                     "then start the stream.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fractions
 import json
 import time
 
@@ -18,6 +19,7 @@ from relay.media.aiortc_hooks import receive_rtp_undecoded
 from relay.media.depacketizer import H264Depacketizer
 from relay.media.webrtc import h264_preferences
 from relay.web import RECORDINGS
+from relay.worldmodel.base import VIDEO_TIME_BASE
 from relay.worldmodel.synthetic import SyntheticTrack
 from tests.conftest import API_KEY, eventually, frames_for
 from tests.integration.test_orchestration_api import join, set_mode
@@ -46,13 +48,40 @@ class PausableTrack(MediaStreamTrack):
         self.source.stop()
 
 
+class HighProfileTrack(MediaStreamTrack):
+    """H.264 high profile as packets, encoded here (aiortc's own encoder only makes baseline): what OBS
+    sends under the SDP's 42e01f label."""
+
+    kind = "video"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.source = SyntheticTrack(320, 176, 25)
+        ctx = self.ctx = av.CodecContext.create("libx264", "w")
+        ctx.width, ctx.height, ctx.pix_fmt, ctx.profile = 320, 176, "yuv420p", "High"
+        ctx.time_base, ctx.framerate = VIDEO_TIME_BASE, fractions.Fraction(25, 1)
+        ctx.options = {"preset": "veryfast", "tune": "zerolatency", "x264-params": "keyint=25:bframes=0"}
+        self.pending: list[av.Packet] = []
+
+    async def recv(self):
+        while not self.pending:
+            for packet in self.ctx.encode(await self.source.recv()):
+                packet.time_base = VIDEO_TIME_BASE
+                self.pending.append(packet)
+        return self.pending.pop(0)
+
+    def stop(self) -> None:
+        super().stop()
+        self.source.stop()
+
+
 class Publisher:
     """A minimal WHIP publisher (aiortc): its encoder's access units are kept for comparison."""
 
     def __init__(self, whip_url: str, token: str, codec: str = "video/H264", prompts: bool = False,
-                 size: tuple[int, int] = (320, 176)) -> None:
+                 size: tuple[int, int] = (320, 176), track: MediaStreamTrack | None = None) -> None:
         self.whip_url, self.token, self.codec = whip_url, token, codec
-        self.track = PausableTrack(*size)
+        self.track = track or PausableTrack(*size)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("prompts") if prompts else None
         self.messages: list[dict] = []
@@ -156,7 +185,7 @@ async def test_h264_is_passed_through_byte_for_byte(whip, http):
         assert r.status == 201 and r.headers["Location"].startswith(f"/v1/connections/{conn.connection_id}/whip/")
         # No RTX: a resent packet keeps the media payload type, which is all the depacketizer reads.
         assert "rtx/90000" not in publisher.pc.remoteDescription.sdp
-        assert gauge("passthrough") == before + 1
+        await eventually(lambda: gauge("passthrough") == before + 1, what="the path decided at the first keyframe")
         async with http.get(f"{relay.url}/metrics") as m:
             assert f'relay_whip_publishers{{path="passthrough"}} {before + 1}' in await m.text()
         await conn.start_stream("whatever the publisher shows")
@@ -202,6 +231,23 @@ async def test_vp8_is_transcoded_once(whip, http):
     finally:
         await publisher.close()
     await eventually(lambda: gauge("transcode") == before, timeout=5, what="the transcode gauge back")
+
+
+async def test_h264_high_profile_is_transcoded_once(whip, http):
+    relay, _, conn = whip
+    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], track=HighProfileTrack())
+    before = gauge("transcode")
+    try:
+        assert (await publisher.post(http)).status == 201
+        await conn.start_stream("OBS's high profile")  # waits for the first keyframe: its SPS decides
+        assert gauge("transcode") == before + 1
+        assert relay.sessions.broadcast(conn.broadcast["broadcast_id"]).media._pipeline is not None
+        async with Spectator(conn.broadcast["whep_url"], conn.broadcast["spectator_token"]) as viewer:
+            await asyncio.wait_for(viewer.track.recv(), 10)
+            frames = await frames_for(viewer.track, 2.0)
+            assert len(frames) >= 40, f"only {len(frames)} frames in 2 s"
+    finally:
+        await publisher.close()
 
 
 async def test_prompts_reach_the_publishers_channel(whip, http):

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from relay.media.encoder import H264Encoder
-from relay.media.h264_sps import sps_size
+from relay.media.h264_sps import read_sps, sps_size
 
 
 def first_keyframe(width: int, height: int, profile: str) -> bytes:
     ctx = av.CodecContext.create("libx264", "w")
     ctx.width, ctx.height, ctx.pix_fmt, ctx.profile = width, height, "yuv420p", profile
-    ctx.options = {"tune": "zerolatency", "preset": "ultrafast"}
+    ctx.options = {"tune": "zerolatency", "preset": "veryfast"}  # ultrafast would be baseline whatever the profile
     frame = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), np.uint8), format="rgb24")
     packets = ctx.encode(frame) + ctx.encode(None)
     return bytes(packets[0])
@@ -21,8 +21,9 @@ def first_keyframe(width: int, height: int, profile: str) -> bytes:
 
 @pytest.mark.parametrize("width,height", [(320, 176), (1280, 720), (642, 362), (1920, 1080)])
 @pytest.mark.parametrize("profile", ["Baseline", "High"])
-def test_reads_the_size_x264_declares(width, height, profile):
+def test_reads_the_size_and_profile_x264_declares(width, height, profile):
     assert sps_size(first_keyframe(width, height, profile)) == (width, height)
+    assert read_sps(first_keyframe(width, height, profile)).baseline is (profile == "Baseline")
 
 
 def test_the_relays_own_encoder_output():
