@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import json
+import threading
 import time
 
 import aiohttp
@@ -228,6 +229,8 @@ async def test_vp8_is_transcoded_once(whip, http):
             assert (frames[-1].width, frames[-1].height) == (320, 176)
             codec = viewer.pc.getTransceivers()[0].receiver._RTCRtpReceiver__codecs
             assert any(c.mimeType == "video/H264" for c in codec.values())
+            # A publisher without a prompts channel simply broadcasts: the host's prompt is still acknowledged.
+            assert await conn.interact("snow on the lens") == "snow on the lens"
     finally:
         await publisher.close()
     await eventually(lambda: gauge("transcode") == before, timeout=5, what="the transcode gauge back")
@@ -246,6 +249,11 @@ async def test_h264_high_profile_is_transcoded_once(whip, http):
             await asyncio.wait_for(viewer.track.recv(), 10)
             frames = await frames_for(viewer.track, 2.0)
             assert len(frames) >= 40, f"only {len(frames)} frames in 2 s"
+        stream = relay.sessions.stream(conn.stream_id)
+        await publisher.close()  # gone: the stream ends, and the decoder thread goes with the session
+        await eventually(lambda: not stream.live, what="the stream ended")
+        assert stream.end_reason == "upstream_error"
+        assert not [t for t in threading.enumerate() if t.name.startswith("relay-whip-decode")]
     finally:
         await publisher.close()
 
