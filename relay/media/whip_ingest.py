@@ -204,7 +204,7 @@ class Ingest:
             if not keyframe:
                 return
             sps = read_sps(bytes(packet))
-            baseline = sps is None or sps.baseline  # the depacketizer's keyframes start with an SPS
+            baseline = sps is not None and sps.baseline  # unreadable: decoding is the safe way
             self._decide(PASSTHROUGH if baseline else TRANSCODE,
                          f"H.264 (profile_idc {sps.profile_idc if sps else '?'})")
         if self.path == PASSTHROUGH:

@@ -399,6 +399,9 @@ async def test_bad_publishers_are_refused_in_the_error_shape(whip, http):
         assert status == 415
         status, body = await sdp_post(http, url, token, "hello")
         assert status == 400
+        many = video + "".join(f"a=candidate:{i} 1 udp 1 127.0.0.1 {9000 + i} typ host\r\n" for i in range(65))
+        status, body = await sdp_post(http, url, token, many)
+        assert status == 422 and body["error"]["details"]["limit"] == 64
         async with http.post(f"{relay.url}/v1/connections/{conn.connection_id}/streams",
                              json={"prompt": "x"}, headers={"Authorization": f"Bearer {API_KEY}"}) as r:
             body = await r.json()
