@@ -168,7 +168,7 @@ class Broadcast:
         self.prompt = prompt
         if isinstance(track, EncodedTrack):  # a publisher's H.264: its packets are the source, never re-encoded
             self._encoded = track
-            track.attach(self.media.attach_packets(track.request_keyframe, fps))
+            track.attach(self.media.attach_packets(track.request_keyframe, fps, stream_id))
         else:
             self.media.attach_source(stream_id, track, width, height, fps)
         self.emit({"type": "stream_started", "stream_id": stream_id, "prompt": prompt})

@@ -270,7 +270,8 @@ def make_world_model(settings: Settings) -> WorldModel:
                                 api_key_env=wm.api_key_env)
     if wm.kind == "whip":  # each connection a publish slot: a WHIP publisher sends the video
         return WhipWorldModel(silence_seconds=wm.publisher_silence_seconds,
-                              max_candidates=settings.limits.whep_offer_max_candidates)
+                              max_candidates=settings.limits.whep_offer_max_candidates,
+                              connect_seconds=settings.limits.whep_connect_seconds)
     raise ValueError(f"world_model.kind {wm.kind!r} is not available")
 
 

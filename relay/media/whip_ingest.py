@@ -3,11 +3,14 @@
 The publisher offers (sendonly video, optionally a data channel labelled ``prompts``); the relay
 answers with the codec the offer put first among those it can take:
 
-- H.264 (packetization-mode 1) is *passed through*: as at a cluster edge (edge_feed.py), the
-  receiver is hooked (aiortc_hooks.receive_rtp_undecoded), each RTP packet goes to an
-  :class:`H264Depacketizer`, and each access unit is handed on as an ``av.Packet`` for the
-  broadcast's graph; nothing is decoded or encoded again. Keyframe requests go back to the
-  publisher as one PLI at most every KEYFRAME_MIN_INTERVAL.
+- H.264 (packetization-mode 1) is received as at a cluster edge (edge_feed.py): the receiver is
+  hooked (aiortc_hooks.receive_rtp_undecoded) and each RTP packet goes to an
+  :class:`H264Depacketizer`. What the bitstream is, not what the SDP says (OBS labels any profile
+  42e01f), decides the path at the first keyframe: a baseline SPS (no B-frames) is *passed
+  through*, each access unit handed on as an ``av.Packet`` for the broadcast's graph, never decoded
+  or encoded again; keyframe requests go back to the publisher as one PLI at most every
+  KEYFRAME_MIN_INTERVAL. Main, high and the rest (which may carry B-frames a spectator's WebRTC
+  decoder does not take) are *transcoded*: decoded here on one thread, encoded once by the stream.
 - VP8 is *transcoded*: aiortc decodes it and the frames go to the stream's pipeline, which encodes
   them once, like any world model's.
 
@@ -22,6 +25,7 @@ import json
 import logging
 import secrets
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import av
@@ -34,6 +38,7 @@ from .. import metrics
 from ..errors import RelayError, invalid_request, unprocessable
 from .aiortc_hooks import receive_rtp_undecoded, send_picture_loss
 from .depacketizer import H264Depacketizer
+from .h264_sps import read_sps
 from .pipeline import KEYFRAME_MIN_INTERVAL
 from .webrtc import add_trickled_candidates, count_candidates, too_many_candidates
 
@@ -41,8 +46,10 @@ log = logging.getLogger(__name__)
 
 PASSTHROUGH = "passthrough"
 TRANSCODE = "transcode"
-PATHS = {"video/h264": PASSTHROUGH, "video/vp8": TRANSCODE}
+H264, VP8 = "video/h264", "video/vp8"
+CODECS = (H264, VP8)
 PROMPTS_LABEL = "prompts"
+DECODE_BACKLOG = 8  # access units waiting for the decoder thread before it skips to the next keyframe
 
 
 def parse_publish_offer(sdp: str, max_candidates: int) -> SessionDescription:
@@ -61,7 +68,7 @@ def parse_publish_offer(sdp: str, max_candidates: int) -> SessionDescription:
         raise unprocessable("The offer has no video m-line: a publisher must send video.")
     first = video[0]
     offered = sorted({c.mimeType for c in first.rtp.codecs})
-    if not any(c.mimeType.lower() in PATHS for c in first.rtp.codecs):
+    if not any(c.mimeType.lower() in CODECS for c in first.rtp.codecs):
         raise unprocessable("No codec in common: the relay takes H.264 (packetization-mode 1) or VP8.",
                             offered=offered)
     if first.port == 0 or first.direction not in (None, "sendrecv", "sendonly"):
@@ -75,7 +82,7 @@ def parse_publish_offer(sdp: str, max_candidates: int) -> SessionDescription:
 
 def ingest_preferences() -> list:
     codecs = RTCRtpReceiver.getCapabilities("video").codecs
-    return [c for c in codecs if c.mimeType.lower() in PATHS
+    return [c for c in codecs if c.mimeType.lower() in CODECS
             and (c.parameters or {}).get("packetization-mode", "1") == "1"]
 
 
@@ -96,7 +103,8 @@ class Ingest:
         self._on_frame = on_frame
         self._on_gone = on_gone
         self._clock = clock
-        self.path: str | None = None
+        self.path: str | None = None  # VP8: transcode, at once; H.264: by its first keyframe's SPS
+        self.ready = asyncio.Event()  # the path is known: a stream can start
         self.last_media = clock()  # the publisher's last packet or frame
         self.gone = False
         self.closed = False
@@ -104,8 +112,11 @@ class Ingest:
         self._receiver: RTCRtpReceiver | None = None
         self._payload_type: int | None = None
         self._media_ssrc: int | None = None
-        self._depacketizer = H264Depacketizer(on_packet, self.request_keyframe, clock=clock)
-        self._remote_track: MediaStreamTrack | None = None
+        self._depacketizer = H264Depacketizer(self._on_access_unit, self.request_keyframe, clock=clock)
+        self._decoding: ThreadPoolExecutor | None = None  # H.264 that cannot pass through: one decoder thread
+        self._decoder: av.CodecContext | None = None
+        self._backlog = 0
+        self._skip_to_keyframe = False
         self._reader: asyncio.Task | None = None
         self._prompts = None  # the publisher's data channel labelled "prompts", if it opened one
         self._pli_task: asyncio.Task | None = None
@@ -122,11 +133,6 @@ class Ingest:
         pc = self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         metrics.track_peer(pc)
 
-        @pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "video" and self._remote_track is None:
-                self._remote_track = track
-
         @pc.on("datachannel")
         def on_datachannel(channel: Any) -> None:
             if channel.label == PROMPTS_LABEL and self._prompts is None:
@@ -139,34 +145,45 @@ class Ingest:
                 log.info("WHIP publisher gone", extra={"session_id": self.session_id})
                 self._on_gone()
 
-        await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
-        video = None
+        # aiortc picks the answer's codecs in setRemoteDescription: the video transceiver and its
+        # preferences (no RTX) must exist before the offer is applied.
+        video = pc.addTransceiver("video", direction="recvonly")
+        video.setCodecPreferences(ingest_preferences())
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        except Exception as exc:  # aiortc refuses m-lines it shares no codec with
+            raise unprocessable("No codec in common: the relay takes H.264 (constrained baseline or baseline, "
+                                f"packetization-mode 1) or VP8 ({str(exc) or type(exc).__name__}).") from exc
         for transceiver in pc.getTransceivers():
-            if transceiver.kind == "video" and video is None:
-                video = transceiver
-                transceiver.setCodecPreferences(ingest_preferences())
-            else:  # audio, or a second video: answered inactive, nothing reads it
+            if transceiver is not video:  # audio, or a second video: answered inactive, nothing reads it
                 transceiver.direction = "inactive"
         answer = await pc.createAnswer()
         negotiated = [c for m in SessionDescription.parse(answer.sdp).media if m.kind == "video"
-                      for c in m.rtp.codecs if c.mimeType.lower() in PATHS]
-        if video is None or not negotiated:
+                      for c in m.rtp.codecs if c.mimeType.lower() in CODECS]
+        if not negotiated:
             raise unprocessable("No codec in common: the relay takes H.264 (constrained baseline or baseline, "
                                 "packetization-mode 1) or VP8.")
-        self.path = PATHS[negotiated[0].mimeType.lower()]
+        codec = negotiated[0].mimeType
         self._payload_type = negotiated[0].payloadType
         self._receiver = video.receiver
-        if self.path == PASSTHROUGH:
+        h264 = codec.lower() == H264
+        if h264:
             receive_rtp_undecoded(self._receiver, self._on_rtp)  # before the receiver starts (connect, below)
         await pc.setLocalDescription(answer)
-        if self.path == TRANSCODE and self._remote_track is not None:
-            self._reader = asyncio.get_running_loop().create_task(self._read_frames(self._remote_track),
+        if not h264:
+            self._reader = asyncio.get_running_loop().create_task(self._read_frames(video.receiver.track),
                                                                   name="relay-whip-frames")
-        metrics.WHIP_PUBLISHERS.labels(path=self.path).inc()
-        log.info("WHIP publisher connected: %s %s", negotiated[0].mimeType,
-                 "passed through as packets" if self.path == PASSTHROUGH else "decoded and encoded once",
-                 extra={"session_id": self.session_id, "path": self.path})
+            self._decide(TRANSCODE, codec)
+        log.info("WHIP publisher offered %s", codec, extra={"session_id": self.session_id})
         return pc.localDescription.sdp
+
+    def _decide(self, path: str, what: str) -> None:
+        self.path = path
+        metrics.WHIP_PUBLISHERS.labels(path=path).inc()
+        log.info("WHIP publisher's %s: %s", what,
+                 "passed through as packets" if path == PASSTHROUGH else "decoded and encoded once",
+                 extra={"session_id": self.session_id, "path": path})
+        self.ready.set()
 
     async def trickle(self, fragment: str) -> None:
         if self._pc is not None:
@@ -181,6 +198,43 @@ class Ingest:
             self._pli_owed = False
             self.request_keyframe()
         self._depacketizer.add(packet.sequence_number, packet.timestamp, packet.marker, packet.payload)
+
+    def _on_access_unit(self, packet: av.Packet, keyframe: bool) -> None:
+        if self.path is None:
+            if not keyframe:
+                return
+            sps = read_sps(bytes(packet))
+            baseline = sps is not None and sps.baseline  # unreadable: decoding is the safe way
+            self._decide(PASSTHROUGH if baseline else TRANSCODE,
+                         f"H.264 (profile_idc {sps.profile_idc if sps else '?'})")
+        if self.path == PASSTHROUGH:
+            self._on_packet(packet, keyframe)
+        else:
+            self._decode(packet, keyframe)
+
+    def _decode(self, packet: av.Packet, keyframe: bool) -> None:
+        if self._backlog >= DECODE_BACKLOG:
+            self._skip_to_keyframe = True  # the decoder fell behind: lose a GOP, never the memory
+        if self._skip_to_keyframe and not keyframe:
+            return
+        self._skip_to_keyframe = False
+        if self._decoding is None:
+            self._decoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-whip-decode")
+            self._decoder = av.CodecContext.create("h264", "r")
+        self._backlog += 1
+        future = self._decoding.submit(self._decoder.decode, packet)
+        loop = asyncio.get_running_loop()
+        future.add_done_callback(lambda done: loop.call_soon_threadsafe(self._decoded, done))
+
+    def _decoded(self, future: Future) -> None:
+        self._backlog -= 1
+        if self.closed or future.cancelled():
+            return
+        if future.exception() is not None:
+            log.debug("WHIP decode failed", exc_info=future.exception())
+            return
+        for frame in future.result():
+            self._on_frame(frame)
 
     async def _read_frames(self, track: MediaStreamTrack) -> None:
         try:
@@ -201,7 +255,7 @@ class Ingest:
 
     def request_keyframe(self) -> None:
         """A keyframe for the spectators: one PLI to the publisher, coalesced with others in the window."""
-        if self.closed or self._pli_task is not None or self.path != PASSTHROUGH:
+        if self.closed or self._pli_task is not None or self._payload_type is None or self.path == TRANSCODE:
             return  # transcoded: the relay's own encoder makes the keyframes
         self._pli_task = asyncio.get_running_loop().create_task(self._send_pli(), name="relay-whip-pli")
 
@@ -231,6 +285,8 @@ class Ingest:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._decoding is not None:  # waits for at most one decode in flight (milliseconds)
+            self._decoding.shutdown(wait=True, cancel_futures=True)
         if self._pc is not None:
             await self._pc.close()
 

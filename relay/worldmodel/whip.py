@@ -14,6 +14,7 @@ for the publisher's next session, which the next stream carries.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import secrets
 import time
@@ -75,12 +76,15 @@ class PassThroughTrack(EncodedTrack):
 class WhipStreamer:
     """One connection's publish slot: its token, its publisher (one at a time) and its live stream."""
 
-    def __init__(self, *, silence_seconds: float, max_candidates: int,
+    def __init__(self, *, silence_seconds: float, max_candidates: int, connect_seconds: float = 10.0,
                  clock: Callable[[], float] = time.monotonic,
                  on_disconnect: Callable[["WhipStreamer"], None] = lambda _: None) -> None:
         self._on_disconnect = on_disconnect
         self.publish_token = secrets.token_urlsafe(24)
         self._silence = silence_seconds
+        # A session that has sent nothing for this long (never connected, or went quiet) holds the slot no
+        # more: a publisher that crashed without its DELETE can come back at once.
+        self._stale = max(silence_seconds, connect_seconds)
         self._max_candidates = max_candidates
         self._clock = clock
         self.ingest: Ingest | None = None
@@ -98,7 +102,7 @@ class WhipStreamer:
             raise RelayError("NOT_FOUND", 404, "This connection is closed.", action="Open a new connection.")
         current = self.ingest
         if current is not None:
-            if not (current.gone or current.closed):
+            if not (current.gone or current.closed or self._clock() - current.last_media >= self._stale):
                 raise publisher_conflict(current.session_id)
             await self._drop(current)  # a dead session's slot is free for the publisher's next one
         parse_publish_offer(offer_sdp, self._max_candidates)
@@ -156,7 +160,12 @@ class WhipStreamer:
         if self._disconnected:
             raise RuntimeError("streamer is disconnected")
         ingest = self.ingest
-        if ingest is None or ingest.gone or ingest.closed:
+        if ingest is not None and not ingest.ready.is_set():  # its first keyframe tells how it will be carried
+            try:
+                await asyncio.wait_for(ingest.ready.wait(), self._stale)
+            except asyncio.TimeoutError:
+                pass
+        if ingest is None or ingest is not self.ingest or ingest.gone or ingest.closed or ingest.path is None:
             raise RelayError("PUBLISHER_NOT_CONNECTED", 409, "No publisher is sending video to this connection.",
                              action="POST a WHIP offer to the connection's whip_url with its publish_token, "
                                     "then start the stream.")
@@ -202,14 +211,15 @@ class WhipStreamer:
 class WhipWorldModel:
     """Unlimited publish slots (the [limits] streamers pool bounds them); each closes with its connection."""
 
-    def __init__(self, *, silence_seconds: float, max_candidates: int) -> None:
+    def __init__(self, *, silence_seconds: float, max_candidates: int, connect_seconds: float = 10.0) -> None:
         self._silence = silence_seconds
         self._max_candidates = max_candidates
+        self._connect = connect_seconds
         self._streamers: set[WhipStreamer] = set()
 
     async def connect(self) -> WhipStreamer:
         streamer = WhipStreamer(silence_seconds=self._silence, max_candidates=self._max_candidates,
-                                on_disconnect=self._streamers.discard)
+                                connect_seconds=self._connect, on_disconnect=self._streamers.discard)
         self._streamers.add(streamer)
         return streamer
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import fractions
 import json
+import threading
 import time
 
 import aiohttp
+import av
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
@@ -16,9 +19,12 @@ from relay.client import RelayClient, Spectator
 from relay.media.aiortc_hooks import receive_rtp_undecoded
 from relay.media.depacketizer import H264Depacketizer
 from relay.media.webrtc import h264_preferences
+from relay.web import RECORDINGS
+from relay.worldmodel.base import VIDEO_TIME_BASE
 from relay.worldmodel.synthetic import SyntheticTrack
 from tests.conftest import API_KEY, eventually, frames_for
 from tests.integration.test_orchestration_api import join, set_mode
+from tests.integration.test_recordings_api import finished_recording
 
 SILENCE = 1.0
 
@@ -28,9 +34,9 @@ class PausableTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 320, height: int = 176) -> None:
         super().__init__()
-        self.source = SyntheticTrack(320, 176, 25)
+        self.source = SyntheticTrack(width, height, 25)
         self.running = asyncio.Event()
         self.running.set()
 
@@ -43,12 +49,40 @@ class PausableTrack(MediaStreamTrack):
         self.source.stop()
 
 
+class HighProfileTrack(MediaStreamTrack):
+    """H.264 high profile as packets, encoded here (aiortc's own encoder only makes baseline): what OBS
+    sends under the SDP's 42e01f label."""
+
+    kind = "video"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.source = SyntheticTrack(320, 176, 25)
+        ctx = self.ctx = av.CodecContext.create("libx264", "w")
+        ctx.width, ctx.height, ctx.pix_fmt, ctx.profile = 320, 176, "yuv420p", "High"
+        ctx.time_base, ctx.framerate = VIDEO_TIME_BASE, fractions.Fraction(25, 1)
+        ctx.options = {"preset": "veryfast", "tune": "zerolatency", "x264-params": "keyint=25:bframes=0"}
+        self.pending: list[av.Packet] = []
+
+    async def recv(self):
+        while not self.pending:
+            for packet in self.ctx.encode(await self.source.recv()):
+                packet.time_base = VIDEO_TIME_BASE
+                self.pending.append(packet)
+        return self.pending.pop(0)
+
+    def stop(self) -> None:
+        super().stop()
+        self.source.stop()
+
+
 class Publisher:
     """A minimal WHIP publisher (aiortc): its encoder's access units are kept for comparison."""
 
-    def __init__(self, whip_url: str, token: str, codec: str = "video/H264", prompts: bool = False) -> None:
+    def __init__(self, whip_url: str, token: str, codec: str = "video/H264", prompts: bool = False,
+                 size: tuple[int, int] = (320, 176), track: MediaStreamTrack | None = None) -> None:
         self.whip_url, self.token, self.codec = whip_url, token, codec
-        self.track = PausableTrack()
+        self.track = track or PausableTrack(*size)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("prompts") if prompts else None
         self.messages: list[dict] = []
@@ -143,13 +177,16 @@ async def test_connection_answer_carries_the_publish_slot(whip):
 
 async def test_h264_is_passed_through_byte_for_byte(whip, http):
     relay, _, conn = whip
-    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"])
+    # Not the configured 320x176: a passed-through stream keeps the publisher's own size.
+    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], size=(384, 216))
     viewer = None
     before = gauge("passthrough")
     try:
         r = await publisher.post(http)
         assert r.status == 201 and r.headers["Location"].startswith(f"/v1/connections/{conn.connection_id}/whip/")
-        assert gauge("passthrough") == before + 1
+        # No RTX: a resent packet keeps the media payload type, which is all the depacketizer reads.
+        assert "rtx/90000" not in publisher.pc.remoteDescription.sdp
+        await eventually(lambda: gauge("passthrough") == before + 1, what="the path decided at the first keyframe")
         async with http.get(f"{relay.url}/metrics") as m:
             assert f'relay_whip_publishers{{path="passthrough"}} {before + 1}' in await m.text()
         await conn.start_stream("whatever the publisher shows")
@@ -163,6 +200,13 @@ async def test_h264_is_passed_through_byte_for_byte(whip, http):
         # The stream's start asked the publisher for a keyframe (a PLI), coalesced with the joiner's.
         ingest = relay.sessions.connection(conn.connection_id).streamer.ingest
         assert 1 <= ingest.plis_sent <= 2 and ingest._depacketizer.dropped == 0
+        # The recorder muxed the same packets, at the size the publisher's SPS declares.
+        await conn.end_stream()
+        rec = await finished_recording(http, relay.url, conn.stream_id)
+        assert rec["status"] == "complete" and (rec["width"], rec["height"]) == (384, 216), rec
+        with av.open(str(relay.app[RECORDINGS].path(conn.stream_id, "video.mp4"))) as container:
+            frames = list(container.decode(video=0))
+        assert len(frames) >= 25 and (frames[0].width, frames[0].height) == (384, 216)
     finally:
         if viewer is not None:
             await viewer.pc.close()
@@ -185,9 +229,33 @@ async def test_vp8_is_transcoded_once(whip, http):
             assert (frames[-1].width, frames[-1].height) == (320, 176)
             codec = viewer.pc.getTransceivers()[0].receiver._RTCRtpReceiver__codecs
             assert any(c.mimeType == "video/H264" for c in codec.values())
+            # A publisher without a prompts channel simply broadcasts: the host's prompt is still acknowledged.
+            assert await conn.interact("snow on the lens") == "snow on the lens"
     finally:
         await publisher.close()
     await eventually(lambda: gauge("transcode") == before, timeout=5, what="the transcode gauge back")
+
+
+async def test_h264_high_profile_is_transcoded_once(whip, http):
+    relay, _, conn = whip
+    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], track=HighProfileTrack())
+    before = gauge("transcode")
+    try:
+        assert (await publisher.post(http)).status == 201
+        await conn.start_stream("OBS's high profile")  # waits for the first keyframe: its SPS decides
+        assert gauge("transcode") == before + 1
+        assert relay.sessions.broadcast(conn.broadcast["broadcast_id"]).media._pipeline is not None
+        async with Spectator(conn.broadcast["whep_url"], conn.broadcast["spectator_token"]) as viewer:
+            await asyncio.wait_for(viewer.track.recv(), 10)
+            frames = await frames_for(viewer.track, 2.0)
+            assert len(frames) >= 40, f"only {len(frames)} frames in 2 s"
+        stream = relay.sessions.stream(conn.stream_id)
+        await publisher.close()  # gone: the stream ends, and the decoder thread goes with the session
+        await eventually(lambda: not stream.live, what="the stream ended")
+        assert stream.end_reason == "upstream_error"
+        assert not [t for t in threading.enumerate() if t.name.startswith("relay-whip-decode")]
+    finally:
+        await publisher.close()
 
 
 async def test_prompts_reach_the_publishers_channel(whip, http):
@@ -268,10 +336,35 @@ async def test_delete_and_closing_the_connection_leave_no_peer(relay_factory, ht
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("relay-whip")]
 
 
+async def test_a_publisher_that_never_connects_frees_the_slot(relay_factory, http):
+    relay = await relay_factory(world_model={"kind": "whip", "publisher_silence_seconds": SILENCE},
+                                limits={"whep_connect_seconds": 1})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        vanished = RTCPeerConnection()  # offers, then never applies the answer: no ICE, no media
+        vanished.addTransceiver("video", direction="sendonly")
+        try:
+            status, _ = await sdp_post(http, conn.info["whip_url"], conn.info["publish_token"],
+                                       await offer_of(vanished))
+            assert status == 201
+        finally:
+            await vanished.close()
+        publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"])
+        try:
+            assert (await publisher.post(http)).status == 409  # still within its chance to connect
+            streamer = relay.sessions.connection(conn.connection_id).streamer
+            stale = streamer.ingest.last_media + 1.0
+            await eventually(lambda: time.monotonic() > stale, what="the silent session's window passed")
+            again = Publisher(conn.info["whip_url"], conn.info["publish_token"])
+            assert (await again.post(http)).status == 201
+            await again.close()
+        finally:
+            await publisher.close()
+
+
 async def sdp_post(http, url: str, token: str, body: str, content_type: str = "application/sdp"):
     async with http.post(url, data=body, headers={"Content-Type": content_type,
                                                   "Authorization": f"Bearer {token}"}) as r:
-        return r.status, await r.json(content_type=None)
+        return r.status, (await r.text() if r.status == 201 else await r.json(content_type=None))
 
 
 async def offer_of(pc: RTCPeerConnection) -> str:
@@ -306,6 +399,9 @@ async def test_bad_publishers_are_refused_in_the_error_shape(whip, http):
         assert status == 415
         status, body = await sdp_post(http, url, token, "hello")
         assert status == 400
+        many = video + "".join(f"a=candidate:{i} 1 udp 1 127.0.0.1 {9000 + i} typ host\r\n" for i in range(65))
+        status, body = await sdp_post(http, url, token, many)
+        assert status == 422 and body["error"]["details"]["limit"] == 64
         async with http.post(f"{relay.url}/v1/connections/{conn.connection_id}/streams",
                              json={"prompt": "x"}, headers={"Authorization": f"Bearer {API_KEY}"}) as r:
             body = await r.json()
