@@ -2,6 +2,7 @@
 
     python bench/whip.py                      # 1280x704@25, 10 s windows, whip then synthetic: about a minute
     python bench/whip.py --window 20 --kinds whip
+    python bench/whip.py --kinds whip,whip-vp8,synthetic   # also a VP8 publisher (decoded and encoded once)
 
 It starts the real server twice (``python -m relay.cli serve``, the temporary config of
 bench/fanout.py: loopback, a free port, large limits, recordings and HLS as configured by default).
@@ -15,6 +16,7 @@ bench/fanout.py: loopback, a free port, large limits, recordings and HLS as conf
    access unit leaves it (keyed by the unit's last 16 bytes, which pass-through keeps) and the
    spectator the moment that packet arrives, decrypted; both on the machine's monotonic clock.
    A frame whose bytes changed on the way (a transcode) never matches: ``matched`` says how many did.
+   ``whip-vp8``: the same with a VP8 publisher, which the relay decodes and encodes once (nothing matches).
 2. The default synthetic world model at the same size and rate, with the same one spectator: the
    server's CPU for rendering + encoding, which a publisher's stream does not cost the relay.
 Both servers' CPU is also read with no stream (the idle row), so the stream's own cost is the difference.
@@ -169,7 +171,7 @@ async def server_cpu(pid: int, window: float) -> float:
 async def run(kind: str, args: argparse.Namespace, workdir: str) -> Run:
     result = Run(kind)
     server = Server(workdir, "encode-once", args, name=kind)
-    if kind == "whip":  # fanout's config with the world model's kind added to its table
+    if kind.startswith("whip"):  # fanout's config with the world model's kind added to its table
         with open(server.config_path) as f:
             text = f.read().replace("[world_model]\n", '[world_model]\nkind = "whip"\n', 1)
         with open(server.config_path, "w") as f:
@@ -187,8 +189,9 @@ async def run(kind: str, args: argparse.Namespace, workdir: str) -> Run:
             client = RelayClient(server.base_url, server.api_key, session=http)
             async with client.connect() as conn:
                 keeper = asyncio.create_task(keep_alive(conn))
-                if kind == "whip":
-                    publisher = conn.publisher(MovingTrack(args.width, args.height, args.fps))
+                if kind.startswith("whip"):
+                    publisher = conn.publisher(MovingTrack(args.width, args.height, args.fps),
+                                               codec="VP8" if kind == "whip-vp8" else "H264")
                     await publisher.publish()
                     stamp_sent(publisher, sent)
                 await conn.start_stream("a calm ocean at sunset")
@@ -230,7 +233,7 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
     print(f"{'world model':<12} {'idle cpu%':>9} {'stream cpu%':>11} {'added%':>7} {'fps':>5} {'kbit/s':>7} "
           f"{'matched':>8} {'lat p50':>7} {'p95':>6} {'max':>6}")
     for r in runs:
-        matched = f"{len(r.delays)}/{r.frames}" if r.kind == "whip" else "-"
+        matched = f"{len(r.delays)}/{r.frames}" if r.kind.startswith("whip") else "-"
         p50, p95 = percentile(r.delays, 0.5), percentile(r.delays, 0.95)
         print(f"{r.kind:<12} {r.idle_cpu:>9.1f} {r.stream_cpu:>11.1f} {r.stream_cpu - r.idle_cpu:>7.1f} "
               f"{r.fps:>5.1f} {r.kbps:>7.0f} {matched:>8} {_ms(p50):>7} {_ms(p95):>6} "
@@ -254,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=int, default=25)
     parser.add_argument("--window", type=float, default=10.0)
     parser.add_argument("--settle", type=float, default=3.0)
-    parser.add_argument("--kinds", default="whip,synthetic", help="world models to run, in order")
+    parser.add_argument("--kinds", default="whip,synthetic",
+                        help="in order, of whip (H.264 publisher), whip-vp8 (VP8 publisher), synthetic")
     args = parser.parse_args(argv)
     # What fanout.Server reads of its arguments.
     args.bitrate, args.low_layer, args.stream_max_seconds = 0, False, 3600
