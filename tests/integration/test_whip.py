@@ -197,6 +197,8 @@ async def test_h264_is_passed_through_byte_for_byte(whip, http):
         await eventually(lambda: len(viewer.received) >= 25, timeout=10, what="25 access units at the spectator")
         # Every access unit the spectator reassembled is one the publisher's encoder made, unchanged.
         assert all(au in publisher.sent for au in viewer.received), "an access unit changed on its way"
+        # What the relay adds to each passed-through frame is measured (publisher's packet in -> spectators' out).
+        assert metrics.REGISTRY.get_sample_value("relay_whip_frame_latency_seconds_count") >= 25
         # The stream's start asked the publisher for a keyframe (a PLI), coalesced with the joiner's.
         ingest = relay.sessions.connection(conn.connection_id).streamer.ingest
         assert 1 <= ingest.plis_sent <= 2 and ingest._depacketizer.dropped == 0
