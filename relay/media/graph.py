@@ -56,6 +56,7 @@ MODES = {
 }
 # A sender that encodes for itself wants the newest frame, not a backlog of them.
 FRAME_QUEUE = 2
+EARLY_EVENTS = 64  # events kept for a recorder that starts at its stream's first keyframe
 
 # (stream_id, *, width, height, fps) -> the recorder of that stream
 RecorderFactory = Callable[..., StreamRecorder]
@@ -119,6 +120,8 @@ class MediaGraph:
         self._finishing: set[StreamRecorder] = set()
         self._pipeline: StreamPipeline | None = None
         self._packets_attached = False  # a source of ready-made packets (a cluster edge's feed)
+        # A recorded packet stream's recorder starts at its first keyframe: the events before it wait here.
+        self._early_events: list[dict] | None = None
 
     # -- the source ----------------------------------------------------------------------
 
@@ -171,6 +174,7 @@ class MediaGraph:
         if stream_id is None or self._new_recorder is None:
             return self.hub.publish
         new_recorder, publish = self._new_recorder, self.hub.publish
+        self._early_events = []
 
         def publish_recorded(packet: av.Packet, keyframe: bool) -> None:
             if keyframe and self.recorder is None and self._packets_attached:
@@ -178,6 +182,9 @@ class MediaGraph:
                 if size is not None:  # a sink added now gets this keyframe first
                     self.recorder = new_recorder(stream_id, width=size[0], height=size[1], fps=fps)
                     self.hub.add_sink(self.recorder.write)
+                    events, self._early_events = self._early_events or [], None
+                    for event in events:
+                        self.recorder.log_event(event)
             publish(packet, keyframe)
         return publish_recorded
 
@@ -185,6 +192,7 @@ class MediaGraph:
         """Stop the live source (False if none was attached); its recording finishes on its own thread."""
         if self._packets_attached:
             self._packets_attached = False
+            self._early_events = None
             self.hub.detach_source()
         else:
             pipeline, self._pipeline = self._pipeline, None
@@ -210,6 +218,8 @@ class MediaGraph:
         """Into the live stream's recording (its events log), if it is being recorded."""
         if self.recorder is not None:
             self.recorder.log_event(event)
+        elif self._early_events is not None and len(self._early_events) < EARLY_EVENTS:
+            self._early_events.append(event)
 
     # -- readers -------------------------------------------------------------------------
 

@@ -120,6 +120,7 @@ class Ingest:
         self._reader: asyncio.Task | None = None
         self._prompts = None  # the publisher's data channel labelled "prompts", if it opened one
         self._pli_task: asyncio.Task | None = None
+        self._frame_started: float | None = None  # perf_counter at the current frame's first packet
         self._pli_owed = False  # asked for before the publisher's first packet named its SSRC
         self._last_pli = -1e9
         self.plis_sent = 0
@@ -197,7 +198,15 @@ class Ingest:
         if self._pli_owed:
             self._pli_owed = False
             self.request_keyframe()
+        if self._frame_started is None:
+            self._frame_started = time.perf_counter()
+        frames = self._depacketizer.frames
+        # A frame completes (and, passed through, is fanned out, synchronously) inside this call, at its marker.
         self._depacketizer.add(packet.sequence_number, packet.timestamp, packet.marker, packet.payload)
+        if self._depacketizer.frames != frames:
+            if self.path == PASSTHROUGH:
+                metrics.WHIP_LATENCY.observe(time.perf_counter() - self._frame_started)
+            self._frame_started = None
 
     def _on_access_unit(self, packet: av.Packet, keyframe: bool) -> None:
         if self.path is None:

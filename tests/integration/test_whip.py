@@ -197,6 +197,8 @@ async def test_h264_is_passed_through_byte_for_byte(whip, http):
         await eventually(lambda: len(viewer.received) >= 25, timeout=10, what="25 access units at the spectator")
         # Every access unit the spectator reassembled is one the publisher's encoder made, unchanged.
         assert all(au in publisher.sent for au in viewer.received), "an access unit changed on its way"
+        # What the relay adds to each passed-through frame is measured (publisher's packet in -> spectators' out).
+        assert metrics.REGISTRY.get_sample_value("relay_whip_frame_latency_seconds_count") >= 25
         # The stream's start asked the publisher for a keyframe (a PLI), coalesced with the joiner's.
         ingest = relay.sessions.connection(conn.connection_id).streamer.ingest
         assert 1 <= ingest.plis_sent <= 2 and ingest._depacketizer.dropped == 0
@@ -207,6 +209,8 @@ async def test_h264_is_passed_through_byte_for_byte(whip, http):
         with av.open(str(relay.app[RECORDINGS].path(conn.stream_id, "video.mp4"))) as container:
             frames = list(container.decode(video=0))
         assert len(frames) >= 25 and (frames[0].width, frames[0].height) == (384, 216)
+        events = relay.app[RECORDINGS].path(conn.stream_id, "events.jsonl").read_text().splitlines()
+        assert json.loads(events[0])["type"] == "stream_started"  # logged before the recorder's first keyframe
     finally:
         if viewer is not None:
             await viewer.pc.close()
@@ -227,8 +231,6 @@ async def test_vp8_is_transcoded_once(whip, http):
             frames = await frames_for(viewer.track, 2.0)
             assert len(frames) >= 40, f"only {len(frames)} frames in 2 s"
             assert (frames[-1].width, frames[-1].height) == (320, 176)
-            codec = viewer.pc.getTransceivers()[0].receiver._RTCRtpReceiver__codecs
-            assert any(c.mimeType == "video/H264" for c in codec.values())
             # A publisher without a prompts channel simply broadcasts: the host's prompt is still acknowledged.
             assert await conn.interact("snow on the lens") == "snow on the lens"
     finally:
