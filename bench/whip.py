@@ -45,7 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from fanout import Server, cpu_seconds, keep_alive, percentile  # noqa: E402
+from fanout import Server, cpu_seconds, keep_alive, latency_quantile, percentile  # noqa: E402
 from receiver import LightReceiver, _patch_aiortc_for_light_receivers  # noqa: E402
 
 from relay.client import Publisher, RelayClient  # noqa: E402
@@ -160,6 +160,20 @@ class Run:
     kbps: float = 0.0  # what it received
     frames: int = 0
     delays: list[float] = field(default_factory=list)
+    relay_p50: float | None = None  # s, the server's own relay_whip_frame_latency_seconds (bucket upper bound)
+    relay_p95: float | None = None
+
+
+async def whip_latency_buckets(http, base_url: str) -> dict[str, float]:
+    """relay_whip_frame_latency_seconds' cumulative buckets, keyed as fanout.latency_quantile reads them."""
+    async with http.get(base_url + "/metrics") as response:
+        text = await response.text()
+    buckets = {}
+    for line in text.splitlines():
+        if line.startswith("relay_whip_frame_latency_seconds_bucket"):
+            name, _, value = line.rpartition(" ")
+            buckets["latency_le_" + name.split('le="', 1)[1].split('"', 1)[0]] = float(value)
+    return buckets
 
 
 async def server_cpu(pid: int, window: float) -> float:
@@ -201,7 +215,10 @@ async def run(kind: str, args: argparse.Namespace, workdir: str) -> Run:
                                            args.settle, args.window, theirs), daemon=True)
                 spectator.start()
                 assert await loop.run_in_executor(None, ours.recv) == "recording"
+                m0 = await whip_latency_buckets(http, server.base_url)
                 result.stream_cpu = await server_cpu(server.pid, args.window)
+                m1 = await whip_latency_buckets(http, server.base_url)
+                result.relay_p50, result.relay_p95 = latency_quantile(m0, m1, 0.5), latency_quantile(m0, m1, 0.95)
                 seen = await loop.run_in_executor(None, ours.recv)
                 result.frames = seen["frames"]
                 result.fps = seen["frames"] / seen["elapsed"]
@@ -231,16 +248,18 @@ def _ms(value: float | None) -> str:
 def report(runs: list[Run], args: argparse.Namespace) -> None:
     print(f"\n{args.width}x{args.height}@{args.fps}, {args.window:.0f} s windows, one light spectator")
     print(f"{'world model':<12} {'idle cpu%':>9} {'stream cpu%':>11} {'added%':>7} {'fps':>5} {'kbit/s':>7} "
-          f"{'matched':>8} {'lat p50':>7} {'p95':>6} {'max':>6}")
+          f"{'matched':>8} {'lat p50':>7} {'p95':>6} {'max':>6} {'relay p50':>9} {'p95':>5}")
     for r in runs:
         matched = f"{len(r.delays)}/{r.frames}" if r.kind.startswith("whip") else "-"
         p50, p95 = percentile(r.delays, 0.5), percentile(r.delays, 0.95)
         print(f"{r.kind:<12} {r.idle_cpu:>9.1f} {r.stream_cpu:>11.1f} {r.stream_cpu - r.idle_cpu:>7.1f} "
               f"{r.fps:>5.1f} {r.kbps:>7.0f} {matched:>8} {_ms(p50):>7} {_ms(p95):>6} "
-              f"{_ms(max(r.delays) if r.delays else None):>6}")
+              f"{_ms(max(r.delays) if r.delays else None):>6} {_ms(r.relay_p50):>9} {_ms(r.relay_p95):>5}")
     print("added%: the stream's CPU over the idle server's, % of one core (target for whip: < 5).\n"
           "lat: publisher's last RTP packet of a frame sent -> that packet at the spectator, decrypted, ms "
-          "(target p95 <= 50); matched: frames whose bytes arrived unchanged, of those received.")
+          "(target p95 <= 50); matched: frames whose bytes arrived unchanged, of those received.\n"
+          "relay p50/p95: the server's own relay_whip_frame_latency_seconds (a frame's first packet in -> its last "
+          "packet out), as the upper bound of the histogram bucket holding it.")
 
 
 async def amain(args: argparse.Namespace) -> None:
