@@ -29,8 +29,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import av
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+from aiortc import (RTCConfiguration, RTCPeerConnection, RTCRtpCodecCapability, RTCRtpReceiver,
+                    RTCSessionDescription)
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcpeerconnection import is_codec_compatible
 from aiortc.rtp import RtpPacket
 from aiortc.sdp import SessionDescription
 
@@ -52,8 +54,9 @@ PROMPTS_LABEL = "prompts"
 DECODE_BACKLOG = 8  # access units waiting for the decoder thread before it skips to the next keyframe
 
 
-def parse_publish_offer(sdp: str, max_candidates: int) -> SessionDescription:
-    """400 for text that is not SDP; 422 for an offer that sends no video the relay can take."""
+def parse_publish_offer(sdp: str, max_candidates: int) -> RTCRtpCodecCapability:
+    """The one codec the relay will answer with (H.264 if offered, else VP8); 400 for text that is not
+    SDP, 422 for an offer that sends no video the relay can take."""
     if not sdp.lstrip().startswith("v=0"):
         raise invalid_request("The body is not an SDP offer (it must start with 'v=0').")
     candidates = count_candidates(sdp)  # before parsing: applying n candidates costs n² (see webrtc.py)
@@ -67,23 +70,26 @@ def parse_publish_offer(sdp: str, max_candidates: int) -> SessionDescription:
     if not video:
         raise unprocessable("The offer has no video m-line: a publisher must send video.")
     first = video[0]
-    offered = sorted({c.mimeType for c in first.rtp.codecs})
-    if not any(c.mimeType.lower() in CODECS for c in first.rtp.codecs):
-        raise unprocessable("No codec in common: the relay takes H.264 (packetization-mode 1) or VP8.",
-                            offered=offered)
     if first.port == 0 or first.direction not in (None, "sendrecv", "sendonly"):
         raise unprocessable(f"The offer's video m-line is {first.direction or 'rejected'}: a publisher must send "
                             "video (sendonly).", direction=first.direction)
     if first.dtls is None or not first.dtls.fingerprints:
         raise unprocessable(
             "The offer has no DTLS fingerprint and setup role (a=fingerprint, a=setup): media cannot be secured.")
-    return parsed
+    for local in ingest_preferences():
+        if any(is_codec_compatible(local, offered) for offered in first.rtp.codecs):
+            return local
+    raise unprocessable("No codec in common: the relay takes H.264 (constrained baseline or baseline, "
+                        "packetization-mode 1) or VP8.", offered=sorted({c.mimeType for c in first.rtp.codecs}))
 
 
-def ingest_preferences() -> list:
+def ingest_preferences() -> list[RTCRtpCodecCapability]:
+    """H.264 before VP8 whatever the offer's order: a browser offering both (VP8 first, as Chrome does)
+    is then passed through rather than transcoded."""
     codecs = RTCRtpReceiver.getCapabilities("video").codecs
-    return [c for c in codecs if c.mimeType.lower() in CODECS
-            and (c.parameters or {}).get("packetization-mode", "1") == "1"]
+    return sorted((c for c in codecs if c.mimeType.lower() in CODECS
+                   and (c.parameters or {}).get("packetization-mode", "1") == "1"),
+                  key=lambda c: CODECS.index(c.mimeType.lower()))
 
 
 class Ingest:
@@ -129,8 +135,9 @@ class Ingest:
     def frames(self) -> int:
         return self._depacketizer.frames
 
-    async def answer(self, offer_sdp: str) -> str:
-        """Apply the (checked) offer and return the answer; 422 if no video codec could be agreed."""
+    async def answer(self, offer_sdp: str, codec: RTCRtpCodecCapability) -> str:
+        """Apply the (checked) offer and return the answer with ``codec`` alone (parse_publish_offer's
+        choice): a publisher then sends that codec whatever its own preference; 422 if it cannot be agreed."""
         pc = self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         metrics.track_peer(pc)
 
@@ -147,9 +154,9 @@ class Ingest:
                 self._on_gone()
 
         # aiortc picks the answer's codecs in setRemoteDescription: the video transceiver and its
-        # preferences (no RTX) must exist before the offer is applied.
+        # preference (one codec, no RTX) must exist before the offer is applied.
         video = pc.addTransceiver("video", direction="recvonly")
-        video.setCodecPreferences(ingest_preferences())
+        video.setCodecPreferences([codec])
         try:
             await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         except Exception as exc:  # aiortc refuses m-lines it shares no codec with
@@ -164,18 +171,18 @@ class Ingest:
         if not negotiated:
             raise unprocessable("No codec in common: the relay takes H.264 (constrained baseline or baseline, "
                                 "packetization-mode 1) or VP8.")
-        codec = negotiated[0].mimeType
+        mime = negotiated[0].mimeType
         self._payload_type = negotiated[0].payloadType
         self._receiver = video.receiver
-        h264 = codec.lower() == H264
+        h264 = mime.lower() == H264
         if h264:
             receive_rtp_undecoded(self._receiver, self._on_rtp)  # before the receiver starts (connect, below)
         await pc.setLocalDescription(answer)
         if not h264:
             self._reader = asyncio.get_running_loop().create_task(self._read_frames(video.receiver.track),
                                                                   name="relay-whip-frames")
-            self._decide(TRANSCODE, codec)
-        log.info("WHIP publisher offered %s", codec, extra={"session_id": self.session_id})
+            self._decide(TRANSCODE, mime)
+        log.info("WHIP publisher answered with %s", mime, extra={"session_id": self.session_id})
         return pc.localDescription.sdp
 
     def _decide(self, path: str, what: str) -> None:

@@ -105,11 +105,11 @@ class WhipStreamer:
             if not (current.gone or current.closed or self._clock() - current.last_media >= self._stale):
                 raise publisher_conflict(current.session_id)
             await self._drop(current)  # a dead session's slot is free for the publisher's next one
-        parse_publish_offer(offer_sdp, self._max_candidates)
+        codec = parse_publish_offer(offer_sdp, self._max_candidates)
         ingest = self.ingest = Ingest(on_packet=self._on_packet, on_frame=self._on_frame,
                                       on_gone=self._on_gone, clock=self._clock)  # reserved before awaiting
         try:
-            answer = await ingest.answer(offer_sdp)
+            answer = await ingest.answer(offer_sdp, codec)
         except BaseException:
             if self.ingest is ingest:
                 self.ingest = None

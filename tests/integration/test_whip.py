@@ -107,9 +107,9 @@ class Publisher:
 
     async def post(self, http: aiohttp.ClientSession) -> aiohttp.ClientResponse:
         transceiver = self.pc.addTransceiver(self.track, direction="sendonly")
-        transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs
-                                         if c.mimeType == self.codec])
-        if self.codec == "video/H264":
+        codecs = RTCRtpSender.getCapabilities("video").codecs
+        transceiver.setCodecPreferences([c for mime in self.codec.split(",") for c in codecs if c.mimeType == mime])
+        if "video/H264" in self.codec:
             self._keep_access_units(transceiver.sender)
         await self.pc.setLocalDescription(await self.pc.createOffer())
         response = await http.post(self.whip_url, data=self.pc.localDescription.sdp,
@@ -177,8 +177,10 @@ async def test_connection_answer_carries_the_publish_slot(whip):
 
 async def test_h264_is_passed_through_byte_for_byte(whip, http):
     relay, _, conn = whip
-    # Not the configured 320x176: a passed-through stream keeps the publisher's own size.
-    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], size=(384, 216))
+    # Not the configured 320x176: a passed-through stream keeps the publisher's own size. VP8 offered
+    # first, as Chrome does: the relay still picks H.264, which it need not encode again.
+    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], codec="video/VP8,video/H264",
+                          size=(384, 216))
     viewer = None
     before = gauge("passthrough")
     try:
