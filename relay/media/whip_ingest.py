@@ -110,7 +110,7 @@ class Ingest:
         self._on_gone = on_gone
         self._clock = clock
         self.path: str | None = None  # VP8: transcode, at once; H.264: by its first keyframe's SPS
-        self.ready = asyncio.Event()  # the path is known: a stream can start
+        self.ready = asyncio.Event()  # the path is known (a stream can start), or the session ended
         self.last_media = clock()  # the publisher's last packet or frame
         self.gone = False
         self.closed = False
@@ -150,6 +150,7 @@ class Ingest:
         def on_state() -> None:
             if pc.connectionState in ("failed", "closed") and not self.closed and not self.gone:
                 self.gone = True
+                self.ready.set()  # a stream waiting for its first keyframe learns at once that none will come
                 log.info("WHIP publisher gone", extra={"session_id": self.session_id})
                 self._on_gone()
 
@@ -294,6 +295,7 @@ class Ingest:
         if self.closed:
             return
         self.closed = True
+        self.ready.set()  # as when gone: no waiting stream start outlives the session
         if self.path is not None:
             metrics.WHIP_PUBLISHERS.labels(path=self.path).dec()
         tasks = [t for t in (self._pli_task, self._reader) if t is not None]

@@ -355,6 +355,10 @@ async def test_a_publisher_that_never_connects_frees_the_slot(relay_factory, htt
         publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"])
         try:
             assert (await publisher.post(http)).status == 409  # still within its chance to connect
+            # A stream cannot start on a session that sends nothing: refused once its window passes.
+            async with http.post(f"{relay.url}/v1/connections/{conn.connection_id}/streams", json={"prompt": "x"},
+                                 headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+                assert r.status == 409 and (await r.json())["error"]["code"] == "PUBLISHER_NOT_CONNECTED"
             streamer = relay.sessions.connection(conn.connection_id).streamer
             stale = streamer.ingest.last_media + 1.0
             await eventually(lambda: time.monotonic() > stale, what="the silent session's window passed")
