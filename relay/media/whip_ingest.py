@@ -7,10 +7,11 @@ answers with the codec the offer put first among those it can take:
   hooked (aiortc_hooks.receive_rtp_undecoded) and each RTP packet goes to an
   :class:`H264Depacketizer`. What the bitstream is, not what the SDP says (OBS labels any profile
   42e01f), decides the path at the first keyframe: a baseline SPS (no B-frames) is *passed
-  through*, each access unit handed on as an ``av.Packet`` for the broadcast's graph, never decoded
-  or encoded again; keyframe requests go back to the publisher as one PLI at most every
-  KEYFRAME_MIN_INTERVAL. Main, high and the rest (which may carry B-frames a spectator's WebRTC
-  decoder does not take) are *transcoded*: decoded here on one thread, encoded once by the stream.
+  through* (so is main whose VUI declares no reordering: no B-frames), each access unit handed on as
+  an ``av.Packet`` for the broadcast's graph, never decoded or encoded again; keyframe requests go
+  back to the publisher as one PLI at most every KEYFRAME_MIN_INTERVAL. The rest (B-frames, which a
+  spectator's WebRTC decoder does not take, or high profile's tools) are *transcoded*: decoded here
+  on one thread, encoded once by the stream.
 - VP8 is *transcoded*: aiortc decodes it and the frames go to the stream's pipeline, which encodes
   them once, like any world model's.
 
@@ -221,8 +222,8 @@ class Ingest:
             if not keyframe:
                 return
             sps = read_sps(bytes(packet))
-            baseline = sps is not None and sps.baseline  # unreadable: decoding is the safe way
-            self._decide(PASSTHROUGH if baseline else TRANSCODE,
+            passes = sps is not None and sps.passes_through  # unreadable: decoding is the safe way
+            self._decide(PASSTHROUGH if passes else TRANSCODE,
                          f"H.264 (profile_idc {sps.profile_idc if sps else '?'})")
         if self.path == PASSTHROUGH:
             self._on_packet(packet, keyframe)

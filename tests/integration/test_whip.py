@@ -49,17 +49,17 @@ class PausableTrack(MediaStreamTrack):
         self.source.stop()
 
 
-class HighProfileTrack(MediaStreamTrack):
-    """H.264 high profile as packets, encoded here (aiortc's own encoder only makes baseline): what OBS
-    sends under the SDP's 42e01f label."""
+class ProfileTrack(MediaStreamTrack):
+    """H.264 of a given profile as packets, encoded here (aiortc's own encoder only makes baseline): what
+    OBS sends under the SDP's 42e01f label."""
 
     kind = "video"
 
-    def __init__(self) -> None:
+    def __init__(self, profile: str) -> None:
         super().__init__()
         self.source = SyntheticTrack(320, 176, 25)
         ctx = self.ctx = av.CodecContext.create("libx264", "w")
-        ctx.width, ctx.height, ctx.pix_fmt, ctx.profile = 320, 176, "yuv420p", "High"
+        ctx.width, ctx.height, ctx.pix_fmt, ctx.profile = 320, 176, "yuv420p", profile
         ctx.time_base, ctx.framerate = VIDEO_TIME_BASE, fractions.Fraction(25, 1)
         ctx.options = {"preset": "veryfast", "tune": "zerolatency", "x264-params": "keyint=25:bframes=0"}
         self.pending: list[av.Packet] = []
@@ -240,15 +240,17 @@ async def test_vp8_is_transcoded_once(whip, http):
     await eventually(lambda: gauge("transcode") == before, timeout=5, what="the transcode gauge back")
 
 
-async def test_h264_high_profile_is_transcoded_once(whip, http):
+@pytest.mark.parametrize("profile,path", [("High", "transcode"), ("Main", "passthrough")])
+async def test_h264_high_profile_is_transcoded_once_and_main_without_b_frames_passes(whip, http, profile, path):
     relay, _, conn = whip
-    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], track=HighProfileTrack())
-    before = gauge("transcode")
+    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], track=ProfileTrack(profile))
+    before = gauge(path)
     try:
         assert (await publisher.post(http)).status == 201
-        await conn.start_stream("OBS's high profile")  # waits for the first keyframe: its SPS decides
-        assert gauge("transcode") == before + 1
-        assert relay.sessions.broadcast(conn.broadcast["broadcast_id"]).media._pipeline is not None
+        await conn.start_stream(f"OBS's {profile} profile")  # waits for the first keyframe: its SPS decides
+        assert gauge(path) == before + 1
+        pipeline = relay.sessions.broadcast(conn.broadcast["broadcast_id"]).media._pipeline
+        assert (pipeline is not None) is (path == "transcode")
         async with Spectator(conn.broadcast["whep_url"], conn.broadcast["spectator_token"]) as viewer:
             await asyncio.wait_for(viewer.track.recv(), 10)
             frames = await frames_for(viewer.track, 2.0)
