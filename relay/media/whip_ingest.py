@@ -132,10 +132,6 @@ class Ingest:
         self._last_pli = -1e9
         self.plis_sent = 0
 
-    @property
-    def frames(self) -> int:
-        return self._depacketizer.frames
-
     async def answer(self, offer_sdp: str, codec: RTCRtpCodecCapability) -> str:
         """Apply the (checked) offer and return the answer with ``codec`` alone (parse_publish_offer's
         choice): a publisher then sends that codec whatever its own preference; 422 if it cannot be agreed."""

@@ -96,8 +96,8 @@ class WhipStreamer:
 
     # -- publishing (the WHIP resource) ----------------------------------------------------
 
-    async def publish(self, offer_sdp: str) -> tuple[str, str, str]:
-        """(session id, answer SDP, path) for a publisher's offer; 409 while another one is publishing."""
+    async def publish(self, offer_sdp: str) -> tuple[str, str]:
+        """(session id, answer SDP) for a publisher's offer; 409 while another one is publishing."""
         if self._disconnected:
             raise RelayError("NOT_FOUND", 404, "This connection is closed.", action="Open a new connection.")
         current = self.ingest
@@ -118,11 +118,11 @@ class WhipStreamer:
         if self.ingest is not ingest or self._disconnected:  # closed while answering: nothing may outlive it
             await ingest.close()
             raise RelayError("NOT_FOUND", 404, "This connection is closed.", action="Open a new connection.")
-        return ingest.session_id, answer, ingest.path or ""
+        return ingest.session_id, answer
 
     def session(self, session_id: str) -> Ingest:
         ingest = self.ingest
-        if ingest is None or not hmac.compare_digest(ingest.session_id, session_id):
+        if ingest is None or not hmac.compare_digest(ingest.session_id.encode(), session_id.encode()):
             raise not_found("session", session_id)
         return ingest
 

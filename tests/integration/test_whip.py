@@ -433,6 +433,9 @@ async def test_bad_publishers_are_refused_in_the_error_shape(whip, http):
                                   headers={"Content-Type": "application/trickle-ice-sdpfrag",
                                            "Authorization": "Bearer wrong"}) as r:
                 assert r.status == 401
+            for unknown in ("nope", "%C3%A9t%C3%A9"):  # a session id that is not ASCII is just as unknown
+                async with http.delete(f"{url}/{unknown}", headers={"Authorization": f"Bearer {token}"}) as r:
+                    assert r.status == 404 and (await r.json())["error"]["code"] == "NOT_FOUND"
         finally:
             await first.close()
         assert whip_relay_peers(relay) <= 1
