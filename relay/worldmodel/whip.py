@@ -89,6 +89,7 @@ class WhipStreamer:
         self._clock = clock
         self.ingest: Ingest | None = None
         self._track: PassThroughTrack | HostedTrack | None = None
+        self._stream_ingest: Ingest | None = None  # the session the live stream carries (a later one never)
         self._disconnected = False
 
     def check_token(self, token: str | None) -> bool:
@@ -136,12 +137,14 @@ class WhipStreamer:
         self._on_gone_of(ingest)
         await ingest.close()
 
+    # Only the current session is open to call these; it feeds the live stream only if that stream is its own
+    # (a publisher back before its old stream ended waits for the next stream).
     def _on_packet(self, packet: av.Packet, keyframe: bool) -> None:
-        if isinstance(self._track, PassThroughTrack):
+        if isinstance(self._track, PassThroughTrack) and self._stream_ingest is self.ingest:
             self._track.push(packet, keyframe)
 
     def _on_frame(self, frame: av.VideoFrame) -> None:
-        if isinstance(self._track, HostedTrack):
+        if isinstance(self._track, HostedTrack) and self._stream_ingest is self.ingest:
             self._track.push(frame)
 
     def _on_gone(self) -> None:
@@ -149,7 +152,7 @@ class WhipStreamer:
             self._on_gone_of(self.ingest)
 
     def _on_gone_of(self, ingest: Ingest) -> None:
-        if isinstance(self._track, HostedTrack):
+        if isinstance(self._track, HostedTrack) and self._stream_ingest is ingest:
             self._track.fail(f"{PUBLISHER} went away")
         # a PassThroughTrack reads the ingest's state itself (failed)
 
@@ -169,6 +172,7 @@ class WhipStreamer:
             raise RelayError("PUBLISHER_NOT_CONNECTED", 409, "No publisher is sending video to this connection.",
                              action="POST a WHIP offer to the connection's whip_url with its publish_token, "
                                     "then start the stream.")
+        self._stream_ingest = ingest
         if ingest.path == PASSTHROUGH:
             track = self._track = PassThroughTrack(ingest, self._silence, self._clock)
         else:
@@ -187,12 +191,12 @@ class WhipStreamer:
 
     async def end_stream(self) -> None:
         track, self._track = self._track, None
+        ingest, self._stream_ingest = self._stream_ingest, None
         if track is None:
             return
         track.stop()
-        ingest = self.ingest
-        if ingest is None:
-            return
+        if ingest is None or ingest is not self.ingest:
+            return  # its session is gone already, perhaps replaced by the publisher's next one: not ours to drop
         failed = track.failed if isinstance(track, PassThroughTrack) else track.error
         if failed:  # silent or gone: its slot is freed for the publisher's next session
             await self._drop(ingest)

@@ -319,6 +319,31 @@ async def test_a_silent_publisher_ends_the_stream_and_a_new_session_continues(wh
             await again.close()
 
 
+async def test_a_publisher_back_before_its_old_stream_ended_keeps_its_new_session(whip, http):
+    relay, _, conn = whip
+    token = {"Authorization": f"Bearer {conn.info['publish_token']}"}
+    first = Publisher(conn.info["whip_url"], conn.info["publish_token"])
+    second = Publisher(conn.info["whip_url"], conn.info["publish_token"])
+    try:
+        assert (await first.post(http)).status == 201
+        await conn.start_stream("first")
+        stream = relay.sessions.stream(conn.stream_id)
+        async with http.delete(relay.url + first.location, headers=token) as r:
+            assert r.status == 200
+        assert (await second.post(http)).status == 201  # back at once, before the reaper ends the old stream
+        await eventually(lambda: not stream.live, what="the old stream ended")
+        assert stream.end_reason == "upstream_error"
+        streamer = relay.sessions.connection(conn.connection_id).streamer
+        assert streamer.ingest is not None and not streamer.ingest.closed  # the old stream's end left it alone
+        await conn.start_stream("second")
+        hub = relay.sessions.broadcast(conn.broadcast["broadcast_id"]).media.hub
+        published = hub.published
+        await eventually(lambda: hub.published > published + 10, what="the new session's packets")
+    finally:
+        await first.close()
+        await second.close()
+
+
 async def test_delete_and_closing_the_connection_leave_no_peer(relay_factory, http):
     relay = await relay_factory(world_model={"kind": "whip"})
     client = RelayClient(relay.url, API_KEY)
