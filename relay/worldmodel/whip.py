@@ -185,8 +185,8 @@ class WhipStreamer:
         if track is None or track.readyState != "live":
             raise RuntimeError("no stream is running")
         prompt = prompt.strip()
-        if self.ingest is not None:
-            self.ingest.send_prompt({"type": protocol.UPDATE, "prompt": prompt})
+        if self._stream_ingest is not None:  # the stream's own publisher steers it
+            self._stream_ingest.send_prompt({"type": protocol.UPDATE, "prompt": prompt})
         return prompt
 
     async def end_stream(self) -> None:
