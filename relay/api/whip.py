@@ -50,9 +50,9 @@ async def _read_body(request: web.Request, content_type: str) -> str:
 async def whip_publish(request: web.Request) -> web.Response:
     streamer = publish_slot(request)  # 401 before the body is read
     offer = await _read_body(request, "application/sdp")
-    session_id, answer, path = await streamer.publish(offer)
+    session_id, answer = await streamer.publish(offer)
     log.info("WHIP session opened", extra={"connection_id": request.match_info["connection_id"],
-                                           "session_id": session_id, "path": path})
+                                           "session_id": session_id})
     return web.Response(status=201, text=answer, content_type="application/sdp",
                         headers={"Location": whip_location(request.match_info["connection_id"], session_id)})
 

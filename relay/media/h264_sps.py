@@ -17,17 +17,26 @@ MAX_SPS_BYTES = 512  # a real SPS is tens of bytes; longer is read no further
 PROFILE_BASELINE = 66
 
 
+PROFILE_MAIN = 77
+
+
 @dataclass(frozen=True)
 class Sps:
     profile_idc: int
     constraint_set0: bool  # the stream keeps to the baseline profile's constraints, whatever its profile
     width: int
     height: int
+    reorder_frames: int | None = None  # the VUI's max_num_reorder_frames: 0 = no B-frames; None = not said
 
     @property
     def baseline(self) -> bool:
         """Baseline or constrained baseline: no B-frames, what every WebRTC spectator decodes."""
         return self.profile_idc == PROFILE_BASELINE or self.constraint_set0
+
+    @property
+    def passes_through(self) -> bool:
+        """What a WebRTC spectator takes as it is: baseline, or main that declares it has no B-frames."""
+        return self.baseline or (self.profile_idc == PROFILE_MAIN and self.reorder_frames == 0)
 
 
 class _Bits:
@@ -137,7 +146,54 @@ def _parse(sps: bytes) -> Sps:
         height -= unit_y * (top + bottom)
     if width <= 0 or height <= 0:
         raise ValueError("SPS crops the picture away")
-    return Sps(profile_idc, constraint_set0, width, height)
+    return Sps(profile_idc, constraint_set0, width, height, _reorder_frames(bits) if bits.u(1) else None)
+
+
+def _reorder_frames(bits: _Bits) -> int | None:
+    """max_num_reorder_frames from the VUI (Annex E.1.1), None if it does not say."""
+    if bits.u(1):  # aspect_ratio_info_present_flag
+        if bits.u(8) == 255:  # Extended_SAR
+            bits.u(32)
+    if bits.u(1):  # overscan_info_present_flag
+        bits.u(1)
+    if bits.u(1):  # video_signal_type_present_flag
+        bits.u(4)
+        if bits.u(1):  # colour_description_present_flag
+            bits.u(24)
+    if bits.u(1):  # chroma_loc_info_present_flag
+        bits.ue()
+        bits.ue()
+    if bits.u(1):  # timing_info_present_flag
+        bits.u(32)
+        bits.u(32)
+        bits.u(1)
+    nal_hrd = bits.u(1)
+    if nal_hrd:
+        _skip_hrd(bits)
+    vcl_hrd = bits.u(1)
+    if vcl_hrd:
+        _skip_hrd(bits)
+    if nal_hrd or vcl_hrd:
+        bits.u(1)  # low_delay_hrd_flag
+    bits.u(1)  # pic_struct_present_flag
+    if not bits.u(1):  # bitstream_restriction_flag
+        return None
+    bits.u(1)  # motion_vectors_over_pic_boundaries_flag
+    for _ in range(4):  # max_bytes_per_pic_denom, max_bits_per_mb_denom, log2_max_mv_length h and v
+        bits.ue()
+    return bits.ue()
+
+
+def _skip_hrd(bits: _Bits) -> None:
+    cpb_count = bits.ue() + 1
+    if cpb_count > 32:
+        raise ValueError("bad HRD")
+    bits.u(8)  # bit_rate_scale, cpb_size_scale
+    for _ in range(cpb_count):
+        bits.ue()
+        bits.ue()
+        bits.u(1)
+    bits.u(20)  # four 5-bit lengths and delays
 
 
 def _skip_scaling_list(bits: _Bits, size: int) -> None:

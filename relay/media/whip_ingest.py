@@ -7,10 +7,11 @@ answers with the codec the offer put first among those it can take:
   hooked (aiortc_hooks.receive_rtp_undecoded) and each RTP packet goes to an
   :class:`H264Depacketizer`. What the bitstream is, not what the SDP says (OBS labels any profile
   42e01f), decides the path at the first keyframe: a baseline SPS (no B-frames) is *passed
-  through*, each access unit handed on as an ``av.Packet`` for the broadcast's graph, never decoded
-  or encoded again; keyframe requests go back to the publisher as one PLI at most every
-  KEYFRAME_MIN_INTERVAL. Main, high and the rest (which may carry B-frames a spectator's WebRTC
-  decoder does not take) are *transcoded*: decoded here on one thread, encoded once by the stream.
+  through* (so is main whose VUI declares no reordering: no B-frames), each access unit handed on as
+  an ``av.Packet`` for the broadcast's graph, never decoded or encoded again; keyframe requests go
+  back to the publisher as one PLI at most every KEYFRAME_MIN_INTERVAL. The rest (B-frames, which a
+  spectator's WebRTC decoder does not take, or high profile's tools) are *transcoded*: decoded here
+  on one thread, encoded once by the stream.
 - VP8 is *transcoded*: aiortc decodes it and the frames go to the stream's pipeline, which encodes
   them once, like any world model's.
 
@@ -29,8 +30,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import av
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+from aiortc import (RTCConfiguration, RTCPeerConnection, RTCRtpCodecCapability, RTCRtpReceiver,
+                    RTCSessionDescription)
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcpeerconnection import is_codec_compatible
 from aiortc.rtp import RtpPacket
 from aiortc.sdp import SessionDescription
 
@@ -52,8 +55,9 @@ PROMPTS_LABEL = "prompts"
 DECODE_BACKLOG = 8  # access units waiting for the decoder thread before it skips to the next keyframe
 
 
-def parse_publish_offer(sdp: str, max_candidates: int) -> SessionDescription:
-    """400 for text that is not SDP; 422 for an offer that sends no video the relay can take."""
+def parse_publish_offer(sdp: str, max_candidates: int) -> RTCRtpCodecCapability:
+    """The one codec the relay will answer with (H.264 if offered, else VP8); 400 for text that is not
+    SDP, 422 for an offer that sends no video the relay can take."""
     if not sdp.lstrip().startswith("v=0"):
         raise invalid_request("The body is not an SDP offer (it must start with 'v=0').")
     candidates = count_candidates(sdp)  # before parsing: applying n candidates costs n² (see webrtc.py)
@@ -67,23 +71,26 @@ def parse_publish_offer(sdp: str, max_candidates: int) -> SessionDescription:
     if not video:
         raise unprocessable("The offer has no video m-line: a publisher must send video.")
     first = video[0]
-    offered = sorted({c.mimeType for c in first.rtp.codecs})
-    if not any(c.mimeType.lower() in CODECS for c in first.rtp.codecs):
-        raise unprocessable("No codec in common: the relay takes H.264 (packetization-mode 1) or VP8.",
-                            offered=offered)
     if first.port == 0 or first.direction not in (None, "sendrecv", "sendonly"):
         raise unprocessable(f"The offer's video m-line is {first.direction or 'rejected'}: a publisher must send "
                             "video (sendonly).", direction=first.direction)
     if first.dtls is None or not first.dtls.fingerprints:
         raise unprocessable(
             "The offer has no DTLS fingerprint and setup role (a=fingerprint, a=setup): media cannot be secured.")
-    return parsed
+    for local in ingest_preferences():
+        if any(is_codec_compatible(local, offered) for offered in first.rtp.codecs):
+            return local
+    raise unprocessable("No codec in common: the relay takes H.264 (constrained baseline or baseline, "
+                        "packetization-mode 1) or VP8.", offered=sorted({c.mimeType for c in first.rtp.codecs}))
 
 
-def ingest_preferences() -> list:
+def ingest_preferences() -> list[RTCRtpCodecCapability]:
+    """H.264 before VP8 whatever the offer's order: a browser offering both (VP8 first, as Chrome does)
+    is then passed through rather than transcoded."""
     codecs = RTCRtpReceiver.getCapabilities("video").codecs
-    return [c for c in codecs if c.mimeType.lower() in CODECS
-            and (c.parameters or {}).get("packetization-mode", "1") == "1"]
+    return sorted((c for c in codecs if c.mimeType.lower() in CODECS
+                   and (c.parameters or {}).get("packetization-mode", "1") == "1"),
+                  key=lambda c: CODECS.index(c.mimeType.lower()))
 
 
 class Ingest:
@@ -104,7 +111,7 @@ class Ingest:
         self._on_gone = on_gone
         self._clock = clock
         self.path: str | None = None  # VP8: transcode, at once; H.264: by its first keyframe's SPS
-        self.ready = asyncio.Event()  # the path is known: a stream can start
+        self.ready = asyncio.Event()  # the path is known (a stream can start), or the session ended
         self.last_media = clock()  # the publisher's last packet or frame
         self.gone = False
         self.closed = False
@@ -125,12 +132,9 @@ class Ingest:
         self._last_pli = -1e9
         self.plis_sent = 0
 
-    @property
-    def frames(self) -> int:
-        return self._depacketizer.frames
-
-    async def answer(self, offer_sdp: str) -> str:
-        """Apply the (checked) offer and return the answer; 422 if no video codec could be agreed."""
+    async def answer(self, offer_sdp: str, codec: RTCRtpCodecCapability) -> str:
+        """Apply the (checked) offer and return the answer with ``codec`` alone (parse_publish_offer's
+        choice): a publisher then sends that codec whatever its own preference; 422 if it cannot be agreed."""
         pc = self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         metrics.track_peer(pc)
 
@@ -143,13 +147,14 @@ class Ingest:
         def on_state() -> None:
             if pc.connectionState in ("failed", "closed") and not self.closed and not self.gone:
                 self.gone = True
+                self.ready.set()  # a stream waiting for its first keyframe learns at once that none will come
                 log.info("WHIP publisher gone", extra={"session_id": self.session_id})
                 self._on_gone()
 
         # aiortc picks the answer's codecs in setRemoteDescription: the video transceiver and its
-        # preferences (no RTX) must exist before the offer is applied.
+        # preference (one codec, no RTX) must exist before the offer is applied.
         video = pc.addTransceiver("video", direction="recvonly")
-        video.setCodecPreferences(ingest_preferences())
+        video.setCodecPreferences([codec])
         try:
             await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         except Exception as exc:  # aiortc refuses m-lines it shares no codec with
@@ -164,18 +169,18 @@ class Ingest:
         if not negotiated:
             raise unprocessable("No codec in common: the relay takes H.264 (constrained baseline or baseline, "
                                 "packetization-mode 1) or VP8.")
-        codec = negotiated[0].mimeType
+        mime = negotiated[0].mimeType
         self._payload_type = negotiated[0].payloadType
         self._receiver = video.receiver
-        h264 = codec.lower() == H264
+        h264 = mime.lower() == H264
         if h264:
             receive_rtp_undecoded(self._receiver, self._on_rtp)  # before the receiver starts (connect, below)
         await pc.setLocalDescription(answer)
         if not h264:
             self._reader = asyncio.get_running_loop().create_task(self._read_frames(video.receiver.track),
                                                                   name="relay-whip-frames")
-            self._decide(TRANSCODE, codec)
-        log.info("WHIP publisher offered %s", codec, extra={"session_id": self.session_id})
+            self._decide(TRANSCODE, mime)
+        log.info("WHIP publisher answered with %s", mime, extra={"session_id": self.session_id})
         return pc.localDescription.sdp
 
     def _decide(self, path: str, what: str) -> None:
@@ -213,8 +218,8 @@ class Ingest:
             if not keyframe:
                 return
             sps = read_sps(bytes(packet))
-            baseline = sps is not None and sps.baseline  # unreadable: decoding is the safe way
-            self._decide(PASSTHROUGH if baseline else TRANSCODE,
+            passes = sps is not None and sps.passes_through  # unreadable: decoding is the safe way
+            self._decide(PASSTHROUGH if passes else TRANSCODE,
                          f"H.264 (profile_idc {sps.profile_idc if sps else '?'})")
         if self.path == PASSTHROUGH:
             self._on_packet(packet, keyframe)
@@ -287,6 +292,7 @@ class Ingest:
         if self.closed:
             return
         self.closed = True
+        self.ready.set()  # as when gone: no waiting stream start outlives the session
         if self.path is not None:
             metrics.WHIP_PUBLISHERS.labels(path=self.path).dec()
         tasks = [t for t in (self._pli_task, self._reader) if t is not None]

@@ -89,6 +89,7 @@ class WhipStreamer:
         self._clock = clock
         self.ingest: Ingest | None = None
         self._track: PassThroughTrack | HostedTrack | None = None
+        self._stream_ingest: Ingest | None = None  # the session the live stream carries (a later one never)
         self._disconnected = False
 
     def check_token(self, token: str | None) -> bool:
@@ -96,8 +97,8 @@ class WhipStreamer:
 
     # -- publishing (the WHIP resource) ----------------------------------------------------
 
-    async def publish(self, offer_sdp: str) -> tuple[str, str, str]:
-        """(session id, answer SDP, path) for a publisher's offer; 409 while another one is publishing."""
+    async def publish(self, offer_sdp: str) -> tuple[str, str]:
+        """(session id, answer SDP) for a publisher's offer; 409 while another one is publishing."""
         if self._disconnected:
             raise RelayError("NOT_FOUND", 404, "This connection is closed.", action="Open a new connection.")
         current = self.ingest
@@ -105,11 +106,11 @@ class WhipStreamer:
             if not (current.gone or current.closed or self._clock() - current.last_media >= self._stale):
                 raise publisher_conflict(current.session_id)
             await self._drop(current)  # a dead session's slot is free for the publisher's next one
-        parse_publish_offer(offer_sdp, self._max_candidates)
+        codec = parse_publish_offer(offer_sdp, self._max_candidates)
         ingest = self.ingest = Ingest(on_packet=self._on_packet, on_frame=self._on_frame,
                                       on_gone=self._on_gone, clock=self._clock)  # reserved before awaiting
         try:
-            answer = await ingest.answer(offer_sdp)
+            answer = await ingest.answer(offer_sdp, codec)
         except BaseException:
             if self.ingest is ingest:
                 self.ingest = None
@@ -118,11 +119,11 @@ class WhipStreamer:
         if self.ingest is not ingest or self._disconnected:  # closed while answering: nothing may outlive it
             await ingest.close()
             raise RelayError("NOT_FOUND", 404, "This connection is closed.", action="Open a new connection.")
-        return ingest.session_id, answer, ingest.path or ""
+        return ingest.session_id, answer
 
     def session(self, session_id: str) -> Ingest:
         ingest = self.ingest
-        if ingest is None or not hmac.compare_digest(ingest.session_id, session_id):
+        if ingest is None or not hmac.compare_digest(ingest.session_id.encode(), session_id.encode()):
             raise not_found("session", session_id)
         return ingest
 
@@ -136,12 +137,14 @@ class WhipStreamer:
         self._on_gone_of(ingest)
         await ingest.close()
 
+    # Only the current session is open to call these; it feeds the live stream only if that stream is its own
+    # (a publisher back before its old stream ended waits for the next stream).
     def _on_packet(self, packet: av.Packet, keyframe: bool) -> None:
-        if isinstance(self._track, PassThroughTrack):
+        if isinstance(self._track, PassThroughTrack) and self._stream_ingest is self.ingest:
             self._track.push(packet, keyframe)
 
     def _on_frame(self, frame: av.VideoFrame) -> None:
-        if isinstance(self._track, HostedTrack):
+        if isinstance(self._track, HostedTrack) and self._stream_ingest is self.ingest:
             self._track.push(frame)
 
     def _on_gone(self) -> None:
@@ -149,7 +152,7 @@ class WhipStreamer:
             self._on_gone_of(self.ingest)
 
     def _on_gone_of(self, ingest: Ingest) -> None:
-        if isinstance(self._track, HostedTrack):
+        if isinstance(self._track, HostedTrack) and self._stream_ingest is ingest:
             self._track.fail(f"{PUBLISHER} went away")
         # a PassThroughTrack reads the ingest's state itself (failed)
 
@@ -169,6 +172,7 @@ class WhipStreamer:
             raise RelayError("PUBLISHER_NOT_CONNECTED", 409, "No publisher is sending video to this connection.",
                              action="POST a WHIP offer to the connection's whip_url with its publish_token, "
                                     "then start the stream.")
+        self._stream_ingest = ingest
         if ingest.path == PASSTHROUGH:
             track = self._track = PassThroughTrack(ingest, self._silence, self._clock)
         else:
@@ -181,18 +185,18 @@ class WhipStreamer:
         if track is None or track.readyState != "live":
             raise RuntimeError("no stream is running")
         prompt = prompt.strip()
-        if self.ingest is not None:
-            self.ingest.send_prompt({"type": protocol.UPDATE, "prompt": prompt})
+        if self._stream_ingest is not None:  # the stream's own publisher steers it
+            self._stream_ingest.send_prompt({"type": protocol.UPDATE, "prompt": prompt})
         return prompt
 
     async def end_stream(self) -> None:
         track, self._track = self._track, None
+        ingest, self._stream_ingest = self._stream_ingest, None
         if track is None:
             return
         track.stop()
-        ingest = self.ingest
-        if ingest is None:
-            return
+        if ingest is None or ingest is not self.ingest:
+            return  # its session is gone already, perhaps replaced by the publisher's next one: not ours to drop
         failed = track.failed if isinstance(track, PassThroughTrack) else track.error
         if failed:  # silent or gone: its slot is freed for the publisher's next session
             await self._drop(ingest)

@@ -49,17 +49,17 @@ class PausableTrack(MediaStreamTrack):
         self.source.stop()
 
 
-class HighProfileTrack(MediaStreamTrack):
-    """H.264 high profile as packets, encoded here (aiortc's own encoder only makes baseline): what OBS
-    sends under the SDP's 42e01f label."""
+class ProfileTrack(MediaStreamTrack):
+    """H.264 of a given profile as packets, encoded here (aiortc's own encoder only makes baseline): what
+    OBS sends under the SDP's 42e01f label."""
 
     kind = "video"
 
-    def __init__(self) -> None:
+    def __init__(self, profile: str) -> None:
         super().__init__()
         self.source = SyntheticTrack(320, 176, 25)
         ctx = self.ctx = av.CodecContext.create("libx264", "w")
-        ctx.width, ctx.height, ctx.pix_fmt, ctx.profile = 320, 176, "yuv420p", "High"
+        ctx.width, ctx.height, ctx.pix_fmt, ctx.profile = 320, 176, "yuv420p", profile
         ctx.time_base, ctx.framerate = VIDEO_TIME_BASE, fractions.Fraction(25, 1)
         ctx.options = {"preset": "veryfast", "tune": "zerolatency", "x264-params": "keyint=25:bframes=0"}
         self.pending: list[av.Packet] = []
@@ -107,9 +107,9 @@ class Publisher:
 
     async def post(self, http: aiohttp.ClientSession) -> aiohttp.ClientResponse:
         transceiver = self.pc.addTransceiver(self.track, direction="sendonly")
-        transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs
-                                         if c.mimeType == self.codec])
-        if self.codec == "video/H264":
+        codecs = RTCRtpSender.getCapabilities("video").codecs
+        transceiver.setCodecPreferences([c for mime in self.codec.split(",") for c in codecs if c.mimeType == mime])
+        if "video/H264" in self.codec:
             self._keep_access_units(transceiver.sender)
         await self.pc.setLocalDescription(await self.pc.createOffer())
         response = await http.post(self.whip_url, data=self.pc.localDescription.sdp,
@@ -177,8 +177,10 @@ async def test_connection_answer_carries_the_publish_slot(whip):
 
 async def test_h264_is_passed_through_byte_for_byte(whip, http):
     relay, _, conn = whip
-    # Not the configured 320x176: a passed-through stream keeps the publisher's own size.
-    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], size=(384, 216))
+    # Not the configured 320x176: a passed-through stream keeps the publisher's own size. VP8 offered
+    # first, as Chrome does: the relay still picks H.264, which it need not encode again.
+    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], codec="video/VP8,video/H264",
+                          size=(384, 216))
     viewer = None
     before = gauge("passthrough")
     try:
@@ -238,15 +240,17 @@ async def test_vp8_is_transcoded_once(whip, http):
     await eventually(lambda: gauge("transcode") == before, timeout=5, what="the transcode gauge back")
 
 
-async def test_h264_high_profile_is_transcoded_once(whip, http):
+@pytest.mark.parametrize("profile,path", [("High", "transcode"), ("Main", "passthrough")])
+async def test_h264_high_profile_is_transcoded_once_and_main_without_b_frames_passes(whip, http, profile, path):
     relay, _, conn = whip
-    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], track=HighProfileTrack())
-    before = gauge("transcode")
+    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], track=ProfileTrack(profile))
+    before = gauge(path)
     try:
         assert (await publisher.post(http)).status == 201
-        await conn.start_stream("OBS's high profile")  # waits for the first keyframe: its SPS decides
-        assert gauge("transcode") == before + 1
-        assert relay.sessions.broadcast(conn.broadcast["broadcast_id"]).media._pipeline is not None
+        await conn.start_stream(f"OBS's {profile} profile")  # waits for the first keyframe: its SPS decides
+        assert gauge(path) == before + 1
+        pipeline = relay.sessions.broadcast(conn.broadcast["broadcast_id"]).media._pipeline
+        assert (pipeline is not None) is (path == "transcode")
         async with Spectator(conn.broadcast["whep_url"], conn.broadcast["spectator_token"]) as viewer:
             await asyncio.wait_for(viewer.track.recv(), 10)
             frames = await frames_for(viewer.track, 2.0)
@@ -315,6 +319,31 @@ async def test_a_silent_publisher_ends_the_stream_and_a_new_session_continues(wh
             await again.close()
 
 
+async def test_a_publisher_back_before_its_old_stream_ended_keeps_its_new_session(whip, http):
+    relay, _, conn = whip
+    token = {"Authorization": f"Bearer {conn.info['publish_token']}"}
+    first = Publisher(conn.info["whip_url"], conn.info["publish_token"])
+    second = Publisher(conn.info["whip_url"], conn.info["publish_token"])
+    try:
+        assert (await first.post(http)).status == 201
+        await conn.start_stream("first")
+        stream = relay.sessions.stream(conn.stream_id)
+        async with http.delete(relay.url + first.location, headers=token) as r:
+            assert r.status == 200
+        assert (await second.post(http)).status == 201  # back at once, before the reaper ends the old stream
+        await eventually(lambda: not stream.live, what="the old stream ended")
+        assert stream.end_reason == "upstream_error"
+        streamer = relay.sessions.connection(conn.connection_id).streamer
+        assert streamer.ingest is not None and not streamer.ingest.closed  # the old stream's end left it alone
+        await conn.start_stream("second")
+        hub = relay.sessions.broadcast(conn.broadcast["broadcast_id"]).media.hub
+        published = hub.published
+        await eventually(lambda: hub.published > published + 10, what="the new session's packets")
+    finally:
+        await first.close()
+        await second.close()
+
+
 async def test_delete_and_closing_the_connection_leave_no_peer(relay_factory, http):
     relay = await relay_factory(world_model={"kind": "whip"})
     client = RelayClient(relay.url, API_KEY)
@@ -353,6 +382,10 @@ async def test_a_publisher_that_never_connects_frees_the_slot(relay_factory, htt
         publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"])
         try:
             assert (await publisher.post(http)).status == 409  # still within its chance to connect
+            # A stream cannot start on a session that sends nothing: refused once its window passes.
+            async with http.post(f"{relay.url}/v1/connections/{conn.connection_id}/streams", json={"prompt": "x"},
+                                 headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+                assert r.status == 409 and (await r.json())["error"]["code"] == "PUBLISHER_NOT_CONNECTED"
             streamer = relay.sessions.connection(conn.connection_id).streamer
             stale = streamer.ingest.last_media + 1.0
             await eventually(lambda: time.monotonic() > stale, what="the silent session's window passed")
@@ -425,6 +458,9 @@ async def test_bad_publishers_are_refused_in_the_error_shape(whip, http):
                                   headers={"Content-Type": "application/trickle-ice-sdpfrag",
                                            "Authorization": "Bearer wrong"}) as r:
                 assert r.status == 401
+            for unknown in ("nope", "%C3%A9t%C3%A9"):  # a session id that is not ASCII is just as unknown
+                async with http.delete(f"{url}/{unknown}", headers={"Authorization": f"Bearer {token}"}) as r:
+                    assert r.status == 404 and (await r.json())["error"]["code"] == "NOT_FOUND"
         finally:
             await first.close()
         assert whip_relay_peers(relay) <= 1

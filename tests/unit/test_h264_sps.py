@@ -10,10 +10,11 @@ from relay.media.encoder import H264Encoder
 from relay.media.h264_sps import read_sps, sps_size
 
 
-def first_keyframe(width: int, height: int, profile: str) -> bytes:
+def first_keyframe(width: int, height: int, profile: str, bframes: int = 0) -> bytes:
     ctx = av.CodecContext.create("libx264", "w")
     ctx.width, ctx.height, ctx.pix_fmt, ctx.profile = width, height, "yuv420p", profile
-    ctx.options = {"tune": "zerolatency", "preset": "veryfast"}  # ultrafast would be baseline whatever the profile
+    # ultrafast would be baseline whatever the profile; zerolatency would turn B-frames off
+    ctx.options = {"preset": "veryfast", "x264-params": f"bframes={bframes}"}
     frame = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), np.uint8), format="rgb24")
     packets = ctx.encode(frame) + ctx.encode(None)
     return bytes(packets[0])
@@ -24,6 +25,15 @@ def first_keyframe(width: int, height: int, profile: str) -> bytes:
 def test_reads_the_size_and_profile_x264_declares(width, height, profile):
     assert sps_size(first_keyframe(width, height, profile)) == (width, height)
     assert read_sps(first_keyframe(width, height, profile)).baseline is (profile == "Baseline")
+
+
+@pytest.mark.parametrize("profile,bframes,passes", [("Baseline", 0, True), ("Main", 0, True), ("Main", 2, False),
+                                                   ("High", 0, False), ("High", 3, False)])
+def test_what_passes_through(profile, bframes, passes):
+    sps = read_sps(first_keyframe(320, 176, profile, bframes))
+    assert sps.passes_through is passes, sps
+    if profile != "Baseline":  # x264 declares its reordering in the VUI
+        assert (sps.reorder_frames > 0) == (bframes > 0)
 
 
 def test_the_relays_own_encoder_output():
