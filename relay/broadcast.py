@@ -27,6 +27,7 @@ from .media.hls import HlsPublisher
 from .orchestration import Orchestrator
 from .recordings import RecordingStore
 from .spectators import Spectators
+from .worldmodel.base import EncodedTrack
 
 # What the recording's events log keeps (stream_ended is the recorder's own; viewers are logged
 # exactly on each join and leave, not from the coalesced pushes).
@@ -67,6 +68,7 @@ class Broadcast:
         self.audience.record_event = self.media.record_event
         self.stream_id: str | None = None
         self.prompt: str | None = None
+        self._encoded: EncodedTrack | None = None  # the live stream's, when its packets pass through
         self._elsewhere = 0
         self._peak = 0  # the most viewers seen at once, every node's
         self._viewers_sent = -1
@@ -167,16 +169,23 @@ class Broadcast:
     ) -> None:
         self.stream_id = stream_id
         self.prompt = prompt
-        self.media.attach_source(stream_id, track, width, height, fps)
+        if isinstance(track, EncodedTrack):  # a publisher's H.264: its packets are the source, never re-encoded
+            self._encoded = track
+            track.attach(self.media.attach_packets(track.request_keyframe, fps, stream_id))
+        else:
+            self.media.attach_source(stream_id, track, width, height, fps)
         self.emit({"type": "stream_started", "stream_id": stream_id, "prompt": prompt})
 
     async def detach_stream(self, reason: str) -> None:
+        encoded, self._encoded = self._encoded, None
+        if encoded is not None:
+            encoded.attach(None)
         if await self.media.detach_source(reason):
             self.emit({"type": "stream_ended", "stream_id": self.stream_id, "reason": reason})
 
     @property
     def upstream_failed(self) -> BaseException | None:
-        return self.media.source_failed
+        return self.media.source_failed or (self._encoded.failed if self._encoded is not None else None)
 
     def prompt_applied(self, prompt: str, source: str, participant_id: str | None = None) -> None:
         self.prompt = prompt

@@ -9,18 +9,24 @@
 
     async with Spectator(conn.broadcast["whep_url"], conn.broadcast["spectator_token"]) as viewer:
         frame = await viewer.track.recv()      # av.VideoFrame, decoded
+
+    # With [world_model] kind = "whip" the connection's video comes from a publisher (WHIP, RFC 9725):
+    async with client.connect() as conn:
+        async with Publisher(conn.whip_url, conn.publish_token, my_track, on_prompt=steer) as publisher:
+            await conn.start_stream("a calm ocean at sunset")   # steer({"type": ..., "prompt": ...}) per prompt
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 from urllib.parse import urljoin
 
 import aiohttp
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
 
@@ -160,6 +166,22 @@ class HostConnection:
         self.stream_id: str | None = None
         self.closed = False
 
+    @property
+    def whip_url(self) -> str | None:
+        """Where a publisher POSTs its offer, on a `[world_model] kind = "whip"` relay (else None)."""
+        return self.info.get("whip_url")
+
+    @property
+    def publish_token(self) -> str | None:
+        """The publisher's Bearer token, bound to this connection (never the API key)."""
+        return self.info.get("publish_token")
+
+    def publisher(self, track: MediaStreamTrack, **options: Any) -> "Publisher":
+        """A Publisher of `track` to this connection (options as Publisher's); use it with `async with`."""
+        if self.whip_url is None or self.publish_token is None:
+            raise RuntimeError("this connection takes no publisher: the relay's world model is not kind \"whip\"")
+        return Publisher(self.whip_url, self.publish_token, track, session=self._client.http, **options)
+
     async def start_stream(self, prompt: str, *, portrait: bool = False, image: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"prompt": prompt, "portrait": portrait}
         if image is not None:
@@ -264,3 +286,114 @@ class Spectator:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.leave()
+
+
+PROMPTS_CHANNEL = "prompts"  # the data channel on which the relay delivers prompts to a publisher
+PUBLISH_CODECS = ("H264", "VP8")
+
+
+def codec_preferences(codec: str) -> list:
+    """aiortc's capabilities for `codec` alone (with rtx, for retransmissions): the offer then carries
+    only that codec, so the relay cannot pick another. H.264 is forwarded as it is; VP8 is transcoded."""
+    if codec not in PUBLISH_CODECS:
+        raise ValueError(f"codec must be one of {PUBLISH_CODECS}, not {codec!r}")
+    return [c for c in RTCRtpSender.getCapabilities("video").codecs
+            if c.mimeType in (f"video/{codec}", "video/rtx")]
+
+
+class Publisher:
+    """Publish a video track to a connection over WHIP (RFC 9725) with aiortc, as Spectator watches by WHEP.
+
+    With `on_prompt`, it opens the `prompts` data channel, and each message the relay delivers there is
+    passed to it as a dict: the hosted protocol's messages, {"type": "interactive_stream_start", "prompt",
+    "portrait"} when a stream starts, {"type": "update", "prompt"} for each host's or audience's prompt,
+    {"type": "interactive_stream_end"} when it ends; one that is not a JSON object is dropped. Without
+    `on_prompt`, the publisher simply broadcasts.
+    `close()` ends publishing (DELETE on the session's Location) and is safe to call twice.
+    """
+
+    def __init__(self, whip_url: str, token: str, track: MediaStreamTrack, *, codec: str = "H264",
+                 on_prompt: Callable[[dict[str, Any]], object] | None = None,
+                 session: aiohttp.ClientSession | None = None) -> None:
+        self.whip_url = whip_url
+        self.token = token
+        self.track = track
+        self.codecs = codec_preferences(codec)
+        self.on_prompt = on_prompt
+        self.pc: RTCPeerConnection | None = None
+        self.location: str | None = None
+        self.answer: str | None = None
+        self._session = session
+        self._owns_session = session is None
+        self._prompts_open = asyncio.Event()
+
+    async def publish(self) -> None:
+        if self.pc is not None:
+            raise RuntimeError("already publishing: close() first")  # a second peer would leak the first
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver(self.track, direction="sendonly").setCodecPreferences(self.codecs)
+        if self.on_prompt is not None:
+            channel = pc.createDataChannel(PROMPTS_CHANNEL)
+            channel.on("open", self._prompts_open.set)
+            channel.on("message", self._deliver)
+        await pc.setLocalDescription(await pc.createOffer())  # aiortc gathers before returning: no trickle
+        async with self._session.post(
+            self.whip_url,
+            data=pc.localDescription.sdp,
+            headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {self.token}"},
+        ) as response:
+            await _check_created(response)
+            self.answer = await response.text()
+            self.location = urljoin(self.whip_url, response.headers["Location"])
+        await pc.setRemoteDescription(RTCSessionDescription(self.answer, "answer"))
+
+    async def prompts_ready(self, timeout: float = 10) -> None:
+        """Wait until the prompts channel is open (prompts sent before it would not reach this publisher)."""
+        if self.on_prompt is None:
+            raise RuntimeError("this publisher has no prompts channel (no on_prompt)")
+        await asyncio.wait_for(self._prompts_open.wait(), timeout)
+
+    def _deliver(self, data: str | bytes) -> None:
+        try:
+            message = json.loads(data)
+        except ValueError:
+            return
+        if isinstance(message, dict):
+            self.on_prompt(message)
+
+    async def close(self) -> None:
+        if self.location is not None and self._session is not None:
+            try:
+                async with self._session.delete(self.location, headers={"Authorization": f"Bearer {self.token}"}) as r:
+                    await r.read()
+            except aiohttp.ClientError:
+                pass  # the relay is gone: there is nothing left to end
+            self.location = None
+        if self.pc is not None:
+            await self.pc.close()
+            self.pc = None
+        if self._session is not None and self._owns_session:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> "Publisher":
+        try:
+            await self.publish()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def _check_created(response: aiohttp.ClientResponse) -> None:
+    if response.status != 201:
+        try:
+            body = await response.json(content_type=None)
+        except ValueError:
+            body = await response.text()
+        raise RelayAPIError(response.status, body)

@@ -244,7 +244,7 @@ class LimitsSettings:
 
 @dataclass(frozen=True)
 class WorldModelSettings:
-    kind: Literal["synthetic", "hosted"] = "synthetic"
+    kind: Literal["synthetic", "hosted", "whip"] = "synthetic"
     width: int = option(1280, even=True, min=16, max=3840)  # even: H.264 4:2:0 halves both axes
     height: int = option(704, even=True, min=16, max=3840)
     fps: int = option(25, min=1, max=60)
@@ -252,6 +252,9 @@ class WorldModelSettings:
     # environment variable that holds its API key; the key itself never sits in a config file.
     url: str = option("https://api.odyssey.ml", parse=_api_url)
     api_key_env: str = option("ODYSSEY_API_KEY", parse=_env_name)
+    # kind = "whip" (relay/worldmodel/whip.py): a live stream whose publisher sends nothing for this long
+    # ends with reason upstream_error (spectators stay for the next stream).
+    publisher_silence_seconds: float = option(3.0, min=0.5, max=60)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,16 @@ REGISTRY = CollectorRegistry()
 CONNECTIONS = Gauge("relay_connections", "Open host connections", registry=REGISTRY)
 STREAMS = Gauge("relay_streams", "Live streams", registry=REGISTRY)
 SPECTATORS = Gauge("relay_spectators", "Connected WHEP spectators", registry=REGISTRY)
+WHIP_LATENCY = Histogram(
+    "relay_whip_frame_latency_seconds",
+    "A WHIP publisher's passed-through frame: from its first RTP packet arriving to its last packet sent to the "
+    "last spectator (what the relay adds beyond the network)",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.1),
+    registry=REGISTRY,
+)
+WHIP_PUBLISHERS = Gauge("relay_whip_publishers", "Connected WHIP publishers, by how their video reaches spectators "
+                        "(passthrough: their H.264 packets as they are; transcode: decoded and encoded once)",
+                        ["path"], registry=REGISTRY)
 STREAMS_STARTED = Counter("relay_streams_started", "Streams started", registry=REGISTRY)
 FRAMES_GENERATED = Counter("relay_frames_generated", "Frames received from world models", registry=REGISTRY)
 KEYFRAMES_FORCED = Counter(

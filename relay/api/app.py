@@ -26,7 +26,8 @@ from ..web import API_KEYS, AUDIENCE_LINK, CLUSTER, EDGES, IS_NODE, RECORDINGS, 
 from ..worldmodel.base import WorldModel
 from ..worldmodel.hosted import HostedWorldModel
 from ..worldmodel.synthetic import SyntheticWorldModel
-from . import broadcasts, channels, connections, ops, orchestration, pages, recordings, simulations
+from ..worldmodel.whip import WhipWorldModel
+from . import broadcasts, channels, connections, ops, orchestration, pages, recordings, simulations, whip
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def create_app(settings: Settings, world_model: WorldModel | None = None, *, rea
     if clustered:
         install_cluster(app)
 
-    for module in (connections, channels, broadcasts, orchestration, recordings, simulations, ops, pages):
+    for module in (connections, channels, broadcasts, orchestration, recordings, simulations, ops, pages, whip):
         app.router.add_routes(module.routes)
     app.on_shutdown.append(_shut_down)
     # The hosted world-model API's own protocol (its SDK runs unchanged), over the same core.
@@ -267,6 +268,10 @@ def make_world_model(settings: Settings) -> WorldModel:
     if wm.kind == "hosted":  # the relay as a client of the hosted API (its key from the environment)
         return HostedWorldModel(wm.url, hosted_api_key(settings), width=wm.width, height=wm.height, fps=wm.fps,
                                 api_key_env=wm.api_key_env)
+    if wm.kind == "whip":  # each connection a publish slot: a WHIP publisher sends the video
+        return WhipWorldModel(silence_seconds=wm.publisher_silence_seconds,
+                              max_candidates=settings.limits.whep_offer_max_candidates,
+                              connect_seconds=settings.limits.whep_connect_seconds)
     raise ValueError(f"world_model.kind {wm.kind!r} is not available")
 
 

@@ -19,6 +19,7 @@ from ..host import HostCommands, broadcast_links
 from ..inputs import parse_json
 from ..sessions import Connection, SessionManager, Stream
 from .channels import channels_of
+from ..worldmodel.whip import WhipStreamer
 from ..web import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, STALLED, TOO_SLOW, close_within, json_response,
                    next_for, public_url, read_json, send_within, token_of)
 
@@ -75,10 +76,19 @@ def client_token_message(conn: Connection, sessions: SessionManager) -> dict[str
     return {"type": "client_token", "client_token": conn.client_token, "client_token_expires_in": round(remaining)}
 
 
+def publish_slot_body(request: web.Request, conn: Connection) -> dict[str, Any]:
+    """A WHIP connection's publish slot: where its publisher POSTs, and the token only it takes."""
+    if not isinstance(conn.streamer, WhipStreamer):
+        return {}
+    return {"whip_url": f"{public_url(request)}/v1/connections/{conn.connection_id}/whip",
+            "publish_token": conn.streamer.publish_token}
+
+
 def connection_body(request: web.Request, conn: Connection, sessions: SessionManager) -> dict[str, Any]:
     remaining = max(0.0, conn.client_token_deadline - sessions.clock.monotonic())
     base = conn.to_dict(sessions.clock.time(), sessions.clock.monotonic())
     return {
+        **publish_slot_body(request, conn),
         **base,
         "idle_timeout_seconds": request.app[SETTINGS].limits.idle_timeout_seconds,
         "client_token": conn.client_token,

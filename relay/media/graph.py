@@ -28,6 +28,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from .. import metrics
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Settings
+from .h264_sps import sps_size
 from .hls import HlsPublisher
 from .hub import FanoutHub
 from .pipeline import StreamPipeline
@@ -55,6 +56,7 @@ MODES = {
 }
 # A sender that encodes for itself wants the newest frame, not a backlog of them.
 FRAME_QUEUE = 2
+EARLY_EVENTS = 64  # events kept for a recorder that starts at its stream's first keyframe
 
 # (stream_id, *, width, height, fps) -> the recorder of that stream
 RecorderFactory = Callable[..., StreamRecorder]
@@ -118,6 +120,8 @@ class MediaGraph:
         self._finishing: set[StreamRecorder] = set()
         self._pipeline: StreamPipeline | None = None
         self._packets_attached = False  # a source of ready-made packets (a cluster edge's feed)
+        # A recorded packet stream's recorder starts at its first keyframe: the events before it wait here.
+        self._early_events: list[dict] | None = None
 
     # -- the source ----------------------------------------------------------------------
 
@@ -156,28 +160,45 @@ class MediaGraph:
             self.hls.new_stream(width, height, fps)
         self._pipeline.start()
 
-    def attach_packets(self, request_keyframe: Callable[[], None], fps: int) -> Callable[[av.Packet, bool], None]:
-        """A source of ready-made encoded packets (a cluster edge's feed from its origin) feeds the
-        graph from now on, with no pipeline and no encode: it calls the returned function once per
-        access unit (keyframe first), and the readers' keyframe requests reach ``request_keyframe``."""
+    def attach_packets(self, request_keyframe: Callable[[], None], fps: int,
+                       stream_id: str | None = None) -> Callable[[av.Packet, bool], None]:
+        """A source of ready-made encoded packets (a cluster edge's feed from its origin, a WHIP
+        publisher's H.264) feeds the graph from now on, with no pipeline and no encode: it calls the
+        returned function once per access unit (keyframe first), and the readers' keyframe requests
+        reach ``request_keyframe``. With ``stream_id`` the stream is recorded, at the size its first
+        keyframe's SPS declares (the source's own, whatever the config says)."""
         self.hub.attach_source(request_keyframe, fps)
         self._packets_attached = True
         if self.hls is not None:
             self.hls.new_stream(0, 0, fps)  # the size is in the stream's own SPS; the muxer needs no other
-        return self.hub.publish
+        if stream_id is None or self._new_recorder is None:
+            return self.hub.publish
+        new_recorder, publish = self._new_recorder, self.hub.publish
+        self._early_events = []
+
+        def publish_recorded(packet: av.Packet, keyframe: bool) -> None:
+            if keyframe and self.recorder is None and self._packets_attached:
+                size = sps_size(bytes(packet))
+                if size is not None:  # a sink added now gets this keyframe first
+                    self.recorder = new_recorder(stream_id, width=size[0], height=size[1], fps=fps)
+                    self.hub.add_sink(self.recorder.write)
+                    events, self._early_events = self._early_events or [], None
+                    for event in events:
+                        self.recorder.log_event(event)
+            publish(packet, keyframe)
+        return publish_recorded
 
     async def detach_source(self, reason: str) -> bool:
         """Stop the live source (False if none was attached); its recording finishes on its own thread."""
         if self._packets_attached:
             self._packets_attached = False
+            self._early_events = None
             self.hub.detach_source()
-            if self.hls is not None:
-                self.hls.end_stream()
-            return True
-        pipeline, self._pipeline = self._pipeline, None
-        if pipeline is None:
-            return False
-        await pipeline.close()
+        else:
+            pipeline, self._pipeline = self._pipeline, None
+            if pipeline is None:
+                return False
+            await pipeline.close()
         if self.hls is not None:
             self.hls.end_stream()
         recorder, self.recorder = self.recorder, None
@@ -197,6 +218,8 @@ class MediaGraph:
         """Into the live stream's recording (its events log), if it is being recorded."""
         if self.recorder is not None:
             self.recorder.log_event(event)
+        elif self._early_events is not None and len(self._early_events) < EARLY_EVENTS:
+            self._early_events.append(event)
 
     # -- readers -------------------------------------------------------------------------
 

@@ -17,9 +17,10 @@ class HostedTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, stall_timeout: float = 10.0) -> None:
+    def __init__(self, stall_timeout: float = 10.0, source: str = "the hosted world model") -> None:
         super().__init__()
         self._stall = stall_timeout
+        self._source = source  # named in the error a stall ends the stream with
         self._frames: deque = deque()
         self._wake = asyncio.Event()
         self.error: str | None = None
@@ -57,7 +58,7 @@ class HostedTrack(MediaStreamTrack):
             try:
                 await asyncio.wait_for(self._wake.wait(), self._stall)
             except asyncio.TimeoutError:
-                self.fail(f"no video from the hosted world model for {self._stall:g} s")
+                self.fail(f"no video from {self._source} for {self._stall:g} s")
         frame = self._frames.popleft()
         now = asyncio.get_running_loop().time()
         if self._start is None:

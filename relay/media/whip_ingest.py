@@ -1,0 +1,312 @@
+"""One WHIP publisher's peer connection: the relay receives a live source's video.
+
+The publisher offers (sendonly video, optionally a data channel labelled ``prompts``); the relay
+answers with the codec the offer put first among those it can take:
+
+- H.264 (packetization-mode 1) is received as at a cluster edge (edge_feed.py): the receiver is
+  hooked (aiortc_hooks.receive_rtp_undecoded) and each RTP packet goes to an
+  :class:`H264Depacketizer`. What the bitstream is, not what the SDP says (OBS labels any profile
+  42e01f), decides the path at the first keyframe: a baseline SPS (no B-frames) is *passed
+  through* (so is main whose VUI declares no reordering: no B-frames), each access unit handed on as
+  an ``av.Packet`` for the broadcast's graph, never decoded or encoded again; keyframe requests go
+  back to the publisher as one PLI at most every KEYFRAME_MIN_INTERVAL. The rest (B-frames, which a
+  spectator's WebRTC decoder does not take, or high profile's tools) are *transcoded*: decoded here
+  on one thread, encoded once by the stream.
+- VP8 is *transcoded*: aiortc decodes it and the frames go to the stream's pipeline, which encodes
+  them once, like any world model's.
+
+RTX is not offered: the depacketizer reads packets by their media payload type, so a publisher
+resends NACKed packets with it. Audio and further video m-lines are answered inactive: nothing reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import av
+from aiortc import (RTCConfiguration, RTCPeerConnection, RTCRtpCodecCapability, RTCRtpReceiver,
+                    RTCSessionDescription)
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcpeerconnection import is_codec_compatible
+from aiortc.rtp import RtpPacket
+from aiortc.sdp import SessionDescription
+
+from .. import metrics
+from ..errors import RelayError, invalid_request, unprocessable
+from .aiortc_hooks import receive_rtp_undecoded, send_picture_loss
+from .depacketizer import H264Depacketizer
+from .h264_sps import read_sps
+from .pipeline import KEYFRAME_MIN_INTERVAL
+from .webrtc import add_trickled_candidates, count_candidates, too_many_candidates
+
+log = logging.getLogger(__name__)
+
+PASSTHROUGH = "passthrough"
+TRANSCODE = "transcode"
+H264, VP8 = "video/h264", "video/vp8"
+CODECS = (H264, VP8)
+PROMPTS_LABEL = "prompts"
+DECODE_BACKLOG = 8  # access units waiting for the decoder thread before it skips to the next keyframe
+
+
+def parse_publish_offer(sdp: str, max_candidates: int) -> RTCRtpCodecCapability:
+    """The one codec the relay will answer with (H.264 if offered, else VP8); 400 for text that is not
+    SDP, 422 for an offer that sends no video the relay can take."""
+    if not sdp.lstrip().startswith("v=0"):
+        raise invalid_request("The body is not an SDP offer (it must start with 'v=0').")
+    candidates = count_candidates(sdp)  # before parsing: applying n candidates costs n² (see webrtc.py)
+    if candidates > max_candidates:
+        raise too_many_candidates(max_candidates, candidates)
+    try:
+        parsed = SessionDescription.parse(sdp)
+    except Exception as exc:  # aiortc's parser raises assorted errors on broken SDP
+        raise invalid_request(f"Malformed SDP offer: {str(exc) or type(exc).__name__}.") from exc
+    video = [m for m in parsed.media if m.kind == "video"]
+    if not video:
+        raise unprocessable("The offer has no video m-line: a publisher must send video.")
+    first = video[0]
+    if first.port == 0 or first.direction not in (None, "sendrecv", "sendonly"):
+        raise unprocessable(f"The offer's video m-line is {first.direction or 'rejected'}: a publisher must send "
+                            "video (sendonly).", direction=first.direction)
+    if first.dtls is None or not first.dtls.fingerprints:
+        raise unprocessable(
+            "The offer has no DTLS fingerprint and setup role (a=fingerprint, a=setup): media cannot be secured.")
+    for local in ingest_preferences():
+        if any(is_codec_compatible(local, offered) for offered in first.rtp.codecs):
+            return local
+    raise unprocessable("No codec in common: the relay takes H.264 (constrained baseline or baseline, "
+                        "packetization-mode 1) or VP8.", offered=sorted({c.mimeType for c in first.rtp.codecs}))
+
+
+def ingest_preferences() -> list[RTCRtpCodecCapability]:
+    """H.264 before VP8 whatever the offer's order: a browser offering both (VP8 first, as Chrome does)
+    is then passed through rather than transcoded."""
+    codecs = RTCRtpReceiver.getCapabilities("video").codecs
+    return sorted((c for c in codecs if c.mimeType.lower() in CODECS
+                   and (c.parameters or {}).get("packetization-mode", "1") == "1"),
+                  key=lambda c: CODECS.index(c.mimeType.lower()))
+
+
+class Ingest:
+    """The publisher's peer: ``on_packet`` gets its access units (pass-through), ``on_frame`` its decoded
+    frames (transcode), ``on_gone`` is called once if its peer fails or closes without us closing it."""
+
+    def __init__(
+        self,
+        *,
+        on_packet: Callable[[av.Packet, bool], None],
+        on_frame: Callable[[av.VideoFrame], None],
+        on_gone: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.session_id = secrets.token_urlsafe(12)
+        self._on_packet = on_packet
+        self._on_frame = on_frame
+        self._on_gone = on_gone
+        self._clock = clock
+        self.path: str | None = None  # VP8: transcode, at once; H.264: by its first keyframe's SPS
+        self.ready = asyncio.Event()  # the path is known (a stream can start), or the session ended
+        self.last_media = clock()  # the publisher's last packet or frame
+        self.gone = False
+        self.closed = False
+        self._pc: RTCPeerConnection | None = None
+        self._receiver: RTCRtpReceiver | None = None
+        self._payload_type: int | None = None
+        self._media_ssrc: int | None = None
+        self._depacketizer = H264Depacketizer(self._on_access_unit, self.request_keyframe, clock=clock)
+        self._decoding: ThreadPoolExecutor | None = None  # H.264 that cannot pass through: one decoder thread
+        self._decoder: av.CodecContext | None = None
+        self._backlog = 0
+        self._skip_to_keyframe = False
+        self._reader: asyncio.Task | None = None
+        self._prompts = None  # the publisher's data channel labelled "prompts", if it opened one
+        self._pli_task: asyncio.Task | None = None
+        self._frame_started: float | None = None  # perf_counter at the current frame's first packet
+        self._pli_owed = False  # asked for before the publisher's first packet named its SSRC
+        self._last_pli = -1e9
+        self.plis_sent = 0
+
+    async def answer(self, offer_sdp: str, codec: RTCRtpCodecCapability) -> str:
+        """Apply the (checked) offer and return the answer with ``codec`` alone (parse_publish_offer's
+        choice): a publisher then sends that codec whatever its own preference; 422 if it cannot be agreed."""
+        pc = self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        metrics.track_peer(pc)
+
+        @pc.on("datachannel")
+        def on_datachannel(channel: Any) -> None:
+            if channel.label == PROMPTS_LABEL and self._prompts is None:
+                self._prompts = channel  # written to only: what the publisher sends on it is not read
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            if pc.connectionState in ("failed", "closed") and not self.closed and not self.gone:
+                self.gone = True
+                self.ready.set()  # a stream waiting for its first keyframe learns at once that none will come
+                log.info("WHIP publisher gone", extra={"session_id": self.session_id})
+                self._on_gone()
+
+        # aiortc picks the answer's codecs in setRemoteDescription: the video transceiver and its
+        # preference (one codec, no RTX) must exist before the offer is applied.
+        video = pc.addTransceiver("video", direction="recvonly")
+        video.setCodecPreferences([codec])
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        except Exception as exc:  # aiortc refuses m-lines it shares no codec with
+            raise unprocessable("No codec in common: the relay takes H.264 (constrained baseline or baseline, "
+                                f"packetization-mode 1) or VP8 ({str(exc) or type(exc).__name__}).") from exc
+        for transceiver in pc.getTransceivers():
+            if transceiver is not video:  # audio, or a second video: answered inactive, nothing reads it
+                transceiver.direction = "inactive"
+        answer = await pc.createAnswer()
+        negotiated = [c for m in SessionDescription.parse(answer.sdp).media if m.kind == "video"
+                      for c in m.rtp.codecs if c.mimeType.lower() in CODECS]
+        if not negotiated:
+            raise unprocessable("No codec in common: the relay takes H.264 (constrained baseline or baseline, "
+                                "packetization-mode 1) or VP8.")
+        mime = negotiated[0].mimeType
+        self._payload_type = negotiated[0].payloadType
+        self._receiver = video.receiver
+        h264 = mime.lower() == H264
+        if h264:
+            receive_rtp_undecoded(self._receiver, self._on_rtp)  # before the receiver starts (connect, below)
+        await pc.setLocalDescription(answer)
+        if not h264:
+            self._reader = asyncio.get_running_loop().create_task(self._read_frames(video.receiver.track),
+                                                                  name="relay-whip-frames")
+            self._decide(TRANSCODE, mime)
+        log.info("WHIP publisher answered with %s", mime, extra={"session_id": self.session_id})
+        return pc.localDescription.sdp
+
+    def _decide(self, path: str, what: str) -> None:
+        self.path = path
+        metrics.WHIP_PUBLISHERS.labels(path=path).inc()
+        log.info("WHIP publisher's %s: %s", what,
+                 "passed through as packets" if path == PASSTHROUGH else "decoded and encoded once",
+                 extra={"session_id": self.session_id, "path": path})
+        self.ready.set()
+
+    async def trickle(self, fragment: str) -> None:
+        if self._pc is not None:
+            await add_trickled_candidates(self._pc, fragment)
+
+    def _on_rtp(self, packet: RtpPacket) -> None:
+        if packet.payload_type != self._payload_type or self.closed:
+            return
+        self._media_ssrc = packet.ssrc
+        self.last_media = self._clock()
+        if self._pli_owed:
+            self._pli_owed = False
+            self.request_keyframe()
+        if self._frame_started is None:
+            self._frame_started = time.perf_counter()
+        frames = self._depacketizer.frames
+        # A frame completes (and, passed through, is fanned out, synchronously) inside this call, at its marker.
+        self._depacketizer.add(packet.sequence_number, packet.timestamp, packet.marker, packet.payload)
+        if self._depacketizer.frames != frames:
+            if self.path == PASSTHROUGH:
+                metrics.WHIP_LATENCY.observe(time.perf_counter() - self._frame_started)
+            self._frame_started = None
+
+    def _on_access_unit(self, packet: av.Packet, keyframe: bool) -> None:
+        if self.path is None:
+            if not keyframe:
+                return
+            sps = read_sps(bytes(packet))
+            passes = sps is not None and sps.passes_through  # unreadable: decoding is the safe way
+            self._decide(PASSTHROUGH if passes else TRANSCODE,
+                         f"H.264 (profile_idc {sps.profile_idc if sps else '?'})")
+        if self.path == PASSTHROUGH:
+            self._on_packet(packet, keyframe)
+        else:
+            self._decode(packet, keyframe)
+
+    def _decode(self, packet: av.Packet, keyframe: bool) -> None:
+        if self._backlog >= DECODE_BACKLOG:
+            self._skip_to_keyframe = True  # the decoder fell behind: lose a GOP, never the memory
+        if self._skip_to_keyframe and not keyframe:
+            return
+        self._skip_to_keyframe = False
+        if self._decoding is None:
+            self._decoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-whip-decode")
+            self._decoder = av.CodecContext.create("h264", "r")
+        self._backlog += 1
+        future = self._decoding.submit(self._decoder.decode, packet)
+        loop = asyncio.get_running_loop()
+        future.add_done_callback(lambda done: loop.call_soon_threadsafe(self._decoded, done))
+
+    def _decoded(self, future: Future) -> None:
+        self._backlog -= 1
+        if self.closed or future.cancelled():
+            return
+        if future.exception() is not None:
+            log.debug("WHIP decode failed", exc_info=future.exception())
+            return
+        for frame in future.result():
+            self._on_frame(frame)
+
+    async def _read_frames(self, track: MediaStreamTrack) -> None:
+        try:
+            while True:
+                frame = await track.recv()
+                self.last_media = self._clock()
+                self._on_frame(frame)
+        except MediaStreamError:
+            pass  # the peer closed: connectionstatechange tells the streamer
+
+    def send_prompt(self, message: dict[str, Any]) -> bool:
+        """To the publisher's ``prompts`` channel, if it opened one (False: it simply broadcasts)."""
+        channel = self._prompts
+        if channel is None or channel.readyState != "open" or self.closed:
+            return False
+        channel.send(json.dumps(message))
+        return True
+
+    def request_keyframe(self) -> None:
+        """A keyframe for the spectators: one PLI to the publisher, coalesced with others in the window."""
+        if self.closed or self._pli_task is not None or self._payload_type is None or self.path == TRANSCODE:
+            return  # transcoded: the relay's own encoder makes the keyframes
+        self._pli_task = asyncio.get_running_loop().create_task(self._send_pli(), name="relay-whip-pli")
+
+    async def _send_pli(self) -> None:
+        try:
+            wait = self._last_pli + KEYFRAME_MIN_INTERVAL - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if self._media_ssrc is None or self._receiver is None:
+                self._pli_owed = True  # sent with the first packet: a stream may start before media flows
+                return
+            self._last_pli = time.monotonic()
+            self.plis_sent += 1
+            await send_picture_loss(self._receiver, self._media_ssrc)
+        finally:
+            self._pli_task = None
+
+    async def close(self) -> None:
+        """Close the publisher's peer and every task of it; safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        self.ready.set()  # as when gone: no waiting stream start outlives the session
+        if self.path is not None:
+            metrics.WHIP_PUBLISHERS.labels(path=self.path).dec()
+        tasks = [t for t in (self._pli_task, self._reader) if t is not None]
+        self._pli_task = self._reader = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._decoding is not None:  # waits for at most one decode in flight (milliseconds)
+            self._decoding.shutdown(wait=True, cancel_futures=True)
+        if self._pc is not None:
+            await self._pc.close()
+
+
+def publisher_conflict(session_id: str) -> RelayError:
+    return RelayError("PUBLISHER_CONNECTED", 409, "This connection already has a publisher: one at a time.",
+                      action="DELETE the publishing session first (its Location), or wait for it to time out.",
+                      details={"session_id": session_id})
