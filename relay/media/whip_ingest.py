@@ -227,8 +227,9 @@ class Ingest:
             self._decode(packet, keyframe)
 
     def _decode(self, packet: av.Packet, keyframe: bool) -> None:
-        if self._backlog >= DECODE_BACKLOG:
+        if self._backlog >= DECODE_BACKLOG and not self._skip_to_keyframe:
             self._skip_to_keyframe = True  # the decoder fell behind: lose a GOP, never the memory
+            self.request_keyframe()  # and ask for the next GOP now rather than waiting for the publisher's
         if self._skip_to_keyframe and not keyframe:
             return
         self._skip_to_keyframe = False
@@ -268,9 +269,10 @@ class Ingest:
         return True
 
     def request_keyframe(self) -> None:
-        """A keyframe for the spectators: one PLI to the publisher, coalesced with others in the window."""
-        if self.closed or self._pli_task is not None or self._payload_type is None or self.path == TRANSCODE:
-            return  # transcoded: the relay's own encoder makes the keyframes
+        """A keyframe from the publisher (for the spectators, or after loss or a skipped GOP for the relay's
+        decoder): one PLI, coalesced with others in the window."""
+        if self.closed or self._pli_task is not None or self._payload_type is None or self._reader is not None:
+            return  # VP8: aiortc's own decoder asks the publisher after loss; spectators get the relay's keyframes
         self._pli_task = asyncio.get_running_loop().create_task(self._send_pli(), name="relay-whip-pli")
 
     async def _send_pli(self) -> None:

@@ -19,6 +19,7 @@ from relay.client import RelayClient, Spectator
 from relay.media.aiortc_hooks import receive_rtp_undecoded
 from relay.media.depacketizer import H264Depacketizer
 from relay.media.webrtc import h264_preferences
+from relay.media.whip_ingest import DECODE_BACKLOG
 from relay.web import RECORDINGS
 from relay.worldmodel.base import VIDEO_TIME_BASE
 from relay.worldmodel.synthetic import SyntheticTrack
@@ -255,6 +256,16 @@ async def test_h264_high_profile_is_transcoded_once_and_main_without_b_frames_pa
             await asyncio.wait_for(viewer.track.recv(), 10)
             frames = await frames_for(viewer.track, 2.0)
             assert len(frames) >= 40, f"only {len(frames)} frames in 2 s"
+        # Transcoded or not, the relay's own depacketizer and decoder need the publisher's keyframes: a PLI
+        # after a lost packet (the depacketizer's call), and when the decoder fell a GOP behind.
+        ingest = relay.sessions.connection(conn.connection_id).streamer.ingest
+        sent = ingest.plis_sent
+        ingest.request_keyframe()
+        await eventually(lambda: ingest.plis_sent == sent + 1, what="a PLI after loss")
+        if path == "transcode":
+            ingest._backlog += DECODE_BACKLOG  # the decoder thread a GOP behind: the next access unit is skipped
+            await eventually(lambda: ingest.plis_sent == sent + 2, what="a PLI when the decoder skips to a keyframe")
+            ingest._backlog -= DECODE_BACKLOG
         stream = relay.sessions.stream(conn.stream_id)
         await publisher.close()  # gone: the stream ends, and the decoder thread goes with the session
         await eventually(lambda: not stream.live, what="the stream ended")
