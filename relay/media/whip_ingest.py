@@ -103,9 +103,12 @@ class Ingest:
         on_packet: Callable[[av.Packet, bool], None],
         on_frame: Callable[[av.VideoFrame], None],
         on_gone: Callable[[], None],
+        max_candidates: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.session_id = secrets.token_urlsafe(12)
+        self._max_candidates = max_candidates
+        self._candidates = 0  # signalled so far, offer and trickles: the offer's bound holds for the session
         self._on_packet = on_packet
         self._on_frame = on_frame
         self._on_gone = on_gone
@@ -135,6 +138,7 @@ class Ingest:
     async def answer(self, offer_sdp: str, codec: RTCRtpCodecCapability) -> str:
         """Apply the (checked) offer and return the answer with ``codec`` alone (parse_publish_offer's
         choice): a publisher then sends that codec whatever its own preference; 422 if it cannot be agreed."""
+        self._candidates = count_candidates(offer_sdp)
         pc = self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         metrics.track_peer(pc)
 
@@ -192,6 +196,11 @@ class Ingest:
         self.ready.set()
 
     async def trickle(self, fragment: str) -> None:
+        """PATCH: trickled candidates, 422 past the session's bound (each costs more than the last in aioice)."""
+        total = self._candidates + count_candidates(fragment)
+        if total > self._max_candidates:
+            raise too_many_candidates(self._max_candidates, total)
+        self._candidates = total
         if self._pc is not None:
             await add_trickled_candidates(self._pc, fragment)
 

@@ -108,7 +108,8 @@ class WhipStreamer:
             await self._drop(current)  # a dead session's slot is free for the publisher's next one
         codec = parse_publish_offer(offer_sdp, self._max_candidates)
         ingest = self.ingest = Ingest(on_packet=self._on_packet, on_frame=self._on_frame,
-                                      on_gone=self._on_gone, clock=self._clock)  # reserved before awaiting
+                                      on_gone=self._on_gone, max_candidates=self._max_candidates,
+                                      clock=self._clock)  # reserved before awaiting
         try:
             answer = await ingest.answer(offer_sdp, codec)
         except BaseException:

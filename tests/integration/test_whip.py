@@ -465,6 +465,16 @@ async def test_bad_publishers_are_refused_in_the_error_shape(whip, http):
                                   headers={"Content-Type": "application/trickle-ice-sdpfrag",
                                            "Authorization": f"Bearer {token}"}) as r:
                 assert r.status == 204
+            # The offer's bound holds for the session: PATCHes add up, each refused once the total passes it.
+            trickle = "".join(f"a=candidate:{i} 1 udp 1 127.0.0.1 {9000 + i} typ host\r\n" for i in range(40))
+            statuses = []
+            for _ in range(2):
+                async with http.patch(relay.url + first.location, data=trickle,
+                                      headers={"Content-Type": "application/trickle-ice-sdpfrag",
+                                               "Authorization": f"Bearer {token}"}) as r:
+                    statuses.append((r.status, await r.json() if r.status != 204 else None))
+            assert statuses[0][0] == 204 and statuses[1][0] == 422, statuses
+            assert statuses[1][1]["error"]["details"]["limit"] == 64
             async with http.patch(relay.url + first.location, data="a=end-of-candidates\r\n",
                                   headers={"Content-Type": "application/trickle-ice-sdpfrag",
                                            "Authorization": "Bearer wrong"}) as r:
