@@ -12,12 +12,14 @@ NAL_SPS = 7
 # profile_idc values whose SPS carries chroma format, bit depths and scaling matrices.
 HIGH_PROFILES = frozenset({100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135})
 MAX_SPS_BYTES = 512  # a real SPS is tens of bytes; longer is read no further
-
+# The largest picture a publisher may send (4K UHD, either way up): an SPS declares up to 2^32 macroblocks
+# a side, and the relay's decoder, recorder and spectators would each allocate for what it says.
+MAX_SIDE = 4096
+MAX_SAMPLES = 3840 * 2160
 
 PROFILE_BASELINE = 66
-
-
 PROFILE_MAIN = 77
+PROFILE_EXTENDED = 88
 
 
 @dataclass(frozen=True)
@@ -27,16 +29,25 @@ class Sps:
     width: int
     height: int
     reorder_frames: int | None = None  # the VUI's max_num_reorder_frames: 0 = no B-frames; None = not said
+    frame_mbs_only: bool = True  # False: fields (interlaced), which a WebRTC spectator's decoder does not take
 
     @property
     def baseline(self) -> bool:
-        """Baseline or constrained baseline: no B-frames, what every WebRTC spectator decodes."""
-        return self.profile_idc == PROFILE_BASELINE or self.constraint_set0
+        """Baseline or constrained baseline: no B-frames, what every WebRTC spectator decodes. constraint_set0
+        is believed of main and extended only: a high profile's SPS still brings its own tools (8x8 transform)."""
+        return self.profile_idc == PROFILE_BASELINE or (
+            self.constraint_set0 and self.profile_idc in (PROFILE_MAIN, PROFILE_EXTENDED))
 
     @property
     def passes_through(self) -> bool:
-        """What a WebRTC spectator takes as it is: baseline, or main that declares it has no B-frames."""
-        return self.baseline or (self.profile_idc == PROFILE_MAIN and self.reorder_frames == 0)
+        """What a WebRTC spectator takes as it is: progressive baseline, or main that declares no B-frames."""
+        return self.frame_mbs_only and (
+            self.baseline or (self.profile_idc == PROFILE_MAIN and self.reorder_frames == 0))
+
+    @property
+    def fits(self) -> bool:
+        """Within the largest picture the relay takes (MAX_SIDE a side, MAX_SAMPLES in all)."""
+        return self.width <= MAX_SIDE and self.height <= MAX_SIDE and self.width * self.height <= MAX_SAMPLES
 
 
 class _Bits:
@@ -146,7 +157,8 @@ def _parse(sps: bytes) -> Sps:
         height -= unit_y * (top + bottom)
     if width <= 0 or height <= 0:
         raise ValueError("SPS crops the picture away")
-    return Sps(profile_idc, constraint_set0, width, height, _reorder_frames(bits) if bits.u(1) else None)
+    return Sps(profile_idc, constraint_set0, width, height, _reorder_frames(bits) if bits.u(1) else None,
+               bool(frame_mbs_only))
 
 
 def _reorder_frames(bits: _Bits) -> int | None:

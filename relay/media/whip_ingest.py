@@ -41,7 +41,7 @@ from .. import metrics
 from ..errors import RelayError, invalid_request, unprocessable
 from .aiortc_hooks import receive_rtp_undecoded, send_picture_loss
 from .depacketizer import H264Depacketizer
-from .h264_sps import read_sps
+from .h264_sps import MAX_SAMPLES, MAX_SIDE, Sps, read_sps
 from .pipeline import KEYFRAME_MIN_INTERVAL
 from .webrtc import add_trickled_candidates, count_candidates, too_many_candidates
 
@@ -122,6 +122,7 @@ class Ingest:
         self._receiver: RTCRtpReceiver | None = None
         self._payload_type: int | None = None
         self._media_ssrc: int | None = None
+        self._sps: Sps | None = None  # the first keyframe's, which decided the path
         self._depacketizer = H264Depacketizer(self._on_access_unit, self.request_keyframe, clock=clock)
         self._decoding: ThreadPoolExecutor | None = None  # H.264 that cannot pass through: one decoder thread
         self._decoder: av.CodecContext | None = None
@@ -149,11 +150,8 @@ class Ingest:
 
         @pc.on("connectionstatechange")
         def on_state() -> None:
-            if pc.connectionState in ("failed", "closed") and not self.closed and not self.gone:
-                self.gone = True
-                self.ready.set()  # a stream waiting for its first keyframe learns at once that none will come
-                log.info("WHIP publisher gone", extra={"session_id": self.session_id})
-                self._on_gone()
+            if pc.connectionState in ("failed", "closed"):
+                self._end(f"its peer {pc.connectionState}")
 
         # aiortc picks the answer's codecs in setRemoteDescription: the video transceiver and its
         # preference (one codec, no RTX) must exist before the offer is applied.
@@ -187,6 +185,16 @@ class Ingest:
         log.info("WHIP publisher answered with %s", mime, extra={"session_id": self.session_id})
         return pc.localDescription.sdp
 
+    def _end(self, why: str) -> None:
+        """The session is over from the publisher's side (its peer went, or its stream became one the
+        relay cannot carry): nothing more is read from it and its stream fails (upstream_error)."""
+        if self.closed or self.gone:
+            return
+        self.gone = True
+        self.ready.set()  # a stream waiting for its first keyframe learns at once that none will come
+        log.info("WHIP publisher gone: %s", why, extra={"session_id": self.session_id})
+        self._on_gone()
+
     def _decide(self, path: str, what: str) -> None:
         self.path = path
         metrics.WHIP_PUBLISHERS.labels(path=path).inc()
@@ -205,7 +213,7 @@ class Ingest:
             await add_trickled_candidates(self._pc, fragment)
 
     def _on_rtp(self, packet: RtpPacket) -> None:
-        if packet.payload_type != self._payload_type or self.closed:
+        if packet.payload_type != self._payload_type or self.closed or self.gone:
             return
         self._media_ssrc = packet.ssrc
         self.last_media = self._clock()
@@ -223,17 +231,34 @@ class Ingest:
             self._frame_started = None
 
     def _on_access_unit(self, packet: av.Packet, keyframe: bool) -> None:
+        if keyframe and not self._check_sps(read_sps(bytes(packet))):
+            return
         if self.path is None:
-            if not keyframe:
-                return
-            sps = read_sps(bytes(packet))
-            passes = sps is not None and sps.passes_through  # unreadable: decoding is the safe way
-            self._decide(PASSTHROUGH if passes else TRANSCODE,
-                         f"H.264 (profile_idc {sps.profile_idc if sps else '?'})")
+            return  # the first keyframe decides
         if self.path == PASSTHROUGH:
             self._on_packet(packet, keyframe)
         else:
             self._decode(packet, keyframe)
+
+    def _check_sps(self, sps: Sps | None) -> bool:
+        """Every keyframe's SPS: the first decides the path; a later one that would decide otherwise (B-frames
+        now, say), or that changes a passed-through picture's size, ends the session, as does a picture too
+        large. A keyframe without a readable SPS keeps the path (the first: transcoded, decoding is the safe way)."""
+        if sps is not None and not sps.fits:
+            self._end(f"its SPS declares {sps.width}x{sps.height}, beyond {MAX_SIDE} a side or {MAX_SAMPLES} samples")
+            return False
+        path = PASSTHROUGH if sps is not None and sps.passes_through else TRANSCODE
+        if self.path is None:
+            self._sps = sps
+            self._decide(path, f"H.264 (profile_idc {sps.profile_idc if sps else '?'})")
+            return True
+        if sps is None or self._sps is None:
+            return True
+        resized = (sps.width, sps.height) != (self._sps.width, self._sps.height)
+        if path != self.path or (path == PASSTHROUGH and resized):
+            self._end(f"its SPS changed mid-session ({self._sps} -> {sps})")
+            return False
+        return True
 
     def _decode(self, packet: av.Packet, keyframe: bool) -> None:
         if self._backlog >= DECODE_BACKLOG and not self._skip_to_keyframe:

@@ -19,13 +19,14 @@ from relay.client import RelayClient, Spectator
 from relay.media.aiortc_hooks import receive_rtp_undecoded
 from relay.media.depacketizer import H264Depacketizer
 from relay.media.webrtc import h264_preferences
-from relay.media.whip_ingest import DECODE_BACKLOG
+from relay.media.whip_ingest import DECODE_BACKLOG, Ingest
 from relay.web import RECORDINGS
 from relay.worldmodel.base import VIDEO_TIME_BASE
 from relay.worldmodel.synthetic import SyntheticTrack
 from tests.conftest import API_KEY, eventually, frames_for
 from tests.integration.test_orchestration_api import join, set_mode
 from tests.integration.test_recordings_api import finished_recording
+from tests.unit.test_h264_sps import crafted_sps
 
 SILENCE = 1.0
 
@@ -59,11 +60,15 @@ class ProfileTrack(MediaStreamTrack):
     def __init__(self, profile: str) -> None:
         super().__init__()
         self.source = SyntheticTrack(320, 176, 25)
+        self.change(profile)
+        self.pending: list[av.Packet] = []
+
+    def change(self, profile: str) -> None:
+        """From the next frame on, a new encoder of this profile (its first access unit a keyframe with its SPS)."""
         ctx = self.ctx = av.CodecContext.create("libx264", "w")
         ctx.width, ctx.height, ctx.pix_fmt, ctx.profile = 320, 176, "yuv420p", profile
         ctx.time_base, ctx.framerate = VIDEO_TIME_BASE, fractions.Fraction(25, 1)
         ctx.options = {"preset": "veryfast", "tune": "zerolatency", "x264-params": "keyint=25:bframes=0"}
-        self.pending: list[av.Packet] = []
 
     async def recv(self):
         while not self.pending:
@@ -273,6 +278,33 @@ async def test_h264_high_profile_is_transcoded_once_and_main_without_b_frames_pa
         assert not [t for t in threading.enumerate() if t.name.startswith("relay-whip-decode")]
     finally:
         await publisher.close()
+
+
+async def test_a_publisher_whose_sps_changes_mid_session_is_ended(whip, http):
+    relay, _, conn = whip
+    track = ProfileTrack("Baseline")
+    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], track=track)
+    try:
+        assert (await publisher.post(http)).status == 201
+        await conn.start_stream("OBS, until its settings change")
+        stream = relay.sessions.stream(conn.stream_id)
+        async with Spectator(conn.broadcast["whep_url"], conn.broadcast["spectator_token"]) as viewer:
+            await asyncio.wait_for(viewer.track.recv(), 10)
+            track.change("High")  # passed through so far: a high-profile SPS may not follow it to the spectators
+            await eventually(lambda: not stream.live, what="the stream ended")
+            assert stream.end_reason == "upstream_error"
+            assert viewer.pc.connectionState == "connected"  # the spectator stays for the next stream
+    finally:
+        await publisher.close()
+
+
+async def test_a_picture_beyond_4k_ends_the_session_before_anything_decodes_it():
+    gone = []
+    ingest = Ingest(on_packet=lambda *_: None, on_frame=lambda _: None, on_gone=lambda: gone.append(True),
+                    max_candidates=64)
+    ingest._on_access_unit(av.Packet(crafted_sps(66, 20001, 20001)), True)  # a 320016x320016 baseline SPS
+    assert ingest.gone and gone == [True] and ingest.path is None and ingest.ready.is_set()
+    await ingest.close()
 
 
 async def test_prompts_reach_the_publishers_channel(whip, http):

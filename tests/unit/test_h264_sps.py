@@ -49,3 +49,49 @@ def test_the_relays_own_encoder_output():
                                   b"\x00\x00\x01\x65\xff\xff", b"\x00\x00\x00\x01\x67\x42\xc0\x1f" + b"\x80" + b"\x00" * 600])
 def test_no_readable_sps_is_none(data):
     assert sps_size(data) is None
+
+
+def crafted_sps(profile_idc: int, width_mbs: int, height_map_units: int, *, constraint_set0: bool = False,
+                frame_mbs_only: bool = True) -> bytes:
+    """An access unit holding only an SPS written bit by bit (what no encoder here would make)."""
+    bits = [int(b) for b in f"{profile_idc:08b}"] + [int(constraint_set0)] + [0] * 7 + [int(b) for b in f"{40:08b}"]
+
+    def ue(value: int) -> None:
+        code = f"{value + 1:b}"
+        bits.extend([0] * (len(code) - 1) + [int(b) for b in code])
+
+    ue(0)  # seq_parameter_set_id
+    if profile_idc in (100, 110, 122, 244):
+        ue(1)  # chroma_format_idc 4:2:0
+        ue(0)
+        ue(0)  # bit depths
+        bits.extend([0, 0])  # qpprime_y_zero_transform_bypass_flag, seq_scaling_matrix_present_flag
+    ue(0)  # log2_max_frame_num_minus4
+    ue(2)  # pic_order_cnt_type
+    ue(1)  # max_num_ref_frames
+    bits.append(0)  # gaps_in_frame_num_value_allowed_flag
+    ue(width_mbs - 1)
+    ue(height_map_units - 1)
+    bits.append(int(frame_mbs_only))
+    if not frame_mbs_only:
+        bits.append(0)  # mb_adaptive_frame_field_flag
+    bits.extend([1, 0, 0, 1])  # direct_8x8_inference_flag, no cropping, no VUI, rbsp stop bit
+    bits.extend([0] * (-len(bits) % 8))
+    payload = bytes(int("".join(map(str, bits[i:i + 8])), 2) for i in range(0, len(bits), 8))
+    return b"\x00\x00\x00\x01\x67" + payload.replace(b"\x00\x00", b"\x00\x00\x03")
+
+
+def test_a_picture_beyond_4k_does_not_fit():
+    assert read_sps(crafted_sps(66, 240, 135)).fits  # 3840x2160
+    assert read_sps(crafted_sps(66, 135, 240)).fits  # and portrait
+    huge = read_sps(crafted_sps(66, 20001, 20001))
+    assert (huge.width, huge.height) == (320016, 320016) and not huge.fits
+    assert not read_sps(crafted_sps(66, 320, 8)).fits  # 5120 wide, however few rows
+
+
+def test_pass_through_needs_progressive_frames_and_a_profile_that_keeps_constraint_set0():
+    assert read_sps(crafted_sps(66, 20, 11)).passes_through
+    assert read_sps(crafted_sps(77, 20, 11, constraint_set0=True)).passes_through
+    interlaced = read_sps(crafted_sps(66, 20, 11, frame_mbs_only=False))
+    assert interlaced.height == 352 and not interlaced.passes_through
+    assert not read_sps(crafted_sps(100, 20, 11, constraint_set0=True)).passes_through
