@@ -73,6 +73,10 @@ class PassThroughTrack(EncodedTrack):
         self._publish = None
 
 
+def connection_closed() -> RelayError:
+    return RelayError("NOT_FOUND", 404, "This connection is closed.", action="Open a new connection.")
+
+
 class WhipStreamer:
     """One connection's publish slot: its token, its publisher (one at a time) and its live stream."""
 
@@ -100,26 +104,34 @@ class WhipStreamer:
     async def publish(self, offer_sdp: str) -> tuple[str, str]:
         """(session id, answer SDP) for a publisher's offer; 409 while another one is publishing."""
         if self._disconnected:
-            raise RelayError("NOT_FOUND", 404, "This connection is closed.", action="Open a new connection.")
+            raise connection_closed()
         current = self.ingest
         if current is not None:
             if not (current.gone or current.closed or self._clock() - current.last_media >= self._stale):
                 raise publisher_conflict(current.session_id)
             await self._drop(current)  # a dead session's slot is free for the publisher's next one
+            if self._disconnected:
+                raise connection_closed()
+            if self.ingest is not None:  # another POST took the slot while the dead session closed
+                raise publisher_conflict(self.ingest.session_id)
         codec = parse_publish_offer(offer_sdp, self._max_candidates)
         ingest = self.ingest = Ingest(on_packet=self._on_packet, on_frame=self._on_frame,
                                       on_gone=self._on_gone, max_candidates=self._max_candidates,
                                       clock=self._clock)  # reserved before awaiting
         try:
             answer = await ingest.answer(offer_sdp, codec)
-        except BaseException:
+        except BaseException as exc:
+            # Closed under it (the connection closed, or DELETE): whatever answer() raised came of that.
+            ended = self.ingest is not ingest or ingest.closed or self._disconnected
             if self.ingest is ingest:
                 self.ingest = None
             await ingest.close()
+            if ended and isinstance(exc, Exception):
+                raise connection_closed() from exc
             raise
         if self.ingest is not ingest or self._disconnected:  # closed while answering: nothing may outlive it
             await ingest.close()
-            raise RelayError("NOT_FOUND", 404, "This connection is closed.", action="Open a new connection.")
+            raise connection_closed()
         return ingest.session_id, answer
 
     def session(self, session_id: str) -> Ingest:

@@ -16,6 +16,7 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from relay import metrics
 from relay.client import RelayClient, Spectator
+from relay.errors import RelayError
 from relay.media.aiortc_hooks import receive_rtp_undecoded
 from relay.media.depacketizer import H264Depacketizer
 from relay.media.webrtc import h264_preferences
@@ -437,6 +438,42 @@ async def test_a_publisher_that_never_connects_frees_the_slot(relay_factory, htt
             await again.close()
         finally:
             await publisher.close()
+
+
+async def test_racing_publishers_get_one_slot_and_a_closed_connection_answers_404(relay_factory, http):
+    relay = await relay_factory(world_model={"kind": "whip", "publisher_silence_seconds": SILENCE},
+                                limits={"whep_connect_seconds": 1})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        url, token = conn.info["whip_url"], conn.info["publish_token"]
+        streamer = relay.sessions.connection(conn.connection_id).streamer
+        vanished = RTCPeerConnection()  # a session that never connects: its slot is free once its window passes
+        vanished.addTransceiver("video", direction="sendonly")
+        publishers = [Publisher(url, token) for _ in range(2)]
+        try:
+            assert (await sdp_post(http, url, token, await offer_of(vanished)))[0] == 201
+            stale = streamer.ingest.last_media + 1.0
+            await eventually(lambda: time.monotonic() > stale, what="the silent session's window passed")
+            # Both arrive while the dead session closes: one takes the slot, the other is told it is taken.
+            responses = await asyncio.gather(*(p.post(http) for p in publishers))
+            assert sorted(r.status for r in responses) == [201, 409], [r.status for r in responses]
+        finally:
+            await vanished.close()
+            for publisher in publishers:
+                await publisher.close()
+        # The connection closes while a publisher's offer is being answered: 404, as for any closed connection.
+        await streamer.unpublish(streamer.ingest.session_id)
+        late = RTCPeerConnection()
+        late.addTransceiver("video", direction="sendonly")
+        try:
+            publishing = asyncio.ensure_future(streamer.publish(await offer_of(late)))
+            while streamer.ingest is None:
+                await asyncio.sleep(0)
+            await streamer.disconnect()
+            with pytest.raises(RelayError) as refused:
+                await publishing
+            assert refused.value.status == 404
+        finally:
+            await late.close()
 
 
 async def sdp_post(http, url: str, token: str, body: str, content_type: str = "application/sdp"):
