@@ -95,6 +95,7 @@ class WhipStreamer:
         self._track: PassThroughTrack | HostedTrack | None = None
         self._stream_ingest: Ingest | None = None  # the session the live stream carries (a later one never)
         self._disconnected = False
+        self._drops: set[asyncio.Task] = set()  # sessions whose publisher went, being closed
 
     def check_token(self, token: str | None) -> bool:
         return token is not None and hmac.compare_digest(token.encode(), self.publish_token.encode())
@@ -161,8 +162,14 @@ class WhipStreamer:
             self._track.push(frame)
 
     def _on_gone(self) -> None:
-        if self.ingest is not None:
-            self._on_gone_of(self.ingest)
+        ingest = self.ingest
+        if ingest is None:
+            return
+        self._on_gone_of(ingest)
+        # Its peer, tasks, decoder thread and gauge go now, not when a next POST or the stream's end finds it.
+        drop = asyncio.get_running_loop().create_task(self._drop(ingest), name="relay-whip-drop")
+        self._drops.add(drop)
+        drop.add_done_callback(self._drops.discard)
 
     def _on_gone_of(self, ingest: Ingest) -> None:
         if isinstance(self._track, HostedTrack) and self._stream_ingest is ingest:
@@ -223,6 +230,7 @@ class WhipStreamer:
         await self.end_stream()
         if self.ingest is not None:
             await self._drop(self.ingest)
+        await asyncio.gather(*self._drops, return_exceptions=True)
 
 
 class WhipWorldModel:

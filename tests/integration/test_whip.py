@@ -411,6 +411,21 @@ async def test_delete_and_closing_the_connection_leave_no_peer(relay_factory, ht
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("relay-whip")]
 
 
+async def test_a_publisher_that_goes_away_leaves_no_session_open(whip, http):
+    relay, _, conn = whip
+    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], track=ProfileTrack("High"))
+    before = gauge("transcode")
+    try:
+        assert (await publisher.post(http)).status == 201
+        await eventually(lambda: gauge("transcode") == before + 1, what="the path decided (a decoder thread)")
+    finally:
+        await publisher.close()  # no DELETE, no stream, no next POST: nothing but its peer's end tells the relay
+    await eventually(lambda: whip_relay_peers(relay) == 0, what="the gone publisher's peer closed")
+    assert gauge("transcode") == before and relay.sessions.connection(conn.connection_id).streamer.ingest is None
+    await eventually(lambda: not [t for t in threading.enumerate() if t.name.startswith("relay-whip-decode")],
+                     what="the decoder thread ended")
+
+
 async def test_a_publisher_that_never_connects_frees_the_slot(relay_factory, http):
     relay = await relay_factory(world_model={"kind": "whip", "publisher_silence_seconds": SILENCE},
                                 limits={"whep_connect_seconds": 1})
