@@ -336,8 +336,8 @@ class Ingest:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._decoding is not None:  # waits for at most one decode in flight (milliseconds)
-            self._decoding.shutdown(wait=True, cancel_futures=True)
+        if self._decoding is not None:  # waits for the decode in flight, off the loop (a big picture's takes long)
+            await asyncio.to_thread(self._decoding.shutdown, wait=True, cancel_futures=True)
         if self._pc is not None:
             await self._pc.close()
 

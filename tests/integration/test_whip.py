@@ -7,6 +7,7 @@ import fractions
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import av
@@ -306,6 +307,17 @@ async def test_a_picture_beyond_4k_ends_the_session_before_anything_decodes_it()
     ingest._on_access_unit(av.Packet(crafted_sps(66, 20001, 20001)), True)  # a 320016x320016 baseline SPS
     assert ingest.gone and gone == [True] and ingest.path is None and ingest.ready.is_set()
     await ingest.close()
+
+
+async def test_closing_a_session_waits_for_its_decoder_off_the_loop():
+    ingest = Ingest(on_packet=lambda *_: None, on_frame=lambda _: None, on_gone=lambda: None, max_candidates=64)
+    ingest._decoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-whip-decode")
+    release = threading.Event()
+    ingest._decoding.submit(release.wait, 3)  # a decode in flight, done when the loop says so
+    asyncio.get_running_loop().call_soon(release.set)  # runs only if close() lets the loop run
+    started = time.monotonic()
+    await ingest.close()
+    assert time.monotonic() - started < 1.5, "close() held the event loop until the decode timed out"
 
 
 async def test_prompts_reach_the_publishers_channel(whip, http):
