@@ -96,13 +96,15 @@ def _within(address: str, networks: tuple) -> bool:
     return any(ip in network for network in networks)
 
 
+def bearer_of(request: web.Request) -> str | None:
+    """The ``Authorization: Bearer`` header's token only."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
 def token_of(request: web.Request) -> str | None:
     """Bearer header first; ``?token=`` for browsers (WebSockets, WHEP players) that cannot set one."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return request.query.get("token") or None
+    return bearer_of(request) or request.query.get("token") or None
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:

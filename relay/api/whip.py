@@ -16,7 +16,7 @@ import logging
 from aiohttp import web
 
 from ..errors import too_large, unauthorized, unsupported_media_type
-from ..web import SESSIONS, SETTINGS, body_limit, token_of
+from ..web import SESSIONS, SETTINGS, bearer_of, body_limit
 from ..worldmodel.whip import WhipStreamer
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,9 @@ routes = web.RouteTableDef()
 def publish_slot(request: web.Request) -> WhipStreamer:
     conn = request.app[SESSIONS].connections.get(request.match_info["connection_id"])
     streamer = conn.streamer if conn is not None and not conn.closed else None
-    if not isinstance(streamer, WhipStreamer) or not streamer.check_token(token_of(request)):
+    # The header only, never ?token=: a URL is logged by proxies and kept in histories, and every WHIP
+    # publisher can set the header (RFC 9725 section 4.5).
+    if not isinstance(streamer, WhipStreamer) or not streamer.check_token(bearer_of(request)):
         raise unauthorized("Missing or invalid publish token for this connection.")
     return streamer
 

@@ -527,6 +527,9 @@ async def test_bad_publishers_are_refused_in_the_error_shape(whip, http):
         for bad in ("", "not-the-token", API_KEY):  # the API key is not a publish token
             status, body = await sdp_post(http, url, bad, video)
             assert status == 401 and body["error"]["code"] == "UNAUTHORIZED"
+        async with http.post(f"{url}?token={token}", data=video, headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 401  # the publish token is read from the Authorization header alone
+            assert (await r.json())["error"]["code"] == "UNAUTHORIZED"
         status, body = await sdp_post(http, f"{relay.url}/v1/connections/nope/whip", token, video)
         assert status == 401  # an unknown connection answers as a wrong token does
         status, body = await sdp_post(http, url, token, audio_only)
