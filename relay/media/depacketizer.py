@@ -20,8 +20,10 @@ from aiortc.codecs.h264 import H264PayloadDescriptor
 
 from ..worldmodel.base import VIDEO_TIME_BASE
 
+NAL_IDR = 5
 NAL_SPS = 7
 STAP_A = 24
+FU_A = 28
 
 
 def starts_keyframe(payload: bytes) -> bool:
@@ -35,6 +37,26 @@ def starts_keyframe(payload: bytes) -> bool:
     if nal == STAP_A and len(payload) >= 4:
         nal = payload[3] & 0x1F
     return nal == NAL_SPS
+
+
+def begins_idr(payload: bytes) -> bool:
+    """Whether an RTP payload holds an SPS or an IDR picture's first slice (first_mb_in_slice 0, its
+    header's first bit), alone, in a STAP-A or as an FU-A's first fragment: a WHIP publisher's keyframe,
+    which may open with an AUD or SEI, or carry its SPS and PPS only in the SDP or an earlier keyframe."""
+    if len(payload) < 3:
+        return False
+    nal = payload[0] & 0x1F
+    if nal == FU_A:
+        return payload[1] & 0x80 != 0 and payload[1] & 0x1F == NAL_IDR and payload[2] & 0x80 != 0
+    if nal == STAP_A:
+        units, offset = [], 1
+        while offset + 3 <= len(payload):
+            size = int.from_bytes(payload[offset:offset + 2], "big")
+            units.append(payload[offset + 2:offset + 2 + size])
+            offset += 2 + size
+        return any(len(u) >= 2 and ((u[0] & 0x1F) == NAL_SPS or ((u[0] & 0x1F) == NAL_IDR and u[1] & 0x80))
+                   for u in units)
+    return nal == NAL_SPS or (nal == NAL_IDR and payload[1] & 0x80 != 0)
 
 
 def _seq_after(a: int, b: int) -> bool:
@@ -51,7 +73,9 @@ class H264Depacketizer:
         clock: Callable[[], float],
         gap_seconds: float = 0.5,
         window: int = 2048,
+        keyframe_start: Callable[[bytes], bool] = starts_keyframe,
     ) -> None:
+        self._keyframe_start = keyframe_start  # which payload marks a keyframe (the relay's own: its first)
         self._on_frame = on_frame
         self._on_loss = on_loss
         self._clock = clock
@@ -80,7 +104,7 @@ class H264Depacketizer:
 
     def _resync(self) -> None:
         """Start at the oldest packet held that begins a keyframe (or wait for one)."""
-        starts = [seq for seq, (_, _, payload) in self._packets.items() if starts_keyframe(payload)]
+        starts = [seq for seq, (_, _, payload) in self._packets.items() if self._keyframe_start(payload)]
         if not starts:
             if len(self._packets) > self._window:
                 self._packets.clear()
@@ -89,6 +113,11 @@ class H264Depacketizer:
         for seq in starts[1:]:
             if _seq_after(first, seq):
                 first = seq
+        while True:  # back to the access unit's first packet held (an AUD, SEI or SPS before the slice)
+            before = self._packets.get((first - 1) & 0xFFFF)
+            if before is None or before[0] != self._packets[first][0] or before[1]:
+                break
+            first = (first - 1) & 0xFFFF
         self._next = first
         self._waiting_since = None
         for seq in [s for s in self._packets if _seq_after(first, s)]:
@@ -120,7 +149,7 @@ class H264Depacketizer:
         except ValueError:  # a payload aiortc cannot parse: treat as lost
             self._lose()
             return False
-        keyframe = starts_keyframe(parts[0])
+        keyframe = any(self._keyframe_start(p) for p in parts)
         packet = av.Packet(data)
         packet.pts = packet.dts = self._unwrap(timestamp)
         packet.time_base = VIDEO_TIME_BASE

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 NAL_SPS = 7
+NAL_PPS = 8
 # profile_idc values whose SPS carries chroma format, bit depths and scaling matrices.
 HIGH_PROFILES = frozenset({100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135})
 MAX_SPS_BYTES = 512  # a real SPS is tens of bytes; longer is read no further
@@ -78,7 +79,7 @@ class _Bits:
         return (k + 1) // 2 if k & 1 else -(k // 2)
 
 
-def _nal_units(access_unit: bytes):
+def nal_units(access_unit: bytes):
     """The NAL units of an Annex B access unit (start codes of 3 or 4 bytes)."""
     start = access_unit.find(b"\x00\x00\x01")
     while start != -1:
@@ -101,7 +102,7 @@ def sps_size(access_unit: bytes) -> tuple[int, int] | None:
 
 def read_sps(access_unit: bytes) -> Sps | None:
     """The access unit's SPS (its profile and picture size); None without a readable one."""
-    for nal in _nal_units(access_unit):
+    for nal in nal_units(access_unit):
         if nal and nal[0] & 0x1F == NAL_SPS:
             try:
                 return _parse(_unescape(nal[1:MAX_SPS_BYTES]))

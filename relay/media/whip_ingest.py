@@ -40,8 +40,8 @@ from aiortc.sdp import SessionDescription
 from .. import metrics
 from ..errors import RelayError, invalid_request, unprocessable
 from .aiortc_hooks import receive_rtp_undecoded, send_picture_loss
-from .depacketizer import H264Depacketizer
-from .h264_sps import MAX_SAMPLES, MAX_SIDE, Sps, read_sps
+from .depacketizer import H264Depacketizer, begins_idr
+from .h264_sps import MAX_SAMPLES, MAX_SIDE, NAL_PPS, NAL_SPS, Sps, nal_units, read_sps
 from .pipeline import KEYFRAME_MIN_INTERVAL
 from .webrtc import add_trickled_candidates, count_candidates, too_many_candidates
 
@@ -123,7 +123,9 @@ class Ingest:
         self._payload_type: int | None = None
         self._media_ssrc: int | None = None
         self._sps: Sps | None = None  # the first keyframe's, which decided the path
-        self._depacketizer = H264Depacketizer(self._on_access_unit, self.request_keyframe, clock=clock)
+        self._depacketizer = H264Depacketizer(self._on_access_unit, self.request_keyframe, clock=clock,
+                                              keyframe_start=begins_idr)
+        self._parameter_sets: dict[int, bytes] = {}  # the last SPS and PPS NAL units seen, by type
         self._decoding: ThreadPoolExecutor | None = None  # H.264 that cannot pass through: one decoder thread
         self._decoder: av.CodecContext | None = None
         self._backlog = 0
@@ -231,14 +233,30 @@ class Ingest:
             self._frame_started = None
 
     def _on_access_unit(self, packet: av.Packet, keyframe: bool) -> None:
-        if keyframe and not self._check_sps(read_sps(bytes(packet))):
-            return
+        if keyframe:
+            packet = self._with_parameter_sets(packet)
+            if not self._check_sps(read_sps(bytes(packet))):
+                return
         if self.path is None:
             return  # the first keyframe decides
         if self.path == PASSTHROUGH:
             self._on_packet(packet, keyframe)
         else:
             self._decode(packet, keyframe)
+
+    def _with_parameter_sets(self, packet: av.Packet) -> av.Packet:
+        """The keyframe with the SPS and PPS it lacks from the last ones seen: a publisher may send them only
+        with its first keyframe, and every keyframe must start a spectator's, the recorder's or HLS's decoding."""
+        data = bytes(packet)
+        present = {nal[0] & 0x1F: nal for nal in nal_units(data) if nal and nal[0] & 0x1F in (NAL_SPS, NAL_PPS)}
+        self._parameter_sets.update(present)
+        missing = [self._parameter_sets[kind] for kind in (NAL_SPS, NAL_PPS)
+                   if kind not in present and kind in self._parameter_sets]
+        if not missing:
+            return packet
+        whole = av.Packet(b"".join(b"\x00\x00\x00\x01" + nal for nal in missing) + data)
+        whole.pts, whole.dts, whole.time_base = packet.pts, packet.dts, packet.time_base
+        return whole
 
     def _check_sps(self, sps: Sps | None) -> bool:
         """Every keyframe's SPS: the first decides the path; a later one that would decide otherwise (B-frames

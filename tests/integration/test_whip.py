@@ -20,6 +20,7 @@ from relay.client import RelayClient, Spectator
 from relay.errors import RelayError
 from relay.media.aiortc_hooks import receive_rtp_undecoded
 from relay.media.depacketizer import H264Depacketizer
+from relay.media.h264_sps import nal_units
 from relay.media.webrtc import h264_preferences
 from relay.media.whip_ingest import DECODE_BACKLOG, Ingest
 from relay.web import RECORDINGS
@@ -59,9 +60,10 @@ class ProfileTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, profile: str) -> None:
+    def __init__(self, profile: str, *, aud: bool = False, headers_once: bool = False) -> None:
         super().__init__()
         self.source = SyntheticTrack(320, 176, 25)
+        self.aud, self.headers_once, self.keyframes = aud, headers_once, 0
         self.change(profile)
         self.pending: list[av.Packet] = []
 
@@ -70,13 +72,26 @@ class ProfileTrack(MediaStreamTrack):
         ctx = self.ctx = av.CodecContext.create("libx264", "w")
         ctx.width, ctx.height, ctx.pix_fmt, ctx.profile = 320, 176, "yuv420p", profile
         ctx.time_base, ctx.framerate = VIDEO_TIME_BASE, fractions.Fraction(25, 1)
-        ctx.options = {"preset": "veryfast", "tune": "zerolatency", "x264-params": "keyint=25:bframes=0"}
+        aud = ":aud=1" if self.aud else ""  # each access unit opens with an access unit delimiter, as OBS's do
+        ctx.options = {"preset": "veryfast", "tune": "zerolatency", "x264-params": f"keyint=25:bframes=0{aud}"}
+
+    def _without_parameter_sets(self, packet: av.Packet) -> av.Packet:
+        """A keyframe after the first without its SPS and PPS (a publisher that sends them once)."""
+        if not packet.is_keyframe:
+            return packet
+        self.keyframes += 1
+        if self.keyframes == 1:
+            return packet
+        stripped = av.Packet(b"".join(b"\x00\x00\x00\x01" + nal for nal in nal_units(bytes(packet))
+                                      if nal and nal[0] & 0x1F not in (7, 8)))
+        stripped.pts, stripped.dts, stripped.time_base = packet.pts, packet.dts, packet.time_base
+        return stripped
 
     async def recv(self):
         while not self.pending:
             for packet in self.ctx.encode(await self.source.recv()):
                 packet.time_base = VIDEO_TIME_BASE
-                self.pending.append(packet)
+                self.pending.append(self._without_parameter_sets(packet) if self.headers_once else packet)
         return self.pending.pop(0)
 
     def stop(self) -> None:
@@ -278,6 +293,27 @@ async def test_h264_high_profile_is_transcoded_once_and_main_without_b_frames_pa
         await eventually(lambda: not stream.live, what="the stream ended")
         assert stream.end_reason == "upstream_error"
         assert not [t for t in threading.enumerate() if t.name.startswith("relay-whip-decode")]
+    finally:
+        await publisher.close()
+
+
+async def test_keyframes_that_open_with_an_aud_and_lack_parameter_sets_pass_through(whip, http):
+    relay, _, conn = whip
+    track = ProfileTrack("Baseline", aud=True, headers_once=True)
+    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], track=track)
+    before = gauge("passthrough")
+    try:
+        assert (await publisher.post(http)).status == 201
+        await conn.start_stream("OBS's access units")  # its first keyframe (AUD first) is found
+        assert gauge("passthrough") == before + 1
+        await eventually(lambda: track.keyframes >= 2, what="a keyframe sent without its SPS and PPS")
+        # A spectator joining now starts from such a keyframe: the relay gave it the SPS and PPS seen before.
+        async with Spectator(conn.broadcast["whep_url"], conn.broadcast["spectator_token"]) as viewer:
+            await asyncio.wait_for(viewer.track.recv(), 10)
+            frames = await frames_for(viewer.track, 1.0)
+            assert len(frames) >= 15, f"only {len(frames)} frames in 1 s"
+        ingest = relay.sessions.connection(conn.connection_id).streamer.ingest
+        assert ingest._depacketizer.keyframes >= 2 and not ingest.gone
     finally:
         await publisher.close()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import av
 from aiortc.codecs.h264 import H264Encoder as AiortcH264
 
-from relay.media.depacketizer import H264Depacketizer, starts_keyframe
+from relay.media.depacketizer import H264Depacketizer, begins_idr, starts_keyframe
 from tests.unit.test_media import encoded_packets
 
 
@@ -104,3 +104,28 @@ def test_joining_mid_stream_starts_at_a_keyframe():
         depacketizer.add(*entry)
     assert frames[0][1] and nals(frames[0][0]) == nals(source[8])
     assert len(frames) == 12
+
+
+def test_a_whip_keyframe_is_its_idr_wherever_it_sits():
+    aud, sei, sps, pps = b"\x09\xf0", b"\x06\x05\x01\x00", b"\x67\x42\xc0\x1f\x80", b"\x68\xce\x3c\x80"
+    idr_first, idr_next, p_slice = b"\x65\x88\x84", b"\x65\x08\x84", b"\x41\x9a\x02"
+
+    def stap(*nals: bytes) -> bytes:
+        return b"\x18" + b"".join(len(n).to_bytes(2, "big") + n for n in nals)
+
+    assert begins_idr(idr_first) and begins_idr(sps) and begins_idr(stap(aud, sei, sps, pps))
+    assert begins_idr(stap(aud, idr_first)) and begins_idr(b"\x7c\x85\x88\x84")  # FU-A: IDR's first fragment
+    assert not begins_idr(idr_next) and not begins_idr(p_slice) and not begins_idr(stap(aud, sei))
+    assert not begins_idr(b"\x7c\x05\x88\x84") and not begins_idr(b"\x7c\x81\x9a\x02")  # a middle one; a P slice
+
+    # An access unit that opens with an AUD and a SEI, its IDR in a later packet: found, whole, as a keyframe.
+    units = []
+    depacketizer = H264Depacketizer(lambda packet, keyframe: units.append((bytes(packet), keyframe)),
+                                    lambda: None, clock=Clock(), keyframe_start=begins_idr)
+    depacketizer.add(10, 3000, False, p_slice)  # the tail of a frame before: no start
+    depacketizer.add(11, 3000, True, p_slice)
+    depacketizer.add(12, 6000, False, stap(aud, sei))
+    depacketizer.add(13, 6000, True, idr_first)
+    depacketizer.add(14, 9000, True, p_slice)
+    assert [keyframe for _, keyframe in units] == [True, False]
+    assert units[0][0].startswith(b"\x00\x00\x00\x01" + aud) and units[0][0].endswith(idr_first)
