@@ -169,6 +169,8 @@ class MediaGraph:
         keyframe's SPS declares (the source's own, whatever the config says)."""
         self.hub.attach_source(request_keyframe, fps)
         self._packets_attached = True
+        if self.fanout is not None:
+            self.fanout.pin(True)  # [media] low_layer: no encoder here makes the lower layer
         if self.hls is not None:
             self.hls.new_stream(0, 0, fps)  # the size is in the stream's own SPS; the muxer needs no other
         if stream_id is None or self._new_recorder is None:
@@ -194,6 +196,8 @@ class MediaGraph:
             self._packets_attached = False
             self._early_events = None
             self.hub.detach_source()
+            if self.fanout is not None:
+                self.fanout.pin(False)
         else:
             pipeline, self._pipeline = self._pipeline, None
             if pipeline is None:

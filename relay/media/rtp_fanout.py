@@ -136,6 +136,8 @@ class RtpOutput:
         if self.policy is None or self.closed:
             return
         main, low = self._layers
+        if main.pinned:  # nothing is encoded for the lower layer now: it stays empty
+            return
         target = self._layers[self.policy.update(bitrate, main.bitrate, low.bitrate, time.monotonic())]
         if target is not self._fanout:
             self._switch(target)
@@ -289,6 +291,7 @@ class RtpFanout:
     ) -> None:
         self.compiled = compiled and COMPILED_SEND  # the compiled send loop, when built and wanted
         self.lower = lower  # the broadcast's lower layer, if any: outputs may move there and back
+        self.pinned = False  # outputs may not move to the lower layer (see pin)
         self._on_sent = on_sent
         self._packer = AiortcH264()  # only its pack(): Annex B split + FU-A/STAP-A, no encoder
         self._outputs: set[RtpOutput] = set()
@@ -309,6 +312,15 @@ class RtpFanout:
         output = RtpOutput(self, SenderLink(sender))
         self._outputs.add(output)
         return output
+
+    def pin(self, pinned: bool) -> None:
+        """While the source brings its own packets (a WHIP publisher's, passed through) nothing encodes the
+        lower layer: every output stays on, or comes back to, this one, its layer policy started afresh."""
+        self.pinned = pinned
+        if pinned and self.lower is not None:
+            for output in list(self.lower._outputs):
+                output.policy = LayerPolicy()
+                output._switch(self)
 
     def adopt(self, output: RtpOutput) -> None:
         self._outputs.add(output)
