@@ -23,6 +23,7 @@ resends NACKed packets with it. Audio and further video m-lines are answered ina
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import secrets
@@ -42,7 +43,7 @@ from .. import metrics
 from ..errors import RelayError, invalid_request, unprocessable
 from .aiortc_hooks import receive_rtp_undecoded, send_picture_loss
 from .depacketizer import H264Depacketizer, begins_idr
-from .h264_sps import MAX_SAMPLES, MAX_SIDE, NAL_PPS, NAL_SPS, Sps, nal_units, read_sps
+from .h264_sps import MAX_SAMPLES, MAX_SIDE, MAX_SPS_BYTES, NAL_PPS, NAL_SPS, Sps, nal_units, read_sps
 from .pipeline import KEYFRAME_MIN_INTERVAL
 from .webrtc import add_trickled_candidates, count_candidates, too_many_candidates
 
@@ -176,6 +177,7 @@ class Ingest:
                                 "packetization-mode 1) or VP8.")
         mime = negotiated[0].mimeType
         self._payload_type = negotiated[0].payloadType
+        self._keep_sprop(offer_sdp)
         self._receiver = video.receiver
         h264 = mime.lower() == H264
         if h264:
@@ -187,6 +189,22 @@ class Ingest:
             self._decide(TRANSCODE, mime)
         log.info("WHIP publisher answered with %s", mime, extra={"session_id": self.session_id})
         return pc.localDescription.sdp
+
+    def _keep_sprop(self, offer_sdp: str) -> None:
+        """The SPS and PPS an offer's H.264 fmtp carries (sprop-parameter-sets, RFC 6184): a publisher may send
+        them there only, never in band; kept as if seen with a keyframe, so its keyframes can be completed."""
+        for media in SessionDescription.parse(offer_sdp).media:
+            for codec in media.rtp.codecs if media.kind == "video" else ():
+                if codec.payloadType != self._payload_type:
+                    continue
+                for part in str((codec.parameters or {}).get("sprop-parameter-sets") or "").split(",")[:2]:
+                    try:
+                        nal = base64.b64decode(part, validate=True)
+                    except ValueError:
+                        continue  # not base64: as if absent
+                    if nal and len(nal) <= MAX_SPS_BYTES and nal[0] & 0x1F in (NAL_SPS, NAL_PPS):
+                        self._parameter_sets[nal[0] & 0x1F] = nal
+                return
 
     def _end(self, why: str) -> None:
         """The session is over from the publisher's side (its peer went, or its stream became one the

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import fractions
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import aiohttp
 import av
+import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
@@ -61,27 +65,42 @@ class ProfileTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, profile: str, *, aud: bool = False, headers_once: bool = False) -> None:
+    def __init__(self, profile: str, *, aud: bool = False, parameter_sets: str = "every") -> None:
         super().__init__()
         self.source = SyntheticTrack(320, 176, 25)
-        self.aud, self.headers_once, self.keyframes = aud, headers_once, 0
+        # With every keyframe (x264's way), with the "first" only, or "never" in band (the SDP's sprop only).
+        self.aud, self.parameter_sets, self.keyframes = aud, parameter_sets, 0
+        self.profile = profile
         self.change(profile)
         self.pending: list[av.Packet] = []
 
-    def change(self, profile: str) -> None:
-        """From the next frame on, a new encoder of this profile (its first access unit a keyframe with its SPS)."""
-        ctx = self.ctx = av.CodecContext.create("libx264", "w")
+    def _encoder(self, profile: str) -> av.CodecContext:
+        ctx = av.CodecContext.create("libx264", "w")
         ctx.width, ctx.height, ctx.pix_fmt, ctx.profile = 320, 176, "yuv420p", profile
         ctx.time_base, ctx.framerate = VIDEO_TIME_BASE, fractions.Fraction(25, 1)
         aud = ":aud=1" if self.aud else ""  # each access unit opens with an access unit delimiter, as OBS's do
         ctx.options = {"preset": "veryfast", "tune": "zerolatency", "x264-params": f"keyint=25:bframes=0{aud}"}
+        return ctx
+
+    def change(self, profile: str) -> None:
+        """From the next frame on, a new encoder of this profile (its first access unit a keyframe with its SPS)."""
+        self.ctx = self._encoder(profile)
+
+    def sprop(self) -> str:
+        """sprop-parameter-sets for this track's SDP: the SPS and PPS its encoder makes (x264's are the same
+        for the same settings), base64."""
+        ctx = self._encoder(self.profile)
+        frame = av.VideoFrame.from_ndarray(np.zeros((176, 320, 3), np.uint8), format="rgb24")
+        first = bytes((ctx.encode(frame) + ctx.encode(None))[0])
+        return ",".join(base64.b64encode(nal).decode() for kind in (7, 8)
+                        for nal in nal_units(first) if nal and nal[0] & 0x1F == kind)
 
     def _without_parameter_sets(self, packet: av.Packet) -> av.Packet:
-        """A keyframe after the first without its SPS and PPS (a publisher that sends them once)."""
+        """A keyframe without its SPS and PPS (but the first, if they come with the first only)."""
         if not packet.is_keyframe:
             return packet
         self.keyframes += 1
-        if self.keyframes == 1:
+        if self.keyframes == 1 and self.parameter_sets == "first":
             return packet
         stripped = av.Packet(b"".join(b"\x00\x00\x00\x01" + nal for nal in nal_units(bytes(packet))
                                       if nal and nal[0] & 0x1F not in (7, 8)))
@@ -92,7 +111,7 @@ class ProfileTrack(MediaStreamTrack):
         while not self.pending:
             for packet in self.ctx.encode(await self.source.recv()):
                 packet.time_base = VIDEO_TIME_BASE
-                self.pending.append(self._without_parameter_sets(packet) if self.headers_once else packet)
+                self.pending.append(self._without_parameter_sets(packet) if self.parameter_sets != "every" else packet)
         return self.pending.pop(0)
 
     def stop(self) -> None:
@@ -104,8 +123,9 @@ class Publisher:
     """A minimal WHIP publisher (aiortc): its encoder's access units are kept for comparison."""
 
     def __init__(self, whip_url: str, token: str, codec: str = "video/H264", prompts: bool = False,
-                 size: tuple[int, int] = (320, 176), track: MediaStreamTrack | None = None) -> None:
-        self.whip_url, self.token, self.codec = whip_url, token, codec
+                 size: tuple[int, int] = (320, 176), track: MediaStreamTrack | None = None,
+                 edit_offer: Callable[[str], str] = lambda sdp: sdp) -> None:
+        self.whip_url, self.token, self.codec, self.edit_offer = whip_url, token, codec, edit_offer
         self.track = track or PausableTrack(*size)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("prompts") if prompts else None
@@ -136,7 +156,7 @@ class Publisher:
         if "video/H264" in self.codec:
             self._keep_access_units(transceiver.sender)
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        response = await http.post(self.whip_url, data=self.pc.localDescription.sdp,
+        response = await http.post(self.whip_url, data=self.edit_offer(self.pc.localDescription.sdp),
                                    headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {self.token}"})
         if response.status == 201:
             self.location = response.headers["Location"]
@@ -328,7 +348,7 @@ async def test_h264_high_profile_is_transcoded_once_and_main_without_b_frames_pa
 
 async def test_keyframes_that_open_with_an_aud_and_lack_parameter_sets_pass_through(whip, http):
     relay, _, conn = whip
-    track = ProfileTrack("Baseline", aud=True, headers_once=True)
+    track = ProfileTrack("Baseline", aud=True, parameter_sets="first")
     publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], track=track)
     before = gauge("passthrough")
     try:
@@ -343,6 +363,28 @@ async def test_keyframes_that_open_with_an_aud_and_lack_parameter_sets_pass_thro
             assert len(frames) >= 15, f"only {len(frames)} frames in 1 s"
         ingest = relay.sessions.connection(conn.connection_id).streamer.ingest
         assert ingest._depacketizer.keyframes >= 2 and not ingest.gone
+    finally:
+        await publisher.close()
+
+
+async def test_parameter_sets_given_only_in_the_offers_sprop_complete_its_keyframes(whip, http):
+    relay, _, conn = whip
+    track = ProfileTrack("Baseline", parameter_sets="never")
+    sprop = track.sprop()
+
+    def with_sprop(sdp: str) -> str:  # on the H.264 fmtp line, as GStreamer's rtph264pay puts it
+        return re.sub(r"(a=fmtp:\d+ [^\r\n]*packetization-mode=1[^\r\n]*)", rf"\1;sprop-parameter-sets={sprop}", sdp)
+
+    publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"], track=track, edit_offer=with_sprop)
+    before = gauge("passthrough")
+    try:
+        assert (await publisher.post(http)).status == 201
+        await conn.start_stream("no SPS in band")  # the first keyframe's SPS comes from the offer
+        assert gauge("passthrough") == before + 1
+        async with Spectator(conn.broadcast["whep_url"], conn.broadcast["spectator_token"]) as viewer:
+            await asyncio.wait_for(viewer.track.recv(), 10)
+            frames = await frames_for(viewer.track, 1.0)
+            assert len(frames) >= 15, f"only {len(frames)} frames in 1 s"
     finally:
         await publisher.close()
 
