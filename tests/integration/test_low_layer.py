@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 from relay.client import RelayClient, Spectator
-from relay.media.layers import LOW, MAIN
+from relay.media.layers import DOWN_AFTER, LOW, MAIN
 from tests.conftest import API_KEY, eventually
+from tests.integration.test_whip import SILENCE, Publisher
 
 
 async def frames_until(viewer: Spectator, output, estimate: int, size: tuple[int, int], timeout: float) -> list:
@@ -84,3 +86,30 @@ async def test_a_real_receiver_sends_remb_when_the_layers_are_on(relay_factory):
 async def drain(viewer: Spectator) -> None:
     while True:
         await viewer.track.recv()
+
+
+async def test_a_passed_through_whip_stream_keeps_every_spectator_on_the_main_layer(relay_factory, http):
+    relay = await relay_factory(world_model={"kind": "whip", "publisher_silence_seconds": SILENCE},
+                                media={"low_layer": True}, limits={"stream_max_seconds": 60})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        publisher = Publisher(conn.info["whip_url"], conn.info["publish_token"])
+        try:
+            assert (await publisher.post(http)).status == 201
+            await conn.start_stream("a publisher's own packets")
+            broadcast = relay.sessions.broadcast(conn.broadcast["broadcast_id"])
+            async with Spectator(conn.broadcast["whep_url"], conn.broadcast["spectator_token"]) as viewer:
+                for receiver in viewer.pc.getReceivers():  # the test plays the receiver's estimator
+                    receiver._RTCRtpReceiver__remote_bitrate_estimator = None
+                await asyncio.wait_for(viewer.track.recv(), 10)
+                output = next(iter(broadcast.spectators.values())).output
+                await eventually(lambda: broadcast.media.fanout.bitrate, what="the main layer's measured rate")
+                # A weak link's estimate, past the time that would move it down: there is no lower layer to go to.
+                deadline = time.monotonic() + DOWN_AFTER + 0.5
+                frames = 0
+                while time.monotonic() < deadline:
+                    output.update_estimate(1000)
+                    await asyncio.wait_for(viewer.track.recv(), 2)
+                    frames += 1
+                assert output.layer == MAIN and broadcast.media.fanout.outputs == 1 and frames >= 40
+        finally:
+            await publisher.close()
