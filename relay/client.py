@@ -219,6 +219,24 @@ class HostConnection:
         return self.stream_id
 
 
+async def _end_session(peer: "Spectator | Publisher", headers: dict[str, str] | None = None) -> None:
+    """End a WHEP or WHIP session: DELETE its resource (a relay that is gone has nothing left to end),
+    close the peer connection, and the HTTP session if the peer made it. Safe to call twice."""
+    if peer.location is not None and peer._session is not None:
+        try:
+            async with peer._session.delete(peer.location, headers=headers) as response:
+                await response.read()
+        except aiohttp.ClientError:
+            pass
+        peer.location = None
+    if peer.pc is not None:
+        await peer.pc.close()
+        peer.pc = None
+    if peer._session is not None and peer._owns_session:
+        await peer._session.close()
+        peer._session = None
+
+
 class Spectator:
     """Watch a broadcast over WHEP with aiortc: ``track`` yields decoded av.VideoFrames."""
 
@@ -262,19 +280,7 @@ class Spectator:
         await asyncio.wait_for(self._track_ready.wait(), 10)
 
     async def leave(self) -> None:
-        if self.location is not None and self._session is not None:
-            try:
-                async with self._session.delete(self.location) as response:
-                    await response.read()
-            except aiohttp.ClientError:
-                pass
-            self.location = None
-        if self.pc is not None:
-            await self.pc.close()
-            self.pc = None
-        if self._session is not None and self._owns_session:
-            await self._session.close()
-            self._session = None
+        await _end_session(self)
 
     async def __aenter__(self) -> "Spectator":
         try:
@@ -364,19 +370,7 @@ class Publisher:
             self.on_prompt(message)
 
     async def close(self) -> None:
-        if self.location is not None and self._session is not None:
-            try:
-                async with self._session.delete(self.location, headers={"Authorization": f"Bearer {self.token}"}) as r:
-                    await r.read()
-            except aiohttp.ClientError:
-                pass  # the relay is gone: there is nothing left to end
-            self.location = None
-        if self.pc is not None:
-            await self.pc.close()
-            self.pc = None
-        if self._session is not None and self._owns_session:
-            await self._session.close()
-            self._session = None
+        await _end_session(self, {"Authorization": f"Bearer {self.token}"})
 
     async def __aenter__(self) -> "Publisher":
         try:

@@ -54,8 +54,9 @@ def too_many_candidates(limit: int, count: int) -> RelayError:
     )
 
 
-def parse_offer(sdp: str, max_candidates: int) -> SessionDescription:
-    """400 for text that is not SDP, 422 for SDP we cannot answer with H.264 video."""
+def checked_offer(sdp: str, max_candidates: int) -> SessionDescription:
+    """An offer parsed once its candidates are counted: 400 for text that is not SDP, 422 for too many
+    candidates. WHEP's and WHIP's offers both come through here."""
     if not sdp.lstrip().startswith("v=0"):
         raise invalid_request("The body is not an SDP offer (it must start with 'v=0').")
     # Counted before anything parses them: aioice deduplicates each remote candidate against all
@@ -64,9 +65,14 @@ def parse_offer(sdp: str, max_candidates: int) -> SessionDescription:
     if candidates > max_candidates:
         raise too_many_candidates(max_candidates, candidates)
     try:
-        parsed = SessionDescription.parse(sdp)
+        return SessionDescription.parse(sdp)
     except Exception as exc:  # aiortc's parser raises assorted errors on broken SDP
         raise invalid_request(f"Malformed SDP offer: {str(exc) or type(exc).__name__}.") from exc
+
+
+def parse_offer(sdp: str, max_candidates: int) -> SessionDescription:
+    """400 for text that is not SDP, 422 for SDP we cannot answer with H.264 video."""
+    parsed = checked_offer(sdp, max_candidates)
     video = [m for m in parsed.media if m.kind == "video"]
     if not video:
         raise unprocessable("The offer has no video m-line: a spectator must receive video.")

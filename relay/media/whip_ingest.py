@@ -40,12 +40,12 @@ from aiortc.rtp import RtpPacket
 from aiortc.sdp import SessionDescription
 
 from .. import metrics
-from ..errors import RelayError, invalid_request, unprocessable
+from ..errors import RelayError, unprocessable
 from .aiortc_hooks import receive_rtp_undecoded, send_picture_loss
 from .depacketizer import H264Depacketizer, begins_idr
 from .h264_sps import MAX_SAMPLES, MAX_SIDE, MAX_SPS_BYTES, NAL_PPS, NAL_SPS, Sps, nal_units, read_sps
 from .pipeline import KEYFRAME_MIN_INTERVAL
-from .webrtc import add_trickled_candidates, count_candidates, too_many_candidates
+from .webrtc import add_trickled_candidates, checked_offer, count_candidates, too_many_candidates
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,7 @@ DECODE_BACKLOG = 8  # access units waiting for the decoder thread before it skip
 def parse_publish_offer(sdp: str, max_candidates: int) -> RTCRtpCodecCapability:
     """The one codec the relay will answer with (H.264 if offered, else VP8); 400 for text that is not
     SDP, 422 for an offer that sends no video the relay can take."""
-    if not sdp.lstrip().startswith("v=0"):
-        raise invalid_request("The body is not an SDP offer (it must start with 'v=0').")
-    candidates = count_candidates(sdp)  # before parsing: applying n candidates costs n² (see webrtc.py)
-    if candidates > max_candidates:
-        raise too_many_candidates(max_candidates, candidates)
-    try:
-        parsed = SessionDescription.parse(sdp)
-    except Exception as exc:  # aiortc's parser raises assorted errors on broken SDP
-        raise invalid_request(f"Malformed SDP offer: {str(exc) or type(exc).__name__}.") from exc
+    parsed = checked_offer(sdp, max_candidates)
     video = [m for m in parsed.media if m.kind == "video"]
     if not video:
         raise unprocessable("The offer has no video m-line: a publisher must send video.")
