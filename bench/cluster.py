@@ -39,7 +39,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-from fanout import Server, Workers, _die_with_parent, cpu_seconds, free_port, percentile  # noqa: E402
+from fanout import Server, Workers, cpu_seconds, percentile  # noqa: E402
+from procs import die_with_parent, free_port  # noqa: E402
 
 LINGER = 1.0  # the nodes' [cluster] edge_linger_seconds: cold joins follow each other quickly
 FLOOR = 24.0  # fps a spectator must get to count as served
@@ -56,7 +57,7 @@ class Redis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+             "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
     async def ready(self) -> None:
         deadline = time.monotonic() + 10

@@ -27,13 +27,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import multiprocessing
 import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
+
+from procs import die_with_parent, free_port  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -114,18 +114,6 @@ def least_squares(points: list[tuple[float, float]]) -> float | None:
     my = statistics.fmean(p[1] for p in points)
     sxx = sum((x - mx) ** 2 for x, _ in points)
     return sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else None
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the kernel sends SIGTERM to the child if the benchmark dies (no orphans)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -208,7 +196,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "relay.cli", "serve", "--config", self.config_path, *self.extra_args],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         log.close()
         deadline = time.monotonic() + 30
@@ -521,7 +509,7 @@ def start_profile(pid: int, seconds: float, directory: str, name: str):
     proc = subprocess.Popen(
         [exe, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds) - 1)), "--rate", "100",
          "--threads", "--nonblocking", "--format", "raw", "--output", out],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
     )
     return proc, out
 

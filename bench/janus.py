@@ -30,7 +30,7 @@ import av  # noqa: E402
 import numpy as np  # noqa: E402
 from aiortc.codecs.h264 import H264Encoder as Packer  # noqa: E402
 
-from fanout import _die_with_parent, free_port  # noqa: E402
+from procs import die_with_parent, free_port  # noqa: E402
 from relay.media.encoder import H264Encoder  # noqa: E402
 
 PLUGINS = "/usr/lib/x86_64-linux-gnu/janus"
@@ -162,7 +162,7 @@ class JanusServer:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(["janus", "-F", self.configs, "-C", os.path.join(self.configs, "janus.jcfg")],
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=die_with_parent)
         log.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
