@@ -114,8 +114,9 @@ async def _wait_for_end(events: asyncio.Queue, stream_id: str, timeout: float) -
     deadline = loop.time() + timeout
     while (remaining := deadline - loop.time()) > 0:
         try:
-            event = await asyncio.wait_for(events.get(), remaining)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(remaining):  # not wait_for: it can swallow a cancellation (see web.next_for)
+                event = await events.get()
+        except TimeoutError:
             return False
         if event.get("type") == "stream_ended" and event.get("stream_id") == stream_id:
             return True

@@ -160,8 +160,12 @@ async def next_for(request: web.Request, queue: asyncio.Queue, seconds: float) -
     waiting, since = 0, loop.time()
     while True:
         try:
-            return await asyncio.wait_for(queue.get(), seconds / 2)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that lands as
+            # queue.get() completes, and the cancelled sender then waits on for ever (aiohttp's shutdown waited
+            # out its 60 s for one such socket).
+            async with asyncio.timeout(seconds / 2):
+                return await queue.get()
+        except TimeoutError:
             transport = request.transport
             now = transport.get_write_buffer_size() if transport is not None else 0
             if not now or now != waiting:  # drained, or moving: a reader is there
