@@ -25,7 +25,7 @@ pytestmark = [
 ]
 
 FPS = 25
-WINDOW = 3.0  # seconds of the broadcast a spectator counts
+WINDOW = 2.0  # seconds of the broadcast a spectator counts (at >= half of 25 fps, 25 frames prove the rate)
 LONG = {"stream_max_seconds": 30, "idle_timeout_seconds": 60}
 
 PAGE = """<!doctype html>
