@@ -189,10 +189,12 @@ async def test_live_thumbnail_is_a_small_jpeg_made_at_most_once_per_period(relay
         assert 'content="summary_large_image"' in html
 
         for token in ("", "wrong", API_KEY + "x"):
-            status, _, _ = await fetch(f"{b['webrtc_url']}/thumbnail.jpg?token={token}")
-            assert status in (401, 403)
-        async with http.get(f"{b['webrtc_url']}/thumbnail.jpg?token=nope") as r:
-            assert (await r.json())["error"]["code"] in ("UNAUTHORIZED", "FORBIDDEN")
+            async with http.get(f"{b['webrtc_url']}/thumbnail.jpg?token={token}") as r:
+                await error_of(r, 401, "UNAUTHORIZED")
+        made = broadcast.thumbnail.made
+        async with http.get(f"{relay.url}/v1/broadcasts/nope/thumbnail.jpg?token={b['spectator_token']}") as r:
+            await error_of(r, 404, "NOT_FOUND")
+        assert broadcast.thumbnail.made == made  # refusals cost no decode
 
         await conn.end_stream()
         async with http.get(thumb) as r:  # ended: no live picture
