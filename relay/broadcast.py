@@ -24,6 +24,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
 from .media.graph import MediaFeed, MediaGraph, RecorderFactory
 from .media.hls import HlsPublisher
+from .media.thumbnail import LiveThumbnail
 from .orchestration import Orchestrator
 from .recordings import RecordingStore
 from .spectators import Spectators
@@ -61,7 +62,17 @@ class Broadcast:
         if recordings is not None and settings.recordings.enabled:  # each stream's, filed under this broadcast
             recorder = partial(self._recorder, recordings)
         self._clock = clock
+        self._recordings = recordings if recorder is not None else None
+        self._replay_seconds = settings.recordings.replay_link_seconds
+        # The host's choice to hand spectators a replay link at each stream's end (off by default: a
+        # recording belongs to the API key), the base the links point under, and the last such link.
+        self.share_replay = False
+        self._replay_base = ""
+        self.replay_url: str | None = None
         self.media = media(settings, clock, recorder)
+        # The watch page's og:image: one more reader of the packets, decoding only when asked.
+        self.thumbnail = LiveThumbnail(settings.recordings.preview_width, settings.recordings.thumbnail_seconds, clock)
+        self.media.hub.add_sink(self.thumbnail.offer)
         self.spectators = Spectators(self.broadcast_id, settings.limits, clock,
                                      feed=self.media.feed, on_viewers=self._record_viewers)
         self.audience = Audience(self.broadcast_id, settings, clock, live=lambda: self.live)
@@ -145,6 +156,7 @@ class Broadcast:
             "prompt": self.prompt,
             "host": self.host,
             "orchestration": self.orchestration,
+            "replay_url": self.replay_url,
         }
 
     def hello(self, participant_id: str, resumed: bool) -> dict[str, Any]:
@@ -155,7 +167,7 @@ class Broadcast:
                 "chat": self.audience.chat.state(), "live": self.live, "stream_id": self.stream_id,
                 "prompt": self.prompt, "viewers": self.viewers,
                 **self.about(),  # the channel's title, description and host name (null for a plain broadcast)
-                "host": self.host}
+                "host": self.host, "replay_url": self.replay_url}
 
     def media_feed(self) -> MediaFeed:
         """A peer that takes this broadcast's media without being one of its spectators (the
@@ -169,6 +181,7 @@ class Broadcast:
     ) -> None:
         self.stream_id = stream_id
         self.prompt = prompt
+        self.replay_url = None  # the last stream's: a live page shows the live stream
         if isinstance(track, EncodedTrack):  # a publisher's H.264: its packets are the source, never re-encoded
             self._encoded = track
             track.attach(self.media.attach_packets(track.request_keyframe, fps, stream_id))
@@ -180,8 +193,31 @@ class Broadcast:
         encoded, self._encoded = self._encoded, None
         if encoded is not None:
             encoded.attach(None)
+        recorded = self.media.recorder is not None
         if await self.media.detach_source(reason):
-            self.emit({"type": "stream_ended", "stream_id": self.stream_id, "reason": reason})
+            self.thumbnail.clear()
+            event = {"type": "stream_ended", "stream_id": self.stream_id, "reason": reason}
+            self.replay_url = self._replay_link(self.stream_id) if recorded else None
+            if self.replay_url is not None:
+                event["replay_url"] = self.replay_url
+            self.emit(event)
+
+    def share_replays(self, share: bool, base_url: str) -> None:
+        """The host's choice: from the next stream's end on, ``stream_ended`` carries a signed link (under
+        ``base_url``, the node that records) to that stream's replay page. Turning it off withdraws the
+        last link from the page's state at once (a link already handed out lives until it expires)."""
+        self.share_replay = share
+        self._replay_base = base_url
+        if not share:
+            self.replay_url = None
+
+    def _replay_link(self, stream_id: str | None) -> str | None:
+        # Signed for exactly this stream's replay page: it opens that recording and its files, read-only,
+        # never another recording or the owner's list (relay/api/recordings.py checks the signature).
+        if not self.share_replay or self._recordings is None or stream_id is None:
+            return None
+        path = self._recordings.signed_url(f"/recordings/{stream_id}", ttl=self._replay_seconds)
+        return self._replay_base + path
 
     @property
     def upstream_failed(self) -> BaseException | None:

@@ -72,10 +72,13 @@ class RelayClient:
             return await _check(response)
 
     @asynccontextmanager
-    async def connect(self, channel_id: str | None = None) -> AsyncIterator["HostConnection"]:
+    async def connect(self, channel_id: str | None = None,
+                      share_replay: bool | None = None) -> AsyncIterator["HostConnection"]:
         """Open a connection (reserving a streamer); it is disconnected on exit. On a channel (its
-        channel_id or slug) it streams into the channel's broadcast, whose watch URL stays."""
-        body = {"channel_id": channel_id} if channel_id is not None else None
+        channel_id or slug) it streams into the channel's broadcast, whose watch URL stays. With
+        ``share_replay`` each stream's end hands spectators a link to its replay."""
+        fields = {"channel_id": channel_id, "share_replay": share_replay}
+        body = {k: v for k, v in fields.items() if v is not None} or None
         info = await self.request("POST", "/v1/connections", json=body)
         conn = HostConnection(self, info)
         try:

@@ -367,6 +367,10 @@ class RecordingsSettings:
     preview_width: int = option(320, even=True, min=16, max=1920)
     # Items waiting for a recorder's writer thread: past this the recording stops (failed), never the stream.
     writer_queue_packets: int = option(512, min=16)
+    # How long a shared replay link (stream_ended's replay_url, when the host shares replays) stays valid.
+    replay_link_seconds: float = option(86400.0, min=60, max=30 * 86400)
+    # A live broadcast's thumbnail (og:image) is made again at most this often, however many ask.
+    thumbnail_seconds: float = option(10.0, min=1, max=3600)
 
 
 @dataclass(frozen=True)

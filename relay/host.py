@@ -29,6 +29,7 @@ def broadcast_links(broadcast: Broadcast, base_url: str) -> dict[str, Any]:
         "hls_url": (f"{webrtc_url}/hls/index.m3u8?token={broadcast.spectator_token}"
                     if broadcast.hls is not None else None),
         "spectator_token": broadcast.spectator_token,
+        "share_replay": broadcast.share_replay,
     }
 
 

@@ -93,7 +93,7 @@ const preview = new HostPreview({
   video: els.preview, stage: els.previewStage, badge: els.previewState, token: previewToken, log,
 });
 
-const watchLink = new WatchLink();
+const watchLink = new WatchLink({ apiKey: () => conn.apiKey });
 const streamHistory = new StreamHistory(els.history, { key: () => conn.apiKey || els.apiKey.value.trim(), log });
 
 const orchestration = new OrchestrationPanel({

@@ -5,12 +5,14 @@
 
 import { copyText } from '/static/hostview.js';
 import { WhepPlayer } from '/static/whep.js';
+import { ReplayShare } from '/static/replayshare.js';
 
 const $ = (id) => document.getElementById(id);
 
-/** The watch link card: the broadcast's watch URL, ready to paste, and its HLS URL. */
+/** The watch link card: the broadcast's watch URL, ready to paste, its HLS URL, and the replay switch. */
 export class WatchLink {
-  constructor() {
+  constructor({ apiKey }) {
+    this.replay = new ReplayShare({ apiKey });
     this.url = $('watch-url');
     this.empty = $('watch-url-empty');
     this.copy = $('copy-watch-url');
@@ -44,6 +46,7 @@ export class WatchLink {
     this.hlsUrl.href = hls || '#';
     this.hlsUrl.textContent = hls;
     this.hlsRow.hidden = !hls;
+    this.replay.show(broadcast);
   }
 
   /** The connection is gone: no dead link left to copy. */
@@ -55,6 +58,7 @@ export class WatchLink {
     this.copy.disabled = true;
     this.hlsRow.hidden = true;
     this.hlsUrl.textContent = '';
+    this.replay.clear();
   }
 }
 

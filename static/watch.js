@@ -15,6 +15,9 @@
 import { WhepPlayer, HttpError, fetchJson, wsUrl } from '/static/whep.js';
 import { Participation } from '/static/participate.js';
 import { ChatPanel } from '/static/chat.js';
+import { ScreenControls } from '/static/screen.js';
+import { setUpShare } from '/static/share.js';
+import { ResumeToken } from '/static/resume.js';
 
 const POLL_MS = 3000;
 const SOCKET_BACKOFF_MAX_MS = 10000;
@@ -215,7 +218,7 @@ function render() {
   if (ended) els.stageNote.hidden = true;
   // A broken link has no audience or prompt to show; "0 watching" would be a guess.
   els.viewersStat.hidden = Boolean(state.fatal) || !state.viewersKnown || ended;
-  renderControls(picture && key !== 'ended' && key !== 'error');
+  screenControls.render(picture && key !== 'ended' && key !== 'error');
   renderBehind(key);
   els.nowPlaying.hidden = Boolean(state.fatal) && !state.fatalEnded;
   participation.setFatal(state.fatal);
@@ -235,11 +238,14 @@ function applyState({ live, streamId, prompt, viewers, channel, title, replayUrl
   state.seen = true;
   if (typeof channel === 'boolean') state.channel = channel;
   if (typeof title === 'string') state.title = title;
-  if (typeof replayUrl === 'string' && replayUrl) state.replayUrl = replayUrl;
+  // The host's shared replay of the stream that ended (an http(s) link only); null: withdrawn or none.
+  if (typeof replayUrl === 'string' && /^https?:\/\//.test(replayUrl)) state.replayUrl = replayUrl;
+  else if (replayUrl === null || live) state.replayUrl = null;
   if (typeof host === 'string') state.hostAway = host === 'reconnecting';
   if (live !== undefined && live !== null) {
     if (state.live && !live) state.endedSeen = true;
     if (live) state.endedSeen = false;
+    if (!live && state.replayUrl) state.endedSeen = true; // opened after the end: over, and rewatchable
     state.live = Boolean(live);
     player.setLive(state.live);
   }
@@ -255,10 +261,10 @@ function applyState({ live, streamId, prompt, viewers, channel, title, replayUrl
 function onEvent(msg) {
   switch (msg.type) {
     case 'hello':
-      if (typeof msg.resume_token === 'string') keepResumeToken(msg.resume_token);
+      if (typeof msg.resume_token === 'string') resume.keep(msg.resume_token);
       applyState({
         live: msg.live, streamId: msg.stream_id, prompt: msg.prompt ?? undefined, viewers: msg.viewers, host: msg.host,
-        channel: msg.channel, title: msg.title ?? undefined,
+        channel: msg.channel, title: msg.title ?? undefined, replayUrl: msg.replay_url,
       });
       if (msg.channel !== undefined) showAbout(msg);
       // The contract's hello only promises participant_id and orchestration: fill the rest once.
@@ -331,28 +337,10 @@ async function poll() {
   }
 }
 
-// Our participant identity survives a dropped socket and a reload: hello hands out a resume
-// token, kept per tab (sessionStorage) and per broadcast, and presented on every reconnect.
-const RESUME_STORAGE = `relay.resume.${broadcastId}`;
+// Our participant identity survives a dropped socket and a reload (resume.js).
+const resume = new ResumeToken(broadcastId);
 const REPLACED_CLOSE_CODE = 4001;  // the relay: this identity resumed on a newer socket
 const GOING_AWAY_CLOSE_CODE = 1001; // the relay is shutting down
-
-function resumeToken() {
-  try {
-    return sessionStorage.getItem(RESUME_STORAGE) ?? '';
-  } catch {
-    return '';
-  }
-}
-
-function keepResumeToken(value) {
-  try {
-    if (value) sessionStorage.setItem(RESUME_STORAGE, value);
-    else sessionStorage.removeItem(RESUME_STORAGE);
-  } catch {
-    // storage disabled: each socket is a new participant, as before
-  }
-}
 
 const events = {
   socket: null,
@@ -365,8 +353,8 @@ const events = {
 
 function openEvents() {
   if (events.stopped) return;
-  const resume = resumeToken();
-  const query = `token=${encodeURIComponent(token)}${resume ? `&resume=${encodeURIComponent(resume)}` : ''}`
+  const resumed = resume.value();
+  const query = `token=${encodeURIComponent(token)}${resumed ? `&resume=${encodeURIComponent(resumed)}` : ''}`
     + (invite ? `&invite=${encodeURIComponent(invite)}` : '');
   const ws = new WebSocket(wsUrl(at(`${base}/events?${query}`)));
   events.socket = ws;
@@ -393,7 +381,7 @@ function openEvents() {
     events.socket = null;
     // Another tab (a duplicated one shares our token) took this identity: become someone new
     // rather than take it back, or the two would replace each other for ever.
-    if (e.code === REPLACED_CLOSE_CODE) keepResumeToken('');
+    if (e.code === REPLACED_CLOSE_CODE) resume.keep('');
     if (e.code === GOING_AWAY_CLOSE_CODE && !state.endReason) state.endReason = 'shutdown';
     participation.setConnected(false);
     chat.setConnected(false);
@@ -554,68 +542,10 @@ function showAbout(info) {
   if (title) document.title = `${title} · relay`;
 }
 
-// ---------- full screen, picture in picture ----------
+// ---------- full screen, picture in picture (screen.js) ----------
 
-const canFullscreen = Boolean(document.fullscreenEnabled || els.video.webkitEnterFullscreen);
-const canPip = Boolean(document.pictureInPictureEnabled) && typeof els.video.requestPictureInPicture === 'function';
-
-function renderControls(picture) {
-  els.fullscreen.disabled = !canFullscreen;
-  els.fullscreen.title = canFullscreen ? 'Full screen (or double-click the video)' : 'This browser cannot show the video full screen';
-  // Picture in picture needs a picture; a browser without it says so instead of a dead button.
-  els.pip.disabled = !canPip || !picture;
-  els.pip.title = canPip ? 'Picture in picture' : 'This browser has no picture in picture';
-  els.pip.dataset.supported = String(canPip);
-}
-
-async function toggleFullscreen() {
-  try {
-    if (document.fullscreenElement) await document.exitFullscreen();
-    else if (document.fullscreenEnabled) await els.stage.requestFullscreen();
-    else els.video.webkitEnterFullscreen?.(); // iPhone Safari: only the video element goes full screen
-  } catch (err) {
-    flashMessage(`Full screen is not available here (${err.message || err}).`);
-  }
-}
-
-async function togglePip() {
-  try {
-    if (document.pictureInPictureElement) await document.exitPictureInPicture();
-    else await els.video.requestPictureInPicture();
-  } catch (err) {
-    flashMessage(`Picture in picture is not available here (${err.message || err}).`);
-  }
-}
-
-function syncControlLabels() {
-  const full = Boolean(document.fullscreenElement);
-  els.fullscreen.setAttribute('aria-pressed', String(full));
-  els.fullscreen.setAttribute('aria-label', full ? 'Exit full screen' : 'Full screen');
-  const pip = Boolean(document.pictureInPictureElement);
-  els.pip.setAttribute('aria-pressed', String(pip));
-}
-
-els.fullscreen.addEventListener('click', toggleFullscreen);
-els.pip.addEventListener('click', togglePip);
-document.addEventListener('fullscreenchange', syncControlLabels);
-els.video.addEventListener('enterpictureinpicture', syncControlLabels);
-els.video.addEventListener('leavepictureinpicture', syncControlLabels);
-
-// Double-click (mouse) or double-tap (touch: phones fire no dblclick on a video) for full screen.
-const DOUBLE_TAP_MS = 300;
-let lastTap = 0;
-els.stage.addEventListener('pointerup', (e) => {
-  if (e.pointerType !== 'touch' || e.target.closest('button, a')) return;
-  if (e.timeStamp - lastTap < DOUBLE_TAP_MS) {
-    lastTap = 0;
-    toggleFullscreen();
-  } else {
-    lastTap = e.timeStamp;
-  }
-});
-els.stage.addEventListener('dblclick', (e) => {
-  if (e.target.closest('button, a') || (e.sourceCapabilities?.firesTouchEvents ?? false)) return;
-  toggleFullscreen();
+const screenControls = new ScreenControls({
+  stage: els.stage, video: els.video, fullscreen: els.fullscreen, pip: els.pip, onError: flashMessage,
 });
 
 let flashTimer = null;
@@ -667,29 +597,9 @@ function renderBehind(key) {
   }
 }
 
-// ---------- share ----------
+// ---------- share (share.js) ----------
 
-function shareUrl() {
-  // The link without this viewer's invite: an invite is personal.
-  return `${window.location.origin}/watch/${encodeURIComponent(broadcastId)}?token=${encodeURIComponent(token)}`;
-}
-
-els.share.addEventListener('click', () => {
-  els.shareUrl.value = shareUrl();
-  els.shareResult.textContent = '';
-  if (!els.shareQr.getAttribute('src')) els.shareQr.src = `${base}/qr.svg?token=${encodeURIComponent(token)}`;
-  els.shareDialog.showModal();
-  els.shareUrl.select();
-});
-els.shareCopy.addEventListener('click', async () => {
-  els.shareUrl.select();
-  try {
-    await navigator.clipboard.writeText(els.shareUrl.value);
-    els.shareResult.textContent = 'Link copied.';
-  } catch {
-    els.shareResult.textContent = 'Press Ctrl+C (or long-press) to copy the selected link.';
-  }
-});
+setUpShare(els, { broadcastId, token, base });
 
 // ---------- HLS fallback ----------
 // WebRTC needs UDP between the browser and the relay, and some networks (offices, hotels) block

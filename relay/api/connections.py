@@ -103,6 +103,14 @@ def control_url(request: web.Request, conn: Connection) -> str:
     return f"{base}/v1/connections/{conn.connection_id}/control"
 
 
+def share_replay_of(body: dict[str, Any]) -> bool | None:
+    """The host's ``share_replay`` choice in a body, None when the body does not say."""
+    share = body.get("share_replay")
+    if share is not None and not isinstance(share, bool):
+        raise invalid_request("'share_replay' must be true or false.", field="share_replay")
+    return share
+
+
 def parse_stream_request(body: dict[str, Any]) -> tuple[Any, bytes | None, bool]:
     portrait = body.get("portrait", False)
     if not isinstance(portrait, bool):
@@ -138,7 +146,10 @@ async def open_connection(request: web.Request) -> web.Response:
         if not isinstance(channel_id, str):
             raise invalid_request("'channel_id' must be a string.", field="channel_id")
         channel = channels_of(request).get(owner_id(key), channel_id)
+    share_replay = share_replay_of(body)
     conn = await sessions.open_connection(key, channel)
+    if share_replay is not None:
+        conn.broadcast.share_replays(share_replay, public_url(request))
     return json_response(connection_body(request, conn, sessions), status=201)
 
 

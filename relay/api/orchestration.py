@@ -1,5 +1,5 @@
 """Orchestration API: the host switches audience modes live, blocks participants, hands turns, invites,
-turns chat off and on and clears chat messages."""
+turns chat off and on, clears chat messages, and chooses whether spectators get a replay link."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ..broadcast import Broadcast
 from ..errors import forbidden, invalid_request
 from ..host import broadcast_links
 from ..web import SESSIONS, json_response, public_url, read_json, token_of
-from .connections import authorize_connection
+from .connections import authorize_connection, share_replay_of
 
 routes = web.RouteTableDef()
 INVITES_PER_REQUEST = 500  # a class or a hall at once; more by asking again
@@ -28,6 +28,20 @@ def host_broadcast(request: web.Request) -> Broadcast:
         raise forbidden("Only the host can change how the audience takes part.")
     authorize_connection(request, broadcast.connection_id)
     return broadcast
+
+
+@routes.patch("/v1/broadcasts/{broadcast_id}")
+async def patch_broadcast(request: web.Request) -> web.Response:
+    """The broadcast's own settings (``share_replay``); the answer is the broadcast object."""
+    broadcast = host_broadcast(request)
+    body = await read_json(request)
+    unknown = sorted(set(body) - {"share_replay"})
+    if unknown:
+        raise invalid_request(f"Unknown field '{unknown[0][:64]}'.", field=unknown[0][:64])
+    share = share_replay_of(body)
+    if share is not None:
+        broadcast.share_replays(share, public_url(request))
+    return json_response(broadcast_links(broadcast, public_url(request)))
 
 
 @routes.get("/v1/broadcasts/{broadcast_id}/orchestration")

@@ -48,6 +48,11 @@ def watch_url(request: web.Request, broadcast_id: str, token: str) -> str:
     return f"{public_url(request)}/watch/{quote(broadcast_id, safe='')}?token={quote(token, safe='')}"
 
 
+def thumbnail_url(request: web.Request, broadcast_id: str, token: str) -> str:
+    return (f"{public_url(request)}/v1/broadcasts/{quote(broadcast_id, safe='')}/thumbnail.jpg"
+            f"?token={quote(token, safe='')}")
+
+
 def _shared_info(request: web.Request) -> dict[str, Any] | None:
     """The broadcast's public state, for a request that carries its spectator token; else None (the page
     then shows its own error, and a preview of a wrong link says nothing about the broadcast)."""
@@ -69,8 +74,9 @@ def og_tags(request: web.Request, info: dict[str, Any] | None) -> str:
     token = token_of(request)
     if info is not None and token:
         tags["og:url"] = watch_url(request, info["broadcast_id"], token)
-    thumbnail = (info or {}).get("thumbnail_url")  # when the broadcast offers one (none does yet)
-    if thumbnail:
+    thumbnail = None
+    if info is not None and token and info.get("live"):  # a live broadcast's latest picture
+        thumbnail = thumbnail_url(request, info["broadcast_id"], token)
         tags["og:image"] = thumbnail
     lines = [f'<meta property="{k}" content="{escape(str(v))}">' for k, v in tags.items()]
     lines.append(f'<meta name="twitter:card" content="{"summary_large_image" if thumbnail else "summary"}">')
@@ -110,6 +116,21 @@ async def watch_qr(request: web.Request) -> web.Response:
     svg = qr_svg(watch_url(request, broadcast.broadcast_id, token))
     return web.Response(body=svg, content_type="image/svg+xml",
                         headers={"Cache-Control": "private, max-age=300", "Content-Disposition": "inline"})
+
+
+@routes.get("/v1/broadcasts/{broadcast_id}/thumbnail.jpg")
+async def live_thumbnail(request: web.Request) -> web.Response:
+    """The og:image: a small JPEG of the live stream's latest keyframe, for the spectator token's holder
+    (as qr.svg). Made at most once per [recordings] thumbnail_seconds however many ask; 404 when not live."""
+    broadcast = request.app[SESSIONS].broadcast(request.match_info["broadcast_id"])
+    check_spectator(token_of(request), broadcast.spectator_token)
+    jpeg = await broadcast.thumbnail.jpeg() if broadcast.live else None
+    if jpeg is None:
+        raise RelayError("NOT_FOUND", 404, "This broadcast has no live picture now.",
+                         action="Ask again while it is live.")
+    max_age = round(broadcast.thumbnail.every_seconds)
+    return web.Response(body=jpeg, content_type="image/jpeg",
+                        headers={"Cache-Control": f"private, max-age={max_age}", "Content-Disposition": "inline"})
 
 
 def add_static(app: web.Application) -> None:

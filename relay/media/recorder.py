@@ -42,6 +42,7 @@ from typing import Any, Mapping
 import av
 
 from ..clock import SYSTEM_CLOCK, Clock
+from .thumbnail import even, jpeg_bytes
 
 __all__ = [
     "StreamRecorder",
@@ -85,7 +86,6 @@ MP4_OPTIONS = {
 SPECTATOR_EVENTS = ("spectators", "viewers")
 
 THUMBNAIL_AT_SECONDS = 1.0
-_JPEG_QUALITY = 3  # mjpeg quantizer, 2 (best) .. 31
 
 
 @dataclass(frozen=True)
@@ -471,10 +471,6 @@ def _remove(path: Path) -> None:
         pass
 
 
-def _even(value: float) -> int:
-    return max(2, int(round(value / 2)) * 2)
-
-
 def make_previews(directory: str | os.PathLike[str], *, preview_seconds: float = 5.0, width: int = 320) -> None:
     """thumbnail.jpg (the frame ~1 s in, or the last one) and preview.mp4 (the first seconds, small).
 
@@ -503,8 +499,8 @@ def _write_preview(source_path: Path, preview_tmp: Path, preview_seconds: float,
         video = source.streams.video[0]
         video.codec_context.thread_count = 1  # a background job: leave the cores to live streams
         src_w, src_h = video.codec_context.width, video.codec_context.height
-        out_w = _even(min(width, src_w))
-        out_h = _even(out_w * src_h / src_w)
+        out_w = even(min(width, src_w))
+        out_h = even(out_w * src_h / src_w)
         fps = video.average_rate or video.guessed_rate or 25
         # The file is opened here, not by FFmpeg: a muxer that fails before its header is written
         # never closes a file it opened, and the fd would outlive the failure.
@@ -544,14 +540,7 @@ def _decoded(container: Any, video: Any):
 
 
 def _write_jpeg(frame: av.VideoFrame, path: Path) -> None:
-    ctx = av.CodecContext.create("mjpeg", "w")
-    ctx.width, ctx.height = frame.width, frame.height
-    ctx.pix_fmt = "yuvj420p"  # full-range YUV, what JPEG viewers assume
-    ctx.time_base = fractions.Fraction(1, 25)
-    ctx.qmin = ctx.qmax = _JPEG_QUALITY
-    image = frame.reformat(format="yuvj420p")
-    image.pts = 0
-    data = b"".join(bytes(p) for p in ctx.encode(image) + ctx.encode(None))
+    data = jpeg_bytes(frame)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_bytes(data)

@@ -123,3 +123,67 @@ async def test_replay_page_plays_and_seeks_to_prompts(relay_factory, open_page):
     await expect(page2.locator("#rec-state")).to_have_attribute("data-state", "error")
     await expect(page2.locator("#replay-video")).to_be_hidden()
     await shoot("replay-error", page2, restore=DESKTOP)
+
+
+async def test_a_spectator_is_offered_the_replay_when_the_host_shares_it(relay_factory, open_page):
+    relay = await relay_factory(limits={"idle_timeout_seconds": 60, "stream_max_seconds": 60})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect(share_replay=True) as conn:
+        b = conn.broadcast
+        await conn.start_stream(PROMPTS[0])
+        watch = await open_page(b["watch_url"])
+        await expect(watch.locator("#state")).to_have_text("Live")
+        await frames_pass(relay, b["broadcast_id"], 25)
+        stream_id = conn.stream_id
+        await conn.end_stream()
+
+        link = watch.locator("#replay-link")
+        await expect(link).to_be_visible()
+        await expect(link).to_have_text("Watch the replay")
+        href = await link.get_attribute("href")
+        assert href.startswith(f"{relay.url}/recordings/{stream_id}?expires="), href
+
+        async def complete() -> bool:
+            return (await client.request("GET", f"/v1/recordings/{stream_id}"))["status"] == "complete"
+        await eventually(complete, timeout=10, what="the recording complete")
+        await shoot("watch-ended-replay", watch, restore=DESKTOP)
+
+        await link.click()
+        await watch.wait_for_url(f"{relay.url}/recordings/{stream_id}?*")
+        await expect(watch.locator("#rec-state")).to_have_text("Replay")
+        await watch.evaluate("document.getElementById('replay-video').play()")
+        await watch.wait_for_function(
+            "() => { const v = document.getElementById('replay-video');"
+            " return v.duration > 0.5 && v.currentTime > 0.3 && v.getVideoPlaybackQuality().totalVideoFrames > 5; }",
+            timeout=UI_MS,
+        )
+        await expect(watch.locator("#timeline .tl-prompt")).to_have_text([PROMPTS[0]])
+
+
+async def test_the_console_switch_shares_replays_and_says_so(relay_factory, open_page):
+    relay = await relay_factory(limits={"idle_timeout_seconds": 60})
+    host = await open_page(f"{relay.url}/host")
+    switch = host.locator("#share-replay")
+    await expect(switch).to_be_disabled()  # no broadcast yet
+    await host.fill("#api-key", API_KEY)
+    await host.click("#connect")
+    await expect(host.locator("#connection-state")).to_have_text("Connected")
+    await expect(switch).to_be_enabled()
+    await expect(switch).not_to_be_checked()  # off by default: a recording belongs to the key
+    broadcast = next(iter(relay.sessions.connections.values())).broadcast
+
+    await switch.check()
+    await eventually(lambda: broadcast.share_replay, timeout=5, what="sharing on at the relay")
+    await expect(switch).to_be_checked()
+    await expect(switch).to_be_enabled()
+    await switch.uncheck()
+    await eventually(lambda: not broadcast.share_replay, timeout=5, what="sharing off at the relay")
+
+    # A refusal leaves the switch as the relay has it, and says why.
+    async def refuse(route):
+        await route.fulfill(status=403, content_type="application/json", body='{"error": {"code": "FORBIDDEN", '
+                            '"message": "Only the host can change this.", "action": "Use the API key."}}')
+    await host.route("**/v1/broadcasts/*", refuse)
+    await switch.click()
+    await expect(host.locator("#share-replay-note")).to_contain_text("Could not change it: This API key may not")
+    await expect(switch).not_to_be_checked()
+    assert broadcast.share_replay is False

@@ -24,9 +24,13 @@ class FakeHub:
     published: int = 0
     published_bytes: int = 0
 
+    def add_sink(self, sink) -> None:  # nothing is published: a sink (the live thumbnail) never hears
+        pass
+
 
 class FakeMedia:
     hls = None
+    recorder = None  # the live stream's: none here
     keyframes_forced = 0
 
     def __init__(self, settings: Settings, clock: Clock, recorder: RecorderFactory | None = None) -> None:
