@@ -264,6 +264,41 @@ async def test_ninety_nine_votes_from_one_address_count_as_the_per_address_cap(l
     await asyncio.gather(*(v.ws.close() for v in voters))
 
 
+# ------------------------------------------------------------------------------ fair shares of the chat
+
+async def forwarded(http, conn, address: str) -> Participant:
+    p = Participant(await http.ws_connect(events_url(conn), headers={"X-Forwarded-For": address}))
+    p.hello = await p.next("hello")
+    return p
+
+
+async def test_an_address_at_its_max_sockets_cannot_keep_another_address_out_of_the_chat(live, http):
+    relay, conn = await live(limits={"events_sockets_per_address": 20}, server={"trusted_proxies": ["127.0.0.0/8"]},
+                             chat={"broadcast_messages_per_second": 10, "messages_per_second": 5, "burst": 5})
+    flood = await asyncio.gather(*(forwarded(http, conn, "203.0.113.7") for _ in range(20)))
+    other, reader = await forwarded(http, conn, "198.51.100.1"), await forwarded(http, conn, "198.51.100.2")
+    for p in flood:  # 100 messages at once: ten times the broadcast's burst
+        for i in range(5):
+            await p.send(type="chat", text=f"spam {i}")
+    sent = [await p.next("chat_result") for p in flood for _ in range(5)]
+    assert 1 <= sum(r["status"] == "sent" for r in sent) <= 10  # it took what it could, no more than the cap
+    await other.send(type="chat", text="still here")
+    assert (await other.next("chat_result"))["status"] == "sent"
+    await reader.next("chat", where=lambda e: e["text"] == "still here")
+    await asyncio.gather(*(p.ws.close() for p in [*flood, other, reader]))
+
+
+async def test_an_address_alone_may_use_the_whole_chat_cap(live, http):
+    relay, conn = await live(chat={"broadcast_messages_per_second": 10, "messages_per_second": 5, "burst": 5})
+    classroom = await asyncio.gather(*(join(http, conn) for _ in range(20)))  # one address, no proxy
+    for p in classroom:
+        for i in range(5):
+            await p.send(type="chat", text=f"hi {i}")
+    sent = [await p.next("chat_result") for p in classroom for _ in range(5)]
+    assert sum(r["status"] == "sent" for r in sent) >= 10  # the whole burst (and what refilled meanwhile)
+    await asyncio.gather(*(p.ws.close() for p in classroom))
+
+
 # -------------------------------------------------------------------------------------------- invites
 
 async def test_invite_only_refuses_the_uninvited_and_an_invite_is_one_resumable_identity(live, http):
