@@ -299,6 +299,24 @@ async def test_an_address_alone_may_use_the_whole_chat_cap(live, http):
     await asyncio.gather(*(p.ws.close() for p in classroom))
 
 
+async def test_an_address_at_its_max_sockets_cannot_fill_the_queue(live, http):
+    relay, conn = await live(limits={"events_sockets_per_address": 20}, server={"trusted_proxies": ["127.0.0.0/8"]},
+                             orchestration={"mode": "queue", "queue_max": 10, "queue_interval_seconds": 60})
+    flood = await asyncio.gather(*(forwarded(http, conn, "203.0.113.7") for _ in range(20)))
+    other = await forwarded(http, conn, "198.51.100.1")
+    for i, p in enumerate(flood):
+        await p.send(type="input", prompt=f"a volcano number {i}")
+    results = [await p.next("input_result") for p in flood]
+    # The first input went out at once (an empty queue forwards at the next tick), so up to 8 wait.
+    assert 7 <= sum(r["status"] == "queued" for r in results) <= 8
+    refused = [r for r in results if r["status"] == "rejected"]
+    assert refused and all(r["reason"] == "rate_limited" and r["code"] == "RATE_LIMITED" for r in refused)
+    assert all(r["retry_after"] == 60 for r in refused)  # one queue interval
+    await other.send(type="input", prompt="a glacier")
+    assert (await other.next("input_result"))["status"] == "queued"
+    await asyncio.gather(*(p.ws.close() for p in [*flood, other]))
+
+
 # -------------------------------------------------------------------------------------------- invites
 
 async def test_invite_only_refuses_the_uninvited_and_an_invite_is_one_resumable_identity(live, http):
