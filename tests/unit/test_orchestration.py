@@ -620,3 +620,17 @@ def test_one_address_cannot_fill_the_ballot_but_alone_may():
     orch.participant_left(other[0])
     results = [orch.submit(pid, f"next {i}") for i, pid in enumerate(flood)]  # alone: the whole ballot
     assert [status(r) for r in results].count("candidate") == 10
+
+
+def test_turns_go_round_robin_between_addresses_not_to_whoever_raised_first():
+    orch, clock = make("turns", people=(), turn_seconds=10, cooldown_seconds=0)
+    flood, quiet = crowd(orch, "10.0.0.1", 4), crowd(orch, "10.0.0.2", 2)
+    for pid in flood + quiet:  # one address's hands all raised first
+        assert status(orch.raise_hand(pid)) == "raised"
+    holders = []
+    for _ in range(6):
+        holders.append(orch.state()["turn"]["holder"]["participant_id"])
+        clock.advance(10)
+        orch.tick()
+    assert holders == [flood[0], quiet[0], flood[1], quiet[1], flood[2], flood[3]]
+    assert orch.state()["turn"]["holder"] is None
