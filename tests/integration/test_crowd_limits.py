@@ -281,7 +281,8 @@ async def test_an_address_at_its_max_sockets_cannot_keep_another_address_out_of_
         for i in range(5):
             await p.send(type="chat", text=f"spam {i}")
     sent = [await p.next("chat_result") for p in flood for _ in range(5)]
-    assert 1 <= sum(r["status"] == "sent" for r in sent) <= 10  # it took what it could, no more than the cap
+    assert any(r["status"] == "sent" for r in sent)  # it took what it could
+    assert any(r.get("reason") == "chat_busy" for r in sent)  # ten times the burst: the cap refused the rest
     await other.send(type="chat", text="still here")
     assert (await other.next("chat_result"))["status"] == "sent"
     await reader.next("chat", where=lambda e: e["text"] == "still here")
