@@ -318,6 +318,43 @@ async def test_an_address_at_its_max_sockets_cannot_fill_the_queue(live, http):
     await asyncio.gather(*(p.ws.close() for p in [*flood, other]))
 
 
+async def test_an_address_at_its_max_sockets_cannot_fill_the_ballot(live, http):
+    relay, conn = await live(limits={"events_sockets_per_address": 20}, server={"trusted_proxies": ["127.0.0.0/8"]},
+                             orchestration={"mode": "vote", "max_candidates": 10, "vote_window_seconds": 60})
+    flood = await asyncio.gather(*(forwarded(http, conn, "203.0.113.7") for _ in range(20)))
+    other = await forwarded(http, conn, "198.51.100.1")
+    for i, p in enumerate(flood):
+        await p.send(type="input", prompt=f"a volcano number {i}")
+    results = [await p.next("input_result") for p in flood]
+    assert sum(r["status"] == "candidate" for r in results) == 5 + 5 // 2  # upper half + its share of the lower
+    refused = [r for r in results if r["status"] == "rejected"]
+    assert all(r["reason"] == "rate_limited" and r["code"] == "RATE_LIMITED" and 0 < r["retry_after"] <= 60
+               for r in refused)
+    await other.send(type="input", prompt="a glacier")
+    assert (await other.next("input_result"))["status"] == "candidate"
+    await asyncio.gather(*(p.ws.close() for p in [*flood, other]))
+
+
+async def test_turns_alternate_between_addresses_not_the_first_address_line(live, http):
+    relay, conn = await live(server={"trusted_proxies": ["127.0.0.0/8"]},
+                             orchestration={"mode": "turns", "turn_seconds": 60})
+    flood = [await forwarded(http, conn, "203.0.113.7") for _ in range(3)]
+    other = await forwarded(http, conn, "198.51.100.1")
+    for p in [*flood, other]:  # the flooder's hands first
+        await p.send(type="raise_hand")
+        assert (await p.next("turn_result"))["status"] == "raised"
+
+    async def holder() -> str:
+        async with http.get(conn.broadcast["webrtc_url"] + "/orchestration", headers=HOST) as r:
+            return (await r.json())["turn"]["holder"]["participant_id"]
+
+    assert await holder() == flood[0].hello["participant_id"]
+    await flood[0].send(type="release_turn")
+    assert (await flood[0].next("turn_result"))["status"] == "released"
+    assert await holder() == other.hello["participant_id"]  # not flood[1]: the other address's turn
+    await asyncio.gather(*(p.ws.close() for p in [*flood, other]))
+
+
 # -------------------------------------------------------------------------------------------- invites
 
 async def test_invite_only_refuses_the_uninvited_and_an_invite_is_one_resumable_identity(live, http):
