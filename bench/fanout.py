@@ -142,6 +142,7 @@ idle_timeout_seconds = 600
 spectators_per_broadcast = 100000
 spectator_timeout_seconds = 30
 pending_whep_per_address = 100000  # every load generator joins from 127.0.0.1
+spectators_per_address = 100000
 
 [world_model]
 width = {width}

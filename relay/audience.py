@@ -249,7 +249,8 @@ class Audience:
         if wait:
             return rate_limited_reply(kind, wait)
         if kind == "chat":
-            reply, event = self.chat.say(pid, message.get("text"))
+            reply, event = self.chat.say(pid, message.get("text"), address=channel.address,
+                                         addresses=len(self._address_sockets))
             if event is not None:
                 self._chat_event(event)
             return reply

@@ -2,7 +2,8 @@
 
 A session is *pending* from its answer until ICE and DTLS complete, then *connected*. Only connected
 ones are viewers (counted, capped, in the metrics); pending ones are bounded apart, per address and
-in total, for whep_connect_seconds at most. A join still answering its offer is already pending,
+in total, for whep_connect_seconds at most. Each client address holds at most spectators_per_address
+sessions of either kind, so no one address takes every seat. A join still answering its offer is already pending,
 and no join outlives the close. Each session takes its media as a reader of the broadcast's media
 graph (a :class:`MediaFeed`); this module knows nothing of how the graph makes it.
 """
@@ -132,11 +133,24 @@ class Spectators(Mapping[str, Spectator]):
         joining = [address for counted, address in self._joins.values() if counted]
         return joining + [s.address for s in self._sessions.values() if s.counted and not s.connected]
 
+    def _held_by(self, address: str | None) -> int:
+        """Counted sessions from this address, connected or not, joins still answering included."""
+        joining = sum(1 for counted, a in self._joins.values() if counted and a == address)
+        return joining + sum(1 for s in self._sessions.values() if s.counted and s.address == address)
+
     def _admit(self, address: str | None) -> None:
         """Raise unless one more counted spectator may start joining from this address."""
         limits = self._limits
         limit = limits.spectators_per_broadcast
         pending = self._pending()
+        held = self._held_by(address)
+        if held >= limits.spectators_per_address:
+            # Seats are first come first served: without this one address could hold all of them.
+            raise RelayError(
+                "RATE_LIMITED", 429,
+                f"Too many spectators from your address (at most {limits.spectators_per_address} per broadcast).",
+                action="End another session from this address (DELETE), then retry.",
+                details={"limit": limits.spectators_per_address}, retry_after=10)
         per_address = limits.pending_whep_per_address
         if self.viewers < limit and pending.count(address) >= per_address:
             # A slot frees at the latest when this address's oldest pending session hits its deadline.

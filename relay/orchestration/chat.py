@@ -3,7 +3,8 @@
 Plain object, no timers, no I/O, like the orchestrator it leans on: a message passes the inputs'
 moderation (`Orchestrator.moderate_chat`: blocks, the text rule, length, blocked words), then chat's own
 cooldown (slow mode, off by default: the per-socket chat rate usually suffices), then the broadcast's
-chat rate (each message goes to every socket: the crowd's total, not its size, bounds that), and then lives in
+chat rate (each message goes to every socket: the crowd's total, not its size, bounds that; shared max-min
+fairly between client addresses, so one address's hundred sockets cannot take it all), and then lives in
 a bounded history a joiner is sent. Reactions are counted, not relayed one by one: `flush()` returns one
 `reactions` event per interval with the counts, so a crowd's reactions cost each socket O(1) per interval.
 The host clears a message (everyone's pages drop it) or turns chat off; the caller (Audience) sends the
@@ -20,7 +21,7 @@ from typing import Any
 from ..clock import Clock
 from ..config import ChatSettings
 from ..errors import not_found
-from ..ratelimit import TokenBucket
+from ..ratelimit import FairShare
 from .orchestrator import Orchestrator
 
 # Refusals explained in the reply, so a page can show a sentence rather than a code.
@@ -55,17 +56,20 @@ class Chat:
         self._last_said: dict[str, float] = {}  # participant -> when their last message went out (slow mode)
         self._prune_at = COOLDOWNS_PRUNE_AT
         # Every message is sent to every socket: N people each at their own rate would cost N² sends,
-        # so the broadcast as a whole relays at most this many a second, whatever the crowd.
+        # so the broadcast as a whole relays at most this many a second, whatever the crowd; fairly
+        # shared between addresses while contended (ratelimit.FairShare).
         rate = settings.broadcast_messages_per_second
-        self._relayed = TokenBucket(clock, rate, max(1, int(rate)))
+        self._relayed = FairShare(clock, rate, max(1, int(rate)))
 
     def state(self) -> dict[str, Any]:
         """What a joiner needs: on or off, the reactions offered, the last messages (oldest first)."""
         return {"enabled": self.enabled, "reactions": list(self.settings.reactions), "max_chars": self.settings.max_chars,
                 "history": list(self._history)}
 
-    def say(self, participant_id: str, text: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """(the reply to the sender, the `chat` event for everyone or None when refused)."""
+    def say(self, participant_id: str, text: Any, *, address: str = "",
+            addresses: int = 1) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(the reply to the sender, the `chat` event for everyone or None when refused). ``address``: the
+        client address of the sender's socket, among ``addresses`` with a socket open (the fair share)."""
         if not self.enabled:
             return refusal("chat_result", "chat_off"), None
         reason, text = self._orchestrator.moderate_chat(participant_id, text, self.settings.max_chars)
@@ -74,7 +78,7 @@ class Chat:
         wait = self._cooldown_left(participant_id)
         if wait > 0:
             return refusal("chat_result", "cooldown", retry_after=math.ceil(wait * 10) / 10), None
-        wait = self._relayed.take()
+        wait = self._relayed.take(address, addresses)
         if wait:
             return refusal("chat_result", "chat_busy", code="RATE_LIMITED", retry_after=math.ceil(wait * 10) / 10), None
         self._said(participant_id)

@@ -8,7 +8,8 @@ window's winner is then delivered by that next tick); a queue forwards only from
 An action is checked in this order: known participant, not blocked, invited (invite_only mode), the
 policy's gate (host_only, not_your_turn, already_queued), content (too_long, invalid_text, empty,
 blocked_word), cooldown, duplicate, then the policy itself (queue_full, already_proposed,
-too_many_candidates, and in vote mode rate_limited past votes_per_address). The message rate is the
+too_many_candidates; rate_limited past an address's share of the queue or of the candidates, and in
+vote mode past votes_per_address). The message rate is the
 broadcast's, before all this.
 
 Switching mode discards the old policy's pending state: queued inputs are dropped, an open vote
@@ -20,7 +21,7 @@ memory and blocked participants carry over: moderation is the same in every mode
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 from ..clock import SYSTEM_CLOCK, Clock
@@ -59,6 +60,7 @@ class Orchestrator:
         self._departed: OrderedDict[str, str | None] = OrderedDict()
         self._blocked: set[str] = set()
         self._addresses: dict[str, str] = {}  # participant -> client address of their socket (vote caps)
+        self._room: Counter[str] = Counter()  # client address -> participants present from it (the shares)
         # Identities that came from a host's invite; they stay invited when they resume.
         self._invited: set[str] = set()
         self._outbox: list[Forward] = []  # decided while catching up, delivered by the next tick
@@ -116,11 +118,20 @@ class Orchestrator:
         """A socket opened for this identity (new, resumed, or replacing its older socket): note where
         it comes from and whether an invite vouched for it, and make it present."""
         if address is not None:
+            self._forget_address(participant_id)
             self._addresses[participant_id] = address
+            self._room[address] += 1
         if invited:
             self._invited.add(participant_id)
         if participant_id not in self._participants:
             self.participant_joined(participant_id)
+
+    def _forget_address(self, participant_id: str) -> None:
+        address = self._addresses.pop(participant_id, None)
+        if address is not None:
+            self._room[address] -= 1
+            if not self._room[address]:
+                del self._room[address]
 
     def participant_joined(self, participant_id: str, name: str | None = None) -> None:
         """A participant opened the events socket; calling it again (their hello) renames them.
@@ -141,7 +152,7 @@ class Orchestrator:
         if participant_id not in self._participants:
             return
         self._departed[participant_id] = self._participants.pop(participant_id)
-        self._addresses.pop(participant_id, None)
+        self._forget_address(participant_id)
         while len(self._departed) > DEPARTED_MAX:
             self._departed.popitem(last=False)
         self._catch_up()
@@ -318,6 +329,7 @@ class Orchestrator:
         if policy is None:
             policy = self._policies[mode] = POLICIES[mode](self._clock, self._settings, self._changed)
             policy.address_of = self._addresses.get
+            policy.addresses = lambda: len(self._room)
         return policy
 
     def _turns(self) -> TurnsPolicy:

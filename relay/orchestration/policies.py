@@ -65,6 +65,18 @@ def rejected(reason: str, **extra: Any) -> InputResult:
 
 NameOf = Callable[[str], "str | None"]
 
+
+def past_share(held: int, used: int, capacity: int, addresses: int) -> bool:
+    """Whether an address holding ``held`` of a shared list's ``used`` places (``capacity`` in all) must
+    leave the rest to other addresses. Max-min fair, as ratelimit.FairShare is for rates: while more
+    than half the places are free anyone takes one; past that, an address holds at most the upper half
+    plus its share of the lower half (the lower half over the ``addresses`` in the room, at least one).
+    So one address (a hundred sockets behind a NAT) cannot fill the list, yet alone it may."""
+    lower = max(1, capacity // 2)
+    if capacity - used > lower:
+        return False
+    return held >= capacity - lower + max(1, lower // max(1, addresses))
+
 # Lists in the public state (queue, hands) show their head only; their full length is given beside.
 STATE_LIST_MAX = 100
 
@@ -82,8 +94,10 @@ class Policy:
         self.clock = clock
         self.settings = settings  # replaced by the facade when the host changes settings
         self._changed = changed  # call whenever state() would change
-        # The client address a participant's socket came from (None if unknown): the facade sets it.
+        # The client address a participant's socket came from (None if unknown), and how many addresses
+        # have a participant present (the shares of past_share): the facade sets both.
         self.address_of: Callable[[str], str | None] = lambda participant_id: None
+        self.addresses: Callable[[], int] = lambda: 1
 
     def gate(self, participant_id: str) -> str | None:
         """A rejection reason that does not depend on the prompt (checked before moderation)."""

@@ -1,7 +1,10 @@
 """turns: participants raise hands; the holder's inputs go straight through for `turn_seconds`.
 
-The turn passes to the first raised hand when it expires, is released, is revoked by the host, or
-its holder leaves or is blocked. A changed `turn_seconds` applies from the next turn.
+The turn passes to the next raised hand when it expires, is released, is revoked by the host, or
+its holder leaves or is blocked. A changed `turn_seconds` applies from the next turn. The next hand is
+the earliest raised from the client address that held a turn least recently (never first): hands are
+served round-robin between addresses, so a hundred sockets behind one address that raised first take
+every other turn at most, not the next hundred.
 """
 
 from __future__ import annotations
@@ -14,13 +17,18 @@ from typing import Any
 from ..clock import iso
 from .policies import STATE_LIST_MAX, Forward, InputResult, NameOf, Policy, person, rejected
 
+SERVED_KEPT = 1000  # addresses remembered for the round-robin
+
 
 class TurnsPolicy(Policy):
     mode = "turns"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._hands: OrderedDict[str, None] = OrderedDict()  # first raised first
+        self._hands: OrderedDict[str, None] = OrderedDict()  # in the order raised
+        # Client addresses by when they last held a turn, least recent first (the round-robin); bounded,
+        # and an address forgotten ranks as never served, which is where the oldest ones stood anyway.
+        self._served: OrderedDict[str | None, None] = OrderedDict()
         self.holder: str | None = None
         self._ends: float | None = None
         self._ends_wall: float | None = None
@@ -86,7 +94,9 @@ class TurnsPolicy(Policy):
 
     def _next(self) -> None:
         if self._hands:
-            participant_id, _ = self._hands.popitem(last=False)
+            rank = {address: i for i, address in enumerate(self._served)}
+            participant_id = min(self._hands, key=lambda p: rank.get(self.address_of(p), -1))  # earliest of ties
+            del self._hands[participant_id]
             self._start(participant_id)
         else:
             self.holder = self._ends = self._ends_wall = None
@@ -95,6 +105,11 @@ class TurnsPolicy(Policy):
     def _start(self, participant_id: str) -> None:
         seconds = self.settings.turn_seconds
         self.holder = participant_id
+        address = self.address_of(participant_id)
+        self._served.pop(address, None)
+        self._served[address] = None
+        while len(self._served) > SERVED_KEPT:
+            self._served.popitem(last=False)
         self._ends = self.clock.monotonic() + seconds
         self._ends_wall = self.clock.time() + seconds
         self._changed()

@@ -11,6 +11,8 @@
   crowd of sockets sits counts as at most that many voters; beyond it a vote (or an input, which is a
   vote too) is refused "rate_limited" until the window closes. Generous by default: a classroom shares
   one address.
+- Candidates are shared the same way: past half of `max_candidates`, one address proposes at most its
+  share (policies.past_share), so one address's sockets cannot fill the ballot; refused "rate_limited".
 - At the close: most votes wins, ties go to the earliest candidate; a window with no candidate, or
   whose candidates all lost their votes, forwards nothing. The next window opens on the next input.
 """
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..clock import iso
-from .policies import Forward, InputResult, NameOf, Policy, rejected
+from .policies import Forward, InputResult, NameOf, Policy, past_share, rejected
 
 _ID = re.compile(r"c([0-9]+)")
 
@@ -34,6 +36,7 @@ class _Candidate:
     prompt: str
     key: str
     author: str
+    address: str | None  # the author's client address (the candidates' shares)
 
 
 class VotePolicy(Policy):
@@ -69,12 +72,17 @@ class VotePolicy(Policy):
             return rejected("already_proposed")
         if len(self._candidates) >= self.settings.max_candidates:
             return rejected("too_many_candidates")
+        address = self.address_of(participant_id)
+        if address is not None and past_share(sum(c.address == address for c in self._candidates.values()),
+                                              len(self._candidates), self.settings.max_candidates,
+                                              self.addresses()):
+            return self._address_refusal()
         if not self.window_open:
             seconds = self.settings.vote_window_seconds
             self._ends = self.clock.monotonic() + seconds
             self._ends_wall = self.clock.time() + seconds
         self._issued += 1
-        candidate = _Candidate(f"c{self._issued}", prompt, key, participant_id)
+        candidate = _Candidate(f"c{self._issued}", prompt, key, participant_id, address)
         self._candidates[candidate.candidate_id] = candidate
         self._cast(participant_id, candidate.candidate_id)
         self._changed()

@@ -264,6 +264,97 @@ async def test_ninety_nine_votes_from_one_address_count_as_the_per_address_cap(l
     await asyncio.gather(*(v.ws.close() for v in voters))
 
 
+# ------------------------------------------------------------------------------ fair shares of the chat
+
+async def forwarded(http, conn, address: str) -> Participant:
+    p = Participant(await http.ws_connect(events_url(conn), headers={"X-Forwarded-For": address}))
+    p.hello = await p.next("hello")
+    return p
+
+
+async def test_an_address_at_its_max_sockets_cannot_keep_another_address_out_of_the_chat(live, http):
+    relay, conn = await live(limits={"events_sockets_per_address": 20}, server={"trusted_proxies": ["127.0.0.0/8"]},
+                             chat={"broadcast_messages_per_second": 10, "messages_per_second": 5, "burst": 5})
+    flood = await asyncio.gather(*(forwarded(http, conn, "203.0.113.7") for _ in range(20)))
+    other, reader = await forwarded(http, conn, "198.51.100.1"), await forwarded(http, conn, "198.51.100.2")
+    for p in flood:  # 100 messages at once: ten times the broadcast's burst
+        for i in range(5):
+            await p.send(type="chat", text=f"spam {i}")
+    sent = [await p.next("chat_result") for p in flood for _ in range(5)]
+    assert any(r["status"] == "sent" for r in sent)  # it took what it could
+    assert any(r.get("reason") == "chat_busy" for r in sent)  # ten times the burst: the cap refused the rest
+    await other.send(type="chat", text="still here")
+    assert (await other.next("chat_result"))["status"] == "sent"
+    await reader.next("chat", where=lambda e: e["text"] == "still here")
+    await asyncio.gather(*(p.ws.close() for p in [*flood, other, reader]))
+
+
+async def test_an_address_alone_may_use_the_whole_chat_cap(live, http):
+    relay, conn = await live(chat={"broadcast_messages_per_second": 10, "messages_per_second": 5, "burst": 5})
+    classroom = await asyncio.gather(*(join(http, conn) for _ in range(20)))  # one address, no proxy
+    for p in classroom:
+        for i in range(5):
+            await p.send(type="chat", text=f"hi {i}")
+    sent = [await p.next("chat_result") for p in classroom for _ in range(5)]
+    assert sum(r["status"] == "sent" for r in sent) >= 10  # the whole burst (and what refilled meanwhile)
+    await asyncio.gather(*(p.ws.close() for p in classroom))
+
+
+async def test_an_address_at_its_max_sockets_cannot_fill_the_queue(live, http):
+    relay, conn = await live(limits={"events_sockets_per_address": 20}, server={"trusted_proxies": ["127.0.0.0/8"]},
+                             orchestration={"mode": "queue", "queue_max": 10, "queue_interval_seconds": 60})
+    flood = await asyncio.gather(*(forwarded(http, conn, "203.0.113.7") for _ in range(20)))
+    other = await forwarded(http, conn, "198.51.100.1")
+    for i, p in enumerate(flood):
+        await p.send(type="input", prompt=f"a volcano number {i}")
+    results = [await p.next("input_result") for p in flood]
+    # The first input went out at once (an empty queue forwards at the next tick), so up to 8 wait.
+    assert 7 <= sum(r["status"] == "queued" for r in results) <= 8
+    refused = [r for r in results if r["status"] == "rejected"]
+    assert refused and all(r["reason"] == "rate_limited" and r["code"] == "RATE_LIMITED" for r in refused)
+    assert all(r["retry_after"] == 60 for r in refused)  # one queue interval
+    await other.send(type="input", prompt="a glacier")
+    assert (await other.next("input_result"))["status"] == "queued"
+    await asyncio.gather(*(p.ws.close() for p in [*flood, other]))
+
+
+async def test_an_address_at_its_max_sockets_cannot_fill_the_ballot(live, http):
+    relay, conn = await live(limits={"events_sockets_per_address": 20}, server={"trusted_proxies": ["127.0.0.0/8"]},
+                             orchestration={"mode": "vote", "max_candidates": 10, "vote_window_seconds": 60})
+    flood = await asyncio.gather(*(forwarded(http, conn, "203.0.113.7") for _ in range(20)))
+    other = await forwarded(http, conn, "198.51.100.1")
+    for i, p in enumerate(flood):
+        await p.send(type="input", prompt=f"a volcano number {i}")
+    results = [await p.next("input_result") for p in flood]
+    assert sum(r["status"] == "candidate" for r in results) == 5 + 5 // 2  # upper half + its share of the lower
+    refused = [r for r in results if r["status"] == "rejected"]
+    assert all(r["reason"] == "rate_limited" and r["code"] == "RATE_LIMITED" and 0 < r["retry_after"] <= 60
+               for r in refused)
+    await other.send(type="input", prompt="a glacier")
+    assert (await other.next("input_result"))["status"] == "candidate"
+    await asyncio.gather(*(p.ws.close() for p in [*flood, other]))
+
+
+async def test_turns_alternate_between_addresses_not_the_first_address_line(live, http):
+    relay, conn = await live(server={"trusted_proxies": ["127.0.0.0/8"]},
+                             orchestration={"mode": "turns", "turn_seconds": 60})
+    flood = [await forwarded(http, conn, "203.0.113.7") for _ in range(3)]
+    other = await forwarded(http, conn, "198.51.100.1")
+    for p in [*flood, other]:  # the flooder's hands first
+        await p.send(type="raise_hand")
+        assert (await p.next("turn_result"))["status"] == "raised"
+
+    async def holder() -> str:
+        async with http.get(conn.broadcast["webrtc_url"] + "/orchestration", headers=HOST) as r:
+            return (await r.json())["turn"]["holder"]["participant_id"]
+
+    assert await holder() == flood[0].hello["participant_id"]
+    await flood[0].send(type="release_turn")
+    assert (await flood[0].next("turn_result"))["status"] == "released"
+    assert await holder() == other.hello["participant_id"]  # not flood[1]: the other address's turn
+    await asyncio.gather(*(p.ws.close() for p in [*flood, other]))
+
+
 # -------------------------------------------------------------------------------------------- invites
 
 async def test_invite_only_refuses_the_uninvited_and_an_invite_is_one_resumable_identity(live, http):

@@ -324,3 +324,34 @@ async def test_session_that_never_connects_is_dropped_at_the_deadline(relay_fact
             async with Spectator(b["whep_url"], b["spectator_token"], session=http) as late:
                 await asyncio.wait_for(late.track.recv(), 10)
                 await eventually(lambda: broadcast.viewers == 2, what="the late spectator connected")
+
+
+async def test_one_address_holds_at_most_spectators_per_address_seats(relay_factory, http, neighbour):
+    # Seats are first come first served: one address (connected or still connecting) must not take them all.
+    relay = await live_relay(relay_factory, spectators_per_address=2, spectators_per_broadcast=4)
+    offer = candidate_less(await make_offer())
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        await conn.start_stream("a calm ocean")
+        b = conn.broadcast
+        broadcast = relay.sessions.broadcast(b["broadcast_id"])
+        viewer = Spectator(b["whep_url"], b["spectator_token"], session=http)
+        await viewer.join()
+        try:
+            await eventually(lambda: broadcast.viewers == 1, what="the first spectator connected")
+            async with await post(http, b, offer) as r:  # a pending session is a seat held too
+                assert r.status == 201
+                pending = r.headers["Location"]
+            async with await post(http, b, offer) as r:
+                error = await assert_error(r, 429, "RATE_LIMITED")
+                assert error["details"] == {"limit": 2} and r.headers["Retry-After"] == "10"
+            async with neighbour.post(b["whep_url"], data=offer, headers={
+                    "Content-Type": "application/sdp", "Authorization": f"Bearer {b['spectator_token']}"}) as r:
+                assert r.status == 201  # another address still finds the seats the first one could not take
+            # A seat given back (DELETE) is the address's to take again.
+            url = pending if pending.startswith("http") else relay.url + pending
+            async with http.delete(url, headers={"Authorization": f"Bearer {b['spectator_token']}"}) as r:
+                assert r.status in (200, 204)
+            async with await post(http, b, offer) as r:
+                assert r.status == 201
+        finally:
+            await viewer.leave()

@@ -149,3 +149,32 @@ async def test_the_broadcast_relays_a_bounded_number_of_messages_whatever_the_cr
     assert sum(1 for e in drain(channels[0]) if e["type"] == "chat") == 5
     clock.advance(1.0)
     assert (await audience.participant_message(channels[-1], {"type": "chat", "text": "now"}))["status"] == "sent"
+
+
+async def test_one_address_flooding_the_broadcast_rate_leaves_another_address_its_share():
+    # A classroom's hundred sockets behind one NAT, each at its own rate, against one other address.
+    audience, clock, _ = make_audience(broadcast_messages_per_second=20, messages_per_second=100, burst=100)
+    flood = [audience.open_channel(address="203.0.113.7") for _ in range(100)]
+    other, reader = audience.open_channel(address="198.51.100.1"), audience.open_channel(address="198.51.100.2")
+    for tick in range(30):  # three seconds of flooding: every socket, every tenth of a second
+        for c in flood:
+            await audience.participant_message(c, {"type": "chat", "text": "spam"})
+        if tick % 2:  # 5 a second: within its share, 20/s among three addresses
+            reply = await audience.participant_message(other, {"type": "chat", "text": "still here"})
+            assert reply["status"] == "sent"
+        clock.advance(0.1)
+    said = [e for e in drain(reader) if e["type"] == "chat"]
+    assert sum(e["text"] == "still here" for e in said) == 15
+    assert len(said) <= 20 * 3 + 20  # the broadcast's cap (its rate and one burst) still holds
+    assert sum(e["text"] == "spam" for e in said) >= 20  # the flooder keeps what the others leave
+
+
+async def test_an_address_alone_uses_the_whole_broadcast_rate():
+    audience, clock, _ = make_audience(broadcast_messages_per_second=20, messages_per_second=100, burst=100)
+    classroom = [audience.open_channel(address="203.0.113.7") for _ in range(40)]
+    reader = audience.open_channel(address="203.0.113.7")
+    for second in range(3):
+        replies = [await audience.participant_message(c, {"type": "chat", "text": "hi"}) for c in classroom]
+        assert [r["status"] for r in replies].count("sent") == 20  # the whole burst, then the whole rate
+        clock.advance(1.0)
+    assert sum(e["type"] == "chat" for e in drain(reader)) == 60

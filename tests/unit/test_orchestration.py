@@ -579,3 +579,58 @@ def test_invite_only_refuses_the_uninvited_with_invite_required():
     assert shown == {"guest": False, "invited": True}  # the host sees who came by invite
     orch.configure(invite_only=False)
     assert status(orch.submit("guest", "sun")) == "queued"
+
+
+# ------------------------------------------------------------------------------ shares per address
+
+def crowd(orch: Orchestrator, address: str, n: int) -> list[str]:
+    people = [f"{address}#{i}" for i in range(n)]
+    for pid in people:
+        orch.admit(pid, address=address)
+    return people
+
+
+def test_one_address_cannot_fill_the_queue_but_alone_may():
+    settings = dict(queue_max=10, cooldown_seconds=0, duplicate_window_seconds=0)
+    orch, _ = make("queue", people=(), **settings)
+    flood = crowd(orch, "10.0.0.1", 40)
+    assert [status(orch.submit(pid, f"spam {i}")) for i, pid in enumerate(flood)].count("queued") == 10  # alone: all
+
+    orch, _ = make("queue", people=(), **settings)
+    flood, [other] = crowd(orch, "10.0.0.1", 40), crowd(orch, "10.0.0.2", 1)
+    results = [orch.submit(pid, f"spam {i}") for i, pid in enumerate(flood)]
+    assert [status(r) for r in results].count("queued") == 5 + 5 // 2  # the upper half, its share of the lower
+    event = next(r for r in results if r.status == "rejected").as_event()
+    assert event["reason"] == "rate_limited" and event["code"] == "RATE_LIMITED" and event["retry_after"] == 5.0
+    assert status(orch.submit(other, "mine")) == "queued"  # the other address still finds a place
+    orch.participant_left(other)  # alone again (its entry goes with it): the flooder may fill the rest
+    assert [status(orch.submit(pid, f"late {i}")) for i, pid in enumerate(flood[20:24])] == ["queued"] * 3 + ["queue_full"]
+
+
+def test_one_address_cannot_fill_the_ballot_but_alone_may():
+    orch, clock = make("vote", people=(), max_candidates=10, vote_window_seconds=10, cooldown_seconds=0)
+    flood, other = crowd(orch, "10.0.0.1", 20), crowd(orch, "10.0.0.2", 1)
+    results = [orch.submit(pid, f"idea {i}") for i, pid in enumerate(flood)]
+    assert [status(r) for r in results].count("candidate") == 5 + 5 // 2
+    refused = next(r for r in results if r.status == "rejected")
+    assert status(refused) == "rate_limited" and 0 < refused.as_event()["retry_after"] <= 10
+    assert status(orch.submit(other[0], "my idea")) == "candidate"
+    clock.advance(10)
+    orch.tick()
+    orch.participant_left(other[0])
+    results = [orch.submit(pid, f"next {i}") for i, pid in enumerate(flood)]  # alone: the whole ballot
+    assert [status(r) for r in results].count("candidate") == 10
+
+
+def test_turns_go_round_robin_between_addresses_not_to_whoever_raised_first():
+    orch, clock = make("turns", people=(), turn_seconds=10, cooldown_seconds=0)
+    flood, quiet = crowd(orch, "10.0.0.1", 4), crowd(orch, "10.0.0.2", 2)
+    for pid in flood + quiet:  # one address's hands all raised first
+        assert status(orch.raise_hand(pid)) == "raised"
+    holders = []
+    for _ in range(6):
+        holders.append(orch.state()["turn"]["holder"]["participant_id"])
+        clock.advance(10)
+        orch.tick()
+    assert holders == [flood[0], quiet[0], flood[1], quiet[1], flood[2], flood[3]]
+    assert orch.state()["turn"]["holder"] is None
