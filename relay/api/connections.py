@@ -17,7 +17,8 @@ from ..clock import iso
 from ..errors import RelayError, invalid_request, not_found, unauthorized
 from ..host import HostCommands, broadcast_links
 from ..inputs import parse_json
-from ..sessions import Connection, SessionManager, Stream
+from ..connection import Connection, Stream
+from ..sessions import SessionManager
 from .channels import channels_of
 from ..worldmodel.whip import WhipStreamer
 from ..web import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, STALLED, TOO_SLOW, close_within, json_response,
