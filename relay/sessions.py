@@ -1,11 +1,11 @@
 """Connections and streams over time: the streamer pool, the limits and the deadlines.
 
-SessionManager opens and closes connections, starts and ends their streams, moving each through
-its state machine (connection.py, the records). A connection reserves a streamer from a fixed pool when it opens and gives it back when it
-closes: on DELETE, after ``idle_timeout_seconds`` without a sign of life from the host (no
-open control socket and no keepalive), or at ``connection_max_seconds``.  Every deadline is
-checked by :meth:`SessionManager.tick`, which the server calls a few times a second and tests
-call after moving a fake clock, so no timer lives outside this module.
+SessionManager opens and closes connections, starts and ends their streams, moving each through its
+state machine (connection.py, the records). A connection reserves a streamer from a fixed pool when
+it opens and gives it back when it closes: on DELETE, after ``idle_timeout_seconds`` without a sign
+of life from the host (no open control socket and no keepalive), or at ``connection_max_seconds``.
+Every deadline is checked by :meth:`SessionManager.tick`, which the server calls a few times a
+second and tests call after moving a fake clock, so no timer lives outside this module.
 
 A connection opened on a channel (channels.py) streams into the channel's broadcast, which stays
 when the connection closes: one connection per channel at a time (409 CHANNEL_IN_USE), and the

@@ -9,7 +9,7 @@ answers with the codec the offer put first among those it can take:
   42e01f), decides the path at the first keyframe: a progressive baseline SPS (no B-frames) is *passed
   through* (so is main whose VUI declares no reordering: no B-frames), each access unit handed on as
   an ``av.Packet`` for the broadcast's graph, never decoded or encoded again; keyframe requests go
-  back to the publisher as one PLI at most every KEYFRAME_MIN_INTERVAL (pli.py). The rest (B-frames, which a
+  back to the publisher as one PLI at most every KEYFRAME_MIN_INTERVAL. The rest (B-frames, which a
   spectator's WebRTC decoder does not take, or high profile's tools) are *transcoded*: decoded here
   on one thread, encoded once by the stream. Every later keyframe's SPS is read too: one that would
   change the path (or a passed-through picture's size), or a picture beyond 4K, ends the session.
