@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from .broadcast import Broadcast
-from .sessions import Connection, SessionManager, Stream, no_active_stream
+from .connection import Connection, Stream, no_active_stream
+from .sessions import SessionManager
 
 
 def broadcast_links(broadcast: Broadcast, base_url: str) -> dict[str, Any]:

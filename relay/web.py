@@ -14,7 +14,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from .config import Settings
-from .errors import invalid_request, unsupported_media_type
+from .errors import invalid_request, too_large, unsupported_media_type
 from .inputs import parse_json
 from .recordings import RecordingStore
 from .sessions import SessionManager
@@ -117,6 +117,17 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise invalid_request("The body must be a JSON object.")
     return body
+
+
+async def read_sdp(request: web.Request, content_type: str = "application/sdp") -> str:
+    """A WHEP or WHIP body (an offer, or a PATCH's trickled candidates): of ``content_type``, at most
+    limits.whep_offer_max_bytes (the handler's body_limit refuses a longer declared one before it is read)."""
+    if request.content_type != content_type:
+        raise unsupported_media_type(content_type)
+    body, limit = await request.read(), request.app[SETTINGS].limits.whep_offer_max_bytes
+    if len(body) > limit:  # a chunked body: a declared one was refused before it was read
+        raise too_large(limit)
+    return body.decode("utf-8", errors="replace")
 
 
 def query_int(request: web.Request, name: str, default: int, maximum: int) -> int:

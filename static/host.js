@@ -12,12 +12,14 @@
 // the single place that enables/disables buttons.
 //
 // This module is the console itself: the connection (kept for the tab by tabstore.js: a reload
-// re-attaches), its control socket, the stream controls, the control room and the log. Beside
-// it: orchestration.js (audience), simulations.js, recordings.js (history, library), channels.js
-// (the channel picker), preview.js (watch link, preview) and hostview.js (the console's words).
+// re-attaches), the stream controls, the control room and the log. Beside it: control.js (the
+// control socket: kept alive, reopened after a drop), orchestration.js (audience), simulations.js,
+// recordings.js (history, library), channels.js (the channel picker), preview.js (watch link,
+// preview) and hostview.js (the console's words).
 
-import { HttpError, fetchJson, wsUrl } from '/static/whep.js';
+import { HttpError, fetchJson } from '/static/whep.js';
 import { ChannelPicker } from '/static/channels.js';
+import { ControlSocket } from '/static/control.js';
 import { appendLog, endedText, formatSeconds, hostErrorText, short, showId, showRoom } from '/static/hostview.js';
 import { HostPreview, WatchLink } from '/static/preview.js';
 import { OrchestrationPanel } from '/static/orchestration.js';
@@ -25,11 +27,8 @@ import { RecordingsLibrary, StreamHistory } from '/static/recordings.js';
 import { Simulations } from '/static/simulations.js';
 import { forgetConnection, keepConnection, keepKey, keptConnection, keptKey } from '/static/tabstore.js';
 
-const KEEPALIVE_MS = 10000;           // well inside the relay's idle_timeout_seconds (default 40)
-const SOCKET_BACKOFF_MAX_MS = 2000;   // short: a relay that restarted is found out within seconds
 const STREAM_WARN_S = 30;             // warn this long before the stream's limit
 const CONNECTION_WARN_S = 300;        // ...and this long before the connection's end
-const STATUS_MS = 2000;               // how often the control room asks for counts and health
 const PENDING_TIMEOUT_MS = 20000;     // give up waiting for a reply to start/end
 const LOG_MAX = 300;
 
@@ -61,7 +60,7 @@ const els = {
 
 /**
  * phase: "disconnected" | "connecting" (POST in flight) | "connected" (have a
- * connection; the socket may be down, see `socketOpen`) | "lost" (socket cannot
+ * connection; the socket may be down, see `control.isOpen`) | "lost" (socket cannot
  * be reopened) | "disconnecting".
  * stream: null | {id, prompt, endsAt} ; pending: null | "start" | "end".
  */
@@ -73,22 +72,26 @@ const conn = {
   tokenExpiresAt: 0,
   tokenLifeMs: 0,
   broadcast: null,
-  socket: null,
-  socketOpen: false,
-  socketAttempt: 0,
-  socketRetryTimer: null,
-  keepaliveTimer: null,
   stream: null,
   pending: null,
   pendingTimer: null,
   countdownTimer: null,
   lastEnded: null,     // {id, reason} of the last stream, for the status line
   expiryTimer: null,
-  statusTimer: null,   // asks for the control room's status while the socket is open
   expiresAt: 0,        // the connection's end (connection_max_seconds), ms since the epoch
   warned: new Set(),   // the warnings already given: 'stream:<id>', 'connection'
 };
 
+const control = new ControlSocket(conn, {
+  onMessage: onControl,
+  onChange: render,
+  onGone: connectionGone,
+  onLost: controlLost,
+  onStreamGone: () => {
+    if (conn.stream) streamEnded({ stream_id: conn.stream.id, reason: 'ended' });
+  },
+  log,
+});
 const preview = new HostPreview({
   video: els.preview, stage: els.previewStage, badge: els.previewState, token: previewToken, log,
 });
@@ -97,11 +100,11 @@ const watchLink = new WatchLink({ apiKey: () => conn.apiKey });
 const streamHistory = new StreamHistory(els.history, { key: () => conn.apiKey || els.apiKey.value.trim(), log });
 
 const orchestration = new OrchestrationPanel({
-  send,
+  send: (msg) => control.send(msg),
   log,
   link: () => ({
     connection: conn.phase !== 'disconnected',
-    canControl: conn.phase === 'connected' && conn.socketOpen,
+    canControl: conn.phase === 'connected' && control.isOpen,
   }),
 });
 
@@ -121,7 +124,7 @@ function showMessage(text, kind = 'error') {
 
 function render() {
   const connected = conn.phase === 'connected';
-  const canControl = connected && conn.socketOpen;
+  const canControl = connected && control.isOpen;
   const busy = conn.phase === 'connecting' || conn.phase === 'disconnecting';
   const streaming = Boolean(conn.stream);
 
@@ -139,7 +142,7 @@ function render() {
     connecting: ['connecting', 'Connecting…'],
     disconnecting: ['connecting', 'Disconnecting…'],
     lost: ['error', 'Control channel lost'],
-    connected: conn.socketOpen ? ['live', 'Connected'] : ['reconnecting', 'Reconnecting…'],
+    connected: control.isOpen ? ['live', 'Connected'] : ['reconnecting', 'Reconnecting…'],
   }[conn.phase];
   els.connState.dataset.state = badge === 'live' ? 'waiting' : badge; // "live" red is for streams only
   els.connState.textContent = label;
@@ -250,117 +253,7 @@ function streamEnded(msg) {
   render();
 }
 
-// ---------- control socket ----------
-
-function send(msg) {
-  if (!conn.socket || conn.socket.readyState !== WebSocket.OPEN) return false;
-  conn.socket.send(JSON.stringify(msg));
-  return true;
-}
-
-function openControl() {
-  const url = wsUrl(`/v1/connections/${encodeURIComponent(conn.id)}/control?token=${encodeURIComponent(conn.clientToken)}`);
-  const ws = new WebSocket(url);
-  conn.socket = ws;
-
-  ws.addEventListener('open', () => {
-    if (conn.socket !== ws) return;
-    conn.socketOpen = true;
-    conn.socketAttempt = 0;
-    log('Control channel open.');
-    clearInterval(conn.keepaliveTimer);
-    // The open socket already counts as life; explicit keepalives also cover
-    // proxies that don't surface socket-level activity. The same beat keeps the
-    // client_token fresh (often enough for however short a life the relay gives it).
-    keepTokenFresh();
-    conn.keepaliveTimer = setInterval(() => {
-      send({ type: 'keepalive' });
-      keepTokenFresh();
-    }, Math.min(KEEPALIVE_MS, conn.tokenLifeMs / 4));
-    clearInterval(conn.statusTimer);
-    send({ type: 'status' });
-    conn.statusTimer = setInterval(() => send({ type: 'status' }), STATUS_MS);
-    render();
-  });
-
-  ws.addEventListener('message', (e) => {
-    if (conn.socket !== ws) return;
-    let msg;
-    try {
-      msg = JSON.parse(e.data);
-    } catch {
-      log('Unreadable message on the control channel.', 'error');
-      return;
-    }
-    if (msg && typeof msg.type === 'string') onControl(msg);
-  });
-
-  ws.addEventListener('close', (e) => {
-    if (conn.socket !== ws) return; // a socket we already replaced or closed on purpose
-    conn.socket = null;
-    conn.socketOpen = false;
-    clearInterval(conn.keepaliveTimer);
-    clearInterval(conn.statusTimer);
-    conn.keepaliveTimer = null;
-    render();
-    if (conn.phase !== 'connected') return;
-    recoverControl();
-  });
-}
-
-// The socket dropped: find out whether the connection itself is still there
-// before reopening, so a connection that ended (idle timeout, max age) doesn't
-// get retried forever.
-async function recoverControl() {
-  try {
-    const state = await fetchJson(`/v1/connections/${encodeURIComponent(conn.id)}`, {
-      headers: { Authorization: `Bearer ${conn.apiKey}` },
-    });
-    if (conn.phase !== 'connected') return;
-    if (state && ['closed', 'ended', 'expired', 'disconnected'].includes(state.status)) {
-      connectionGone('This connection has ended. Connect again to go on broadcasting.');
-      return;
-    }
-    // Keep the relay's idle timer happy while the socket is down.
-    fetch(`/v1/connections/${encodeURIComponent(conn.id)}/keepalive`, {
-      method: 'POST',
-      headers: { Authorization: `Bearer ${conn.apiKey}` },
-    }).catch(() => {});
-    // The stream may have ended (or started) while we weren't listening.
-    if (state && 'stream' in state) {
-      if (!state.stream && conn.stream) streamEnded({ stream_id: conn.stream.id, reason: 'ended' });
-    }
-  } catch (err) {
-    if (conn.phase !== 'connected') return;
-    // 404: the relay does not know it (it restarted, or reaped it); 401: nor the key or token
-    // (a restarted relay with other keys). Either way it will not come back: say so and stop.
-    if (err instanceof HttpError && (err.status === 404 || err.status === 401)) {
-      connectionGone('This connection is gone: the relay restarted or closed it. Its watch link no longer works. Connect again to start a new broadcast.');
-      return;
-    }
-    // Network trouble: fall through and retry the socket.
-  }
-  if (Date.now() > conn.tokenExpiresAt) {
-    // The client_token only opens sockets during its lifetime; after that we can't get back in.
-    conn.phase = 'lost';
-    log('The control channel cannot be reopened (its client token has expired). Disconnect, then connect again.', 'error');
-    showMessage('Lost the control channel. Disconnect, then connect again.');
-    render();
-    return;
-  }
-  const delay = Math.min(1000 * 2 ** conn.socketAttempt, SOCKET_BACKOFF_MAX_MS);
-  conn.socketAttempt += 1;
-  if (conn.socketAttempt === 1) log('Lost the control channel; reconnecting…');
-  clearTimeout(conn.socketRetryTimer);
-  conn.socketRetryTimer = setTimeout(() => {
-    if (conn.phase === 'connected') openControl();
-  }, delay);
-}
-
-/** Past half its life, ask for a new client_token (the relay mints one only then). */
-function keepTokenFresh() {
-  if (conn.tokenLifeMs && conn.tokenExpiresAt - Date.now() < conn.tokenLifeMs / 2) send({ type: 'refresh_token' });
-}
+// ---------- control socket messages ----------
 
 function onControl(msg) {
   switch (msg.type) {
@@ -432,6 +325,14 @@ function onControl(msg) {
     default:
       break; // a message this console does not know yet (a newer relay): nothing to show
   }
+}
+
+/** The control socket cannot be reopened: the connection may live on, but this page can no longer steer it. */
+function controlLost() {
+  conn.phase = 'lost';
+  log('The control channel cannot be reopened (its client token has expired). Disconnect, then connect again.', 'error');
+  showMessage('Lost the control channel. Disconnect, then connect again.');
+  render();
 }
 
 function onControlError(msg) {
@@ -507,7 +408,6 @@ function attach(saved) {
   conn.tokenLifeMs = saved.tokenLifeMs;
   conn.tokenExpiresAt = saved.tokenExpiresAt;
   conn.expiresAt = saved.expiresAt || 0;
-  conn.socketAttempt = 0;
   conn.stream = null;
   conn.lastEnded = null;
   conn.warned.clear();
@@ -516,7 +416,7 @@ function attach(saved) {
   els.info.hidden = false;
   saveConnection();
   setBroadcast(saved.broadcast);
-  openControl();
+  control.start();
   clearInterval(conn.expiryTimer);
   conn.expiryTimer = setInterval(warnExpiry, 1000);
   render();
@@ -560,15 +460,10 @@ function connectionGone(text) {
 }
 
 function resetConnection() {
-  const ws = conn.socket;
-  conn.socket = null; // first, so its close handler knows this was on purpose
-  if (ws) ws.close(1000, 'disconnect');
+  control.close('disconnect');
   if (conn.stream) streamEnded({ stream_id: conn.stream.id, reason: 'disconnected' });
-  clearTimeout(conn.socketRetryTimer);
-  clearInterval(conn.keepaliveTimer);
   clearInterval(conn.countdownTimer);
   clearInterval(conn.expiryTimer);
-  clearInterval(conn.statusTimer);
   forgetConnection();
   setPending(null);
   preview.stop();
@@ -578,11 +473,8 @@ function resetConnection() {
     phase: 'disconnected',
     id: null,
     clientToken: null,
-    socketOpen: false,
     stream: null,
-    keepaliveTimer: null,
     countdownTimer: null,
-    socketRetryTimer: null,
     expiryTimer: null,
     expiresAt: 0,
   });
@@ -607,7 +499,7 @@ function startStream() {
   if (!prompt) return;
   const msg = { type: 'start_stream', prompt };
   if (els.portrait.checked) msg.portrait = true;
-  if (!send(msg)) return;
+  if (!control.send(msg)) return;
   showMessage('');
   log(`start_stream: "${prompt}"${msg.portrait ? ' (portrait)' : ''}`, 'out');
   setPending('start');
@@ -617,14 +509,14 @@ function startStream() {
 function sendPrompt() {
   const prompt = promptValue();
   if (!prompt) return;
-  if (!send({ type: 'interact', prompt })) return;
+  if (!control.send({ type: 'interact', prompt })) return;
   showMessage('');
   log(`interact: "${prompt}"`, 'out');
   els.prompt.select(); // typing the next prompt replaces this one
 }
 
 function endStream() {
-  if (!send({ type: 'end_stream' })) return;
+  if (!control.send({ type: 'end_stream' })) return;
   log('end_stream', 'out');
   setPending('end');
   render();
@@ -662,19 +554,14 @@ window.addEventListener('beforeunload', (e) => {
 window.addEventListener('pagehide', () => {
   if (conn.phase !== 'connected') return;
   preview.stop();
-  const ws = conn.socket;
-  conn.socket = null; // its close is ours, not a drop to recover from
-  conn.socketOpen = false;
-  clearInterval(conn.keepaliveTimer);
-  clearInterval(conn.statusTimer);
-  if (ws) ws.close(1000, 'page hidden');
+  control.close('page hidden'); // ours, not a drop to recover from
 });
 
 // Restored from the back/forward cache: pick the connection up again where pagehide left it.
 window.addEventListener('pageshow', (e) => {
   if (!e.persisted || conn.phase !== 'connected') return;
   if (conn.broadcast) preview.start(conn.broadcast.broadcast_id);
-  recoverControl();
+  control.recover();
 });
 
 // ---------- init ----------

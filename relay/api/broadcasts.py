@@ -14,12 +14,12 @@ from .. import metrics
 from ..auth import check_spectator, is_api_key
 from ..audience import rate_limited_reply
 from ..broadcast import Broadcast
-from ..errors import RelayError, invalid_request, not_found, too_large, unsupported_media_type
+from ..errors import RelayError, invalid_request, not_found, unsupported_media_type
 from ..inputs import parse_json
 from ..media.hls import HlsPublisher
 from ..web import (API_KEYS, AUDIENCE_LINK, CLUSTER, EDGES, GOING_AWAY, IS_NODE, SESSIONS, SETTINGS, STALLED, TOO_SLOW,
                    body_limit, client_address, close_within, json_response, next_for, public_url, send_within,
-                   token_of)
+                   read_sdp, token_of)
 
 # The events socket's close code when the same participant resumed on a newer socket: the
 # page that gets it should not resume again (two tabs would take turns replacing each other).
@@ -101,21 +101,12 @@ def _edge_for(request: web.Request):
     return None
 
 
-async def _read_offer(request: web.Request) -> str:
-    if request.content_type != "application/sdp":
-        raise unsupported_media_type("application/sdp")
-    body, limit = await request.read(), request.app[SETTINGS].limits.whep_offer_max_bytes
-    if len(body) > limit:  # a chunked body: a declared one was refused before it was read
-        raise too_large(limit)
-    return body.decode("utf-8", errors="replace")
-
-
 @routes.post("/v1/broadcasts/{broadcast_id}/whep")
 @body_limit(lambda settings: settings.limits.whep_offer_max_bytes)
 async def whep_offer(request: web.Request) -> web.Response:
     if (edges := _edge_for(request)) is not None:  # another node's broadcast: served from here as its edge
         token = token_of(request)  # checked by the edge against the origin's token, before the body is read
-        location, answer = await edges.join(request.match_info["broadcast_id"], await _read_offer(request),
+        location, answer = await edges.join(request.match_info["broadcast_id"], await read_sdp(request),
                                             token, client_address(request))
         return web.Response(status=201, text=answer, content_type="application/sdp",
                             headers={"Location": location})
@@ -123,7 +114,7 @@ async def whep_offer(request: web.Request) -> web.Response:
     uncounted = _uncounted(request, broadcast)
     if not uncounted:
         check_spectator(token_of(request), broadcast.spectator_token)
-    offer = await _read_offer(request)
+    offer = await read_sdp(request)
     spectator, answer = await broadcast.spectators.join(offer, counted=not uncounted,
                                                         address=client_address(request))
     return web.Response(

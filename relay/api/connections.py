@@ -17,7 +17,8 @@ from ..clock import iso
 from ..errors import RelayError, invalid_request, not_found, unauthorized
 from ..host import HostCommands, broadcast_links
 from ..inputs import parse_json
-from ..sessions import Connection, SessionManager, Stream
+from ..connection import Connection, Stream
+from ..sessions import SessionManager
 from .channels import channels_of
 from ..worldmodel.whip import WhipStreamer
 from ..web import (API_KEYS, GOING_AWAY, SESSIONS, SETTINGS, STALLED, TOO_SLOW, close_within, json_response,
@@ -203,14 +204,15 @@ async def end_stream(request: web.Request) -> web.Response:
 
 # -- the control socket ---------------------------------------------------------------------
 
-def _participant(message: dict[str, Any]) -> str:
+# A host's orchestration fields, read alike from a control-socket message and a REST body (api/orchestration.py).
+def participant_of(message: dict[str, Any]) -> str:
     pid = message.get("participant_id")
     if not isinstance(pid, str):
         raise invalid_request("'participant_id' is required.", field="participant_id")
     return pid
 
 
-def _chat_enabled(message: dict[str, Any]) -> bool:
+def chat_enabled_of(message: dict[str, Any]) -> bool:
     enabled = message.get("enabled")
     if not isinstance(enabled, bool):
         raise invalid_request("'enabled' must be true or false.", field="enabled")
@@ -228,11 +230,11 @@ def _message_id(message: dict[str, Any]) -> str:
 # pushes the new state to the audience and the host itself.
 HOST_ORCHESTRATION = {
     "orchestration": lambda a, m: a.configure(m),
-    "block": lambda a, m: a.block(_participant(m)),
-    "unblock": lambda a, m: a.unblock(_participant(m)),
-    "grant_turn": lambda a, m: a.grant_turn(_participant(m)),
+    "block": lambda a, m: a.block(participant_of(m)),
+    "unblock": lambda a, m: a.unblock(participant_of(m)),
+    "grant_turn": lambda a, m: a.grant_turn(participant_of(m)),
     "revoke_turn": lambda a, m: a.revoke_turn(),
-    "set_chat": lambda a, m: a.set_chat(_chat_enabled(m)),
+    "set_chat": lambda a, m: a.set_chat(chat_enabled_of(m)),
     "clear_chat": lambda a, m: a.clear_chat(_message_id(m)),
 }
 

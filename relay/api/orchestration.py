@@ -11,7 +11,7 @@ from ..broadcast import Broadcast
 from ..errors import forbidden, invalid_request
 from ..host import broadcast_links
 from ..web import SESSIONS, json_response, public_url, read_json, token_of
-from .connections import authorize_connection, share_replay_of
+from .connections import authorize_connection, chat_enabled_of, participant_of, share_replay_of
 
 routes = web.RouteTableDef()
 INVITES_PER_REQUEST = 500  # a class or a hall at once; more by asking again
@@ -80,10 +80,7 @@ async def unblock(request: web.Request) -> web.Response:
 @routes.post("/v1/broadcasts/{broadcast_id}/turn")
 async def grant_turn(request: web.Request) -> web.Response:
     broadcast = host_broadcast(request)
-    participant_id = (await read_json(request)).get("participant_id")
-    if not isinstance(participant_id, str):
-        raise invalid_request("'participant_id' is required.", field="participant_id")
-    broadcast.audience.grant_turn(participant_id)
+    broadcast.audience.grant_turn(participant_of(await read_json(request)))
     return json_response(broadcast.orchestrator.state(host=True)["turn"])
 
 
@@ -124,10 +121,7 @@ async def get_chat(request: web.Request) -> web.Response:
 async def put_chat(request: web.Request) -> web.Response:
     """`{enabled}`: the host turns chat and reactions off (participants are told) or back on."""
     broadcast = host_broadcast(request)
-    enabled = (await read_json(request)).get("enabled")
-    if not isinstance(enabled, bool):
-        raise invalid_request("'enabled' must be true or false.", field="enabled")
-    broadcast.audience.set_chat(enabled)
+    broadcast.audience.set_chat(chat_enabled_of(await read_json(request)))
     return json_response(broadcast.audience.chat.state())
 
 

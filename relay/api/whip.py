@@ -15,8 +15,8 @@ import logging
 
 from aiohttp import web
 
-from ..errors import too_large, unauthorized, unsupported_media_type
-from ..web import SESSIONS, SETTINGS, bearer_of, body_limit
+from ..errors import unauthorized
+from ..web import SESSIONS, bearer_of, body_limit, read_sdp
 from ..worldmodel.whip import WhipStreamer
 
 log = logging.getLogger(__name__)
@@ -38,20 +38,11 @@ def whip_location(connection_id: str, session_id: str) -> str:
     return f"/v1/connections/{connection_id}/whip/{session_id}"
 
 
-async def _read_body(request: web.Request, content_type: str) -> str:
-    if request.content_type != content_type:
-        raise unsupported_media_type(content_type)
-    body, limit = await request.read(), request.app[SETTINGS].limits.whep_offer_max_bytes
-    if len(body) > limit:  # a chunked body: a declared one was refused before it was read
-        raise too_large(limit)
-    return body.decode("utf-8", errors="replace")
-
-
 @routes.post("/v1/connections/{connection_id}/whip")
 @body_limit(lambda settings: settings.limits.whep_offer_max_bytes)
 async def whip_publish(request: web.Request) -> web.Response:
     streamer = publish_slot(request)  # 401 before the body is read
-    offer = await _read_body(request, "application/sdp")
+    offer = await read_sdp(request)
     session_id, answer = await streamer.publish(offer)
     log.info("WHIP session opened", extra={"connection_id": request.match_info["connection_id"],
                                            "session_id": session_id})
@@ -63,7 +54,7 @@ async def whip_publish(request: web.Request) -> web.Response:
 @body_limit(lambda settings: settings.limits.whep_offer_max_bytes)  # candidates are bounded by count too
 async def whip_trickle(request: web.Request) -> web.Response:
     ingest = publish_slot(request).session(request.match_info["session_id"])
-    await ingest.trickle(await _read_body(request, "application/trickle-ice-sdpfrag"))
+    await ingest.trickle(await read_sdp(request, "application/trickle-ice-sdpfrag"))
     return web.Response(status=204)
 
 

@@ -7,7 +7,7 @@ access unit it completes is published as an ``av.Packet`` into the edge's media 
 fan-out serves the edge's spectators (NACKs from its own history). aiortc's receiver still sends
 the origin receiver reports (the origin's sign of life) and NACKs for gaps. The edge's spectators'
 keyframe requests arrive here through the graph and go upstream as one PLI at most every
-KEYFRAME_MIN_INTERVAL.
+KEYFRAME_MIN_INTERVAL (pli.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .. import metrics
 from ..errors import RelayError, not_found
 from .aiortc_hooks import receive_rtp_undecoded, send_picture_loss
 from .depacketizer import H264Depacketizer
-from .pipeline import KEYFRAME_MIN_INTERVAL
+from .pli import PliCoalescer
 from .webrtc import h264_preferences
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,19 @@ class EdgeFeed:
         self._receiver = None
         self._location: str | None = None
         self._payload_type: int | None = None
-        self._media_ssrc: int | None = None
         self._depacketizer = H264Depacketizer(self._on_frame, self.request_keyframe, clock=time.monotonic)
-        self._pli_task: asyncio.Task | None = None
-        self._last_pli = -1e9
-        self.plis_sent = 0
+        # The receiver exists before the first packet names the SSRC, so before any PLI is sent.
+        self._pli = PliCoalescer(lambda ssrc: send_picture_loss(self._receiver, ssrc), name="relay-edge-pli")
         self.packets = 0
         self.closed = False
 
     @property
     def frames(self) -> int:
         return self._depacketizer.frames
+
+    @property
+    def plis_sent(self) -> int:
+        return self._pli.sent
 
     async def open(self) -> None:
         """Offer, POST to the origin, apply its answer (ICE and DTLS then complete on their own)."""
@@ -112,7 +114,7 @@ class EdgeFeed:
     def _on_rtp(self, packet: RtpPacket) -> None:
         if packet.payload_type != self._payload_type or self.closed:
             return  # not the H.264 stream (the origin sends no RTX: it resends with the original type)
-        self._media_ssrc = packet.ssrc
+        self._pli.media(packet.ssrc)
         self.packets += 1
         if self._frame_started is None:
             self._frame_started = time.perf_counter()
@@ -129,31 +131,14 @@ class EdgeFeed:
 
     def request_keyframe(self) -> None:
         """A keyframe for the edge's spectators: one PLI upstream, coalesced with others in the window."""
-        if self.closed or self._pli_task is not None:
-            return  # one is already on its way: it serves this request too
-        self._pli_task = asyncio.get_running_loop().create_task(self._send_pli(), name="relay-edge-pli")
-
-    async def _send_pli(self) -> None:
-        try:
-            wait = self._last_pli + KEYFRAME_MIN_INTERVAL - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            if self._media_ssrc is not None and self._receiver is not None:
-                self._last_pli = time.monotonic()
-                self.plis_sent += 1
-                await send_picture_loss(self._receiver, self._media_ssrc)
-        finally:
-            self._pli_task = None
+        self._pli.request()
 
     async def close(self) -> None:
         """Leave the origin (DELETE, bounded) and close the peer; safe to call twice."""
         if self.closed:
             return
         self.closed = True
-        task, self._pli_task = self._pli_task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await self._pli.close()
         if self._location is not None:
             try:
                 async with self._http.delete(self._location, headers={"Authorization": self._authorization},

@@ -44,7 +44,7 @@ from ..errors import RelayError, unprocessable
 from .aiortc_hooks import receive_rtp_undecoded, send_picture_loss
 from .depacketizer import H264Depacketizer, begins_idr
 from .h264_sps import MAX_SAMPLES, MAX_SIDE, MAX_SPS_BYTES, NAL_PPS, NAL_SPS, Sps, nal_units, read_sps
-from .pipeline import KEYFRAME_MIN_INTERVAL
+from .pli import PliCoalescer
 from .webrtc import add_trickled_candidates, checked_offer, count_candidates, too_many_candidates
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,6 @@ class Ingest:
         self._pc: RTCPeerConnection | None = None
         self._receiver: RTCRtpReceiver | None = None
         self._payload_type: int | None = None
-        self._media_ssrc: int | None = None
         self._sps: Sps | None = None  # the first keyframe's, which decided the path
         self._depacketizer = H264Depacketizer(self._on_access_unit, self.request_keyframe, clock=clock,
                                               keyframe_start=begins_idr)
@@ -126,11 +125,14 @@ class Ingest:
         self._skip_to_keyframe = False
         self._reader: asyncio.Task | None = None
         self._prompts = None  # the publisher's data channel labelled "prompts", if it opened one
-        self._pli_task: asyncio.Task | None = None
         self._frame_started: float | None = None  # perf_counter at the current frame's first packet
-        self._pli_owed = False  # asked for before the publisher's first packet named its SSRC
-        self._last_pli = -1e9
-        self.plis_sent = 0
+        # Owed until media flows: a stream (and its spectators' requests) may start before the first packet.
+        self._pli = PliCoalescer(lambda ssrc: send_picture_loss(self._receiver, ssrc), name="relay-whip-pli",
+                                 owed_until_media=True)
+
+    @property
+    def plis_sent(self) -> int:
+        return self._pli.sent
 
     async def answer(self, offer_sdp: str, codec: RTCRtpCodecCapability) -> str:
         """Apply the (checked) offer and return the answer with ``codec`` alone (parse_publish_offer's
@@ -228,11 +230,8 @@ class Ingest:
     def _on_rtp(self, packet: RtpPacket) -> None:
         if packet.payload_type != self._payload_type or self.closed or self.gone:
             return
-        self._media_ssrc = packet.ssrc
         self.last_media = self._clock()
-        if self._pli_owed:
-            self._pli_owed = False
-            self.request_keyframe()
+        self._pli.media(packet.ssrc)
         if self._frame_started is None:
             self._frame_started = time.perf_counter()
         frames = self._depacketizer.frames
@@ -334,23 +333,9 @@ class Ingest:
     def request_keyframe(self) -> None:
         """A keyframe from the publisher (for the spectators, or after loss or a skipped GOP for the relay's
         decoder): one PLI, coalesced with others in the window."""
-        if self.closed or self._pli_task is not None or self._payload_type is None or self._reader is not None:
+        if self._payload_type is None or self._reader is not None:
             return  # VP8: aiortc's own decoder asks the publisher after loss; spectators get the relay's keyframes
-        self._pli_task = asyncio.get_running_loop().create_task(self._send_pli(), name="relay-whip-pli")
-
-    async def _send_pli(self) -> None:
-        try:
-            wait = self._last_pli + KEYFRAME_MIN_INTERVAL - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            if self._media_ssrc is None or self._receiver is None:
-                self._pli_owed = True  # sent with the first packet: a stream may start before media flows
-                return
-            self._last_pli = time.monotonic()
-            self.plis_sent += 1
-            await send_picture_loss(self._receiver, self._media_ssrc)
-        finally:
-            self._pli_task = None
+        self._pli.request()
 
     async def close(self) -> None:
         """Close the publisher's peer and every task of it; safe to call twice."""
@@ -360,11 +345,11 @@ class Ingest:
         self.ready.set()  # as when gone: no waiting stream start outlives the session
         if self.path is not None:
             metrics.WHIP_PUBLISHERS.labels(path=self.path).dec()
-        tasks = [t for t in (self._pli_task, self._reader) if t is not None]
-        self._pli_task = self._reader = None
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._pli.close()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
         if self._decoding is not None:  # waits for the decode in flight, off the loop (a big picture's takes long)
             await asyncio.to_thread(self._decoding.shutdown, wait=True, cancel_futures=True)
         if self._pc is not None:

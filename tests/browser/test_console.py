@@ -82,6 +82,37 @@ async def test_a_host_reload_keeps_the_broadcast_for_viewers(relay_factory, open
     await expect(watch.locator("#message")).to_be_hidden()  # the host is back: nothing to say
 
 
+# Every WebSocket the page makes, so a test can drop one as a network would (the page's own code
+# did not close it: its close handler must treat it as a drop).
+KEEP_SOCKETS = """(() => {
+    const Native = window.WebSocket;
+    window.__sockets = [];
+    window.WebSocket = class extends Native {
+        constructor(...args) { super(...args); window.__sockets.push(this); }
+    };
+})()"""
+
+
+async def test_the_console_reopens_a_dropped_control_socket(relay_factory, open_page):
+    relay = await relay_factory(limits={"stream_max_seconds": 30, "idle_timeout_seconds": 10})
+    host = await open_page()
+    await host.add_init_script(KEEP_SOCKETS)
+    await host.goto(f"{relay.url}/host")
+    await connect_and_start(host, "a harbour at night")
+    conn = only_connection(relay)
+    await eventually(lambda: conn.control_sockets == 1, what="the console's control socket")
+    await host.evaluate("window.__sockets.filter((s) => s.url.includes('/control')).forEach((s) => s.close())")
+    await expect(host.locator("#connection-state")).to_have_text("Reconnecting…")
+    # The relay still has the connection: the console reopens (after a 1 s backoff) onto the same live stream.
+    await expect(host.locator("#connection-state")).to_have_text("Connected")
+    await eventually(lambda: conn.control_sockets == 1, what="the reopened control socket")
+    assert only_connection(relay) is conn and conn.stream.live
+    await expect(host.locator("#stream-status")).to_have_attribute("data-state", "live")
+    await host.click("#end")  # and it steers through the new socket
+    await expect(host.locator("#stream-status")).to_have_attribute("data-state", "ended")
+    assert not conn.stream.live
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

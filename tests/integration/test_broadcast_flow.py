@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from relay.client import RelayClient, Spectator
-from relay.sessions import ConnectionState
+from relay.connection import ConnectionState
 from tests.conftest import API_KEY, eventually, frames_for, mean_rgb
 
 

@@ -21,7 +21,7 @@ from relay.api.app import WORLD_MODEL
 from relay.client import RelayAPIError, RelayClient, Spectator
 from relay.errors import RelayError
 from relay.odyssey.server import TWIN
-from relay.sessions import ConnectionState
+from relay.connection import ConnectionState
 from relay.web import RECORDINGS
 from relay.worldmodel.hosted import HostedWorldModel
 from tests.conftest import API_KEY, OTHER_KEY, Relay, eventually, frames_for, mean_rgb

@@ -135,6 +135,24 @@ async def test_turns_pass_on(host, http):
                  == a.hello["participant_id"])
 
 
+async def test_host_grants_and_revokes_the_turn_over_rest(host, http):
+    relay, conn = host
+    await set_mode(http, conn, mode="turns", turn_seconds=30)
+    a, b = await join(http, conn, "a"), await join(http, conn, "b")
+    for p in (a, b):  # a holds the turn, b waits with a raised hand
+        await p.send(type="raise_hand")
+        await p.next("turn_result")
+    url, auth = conn.broadcast["webrtc_url"] + "/turn", {"Authorization": f"Bearer {API_KEY}"}
+    for bad in ({}, {"participant_id": 7}, {"participant_id": ["b"]}):
+        async with http.post(url, json=bad, headers=auth) as r:
+            assert r.status == 400 and (await r.json())["error"]["details"]["field"] == "participant_id"
+    async with http.post(url, json={"participant_id": b.hello["participant_id"]}, headers=auth) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("application/json")
+        assert (await r.json())["holder"]["participant_id"] == b.hello["participant_id"]
+    async with http.delete(url, headers=auth) as r:
+        assert r.status == 200 and ((await r.json())["holder"] or {}).get("participant_id") != b.hello["participant_id"]
+
+
 async def test_moderation(host, http):
     relay, conn = host
     await set_mode(http, conn, mode="queue", blocked_words=["ugly"], max_prompt_chars=20)

@@ -19,7 +19,8 @@ from relay.clock import FakeClock
 from relay.config import Settings
 from relay.errors import RelayError
 from relay.host import HostCommands, broadcast_links
-from relay.sessions import MAX_PROMPT_CHARS, Connection, ConnectionState, SessionManager
+from relay.connection import Connection, ConnectionState
+from relay.sessions import MAX_PROMPT_CHARS, SessionManager
 from relay.worldmodel.synthetic import SyntheticTrack, SyntheticWorldModel
 
 KEY = "key-a"

@@ -12,6 +12,8 @@ import pytest
 from aiortc.mediastreams import MediaStreamError
 
 from relay.worldmodel.base import Streamer, WorldModel
+from relay.worldmodel.look import look_for_prompt
+from relay.worldmodel.painter import Painter
 from relay.worldmodel.synthetic import (
     TRANSITION_S,
     SceneRenderer,
@@ -77,6 +79,20 @@ def test_deterministic_for_same_prompt_sequence_and_times():
 
     for a, b in zip(run(), run()):
         for pa, pb in zip(a, b):
+            assert np.array_equal(pa, pb)
+
+
+def test_painter_keeps_no_state_between_frames():
+    """The renderer's seam: the same look, time and camera give the same pixels, whatever was painted
+    before (in-place blends must never write to the shared textures)."""
+    painter = Painter(W, H)
+    storm = look_for_prompt("lava storm neon night fly")  # clouds, veins, grid, moon, rain in place
+    first = planes(painter.paint(storm, 1.3, 0.4))
+    for prompt in ("snow forest", "sunset ocean", "a purple cat"):
+        painter.paint(look_for_prompt(prompt), 2.0, 1.0)
+    again = planes(Painter(W, H).paint(storm, 1.3, 0.4)), planes(painter.paint(storm, 1.3, 0.4))
+    for other in again:
+        for pa, pb in zip(first, other):
             assert np.array_equal(pa, pb)
 
 
