@@ -189,3 +189,26 @@ async def _admitted(http, node, broadcast) -> bool:
     except aiohttp.WSServerHandshakeError as refused:
         assert refused.status == 503
         return False
+
+
+async def test_a_mode_change_while_redis_is_away_reaches_an_edge_participant_when_it_returns(cluster, redis_server, http):
+    (a, b), broadcast, _ = await live_broadcast(http, cluster, 2, mode="queue", cooldown_seconds=0)
+    pb = await join(http, b, broadcast, "ben")
+    assert pb.hello["orchestration"]["mode"] == "queue"
+    await pb.send(type="chat", text="before the outage")
+    await pb.next("chat", where=lambda e: e["text"] == "before the outage")
+    await redis_server.stop()
+    # The host (at the origin, which needs no Redis for it) changes the mode: the push to b is lost.
+    async with http.put(f"{a.url}/v1/broadcasts/{broadcast['broadcast_id']}/orchestration", headers=AUTH,
+                        json={"mode": "vote", "vote_window_seconds": 30}) as r:
+        assert r.status == 200, await r.text()
+    await redis_server.start()
+    started = time.monotonic()
+    # No further state change: the edge brings its socket up to date by itself, as a fresh hello.
+    hello = await pb.next("hello", timeout=10)
+    assert time.monotonic() - started < 5  # two nodes' listeners back (a heartbeat each), then one round trip
+    assert hello["orchestration"]["mode"] == "vote" and hello["resumed"] is True
+    assert hello["participant_id"] == pb.hello["participant_id"]
+    assert hello["resume_token"] == pb.hello["resume_token"]
+    assert [m["text"] for m in hello["chat"]["history"]] == ["before the outage"]
+    await pb.ws.close()
