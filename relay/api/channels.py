@@ -65,8 +65,11 @@ async def update_channel(request: web.Request) -> web.Response:
     store = channels_of(request)
     channel = store.get(owner, request.match_info["channel_id"])
     body = await read_json(request)
+    old_slug = channel.slug
     channel = await asyncio.to_thread(store.update, channel, body)
     request.app[SESSIONS].channel_changed(channel)
+    if (cluster := request.app[CLUSTER]) is not None:  # its new slug found at any node at once
+        await cluster.channel_updated(old_slug, channel)
     return json_response(channel_body(request, channel))
 
 
