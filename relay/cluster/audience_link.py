@@ -49,6 +49,7 @@ MESSAGE_MAX_BYTES = 64 * 1024  # an event socket's message is at most 16 KiB; a 
 OUTBOX_MAX = 4096  # an origin's replies and pushes awaiting Redis; past it they are dropped (Redis is away)
 CLOSE_FLUSH_SECONDS = 1.0  # at shutdown, the outbox is given this long to reach Redis
 REPLY_SECONDS = 5.0  # an origin that does not answer a request within this is unavailable
+ENVELOPE_BYTES = 1024  # room for a reply's op, id and sender around a hello or snapshot
 TOKEN_MAX_CHARS = 256
 ORCHESTRATION_EVENT = '{"type": "orchestration"'  # how Audience.send's json.dumps starts a state push  # a resume token or invite longer than any we mint is no token (a new identity)
 
@@ -321,7 +322,7 @@ class AudienceLink:
             if broadcast is None:
                 self._reply(node, message, None, not_found("broadcast", str(message.get("broadcast_id"))[:128]))
             else:
-                self._reply(node, message, broadcast.snapshot())
+                self._reply(node, message, within_bound(broadcast.snapshot()))
             return
         if not isinstance(node, str) or not isinstance(socket_id, str):
             return
@@ -358,7 +359,7 @@ class AudienceLink:
         if audience.published is None:
             broadcast_id = broadcast.broadcast_id
             audience.published = lambda text: self._push(broadcast_id, text)
-        return broadcast.hello(channel.participant_id, channel.resumed)
+        return within_bound(broadcast.hello(channel.participant_id, channel.resumed))
 
     async def _message(self, node: str, socket_id: str, message: dict[str, Any]) -> None:
         remote = self._remote.get(socket_id)
@@ -531,6 +532,22 @@ class AudienceLink:
             self._origin_dispatch(message)
         else:
             self._edge_dispatch(message)
+
+
+def within_bound(state: dict[str, Any]) -> dict[str, Any]:
+    """A hello or snapshot that crosses Redis within MESSAGE_MAX_BYTES (the receiver drops a larger one):
+    the chat history's oldest messages are left out as needed (500 long messages could reach megabytes)."""
+    budget = MESSAGE_MAX_BYTES - ENVELOPE_BYTES
+    size = len(json.dumps(state))
+    chat = state.get("chat")
+    if size <= budget or not isinstance(chat, dict) or not chat.get("history"):
+        return state
+    history = list(chat["history"])
+    start = 0
+    while start < len(history) and size > budget:
+        size -= len(json.dumps(history[start])) + 2  # the message and its ", " separator
+        start += 1
+    return {**state, "chat": {**chat, "history": history[start:]}}
 
 
 def _token(value: Any) -> str | None:
