@@ -25,6 +25,7 @@ from typing import Any
 from redis.exceptions import MaxConnectionsError, RedisError
 
 from .. import metrics
+from ..channels import slug_taken
 from ..config import Settings
 from ..errors import RelayError, cluster_busy, cluster_unavailable
 from .directory import LASTING, Directory, Entry, Origin, slug_ident
@@ -264,9 +265,22 @@ class Cluster:
 
     async def channel_updated(self, old_slug: str | None, channel: Any) -> None:
         """A renamed slug is found at once under its new name, and no longer under the old one."""
-        if old_slug and old_slug != channel.slug:
-            self._write(self.directory.remove([Entry("slug", slug_ident(channel.owner, old_slug))]))
+        if old_slug and old_slug != channel.slug:  # awaited: the old slug is free for the key's next call
+            try:
+                await self.directory.remove([Entry("slug", slug_ident(channel.owner, old_slug))])
+            except (RedisError, OSError) as exc:
+                log.warning("cluster: directory write failed (%s); the old slug lapses in time", exc)
         await self._publish(self.channel_entries(channel))
+
+    async def check_slug(self, owner: str, slug: Any) -> None:
+        """409 SLUG_TAKEN when another node keeps a channel of `owner` with this slug (a slug is unique per
+        key across the cluster, as on one node; this node's own channels are its store's to check)."""
+        if not isinstance(slug, str):
+            return  # no slug, or a bad one: the store answers
+        async with self.guarded():
+            node_id = await self.directory.home("slug", slug_ident(owner, slug))
+        if node_id is not None and node_id != self.node_id:
+            raise slug_taken(slug)
 
     async def channel_node(self, owner: str, ref: str) -> NodeInfo | None:
         """The live node that keeps channel `ref` (its id, or `owner`'s slug); None when no node has it;

@@ -82,6 +82,12 @@ async def test_a_slug_answers_at_every_node_and_a_connection_on_it_opens_at_the_
     assert opened["control_url"].startswith(a.url.replace("http", "ws", 1))
     async with http.post(f"{b.url}/v1/connections", headers=AUTH, json={"channel_id": friday["channel_id"]}) as r:
         assert r.status == 409 and (await r.json())["error"]["code"] == "CHANNEL_IN_USE"  # a's answer
+    # A slug is the key's once across the cluster, as on one node.
+    async with http.post(f"{b.url}/v1/channels", headers=AUTH, json={"title": "Again", "slug": "friday"}) as r:
+        assert r.status == 409 and (await r.json())["error"]["code"] == "SLUG_TAKEN"
+    other = await _create(http, b, "Other")
+    async with http.patch(f"{b.url}/v1/channels/{other['channel_id']}", headers=AUTH, json={"slug": "friday"}) as r:
+        assert r.status == 409 and (await r.json())["error"]["code"] == "SLUG_TAKEN"
     # Renamed at the other node: the new slug answers everywhere at once, the old one nowhere.
     async with http.patch(f"{b.url}/v1/channels/friday", headers=AUTH, json={"slug": "saturday"}) as r:
         assert r.status == 200, await r.text()
@@ -90,6 +96,8 @@ async def test_a_slug_answers_at_every_node_and_a_connection_on_it_opens_at_the_
             assert r.status == 200
         async with http.get(f"{node.url}/v1/channels/friday", headers=AUTH) as r:
             assert r.status == 404
+    async with http.patch(f"{b.url}/v1/channels/{other['channel_id']}", headers=AUTH, json={"slug": "friday"}) as r:
+        assert r.status == 200, await r.text()  # free again
     # Another key's slug of the same name is another channel: none here.
     async with http.post(f"{b.url}/v1/connections", headers={"Authorization": "Bearer nope"},
                          json={"channel_id": "saturday"}) as r:
