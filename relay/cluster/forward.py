@@ -28,9 +28,9 @@ from .. import metrics
 from ..auth import is_api_key, require_api_key
 from ..errors import RelayError, not_found, unauthorized
 from ..inputs import parse_json
+from ..recordings import owner_id
 from ..web import (API_KEYS, CLUSTER, EDGES, FORWARDED_CLIENT, FROM_NODE, SESSIONS, SETTINGS, SIMULATIONS,
                    client_address, token_of)
-from ..recordings import owner_id
 from .membership import NodeInfo
 
 log = logging.getLogger(__name__)
@@ -115,16 +115,17 @@ async def _place(request: web.Request, handler) -> web.StreamResponse:
     if sessions.closed or not is_api_key(token_of(request), request.app[API_KEYS]):
         return await handler(request)  # a stranger costs no other node a call: 401 here
     body = await request.read()
-    channel = _channel_named(request, body)
-    if channel is not None:
+    parsed = _parsed(request, body)
+    channel = parsed.get("channel_id") if isinstance(parsed, dict) else None
+    if isinstance(channel, str) and 0 < len(channel) <= 128:
         if _channel_here(request, channel):
             return await handler(request)  # this node's own answer: 201, 409, 503 STREAMER_NOT_AVAILABLE
         node = await cluster.channel_node(owner_id(token_of(request) or ""), channel)
         if node is None or node.node_id == cluster.node_id:
             return await handler(request)  # no such channel: 404 here
         return await carry(request, node, body=body)
-    if sessions.streamers_free > 0 or _bad_body(request, body):
-        return await handler(request)
+    if sessions.streamers_free > 0 or not isinstance(parsed, dict) or "channel_id" in parsed:
+        return await handler(request)  # a bad body or channel_id is the handler's to answer (400/404)
     others = sorted((n for n in await cluster.nodes() if n.node_id != cluster.node_id and n.streamers_free > 0),
                     key=lambda n: -n.streamers_free)
     for node in others:
@@ -135,23 +136,11 @@ async def _place(request: web.Request, handler) -> web.StreamResponse:
 
 
 def _parsed(request: web.Request, body: bytes) -> object:
+    """The body as JSON, or None when it is not (the handler answers 400)."""
     try:
         return parse_json(body, request.app[SETTINGS].server.max_json_depth) if body.strip() else {}
     except RelayError:
         return None
-
-
-def _bad_body(request: web.Request, body: bytes) -> bool:
-    """Not a JSON object, or a channel_id that is no string: the handler says so (400), here."""
-    parsed = _parsed(request, body)
-    return not isinstance(parsed, dict) or "channel_id" in parsed
-
-
-def _channel_named(request: web.Request, body: bytes) -> str | None:
-    """The channel (id or slug) a connection is asked for on, when it names one that could exist."""
-    parsed = _parsed(request, body)
-    ref = parsed.get("channel_id") if isinstance(parsed, dict) else None
-    return ref if isinstance(ref, str) and 0 < len(ref) <= 128 else None
 
 
 def _channel_here(request: web.Request, ref: str) -> bool:
