@@ -163,9 +163,13 @@ class Broadcast:
         """A participant's first event on its events socket (at this node or, clustered, at another)."""
         return {"type": "hello", "participant_id": participant_id,
                 "resume_token": self.audience.resume_token(participant_id), "resumed": resumed,
-                "invited": self.orchestrator.is_invited(participant_id), "orchestration": self.orchestration,
-                "chat": self.audience.chat.state(), "live": self.live, "stream_id": self.stream_id,
-                "prompt": self.prompt, "viewers": self.viewers,
+                "invited": self.orchestrator.is_invited(participant_id), **self.snapshot()}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Hello's part that is the same for every participant: the broadcast as it is now (a cluster's
+        edge rebuilds its sockets' hellos from it when pushes may have been lost with Redis)."""
+        return {"orchestration": self.orchestration, "chat": self.audience.chat.state(), "live": self.live,
+                "stream_id": self.stream_id, "prompt": self.prompt, "viewers": self.viewers,
                 **self.about(),  # the channel's title, description and host name (null for a plain broadcast)
                 "host": self.host, "replay_url": self.replay_url}
 

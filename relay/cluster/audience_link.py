@@ -5,15 +5,21 @@ Each node listens on one channel, ``relay:audience:<node_id>``. Inside the clust
 node's (the same trust as the directory). JSON, at most MESSAGE_MAX_BYTES:
 - to an origin: ``join`` (resume, invite, client address: the origin checks them and issues the identity
   and its resume token, so both hold on every node), ``message`` (a participant's input, vote, hand: the
-  origin's Audience answers as on one node), ``leave``;
-- to an edge: ``reply`` (a join's hello or a message's answer), ``push`` (an event for every participant of
-  a broadcast: published by the origin once per broadcast per node holding its participants, fanned out
-  there to each socket), ``close`` (the origin closed that socket's participant: replaced, or the end).
+  origin's Audience answers as on one node), ``leave``, ``sync`` (the broadcast's snapshot: Broadcast.snapshot);
+- to an edge: ``reply`` (a join's hello, a message's answer, a sync's snapshot), ``push`` (an event for every
+  participant of a broadcast: published by the origin once per broadcast per node holding its participants,
+  fanned out there to each socket), ``close`` (the origin closed that socket's participant: replaced, or the
+  end), ``stale`` (the origin lost Redis a while: pushes may be missing, sync).
 
 The node holding the socket bounds it first (message size, JSON depth, its rate: relay/api/broadcasts.py),
 so nothing a stranger floods crosses Redis. With Redis away a message is answered at once with 503
 CLUSTER_UNAVAILABLE in the error shape and the socket stays open; the listener subscribes again when
-Redis returns, and the next push catches the socket up.
+Redis returns. Pub/sub keeps nothing: a push published while Redis was away is lost. So when Redis is
+back (a listener subscribes again), each edge asks the origin of every broadcast it holds sockets of for a
+snapshot and sends each socket a fresh ``hello`` built from it (same identity, ``resumed: true``: what a
+page does with a reconnected socket's hello), and each origin tells the nodes holding its participants
+``stale`` (an edge whose own subscription never broke). A sync the origin cannot answer yet is tried again
+every heartbeat.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ MESSAGE_MAX_BYTES = 64 * 1024  # an event socket's message is at most 16 KiB; a 
 OUTBOX_MAX = 4096  # an origin's replies and pushes awaiting Redis; past it they are dropped (Redis is away)
 CLOSE_FLUSH_SECONDS = 1.0  # at shutdown, the outbox is given this long to reach Redis
 REPLY_SECONDS = 5.0  # an origin that does not answer a request within this is unavailable
+ENVELOPE_BYTES = 1024  # room for a reply's op, id and sender around a hello or snapshot
 TOKEN_MAX_CHARS = 256
 ORCHESTRATION_EVENT = '{"type": "orchestration"'  # how Audience.send's json.dumps starts a state push  # a resume token or invite longer than any we mint is no token (a new identity)
 
@@ -121,6 +128,9 @@ class AudienceLink:
         self._misses: Counter[str] = Counter()  # socket id -> sweeps in a row that did not see its other node
         self._outbox: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue(OUTBOX_MAX)
         self._unsent: list[tuple[str, str, int]] = []  # leaves that met Redis away: sent again when it is back
+        self._subscribed = False  # once: a later subscription is Redis coming back (pushes may be lost)
+        self._stale: set[str] = set()  # as an edge: broadcasts whose sockets may have missed pushes
+        self._syncing: set[str] = set()
         self._tasks: list[asyncio.Task] = []
         self._work: set[asyncio.Task] = set()
         self.closed = False
@@ -251,16 +261,69 @@ class AudienceLink:
                 self._learn_rate(broadcast_id, json.loads(event))  # the host may have changed the rate
             for participant in sockets.values():
                 participant.channel.push(event)
+        elif op == "stale":
+            if message.get("broadcast_id") in self._by_broadcast:
+                self._stale.add(message["broadcast_id"])
+                self._sync_stale()
         elif op == "close":
             participant = self._sockets.get(message.get("socket"))
             if participant is not None:
                 self._forget(participant)  # the origin has let it go: no leave to send
                 participant.channel.close(replaced=bool(message.get("replaced")))
 
+    def _sync_stale(self) -> None:
+        """A sync for each stale broadcast not already asked for."""
+        for broadcast_id in self._stale - self._syncing:
+            self._syncing.add(broadcast_id)
+            self._stale.discard(broadcast_id)
+            task = asyncio.get_running_loop().create_task(self._sync(broadcast_id), name="relay-audience-sync")
+            self._work.add(task)
+            task.add_done_callback(self._work.discard)
+
+    async def _sync(self, broadcast_id: str) -> None:
+        """The origin's snapshot of the broadcast, to each socket here as a fresh hello."""
+        try:
+            sockets = self._by_broadcast.get(broadcast_id)
+            if not sockets:
+                return
+            origin = next(iter(sockets.values())).origin
+            try:
+                reply = await self.request(origin, {"op": "sync", "broadcast_id": broadcast_id})
+            except RelayError as err:
+                if err.status != 404:  # 404: the broadcast ended (its sockets are closed by the origin or the sweep)
+                    self._stale.add(broadcast_id)  # the origin is not listening yet: the next sweep asks again
+                return
+            snapshot = reply.get("reply")
+            if not isinstance(snapshot, dict):
+                return
+            self._learn_rate(broadcast_id, snapshot.get("orchestration"))
+            for participant in list(self._by_broadcast.get(broadcast_id, {}).values()):
+                if participant.hello is not None:
+                    participant.hello = {**participant.hello, **snapshot, "resumed": True}
+                    participant.channel.push(json.dumps(participant.hello))
+        finally:
+            self._syncing.discard(broadcast_id)
+
+    def _returned(self) -> None:
+        """Redis is back after a loss: as an edge, every broadcast held here is stale; as an origin, the
+        nodes holding our participants are told so (their own subscriptions may never have broken)."""
+        self._stale.update(self._by_broadcast)
+        for broadcast_id, nodes in self._nodes_of.items():
+            for node in nodes:
+                self._post(node, {"op": "stale", "broadcast_id": broadcast_id})
+        self._sync_stale()
+
     # -- as an origin: other nodes' participants of our broadcasts --------------------------------
 
     def _origin_dispatch(self, message: dict[str, Any]) -> None:
         op, node, socket_id = message.get("op"), message.get("from"), message.get("socket")
+        if op == "sync" and isinstance(node, str):
+            broadcast = self._sessions.broadcasts.get(message.get("broadcast_id"))
+            if broadcast is None:
+                self._reply(node, message, None, not_found("broadcast", str(message.get("broadcast_id"))[:128]))
+            else:
+                self._reply(node, message, within_bound(broadcast.snapshot()))
+            return
         if not isinstance(node, str) or not isinstance(socket_id, str):
             return
         if op == "leave":
@@ -296,7 +359,7 @@ class AudienceLink:
         if audience.published is None:
             broadcast_id = broadcast.broadcast_id
             audience.published = lambda text: self._push(broadcast_id, text)
-        return broadcast.hello(channel.participant_id, channel.resumed)
+        return within_bound(broadcast.hello(channel.participant_id, channel.resumed))
 
     async def _message(self, node: str, socket_id: str, message: dict[str, Any]) -> None:
         remote = self._remote.get(socket_id)
@@ -358,6 +421,8 @@ class AudienceLink:
             return  # Redis away: nobody is seen, and nobody is presumed gone
         alive = {node.node_id for node in self._cluster.nodes_seen}
         self._resend(alive)
+        if self.listening:
+            self._sync_stale()
         for socket_id, remote in list(self._remote.items()):
             if self._gone(socket_id, remote.node, alive):
                 del self._remote[socket_id]
@@ -438,6 +503,9 @@ class AudienceLink:
             try:
                 await pubsub.subscribe(inbox(self.node_id))
                 self.listening = True
+                if self._subscribed:
+                    self._returned()
+                self._subscribed = True
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
@@ -460,10 +528,26 @@ class AudienceLink:
             return
         if not isinstance(message, dict):
             return
-        if message.get("op") in ("join", "message", "leave"):
+        if message.get("op") in ("join", "message", "leave", "sync"):
             self._origin_dispatch(message)
         else:
             self._edge_dispatch(message)
+
+
+def within_bound(state: dict[str, Any]) -> dict[str, Any]:
+    """A hello or snapshot that crosses Redis within MESSAGE_MAX_BYTES (the receiver drops a larger one):
+    the chat history's oldest messages are left out as needed (500 long messages could reach megabytes)."""
+    budget = MESSAGE_MAX_BYTES - ENVELOPE_BYTES
+    size = len(json.dumps(state))
+    chat = state.get("chat")
+    if size <= budget or not isinstance(chat, dict) or not chat.get("history"):
+        return state
+    history = list(chat["history"])
+    start = 0
+    while start < len(history) and size > budget:
+        size -= len(json.dumps(history[start])) + 2  # the message and its ", " separator
+        start += 1
+    return {**state, "chat": {**chat, "history": history[start:]}}
 
 
 def _token(value: Any) -> str | None:

@@ -4,7 +4,10 @@ for edges (a channel's broadcast is its channel's node's, with or without a host
 Keys: ``relay:owner:<kind>:<id>`` -> node id and ``relay:broadcast:<id>`` -> JSON record, each with a TTL of
 node_timeout_seconds that the owner's heartbeat refreshes (and rewrites, so a Redis that lost its data is
 whole again one beat later). Written when created, deleted when closed; an entry whose node stopped
-heart-beating reads as gone, so a dead node's ids answer 404 everywhere. Simulation jobs too
+heart-beating reads as gone, so a dead node's ids answer 404 everywhere. Channels (``channel``, and
+``slug`` as ``<owner hash>:<slug>``, a slug being unique per key) are written with a TTL of
+CHANNEL_HOME_SECONDS instead: a channel outlives its node's death on disk, so another node can say
+"its node is down" (503) rather than "no such channel" (404). Simulation jobs too
 (``relay:owner:job:<id>``), with a TTL of hours instead (see JOB_TTL_SECONDS): a job outlives its node's
 restarts, and its node's liveness is read at each lookup all the same.
 
@@ -21,7 +24,9 @@ from redis.asyncio import Redis
 
 from .membership import Membership, NodeInfo
 
-KINDS = ("connection", "stream", "broadcast", "job", "channel")
+KINDS = ("connection", "stream", "broadcast", "job", "channel", "slug")
+LASTING = frozenset({"channel", "slug"})
+CHANNEL_HOME_SECONDS = 7200  # a dead node's channels read as "down" this long, then as unknown
 
 # A simulation job lives on (durably, in its node's data_dir) long past any heartbeat: its entry is written
 # at submit with this TTL and re-registered wholesale every JOB_REFRESH_SECONDS (and at once when the
@@ -33,6 +38,10 @@ _REGISTER_CHUNK = 1000
 
 def owner_key(kind: str, ident: str) -> str:
     return f"relay:owner:{kind}:{ident}"
+
+
+def slug_ident(owner: str, slug: str) -> str:
+    return f"{owner}:{slug}"
 
 
 def jobs_marker_key(node_id: str) -> str:
@@ -71,6 +80,7 @@ class Directory:
         self._redis = redis
         self._membership = membership
         self._ttl_ms = int(timeout_seconds * 1000)
+        self._lasting_ms = max(self._ttl_ms, CHANNEL_HOME_SECONDS * 1000)
 
     @property
     def node_id(self) -> str:
@@ -80,7 +90,8 @@ class Directory:
         """Write (or refresh) what this node owns, in one round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for entry in entries:
-                pipe.set(owner_key(entry.kind, entry.ident), self.node_id, px=self._ttl_ms)
+                ttl = self._lasting_ms if entry.kind in LASTING else self._ttl_ms
+                pipe.set(owner_key(entry.kind, entry.ident), self.node_id, px=ttl)
                 if entry.record is not None:
                     pipe.set(broadcast_key(entry.ident), json.dumps(entry.record), px=self._ttl_ms)
             await pipe.execute()
@@ -109,12 +120,17 @@ class Directory:
 
     async def owner(self, kind: str, ident: str) -> NodeInfo | None:
         """The live node that owns it, or None (unknown, or its node is gone)."""
+        node_id = await self.home(kind, ident)
+        return None if node_id is None else await self._membership.node(node_id)
+
+    async def home(self, kind: str, ident: str) -> str | None:
+        """The id of the node that owns it, live or not (a channel's is kept CHANNEL_HOME_SECONDS)."""
         if kind not in KINDS or not ident or len(ident) > 128:
             return None
         node_id = await self._redis.get(owner_key(kind, ident))
         if not node_id:
             return None
-        return await self._membership.node(node_id.decode() if isinstance(node_id, bytes) else node_id)
+        return node_id.decode() if isinstance(node_id, bytes) else node_id
 
     async def broadcast_record(self, broadcast_id: str) -> dict[str, Any] | None:
         """{node_id, origin_url, spectator_token, connection_id} while its origin lives, else None."""

@@ -2,8 +2,9 @@
 live node owns is carried out by that node. This middleware forwards it (method, path, query, headers with the caller's
 Authorization, body) and answers with the owner's status, headers and body, unchanged: not a redirect,
 which clients follow without the Authorization header. WebSockets are proxied frame by frame, close codes
-passed through. POST /v1/connections at a node with no free streamer goes to a node that has one, unless it names a
-channel: channels live on one node (until they are kept in Redis), so that one answers 503 itself.
+passed through. POST /v1/connections naming a channel (by id or slug) that another node keeps goes to that node (a
+channel lives on its node's disk); otherwise, at a node with no free streamer, to a node that has one.
+A channel whose node is down answers 503 CHANNEL_NODE_UNAVAILABLE at every node (Cluster.channel_node).
 
 A forwarded call carries `X-Relay-Node` (the sending node's signed header) and `X-Relay-Client` (the
 caller's address, which the per-address caps count): the owner believes the latter only with the former,
@@ -24,9 +25,10 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from .. import metrics
-from ..auth import require_api_key
+from ..auth import is_api_key, require_api_key
 from ..errors import RelayError, not_found, unauthorized
 from ..inputs import parse_json
+from ..recordings import owner_id
 from ..web import (API_KEYS, CLUSTER, EDGES, FORWARDED_CLIENT, FROM_NODE, SESSIONS, SETTINGS, SIMULATIONS,
                    client_address, token_of)
 from .membership import NodeInfo
@@ -50,7 +52,7 @@ _ROUTES = (
     (re.compile(r"^/odyssey/signalling/client/([^/]{1,128})$"), "connection"),
     (re.compile(r"^/v1/simulations/([^/]{1,128})(/.*)?$"), "job"),
     (re.compile(r"^/odyssey/simulation-jobs/([^/]{1,128})$"), "job"),
-    (re.compile(r"^/v1/channels/([^/]{1,128})$"), "channel"),  # by channel_id (a slug is its node's alone)
+    (re.compile(r"^/v1/channels/([^/]{1,128})$"), "channel"),  # by channel_id or the caller's slug
 )
 # Served by the node asked, whoever the origin: WHEP and HLS (as the broadcast's edge), the events socket
 # (its origin's audience answers over Redis) and where to watch.
@@ -70,7 +72,7 @@ async def _local(request: web.Request, kind: str, ident: str) -> bool:
         return store is not None and await asyncio.to_thread(store.get, ident) is not None
     sessions = request.app[SESSIONS]
     if kind == "channel":
-        return sessions.channels is not None and sessions.channels.has(ident)
+        return _channel_here(request, ident)
     if kind == "connection":
         return ident in sessions.connections
     if kind == "broadcast":
@@ -96,21 +98,34 @@ async def forward(request: web.Request, handler) -> web.StreamResponse:
     kind, ident = named
     if EDGES in request.app and kind == "broadcast" and _EDGE_PATH.match(request.path):
         return await handler(request)  # WHEP, HLS, events of another node's broadcast, /nodes: served here
-    owner = await cluster.owner(kind, ident)
+    if kind == "channel":
+        owner = await cluster.channel_node(owner_id(require_api_key(token_of(request), request.app[API_KEYS])),
+                                           ident)
+    else:
+        owner = await cluster.owner(kind, ident)
     if owner is None or owner.node_id == cluster.node_id:
         return await handler(request)  # unknown, gone with its node, or closing here: 401/404 as ever
     return await carry(request, owner)
 
 
 async def _place(request: web.Request, handler) -> web.StreamResponse:
-    """A node with no free streamer opens the connection on the live node with the most (503 when none has)."""
+    """A connection on a channel opens at the channel's node; any other, at a node with no free streamer,
+    on the live node with the most (503 when none has)."""
     sessions, cluster = request.app[SESSIONS], request.app[CLUSTER]
-    if sessions.closed or sessions.streamers_free > 0:
-        return await handler(request)
-    require_api_key(token_of(request), request.app[API_KEYS])  # a stranger costs no other node a call
+    if sessions.closed or not is_api_key(token_of(request), request.app[API_KEYS]):
+        return await handler(request)  # a stranger costs no other node a call: 401 here
     body = await request.read()
-    if _names_a_channel(request, body):  # channels are per node: another node would answer 404
-        return await handler(request)  # this node's own answer: 503 STREAMER_NOT_AVAILABLE, or 400/404
+    parsed = _parsed(request, body)
+    channel = parsed.get("channel_id") if isinstance(parsed, dict) else None
+    if isinstance(channel, str) and 0 < len(channel) <= 128:
+        if _channel_here(request, channel):
+            return await handler(request)  # this node's own answer: 201, 409, 503 STREAMER_NOT_AVAILABLE
+        node = await cluster.channel_node(owner_id(token_of(request) or ""), channel)
+        if node is None or node.node_id == cluster.node_id:
+            return await handler(request)  # no such channel: 404 here
+        return await carry(request, node, body=body)
+    if sessions.streamers_free > 0 or not isinstance(parsed, dict) or "channel_id" in parsed:
+        return await handler(request)  # a bad body or channel_id is the handler's to answer (400/404)
     others = sorted((n for n in await cluster.nodes() if n.node_id != cluster.node_id and n.streamers_free > 0),
                     key=lambda n: -n.streamers_free)
     for node in others:
@@ -120,13 +135,29 @@ async def _place(request: web.Request, handler) -> web.StreamResponse:
     return await handler(request)  # nobody had one: this node's own 503 STREAMER_NOT_AVAILABLE
 
 
-def _names_a_channel(request: web.Request, body: bytes) -> bool:
-    """Whether the connection is asked for on a channel (or the body is bad: the handler says so, here)."""
+def _parsed(request: web.Request, body: bytes) -> object:
+    """The body as JSON, or None when it is not (the handler answers 400)."""
     try:
-        parsed = parse_json(body, request.app[SETTINGS].server.max_json_depth) if body.strip() else {}
+        return parse_json(body, request.app[SETTINGS].server.max_json_depth) if body.strip() else {}
     except RelayError:
+        return None
+
+
+def _channel_here(request: web.Request, ref: str) -> bool:
+    """Whether this node keeps channel `ref`: by id (anyone's: the handler checks the key), or by the caller's slug."""
+    store = request.app[SESSIONS].channels
+    if store is None:
+        return False
+    if store.has(ref):
         return True
-    return isinstance(parsed, dict) and "channel_id" in parsed
+    token = token_of(request)
+    if not is_api_key(token, request.app[API_KEYS]):
+        return False
+    try:
+        store.get(owner_id(token or ""), ref)
+    except RelayError:
+        return False
+    return True
 
 
 def headers_out(request: web.Request) -> dict[str, str]:

@@ -25,9 +25,10 @@ from typing import Any
 from redis.exceptions import MaxConnectionsError, RedisError
 
 from .. import metrics
+from ..channels import slug_taken
 from ..config import Settings
-from ..errors import cluster_busy, cluster_unavailable
-from .directory import Directory, Entry, Origin
+from ..errors import RelayError, cluster_busy, cluster_unavailable
+from .directory import LASTING, Directory, Entry, Origin, slug_ident
 from .membership import Membership, NodeInfo, derive_node_id
 from .pool import connect
 from .quota import ClusterQuota
@@ -38,6 +39,13 @@ log = logging.getLogger(__name__)
 
 class JoinError(Exception):
     """This node cannot join its cluster at start (Redis does not answer)."""
+
+
+def channel_node_unavailable(ref: str, node_id: str) -> RelayError:
+    return RelayError(
+        "CHANNEL_NODE_UNAVAILABLE", 503, "The node that keeps this channel is not running.",
+        action="Retry when that node is back: the channel, its watch link and ids return with it. To go live "
+               "now, create another channel.", details={"channel": ref[:128], "node_id": node_id}, retry_after=5)
 
 
 class Cluster:
@@ -94,7 +102,8 @@ class Cluster:
         await asyncio.gather(*self._writes, return_exceptions=True)
         await self.spectators.close()
         with contextlib.suppress(RedisError, OSError):  # leave at once rather than at node_timeout
-            await self.directory.remove(self._owned())
+            # But for our channels: they are on our disk, back when we are (till then: 503, not 404).
+            await self.directory.remove([e for e in self._owned() if e.kind not in LASTING])
             await self.membership.leave()
         await self.redis.aclose()
         metrics.CLUSTER_NODES.set(0)
@@ -119,8 +128,11 @@ class Cluster:
 
     def channel_entries(self, channel: Any) -> list[Entry]:
         """A channel and its broadcast, owned here even between hosts (its watch link works at any node)."""
-        return [Entry("channel", channel.channel_id),
-                self._broadcast_entry(channel.broadcast_id, channel.spectator_token, None)]
+        entries = [Entry("channel", channel.channel_id),
+                   self._broadcast_entry(channel.broadcast_id, channel.spectator_token, None)]
+        if channel.slug:  # the slug found at every node, as the id is
+            entries.append(Entry("slug", slug_ident(channel.owner, channel.slug)))
+        return entries
 
     def _broadcast_entry(self, broadcast_id: str, spectator_token: str, connection_id: str | None) -> Entry:
         return Entry("broadcast", broadcast_id, {"node_id": self.node_id, "origin_url": self.public_url,
@@ -250,6 +262,39 @@ class Cluster:
 
     def channel_deleted(self, channel: Any) -> None:
         self._write(self.directory.remove(self.channel_entries(channel)))
+
+    async def channel_updated(self, old_slug: str | None, channel: Any) -> None:
+        """A renamed slug is found at once under its new name, and no longer under the old one."""
+        if old_slug and old_slug != channel.slug:  # awaited: the old slug is free for the key's next call
+            try:
+                await self.directory.remove([Entry("slug", slug_ident(channel.owner, old_slug))])
+            except (RedisError, OSError) as exc:
+                log.warning("cluster: directory write failed (%s); the old slug lapses in time", exc)
+        await self._publish(self.channel_entries(channel))
+
+    async def check_slug(self, owner: str, slug: Any) -> None:
+        """409 SLUG_TAKEN when another node keeps a channel of `owner` with this slug (a slug is unique per
+        key across the cluster, as on one node; this node's own channels are its store's to check)."""
+        if not isinstance(slug, str):
+            return  # no slug, or a bad one: the store answers
+        async with self.guarded():
+            node_id = await self.directory.home("slug", slug_ident(owner, slug))
+        if node_id is not None and node_id != self.node_id:
+            raise slug_taken(slug)
+
+    async def channel_node(self, owner: str, ref: str) -> NodeInfo | None:
+        """The live node that keeps channel `ref` (its id, or `owner`'s slug); None when no node has it;
+        503 CHANNEL_NODE_UNAVAILABLE when the node that keeps it is down (its channels are on its disk)."""
+        async with self.guarded():
+            for kind, ident in (("channel", ref), ("slug", slug_ident(owner, ref))):
+                node_id = await self.directory.home(kind, ident)
+                if node_id is None:
+                    continue
+                node = await self.membership.node(node_id)
+                if node is None:
+                    raise channel_node_unavailable(ref, node_id)
+                return node
+        return None
 
     async def _publish(self, entries: list[Entry]) -> None:
         """In the directory before the host hears of it (its next call may reach any node). With Redis

@@ -66,3 +66,66 @@ async def _gone(http, node, broadcast: dict) -> bool:
     async with http.get(f"{node.url}/v1/broadcasts/{broadcast['broadcast_id']}",
                         params={"token": broadcast["spectator_token"]}) as r:
         return r.status == 404
+
+
+async def test_a_slug_answers_at_every_node_and_a_connection_on_it_opens_at_the_channels_node(cluster, http):
+    a, b = await cluster(2)
+    async with http.post(f"{a.url}/v1/channels", headers=AUTH, json={"title": "Friday", "slug": "friday"}) as r:
+        friday = await r.json()
+    async with http.get(f"{b.url}/v1/channels/friday", headers=AUTH) as r:  # at once, before any heartbeat
+        assert r.status == 200, await r.text()
+        assert (await r.json())["channel_id"] == friday["channel_id"]
+    async with http.post(f"{b.url}/v1/connections", headers=AUTH, json={"channel_id": "friday"}) as r:
+        opened = await r.json()
+        assert r.status == 201, opened
+    assert opened["broadcast"] == friday["broadcast"]  # the channel's lasting broadcast, at its node
+    assert opened["control_url"].startswith(a.url.replace("http", "ws", 1))
+    async with http.post(f"{b.url}/v1/connections", headers=AUTH, json={"channel_id": friday["channel_id"]}) as r:
+        assert r.status == 409 and (await r.json())["error"]["code"] == "CHANNEL_IN_USE"  # a's answer
+    # A slug is the key's once across the cluster, as on one node.
+    async with http.post(f"{b.url}/v1/channels", headers=AUTH, json={"title": "Again", "slug": "friday"}) as r:
+        assert r.status == 409 and (await r.json())["error"]["code"] == "SLUG_TAKEN"
+    other = await _create(http, b, "Other")
+    async with http.patch(f"{b.url}/v1/channels/{other['channel_id']}", headers=AUTH, json={"slug": "friday"}) as r:
+        assert r.status == 409 and (await r.json())["error"]["code"] == "SLUG_TAKEN"
+    # Renamed at the other node: the new slug answers everywhere at once, the old one nowhere.
+    async with http.patch(f"{b.url}/v1/channels/friday", headers=AUTH, json={"slug": "saturday"}) as r:
+        assert r.status == 200, await r.text()
+    for node in (a, b):
+        async with http.get(f"{node.url}/v1/channels/saturday", headers=AUTH) as r:
+            assert r.status == 200
+        async with http.get(f"{node.url}/v1/channels/friday", headers=AUTH) as r:
+            assert r.status == 404
+    async with http.patch(f"{b.url}/v1/channels/{other['channel_id']}", headers=AUTH, json={"slug": "friday"}) as r:
+        assert r.status == 200, await r.text()  # free again
+    # Another key's slug of the same name is another channel: none here.
+    async with http.post(f"{b.url}/v1/connections", headers={"Authorization": "Bearer nope"},
+                         json={"channel_id": "saturday"}) as r:
+        assert r.status == 401
+    for ref in ("", "y" * 129, "no-such-slug"):
+        async with http.post(f"{b.url}/v1/connections", headers=AUTH, json={"channel_id": ref}) as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "NOT_FOUND", ref
+
+
+async def test_a_channel_whose_node_is_down_answers_503_with_what_to_do_at_the_others(cluster, http):
+    a, b = await cluster(2)
+    async with http.post(f"{a.url}/v1/channels", headers=AUTH, json={"title": "Friday", "slug": "friday"}) as r:
+        friday = await r.json()
+    a.kill()
+
+    async def down() -> bool:  # NODE_UNAVAILABLE (its calls refused) until its record expires
+        async with http.get(f"{b.url}/v1/channels/{friday['channel_id']}", headers=AUTH) as r:
+            return r.status == 503 and (await r.json())["error"]["code"] == "CHANNEL_NODE_UNAVAILABLE"
+    await eventually(down, timeout=5, what="the channel's node seen down")  # node_timeout_seconds 1.5
+    for method, path, body in (("GET", "/v1/channels/friday", None),
+                               ("POST", "/v1/connections", {"channel_id": "friday"}),
+                               ("POST", "/v1/connections", {"channel_id": friday["channel_id"]})):
+        async with http.request(method, b.url + path, headers=AUTH, json=body) as r:
+            answer = await r.json()
+            assert r.status == 503 and answer["error"]["code"] == "CHANNEL_NODE_UNAVAILABLE", answer
+            assert answer["error"]["action"] and int(r.headers["Retry-After"]) >= 1
+            assert answer["error"]["details"]["node_id"] == a.node_id
+    async with http.get(f"{b.url}/v1/channels/{'0' * 32}", headers=AUTH) as r:
+        assert r.status == 404  # unknown is still unknown
+    async with http.post(f"{b.url}/v1/connections", headers=AUTH) as r:
+        assert r.status == 201  # b itself goes on

@@ -5,9 +5,11 @@ answers over Redis (relay/cluster/audience_link.py)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import aiohttp
+import redis.asyncio as aioredis
 
 from tests.cluster.conftest import CLUSTER_KEY
 from tests.cluster.test_cluster_core import all_joined, open_connection
@@ -189,3 +191,66 @@ async def _admitted(http, node, broadcast) -> bool:
     except aiohttp.WSServerHandshakeError as refused:
         assert refused.status == 503
         return False
+
+
+async def test_a_mode_change_while_redis_is_away_reaches_an_edge_participant_when_it_returns(cluster, redis_server, http):
+    (a, b), broadcast, _ = await live_broadcast(http, cluster, 2, mode="queue", cooldown_seconds=0)
+    pb = await join(http, b, broadcast, "ben")
+    assert pb.hello["orchestration"]["mode"] == "queue"
+    await pb.send(type="chat", text="before the outage")
+    await pb.next("chat", where=lambda e: e["text"] == "before the outage")
+    await redis_server.stop()
+    # The host (at the origin, which needs no Redis for it) changes the mode: the push to b is lost.
+    async with http.put(f"{a.url}/v1/broadcasts/{broadcast['broadcast_id']}/orchestration", headers=AUTH,
+                        json={"mode": "vote", "vote_window_seconds": 30}) as r:
+        assert r.status == 200, await r.text()
+    await redis_server.start()
+    started = time.monotonic()
+    # No further state change: the edge brings its socket up to date by itself, as a fresh hello.
+    hello = await pb.next("hello", timeout=10)
+    assert time.monotonic() - started < 5  # two nodes' listeners back (a heartbeat each), then one round trip
+    assert hello["orchestration"]["mode"] == "vote" and hello["resumed"] is True
+    assert hello["participant_id"] == pb.hello["participant_id"]
+    assert hello["resume_token"] == pb.hello["resume_token"]
+    assert [m["text"] for m in hello["chat"]["history"]] == ["before the outage"]
+    await pb.ws.close()
+
+
+def _local_ports(pid: int) -> set[int]:
+    """The local TCP ports of a process's sockets (from /proc: which Redis clients are that node's)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    ports = set()
+    with open(f"/proc/{pid}/net/tcp") as table:
+        for row in list(table)[1:]:
+            fields = row.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].split(":")[1], 16))
+    return ports
+
+
+async def test_an_origin_whose_redis_subscription_broke_has_the_edges_catch_its_sockets_up(cluster, redis_server, http):
+    (a, b), broadcast, _ = await live_broadcast(http, cluster, 2, mode="queue", cooldown_seconds=0)
+    pb = await join(http, b, broadcast, "ben")
+    # Only the origin's subscription is cut (Redis and the edge's stay up): the origin cannot know what its
+    # pushes met meanwhile, so when it subscribes again it tells the edge its sockets are stale.
+    redis = aioredis.from_url(redis_server.url)
+    try:
+        ports = _local_ports(a.proc.pid)
+        killed = 0
+        for client in await redis.client_list():
+            if client.get("sub") == "1" and int(client["addr"].rsplit(":", 1)[1]) in ports:
+                killed += await redis.client_kill_filter(_id=client["id"])
+        assert killed == 1
+    finally:
+        await redis.aclose()
+    hello = await pb.next("hello", timeout=5)  # one heartbeat to subscribe again, then the sync
+    assert hello["participant_id"] == pb.hello["participant_id"] and hello["resumed"] is True
+    assert hello["orchestration"]["mode"] == "queue"
+    await pb.ws.close()
