@@ -39,10 +39,12 @@ async def create_channel(request: web.Request) -> web.Response:
     owner = channel_owner(request)
     store = channels_of(request)
     body = await read_json(request)
-    if (cluster := request.app[CLUSTER]) is not None:  # unique per key across the cluster
-        await cluster.check_slug(owner, body.get("slug"))
     clock = request.app[SESSIONS].clock
-    channel = await asyncio.to_thread(store.create, owner, body, clock.time())
+    if (cluster := request.app[CLUSTER]) is not None:  # unique per key across the cluster
+        async with cluster.slug_claim(owner, body.get("slug")):
+            channel = await asyncio.to_thread(store.create, owner, body, clock.time())
+    else:
+        channel = await asyncio.to_thread(store.create, owner, body, clock.time())
     if cluster is not None:  # in the directory before its 201: any node answers for it
         await cluster.channel_created(channel)
     return json_response(channel_body(request, channel), status=201)
@@ -69,8 +71,10 @@ async def update_channel(request: web.Request) -> web.Response:
     body = await read_json(request)
     old_slug = channel.slug
     if (cluster := request.app[CLUSTER]) is not None and body.get("slug") != old_slug:
-        await cluster.check_slug(owner, body.get("slug"))
-    channel = await asyncio.to_thread(store.update, channel, body)
+        async with cluster.slug_claim(owner, body.get("slug")):
+            channel = await asyncio.to_thread(store.update, channel, body)
+    else:
+        channel = await asyncio.to_thread(store.update, channel, body)
     request.app[SESSIONS].channel_changed(channel)
     if cluster is not None:  # its new slug found at any node at once
         await cluster.channel_updated(old_slug, channel)

@@ -96,6 +96,17 @@ class Directory:
                     pipe.set(broadcast_key(entry.ident), json.dumps(entry.record), px=self._ttl_ms)
             await pipe.execute()
 
+    async def claim(self, kind: str, ident: str) -> str:
+        """Take a lasting entry for this node unless another holds it, atomically (SET NX): two nodes claiming
+        one slug at the same instant cannot both win. Returns the node id that holds it now."""
+        key = owner_key(kind, ident)
+        if await self._redis.set(key, self.node_id, nx=True, px=self._lasting_ms):
+            return self.node_id
+        holder = await self._redis.get(key)
+        if not holder:  # lapsed between the two calls: try once more
+            return self.node_id if await self._redis.set(key, self.node_id, nx=True, px=self._lasting_ms) else "?"
+        return holder.decode() if isinstance(holder, bytes) else holder
+
     async def register_jobs(self, job_ids: Iterable[str]) -> None:
         """Jobs of this node (their GET/DELETE at any node are carried here), JOB_TTL_SECONDS each."""
         ids = list(job_ids)

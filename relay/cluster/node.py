@@ -272,15 +272,29 @@ class Cluster:
                 log.warning("cluster: directory write failed (%s); the old slug lapses in time", exc)
         await self._publish(self.channel_entries(channel))
 
-    async def check_slug(self, owner: str, slug: Any) -> None:
-        """409 SLUG_TAKEN when another node keeps a channel of `owner` with this slug (a slug is unique per
-        key across the cluster, as on one node; this node's own channels are its store's to check)."""
-        if not isinstance(slug, str):
-            return  # no slug, or a bad one: the store answers
+    @contextlib.asynccontextmanager
+    async def slug_claim(self, owner: str, slug: Any) -> AsyncIterator[None]:
+        """Around a channel's create or rename: the slug is claimed for this node in the directory first, atomically,
+        so it is unique per key across the cluster (409 SLUG_TAKEN when another node holds it, even when two nodes
+        race for it); a claim this call made is given back if the store then refuses the channel."""
+        if not isinstance(slug, str):  # no slug, or a bad one: the store answers
+            yield
+            return
+        ident = slug_ident(owner, slug)
+        claimed = False
         async with self.guarded():
-            node_id = await self.directory.home("slug", slug_ident(owner, slug))
-        if node_id is not None and node_id != self.node_id:
+            holder = await self.directory.home("slug", ident)
+            if holder is None:  # free: take it (this node's own slug, a rename to itself, is not claimed again)
+                holder = await self.directory.claim("slug", ident)
+                claimed = holder == self.node_id
+        if holder != self.node_id:
             raise slug_taken(slug)
+        try:
+            yield
+        except BaseException:
+            if claimed:
+                self._write(self.directory.remove([Entry("slug", ident)]))
+            raise
 
     async def channel_node(self, owner: str, ref: str) -> NodeInfo | None:
         """The live node that keeps channel `ref` (its id, or `owner`'s slug); None when no node has it;

@@ -4,6 +4,8 @@ and GET /v1/channels lists the key's channels at every node. Two `relay serve` n
 
 from __future__ import annotations
 
+import asyncio
+
 from relay.client import Spectator
 from tests.cluster.test_cluster_core import AUTH
 from tests.conftest import eventually
@@ -105,6 +107,31 @@ async def test_a_slug_answers_at_every_node_and_a_connection_on_it_opens_at_the_
     for ref in ("", "y" * 129, "no-such-slug"):
         async with http.post(f"{b.url}/v1/connections", headers=AUTH, json={"channel_id": ref}) as r:
             assert r.status == 404 and (await r.json())["error"]["code"] == "NOT_FOUND", ref
+
+
+async def test_two_nodes_racing_for_one_slug_make_one_channel_and_a_refused_channel_frees_its_slug(cluster, http):
+    a, b = await cluster(2, limits={"channels_per_key": 2})
+
+    async def create(node, title: str) -> tuple[int, dict]:
+        async with http.post(f"{node.url}/v1/channels", headers=AUTH, json={"title": title, "slug": "race"}) as r:
+            return r.status, await r.json()
+    for attempt in range(5):  # the same instant at both nodes: exactly one wins, every time
+        answers = await asyncio.gather(create(a, "A"), create(b, "B"))
+        assert sorted(status for status, _ in answers) == [201, 409], answers
+        assert [body["error"]["code"] for status, body in answers if status == 409] == ["SLUG_TAKEN"]
+        winner = next(body for status, body in answers if status == 201)
+        async with http.delete(f"{a.url}/v1/channels/{winner['channel_id']}", headers=AUTH) as r:
+            assert r.status == 204
+    # A channel the store refuses (the key is at its channels_per_key at a) leaves no claim on its slug.
+    for title in ("One", "Two"):
+        await _create(http, a, title)
+    async with http.post(f"{a.url}/v1/channels", headers=AUTH, json={"title": "Three", "slug": "kept"}) as r:
+        assert r.status == 409 and (await r.json())["error"]["code"] == "CHANNEL_LIMIT_REACHED"
+
+    async def free_at_b() -> bool:
+        async with http.post(f"{b.url}/v1/channels", headers=AUTH, json={"title": "Three", "slug": "kept"}) as r:
+            return r.status == 201
+    await eventually(free_at_b, timeout=5, what="the refused channel's slug free at the other node")
 
 
 async def test_a_channel_whose_node_is_down_answers_503_with_what_to_do_at_the_others(cluster, http):
