@@ -6,10 +6,12 @@ Nothing runs in the background: the refill is computed when a token is asked for
 
 A bucket several client addresses share (a broadcast's chat) is a `FairShare`: first come first served
 would let one address (a hundred sockets behind one NAT) take every token, so while it is contended
-each address gets at most its share, max-min fair.
+each address that is sending gets at most its share, max-min fair.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 from .clock import Clock
 from .errors import RelayError
@@ -41,37 +43,43 @@ class TokenBucket:
 
 
 class FairShare:
-    """One bucket (``rate``/s, ``burst``) shared by client addresses, max-min fair.
+    """One bucket (``rate``/s, ``burst``) shared by client addresses, max-min fair between those sending.
 
     The bucket's upper half is first come first served: a message takes a token there whoever sends
-    it. The lower half is split between the ``addresses`` in the room: each address's share is
-    rate/addresses a second and half the burst/addresses deep (its own bucket), and below half a
-    message takes a token only within its address's share. So a flooder holds at most the upper half
-    and its own slice: another address's message finds its slice, yet an address alone (or whose
-    neighbours are quiet) still uses the whole rate and burst. With a burst of 1 (a rate under 2/s)
-    there is no upper half: each address keeps to its share. Past ~lower-half addresses each share is
-    one token deep: the guarantee is then the share's rate, not its depth.
+    it. The lower half is split between the addresses *sending*: those with a message (sent or
+    refused) in the last burst/rate seconds, this one included. With n of them, each address's share
+    is rate/(n+1) a second and half the burst/(n+1) deep (its own bucket), and below half a message
+    takes a token only within its address's share. The extra slot is kept for whoever speaks next:
+    the shares together refill slower than the bucket, so the lower half grows back under any flood
+    and a newcomer finds tokens there. Silent sockets take no slot: a flooder among a thousand quiet
+    viewers still leaves someone who speaks up rate/3 a second. An address alone in the room (no
+    other address has a socket open) has no slot kept for anyone: it uses the whole rate and burst;
+    a flooder always gets the whole rate others leave, through the upper half. With a burst of 1 (a
+    rate under 2/s) there is no upper half: each address keeps to its share.
     """
-
-    PRUNE_AT = 1000
 
     def __init__(self, clock: Clock, rate: float, burst: int) -> None:
         self._clock = clock
         self._bucket = TokenBucket(clock, rate, burst)
-        self._shares: dict[str, TokenBucket] = {}  # address -> its share's bucket
-        self._prune_at = self.PRUNE_AT
+        self._lower = max(1, int(burst) // 2)  # whole tokens, so an address alone gets the whole burst
+        # A share refills within lower/rate seconds: after this long idle it is full, what a new
+        # sender gets, so forgetting it changes nothing (and frees it).
+        self._idle_after = burst / rate
+        self._senders: OrderedDict[str, tuple[TokenBucket, float]] = OrderedDict()  # -> (share, last message), oldest first
 
     def take(self, address: str, addresses: int) -> float:
-        """As TokenBucket.take, for a message from ``address`` among ``addresses`` addresses."""
-        count = max(1, addresses)
-        lower = max(1, int(self._bucket.burst) // 2)  # whole tokens, so an address alone gets the whole burst
-        rate, burst = self._bucket.rate / count, max(1.0, lower / count)
-        share = self._shares.get(address)
-        if share is None:
-            self._prune()
-            share = self._shares[address] = TokenBucket(self._clock, rate, burst)
-        share.rate, share.burst = rate, burst  # the room changes as sockets come and go
-        upper = self._bucket.take(reserve=lower)
+        """As TokenBucket.take, for a message from ``address``; ``addresses``: how many have a socket open."""
+        now = self._clock.monotonic()
+        sender = self._senders.pop(address, None)
+        self._forget(now - self._idle_after)
+        slots = len(self._senders) + 1  # the senders, this one included
+        if addresses > slots:  # someone else could speak next: keep a slot for them
+            slots += 1
+        rate, burst = self._bucket.rate / slots, max(1.0, self._lower / slots)
+        share = sender[0] if sender is not None else TokenBucket(self._clock, rate, burst)
+        share.rate, share.burst = rate, burst  # the senders change as people speak up and fall quiet
+        self._senders[address] = (share, now)
+        upper = self._bucket.take(reserve=self._lower)
         if not upper:
             return 0.0
         if share.available() < 1.0:  # past its share: the lower half is the others'
@@ -81,11 +89,13 @@ class FairShare:
             share.take()
         return wait
 
-    def _prune(self) -> None:
-        # A full share bucket is what a new address gets: forgetting it changes nothing. Amortized O(1).
-        if len(self._shares) > self._prune_at:
-            self._shares = {a: b for a, b in self._shares.items() if b.available() < b.burst}
-            self._prune_at = max(self.PRUNE_AT, 2 * len(self._shares))
+    def _forget(self, before: float) -> None:
+        # Oldest first, so each call drops only what it finds idle: amortized O(1) per message.
+        while self._senders:
+            address, (_, at) = next(iter(self._senders.items()))
+            if at > before:
+                return
+            del self._senders[address]
 
 
 def rate_limited(wait: float, message: str) -> RelayError:
