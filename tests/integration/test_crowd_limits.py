@@ -289,6 +289,39 @@ async def test_an_address_at_its_max_sockets_cannot_keep_another_address_out_of_
     await asyncio.gather(*(p.ws.close() for p in [*flood, other, reader]))
 
 
+async def test_a_flooder_among_many_silent_addresses_cannot_keep_a_speaker_out_of_the_chat(live, http):
+    # Shares go to the addresses sending, not to every open socket: sixty quiet viewers, each at its own
+    # address, must not shrink a speaker's share to rate/62 while one address floods.
+    relay, conn = await live(server={"trusted_proxies": ["127.0.0.0/8"]},
+                             chat={"broadcast_messages_per_second": 10, "messages_per_second": 100, "burst": 100})
+    silent = await asyncio.gather(*(forwarded(http, conn, f"198.18.0.{i}") for i in range(1, 61)))
+    flood = await asyncio.gather(*(forwarded(http, conn, "203.0.113.7") for _ in range(4)))
+    speaker, reader = await forwarded(http, conn, "198.51.100.1"), await forwarded(http, conn, "198.51.100.2")
+    busy, stop = asyncio.Event(), asyncio.Event()
+
+    async def flooding(p: Participant) -> None:  # one message in flight per socket, as fast as answered
+        while not stop.is_set():
+            await p.send(type="chat", text="spam")
+            if (await p.next("chat_result")).get("reason") == "chat_busy":
+                busy.set()
+
+    floods = [asyncio.create_task(flooding(p)) for p in flood]
+    try:
+        await asyncio.wait_for(busy.wait(), 5)  # the cap is contended
+        results = []
+        for i in range(5):  # 3 a second: a tenth of what the flooder asks, well within a fair share
+            await speaker.send(type="chat", text=f"still here {i}")
+            results.append(await speaker.next("chat_result"))
+            await asyncio.sleep(0.3)  # the speaker's own pace, not a wait for anything
+    finally:
+        stop.set()
+        await asyncio.gather(*floods)
+    assert [r["status"] for r in results] == ["sent"] * 5
+    for i in range(5):
+        await reader.next("chat", where=lambda e, i=i: e["text"] == f"still here {i}")
+    await asyncio.gather(*(p.ws.close() for p in [*silent, *flood, speaker, reader]))
+
+
 async def test_an_address_alone_may_use_the_whole_chat_cap(live, http):
     relay, conn = await live(chat={"broadcast_messages_per_second": 10, "messages_per_second": 5, "burst": 5})
     classroom = await asyncio.gather(*(join(http, conn) for _ in range(20)))  # one address, no proxy
