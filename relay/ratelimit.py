@@ -65,7 +65,8 @@ class FairShare:
         # A share refills within lower/rate seconds: after this long idle it is full, what a new
         # sender gets, so forgetting it changes nothing (and frees it).
         self._idle_after = burst / rate
-        self._senders: OrderedDict[str, tuple[TokenBucket, float]] = OrderedDict()  # -> (share, last message), oldest first
+        # address -> (its share, its last message), the longest idle first
+        self._senders: OrderedDict[str, tuple[TokenBucket, float]] = OrderedDict()
 
     def take(self, address: str, addresses: int) -> float:
         """As TokenBucket.take, for a message from ``address``; ``addresses``: how many have a socket open."""
