@@ -133,6 +133,31 @@ async def test_share_on_stream_ended_carries_a_replay_url_that_plays(relay_facto
         await error_of(r, 403, "FORBIDDEN")
 
 
+async def test_each_connection_on_a_channel_makes_its_own_choice(relay_factory, http):
+    # A channel's broadcast outlives its hosts: one host's "share" must not carry over to the next.
+    relay = await relay_factory(limits={"channel_release_seconds": 600})
+    async with RelayClient(relay.url, API_KEY) as client:
+        channel = await client.create_channel("Weekly worlds")
+        b = channel["broadcast"]
+        broadcast = relay.sessions.broadcast(b["broadcast_id"])
+        async with client.connect(channel["channel_id"], share_replay=True) as conn:
+            assert conn.broadcast["share_replay"] is True
+            ended, _ = await recorded_stream(relay, conn, http, "a shared harbour")
+            assert ended["replay_url"]
+        assert relay.sessions.broadcast(b["broadcast_id"]) is broadcast  # the same broadcast, kept
+
+        async with client.connect(channel["channel_id"]) as conn:  # says nothing: shares nothing
+            assert conn.broadcast["share_replay"] is False and broadcast.share_replay is False
+            assert broadcast.state()["replay_url"] is None  # the last host's link is not this one's to offer
+            ended, hello = await recorded_stream(relay, conn, http, "a private harbour")
+            assert hello["replay_url"] is None and "replay_url" not in ended
+            async with http.patch(b["webrtc_url"], json={"share_replay": True}, headers=AUTH) as r:
+                assert r.status == 200 and (await r.json())["share_replay"] is True
+
+        async with client.connect(channel["channel_id"], share_replay=False) as conn:
+            assert conn.broadcast["share_replay"] is False and broadcast.share_replay is False
+
+
 async def test_share_replay_is_the_hosts_and_bounded(relay_factory, http):
     relay = await relay_factory()
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
