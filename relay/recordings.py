@@ -318,6 +318,28 @@ class RecordingStore:
                 self._shared.popitem(last=False)
         return shared
 
+    def append_event(self, stream_id: str, event: dict[str, Any]) -> bool:
+        """One more line in a finished recording's events log (a chat message the host cleared after the
+        stream ended), at the video's end (``offset_ms``); False when there is no log or the disk refused."""
+        path = self.path(stream_id, EVENTS_FILE)
+        meta = self.get(stream_id)
+        if path is None or meta is None:
+            return False
+        end_ms = int(round(_number(meta.get("duration_seconds")) * 1000))
+        line = json.dumps({"type": event["type"], "offset_ms": end_ms, **event}, ensure_ascii=False) + "\n"
+        try:
+            with open(path, "ab+") as file:  # appends, whatever was read before
+                size = file.seek(0, os.SEEK_END)
+                if size:
+                    file.seek(size - 1)
+                    if file.read(1) != b"\n":
+                        line = "\n" + line  # a line torn by a crash stays torn, and apart from this one
+                file.write(line.encode())
+        except OSError as exc:
+            log.warning("could not add to a recording's events log: %s", exc, extra={"stream_id": stream_id})
+            return False
+        return True
+
     def _load(self, stream_id: str) -> dict[str, Any] | None:
         path = self.root / stream_id / METADATA_FILE
         try:

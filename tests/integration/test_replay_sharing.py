@@ -208,6 +208,55 @@ async def test_a_shared_link_never_serves_the_text_of_chat_the_host_cleared(rela
             await error_of(r, 403, "FORBIDDEN")
 
 
+async def test_a_message_cleared_after_its_stream_ended_leaves_that_streams_shared_log(relay_factory, http):
+    # The chat history outlives a stream: the host may clear one of its messages later, even during
+    # the next stream; the ended stream's log must learn it, or its link would still serve the text.
+    relay = await relay_factory(limits={"stream_max_seconds": 60, "idle_timeout_seconds": 60},
+                                chat={"messages_per_second": 10, "burst": 10})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect(share_replay=True) as conn:
+        b = conn.broadcast
+        chat = f"{b['webrtc_url']}/chat/messages"
+        async with http.ws_connect(ws_url(b["webrtc_url"]) + f"/events?token={b['spectator_token']}") as events:
+            await next_of(events, "hello")
+            first = (await conn.start_stream("a quiet harbour"))["stream_id"]
+            ana = await join(http, conn, "ana")
+            ids = {}
+            for text in ("kept in the first", "secret cleared after the end", "secret cleared next stream"):
+                await ana.send(type="chat", text=text)
+                ids[text] = (await ana.next("chat"))["message_id"]
+            await frames_pass(relay, b["broadcast_id"], 5)
+            await conn.end_stream()
+            replay_url = (await next_of(events, "stream_ended"))["replay_url"]
+            _, text = await shared_log(http, replay_url)
+            assert "secret cleared after the end" in text  # not cleared yet: the replay shows it
+
+            async with http.delete(f"{chat}/{ids['secret cleared after the end']}", headers=AUTH) as r:
+                assert r.status == 200, await r.text()
+            second = (await conn.start_stream("a busy harbour"))["stream_id"]
+            async with http.delete(f"{chat}/{ids['secret cleared next stream']}", headers=AUTH) as r:
+                assert r.status == 200, await r.text()
+            await conn.end_stream()
+            second_url = (await next_of(events, "stream_ended"))["replay_url"]
+
+        async def cleared() -> bool:
+            _, text = await shared_log(http, replay_url)
+            return "secret" not in text
+        await eventually(cleared, timeout=10, what="the late clears in the first stream's shared log")
+        _, text = await shared_log(http, replay_url)
+        assert [json.loads(line)["text"] for line in text.splitlines()
+                if json.loads(line)["type"] == "chat"] == ["kept in the first"]
+        # The owner's log says what happened, and when: both clears, after the video's end.
+        owner = await client.request("GET", f"/v1/recordings/{first}")
+        async with http.get(owner["events_url"]) as r:
+            raw = [json.loads(line) for line in (await r.text()).splitlines()]
+        late = [e for e in raw if e["type"] == "chat_cleared"]
+        assert {e["message_id"] for e in late} == {ids["secret cleared after the end"], ids["secret cleared next stream"]}
+        assert all(e["after_end"] is True and e["offset_ms"] == round(owner["duration_seconds"] * 1000) for e in late)
+        # The second stream never had those messages: its log has no text of them either.
+        _, text = await shared_log(http, second_url)
+        assert f"/recordings/{second}?" in second_url and "secret" not in text
+
+
 async def test_share_replay_is_the_hosts_and_bounded(relay_factory, http):
     relay = await relay_factory()
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:

@@ -135,6 +135,19 @@ def test_the_shared_log_drops_cleared_chat_and_torn_lines_and_follows_the_file(t
     assert store.shared_events("../s1") is None and store.shared_events("nope") is None
 
 
+def test_a_late_clear_is_appended_at_the_videos_end_apart_from_a_torn_line(tmp_path):
+    store = store_at(tmp_path)
+    directory = add(store, "s1")
+    clear = {"type": "chat_cleared", "message_id": "m1", "after_end": True}
+    assert store.append_event("s1", clear) is False  # no log: nothing to add to
+    (directory / "events.jsonl").write_text('{"type": "chat", "message_id": "m1", "text": "late"}\n{"type": "ch')
+    assert store.append_event("s1", clear) is True
+    lines = (directory / "events.jsonl").read_text().splitlines()
+    assert lines[1] == '{"type": "ch' and json.loads(lines[2]) == {**clear, "offset_ms": 60000}
+    assert b"late" not in store.shared_events("s1")
+    assert store.append_event("nope", clear) is False and store.append_event("../s1", clear) is False
+
+
 def test_signed_urls_refuse_tampering_and_expiry(tmp_path):
     store = store_at(tmp_path)
     path = "/v1/recordings/a0/video.mp4"
