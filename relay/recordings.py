@@ -201,6 +201,11 @@ class RecordingStore:
             for old in unsaved[:max(0, len(unsaved) - _UNSAVED_KEPT)]:
                 del self._recorders[old.stream_id]
 
+    def recorder_of(self, stream_id: str) -> StreamRecorder | None:
+        """This process's recorder of that stream while it records, finishes or waits to save its metadata."""
+        with self._lock:
+            return self._recorders.get(stream_id)
+
     def _in_memory(self) -> dict[str, StreamRecorder]:
         with self._lock:
             return dict(self._recorders)
