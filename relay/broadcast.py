@@ -12,7 +12,9 @@ stream's start and end announce, the viewer count, and the order things close in
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from collections import OrderedDict
 from functools import partial
 from typing import Any, Callable
 
@@ -76,7 +78,12 @@ class Broadcast:
         self.spectators = Spectators(self.broadcast_id, settings.limits, clock,
                                      feed=self.media.feed, on_viewers=self._record_viewers)
         self.audience = Audience(self.broadcast_id, settings, clock, live=lambda: self.live)
-        self.audience.record_event = self.media.record_event
+        self.audience.record_event = self._record_audience
+        # Which stream's recording each chat message of the history went into (message_id -> stream_id):
+        # the host may clear a message after its stream ended, and that recording's log must learn it too.
+        self._chat_recorded: OrderedDict[str, str] = OrderedDict()
+        self._chat_kept = settings.chat.history  # only a message still in the history can be cleared
+        self._late_clears: set[asyncio.Task[None]] = set()
         self.stream_id: str | None = None
         self.prompt: str | None = None
         self._encoded: EncodedTrack | None = None  # the live stream's, when its packets pass through
@@ -248,6 +255,33 @@ class Broadcast:
         if event["type"] in RECORDED_EVENTS:
             self.media.record_event(event)
 
+    def _record_audience(self, event: dict[str, Any]) -> None:
+        """The audience's chat events into the live stream's recording; a message cleared after its
+        stream ended is also cleared in that stream's log, so a shared replay never shows its text."""
+        self.media.record_event(event)  # the live stream's (or, before its first keyframe, kept for it)
+        live = self.stream_id if self.live else None
+        if self._recordings is None:
+            return
+        if event["type"] == "chat" and live is not None:
+            self._chat_recorded[event["message_id"]] = live
+            while len(self._chat_recorded) > self._chat_kept:
+                self._chat_recorded.popitem(last=False)
+        elif event["type"] == "chat_cleared":
+            earlier = self._chat_recorded.pop(event["message_id"], None)
+            if earlier is not None and earlier != live:
+                task = asyncio.get_running_loop().create_task(
+                    self._clear_after_end(self._recordings, earlier, event["message_id"]))
+                self._late_clears.add(task)
+                task.add_done_callback(self._late_clears.discard)
+
+    @staticmethod
+    async def _clear_after_end(store: RecordingStore, stream_id: str, message_id: str) -> None:
+        recorder = store.recorder_of(stream_id)
+        if recorder is not None:  # still finishing: its writer closes the log first, the line goes after
+            await asyncio.wrap_future(recorder.done)
+        await asyncio.to_thread(store.append_event, stream_id,
+                                {"type": "chat_cleared", "message_id": message_id, "after_end": True})
+
     def _record_viewers(self, _here: int) -> None:
         """A viewer joined or left here: the recording logs everyone's count (the recorder keeps changes only)."""
         self.media.record_event({"type": "viewers", "count": self.viewers})
@@ -304,3 +338,4 @@ class Broadcast:
         await self.spectators.close()
         self.audience.close()
         await self.media.close()
+        await asyncio.gather(*self._late_clears, return_exceptions=True)

@@ -47,7 +47,8 @@ from .media.recorder import (
     save_metadata,
 )
 
-__all__ = ["RecordingStore", "owner_id", "load_or_create_secret", "FILES", "URL_TTL_SECONDS", "STREAM_ID"]
+__all__ = ["RecordingStore", "owner_id", "load_or_create_secret", "shared_events_log", "FILES", "URL_TTL_SECONDS",
+           "STREAM_ID", "SHARED_EVENTS_PATH"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,12 @@ FILES: dict[str, str] = {
 # The recording object's link to each of them (docs/api.md).
 LINKED_FILES = {"video_url": VIDEO_FILE, "events_url": EVENTS_FILE, "thumbnail_url": THUMBNAIL_FILE,
                 "preview_url": PREVIEW_FILE}
+
+# A link's view of events.jsonl (relay/api/recordings.py): under the replay page's path, so the signature a
+# link's info hands out can never open the raw log, which keeps the text of chat the host cleared.
+SHARED_EVENTS_PATH = "/recordings/{stream_id}/" + EVENTS_FILE
+# Shared logs kept filtered in memory: a replay link pasted to a crowd is read by all of it at once.
+_SHARED_EVENTS_KEPT = 16
 
 # Stream ids are uuid4().hex; accept any plain token of that kind, never a dot or a slash.
 STREAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -138,6 +145,8 @@ class RecordingStore:
         # This process's recorders: live ones, and finished ones the disk refused. Their state in
         # memory is fresher than (or stands in for) their metadata.json.
         self._recorders: OrderedDict[str, StreamRecorder] = OrderedDict()
+        # stream_id -> ((mtime_ns, size) of events.jsonl, its shared view), the most recently read last.
+        self._shared: OrderedDict[str, tuple[tuple[int, int], bytes]] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
@@ -191,6 +200,11 @@ class RecordingStore:
             unsaved = [r for r in self._recorders.values() if r.done.done()]
             for old in unsaved[:max(0, len(unsaved) - _UNSAVED_KEPT)]:
                 del self._recorders[old.stream_id]
+
+    def recorder_of(self, stream_id: str) -> StreamRecorder | None:
+        """This process's recorder of that stream while it records, finishes or waits to save its metadata."""
+        with self._lock:
+            return self._recorders.get(stream_id)
 
     def _in_memory(self) -> dict[str, StreamRecorder]:
         with self._lock:
@@ -264,7 +278,8 @@ class RecordingStore:
     def body(self, meta: dict[str, Any], base_url: str, expires_at: int | None = None) -> dict[str, Any]:
         """The recording object of docs/api.md, its links signed under ``base_url``: fresh ones (an hour)
         for the owner's authenticated calls, or ones expiring at ``expires_at``, the expiry of the link
-        that asked (a link never renews itself)."""
+        that asked (a link never renews itself). Through a link, ``events_url`` is the shared view of
+        the log (``shared_events``), never the raw file."""
         stream_id = meta["stream_id"]
 
         def signed(path: str) -> str:
@@ -274,6 +289,8 @@ class RecordingStore:
         body: dict[str, Any] = {"stream_id": stream_id}
         for field, name in LINKED_FILES.items():
             body[field] = signed(f"/v1/recordings/{stream_id}/{name}")
+        if expires_at is not None:
+            body["events_url"] = signed(SHARED_EVENTS_PATH.format(stream_id=stream_id))
         body.update({
             "frame_count": meta.get("frame_count"),
             "duration_seconds": meta.get("duration_seconds"),
@@ -283,6 +300,50 @@ class RecordingStore:
             **RecordingStore.summary(meta),
         })
         return body
+
+    def shared_events(self, stream_id: str) -> bytes | None:
+        """events.jsonl as a shared link reads it (``shared_events_log``); None when there is none."""
+        path = self.path(stream_id, EVENTS_FILE)
+        if path is None:
+            return None
+        try:
+            st = path.stat()
+            key = (st.st_mtime_ns, st.st_size)
+            with self._lock:
+                cached = self._shared.get(stream_id)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            shared = shared_events_log(path.read_bytes())
+        except OSError:
+            return None
+        with self._lock:
+            self._shared[stream_id] = (key, shared)
+            self._shared.move_to_end(stream_id)
+            while len(self._shared) > _SHARED_EVENTS_KEPT:
+                self._shared.popitem(last=False)
+        return shared
+
+    def append_event(self, stream_id: str, event: dict[str, Any]) -> bool:
+        """One more line in a finished recording's events log (a chat message the host cleared after the
+        stream ended), at the video's end (``offset_ms``); False when there is no log or the disk refused."""
+        path = self.path(stream_id, EVENTS_FILE)
+        meta = self.get(stream_id)
+        if path is None or meta is None:
+            return False
+        end_ms = int(round(_number(meta.get("duration_seconds")) * 1000))
+        line = json.dumps({"type": event["type"], "offset_ms": end_ms, **event}, ensure_ascii=False) + "\n"
+        try:
+            with open(path, "ab+") as file:  # appends, whatever was read before
+                size = file.seek(0, os.SEEK_END)
+                if size:
+                    file.seek(size - 1)
+                    if file.read(1) != b"\n":
+                        line = "\n" + line  # a line torn by a crash stays torn, and apart from this one
+                file.write(line.encode())
+        except OSError as exc:
+            log.warning("could not add to a recording's events log: %s", exc, extra={"stream_id": stream_id})
+            return False
+        return True
 
     def _load(self, stream_id: str) -> dict[str, Any] | None:
         path = self.root / stream_id / METADATA_FILE
@@ -457,6 +518,28 @@ class RecordingStore:
                 self._cache.pop(entry.name, None)
                 deleted.append(entry.name)
         return deleted
+
+
+def shared_events_log(data: bytes) -> bytes:
+    """An events log as a shared link may read it: less every chat message the host cleared (a
+    ``chat_cleared`` anywhere in the log names it) and every line that does not parse (a line torn by a
+    crash could be one of those messages); the rest as written."""
+    events: list[tuple[dict[str, Any], bytes]] = []
+    cleared: set[str] = set()
+    for line in data.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(event, dict):
+            continue
+        if event.get("type") == "chat_cleared" and isinstance(event.get("message_id"), str):
+            cleared.add(event["message_id"])
+        events.append((event, line))
+    kept = [line for event, line in events
+            if event.get("type") != "chat" or (isinstance(event.get("message_id"), str)
+                                               and event["message_id"] not in cleared)]
+    return b"".join(line + b"\n" for line in kept)
 
 
 def valid_stream_id(stream_id: Any) -> bool:

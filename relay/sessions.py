@@ -224,6 +224,9 @@ class SessionManager:
                 raise channel_in_use(channel, broadcast.connection_id)
             broadcast.connection_id = connection_id  # claimed before awaiting: a second open gets the 409
             broadcast.owner = owner_id(api_key)  # its recordings are the streaming key's
+            # Sharing replays is each connection's own choice (off unless it says so): a channel's
+            # broadcast outlives its hosts, and one host's "share" must not carry over to the next.
+            broadcast.share_replays(False, "")
         self._streamers_in_use += 1  # reserve before awaiting, so concurrent opens cannot overbook
         try:
             streamer = await self._world_model.connect()

@@ -4,7 +4,8 @@
 // recording with signed file URLs. The video plays from video_url; the prompt timeline
 // comes from events_url (events.jsonl: one JSON object a line, each with `type` and
 // `offset_ms` on the video's timeline), with the audience's chat messages between the prompts
-// (minus those the host cleared). Clicking an entry seeks the video to it.
+// (minus those the host cleared: through a link the relay already leaves them out, text and all).
+// Clicking an entry seeks the video to it.
 // Prompts and chat are user text: textContent only.
 
 import { HttpError, fetchJson } from '/static/whep.js';

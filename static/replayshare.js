@@ -3,6 +3,7 @@
 // Off by default: a recording belongs to the API key. On, each stream's end hands every spectator a
 // signed link to that stream's replay (stream_ended's replay_url); the switch sends PATCH
 // /v1/broadcasts/{id} {share_replay} and shows what the relay answered, never what it hoped.
+// The choice is the connection's: a new connection (even on the same channel) starts with it off.
 
 import { fetchJson } from '/static/whep.js';
 import { hostErrorText } from '/static/hostview.js';
@@ -27,6 +28,7 @@ export class ReplayShare {
 
   clear() {
     this.broadcastId = null;
+    this.box.checked = false; // the next connection starts off; no stale "on" while there is none
     this.box.disabled = true;
     this.note.hidden = true;
   }

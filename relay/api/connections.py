@@ -147,10 +147,9 @@ async def open_connection(request: web.Request) -> web.Response:
         if not isinstance(channel_id, str):
             raise invalid_request("'channel_id' must be a string.", field="channel_id")
         channel = channels_of(request).get(owner_id(key), channel_id)
-    share_replay = share_replay_of(body)
+    share_replay = share_replay_of(body) is True  # a connection that does not say shares nothing
     conn = await sessions.open_connection(key, channel)
-    if share_replay is not None:
-        conn.broadcast.share_replays(share_replay, public_url(request))
+    conn.broadcast.share_replays(share_replay, public_url(request))
     return json_response(connection_body(request, conn, sessions), status=201)
 
 

@@ -9,7 +9,8 @@ from aiohttp import web
 
 from ..auth import require_api_key
 from ..errors import RelayError, not_found
-from ..recordings import FILES, RecordingStore, owner_id
+from ..media.recorder import EVENTS_FILE
+from ..recordings import FILES, SHARED_EVENTS_PATH, RecordingStore, owner_id
 from ..web import API_KEYS, RECORDINGS, json_response, page_of, public_url, token_of
 from .pages import page
 
@@ -109,6 +110,19 @@ async def replay_page(request: web.Request) -> web.StreamResponse:
     # The page itself is public (it holds no data): its info call checks the link's signature,
     # so an expired link shows a readable explanation instead of a JSON error.
     return page("replay.html")
+
+
+@routes.get(SHARED_EVENTS_PATH)
+async def shared_events(request: web.Request) -> web.Response:
+    """A replay link's events log (its info's ``events_url``): the prompts and the chat, less the
+    messages the host cleared, whose text never leaves the server this way."""
+    stream_id = request.match_info["stream_id"]
+    _check_signature(request, request.path)
+    data = await asyncio.to_thread(request.app[RECORDINGS].shared_events, stream_id)
+    if data is None:
+        raise not_found("file", f"{stream_id}/{EVENTS_FILE}")
+    # Not cached: a clear made after the stream ended still reaches the log (relay/broadcast.py).
+    return web.Response(body=data, headers={"Content-Type": FILES[EVENTS_FILE], "Cache-Control": "private, no-cache"})
 
 
 @routes.get("/recordings/{stream_id}/info")

@@ -9,7 +9,8 @@ owner made it, so its URLs name its owner's public_url. A node that does not ans
 fanout_timeout_seconds (killed, stalled, refusing) is left out: the page says `partial: true` and names it in
 `missing_nodes`, never a 500 or a wait.
 
-A recording (`/v1/recordings/{id}`, its files, `/recordings/{id}/info`, `/odyssey/recordings/{id}`) is
+A recording (`/v1/recordings/{id}`, its files, `/recordings/{id}/info` and its link's
+`/recordings/{id}/events.jsonl`, `/odyssey/recordings/{id}`) is
 asked for here first; only a 404 (the caller's credential or link held) sends a HEAD of the same call to
 the other live nodes, and the call is carried to the one that has it. Recordings are not in the directory:
 simulation workers make them in other processes, and they live as long as their files; asking is always
@@ -52,7 +53,7 @@ LISTINGS: dict[str, tuple[str, Callable[[dict[str, Any]], Any]]] = {
     "/odyssey/simulation-jobs": ("jobs", _job_order),
 }
 _FILE = "|".join(re.escape(name) for name in FILES)
-_RECORDING = re.compile(rf"^(/v1/recordings/[^/]{{1,128}}(/({_FILE}))?|/recordings/[^/]{{1,128}}/info"
+_RECORDING = re.compile(rf"^(/v1/recordings/[^/]{{1,128}}(/({_FILE}))?|/recordings/[^/]{{1,128}}/(info|events\.jsonl)"
                         r"|/odyssey/recordings/[^/]{1,128})$")
 
 

@@ -58,6 +58,9 @@ class LiveThumbnail:
         self._keyframe: bytes | None = None
         self._jpeg: bytes | None = None
         self._made_at = -math.inf
+        # Bumped by clear(): a decode still in flight when its stream ends belongs to an older
+        # generation, and its picture must not become the next stream's.
+        self._generation = 0
         self._lock = asyncio.Lock()  # one making at a time: the others wait for it, then share it
         self.made = 0  # JPEGs made (or tried): what the once-per-every_seconds bound is measured by
 
@@ -68,6 +71,7 @@ class LiveThumbnail:
 
     def clear(self) -> None:
         """The stream ended: its picture is no longer the broadcast's."""
+        self._generation += 1
         self._keyframe = None
         self._jpeg = None
         self._made_at = -math.inf
@@ -78,10 +82,15 @@ class LiveThumbnail:
             keyframe = self._keyframe
             now = self._clock.monotonic()
             if keyframe is not None and (self._jpeg is None or now - self._made_at >= self.every_seconds):
+                generation = self._generation
                 self._made_at = now  # a keyframe that fails to decode is not retried on every request
                 self.made += 1
                 try:
-                    self._jpeg = await asyncio.to_thread(keyframe_jpeg, keyframe, self.width)
+                    jpeg = await asyncio.to_thread(keyframe_jpeg, keyframe, self.width)
                 except (av.FFmpegError, ValueError) as exc:
                     log.warning("live thumbnail failed: %s", exc)
+                else:
+                    if generation != self._generation:
+                        return None  # the stream ended while it decoded: its picture is nobody's now
+                    self._jpeg = jpeg
             return self._jpeg

@@ -187,3 +187,39 @@ async def test_the_console_switch_shares_replays_and_says_so(relay_factory, open
     await expect(host.locator("#share-replay-note")).to_contain_text("Could not change it: This API key may not")
     await expect(switch).not_to_be_checked()
     assert broadcast.share_replay is False
+
+
+async def test_the_console_switch_tells_the_truth_across_a_reload_and_a_new_connection(relay_factory, open_page):
+    relay = await relay_factory(limits={"idle_timeout_seconds": 60, "channel_release_seconds": 600})
+    async with RelayClient(relay.url, API_KEY) as client:
+        channel = await client.create_channel("Weekly worlds")
+    broadcast = relay.sessions.broadcast(channel["broadcast"]["broadcast_id"])
+    host = await open_page(f"{relay.url}/host")
+    switch = host.locator("#share-replay")
+    await host.fill("#api-key", API_KEY)
+    await host.locator("#api-key").dispatch_event("change")  # the picker lists this key's channels
+    await expect(host.locator(f"#channel option[value='{channel['channel_id']}']")).to_have_count(1)
+    await host.select_option("#channel", channel["channel_id"])
+    await host.click("#connect")
+    await expect(host.locator("#connection-state")).to_have_text("Connected")
+    await switch.check()
+    await eventually(lambda: broadcast.share_replay, timeout=5, what="sharing on at the relay")
+
+    # A reload re-attaches to the same connection: the switch shows the relay's "on", not the
+    # connect answer the tab kept ("off").
+    await host.reload()
+    await expect(host.locator("#connection-state")).to_have_text("Connected")
+    await expect(switch).to_be_checked()
+    await expect(switch).to_be_enabled()
+
+    # Disconnected: no switch to trust. A new connection on the same channel starts off, as the relay has it.
+    await host.click("#disconnect")
+    await expect(host.locator("#connection-state")).to_have_text("Not connected")
+    await expect(switch).to_be_disabled()
+    await expect(switch).not_to_be_checked()
+    await host.click("#connect")
+    await expect(host.locator("#connection-state")).to_have_text("Connected")
+    assert relay.sessions.broadcast(channel["broadcast"]["broadcast_id"]) is broadcast  # the channel's, kept
+    await expect(switch).to_be_enabled()
+    await expect(switch).not_to_be_checked()
+    assert broadcast.share_replay is False

@@ -51,6 +51,11 @@ async def test_a_spectator_at_another_node_gets_a_replay_link_to_the_origin(clus
     # and refuses it for another stream id in the error shape.
     async with http.get(f"{b.url}{replay.path}/info?{replay.query}") as r:
         assert r.status == 200 and (await r.json())["stream_id"] == stream_id
+        shared_log = urlsplit((await r.json())["events_url"])
+    # The link's filtered events log too, asked for at the node that does not hold it.
+    assert shared_log.path == f"/recordings/{stream_id}/events.jsonl"
+    async with http.get(f"{b.url}{shared_log.path}?{shared_log.query}") as r:
+        assert r.status == 200 and '"stream_started"' in await r.text()
     async with http.get(f"{b.url}/recordings/{'0' * 32}/info?{replay.query}") as r:
         assert r.status == 403 and (await r.json())["error"]["code"] == "FORBIDDEN"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 from html import escape
 from urllib.parse import parse_qs, urlsplit
@@ -14,6 +15,7 @@ import av
 from relay.client import RelayClient
 from relay.web import RECORDINGS
 from tests.conftest import API_KEY, eventually, frames_pass
+from tests.integration.test_orchestration_api import join
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -131,6 +133,128 @@ async def test_share_on_stream_ended_carries_a_replay_url_that_plays(relay_facto
     stale = store.signed_until(f"/recordings/{ended['stream_id']}", int(time.time()) - 1)
     async with http.get(f"{relay.url}{stale.replace('?', '/info?', 1)}") as r:
         await error_of(r, 403, "FORBIDDEN")
+
+
+async def test_each_connection_on_a_channel_makes_its_own_choice(relay_factory, http):
+    # A channel's broadcast outlives its hosts: one host's "share" must not carry over to the next.
+    relay = await relay_factory(limits={"channel_release_seconds": 600})
+    async with RelayClient(relay.url, API_KEY) as client:
+        channel = await client.create_channel("Weekly worlds")
+        b = channel["broadcast"]
+        broadcast = relay.sessions.broadcast(b["broadcast_id"])
+        async with client.connect(channel["channel_id"], share_replay=True) as conn:
+            assert conn.broadcast["share_replay"] is True
+            ended, _ = await recorded_stream(relay, conn, http, "a shared harbour")
+            assert ended["replay_url"]
+        assert relay.sessions.broadcast(b["broadcast_id"]) is broadcast  # the same broadcast, kept
+
+        async with client.connect(channel["channel_id"]) as conn:  # says nothing: shares nothing
+            assert conn.broadcast["share_replay"] is False and broadcast.share_replay is False
+            assert broadcast.state()["replay_url"] is None  # the last host's link is not this one's to offer
+            ended, hello = await recorded_stream(relay, conn, http, "a private harbour")
+            assert hello["replay_url"] is None and "replay_url" not in ended
+            async with http.patch(b["webrtc_url"], json={"share_replay": True}, headers=AUTH) as r:
+                assert r.status == 200 and (await r.json())["share_replay"] is True
+
+        async with client.connect(channel["channel_id"], share_replay=False) as conn:
+            assert conn.broadcast["share_replay"] is False and broadcast.share_replay is False
+
+
+async def shared_log(http, replay_url: str) -> tuple[dict, str]:
+    """(the link's info once the recording is finished, the text its events_url serves)."""
+    info = await finished_info(http, info_url_of(replay_url))
+    async with http.get(info["events_url"]) as r:
+        assert r.status == 200 and r.content_type == "application/x-ndjson", await r.text()
+        return info, await r.text()
+
+
+async def test_a_shared_link_never_serves_the_text_of_chat_the_host_cleared(relay_factory, http):
+    relay = await relay_factory(limits={"stream_max_seconds": 60, "idle_timeout_seconds": 60},
+                                chat={"messages_per_second": 10, "burst": 10})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect(share_replay=True) as conn:
+        b = conn.broadcast
+        chat = f"{b['webrtc_url']}/chat/messages"
+        async with http.ws_connect(ws_url(b["webrtc_url"]) + f"/events?token={b['spectator_token']}") as events:
+            await next_of(events, "hello")
+            stream_id = (await conn.start_stream("a quiet harbour"))["stream_id"]
+            ana = await join(http, conn, "ana")
+            sent = {}
+            for text in ("keep me", "secret cleared live"):
+                await ana.send(type="chat", text=text)
+                sent[text] = (await ana.next("chat"))["message_id"]
+            await frames_pass(relay, b["broadcast_id"], 5)
+            async with http.delete(f"{chat}/{sent['secret cleared live']}", headers=AUTH) as r:
+                assert r.status == 200, await r.text()
+            await ana.next("chat_cleared")
+            await conn.end_stream()
+            replay_url = (await next_of(events, "stream_ended"))["replay_url"]
+        info, text = await shared_log(http, replay_url)
+        assert urlsplit(info["events_url"]).path == f"/recordings/{stream_id}/events.jsonl"
+        assert "secret cleared live" not in text
+        kept = [json.loads(line) for line in text.splitlines()]
+        assert [e["text"] for e in kept if e["type"] == "chat"] == ["keep me"]
+        assert [e["prompt"] for e in kept if e["type"] == "stream_started"] == ["a quiet harbour"]
+
+        # The owner's own call still reads the whole log, as recorded.
+        owner = await client.request("GET", f"/v1/recordings/{stream_id}")
+        async with http.get(owner["events_url"]) as r:
+            assert "secret cleared live" in await r.text()
+        # The link's signature opens neither the raw log nor another stream's shared one.
+        query = urlsplit(info["events_url"]).query
+        for path in (f"/v1/recordings/{stream_id}/events.jsonl", "/recordings/nope/events.jsonl"):
+            async with http.get(f"{relay.url}{path}?{query}") as r:
+                await error_of(r, 403, "FORBIDDEN")
+        async with http.get(f"{relay.url}/recordings/{stream_id}/events.jsonl") as r:
+            await error_of(r, 403, "FORBIDDEN")
+
+
+async def test_a_message_cleared_after_its_stream_ended_leaves_that_streams_shared_log(relay_factory, http):
+    # The chat history outlives a stream: the host may clear one of its messages later, even during
+    # the next stream; the ended stream's log must learn it, or its link would still serve the text.
+    relay = await relay_factory(limits={"stream_max_seconds": 60, "idle_timeout_seconds": 60},
+                                chat={"messages_per_second": 10, "burst": 10})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect(share_replay=True) as conn:
+        b = conn.broadcast
+        chat = f"{b['webrtc_url']}/chat/messages"
+        async with http.ws_connect(ws_url(b["webrtc_url"]) + f"/events?token={b['spectator_token']}") as events:
+            await next_of(events, "hello")
+            first = (await conn.start_stream("a quiet harbour"))["stream_id"]
+            ana = await join(http, conn, "ana")
+            ids = {}
+            for text in ("kept in the first", "secret cleared after the end", "secret cleared next stream"):
+                await ana.send(type="chat", text=text)
+                ids[text] = (await ana.next("chat"))["message_id"]
+            await frames_pass(relay, b["broadcast_id"], 5)
+            await conn.end_stream()
+            replay_url = (await next_of(events, "stream_ended"))["replay_url"]
+            _, text = await shared_log(http, replay_url)
+            assert "secret cleared after the end" in text  # not cleared yet: the replay shows it
+
+            async with http.delete(f"{chat}/{ids['secret cleared after the end']}", headers=AUTH) as r:
+                assert r.status == 200, await r.text()
+            second = (await conn.start_stream("a busy harbour"))["stream_id"]
+            async with http.delete(f"{chat}/{ids['secret cleared next stream']}", headers=AUTH) as r:
+                assert r.status == 200, await r.text()
+            await conn.end_stream()
+            second_url = (await next_of(events, "stream_ended"))["replay_url"]
+
+        async def cleared() -> bool:
+            _, text = await shared_log(http, replay_url)
+            return "secret" not in text
+        await eventually(cleared, timeout=10, what="the late clears in the first stream's shared log")
+        _, text = await shared_log(http, replay_url)
+        assert [json.loads(line)["text"] for line in text.splitlines()
+                if json.loads(line)["type"] == "chat"] == ["kept in the first"]
+        # The owner's log says what happened, and when: both clears, after the video's end.
+        owner = await client.request("GET", f"/v1/recordings/{first}")
+        async with http.get(owner["events_url"]) as r:
+            raw = [json.loads(line) for line in (await r.text()).splitlines()]
+        late = [e for e in raw if e["type"] == "chat_cleared"]
+        assert {e["message_id"] for e in late} == {ids["secret cleared after the end"], ids["secret cleared next stream"]}
+        assert all(e["after_end"] is True and e["offset_ms"] == round(owner["duration_seconds"] * 1000) for e in late)
+        # The second stream never had those messages: its log has no text of them either.
+        _, text = await shared_log(http, second_url)
+        assert f"/recordings/{second}?" in second_url and "secret" not in text
 
 
 async def test_share_replay_is_the_hosts_and_bounded(relay_factory, http):

@@ -17,7 +17,7 @@ import pytest
 
 from relay.clock import FakeClock
 from relay.media.recorder import write_json_atomic
-from relay.recordings import FILES, RecordingStore, load_or_create_secret, owner_id
+from relay.recordings import FILES, RecordingStore, load_or_create_secret, owner_id, shared_events_log
 
 DAY = 86400.0
 NOW = 1_800_000_000.0
@@ -107,6 +107,46 @@ def test_only_known_files_of_valid_ids_resolve(tmp_path):
 
 
 # -------------------------------------------------------------------------------- signed URLs
+
+def test_the_shared_log_drops_cleared_chat_and_torn_lines_and_follows_the_file(tmp_path):
+    lines = [
+        {"type": "stream_started", "offset_ms": 0, "prompt": "a harbour"},
+        {"type": "chat", "offset_ms": 10, "message_id": "m1", "name": "ana", "text": "kept"},
+        {"type": "chat", "offset_ms": 20, "message_id": "m2", "name": "ben", "text": "gone secret"},
+        {"type": "chat", "offset_ms": 30, "message_id": ["m1"], "text": "no string id: cannot be matched"},
+        {"type": "chat_cleared", "offset_ms": 40, "message_id": "m2"},
+        {"type": "chat_cleared", "offset_ms": 41, "message_id": {"odd": 1}},  # not an id: names nothing
+    ]
+    text = "".join(json.dumps(line) + "\n" for line in lines) + '[1]\n\n{"type": "chat", "message_id": "m3", "text": "torn'
+    shared = shared_events_log(text.encode())
+    kept = [json.loads(line) for line in shared.decode().splitlines()]
+    assert kept == [lines[0], lines[1], lines[4], lines[5]]
+    assert b"gone secret" not in shared and b"torn" not in shared and b"no string id" not in shared
+
+    store = store_at(tmp_path)
+    directory = add(store, "s1")
+    assert store.shared_events("s1") is None  # no log yet
+    events = directory / "events.jsonl"
+    events.write_text(text)
+    assert store.shared_events("s1") == shared
+    with events.open("a") as log:  # a clear written later (after the stream ended) counts at once
+        log.write("\n" + json.dumps({"type": "chat_cleared", "offset_ms": 60, "message_id": "m1"}) + "\n")
+    assert b"kept" not in store.shared_events("s1")
+    assert store.shared_events("../s1") is None and store.shared_events("nope") is None
+
+
+def test_a_late_clear_is_appended_at_the_videos_end_apart_from_a_torn_line(tmp_path):
+    store = store_at(tmp_path)
+    directory = add(store, "s1")
+    clear = {"type": "chat_cleared", "message_id": "m1", "after_end": True}
+    assert store.append_event("s1", clear) is False  # no log: nothing to add to
+    (directory / "events.jsonl").write_text('{"type": "chat", "message_id": "m1", "text": "late"}\n{"type": "ch')
+    assert store.append_event("s1", clear) is True
+    lines = (directory / "events.jsonl").read_text().splitlines()
+    assert lines[1] == '{"type": "ch' and json.loads(lines[2]) == {**clear, "offset_ms": 60000}
+    assert b"late" not in store.shared_events("s1")
+    assert store.append_event("nope", clear) is False and store.append_event("../s1", clear) is False
+
 
 def test_signed_urls_refuse_tampering_and_expiry(tmp_path):
     store = store_at(tmp_path)
