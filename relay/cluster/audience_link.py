@@ -50,8 +50,8 @@ OUTBOX_MAX = 4096  # an origin's replies and pushes awaiting Redis; past it they
 CLOSE_FLUSH_SECONDS = 1.0  # at shutdown, the outbox is given this long to reach Redis
 REPLY_SECONDS = 5.0  # an origin that does not answer a request within this is unavailable
 ENVELOPE_BYTES = 1024  # room for a reply's op, id and sender around a hello or snapshot
-TOKEN_MAX_CHARS = 256
-ORCHESTRATION_EVENT = '{"type": "orchestration"'  # how Audience.send's json.dumps starts a state push  # a resume token or invite longer than any we mint is no token (a new identity)
+TOKEN_MAX_CHARS = 256  # a resume token or invite longer than any we mint is no token (a new identity)
+ORCHESTRATION_EVENT = '{"type": "orchestration"'  # how Audience.send's json.dumps starts a state push
 
 
 def inbox(node_id: str) -> str:
@@ -290,7 +290,9 @@ class AudienceLink:
             try:
                 reply = await self.request(origin, {"op": "sync", "broadcast_id": broadcast_id})
             except RelayError as err:
-                if err.status != 404:  # 404: the broadcast ended (its sockets are closed by the origin or the sweep)
+                # 404: the broadcast ended (its sockets are closed by the origin or the sweep); STATE_TOO_LARGE:
+                # asking again would not make it fit, the next push brings what changes
+                if err.status != 404 and err.code != "STATE_TOO_LARGE":
                     self._stale.add(broadcast_id)  # the origin is not listening yet: the next sweep asks again
                 return
             snapshot = reply.get("reply")
@@ -322,7 +324,10 @@ class AudienceLink:
             if broadcast is None:
                 self._reply(node, message, None, not_found("broadcast", str(message.get("broadcast_id"))[:128]))
             else:
-                self._reply(node, message, within_bound(broadcast.snapshot()))
+                try:
+                    self._reply(node, message, within_bound(broadcast.snapshot()))
+                except RelayError as err:
+                    self._reply(node, message, None, err)
             return
         if not isinstance(node, str) or not isinstance(socket_id, str):
             return
@@ -397,7 +402,14 @@ class AudienceLink:
             remote.audience.published = None
 
     def _push(self, broadcast_id: str, text: str) -> None:
-        """One event for every participant: once to each node holding some of them."""
+        """One event for every participant: once to each node holding some of them (an orchestration state
+        cut to fit, as a hello is: the node would drop a larger one)."""
+        if len(text) > MESSAGE_MAX_BYTES - ENVELOPE_BYTES and text.startswith(ORCHESTRATION_EVENT):
+            try:
+                text = json.dumps(orchestration_within_bound(json.loads(text)))
+            except RelayError:
+                log.warning("audience link: a %d-byte orchestration push cannot fit; not relayed", len(text))
+                return
         for node in self._nodes_of.get(broadcast_id, ()):
             self._post(node, {"op": "push", "broadcast_id": broadcast_id, "event": text})
 
@@ -536,18 +548,57 @@ class AudienceLink:
 
 def within_bound(state: dict[str, Any]) -> dict[str, Any]:
     """A hello or snapshot that crosses Redis within MESSAGE_MAX_BYTES (the receiver drops a larger one):
-    the chat history's oldest messages are left out as needed (500 long messages could reach megabytes)."""
+    the chat history's oldest messages are left out as needed (500 long messages could reach megabytes),
+    then the orchestration's queue and candidates from their tails (50 queued prompts of 200 emoji are
+    ~150 KB as JSON); queue_length and hands_count still count everyone. STATE_TOO_LARGE if even that
+    cannot fit (the receiver would drop it: an error it can read instead)."""
     budget = MESSAGE_MAX_BYTES - ENVELOPE_BYTES
     size = len(json.dumps(state))
-    chat = state.get("chat")
-    if size <= budget or not isinstance(chat, dict) or not chat.get("history"):
+    if size <= budget:
         return state
-    history = list(chat["history"])
+    state = dict(state)
+    chat = state.get("chat")
+    if isinstance(chat, dict) and isinstance(chat.get("history"), list):
+        history, size = _cut(chat["history"], size, budget, oldest=True)
+        state["chat"] = {**chat, "history": history}
+    if size > budget and isinstance(state.get("orchestration"), dict):
+        state["orchestration"], size = _orchestration_within(state["orchestration"], size, budget)
+    if size > budget:
+        raise state_too_large()
+    return state
+
+
+def orchestration_within_bound(event: dict[str, Any]) -> dict[str, Any]:
+    """An ``orchestration`` push (the state at its top level) within the bound, cut as within_bound cuts."""
+    budget = MESSAGE_MAX_BYTES - ENVELOPE_BYTES
+    event, size = _orchestration_within(event, len(json.dumps(event)), budget)
+    if size > budget:
+        raise state_too_large()
+    return event
+
+
+def _orchestration_within(orchestration: dict[str, Any], size: int, budget: int) -> tuple[dict[str, Any], int]:
+    orchestration = dict(orchestration)
+    for key in ("queue", "candidates"):  # the head of the queue is whose prompt runs next: the tail goes first
+        if size > budget and isinstance(orchestration.get(key), list):
+            orchestration[key], size = _cut(orchestration[key], size, budget, oldest=False)
+    return orchestration, size
+
+
+def _cut(items: list[Any], size: int, budget: int, *, oldest: bool) -> tuple[list[Any], int]:
+    """Items left out (the first ones if `oldest`, else the last) until `size` is within `budget`."""
+    kept = list(items) if oldest else list(reversed(items))
     start = 0
-    while start < len(history) and size > budget:
-        size -= len(json.dumps(history[start])) + 2  # the message and its ", " separator
+    while start < len(kept) and size > budget:
+        size -= len(json.dumps(kept[start])) + 2  # the item and its ", " separator
         start += 1
-    return {**state, "chat": {**chat, "history": history[start:]}}
+    kept = kept[start:]
+    return (kept if oldest else kept[::-1]), size
+
+
+def state_too_large() -> RelayError:
+    return RelayError("STATE_TOO_LARGE", 503, "The broadcast's state is too large to send to this node.",
+                      action="Retry later, or join at the broadcast's origin node.")
 
 
 def _token(value: Any) -> str | None:
