@@ -1,5 +1,5 @@
-"""What crosses Redis to an edge's participants fits its bound, and a catch-up after a Redis outage is one
-fresh hello per socket (relay/cluster/audience_link.py): real `relay serve` nodes on a real Redis."""
+"""What crosses Redis to an edge's participants fits its bound: a hello and an orchestration push of a queue
+larger than a Redis message (relay/cluster/audience_link.py), real `relay serve` nodes on a real Redis."""
 
 from __future__ import annotations
 
@@ -35,3 +35,4 @@ async def test_an_edge_joins_and_is_pushed_a_queue_of_emoji_prompts_larger_than_
     assert 0 < len(pushed["queue"]) < 6 and [q["prompt"] for q in pushed["queue"]] == queued[:len(pushed["queue"])]
     for p in (early, late, *senders):
         await p.ws.close()
+
