@@ -136,8 +136,12 @@ export class Participation {
   onEvent(msg) {
     switch (msg.type) {
       case 'hello':
-        if (typeof msg.participant_id === 'string') this.#me = msg.participant_id;
-        if (this.#myName) this.#send({ type: 'hello', name: this.#myName });
+        // A hello again on the same socket (a cluster's catch-up) keeps the name the relay holds: it is
+        // sent again only to a new participant id (a new socket), not once per hello to every page at once.
+        if (typeof msg.participant_id === 'string' && msg.participant_id !== this.#me) {
+          this.#me = msg.participant_id;
+          if (this.#myName) this.#send({ type: 'hello', name: this.#myName });
+        }
         if (msg.orchestration) this.#setState(msg.orchestration);
         break;
       case 'orchestration':

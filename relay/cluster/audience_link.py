@@ -9,7 +9,8 @@ node's (the same trust as the directory). JSON, at most MESSAGE_MAX_BYTES:
 - to an edge: ``reply`` (a join's hello, a message's answer, a sync's snapshot), ``push`` (an event for every
   participant of a broadcast: published by the origin once per broadcast per node holding its participants,
   fanned out there to each socket), ``close`` (the origin closed that socket's participant: replaced, or the
-  end), ``stale`` (the origin lost Redis a while: pushes may be missing, sync).
+  end), ``stale`` (the origin lost Redis a while, or a push to that node was lost: every broadcast of that
+  origin held there syncs; one per node, sent again at each sweep until it is out).
 
 The node holding the socket bounds it first (message size, JSON depth, its rate: relay/api/broadcasts.py),
 so nothing a stranger floods crosses Redis. With Redis away a message is answered at once with 503
@@ -17,9 +18,11 @@ CLUSTER_UNAVAILABLE in the error shape and the socket stays open; the listener s
 Redis returns. Pub/sub keeps nothing: a push published while Redis was away is lost. So when Redis is
 back (a listener subscribes again), each edge asks the origin of every broadcast it holds sockets of for a
 snapshot and sends each socket a fresh ``hello`` built from it (same identity, ``resumed: true``: what a
-page does with a reconnected socket's hello), and each origin tells the nodes holding its participants
-``stale`` (an edge whose own subscription never broke). A sync the origin cannot answer yet is tried again
-every heartbeat.
+page does with a reconnected socket's hello; the snapshot serialized once for all of them), and each
+origin tells the nodes holding its participants ``stale`` (an edge whose own subscription never broke).
+A ``stale`` that arrives while that broadcast's sync is in flight asks nothing more: the origin sent it
+before reading the request, so the reply that follows is newer. A sync the origin cannot answer yet is
+tried again every heartbeat.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import logging
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from redis.exceptions import RedisError
 
@@ -50,8 +53,8 @@ OUTBOX_MAX = 4096  # an origin's replies and pushes awaiting Redis; past it they
 CLOSE_FLUSH_SECONDS = 1.0  # at shutdown, the outbox is given this long to reach Redis
 REPLY_SECONDS = 5.0  # an origin that does not answer a request within this is unavailable
 ENVELOPE_BYTES = 1024  # room for a reply's op, id and sender around a hello or snapshot
-TOKEN_MAX_CHARS = 256
-ORCHESTRATION_EVENT = '{"type": "orchestration"'  # how Audience.send's json.dumps starts a state push  # a resume token or invite longer than any we mint is no token (a new identity)
+TOKEN_MAX_CHARS = 256  # a resume token or invite longer than any we mint is no token (a new identity)
+ORCHESTRATION_EVENT = '{"type": "orchestration"'  # how Audience.send's json.dumps starts a state push
 
 
 def inbox(node_id: str) -> str:
@@ -64,6 +67,8 @@ def node_unavailable(node_id: str) -> RelayError:
 
 
 ORIGIN_LOST = json.dumps({"type": "disconnected", "reason": "origin_lost"})
+# A hello's fields that are the socket's own; the rest is the broadcast's snapshot, the same for every socket.
+PERSONAL = ("participant_id", "resume_token", "invited")
 
 
 @dataclass(eq=False)
@@ -119,6 +124,7 @@ class AudienceLink:
         self._sockets: dict[str, RelayedParticipant] = {}
         self._by_broadcast: dict[str, dict[str, RelayedParticipant]] = {}
         self._pending: dict[int, asyncio.Future] = {}
+        self._on_reply: dict[int, Callable[[dict[str, Any]], None]] = {}
         # The origin's participant rate per broadcast (the host may change it): from the hello, then pushes.
         self._rates: dict[str, tuple[float, int]] = {}
         self._ids = itertools.count(1)
@@ -126,11 +132,12 @@ class AudienceLink:
         self._remote: dict[str, _Remote] = {}
         self._nodes_of: dict[str, Counter[str]] = {}
         self._misses: Counter[str] = Counter()  # socket id -> sweeps in a row that did not see its other node
-        self._outbox: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue(OUTBOX_MAX)
+        self._outbox: asyncio.Queue[tuple[str, str, bool, str | None]] = asyncio.Queue(OUTBOX_MAX)
         self._unsent: list[tuple[str, str, int]] = []  # leaves that met Redis away: sent again when it is back
         self._subscribed = False  # once: a later subscription is Redis coming back (pushes may be lost)
         self._stale: set[str] = set()  # as an edge: broadcasts whose sockets may have missed pushes
-        self._syncing: set[str] = set()
+        self._owed: set[str] = set()  # as an origin: nodes to tell "stale" (a push to them was lost)
+        self._syncing: dict[str, asyncio.Task] = {}  # a sync in flight per broadcast, until its reply is dispatched
         self._tasks: list[asyncio.Task] = []
         self._work: set[asyncio.Task] = set()
         self.closed = False
@@ -221,9 +228,11 @@ class AudienceLink:
             self._rates.pop(participant.broadcast_id, None)
         return True
 
-    async def request(self, node_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def request(self, node_id: str, body: dict[str, Any],
+                      on_reply: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """The origin's reply to a request, or 503 at once: CLUSTER_UNAVAILABLE (Redis away, or we cannot
-        hear replies yet), NODE_UNAVAILABLE (nobody listens at the origin, or it does not answer)."""
+        hear replies yet), NODE_UNAVAILABLE (nobody listens at the origin, or it does not answer).
+        `on_reply` is called with the reply as it is dispatched, before any later message from the origin."""
         if not self.listening:
             raise cluster_unavailable(self._cluster.settings.heartbeat_seconds)
         request_id = next(self._ids)
@@ -232,6 +241,8 @@ class AudienceLink:
             raise RelayError("PAYLOAD_TOO_LARGE", 413, "The message is too large.", action="Send less.")
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
+        if on_reply is not None:
+            self._on_reply[request_id] = on_reply
         try:
             async with self._cluster.guarded():
                 receivers = await self._cluster.redis.publish(inbox(node_id), payload)
@@ -242,6 +253,7 @@ class AudienceLink:
             raise node_unavailable(node_id) from None
         finally:
             self._pending.pop(request_id, None)
+            self._on_reply.pop(request_id, None)
         if "error" in reply:
             error = reply["error"]
             raise RelayError(error["code"], error["status"], error["message"], action=error.get("action", ""),
@@ -253,6 +265,9 @@ class AudienceLink:
         if op == "reply":
             future = self._pending.get(message.get("id"))
             if future is not None and not future.done():
+                on_reply = self._on_reply.pop(message["id"], None)
+                if on_reply is not None:
+                    on_reply(message)
                 future.set_result(message)
         elif op == "push":
             event, broadcast_id = message.get("event"), message.get("broadcast_id")
@@ -262,9 +277,13 @@ class AudienceLink:
             for participant in sockets.values():
                 participant.channel.push(event)
         elif op == "stale":
-            if message.get("broadcast_id") in self._by_broadcast:
-                self._stale.add(message["broadcast_id"])
-                self._sync_stale()
+            # Every broadcast of that origin held here, but one whose sync is in flight: the origin sent
+            # "stale" before it read our request, so its reply (which comes after, in order) is fresh enough.
+            origin = message.get("from")
+            for broadcast_id, sockets in self._by_broadcast.items():
+                if broadcast_id not in self._syncing and any(p.origin == origin for p in sockets.values()):
+                    self._stale.add(broadcast_id)
+            self._sync_stale()
         elif op == "close":
             participant = self._sockets.get(message.get("socket"))
             if participant is not None:
@@ -273,45 +292,61 @@ class AudienceLink:
 
     def _sync_stale(self) -> None:
         """A sync for each stale broadcast not already asked for."""
-        for broadcast_id in self._stale - self._syncing:
-            self._syncing.add(broadcast_id)
+        for broadcast_id in self._stale - self._syncing.keys():
             self._stale.discard(broadcast_id)
             task = asyncio.get_running_loop().create_task(self._sync(broadcast_id), name="relay-audience-sync")
+            self._syncing[broadcast_id] = task
             self._work.add(task)
             task.add_done_callback(self._work.discard)
 
     async def _sync(self, broadcast_id: str) -> None:
-        """The origin's snapshot of the broadcast, to each socket here as a fresh hello."""
+        """The origin's snapshot of the broadcast, to each socket here as a fresh hello (applied as the reply
+        is dispatched: a push the origin sent after it is dispatched after it, never overtaken)."""
         try:
             sockets = self._by_broadcast.get(broadcast_id)
             if not sockets:
                 return
             origin = next(iter(sockets.values())).origin
             try:
-                reply = await self.request(origin, {"op": "sync", "broadcast_id": broadcast_id})
+                await self.request(origin, {"op": "sync", "broadcast_id": broadcast_id},
+                                   on_reply=lambda reply: self._caught_up(broadcast_id, reply))
             except RelayError as err:
-                if err.status != 404:  # 404: the broadcast ended (its sockets are closed by the origin or the sweep)
+                # 404: the broadcast ended (its sockets are closed by the origin or the sweep); STATE_TOO_LARGE:
+                # asking again would not make it fit, the next push brings what changes
+                if err.status != 404 and err.code != "STATE_TOO_LARGE":
                     self._stale.add(broadcast_id)  # the origin is not listening yet: the next sweep asks again
-                return
-            snapshot = reply.get("reply")
-            if not isinstance(snapshot, dict):
-                return
-            self._learn_rate(broadcast_id, snapshot.get("orchestration"))
-            for participant in list(self._by_broadcast.get(broadcast_id, {}).values()):
-                if participant.hello is not None:
-                    participant.hello = {**participant.hello, **snapshot, "resumed": True}
-                    participant.channel.push(json.dumps(participant.hello))
-        finally:
-            self._syncing.discard(broadcast_id)
+        finally:  # unless its reply came and another sync of the broadcast has started since
+            if self._syncing.get(broadcast_id) is asyncio.current_task():
+                del self._syncing[broadcast_id]
+
+    def _caught_up(self, broadcast_id: str, reply: dict[str, Any]) -> None:
+        """A sync's reply: each socket's hello is its own fields and the snapshot, serialized once for all."""
+        self._syncing.pop(broadcast_id, None)  # a "stale" dispatched after this reply asks again
+        snapshot = reply.get("reply")
+        if not isinstance(snapshot, dict) or not snapshot:
+            return
+        self._learn_rate(broadcast_id, snapshot.get("orchestration"))
+        shared = ", " + json.dumps(snapshot)[1:]  # 10k sockets: one serialization of the history, not 10k
+        for participant in list(self._by_broadcast.get(broadcast_id, {}).values()):
+            if participant.hello is not None:
+                own = {"type": "hello", **{key: participant.hello.get(key) for key in PERSONAL}, "resumed": True}
+                participant.hello = {**own, **snapshot}
+                participant.channel.push(json.dumps(own)[:-1] + shared)
 
     def _returned(self) -> None:
         """Redis is back after a loss: as an edge, every broadcast held here is stale; as an origin, the
         nodes holding our participants are told so (their own subscriptions may never have broken)."""
         self._stale.update(self._by_broadcast)
-        for broadcast_id, nodes in self._nodes_of.items():
-            for node in nodes:
-                self._post(node, {"op": "stale", "broadcast_id": broadcast_id})
+        self._owed.update(node for nodes in self._nodes_of.values() for node in nodes)
+        self._tell_stale()
         self._sync_stale()
+
+    def _tell_stale(self) -> None:
+        """One ``stale`` to each node owed one (its edge syncs every broadcast of ours it holds), kept owed
+        while the outbox is full or its publish fails."""
+        for node in list(self._owed):
+            if self._post(node, {"op": "stale"}, stale_if_lost=True):
+                self._owed.discard(node)
 
     # -- as an origin: other nodes' participants of our broadcasts --------------------------------
 
@@ -322,7 +357,10 @@ class AudienceLink:
             if broadcast is None:
                 self._reply(node, message, None, not_found("broadcast", str(message.get("broadcast_id"))[:128]))
             else:
-                self._reply(node, message, within_bound(broadcast.snapshot()))
+                try:
+                    self._reply(node, message, within_bound(broadcast.snapshot()))
+                except RelayError as err:
+                    self._reply(node, message, None, err)
             return
         if not isinstance(node, str) or not isinstance(socket_id, str):
             return
@@ -397,9 +435,16 @@ class AudienceLink:
             remote.audience.published = None
 
     def _push(self, broadcast_id: str, text: str) -> None:
-        """One event for every participant: once to each node holding some of them."""
+        """One event for every participant: once to each node holding some of them (an orchestration state
+        cut to fit, as a hello is: the node would drop a larger one)."""
+        if len(text) > MESSAGE_MAX_BYTES - ENVELOPE_BYTES and text.startswith(ORCHESTRATION_EVENT):
+            try:
+                text = json.dumps(orchestration_within_bound(json.loads(text)))
+            except RelayError:
+                log.warning("audience link: a %d-byte orchestration push cannot fit; not relayed", len(text))
+                return
         for node in self._nodes_of.get(broadcast_id, ()):
-            self._post(node, {"op": "push", "broadcast_id": broadcast_id, "event": text})
+            self._post(node, {"op": "push", "broadcast_id": broadcast_id, "event": text}, stale_if_lost=True)
 
     def _reply(self, node: str, request: dict[str, Any], reply: dict[str, Any] | None,
                error: RelayError | None = None) -> None:
@@ -421,6 +466,7 @@ class AudienceLink:
             return  # Redis away: nobody is seen, and nobody is presumed gone
         alive = {node.node_id for node in self._cluster.nodes_seen}
         self._resend(alive)
+        self._tell_stale()
         if self.listening:
             self._sync_stale()
         for socket_id, remote in list(self._remote.items()):
@@ -453,23 +499,30 @@ class AudienceLink:
 
     # -- Redis ------------------------------------------------------------------------------------
 
-    def _post(self, node: str, body: dict[str, Any], *, keep: bool = False) -> None:
+    def _post(self, node: str, body: dict[str, Any], *, keep: bool = False, stale_if_lost: bool = False) -> bool:
         """In order, from one task: a reply never overtakes the push before it. `keep`: sent again after
-        Redis returns if it cannot be sent now (a leave: else the origin would hold the place for good)."""
+        Redis returns if it cannot be sent now (a leave: else the origin would hold the place for good).
+        `stale_if_lost`: if it is dropped (outbox full, publish failed), that node is told ``stale`` at a
+        later sweep (a push: its sockets missed an event). False when the outbox was full."""
         try:
-            self._outbox.put_nowait((inbox(node), json.dumps({**body, "from": self.node_id}), keep))
+            self._outbox.put_nowait((inbox(node), json.dumps({**body, "from": self.node_id}), keep,
+                                     node if stale_if_lost else None))
         except asyncio.QueueFull:
             log.warning("audience link: outbox full (Redis away?); a message to %s dropped", node)
+            if stale_if_lost:
+                self._owed.add(node)
+            return False
+        return True
 
     async def _send_outbox(self) -> None:
         while True:
-            channel, payload, keep = await self._outbox.get()
+            channel, payload, keep, owed = await self._outbox.get()
             try:
-                await self._publish(channel, payload, keep)
+                await self._publish(channel, payload, keep, owed)
             finally:
                 self._outbox.task_done()
 
-    async def _publish(self, channel: str, payload: str, keep: bool) -> None:
+    async def _publish(self, channel: str, payload: str, keep: bool, owed: str | None) -> None:
         for _ in range(2):  # after a Redis restart the pool's first connection is a dead one
             try:
                 if await self._cluster.redis.publish(channel, payload) or not keep:
@@ -481,6 +534,8 @@ class AudienceLink:
             self._unsent.append((channel, payload, 0))
         else:
             log.warning("audience link: publish failed (%s); dropped", exc)
+            if owed is not None:
+                self._owed.add(owed)
 
     def _resend(self, alive: set[str]) -> None:
         """The kept messages again; one for a node absent from three sweeps in a row (gone) is dropped."""
@@ -492,7 +547,7 @@ class AudienceLink:
                     self._unsent.append((channel, payload, misses + 1))
                 continue
             try:
-                self._outbox.put_nowait((channel, payload, True))
+                self._outbox.put_nowait((channel, payload, True, None))
             except asyncio.QueueFull:
                 self._unsent.append((channel, payload, misses))
 
@@ -536,18 +591,57 @@ class AudienceLink:
 
 def within_bound(state: dict[str, Any]) -> dict[str, Any]:
     """A hello or snapshot that crosses Redis within MESSAGE_MAX_BYTES (the receiver drops a larger one):
-    the chat history's oldest messages are left out as needed (500 long messages could reach megabytes)."""
+    the chat history's oldest messages are left out as needed (500 long messages could reach megabytes),
+    then the orchestration's queue and candidates from their tails (50 queued prompts of 200 emoji are
+    ~150 KB as JSON); queue_length and hands_count still count everyone. STATE_TOO_LARGE if even that
+    cannot fit (the receiver would drop it: an error it can read instead)."""
     budget = MESSAGE_MAX_BYTES - ENVELOPE_BYTES
     size = len(json.dumps(state))
-    chat = state.get("chat")
-    if size <= budget or not isinstance(chat, dict) or not chat.get("history"):
+    if size <= budget:
         return state
-    history = list(chat["history"])
+    state = dict(state)
+    chat = state.get("chat")
+    if isinstance(chat, dict) and isinstance(chat.get("history"), list):
+        history, size = _cut(chat["history"], size, budget, oldest=True)
+        state["chat"] = {**chat, "history": history}
+    if size > budget and isinstance(state.get("orchestration"), dict):
+        state["orchestration"], size = _orchestration_within(state["orchestration"], size, budget)
+    if size > budget:
+        raise state_too_large()
+    return state
+
+
+def orchestration_within_bound(event: dict[str, Any]) -> dict[str, Any]:
+    """An ``orchestration`` push (the state at its top level) within the bound, cut as within_bound cuts."""
+    budget = MESSAGE_MAX_BYTES - ENVELOPE_BYTES
+    event, size = _orchestration_within(event, len(json.dumps(event)), budget)
+    if size > budget:
+        raise state_too_large()
+    return event
+
+
+def _orchestration_within(orchestration: dict[str, Any], size: int, budget: int) -> tuple[dict[str, Any], int]:
+    orchestration = dict(orchestration)
+    for key in ("queue", "candidates"):  # the head of the queue is whose prompt runs next: the tail goes first
+        if size > budget and isinstance(orchestration.get(key), list):
+            orchestration[key], size = _cut(orchestration[key], size, budget, oldest=False)
+    return orchestration, size
+
+
+def _cut(items: list[Any], size: int, budget: int, *, oldest: bool) -> tuple[list[Any], int]:
+    """Items left out (the first ones if `oldest`, else the last) until `size` is within `budget`."""
+    kept = list(items) if oldest else list(reversed(items))
     start = 0
-    while start < len(history) and size > budget:
-        size -= len(json.dumps(history[start])) + 2  # the message and its ", " separator
+    while start < len(kept) and size > budget:
+        size -= len(json.dumps(kept[start])) + 2  # the item and its ", " separator
         start += 1
-    return {**state, "chat": {**chat, "history": history[start:]}}
+    kept = kept[start:]
+    return (kept if oldest else kept[::-1]), size
+
+
+def state_too_large() -> RelayError:
+    return RelayError("STATE_TOO_LARGE", 503, "The broadcast's state is too large to send to this node.",
+                      action="Retry later, or join at the broadcast's origin node.")
 
 
 def _token(value: Any) -> str | None:

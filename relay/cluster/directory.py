@@ -7,7 +7,9 @@ whole again one beat later). Written when created, deleted when closed; an entry
 heart-beating reads as gone, so a dead node's ids answer 404 everywhere. Channels (``channel``, and
 ``slug`` as ``<owner hash>:<slug>``, a slug being unique per key) are written with a TTL of
 CHANNEL_HOME_SECONDS instead: a channel outlives its node's death on disk, so another node can say
-"its node is down" (503) rather than "no such channel" (404). Simulation jobs too
+"its node is down" (503) rather than "no such channel" (404). A lasting entry is refreshed only by the
+node it names, or taken when it is free (never over another node's: after Redis lost its data another
+node may have claimed the slug first), and deleted only by the node it names (a Lua compare-and-delete). Simulation jobs too
 (``relay:owner:job:<id>``), with a TTL of hours instead (see JOB_TTL_SECONDS): a job outlives its node's
 restarts, and its node's liveness is read at each lookup all the same.
 
@@ -17,12 +19,15 @@ The edge slice codes against `origin_of` and `node_authorization` (and `Origin`)
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable
 
 from redis.asyncio import Redis
 
 from .membership import Membership, NodeInfo
+
+log = logging.getLogger(__name__)
 
 KINDS = ("connection", "stream", "broadcast", "job", "channel", "slug")
 LASTING = frozenset({"channel", "slug"})
@@ -34,6 +39,18 @@ CHANNEL_HOME_SECONDS = 7200  # a dead node's channels read as "down" this long, 
 JOB_TTL_SECONDS = 7200
 JOB_REFRESH_SECONDS = 3600
 _REGISTER_CHUNK = 1000
+
+# A lasting entry (a slug is unique per owner across the cluster) is refreshed only by the node that holds
+# it, or taken when nobody does: after Redis lost its data, another node may have claimed the slug first,
+# and a plain SET from our heartbeat would take it from under that node's channel. Nil when it is ours
+# now, else the holder's id.
+_HOLD = """local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return holder end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false"""
+# An entry is deleted only by its holder: deleting our channel must not delete another node's claim.
+_RELEASE = """if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0"""
 
 
 def owner_key(kind: str, ident: str) -> str:
@@ -81,20 +98,35 @@ class Directory:
         self._membership = membership
         self._ttl_ms = int(timeout_seconds * 1000)
         self._lasting_ms = max(self._ttl_ms, CHANNEL_HOME_SECONDS * 1000)
+        self._hold = redis.register_script(_HOLD)
+        self._release = redis.register_script(_RELEASE)
 
     @property
     def node_id(self) -> str:
         return self._membership.node_id
 
-    async def publish(self, entries: Iterable[Entry]) -> None:
-        """Write (or refresh) what this node owns, in one round trip."""
+    async def publish(self, entries: Iterable[Entry]) -> list[tuple[Entry, str]]:
+        """Write (or refresh) what this node owns, in one round trip. A lasting entry another node holds is
+        left to it: returned with that node's id (and logged), else []."""
+        held: list[tuple[int, Entry]] = []  # the pipeline's replies that say who holds a lasting entry
         async with self._redis.pipeline(transaction=False) as pipe:
             for entry in entries:
-                ttl = self._lasting_ms if entry.kind in LASTING else self._ttl_ms
-                pipe.set(owner_key(entry.kind, entry.ident), self.node_id, px=ttl)
+                key = owner_key(entry.kind, entry.ident)
+                if entry.kind in LASTING:
+                    held.append((len(pipe), entry))
+                    await self._hold(keys=[key], args=[self.node_id, self._lasting_ms], client=pipe)
+                else:
+                    pipe.set(key, self.node_id, px=self._ttl_ms)
                 if entry.record is not None:
                     pipe.set(broadcast_key(entry.ident), json.dumps(entry.record), px=self._ttl_ms)
-            await pipe.execute()
+            replies = await pipe.execute()
+        conflicts = []
+        for index, entry in held:
+            if replies[index] is not None:
+                holder = replies[index].decode() if isinstance(replies[index], bytes) else replies[index]
+                log.warning("directory: %s %s is held by node %s; not taken", entry.kind, entry.ident, holder)
+                conflicts.append((entry, holder))
+        return conflicts
 
     async def claim(self, kind: str, ident: str) -> str:
         """Take a lasting entry for this node unless another holds it, atomically (SET NX): two nodes claiming
@@ -121,13 +153,21 @@ class Directory:
         return bool(await self._redis.set(jobs_marker_key(self.node_id), "1", nx=True, ex=JOB_REFRESH_SECONDS))
 
     async def remove(self, entries: Iterable[Entry]) -> None:
-        keys = []
-        for entry in entries:
-            keys.append(owner_key(entry.kind, entry.ident))
-            if entry.kind == "broadcast":
-                keys.append(broadcast_key(entry.ident))
-        if keys:
-            await self._redis.delete(*keys)
+        """Delete what this node owns, in one round trip: a lasting entry another node holds now stays its
+        (the others' ids are minted here, random: no other node writes them)."""
+        entries = list(entries)
+        if not entries:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                key = owner_key(entry.kind, entry.ident)
+                if entry.kind in LASTING:
+                    await self._release(keys=[key], args=[self.node_id], client=pipe)
+                else:
+                    pipe.delete(key)
+                if entry.kind == "broadcast":
+                    pipe.delete(broadcast_key(entry.ident))
+            await pipe.execute()
 
     async def owner(self, kind: str, ident: str) -> NodeInfo | None:
         """The live node that owns it, or None (unknown, or its node is gone)."""

@@ -6,6 +6,7 @@ Every wait is bounded (expect / wait_for_function with a timeout, or `eventually
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -292,3 +293,50 @@ async def test_an_invite_link_makes_the_page_an_invited_participant(relay_factor
         await expect(invited.locator("#input-result")).to_contain_text("Applied")
         present = relay.sessions.broadcast(bid).orchestrator.participants
         assert minted["participant_id"] in present
+
+
+async def test_a_catch_up_hello_on_the_same_socket_does_not_send_the_name_again(relay_factory, open_page):
+    """A cluster's edge catches its sockets up with a fresh hello (same participant) when pushes may have
+    been lost: the page takes the state from it, and does not send every page's name back at once."""
+    relay = await relay_factory(limits=LONG)
+    sent: list[dict] = []
+    to_page: list = []  # the route's page side, to speak as the relay
+    hellos: list[dict] = []
+    lost = {"orchestration": False}
+
+    def route(ws) -> None:
+        server = ws.connect_to_server()
+        to_page.append(ws)
+
+        def from_page(message) -> None:
+            sent.append(json.loads(message))
+            server.send(message)
+
+        def from_relay(message) -> None:
+            if json.loads(message).get("type") == "hello":
+                hellos.append(json.loads(message))
+            if not (lost["orchestration"] and json.loads(message).get("type") == "orchestration"):
+                ws.send(message)
+        ws.on_message(from_page)
+        server.on_message(from_relay)
+
+    async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
+        bid = conn.broadcast["broadcast_id"]
+        await set_mode(client, bid, "queue", cooldown_seconds=0)
+        page = await open_page()
+        await page.route_web_socket(re.compile(r"/events"), route)
+        await page.goto(conn.broadcast["watch_url"])
+        await joined(page)
+        await set_name(page, "Rosa")
+        await eventually(lambda: {"type": "hello", "name": "Rosa"} in sent, timeout=5, what="the name sent")
+        lost["orchestration"] = True  # the push of the host's change is lost (Redis away between nodes)
+        await set_mode(client, bid, "vote", vote_window_seconds=30)
+        state = await client.request("GET", f"/v1/broadcasts/{bid}/orchestration")
+        public = {k: v for k, v in state.items() if k != "participants"}  # the host's view has more
+        public["settings"] = {k: v for k, v in state["settings"].items() if k != "blocked_words"}
+        to_page[-1].send(json.dumps({**hellos[-1], "resumed": True, "orchestration": public}))
+        await expect(page.locator("#mode-chip")).to_have_text("Vote")  # the catch-up's state, applied
+        await page.fill("#input-prompt", "a paper boat")
+        await page.click("#input-send")
+        await eventually(lambda: any(m.get("type") == "input" for m in sent), timeout=5, what="the input sent")
+        assert [m for m in sent if m.get("type") == "hello"] == [{"type": "hello", "name": "Rosa"}]

@@ -11,7 +11,7 @@ import fakeredis
 import pytest
 import redis.asyncio as aioredis
 
-from relay.cluster.directory import Directory, Entry, Origin
+from relay.cluster.directory import CHANNEL_HOME_SECONDS, Directory, Entry, Origin, owner_key
 from relay.cluster.membership import Membership, NodeInfo, derive_node_id
 from relay.cluster.node import Cluster
 from relay.cluster.quota import ClusterQuota
@@ -206,4 +206,28 @@ async def test_a_node_whose_secret_changed_derives_its_keys_again(redis_server):
         assert cluster.membership.secret == bytes.fromhex("ab" * 32) and changed and changed[0] != before
     finally:
         await cluster.close()
+        await client.aclose()
+
+
+async def test_a_slug_claimed_by_another_node_after_redis_lost_its_data_is_neither_taken_nor_deleted(redis_server):
+    """Redis restarted empty: b claims a's slug before a's heartbeat writes it again. a's heartbeat leaves it
+    to b (and says so), and deleting a's channel leaves b's claim (Lua on the real redis-server)."""
+    client = aioredis.from_url(redis_server.url)
+    a = Directory(client, Membership(client, "a", 1.0), 1.0)
+    b = Directory(client, Membership(client, "b", 1.0), 1.0)
+    slug = Entry("slug", "owner:harbour")
+    try:
+        assert await a.publish([Entry("channel", "ch-a"), slug]) == []
+        assert await a.home("slug", "owner:harbour") == "a"
+        await client.flushall()  # Redis lost its data
+        assert await b.claim("slug", "owner:harbour") == "b"
+        assert await a.publish([Entry("channel", "ch-a"), slug]) == [(slug, "b")]
+        assert await a.home("slug", "owner:harbour") == "b" and await a.home("channel", "ch-a") == "a"
+        await a.remove([Entry("channel", "ch-a"), slug])  # a's channel deleted
+        assert await b.home("slug", "owner:harbour") == "b" and await a.home("channel", "ch-a") is None
+        assert await b.publish([slug]) == []  # b's own heartbeat refreshes it
+        assert 0 < await client.pttl(owner_key("slug", "owner:harbour")) <= CHANNEL_HOME_SECONDS * 1000
+        await b.remove([slug])
+        assert await a.home("slug", "owner:harbour") is None
+    finally:
         await client.aclose()
