@@ -641,7 +641,8 @@ def _cut(items: list[Any], size: int, budget: int, *, oldest: bool) -> tuple[lis
 
 def state_too_large() -> RelayError:
     return RelayError("STATE_TOO_LARGE", 503, "The broadcast's state is too large to send to this node.",
-                      action="Retry later, or join at the broadcast's origin node.")
+                      action="Retry later, or join at the broadcast's origin node.",
+                      retry_after=10)  # as every 503: a queue that drains makes it fit again
 
 
 def _token(value: Any) -> str | None:

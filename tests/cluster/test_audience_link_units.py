@@ -58,3 +58,4 @@ def test_an_orchestration_push_of_long_candidates_is_cut_to_fit_and_an_unfittabl
     with pytest.raises(RelayError) as caught:  # nothing left to cut: an error the edge can read, not a drop
         within_bound({"type": "hello", "prompt": "😀" * 6000, "orchestration": {"queue": []}})
     assert caught.value.code == "STATE_TOO_LARGE" and caught.value.status == 503
+    assert caught.value.headers() == {"Retry-After": "10"}  # as every 503
