@@ -158,11 +158,11 @@ class AudienceLink:
         if self._tasks:  # what the closing broadcasts told other nodes (their sockets' closes) goes out first
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._outbox.join(), CLOSE_FLUSH_SECONDS)
-        for task in self._tasks:
+        for future in self._pending.values():  # a sync or join waiting on a reply ends now, not in REPLY_SECONDS
+            future.cancel()
+        for task in (*self._tasks, *self._work):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._work, return_exceptions=True)
-        for future in self._pending.values():
-            future.cancel()
 
     # -- as an edge: the sockets held here -------------------------------------------------------
 
