@@ -88,6 +88,6 @@ async def delete_channel(request: web.Request) -> web.Response:
     channel = store.get(owner, request.match_info["channel_id"])
     await asyncio.to_thread(store.delete, channel)
     if (cluster := request.app[CLUSTER]) is not None:
-        cluster.channel_deleted(channel)
+        await cluster.channel_deleted(channel)
     await request.app[SESSIONS].drop_channel(channel)  # its connection and spectators: the link is gone
     return web.Response(status=204)

@@ -48,6 +48,15 @@ _HOLD = """local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return holder end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false"""
+# A claim (a channel's create or rename): take the entry if free (answers ""), else name its holder (refreshing
+# it when that is us), in one step: no gap between the read and the write for another node to take it in.
+_CLAIM = """local holder = redis.call('GET', KEYS[1])
+if holder then
+  if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+  return holder
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return ''"""
 # An entry is deleted only by its holder: deleting our channel must not delete another node's claim.
 _RELEASE = """if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0"""
@@ -100,6 +109,7 @@ class Directory:
         self._lasting_ms = max(self._ttl_ms, CHANNEL_HOME_SECONDS * 1000)
         self._hold = redis.register_script(_HOLD)
         self._release = redis.register_script(_RELEASE)
+        self._claim = redis.register_script(_CLAIM)
 
     @property
     def node_id(self) -> str:
@@ -128,16 +138,12 @@ class Directory:
                 conflicts.append((entry, holder))
         return conflicts
 
-    async def claim(self, kind: str, ident: str) -> str:
-        """Take a lasting entry for this node unless another holds it, atomically (SET NX): two nodes claiming
-        one slug at the same instant cannot both win. Returns the node id that holds it now."""
-        key = owner_key(kind, ident)
-        if await self._redis.set(key, self.node_id, nx=True, px=self._lasting_ms):
-            return self.node_id
-        holder = await self._redis.get(key)
-        if not holder:  # lapsed between the two calls: try once more
-            return self.node_id if await self._redis.set(key, self.node_id, nx=True, px=self._lasting_ms) else "?"
-        return holder.decode() if isinstance(holder, bytes) else holder
+    async def claim(self, kind: str, ident: str) -> tuple[str, bool]:
+        """Take a lasting entry for this node unless another holds it, atomically: two nodes claiming one slug
+        at the same instant cannot both win. Returns (the node id that holds it now, whether this call took it)."""
+        holder = await self._claim(keys=[owner_key(kind, ident)], args=[self.node_id, self._lasting_ms])
+        holder = holder.decode() if isinstance(holder, bytes) else holder
+        return (self.node_id, True) if not holder else (holder, False)
 
     async def register_jobs(self, job_ids: Iterable[str]) -> None:
         """Jobs of this node (their GET/DELETE at any node are carried here), JOB_TTL_SECONDS each."""

@@ -260,8 +260,12 @@ class Cluster:
     async def channel_created(self, channel: Any) -> None:
         await self._publish(self.channel_entries(channel))
 
-    def channel_deleted(self, channel: Any) -> None:
-        self._write(self.directory.remove(self.channel_entries(channel)))
+    async def channel_deleted(self, channel: Any) -> None:
+        """Awaited before the 204: the key's next call, at any node, finds the slug free."""
+        try:
+            await self.directory.remove(self.channel_entries(channel))
+        except (RedisError, OSError) as exc:
+            log.warning("cluster: directory write failed (%s); the channel's entries lapse in time", exc)
 
     async def channel_updated(self, old_slug: str | None, channel: Any) -> None:
         """A renamed slug is found at once under its new name, and no longer under the old one."""
@@ -281,12 +285,8 @@ class Cluster:
             yield
             return
         ident = slug_ident(owner, slug)
-        claimed = False
-        async with self.guarded():
-            holder = await self.directory.home("slug", ident)
-            if holder is None:  # free: take it (this node's own slug, a rename to itself, is not claimed again)
-                holder = await self.directory.claim("slug", ident)
-                claimed = holder == self.node_id
+        async with self.guarded():  # claimed: taken by this call (this node's own slug is only refreshed)
+            holder, claimed = await self.directory.claim("slug", ident)
         if holder != self.node_id:
             raise slug_taken(slug)
         try:

@@ -220,7 +220,9 @@ async def test_a_slug_claimed_by_another_node_after_redis_lost_its_data_is_neith
         assert await a.publish([Entry("channel", "ch-a"), slug]) == []
         assert await a.home("slug", "owner:harbour") == "a"
         await client.flushall()  # Redis lost its data
-        assert await b.claim("slug", "owner:harbour") == "b"
+        assert await b.claim("slug", "owner:harbour") == ("b", True)  # free: taken by this call
+        assert await b.claim("slug", "owner:harbour") == ("b", False)  # its own: refreshed, not taken again
+        assert await a.claim("slug", "owner:harbour") == ("b", False)  # another's: named, left to it
         assert await a.publish([Entry("channel", "ch-a"), slug]) == [(slug, "b")]
         assert await a.home("slug", "owner:harbour") == "b" and await a.home("channel", "ch-a") == "a"
         await a.remove([Entry("channel", "ch-a"), slug])  # a's channel deleted
