@@ -25,7 +25,7 @@ from typing import Any
 from redis.exceptions import MaxConnectionsError, RedisError
 
 from .. import metrics
-from ..channels import slug_taken
+from ..channels import SLUG, slug_taken
 from ..config import Settings
 from ..errors import RelayError, cluster_busy, cluster_unavailable
 from .directory import LASTING, Directory, Entry, Origin, slug_ident
@@ -75,6 +75,9 @@ class Cluster:
         self._sessions, self._active_jobs, self._all_jobs = sessions, active_jobs, all_jobs
         self._jobs_stale = True  # every job id is to be (re-)registered at the next beat
         self.reachable = False
+        # Lasting entries (a deleted channel's, a renamed slug's) whose removal failed while Redis was away or
+        # busy: the next heartbeat that reaches Redis removes them (compare-and-delete: never another node's).
+        self._owed_removals: set[Entry] = set()
         self.nodes_seen: list[NodeInfo] = []
         self._task: asyncio.Task | None = None
         self._writes: set[asyncio.Task] = set()
@@ -148,7 +151,12 @@ class Cluster:
             if await self.membership.join_secret() != secret and secret is not None and self.on_secret:
                 self.on_secret()  # offers ours again (the same after a Redis restart), unless another won
             await self.membership.beat(NodeInfo(self.node_id, self.public_url, sessions.streamers_free, load))
-            await self.directory.publish(self._owned())
+            owned = self._owned()
+            await self.directory.publish(owned)
+            if self._owed_removals:  # not one a channel made since owns again
+                owed = set(self._owed_removals)
+                await self.directory.remove(owed - {e for e in owned if e.kind in LASTING})
+                self._owed_removals -= owed
             await self.streams.refresh()
             await self._reconcile_jobs()
             await self._register_jobs()
@@ -262,26 +270,31 @@ class Cluster:
 
     async def channel_deleted(self, channel: Any) -> None:
         """Awaited before the 204: the key's next call, at any node, finds the slug free."""
-        try:
-            await self.directory.remove(self.channel_entries(channel))
-        except (RedisError, OSError) as exc:
-            log.warning("cluster: directory write failed (%s); the channel's entries lapse in time", exc)
+        await self._remove_lasting(self.channel_entries(channel))
 
     async def channel_updated(self, old_slug: str | None, channel: Any) -> None:
         """A renamed slug is found at once under its new name, and no longer under the old one."""
         if old_slug and old_slug != channel.slug:  # awaited: the old slug is free for the key's next call
-            try:
-                await self.directory.remove([Entry("slug", slug_ident(channel.owner, old_slug))])
-            except (RedisError, OSError) as exc:
-                log.warning("cluster: directory write failed (%s); the old slug lapses in time", exc)
+            await self._remove_lasting([Entry("slug", slug_ident(channel.owner, old_slug))])
         await self._publish(self.channel_entries(channel))
+
+    async def _remove_lasting(self, entries: list[Entry]) -> None:
+        """Removed now when Redis answers; else owed to the next heartbeat that reaches it (a lasting entry would
+        otherwise name this node for CHANNEL_HOME_SECONDS: the key's slug taken at every other node)."""
+        if self.reachable:
+            try:
+                await self.directory.remove(entries)
+                return
+            except (RedisError, OSError) as exc:
+                log.warning("cluster: directory write failed (%s); the next heartbeat retries", exc)
+        self._owed_removals.update(e for e in entries if e.kind in LASTING)
 
     @contextlib.asynccontextmanager
     async def slug_claim(self, owner: str, slug: Any) -> AsyncIterator[None]:
         """Around a channel's create or rename: the slug is claimed for this node in the directory first, atomically,
         so it is unique per key across the cluster (409 SLUG_TAKEN when another node holds it, even when two nodes
         race for it); a claim this call made is given back if the store then refuses the channel."""
-        if not isinstance(slug, str):  # no slug, or a bad one: the store answers
+        if not isinstance(slug, str) or not SLUG.fullmatch(slug):  # none or a bad one: the store answers, Redis untouched
             yield
             return
         ident = slug_ident(owner, slug)
@@ -292,9 +305,13 @@ class Cluster:
         try:
             yield
         except BaseException:
-            if claimed:
+            if claimed and not self._keeps_slug(owner, slug):  # (a free key this node's own channel had lost: kept)
                 self._write(self.directory.remove([Entry("slug", ident)]))
             raise
+
+    def _keeps_slug(self, owner: str, slug: str) -> bool:
+        store = self._sessions.channels
+        return store is not None and any(c.slug == slug for c in store.list(owner))
 
     async def channel_node(self, owner: str, ref: str) -> NodeInfo | None:
         """The live node that keeps channel `ref` (its id, or `owner`'s slug); None when no node has it;

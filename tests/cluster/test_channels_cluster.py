@@ -5,6 +5,10 @@ and GET /v1/channels lists the key's channels at every node. Two `relay serve` n
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+
+import redis.asyncio
 
 from relay.client import Spectator
 from tests.cluster.test_cluster_core import AUTH
@@ -156,3 +160,45 @@ async def test_a_channel_whose_node_is_down_answers_503_with_what_to_do_at_the_o
         assert r.status == 404  # unknown is still unknown
     async with http.post(f"{b.url}/v1/connections", headers=AUTH) as r:
         assert r.status == 201  # b itself goes on
+
+
+async def test_a_slug_freed_while_redis_stalled_is_free_at_every_node_once_it_answers(cluster, redis_server, http):
+    a, b = await cluster(2)
+    async with http.post(f"{a.url}/v1/channels", headers=AUTH, json={"title": "Friday", "slug": "friday"}) as r:
+        friday = await r.json()
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)  # Redis stalls, its data kept: the slug's entry names a
+    try:
+        async with http.delete(f"{a.url}/v1/channels/{friday['channel_id']}", headers=AUTH) as r:
+            assert r.status == 204  # deleted at its node; its slug's entry is owed to a heartbeat that reaches Redis
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+
+    async def free_at_b() -> bool:  # not held for CHANNEL_HOME_SECONDS by a channel that no longer exists
+        async with http.post(f"{b.url}/v1/channels", headers=AUTH, json={"title": "Friday", "slug": "friday"}) as r:
+            return r.status == 201
+    await eventually(free_at_b, timeout=10, what="the slug free at the other node")
+
+
+async def test_a_refused_duplicate_never_gives_back_the_slug_its_own_channel_holds(cluster, redis_server, http):
+    # Beats 3 s apart: between two, Redis loses its data, and the node's own channel's slug entry is gone.
+    a, b = await cluster(2, cluster={"heartbeat_seconds": 3, "node_timeout_seconds": 10})
+    async with http.post(f"{a.url}/v1/channels", headers=AUTH, json={"title": "Zed", "slug": "zed"}) as r:
+        assert r.status == 201
+    client = redis.asyncio.from_url(redis_server.url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+    # A duplicate at a takes the free key, then a's store refuses it: the key stays a's (its channel has the slug).
+    async with http.post(f"{a.url}/v1/channels", headers=AUTH, json={"title": "Zed 2", "slug": "zed"}) as r:
+        assert r.status == 409 and (await r.json())["error"]["code"] == "SLUG_TAKEN"
+    async with http.post(f"{b.url}/v1/channels", headers=AUTH, json={"title": "Zed 3", "slug": "zed"}) as r:
+        assert r.status == 409 and (await r.json())["error"]["code"] == "SLUG_TAKEN"  # one channel per slug
+    # A malformed slug is the store's to refuse (422), and never written to Redis.
+    async with http.post(f"{b.url}/v1/channels", headers=AUTH, json={"title": "Bad", "slug": "Not A Slug"}) as r:
+        assert r.status == 422
+    client = redis.asyncio.from_url(redis_server.url)
+    try:
+        assert [k async for k in client.scan_iter(match="*Not A Slug*")] == []
+    finally:
+        await client.aclose()
