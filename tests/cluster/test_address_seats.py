@@ -77,3 +77,26 @@ async def _joins(spectator: Spectator) -> bool:
         await spectator.leave()
         return False
     return True
+
+
+async def test_a_proxied_ipv6_client_is_counted_by_its_64_across_nodes(cluster, http):
+    # Behind a trusted proxy (127.0.0.1 here), X-Forwarded-For names the client; IPv6 counts by its /64.
+    nodes = await cluster(3, limits={"spectators_per_address": 2, "spectators_per_broadcast": 10},
+                          server={"trusted_proxies": ["127.0.0.1"]})
+    a, b, c = nodes
+    await all_joined(http, nodes)
+    broadcast, _ = await live_broadcast(http, a)
+    offer = candidate_less(await make_offer())  # pending sessions: seats held as well
+
+    async def offer_from(node, client: str) -> aiohttp.ClientResponse:
+        return await http.post(whep(node, broadcast), data=offer, headers={
+            "Content-Type": "application/sdp", "Authorization": f"Bearer {broadcast['spectator_token']}",
+            "X-Forwarded-For": f"{client}, 127.0.0.1"})
+
+    for node, client in ((b, "2001:db8:0:1::1"), (c, "2001:db8:0:1::2")):
+        async with await offer_from(node, client) as r:
+            assert r.status == 201, await r.text()
+    async with await offer_from(a, "2001:db8:0:1:ffff::3") as r:  # the same /64, at the origin
+        assert r.status == 429 and (await r.json())["error"]["code"] == "RATE_LIMITED"
+    async with await offer_from(a, "2001:db8:0:2::1") as r:  # the next /64 is another client
+        assert r.status == 201, await r.text()
