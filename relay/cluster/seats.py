@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 
 # Shared by the scripts below (KEYS[1] the seats, KEYS[2] spectator -> address, KEYS[3] address -> seats):
-# forget(m) drops m's address (idempotent: a seat pruned as lapsed, then given back, counts down once).
-_FORGET = """
+# forget(m) drops m's address (idempotent: a seat pruned as lapsed, then given back, counts down once);
+# prune drops the lapsed seats with their addresses; keep extends the keys' lifetime; now is Redis's clock in ms.
+_SHARED = """
 local function forget(m)
   local a = redis.call('HGET', KEYS[2], m)
   if a then
@@ -58,7 +59,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 # ARGV: spectator, limit, ttl_ms, address ('' = none counted), address limit.
 # Returns {1 seated | 0 the broadcast is full | -1 the address holds its limit, seats held after}.
-_TAKE = _FORGET + """
+_TAKE = _SHARED + """
 local ttl = tonumber(ARGV[3])
 prune(now)
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
@@ -81,7 +82,7 @@ return {1, held + 1}
 """
 
 # ARGV: spectators given back.
-_GIVE_BACK = _FORGET + """
+_GIVE_BACK = _SHARED + """
 for _, m in ipairs(ARGV) do
   forget(m)
   redis.call('ZREM', KEYS[1], m)
@@ -91,7 +92,7 @@ return #ARGV
 
 # ARGV: ttl_ms, then (spectator, address) pairs this node holds: their lapse time pushed back, re-added (and
 # counted for their address) should Redis have lost them meanwhile: the holder's word is the truth.
-_REFRESH = _FORGET + """
+_REFRESH = _SHARED + """
 local ttl = tonumber(ARGV[1])
 prune(now)
 for i = 2, #ARGV, 2 do
