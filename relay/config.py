@@ -236,9 +236,10 @@ class LimitsSettings:
     whep_offer_max_bytes: int = option(32768, min=1024)
     whep_offer_max_candidates: int = option(64, min=1)
     pending_whep_per_address: int = option(20, min=1)
-    # WHEP sessions (pending or connected) one client address may hold per broadcast: seats are first
-    # come first served, so without it one address could take them all. A classroom fits; a watch party
-    # behind one carrier NAT needs more (or trusted_proxies, when a proxy names its clients).
+    # WHEP sessions (pending or connected) one client address may hold per broadcast, at every node of a
+    # cluster together: seats are first come first served, so without it one address could take them all.
+    # A classroom fits; a watch party behind one carrier NAT needs more (or trusted_proxies, when a proxy
+    # names its clients).
     spectators_per_address: int = option(100, min=1)
     whep_connect_seconds: float = option(10.0, min=1)
     channels_per_key: int = option(20, min=0, max=10000)  # lasting watch links an API key may keep

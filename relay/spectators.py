@@ -3,8 +3,8 @@
 A session is *pending* from its answer until ICE and DTLS complete, then *connected*. Only connected
 ones are viewers (counted, capped, in the metrics); pending ones are bounded apart, per address and
 in total, for whep_connect_seconds at most. Each client address holds at most spectators_per_address
-sessions of either kind, so no one address takes every seat. A join still answering its offer is already pending,
-and no join outlives the close. Each session takes its media as a reader of the broadcast's media
+sessions of either kind (in a cluster, at every node together: its Seats count them), so no one address
+takes every seat. A join still answering its offer is already pending, and no join outlives the close. Each session takes its media as a reader of the broadcast's media
 graph (a :class:`MediaFeed`); this module knows nothing of how the graph makes it.
 """
 
@@ -39,11 +39,19 @@ def spectator_limit_reached(limit: int) -> RelayError:
                       action="Retry later.", details={"limit": limit}, retry_after=10)
 
 
+def too_many_from_address(limit: int) -> RelayError:
+    return RelayError("RATE_LIMITED", 429, f"Too many spectators from your address (at most {limit} per broadcast).",
+                      action="End another session from this address (DELETE), then retry.",
+                      details={"limit": limit}, retry_after=10)
+
+
 class Seats(Protocol):
     """Where a broadcast's seats are counted beyond this node (a cluster's, in Redis): one seat taken per
     counted joiner before its answer, given back when it leaves; told this node's viewer count as it changes."""
 
-    async def take(self, spectator_id: str, limit: int) -> bool: ...  # False: every seat is taken
+    # None once seated, else the limit that refused: "spectators_per_broadcast" (every seat is taken) or
+    # "spectators_per_address" (the address holds its share of them, at every node together).
+    async def take(self, spectator_id: str, limit: int, address: str | None, address_limit: int) -> str | None: ...
 
     def give_back(self, spectator_id: str) -> None: ...  # not awaited: a leaver never waits on the cluster
 
@@ -143,14 +151,9 @@ class Spectators(Mapping[str, Spectator]):
         limits = self._limits
         limit = limits.spectators_per_broadcast
         pending = self._pending()
-        held = self._held_by(address)
-        if held >= limits.spectators_per_address:
+        if self._held_by(address) >= limits.spectators_per_address:
             # Seats are first come first served: without this one address could hold all of them.
-            raise RelayError(
-                "RATE_LIMITED", 429,
-                f"Too many spectators from your address (at most {limits.spectators_per_address} per broadcast).",
-                action="End another session from this address (DELETE), then retry.",
-                details={"limit": limits.spectators_per_address}, retry_after=10)
+            raise too_many_from_address(limits.spectators_per_address)
         per_address = limits.pending_whep_per_address
         if self.viewers < limit and pending.count(address) >= per_address:
             # A slot frees at the latest when this address's oldest pending session hits its deadline.
@@ -186,7 +189,7 @@ class Spectators(Mapping[str, Spectator]):
         seated = False
         try:
             if counted and self.seats is not None:
-                seated = await self._take_seat(spectator_id)
+                seated = await self._take_seat(spectator_id, address)
             peer = await answer_spectator(
                 offer_sdp, feed.track, max_candidates=self._limits.whep_offer_max_candidates,
                 on_sender=lambda sender: feed.attach(sender, lambda: self._heard(spectator_id)),
@@ -216,13 +219,18 @@ class Spectators(Mapping[str, Spectator]):
         log.info("spectator joining", extra={"broadcast_id": self._broadcast_id, "spectator_id": spectator_id})
         return spectator, peer.answer_sdp
 
-    async def _take_seat(self, spectator_id: str) -> bool:
+    async def _take_seat(self, spectator_id: str, address: str | None) -> bool:
         """One of the cluster's seats for this joiner (pending ones hold theirs too: the only way joiners
-        racing at different nodes admit exactly the free seats); 503 when none is free."""
+        racing at different nodes admit exactly the free seats); 503 when none is free, 429 when its address
+        holds spectators_per_address of them across the cluster."""
         assert self.seats is not None
-        limit = self._limits.spectators_per_broadcast
-        if not await self.seats.take(spectator_id, limit):
-            raise spectator_limit_reached(limit)
+        limits = self._limits
+        refused = await self.seats.take(spectator_id, limits.spectators_per_broadcast, address,
+                                        limits.spectators_per_address)
+        if refused == "spectators_per_address":
+            raise too_many_from_address(limits.spectators_per_address)
+        if refused is not None:
+            raise spectator_limit_reached(limits.spectators_per_broadcast)
         return True
 
     def _give_back(self, spectator_id: str) -> None:

@@ -171,18 +171,22 @@ async def test_seats_are_exact_and_a_join_without_redis_is_held_here(redis_serve
     counts, offline = SpectatorCounts(client, "a", 2.0), SpectatorCounts(away, "b", 2.0)
     try:
         seats = counts.for_broadcast("bc1")
-        taken = await asyncio.gather(*(seats.take(f"s{i}", 3) for i in range(8)))
-        assert sum(taken) == 3
-        assert not await seats.take("late", 3)
-        seats.give_back(next(f"s{i}" for i, admitted in enumerate(taken) if admitted))
-        await eventually(lambda: seats.take("late", 3), timeout=5, what="the seat given back is free")
+        refusals = await asyncio.gather(*(seats.take(f"s{i}", 3) for i in range(8)))
+        assert refusals.count(None) == 3
+        assert await seats.take("late", 3) == "spectators_per_broadcast"
+        seats.give_back(next(f"s{i}" for i, refused in enumerate(refusals) if refused is None))
+        await eventually(lambda: _seated(seats, "late", 3), timeout=5, what="the seat given back is free")
         # Redis away: the node that serves the broadcast admits on its own count, and holds the seat to write back.
-        assert await offline.for_broadcast("bc1").take("s9", 3)
-        assert offline.seats.held == {"s9": "bc1"}
+        assert await offline.for_broadcast("bc1").take("s9", 3, "192.0.2.1", 1) is None
+        assert offline.seats.held == {"s9": ("bc1", "192.0.2.1")}
     finally:
         await counts.close()
         await client.aclose()
         await away.aclose()
+
+
+async def _seated(seats, spectator_id: str, limit: int) -> bool:
+    return await seats.take(spectator_id, limit) is None
 
 
 async def test_a_node_whose_secret_changed_derives_its_keys_again(redis_server):
