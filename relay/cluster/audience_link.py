@@ -313,7 +313,10 @@ class AudienceLink:
             except RelayError as err:
                 # 404: the broadcast ended (its sockets are closed by the origin or the sweep); STATE_TOO_LARGE:
                 # asking again would not make it fit, the next push brings what changes
-                if err.status != 404 and err.code != "STATE_TOO_LARGE":
+                if err.code == "STATE_TOO_LARGE":
+                    log.warning("audience link: %s's state is too large to catch up here; its sockets keep "
+                                "what they were last sent", broadcast_id)
+                elif err.status != 404:
                     self._stale.add(broadcast_id)  # the origin is not listening yet: the next sweep asks again
         finally:  # unless its reply came and another sync of the broadcast has started since
             if self._syncing.get(broadcast_id) is asyncio.current_task():
