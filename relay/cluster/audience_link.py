@@ -2,7 +2,7 @@
 served there, with the origin's Audience as the one authority, through Redis pub/sub.
 
 Each node listens on one channel, ``relay:audience:<node_id>``. Inside the cluster's Redis a message is a
-node's (the same trust as the directory). JSON, at most MESSAGE_MAX_BYTES:
+node's (the same trust as the directory). JSON, at most MESSAGE_MAX_BYTES as sent (a larger one is not sent):
 - to an origin: ``join`` (resume, invite, client address: the origin checks them and issues the identity
   and its resume token, so both hold on every node), ``message`` (a participant's input, vote, hand: the
   origin's Audience answers as on one node), ``leave``, ``sync`` (the broadcast's snapshot: Broadcast.snapshot);
@@ -236,7 +236,7 @@ class AudienceLink:
         if not self.listening:
             raise cluster_unavailable(self._cluster.settings.heartbeat_seconds)
         request_id = next(self._ids)
-        payload = json.dumps({**body, "id": request_id, "from": self.node_id})
+        payload = self._encode({**body, "id": request_id})
         if len(payload) > MESSAGE_MAX_BYTES:  # the socket's own bound keeps it far below; never cross Redis big
             raise RelayError("PAYLOAD_TOO_LARGE", 413, "The message is too large.", action="Send less.")
         future = asyncio.get_running_loop().create_future()
@@ -313,7 +313,10 @@ class AudienceLink:
             except RelayError as err:
                 # 404: the broadcast ended (its sockets are closed by the origin or the sweep); STATE_TOO_LARGE:
                 # asking again would not make it fit, the next push brings what changes
-                if err.status != 404 and err.code != "STATE_TOO_LARGE":
+                if err.code == "STATE_TOO_LARGE":
+                    log.warning("audience link: %s's state is too large to catch up here; its sockets keep "
+                                "what they were last sent", broadcast_id)
+                elif err.status != 404:
                     self._stale.add(broadcast_id)  # the origin is not listening yet: the next sweep asks again
         finally:  # unless its reply came and another sync of the broadcast has started since
             if self._syncing.get(broadcast_id) is asyncio.current_task():
@@ -436,25 +439,31 @@ class AudienceLink:
 
     def _push(self, broadcast_id: str, text: str) -> None:
         """One event for every participant: once to each node holding some of them (an orchestration state
-        cut to fit, as a hello is: the node would drop a larger one)."""
-        if len(text) > MESSAGE_MAX_BYTES - ENVELOPE_BYTES and text.startswith(ORCHESTRATION_EVENT):
-            try:
+        cut to fit, as a hello is: the node would drop a larger one). One that still cannot fit is not sent
+        and that node is owed a ``stale``: its sockets catch up from a snapshot, smaller (not escaped twice)."""
+        nodes = self._nodes_of.get(broadcast_id)
+        if not nodes:
+            return
+        if len(json.dumps(text)) > MESSAGE_MAX_BYTES - ENVELOPE_BYTES and text.startswith(ORCHESTRATION_EVENT):
+            with contextlib.suppress(RelayError):  # nothing left to cut: too large for _post, a stale owed
                 text = json.dumps(orchestration_within_bound(json.loads(text)))
-            except RelayError:
-                log.warning("audience link: a %d-byte orchestration push cannot fit; not relayed", len(text))
-                return
-        for node in self._nodes_of.get(broadcast_id, ()):
+        for node in nodes:
             self._post(node, {"op": "push", "broadcast_id": broadcast_id, "event": text}, stale_if_lost=True)
 
     def _reply(self, node: str, request: dict[str, Any], reply: dict[str, Any] | None,
                error: RelayError | None = None) -> None:
         body: dict[str, Any] = {"op": "reply", "id": request.get("id")}
-        if error is not None:
-            body["error"] = {"code": error.code, "status": error.status, "message": error.message,
-                             "action": error.action, "details": error.details, "retry_after": error.retry_after}
-        else:
+        if error is None:
             body["reply"] = reply
-        self._post(node, body)
+            payload = self._encode(body)
+            if len(payload) <= MESSAGE_MAX_BYTES:
+                self._enqueue(node, payload)
+                return
+            del body["reply"]
+            error = state_too_large()  # within_bound leaves room for the envelope: this is a safety net
+        body["error"] = {"code": error.code, "status": error.status, "message": error.message,
+                         "action": error.action, "details": error.details, "retry_after": error.retry_after}
+        self._enqueue(node, self._encode(body))
 
     # -- nodes that left ---------------------------------------------------------------------------
 
@@ -503,10 +512,23 @@ class AudienceLink:
         """In order, from one task: a reply never overtakes the push before it. `keep`: sent again after
         Redis returns if it cannot be sent now (a leave: else the origin would hold the place for good).
         `stale_if_lost`: if it is dropped (outbox full, publish failed), that node is told ``stale`` at a
-        later sweep (a push: its sockets missed an event). False when the outbox was full."""
+        later sweep (a push: its sockets missed an event), as it is if it is too large to send (the receiver
+        drops a message over MESSAGE_MAX_BYTES). False when it was not sent."""
+        return self._enqueue(node, self._encode(body), keep=keep, stale_if_lost=stale_if_lost)
+
+    def _encode(self, body: dict[str, Any]) -> str:
+        """The message as it crosses Redis (ASCII: its length is its size in bytes)."""
+        return json.dumps({**body, "from": self.node_id})
+
+    def _enqueue(self, node: str, payload: str, *, keep: bool = False, stale_if_lost: bool = False) -> bool:
+        if len(payload) > MESSAGE_MAX_BYTES:
+            log.warning("audience link: a %d-byte %s to %s is over the bound; not sent", len(payload),
+                        payload[:20], node)
+            if stale_if_lost:
+                self._owed.add(node)
+            return False
         try:
-            self._outbox.put_nowait((inbox(node), json.dumps({**body, "from": self.node_id}), keep,
-                                     node if stale_if_lost else None))
+            self._outbox.put_nowait((inbox(node), payload, keep, node if stale_if_lost else None))
         except asyncio.QueueFull:
             log.warning("audience link: outbox full (Redis away?); a message to %s dropped", node)
             if stale_if_lost:
@@ -612,28 +634,42 @@ def within_bound(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def orchestration_within_bound(event: dict[str, Any]) -> dict[str, Any]:
-    """An ``orchestration`` push (the state at its top level) within the bound, cut as within_bound cuts."""
+    """An ``orchestration`` push (the state at its top level) within the bound, cut as within_bound cuts.
+    Measured as it crosses: a push carries its event as a JSON string, so each quote and backslash of the
+    event's JSON (two in each emoji's \\uXXXX pair) is escaped once more."""
     budget = MESSAGE_MAX_BYTES - ENVELOPE_BYTES
-    event, size = _orchestration_within(event, len(json.dumps(event)), budget)
+    event, size = _orchestration_within(event, len(json.dumps(json.dumps(event))), budget, _quoted_cost)
     if size > budget:
         raise state_too_large()
     return event
 
 
-def _orchestration_within(orchestration: dict[str, Any], size: int, budget: int) -> tuple[dict[str, Any], int]:
+def _object_cost(item: Any) -> int:
+    return len(json.dumps(item)) + 2  # the item and its ", " separator
+
+
+def _quoted_cost(item: Any) -> int:
+    """An item's share of its list's JSON once that JSON is a string: escaping is per character, so the
+    item's quoted JSON less its two quotes, and the ", " (nothing to escape)."""
+    return len(json.dumps(json.dumps(item)))
+
+
+def _orchestration_within(orchestration: dict[str, Any], size: int, budget: int,
+                          cost: Callable[[Any], int] = _object_cost) -> tuple[dict[str, Any], int]:
     orchestration = dict(orchestration)
     for key in ("queue", "candidates"):  # the head of the queue is whose prompt runs next: the tail goes first
         if size > budget and isinstance(orchestration.get(key), list):
-            orchestration[key], size = _cut(orchestration[key], size, budget, oldest=False)
+            orchestration[key], size = _cut(orchestration[key], size, budget, oldest=False, cost=cost)
     return orchestration, size
 
 
-def _cut(items: list[Any], size: int, budget: int, *, oldest: bool) -> tuple[list[Any], int]:
+def _cut(items: list[Any], size: int, budget: int, *, oldest: bool,
+         cost: Callable[[Any], int] = _object_cost) -> tuple[list[Any], int]:
     """Items left out (the first ones if `oldest`, else the last) until `size` is within `budget`."""
     kept = list(items) if oldest else list(reversed(items))
     start = 0
     while start < len(kept) and size > budget:
-        size -= len(json.dumps(kept[start])) + 2  # the item and its ", " separator
+        size -= cost(kept[start])
         start += 1
     kept = kept[start:]
     return (kept if oldest else kept[::-1]), size
