@@ -195,6 +195,12 @@ async def test_a_shared_link_never_serves_the_text_of_chat_the_host_cleared(rela
         assert "secret cleared live" not in text
         kept = [json.loads(line) for line in text.splitlines()]
         assert [e["text"] for e in kept if e["type"] == "chat"] == ["keep me"]
+        # Served as a file: a reader resumes with Range, and a range past its end is a 416 in the error shape.
+        async with http.get(info["events_url"], headers={"Range": "bytes=10-"}) as r:
+            assert r.status == 206 and (await r.text()) == text[10:]
+            assert r.headers["Content-Range"] == f"bytes 10-{len(text.encode()) - 1}/{len(text.encode())}"
+        async with http.get(info["events_url"], headers={"Range": f"bytes={len(text.encode())}-"}) as r:
+            await error_of(r, 416, "RANGE_NOT_SATISFIABLE")
         assert [e["prompt"] for e in kept if e["type"] == "stream_started"] == ["a quiet harbour"]
 
         # The owner's own call still reads the whole log, as recorded.
