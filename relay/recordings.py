@@ -313,11 +313,22 @@ class RecordingStore:
         """The file a shared link reads for events.jsonl (``shared_events_view``); None when there is no log.
         Callers at the same time share one look (and at most one rewrite) in a thread."""
         sharing = self._sharing.get(stream_id)
-        if sharing is None:
+        if sharing is not None and not sharing.done():
+            # Begun before this call: the log may have changed since (a late clear), so once it is
+            # done the callers that waited share one more look, quick when nothing changed.
+            await asyncio.wait([sharing])
+            sharing = self._sharing.get(stream_id)
+        if sharing is None or sharing.done():
             sharing = asyncio.ensure_future(asyncio.to_thread(self.shared_events_view, stream_id))
             self._sharing[stream_id] = sharing
-            sharing.add_done_callback(lambda _: self._sharing.pop(stream_id, None))
+            sharing.add_done_callback(lambda done: self._shared_done(stream_id, done))
         return await asyncio.shield(sharing)  # one caller leaving does not cancel the others' look
+
+    def _shared_done(self, stream_id: str, done: asyncio.Future[Path | None]) -> None:
+        if self._sharing.get(stream_id) is done:  # not the look that may have followed it
+            del self._sharing[stream_id]
+        if not done.cancelled():
+            done.exception()  # read: a refusal every waiter left before hearing is not "never retrieved"
 
     def shared_events_view(self, stream_id: str) -> Path | None:
         """SHARED_EVENTS_FILE, rewritten first (atomically) if the log changed since it was made; None

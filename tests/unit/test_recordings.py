@@ -172,6 +172,16 @@ async def test_a_crowd_reading_the_shared_log_makes_one_view_remade_only_when_th
     view = await store.shared_events("s1")
     assert len(made) == 2 and b"message 7 " not in view.read_bytes() and b"message 8 " in view.read_bytes()
 
+    # A reader arriving while a view is being made from the log as it was before a clear does not get that
+    # view: the readers who came during it look once more, together, after it.
+    (directory / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in chat))
+    first = asyncio.ensure_future(store.shared_events("s1"))
+    await asyncio.sleep(0.01)
+    assert await asyncio.to_thread(store.append_event, "s1", {"type": "chat_cleared", "message_id": "m9"})
+    late = await asyncio.gather(*(store.shared_events("s1") for _ in range(10)))
+    await first
+    assert b"message 9 " not in late[0].read_bytes() and len(made) <= 4 and store._sharing == {}
+
 
 def test_a_late_clear_is_appended_at_the_videos_end_apart_from_a_torn_line(tmp_path):
     store = store_at(tmp_path)
