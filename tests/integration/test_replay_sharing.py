@@ -285,9 +285,11 @@ async def test_a_message_cleared_live_after_the_recording_failed_leaves_the_shar
             ana = await join(http, conn, "ana")
             await ana.send(type="chat", text="secret on disk")
             message_id = (await ana.next("chat"))["message_id"]
-            log_path = relay.app[RECORDINGS].path(stream_id, "events.jsonl")
-            await eventually(lambda: b"secret on disk" in log_path.read_bytes(), timeout=10,
-                             what="the message on disk")
+
+            def on_disk() -> bool:
+                path = relay.app[RECORDINGS].path(stream_id, "events.jsonl")  # None until the writer made it
+                return path is not None and b"secret on disk" in path.read_bytes()
+            await eventually(on_disk, timeout=10, what="the message on disk")
             recorder = relay.sessions.broadcast(b["broadcast_id"]).media.recorder
             recorder.__class__ = DiskFullRecorder
             await eventually(lambda: recorder.failed, timeout=10, what="the recording failed")
