@@ -201,6 +201,13 @@ async def test_a_shared_link_never_serves_the_text_of_chat_the_host_cleared(rela
             assert r.headers["Content-Range"] == f"bytes 10-{len(text.encode()) - 1}/{len(text.encode())}"
         async with http.get(info["events_url"], headers={"Range": f"bytes={len(text.encode())}-"}) as r:
             await error_of(r, 416, "RANGE_NOT_SATISFIABLE")
+        # A view the disk refuses to write (here: a directory in its place) is a 507, never the raw log or a 500.
+        view = relay.app[RECORDINGS].path(stream_id, "events.jsonl").with_name("events.shared.jsonl")
+        view.unlink()
+        view.mkdir()
+        async with http.get(info["events_url"]) as r:
+            await error_of(r, 507, "INSUFFICIENT_STORAGE")
+        assert sorted(p.name for p in view.parent.iterdir() if p.name.startswith(".")) == []  # no temp file left
         assert [e["prompt"] for e in kept if e["type"] == "stream_started"] == ["a quiet harbour"]
 
         # The owner's own call still reads the whole log, as recorded.
