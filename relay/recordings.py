@@ -16,9 +16,9 @@ duration_seconds, frame_count, peak_spectators, end_reason, status ("recording" 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
-import asyncio
 import hmac
 import json
 import logging
