@@ -256,8 +256,8 @@ class Broadcast:
             self.media.record_event(event)
 
     def _record_audience(self, event: dict[str, Any]) -> None:
-        """The audience's chat events into the live stream's recording; a message cleared after its
-        stream ended is also cleared in that stream's log, so a shared replay never shows its text."""
+        """The audience's chat events into the live stream's recording; a cleared message is also
+        cleared in its stream's log once that recording has finished, so a shared replay never shows its text."""
         self.media.record_event(event)  # the live stream's (or, before its first keyframe, kept for it)
         live = self.stream_id if self.live else None
         if self._recordings is None:
@@ -267,8 +267,10 @@ class Broadcast:
             while len(self._chat_recorded) > self._chat_kept:
                 self._chat_recorded.popitem(last=False)
         elif event["type"] == "chat_cleared":
+            # Also when it is the live stream's: its recorder may have stopped writing (a disk that fell
+            # behind), so the clear goes into the log once more after the end; the filter reads either.
             earlier = self._chat_recorded.pop(event["message_id"], None)
-            if earlier is not None and earlier != live:
+            if earlier is not None:
                 task = asyncio.get_running_loop().create_task(
                     self._clear_after_end(self._recordings, earlier, event["message_id"]))
                 self._late_clears.add(task)

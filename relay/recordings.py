@@ -1,4 +1,5 @@
-"""Recordings on disk: data_dir/recordings/<stream_id>/{video.mp4, events.jsonl, thumbnail.jpg, preview.mp4, metadata.json}.
+"""Recordings on disk: data_dir/recordings/<stream_id>/{video.mp4, events.jsonl, thumbnail.jpg, preview.mp4, metadata.json}
+(and events.shared.jsonl, the shared link's view of events.jsonl, made when a link first reads it).
 
 The store knows no HTTP: it lists and finds recordings (from each one's metadata.json), hands out
 paths only for the known file names of a well-formed stream id, signs and verifies the URLs the API
@@ -15,6 +16,7 @@ duration_seconds, frame_count, peak_spectators, end_reason, status ("recording" 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -27,7 +29,7 @@ import shutil
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 from .clock import SYSTEM_CLOCK, Clock, iso
 from .media.recorder import (
@@ -47,8 +49,8 @@ from .media.recorder import (
     save_metadata,
 )
 
-__all__ = ["RecordingStore", "owner_id", "load_or_create_secret", "shared_events_log", "FILES", "URL_TTL_SECONDS",
-           "STREAM_ID", "SHARED_EVENTS_PATH"]
+__all__ = ["RecordingStore", "owner_id", "load_or_create_secret", "write_shared_events", "FILES", "URL_TTL_SECONDS",
+           "STREAM_ID", "SHARED_EVENTS_PATH", "SHARED_EVENTS_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,12 @@ LINKED_FILES = {"video_url": VIDEO_FILE, "events_url": EVENTS_FILE, "thumbnail_u
 # A link's view of events.jsonl (relay/api/recordings.py): under the replay page's path, so the signature a
 # link's info hands out can never open the raw log, which keeps the text of chat the host cleared.
 SHARED_EVENTS_PATH = "/recordings/{stream_id}/" + EVENTS_FILE
-# Shared logs kept filtered in memory: a replay link pasted to a crowd is read by all of it at once.
-_SHARED_EVENTS_KEPT = 16
+# What that path serves: the log less cleared chat, written beside it (not in FILES: no other URL opens it)
+# and rewritten when the log changes, so a crowd reading one link costs one pass over the log, not one each.
+SHARED_EVENTS_FILE = "events.shared.jsonl"
+# Which version of each log its view was made from, remembered for this many streams (the least recently
+# read forgotten first: its view is then made once more, nothing else).
+_SHARED_EVENTS_KEPT = 4096
 
 # Stream ids are uuid4().hex; accept any plain token of that kind, never a dot or a slash.
 STREAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -145,8 +151,10 @@ class RecordingStore:
         # This process's recorders: live ones, and finished ones the disk refused. Their state in
         # memory is fresher than (or stands in for) their metadata.json.
         self._recorders: OrderedDict[str, StreamRecorder] = OrderedDict()
-        # stream_id -> ((mtime_ns, size) of events.jsonl, its shared view), the most recently read last.
-        self._shared: OrderedDict[str, tuple[tuple[int, int], bytes]] = OrderedDict()
+        # stream_id -> (mtime_ns, size) of the events.jsonl its SHARED_EVENTS_FILE was made from, most recent last.
+        self._shared: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        # stream_id -> the one look at (or making of) its shared view under way: a crowd waits on it together.
+        self._sharing: dict[str, asyncio.Future[Path | None]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -301,27 +309,57 @@ class RecordingStore:
         })
         return body
 
-    def shared_events(self, stream_id: str) -> bytes | None:
-        """events.jsonl as a shared link reads it (``shared_events_log``); None when there is none."""
-        path = self.path(stream_id, EVENTS_FILE)
-        if path is None:
+    async def shared_events(self, stream_id: str) -> Path | None:
+        """The file a shared link reads for events.jsonl (``shared_events_view``); None when there is no log.
+        Callers at the same time share one look (and at most one rewrite) in a thread."""
+        sharing = self._sharing.get(stream_id)
+        if sharing is not None and not sharing.done():
+            # Begun before this call: the log may have changed since (a late clear), so once it is
+            # done the callers that waited share one more look, quick when nothing changed.
+            await asyncio.wait([sharing])
+            sharing = self._sharing.get(stream_id)
+        if sharing is None or sharing.done():
+            sharing = asyncio.ensure_future(asyncio.to_thread(self.shared_events_view, stream_id))
+            self._sharing[stream_id] = sharing
+            sharing.add_done_callback(lambda done: self._shared_done(stream_id, done))
+        return await asyncio.shield(sharing)  # one caller leaving does not cancel the others' look
+
+    def _shared_done(self, stream_id: str, done: asyncio.Future[Path | None]) -> None:
+        if self._sharing.get(stream_id) is done:  # not the look that may have followed it
+            del self._sharing[stream_id]
+        if not done.cancelled():
+            done.exception()  # read: a refusal every waiter left before hearing is not "never retrieved"
+
+    def shared_events_view(self, stream_id: str) -> Path | None:
+        """SHARED_EVENTS_FILE, rewritten first (atomically) if the log changed since it was made; None
+        when there is no log. Raises OSError when the disk refuses the view."""
+        log_path = self.path(stream_id, EVENTS_FILE)
+        if log_path is None:
             return None
+        view = log_path.with_name(SHARED_EVENTS_FILE)
         try:
-            st = path.stat()
-            key = (st.st_mtime_ns, st.st_size)
-            with self._lock:
-                cached = self._shared.get(stream_id)
-            if cached is not None and cached[0] == key:
-                return cached[1]
-            shared = shared_events_log(path.read_bytes())
-        except OSError:
+            with open(log_path, "rb") as source:
+                st = os.fstat(source.fileno())
+                key = (st.st_mtime_ns, st.st_size)
+                with self._lock:
+                    made_from = self._shared.get(stream_id)
+                if made_from == key and view.is_file():
+                    return view
+                tmp = view.with_name(f".{SHARED_EVENTS_FILE}.{secrets.token_hex(4)}.tmp")
+                try:
+                    with open(tmp, "wb") as out:
+                        write_shared_events(source, st.st_size, out)
+                    os.replace(tmp, view)
+                finally:
+                    tmp.unlink(missing_ok=True)
+        except FileNotFoundError:  # deleted meanwhile (retention)
             return None
         with self._lock:
-            self._shared[stream_id] = (key, shared)
+            self._shared[stream_id] = key
             self._shared.move_to_end(stream_id)
             while len(self._shared) > _SHARED_EVENTS_KEPT:
                 self._shared.popitem(last=False)
-        return shared
+        return view
 
     def append_event(self, stream_id: str, event: dict[str, Any]) -> bool:
         """One more line in a finished recording's events log (a chat message the host cleared after the
@@ -514,32 +552,42 @@ class RecordingStore:
                 except OSError:
                     continue
             if when < cutoff:
-                shutil.rmtree(entry.path, ignore_errors=True)
+                shutil.rmtree(entry.path, ignore_errors=True)  # the shared view with the rest
                 self._cache.pop(entry.name, None)
+                with self._lock:
+                    self._shared.pop(entry.name, None)
                 deleted.append(entry.name)
         return deleted
 
 
-def shared_events_log(data: bytes) -> bytes:
-    """An events log as a shared link may read it: less every chat message the host cleared (a
-    ``chat_cleared`` anywhere in the log names it) and every line that does not parse (a line torn by a
-    crash could be one of those messages); the rest as written."""
-    events: list[tuple[dict[str, Any], bytes]] = []
-    cleared: set[str] = set()
-    for line in data.splitlines():
+def write_shared_events(source: BinaryIO, size: int, out: BinaryIO) -> None:
+    """The first ``size`` bytes of an events log (``source``) into ``out`` as a shared link may read them:
+    less every chat message the host cleared (a ``chat_cleared`` anywhere in them names it) and every line
+    that does not parse (a line torn by a crash could be one of those messages); the rest as written.
+    Two passes, one line in memory at a time: only the cleared ids are kept."""
+    cleared = {event["message_id"] for event, _ in _events(source, size)
+               if event.get("type") == "chat_cleared" and isinstance(event.get("message_id"), str)}
+    for event, line in _events(source, size):
+        if event.get("type") != "chat" or (isinstance(event.get("message_id"), str)
+                                           and event["message_id"] not in cleared):
+            out.write(line.rstrip(b"\r\n") + b"\n")
+
+
+def _events(source: BinaryIO, size: int) -> Iterator[tuple[dict[str, Any], bytes]]:
+    """(event, its line) for each line of the first ``size`` bytes that parses to an object."""
+    source.seek(0)
+    left = size
+    while left > 0:
+        line = source.readline(left)
+        if not line:
+            return
+        left -= len(line)
         try:
             event = json.loads(line)
         except ValueError:
             continue
-        if not isinstance(event, dict):
-            continue
-        if event.get("type") == "chat_cleared" and isinstance(event.get("message_id"), str):
-            cleared.add(event["message_id"])
-        events.append((event, line))
-    kept = [line for event, line in events
-            if event.get("type") != "chat" or (isinstance(event.get("message_id"), str)
-                                               and event["message_id"] not in cleared)]
-    return b"".join(line + b"\n" for line in kept)
+        if isinstance(event, dict):
+            yield event, line
 
 
 def valid_stream_id(stream_id: Any) -> bool:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 
 from aiohttp import web
 
 from ..auth import require_api_key
-from ..errors import RelayError, not_found
+from ..errors import RelayError, insufficient_storage, not_found
 from ..media.recorder import EVENTS_FILE
 from ..recordings import FILES, SHARED_EVENTS_PATH, RecordingStore, owner_id
 from ..web import API_KEYS, RECORDINGS, json_response, page_of, public_url, token_of
 from .pages import page
 
+log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 
@@ -113,16 +115,24 @@ async def replay_page(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get(SHARED_EVENTS_PATH)
-async def shared_events(request: web.Request) -> web.Response:
+async def shared_events(request: web.Request) -> web.StreamResponse:
     """A replay link's events log (its info's ``events_url``): the prompts and the chat, less the
     messages the host cleared, whose text never leaves the server this way."""
     stream_id = request.match_info["stream_id"]
     _check_signature(request, request.path)
-    data = await asyncio.to_thread(request.app[RECORDINGS].shared_events, stream_id)
-    if data is None:
+    try:
+        path = await request.app[RECORDINGS].shared_events(stream_id)
+    except OSError as exc:
+        log.warning("could not write a recording's shared events log: %s", exc, extra={"stream_id": stream_id})
+        raise insufficient_storage("the replay's events log could not be written") from None
+    if path is None:
         raise not_found("file", f"{stream_id}/{EVENTS_FILE}")
-    # Not cached: a clear made after the stream ended still reaches the log (relay/broadcast.py).
-    return web.Response(body=data, headers={"Content-Type": FILES[EVENTS_FILE], "Cache-Control": "private, no-cache"})
+    refusal = _range_refusal(request.headers.get("Range"), path.stat().st_size)
+    if refusal is not None:
+        return refusal
+    # Revalidated each time (no-cache): a clear made after the stream ended still reaches the log
+    # (relay/broadcast.py), and the rewritten view has a new ETag.
+    return web.FileResponse(path, headers={"Content-Type": FILES[EVENTS_FILE], "Cache-Control": "private, no-cache"})
 
 
 @routes.get("/recordings/{stream_id}/info")

@@ -222,8 +222,15 @@ class MediaGraph:
         """Into the live stream's recording (its events log), if it is being recorded."""
         if self.recorder is not None:
             self.recorder.log_event(event)
-        elif self._early_events is not None and len(self._early_events) < EARLY_EVENTS:
-            self._early_events.append(event)
+        elif self._early_events is not None:
+            if event.get("type") == "chat_cleared":
+                # The message cleared before the recording began is never written: with the waiting
+                # room full, the clear itself would be lost while the text stays.
+                cleared = event.get("message_id")
+                self._early_events = [e for e in self._early_events
+                                      if not (e.get("type") == "chat" and e.get("message_id") == cleared)]
+            if len(self._early_events) < EARLY_EVENTS:
+                self._early_events.append(event)
 
     # -- readers -------------------------------------------------------------------------
 

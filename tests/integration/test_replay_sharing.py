@@ -4,6 +4,7 @@ default), and a live broadcast offers its latest picture as the watch page's og:
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import time
@@ -13,6 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 import av
 
 from relay.client import RelayClient
+from relay.media.recorder import StreamRecorder
 from relay.web import RECORDINGS
 from tests.conftest import API_KEY, eventually, frames_pass
 from tests.integration.test_orchestration_api import join
@@ -193,6 +195,19 @@ async def test_a_shared_link_never_serves_the_text_of_chat_the_host_cleared(rela
         assert "secret cleared live" not in text
         kept = [json.loads(line) for line in text.splitlines()]
         assert [e["text"] for e in kept if e["type"] == "chat"] == ["keep me"]
+        # Served as a file: a reader resumes with Range, and a range past its end is a 416 in the error shape.
+        async with http.get(info["events_url"], headers={"Range": "bytes=10-"}) as r:
+            assert r.status == 206 and (await r.text()) == text[10:]
+            assert r.headers["Content-Range"] == f"bytes 10-{len(text.encode()) - 1}/{len(text.encode())}"
+        async with http.get(info["events_url"], headers={"Range": f"bytes={len(text.encode())}-"}) as r:
+            await error_of(r, 416, "RANGE_NOT_SATISFIABLE")
+        # A view the disk refuses to write (here: a directory in its place) is a 507, never the raw log or a 500.
+        view = relay.app[RECORDINGS].path(stream_id, "events.jsonl").with_name("events.shared.jsonl")
+        view.unlink()
+        view.mkdir()
+        async with http.get(info["events_url"]) as r:
+            await error_of(r, 507, "INSUFFICIENT_STORAGE")
+        assert sorted(p.name for p in view.parent.iterdir() if p.name.startswith(".")) == []  # no temp file left
         assert [e["prompt"] for e in kept if e["type"] == "stream_started"] == ["a quiet harbour"]
 
         # The owner's own call still reads the whole log, as recorded.
@@ -255,6 +270,51 @@ async def test_a_message_cleared_after_its_stream_ended_leaves_that_streams_shar
         # The second stream never had those messages: its log has no text of them either.
         _, text = await shared_log(http, second_url)
         assert f"/recordings/{second}?" in second_url and "secret" not in text
+
+
+class DiskFullRecorder(StreamRecorder):
+    """The disk fills mid-stream: the recorder stops writing (its log keeps what it had)."""
+
+    def _mux(self, data, pts, keyframe):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+async def test_a_message_cleared_live_after_the_recording_failed_leaves_the_shared_log(relay_factory, http):
+    # The message reached the log, then the recorder stopped writing: the live clear never reaches the
+    # log through it, so the relay appends it once the recording has finished, as for a clear after the end.
+    relay = await relay_factory(limits={"stream_max_seconds": 60, "idle_timeout_seconds": 60},
+                                chat={"messages_per_second": 10, "burst": 10})
+    async with RelayClient(relay.url, API_KEY) as client, client.connect(share_replay=True) as conn:
+        b = conn.broadcast
+        async with http.ws_connect(ws_url(b["webrtc_url"]) + f"/events?token={b['spectator_token']}") as events:
+            await next_of(events, "hello")
+            stream_id = (await conn.start_stream("a quiet harbour"))["stream_id"]
+            ana = await join(http, conn, "ana")
+            await ana.send(type="chat", text="secret on disk")
+            message_id = (await ana.next("chat"))["message_id"]
+
+            def on_disk() -> bool:
+                path = relay.app[RECORDINGS].path(stream_id, "events.jsonl")  # None until the writer made it
+                return path is not None and b"secret on disk" in path.read_bytes()
+            await eventually(on_disk, timeout=10, what="the message on disk")
+            recorder = relay.sessions.broadcast(b["broadcast_id"]).media.recorder
+            recorder.__class__ = DiskFullRecorder
+            await eventually(lambda: recorder.failed, timeout=10, what="the recording failed")
+            async with http.delete(f"{b['webrtc_url']}/chat/messages/{message_id}", headers=AUTH) as r:
+                assert r.status == 200, await r.text()
+            await conn.end_stream()
+            replay_url = (await next_of(events, "stream_ended"))["replay_url"]
+
+        async def cleared() -> bool:
+            return "secret" not in (await shared_log(http, replay_url))[1]
+        await eventually(cleared, timeout=10, what="the clear in the failed recording's shared log")
+        owner = await client.request("GET", f"/v1/recordings/{stream_id}")
+        assert owner["status"] == "failed"
+        async with http.get(owner["events_url"]) as r:
+            raw = [json.loads(line) for line in (await r.text()).splitlines()]
+        assert [e for e in raw if e["type"] == "chat_cleared"] == [
+            {"type": "chat_cleared", "offset_ms": round(owner["duration_seconds"] * 1000), "message_id": message_id,
+             "after_end": True}]
 
 
 async def test_share_replay_is_the_hosts_and_bounded(relay_factory, http):

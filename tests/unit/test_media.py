@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import fractions
+import json
 
 import av
 import numpy as np
 
+from relay.config import Settings
 from relay.media.encoder import VIDEO_TIME_BASE, H264Encoder
+from relay.media.graph import EARLY_EVENTS, MediaGraph
 from relay.media.hls import HLS_READERS_KEPT, READER_TARGET_DURATIONS, HlsPublisher
 from relay.media.hub import FanoutHub
 from relay.media.pipeline import KEYFRAME_MIN_INTERVAL, StreamPipeline
+from relay.media.recorder import StreamRecorder
 from relay.media.rtp_fanout import HISTORY, RtpFanout
 from relay.clock import FakeClock
 from relay.worldmodel.synthetic import SyntheticTrack
@@ -155,3 +159,28 @@ def test_hls_counts_the_addresses_still_reading_its_playlist():
         hls.note_reader(f"a{n}", 200.0)
     assert hls.readers(200.0) == HLS_READERS_KEPT
     hls.close()
+
+
+async def test_a_message_cleared_before_a_packet_streams_recording_began_is_never_written(tmp_path):
+    # A packet source's recorder starts at its first keyframe; the events before it wait, EARLY_EVENTS at
+    # most. A clear arriving once that room is full must still keep its message's text out of the log.
+    def new_recorder(stream_id, *, width, height, fps):
+        return StreamRecorder(tmp_path / stream_id, stream_id=stream_id, width=width, height=height, fps=fps)
+    graph = MediaGraph(Settings(), FakeClock(), recorder=new_recorder)
+    publish = graph.attach_packets(lambda: None, 25, "s1")
+    graph.record_event({"type": "chat", "message_id": "m1", "name": "ana", "text": "secret early"})
+    graph.record_event({"type": "chat", "message_id": "m2", "name": "ana", "text": "kept early"})
+    for count in range(EARLY_EVENTS):
+        graph.record_event({"type": "viewers", "count": count})
+    graph.record_event({"type": "chat_cleared", "message_id": "m1"})
+    for packet in encoded_packets(5):
+        publish(packet, packet.is_keyframe)
+    recorder = graph.recorder
+    assert recorder is not None
+    await graph.detach_source("ended")
+    await recorder.aclose()
+    text = (tmp_path / "s1" / "events.jsonl").read_text()
+    assert "secret early" not in text and "kept early" in text
+    kinds = [json.loads(line)["type"] for line in text.splitlines()]
+    assert kinds[-1] == "stream_ended" and len(kinds) - 1 == EARLY_EVENTS  # the room stayed bounded
+    assert kinds[0] == "chat" and kinds[-2] == "chat_cleared"  # the clear took its message's place

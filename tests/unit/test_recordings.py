@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import os
 import signal
@@ -17,7 +19,8 @@ import pytest
 
 from relay.clock import FakeClock
 from relay.media.recorder import write_json_atomic
-from relay.recordings import FILES, RecordingStore, load_or_create_secret, owner_id, shared_events_log
+from relay import recordings
+from relay.recordings import FILES, RecordingStore, load_or_create_secret, owner_id, write_shared_events
 
 DAY = 86400.0
 NOW = 1_800_000_000.0
@@ -108,6 +111,12 @@ def test_only_known_files_of_valid_ids_resolve(tmp_path):
 
 # -------------------------------------------------------------------------------- signed URLs
 
+def shared_of(data: bytes, size: int | None = None) -> bytes:
+    out = io.BytesIO()
+    write_shared_events(io.BytesIO(data), len(data) if size is None else size, out)
+    return out.getvalue()
+
+
 def test_the_shared_log_drops_cleared_chat_and_torn_lines_and_follows_the_file(tmp_path):
     lines = [
         {"type": "stream_started", "offset_ms": 0, "prompt": "a harbour"},
@@ -118,21 +127,60 @@ def test_the_shared_log_drops_cleared_chat_and_torn_lines_and_follows_the_file(t
         {"type": "chat_cleared", "offset_ms": 41, "message_id": {"odd": 1}},  # not an id: names nothing
     ]
     text = "".join(json.dumps(line) + "\n" for line in lines) + '[1]\n\n{"type": "chat", "message_id": "m3", "text": "torn'
-    shared = shared_events_log(text.encode())
+    shared = shared_of(text.encode())
     kept = [json.loads(line) for line in shared.decode().splitlines()]
     assert kept == [lines[0], lines[1], lines[4], lines[5]]
     assert b"gone secret" not in shared and b"torn" not in shared and b"no string id" not in shared
+    # Only the bytes the log had when the view began: a line still being written is not half-read.
+    whole = "".join(json.dumps(line) + "\n" for line in lines[:2]).encode()
+    assert shared_of(whole + whole, len(whole) + 10) == whole
 
     store = store_at(tmp_path)
     directory = add(store, "s1")
-    assert store.shared_events("s1") is None  # no log yet
+    assert store.shared_events_view("s1") is None  # no log yet
     events = directory / "events.jsonl"
     events.write_text(text)
-    assert store.shared_events("s1") == shared
+    view = store.shared_events_view("s1")
+    assert view == directory / "events.shared.jsonl" and view.read_bytes() == shared
     with events.open("a") as log:  # a clear written later (after the stream ended) counts at once
         log.write("\n" + json.dumps({"type": "chat_cleared", "offset_ms": 60, "message_id": "m1"}) + "\n")
-    assert b"kept" not in store.shared_events("s1")
-    assert store.shared_events("../s1") is None and store.shared_events("nope") is None
+    assert b"kept" not in store.shared_events_view("s1").read_bytes()
+    assert store.shared_events_view("../s1") is None and store.shared_events_view("nope") is None
+    assert store.path("s1", "events.shared.jsonl") is None  # the view has no URL of its own
+    assert [p.name for p in directory.iterdir() if p.name.endswith(".tmp")] == []
+
+
+async def test_a_crowd_reading_the_shared_log_makes_one_view_remade_only_when_the_log_changes(tmp_path, monkeypatch):
+    store = store_at(tmp_path)
+    directory = add(store, "s1")
+    chat = [{"type": "chat", "offset_ms": i, "message_id": f"m{i}", "name": "ana", "text": f"message {i} " * 8}
+            for i in range(20_000)]  # ~3.5 MB: a view takes long enough for the crowd to overlap
+    (directory / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in chat))
+    made = []
+
+    def counted(source, size, out):
+        made.append(size)
+        write_shared_events(source, size, out)
+    monkeypatch.setattr(recordings, "write_shared_events", counted)
+
+    views = await asyncio.gather(*(store.shared_events("s1") for _ in range(50)))
+    assert set(views) == {directory / "events.shared.jsonl"} and len(made) == 1
+    assert await store.shared_events("s1") == views[0] and len(made) == 1  # unchanged: read as it is
+    assert store._sharing == {}
+
+    assert await asyncio.to_thread(store.append_event, "s1", {"type": "chat_cleared", "message_id": "m7"})
+    view = await store.shared_events("s1")
+    assert len(made) == 2 and b"message 7 " not in view.read_bytes() and b"message 8 " in view.read_bytes()
+
+    # A reader arriving while a view is being made from the log as it was before a clear does not get that
+    # view: the readers who came during it look once more, together, after it.
+    (directory / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in chat))
+    first = asyncio.ensure_future(store.shared_events("s1"))
+    await asyncio.sleep(0.01)
+    assert await asyncio.to_thread(store.append_event, "s1", {"type": "chat_cleared", "message_id": "m9"})
+    late = await asyncio.gather(*(store.shared_events("s1") for _ in range(10)))
+    await first
+    assert b"message 9 " not in late[0].read_bytes() and len(made) <= 4 and store._sharing == {}
 
 
 def test_a_late_clear_is_appended_at_the_videos_end_apart_from_a_torn_line(tmp_path):
@@ -144,7 +192,7 @@ def test_a_late_clear_is_appended_at_the_videos_end_apart_from_a_torn_line(tmp_p
     assert store.append_event("s1", clear) is True
     lines = (directory / "events.jsonl").read_text().splitlines()
     assert lines[1] == '{"type": "ch' and json.loads(lines[2]) == {**clear, "offset_ms": 60000}
-    assert b"late" not in store.shared_events("s1")
+    assert b"late" not in store.shared_events_view("s1").read_bytes()
     assert store.append_event("nope", clear) is False and store.append_event("../s1", clear) is False
 
 
@@ -193,9 +241,11 @@ def test_sweep_deletes_only_what_is_past_retention(tmp_path):
     add(store, "old", started_at=NOW - 31 * DAY)
     add(store, "young", started_at=NOW - 29 * DAY)
     add(store, "live", started_at=NOW - 40 * DAY, status="recording")  # only recover() finalizes it
+    (store.root / "old" / "events.jsonl").write_text('{"type": "chat", "message_id": "m1", "text": "hi"}\n')
+    assert store.shared_events_view("old").is_file()
     assert store.sweep() == ["old"]
-    assert sorted(p.name for p in store.root.iterdir()) == ["live", "young"]
-    assert store.get("old") is None
+    assert sorted(p.name for p in store.root.iterdir()) == ["live", "young"]  # the shared view went with it
+    assert store.get("old") is None and store.shared_events_view("old") is None and "old" not in store._shared
     assert store_at(tmp_path, retention_days=0).sweep(now=NOW + 1000 * DAY) == []  # keep forever
     assert store.sweep(now=NOW + 2 * DAY) == ["young"]
 
