@@ -38,6 +38,7 @@ export class ChatPanel {
   #reactions = [];
   #rows = new Map();   // message_id -> li
   #burstTimer = null;
+  #unanswered = null;  // the text sent last, until its chat_result: put back if it was refused
 
   constructor({ send }) {
     this.#send = send;
@@ -54,7 +55,13 @@ export class ChatPanel {
         this.#showResult(REASONS.empty, 'error');
         return;
       }
-      if (!this.#send({ type: 'chat', text })) this.#showResult('Not connected: try again in a moment.', 'error');
+      if (!this.#send({ type: 'chat', text })) {
+        this.#showResult('Not connected: try again in a moment.', 'error');
+        return;
+      }
+      // Cleared now, not when the answer comes: what is typed meanwhile (the next message) is never wiped.
+      this.#unanswered = text;
+      this.#els.text.value = '';
     });
     this.#render();
   }
@@ -90,14 +97,18 @@ export class ChatPanel {
         if (this.#enabled) this.#showResult('', 'ok');
         this.#render();
         break;
-      case 'chat_result':
+      case 'chat_result': {
+        const refused = this.#unanswered;
+        this.#unanswered = null;
         if (msg.status === 'sent') {
-          this.#els.text.value = '';
           this.#showResult('', 'ok');
         } else {
+          // Refused: the words come back to the field to edit or resend, unless something new is typed there.
+          if (refused && !this.#els.text.value) this.#els.text.value = refused;
           this.#showResult(this.#reason(msg), 'error');
         }
         break;
+      }
       case 'reaction_result':
         if (msg.status !== 'sent') this.#showResult(this.#reason(msg), 'error');
         break;

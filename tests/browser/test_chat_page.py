@@ -48,6 +48,7 @@ async def test_chat_reaches_a_second_browser_is_moderated_and_lands_on_the_repla
 
         await say(a, "oh darn")
         await expect(a.locator("#chat-result")).to_have_text("That message contains a word that is not allowed here.")
+        await expect(a.locator("#chat-text")).to_have_value("oh darn")  # refused: the words come back to edit
         await say(a, f"hello everyone {XSS}")
         line = b.locator("#chat-log .chat-line")
         await expect(line).to_have_count(1)
@@ -104,6 +105,7 @@ async def test_the_host_console_shows_chat_clears_a_message_and_turns_chat_off(r
     watch = await open_page(await host.locator("#watch-url").get_attribute("href"))
     await expect(watch.locator("#chat-text")).to_be_enabled()
 
+    # Typed straight after each other: the first one's answer must not wipe the second from the field.
     await say(watch, "first message")
     await say(watch, "second message")
     console_lines = host.locator("#orch-chat-log .chat-line")
@@ -121,3 +123,13 @@ async def test_the_host_console_shows_chat_clears_a_message_and_turns_chat_off(r
     await host.get_by_label("Chat on").check()
     await expect(watch.locator("#chat-off")).to_be_hidden()
     await expect(watch.locator("#chat-text")).to_be_enabled()
+    # A message typed before the last one's answer arrives stays in the field: the answer wipes nothing.
+    await watch.evaluate("""() => {
+        const text = document.getElementById('chat-text');
+        text.value = 'third message';
+        text.form.requestSubmit();
+        text.value = 'still typing';
+    }""")
+    await expect(console_lines.filter(has_text="third message")).to_have_count(1)
+    await expect(watch.locator("#chat-result")).to_have_text("")
+    await expect(watch.locator("#chat-text")).to_have_value("still typing")
