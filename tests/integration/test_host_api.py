@@ -184,7 +184,7 @@ async def test_control_socket_rejects_wrong_token(relay, http):
 async def test_control_socket_refreshes_the_client_token_before_it_runs_out(relay_factory, http):
     # A browser host that holds only a client_token must be able to reopen its control socket
     # (and its preview) long after the first token's life: it asks for fresh ones as it goes.
-    relay = await relay_factory(limits={"client_token_seconds": 4})
+    relay = await relay_factory(limits={"client_token_seconds": 2})
     conn = await open_connection(http, relay)
     first = conn["client_token"]
     async with http.ws_connect(f"{conn['control_url']}?token={first}") as ws:
@@ -192,7 +192,7 @@ async def test_control_socket_refreshes_the_client_token_before_it_runs_out(rela
         await ws.send_json({"type": "refresh_token"})
         fresh = await ws.receive_json(timeout=5)
         assert fresh["type"] == "client_token" and fresh["client_token"] == first  # still young
-        assert 0 < fresh["client_token_expires_in"] <= 4
+        assert 0 < fresh["client_token_expires_in"] <= 2
 
         async def refreshed() -> bool:
             await ws.send_json({"type": "refresh_token"})
