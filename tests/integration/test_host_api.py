@@ -145,7 +145,9 @@ async def test_wrong_content_type_is_415(relay, http):
         assert r.status == 415
 
 
-async def test_control_socket_drives_a_stream(relay, http):
+async def test_control_socket_drives_a_stream(relay_factory, http):
+    # A 1.5 s cap (not the fixtures' 3 s) for the second stream to reach; the first is ended long before.
+    relay = await relay_factory(limits={"stream_max_seconds": 1.5})
     conn = await open_connection(http, relay)
     url = f"{conn['control_url']}?token={conn['client_token']}"
     async with http.ws_connect(url) as ws:
@@ -169,7 +171,7 @@ async def test_control_socket_drives_a_stream(relay, http):
         await ws.send_json({"type": "start_stream", "prompt": "short"})
         second = await ws.receive_json(timeout=5)
         await ws.receive_json(timeout=5)  # broadcast_ready
-        ended = await ws.receive_json(timeout=6)
+        ended = await ws.receive_json(timeout=4.5)
         assert ended == {"type": "stream_ended", "stream_id": second["stream_id"], "reason": "duration_limit"}
 
 
