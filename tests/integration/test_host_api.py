@@ -221,11 +221,11 @@ async def test_control_socket_refreshes_the_client_token_before_it_runs_out(rela
 
 
 async def test_open_control_socket_keeps_connection_alive_and_its_loss_reaps(relay_factory, http):
-    relay = await relay_factory(limits={"idle_timeout_seconds": 1, "streamers": 1})
+    relay = await relay_factory(limits={"idle_timeout_seconds": 0.6, "streamers": 1})
     conn = await open_connection(http, relay)
     ws = await http.ws_connect(f"{conn['control_url']}?token={conn['client_token']}")
     await ws.receive_json(timeout=5)
-    for _ in range(15):  # 1.5 s, longer than the idle timeout: the open socket is a sign of life
+    for _ in range(10):  # 1 s, longer than the idle timeout: the open socket is a sign of life
         await asyncio.sleep(0.1)
         assert conn["connection_id"] in relay.sessions.connections
     await ws.close()  # the host vanishes
