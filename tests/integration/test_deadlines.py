@@ -123,7 +123,7 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 async def test_an_events_socket_that_stops_reading_is_closed_at_the_send_deadline(relay_factory):
-    relay = await relay_factory(server={"send_timeout_seconds": 1})
+    relay = await relay_factory(server={"send_timeout_seconds": 0.5})
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
         b = conn.broadcast
         broadcast = relay.sessions.broadcast(b["broadcast_id"])

@@ -238,15 +238,15 @@ async def test_open_control_socket_keeps_connection_alive_and_its_loss_reaps(rel
 
 
 async def test_vanished_rest_host_is_reaped_and_keepalive_prevents_it(relay_factory, http):
-    relay = await relay_factory(limits={"idle_timeout_seconds": 1})
+    relay = await relay_factory(limits={"idle_timeout_seconds": 0.6})
     kept = await open_connection(http, relay)
     lost = await open_connection(http, relay)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 1.8
+    deadline = loop.time() + 1.1  # the idle timeout and a reaper tick, with room
     while loop.time() < deadline:
         async with http.post(f"{relay.url}/v1/connections/{kept['connection_id']}/keepalive", headers=auth()) as r:
             assert r.status == 204
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.2)  # a keepalive pace (as a client's) well inside the idle timeout
     assert lost["connection_id"] not in relay.sessions.connections
     assert kept["connection_id"] in relay.sessions.connections
 
