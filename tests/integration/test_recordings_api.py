@@ -189,6 +189,7 @@ async def test_kill_9_mid_stream_then_restart_lists_a_playable_partial_recording
     config.write_text(
         f'[server]\nport = 0\ndata_dir = "{data}"\n[auth]\napi_keys = ["{API_KEY}"]\n'
         "[world_model]\nwidth = 320\nheight = 176\n[limits]\nstream_max_seconds = 60\n"
+        "[media]\nkeyframe_interval_seconds = 0.5\n"  # a fragment at each keyframe: half-second fragments
     )
 
     proc, base = await start_relay_process(config)
@@ -199,9 +200,9 @@ async def test_kill_9_mid_stream_then_restart_lists_a_playable_partial_recording
             stream_id = (await client.request("POST", f"/v1/connections/{conn_id}/streams",
                                               json={"prompt": "a volcano"}))["stream_id"]
             video = data / "recordings" / stream_id / "video.mp4"
-            # Kill only once at least two whole fragments are on disk.
-            await eventually(lambda: video.exists() and video.read_bytes().count(b"moof") >= 3, timeout=15,
-                             what="two fragments on disk")
+            # Kill only once four fragments are on disk: at least 1.5 s of whole ones, whatever the kill cuts.
+            await eventually(lambda: video.exists() and video.read_bytes().count(b"moof") >= 4, timeout=15,
+                             what="four fragments on disk")
     finally:
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
