@@ -50,6 +50,7 @@ async def test_demo_serves_a_live_watch_url(tmp_path):
     config.write_text(
         f'[server]\nport = 0\ndata_dir = "{tmp_path / "data"}"\n'
         "[world_model]\nwidth = 320\nheight = 176\n"
+        "[media]\nkeyframe_interval_seconds = 0.5\n"  # half-second HLS segments: the 3 the GET waits for come sooner
     )
     proc = await run_relay("serve", "--demo", "--config", str(config), env={"RELAY_API_KEY": ""})
     try:

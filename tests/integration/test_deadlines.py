@@ -123,7 +123,7 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 async def test_an_events_socket_that_stops_reading_is_closed_at_the_send_deadline(relay_factory):
-    relay = await relay_factory(server={"send_timeout_seconds": 1})
+    relay = await relay_factory(server={"send_timeout_seconds": 0.5})
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
         b = conn.broadcast
         broadcast = relay.sessions.broadcast(b["broadcast_id"])
@@ -224,7 +224,7 @@ def masked_frame(text: str) -> bytes:
 
 
 async def test_a_control_socket_that_sends_but_never_reads_is_closed_at_the_send_deadline(relay_factory):
-    relay = await relay_factory(server={"send_timeout_seconds": 1})
+    relay = await relay_factory(server={"send_timeout_seconds": 0.5})
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
         reader, writer = await raw(relay.url, rcvbuf=4096)
         writer.write(f"GET /v1/connections/{conn.connection_id}/control HTTP/1.1\r\n"
@@ -250,7 +250,7 @@ async def test_a_signalling_socket_that_sends_but_never_reads_is_closed_at_the_s
     # never reads must be cut off like the control socket, not hold its handler and descriptor.
     from relay.odyssey.server import TWIN
 
-    relay = await relay_factory(server={"send_timeout_seconds": 1})
+    relay = await relay_factory(server={"send_timeout_seconds": 0.5})
     session_id, url = await twin_session(http, relay.url)
     path = url[url.index("/", len("ws://")):]
     reader, writer = await raw(relay.url, rcvbuf=4096)

@@ -145,7 +145,9 @@ async def test_wrong_content_type_is_415(relay, http):
         assert r.status == 415
 
 
-async def test_control_socket_drives_a_stream(relay, http):
+async def test_control_socket_drives_a_stream(relay_factory, http):
+    # A 1.5 s cap (not the fixtures' 3 s) for the second stream to reach; the first is ended long before.
+    relay = await relay_factory(limits={"stream_max_seconds": 1.5})
     conn = await open_connection(http, relay)
     url = f"{conn['control_url']}?token={conn['client_token']}"
     async with http.ws_connect(url) as ws:
@@ -169,7 +171,7 @@ async def test_control_socket_drives_a_stream(relay, http):
         await ws.send_json({"type": "start_stream", "prompt": "short"})
         second = await ws.receive_json(timeout=5)
         await ws.receive_json(timeout=5)  # broadcast_ready
-        ended = await ws.receive_json(timeout=6)
+        ended = await ws.receive_json(timeout=4.5)
         assert ended == {"type": "stream_ended", "stream_id": second["stream_id"], "reason": "duration_limit"}
 
 
@@ -184,7 +186,7 @@ async def test_control_socket_rejects_wrong_token(relay, http):
 async def test_control_socket_refreshes_the_client_token_before_it_runs_out(relay_factory, http):
     # A browser host that holds only a client_token must be able to reopen its control socket
     # (and its preview) long after the first token's life: it asks for fresh ones as it goes.
-    relay = await relay_factory(limits={"client_token_seconds": 4})
+    relay = await relay_factory(limits={"client_token_seconds": 2})
     conn = await open_connection(http, relay)
     first = conn["client_token"]
     async with http.ws_connect(f"{conn['control_url']}?token={first}") as ws:
@@ -192,7 +194,7 @@ async def test_control_socket_refreshes_the_client_token_before_it_runs_out(rela
         await ws.send_json({"type": "refresh_token"})
         fresh = await ws.receive_json(timeout=5)
         assert fresh["type"] == "client_token" and fresh["client_token"] == first  # still young
-        assert 0 < fresh["client_token_expires_in"] <= 4
+        assert 0 < fresh["client_token_expires_in"] <= 2
 
         async def refreshed() -> bool:
             await ws.send_json({"type": "refresh_token"})
@@ -219,11 +221,11 @@ async def test_control_socket_refreshes_the_client_token_before_it_runs_out(rela
 
 
 async def test_open_control_socket_keeps_connection_alive_and_its_loss_reaps(relay_factory, http):
-    relay = await relay_factory(limits={"idle_timeout_seconds": 1, "streamers": 1})
+    relay = await relay_factory(limits={"idle_timeout_seconds": 0.6, "streamers": 1})
     conn = await open_connection(http, relay)
     ws = await http.ws_connect(f"{conn['control_url']}?token={conn['client_token']}")
     await ws.receive_json(timeout=5)
-    for _ in range(15):  # 1.5 s, longer than the idle timeout: the open socket is a sign of life
+    for _ in range(10):  # 1 s, longer than the idle timeout: the open socket is a sign of life
         await asyncio.sleep(0.1)
         assert conn["connection_id"] in relay.sessions.connections
     await ws.close()  # the host vanishes
@@ -236,15 +238,15 @@ async def test_open_control_socket_keeps_connection_alive_and_its_loss_reaps(rel
 
 
 async def test_vanished_rest_host_is_reaped_and_keepalive_prevents_it(relay_factory, http):
-    relay = await relay_factory(limits={"idle_timeout_seconds": 1})
+    relay = await relay_factory(limits={"idle_timeout_seconds": 0.6})
     kept = await open_connection(http, relay)
     lost = await open_connection(http, relay)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 1.8
+    deadline = loop.time() + 1.1  # the idle timeout and a reaper tick, with room
     while loop.time() < deadline:
         async with http.post(f"{relay.url}/v1/connections/{kept['connection_id']}/keepalive", headers=auth()) as r:
             assert r.status == 204
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.2)  # a keepalive pace (as a client's) well inside the idle timeout
     assert lost["connection_id"] not in relay.sessions.connections
     assert kept["connection_id"] in relay.sessions.connections
 

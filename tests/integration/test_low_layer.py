@@ -8,7 +8,8 @@ import threading
 import time
 
 from relay.client import RelayClient, Spectator
-from relay.media.layers import DOWN_AFTER, LOW, MAIN
+from relay.media import layers
+from relay.media.layers import LOW, MAIN
 from tests.conftest import API_KEY, eventually
 from tests.integration.test_whip import SILENCE, Publisher
 
@@ -31,7 +32,11 @@ async def frames_until(viewer: Spectator, output, estimate: int, size: tuple[int
     raise AssertionError(f"no {size} frame within {timeout} s (got {frames[-1:] and (frames[-1].width, frames[-1].height)})")
 
 
-async def test_a_weak_spectator_moves_to_the_low_layer_and_back_without_rejoining(relay_factory):
+async def test_a_weak_spectator_moves_to_the_low_layer_and_back_without_rejoining(relay_factory, monkeypatch):
+    # The policy's waits shortened (tests/unit/test_layers.py holds their own lengths): this test is
+    # about the switches on one peer connection, and waiting 2 s down plus 5 s up proves no more.
+    monkeypatch.setattr(layers, "DOWN_AFTER", 1.0)
+    monkeypatch.setattr(layers, "UP_AFTER", 2.0)
     relay = await relay_factory(media={"low_layer": True}, limits={"stream_max_seconds": 60})
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
         await conn.start_stream("a calm ocean")
@@ -88,7 +93,8 @@ async def drain(viewer: Spectator) -> None:
         await viewer.track.recv()
 
 
-async def test_a_passed_through_whip_stream_keeps_every_spectator_on_the_main_layer(relay_factory, http):
+async def test_a_passed_through_whip_stream_keeps_every_spectator_on_the_main_layer(relay_factory, http, monkeypatch):
+    monkeypatch.setattr(layers, "DOWN_AFTER", 1.0)  # the wait this test outlasts, shortened as above
     relay = await relay_factory(world_model={"kind": "whip", "publisher_silence_seconds": SILENCE},
                                 media={"low_layer": True}, limits={"stream_max_seconds": 60})
     async with RelayClient(relay.url, API_KEY) as client, client.connect() as conn:
@@ -104,12 +110,13 @@ async def test_a_passed_through_whip_stream_keeps_every_spectator_on_the_main_la
                 output = next(iter(broadcast.spectators.values())).output
                 await eventually(lambda: broadcast.media.fanout.bitrate, what="the main layer's measured rate")
                 # A weak link's estimate, past the time that would move it down: there is no lower layer to go to.
-                deadline = time.monotonic() + DOWN_AFTER + 0.5
+                window = layers.DOWN_AFTER + 0.5
+                deadline = time.monotonic() + window
                 frames = 0
                 while time.monotonic() < deadline:
                     output.update_estimate(1000)
                     await asyncio.wait_for(viewer.track.recv(), 2)
                     frames += 1
-                assert output.layer == MAIN and broadcast.media.fanout.outputs == 1 and frames >= 40
+                assert output.layer == MAIN and broadcast.media.fanout.outputs == 1 and frames >= 16 * window
         finally:
             await publisher.close()
