@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from pathlib import Path
 
 from aiohttp import web
 
@@ -100,11 +101,7 @@ async def recording_file(request: web.Request) -> web.StreamResponse:
     path = request.app[RECORDINGS].path(stream_id, name)
     if path is None:
         raise not_found("file", f"{stream_id}/{name}")
-    refusal = _range_refusal(request.headers.get("Range"), path.stat().st_size)
-    if refusal is not None:
-        return refusal
-    # FileResponse answers Range requests (206, Content-Range): video seeks without a full download.
-    return web.FileResponse(path, headers={"Content-Type": FILES[name], "Cache-Control": "private, max-age=3600"})
+    return _serve(request, path, FILES[name], "private, max-age=3600")
 
 
 @routes.get("/recordings/{stream_id}")
@@ -127,12 +124,18 @@ async def shared_events(request: web.Request) -> web.StreamResponse:
         raise insufficient_storage("the replay's events log could not be written") from None
     if path is None:
         raise not_found("file", f"{stream_id}/{EVENTS_FILE}")
+    # Revalidated each time (no-cache): a clear made after the stream ended still reaches the log
+    # (relay/broadcast.py), and the rewritten view has a new ETag.
+    return _serve(request, path, FILES[EVENTS_FILE], "private, no-cache")
+
+
+def _serve(request: web.Request, path: Path, content_type: str, cache_control: str) -> web.StreamResponse:
+    """A recording's file: FileResponse answers Range requests (206, Content-Range: video seeks without a full
+    download); a range it cannot satisfy is our 416 in the error shape."""
     refusal = _range_refusal(request.headers.get("Range"), path.stat().st_size)
     if refusal is not None:
         return refusal
-    # Revalidated each time (no-cache): a clear made after the stream ended still reaches the log
-    # (relay/broadcast.py), and the rewritten view has a new ETag.
-    return web.FileResponse(path, headers={"Content-Type": FILES[EVENTS_FILE], "Cache-Control": "private, no-cache"})
+    return web.FileResponse(path, headers={"Content-Type": content_type, "Cache-Control": cache_control})
 
 
 @routes.get("/recordings/{stream_id}/info")
