@@ -112,6 +112,15 @@ async def eventually(predicate: Callable[[], object], timeout: float = 10.0, wha
         await asyncio.sleep(0.05)
 
 
+async def next_of(ws, *types: str, timeout: float = 10.0) -> dict:
+    """The next JSON message on a WebSocket whose ``type`` is one of ``types`` (the others skipped)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await ws.receive_json()
+            if message["type"] in types:
+                return message
+
+
 async def twin_session(http: aiohttp.ClientSession, base: str) -> tuple[str, str]:
     """An /odyssey session as the hosted API's SDK asks for one: its id and its signalling socket's URL."""
     async with http.post(f"{base}/odyssey/auth/token", json={"api_key": API_KEY}) as r:

@@ -3,19 +3,10 @@ another node gets the link on its events socket, and the link opens the recordin
 
 from __future__ import annotations
 
-import asyncio
 from urllib.parse import urlsplit
 
 from tests.cluster.conftest import AUTH, all_joined
-from tests.conftest import eventually
-
-
-async def next_of(ws, kind: str, timeout: float = 10) -> dict:
-    async with asyncio.timeout(timeout):
-        while True:
-            event = await ws.receive_json()
-            if event["type"] == kind:
-                return event
+from tests.conftest import eventually, next_of
 
 
 async def test_a_spectator_at_another_node_gets_a_replay_link_to_the_origin(cluster, http):

@@ -12,7 +12,7 @@ import pytest
 
 from relay.client import RelayClient
 from relay.odyssey.server import TWIN
-from tests.conftest import API_KEY, eventually, frames_pass, open_signalling
+from tests.conftest import API_KEY, eventually, frames_pass, next_of, open_signalling
 
 LONG = {"stream_max_seconds": 60, "idle_timeout_seconds": 60}
 DEPTH = 8  # a short limit from config, so "just over" stays small
@@ -65,14 +65,6 @@ async def control_socket(http, conn):
     ws = await http.ws_connect(ws_url(conn.info["control_url"]) + f"?token={conn.info['client_token']}")
     assert (await ws.receive_json(timeout=5))["type"] == "connected"
     return ws
-
-
-async def next_of(ws, *types: str, timeout: float = 5.0) -> dict:
-    async with asyncio.timeout(timeout):
-        while True:
-            message = await ws.receive_json()
-            if message["type"] in types:
-                return message
 
 
 def assert_error_shape(body: dict, status_code: str = "INVALID_REQUEST") -> dict:

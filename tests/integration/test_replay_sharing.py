@@ -16,7 +16,7 @@ import av
 from relay.client import RelayClient
 from relay.media.recorder import StreamRecorder
 from relay.web import RECORDINGS
-from tests.conftest import API_KEY, eventually, frames_pass
+from tests.conftest import API_KEY, eventually, frames_pass, next_of
 from tests.integration.test_orchestration_api import join
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -24,15 +24,6 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 def ws_url(url: str) -> str:
     return url.replace("http://", "ws://", 1)
-
-
-async def next_of(ws, kind: str, timeout: float = 10) -> dict:
-    """The next event of type ``kind`` on an events socket."""
-    async with asyncio.timeout(timeout):
-        while True:
-            event = await ws.receive_json()
-            if event["type"] == kind:
-                return event
 
 
 async def recorded_stream(relay, conn, http, prompt: str) -> tuple[dict, dict]:
